@@ -1,0 +1,118 @@
+"""The safetensors header: read, and checked against the file it describes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import FormatError
+from ..model import DTYPES, SAFETENSORS_TO_DTYPE, TensorRef, contiguous_strides
+
+MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own bound
+
+
+@dataclass
+class SafetensorsHeader:
+    path: str
+    file_size: int
+    data_start: int
+    tensors: dict[str, TensorRef]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def header_defects(path: str) -> tuple[SafetensorsHeader | None, list[str]]:
+    """Check a safetensors file's header against the file. Returns the header and every defect found.
+
+    The header is returned only when it could be parsed; tensors with defects are left out of it.
+    """
+    defects: list[str] = []
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return None, [f"file is {size} bytes, shorter than the 8-byte header length"]
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER:
+                return None, [f"header length {n} is over the {MAX_HEADER}-byte limit"]
+            if 8 + n > size:
+                return None, [f"header length {n} runs past the end of the {size}-byte file (truncated?)"]
+            raw = f.read(n)
+    except OSError as exc:
+        return None, [f"cannot be read ({exc.strerror or exc})"]
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, [f"header is not valid JSON ({exc})"]
+    if not isinstance(header, dict):
+        return None, ["header is not a JSON object"]
+    data_start = 8 + n
+    data_len = size - data_start
+    metadata: dict[str, str] = {}
+    meta = header.pop("__metadata__", None)
+    if meta is not None:
+        if isinstance(meta, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+            metadata = meta
+        else:
+            defects.append("__metadata__ must map strings to strings")
+    tensors: dict[str, TensorRef] = {}
+    spans: list[tuple[int, int, str]] = []
+    for key, entry in header.items():
+        problem = _entry_defect(key, entry, data_len)
+        if problem:
+            defects.append(problem)
+            continue
+        dtype = SAFETENSORS_TO_DTYPE[entry["dtype"]]
+        shape = tuple(entry["shape"])
+        begin, end = entry["data_offsets"]
+        spans.append((begin, end, key))
+        tensors[key] = TensorRef(
+            key=key, dtype=dtype, shape=shape, stride=contiguous_strides(shape), storage=f"{path}#{key}",
+            storage_offset=0, storage_nbytes=end - begin, data_offset=data_start + begin, file=path,
+        )
+    spans.sort()
+    cursor = 0
+    for begin, end, key in spans:
+        if begin < cursor:
+            defects.append(f"tensor {key!r} overlaps the bytes of another tensor (offset {begin})")
+        elif begin > cursor:
+            defects.append(f"{begin - cursor} bytes before tensor {key!r} belong to no tensor (offset {cursor})")
+        cursor = max(cursor, end)
+    if cursor < data_len:
+        defects.append(f"{data_len - cursor} bytes after the last tensor belong to no tensor")
+    # tensors follow the order of their bytes in the file, as the writer laid them out
+    ordered = {key: tensors[key] for _, _, key in spans if key in tensors}
+    return SafetensorsHeader(path, size, data_start, ordered, metadata), defects
+
+
+def _entry_defect(key: str, entry: Any, data_len: int) -> str | None:
+    if not isinstance(entry, dict):
+        return f"tensor {key!r}: entry is not an object"
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in SAFETENSORS_TO_DTYPE:
+        return f"tensor {key!r}: unknown dtype {dtype!r}"
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        return f"tensor {key!r}: shape {shape!r} is not a list of non-negative integers"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+        return f"tensor {key!r}: data_offsets {offsets!r} is not a pair of integers"
+    begin, end = offsets
+    if begin < 0 or end < begin:
+        return f"tensor {key!r}: data_offsets [{begin}, {end}] are out of order"
+    want = math.prod(shape) * DTYPES[SAFETENSORS_TO_DTYPE[dtype]][0]
+    if end - begin != want:
+        return f"tensor {key!r}: shape {shape} of {dtype} needs {want} bytes but data_offsets span {end - begin}"
+    if end > data_len:
+        return f"tensor {key!r}: data_offsets end at {end}, past the {data_len} bytes of data (truncated?)"
+    return None
+
+
+def read_safetensors(path: str) -> SafetensorsHeader:
+    """Read a safetensors header, raising :class:`FormatError` on the first defect."""
+    header, defects = header_defects(path)
+    if defects or header is None:
+        raise FormatError(f"{path}: {defects[0] if defects else 'unreadable safetensors header'}")
+    return header

@@ -1,0 +1,191 @@
+"""The description every command works on: tensors as references into a file, never their bytes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+# dtype name -> (bytes per element, safetensors code, is floating point)
+DTYPES: dict[str, tuple[int, str | None, bool]] = {
+    "float64": (8, "F64", True),
+    "float32": (4, "F32", True),
+    "float16": (2, "F16", True),
+    "bfloat16": (2, "BF16", True),
+    "float8_e4m3fn": (1, "F8_E4M3", True),
+    "float8_e5m2": (1, "F8_E5M2", True),
+    "float8_e4m3fnuz": (1, None, True),
+    "float8_e5m2fnuz": (1, None, True),
+    "float8_e8m0fnu": (1, "F8_E8M0", True),
+    "complex128": (16, "C128", False),
+    "complex64": (8, "C64", False),
+    "complex32": (4, None, False),
+    "int64": (8, "I64", False),
+    "int32": (4, "I32", False),
+    "int16": (2, "I16", False),
+    "int8": (1, "I8", False),
+    "uint64": (8, "U64", False),
+    "uint32": (4, "U32", False),
+    "uint16": (2, "U16", False),
+    "uint8": (1, "U8", False),
+    "bool": (1, "BOOL", False),
+    "qint8": (1, None, False),
+    "quint8": (1, None, False),
+    "qint32": (4, None, False),
+    "quint4x2": (1, None, False),
+    "quint2x4": (1, None, False),
+}
+
+SAFETENSORS_TO_DTYPE: dict[str, str] = {code: name for name, (_, code, _) in DTYPES.items() if code}
+
+
+def itemsize(dtype: str) -> int:
+    """Bytes per element of a dtype name such as ``"bfloat16"``."""
+    return DTYPES[dtype][0]
+
+
+def is_floating(dtype: str) -> bool:
+    return DTYPES.get(dtype, (0, None, False))[2]
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides: list[int] = []
+    acc = 1
+    for dim in reversed(shape):
+        strides.append(acc)
+        acc *= max(dim, 1)
+    return tuple(reversed(strides))
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """One tensor described by where its bytes live; no bytes are held.
+
+    ``storage`` names the storage the tensor views: two tensors with the same ``storage`` share
+    memory (tied weights). ``data_offset`` is the absolute byte offset of the storage in ``file``
+    (``None`` when the file holds no bytes for it, e.g. a meta tensor).
+    """
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    storage: str
+    storage_offset: int
+    storage_nbytes: int
+    data_offset: int | None
+    file: str
+    requires_grad: bool = False
+
+    @property
+    def numel(self) -> int:
+        return numel(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * itemsize(self.dtype)
+
+    @property
+    def offset(self) -> int | None:
+        """Absolute byte offset of the first element in ``file``."""
+        if self.data_offset is None:
+            return None
+        return self.data_offset + self.storage_offset * itemsize(self.dtype)
+
+    @property
+    def is_contiguous(self) -> bool:
+        if self.numel <= 1:
+            return True
+        for dim, got, want in zip(self.shape, self.stride, contiguous_strides(self.shape)):
+            if dim != 1 and got != want:
+                return False
+        return True
+
+    @property
+    def span_elements(self) -> int:
+        """Elements of the storage the view touches, from its first element to its last."""
+        if self.numel == 0:
+            return 0
+        return 1 + sum((d - 1) * s for d, s in zip(self.shape, self.stride))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "stride": list(self.stride),
+            "numel": self.numel,
+            "nbytes": self.nbytes,
+            "storage": self.storage,
+            "storage_offset": self.storage_offset,
+            "offset": self.offset,
+            "contiguous": self.is_contiguous,
+        }
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A place in a checkpoint's object tree that holds a state dict."""
+
+    path: str
+    tensors: int
+    parameters: int
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a checkpoint holds, read header-only.
+
+    ``tensors`` is the state dict chosen (by ``key`` or by default) in file order; ``root`` is the
+    whole decoded object tree (plain data, :class:`TensorRef` and inert placeholders).
+    """
+
+    path: str
+    format: str
+    file_size: int
+    tensors: dict[str, TensorRef]
+    state_path: str | None
+    candidates: tuple[Candidate, ...] = ()
+    extras: dict[str, Any] = field(default_factory=dict)
+    placeholders: tuple[str, ...] = ()
+    metadata: dict[str, str] = field(default_factory=dict)
+    files: tuple[str, ...] = ()
+    root: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def parameters(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def shared_storages(self) -> dict[str, list[str]]:
+        """Storages viewed by more than one tensor, with the keys that view them."""
+        groups: dict[str, list[str]] = {}
+        for ref in self.tensors.values():
+            groups.setdefault(ref.storage, []).append(ref.key)
+        return {s: keys for s, keys in groups.items() if len(keys) > 1}
+
+
+def common_prefix(keys: list[str]) -> str:
+    """The longest dotted prefix shared by every key (``"module."``), or ``""``.
+
+    Example:
+        >>> common_prefix(["module.fc.weight", "module.fc.bias"])
+        'module.fc.'
+    """
+    if len(keys) == 0:
+        return ""
+    parts = [k.split(".")[:-1] for k in keys]
+    prefix: list[str] = []
+    for column in zip(*parts):
+        if all(c == column[0] for c in column):
+            prefix.append(column[0])
+        else:
+            break
+    return ".".join(prefix) + "." if prefix else ""

@@ -1,0 +1,454 @@
+"""Open any checkpoint as a :class:`Checkpoint`: safely, header-only, without torch."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from .errors import FormatError, InputError, KeyPathError
+from .formats import sniff as fmt
+from .formats.pickle_vm import GlobalRef, PickledTensor, Placeholder, StorageRef, TorchDType, Trace
+from .formats.safetensors import read_safetensors
+from .formats.torchfile import RawFile, read_legacy, read_pickle, read_zip
+from .model import Candidate, Checkpoint, TensorRef
+
+# where weights usually live, most likely first
+PREFERRED_KEYS = (
+    "state_dict", "model_state_dict", "model", "module", "net", "network", "model_ema", "ema",
+    "state_dict_ema", "params", "weights", "generator", "teacher", "student",
+)
+MODULE_TREE = "module tree"
+
+
+def read_raw(path: str, trace: Trace | None = None) -> RawFile:
+    """Decode a single torch/pickle file into its inert object tree (no tensor bytes)."""
+    kind = fmt.sniff(path)
+    size = _size(path)
+    if kind in (fmt.ZIP, fmt.TORCHSCRIPT):
+        return read_zip(path, size, trace, kind)
+    if kind == fmt.LEGACY:
+        return read_legacy(path, size, trace)
+    if kind == fmt.PICKLE:
+        return read_pickle(path, size, trace)
+    _refuse(path, kind, size)
+    raise AssertionError("unreachable")
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+
+
+def _refuse(path: str, kind: str, size: int) -> None:
+    if kind == fmt.LFS_POINTER:
+        raise lfs_error(path)
+    if size == 0:
+        raise InputError(f"{path}: file is empty")
+    if kind == fmt.LEGACY_TAR:
+        raise InputError(f"{path}: torch tar format from before 0.4 is not supported; re-save it with a newer torch")
+    raise InputError(f"{path}: not a recognised checkpoint (no torch zip, safetensors, pickle or legacy torch header)")
+
+
+def lfs_error(path: str) -> InputError:
+    from .errors import LfsPointerError
+
+    info = parse_lfs_pointer(path)
+    detail = f" (oid {info.get('oid', '?')}, {info.get('size', '?')} bytes)" if info else ""
+    return LfsPointerError(f"{path}: is a git-lfs pointer{detail}; the real file was not fetched")
+
+
+def parse_lfs_pointer(path: str) -> dict[str, str]:
+    with open(path, "rb") as f:
+        text = f.read(1024).decode("utf-8", "replace")
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key in ("version", "oid", "size"):
+            out[key] = value
+    return out
+
+
+def open_checkpoint(path: str, key: str | None = None) -> Checkpoint:
+    """Describe the checkpoint at ``path`` without reading tensor bytes or importing torch.
+
+    Args:
+        path: a file of any supported format, a ``*.index.json`` or a directory holding one.
+        key: path to the nested state dict (``"model"``, ``"state_dict"``, ``"ckpt/ema"``);
+            by default the obvious one is chosen.
+
+    Example:
+        >>> ckpt = open_checkpoint("fixtures/resnet_tiny.pth")
+        >>> ckpt.tensors["fc.weight"].shape
+        (10, 64)
+    """
+    kind = fmt.sniff(path)
+    if kind == fmt.SHARDED:
+        return _open_sharded(path, key)
+    size = _size(path)
+    if kind == fmt.SAFETENSORS:
+        header = read_safetensors(path)
+        if key not in (None, ""):
+            raise KeyPathError(f"{path}: --key {key!r} given, but a safetensors file holds one flat state dict")
+        return Checkpoint(
+            path=path, format=kind, file_size=size, tensors=header.tensors, state_path="",
+            candidates=(Candidate("", len(header.tensors), sum(t.numel for t in header.tensors.values())),),
+            metadata=header.metadata, files=(path,),
+        )
+    raw = read_raw(path)
+    return describe_raw(raw, key)
+
+
+def describe_raw(raw: RawFile, key: str | None = None) -> Checkpoint:
+    """Turn a decoded torch file into a :class:`Checkpoint`, choosing the state dict."""
+    candidates = find_candidates(raw.root)
+    if key not in (None, ""):
+        chosen_path, obj = resolve_key(raw.root, key, raw.path, candidates)
+    elif not candidates:
+        if raw.format == fmt.PICKLE:
+            chosen_path, obj = None, None
+        else:
+            chosen_path, obj = None, None
+    else:
+        chosen_path, obj = _default_candidate(raw.root, candidates)
+    tensors = to_state_dict(obj, raw.path) if obj is not None else {}
+    cands = tuple(Candidate(p, len(sd), sum(t.numel for t in sd.values())) for p, sd in
+                  ((p, to_state_dict(o, raw.path)) for p, o in candidates))
+    extras = summarize_extras(raw.root, chosen_path)
+    placeholders = sorted({e.name for e in raw.trace.calls if e.opcode != "BUILD" and e.name not in _KNOWN_CALLS}
+                          | {e.name for e in raw.trace.globals if not _known_global(e.name)} - _KNOWN_CALLS)
+    return Checkpoint(
+        path=raw.path, format=raw.format, file_size=raw.file_size, tensors=tensors,
+        state_path=chosen_path, candidates=cands, extras=extras, placeholders=tuple(placeholders),
+        files=(raw.path,), root=raw.root,
+    )
+
+
+_KNOWN_CALLS = {
+    "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor_v3", "torch._utils._rebuild_tensor",
+    "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state", "collections.OrderedDict",
+    "torch._tensor._rebuild_from_type_v2", "torch._utils._rebuild_qtensor", "torch.Size", "torch.device",
+    "torch._utils._rebuild_meta_tensor_no_storage", "_codecs.encode", "builtins.set", "builtins.frozenset",
+    "__builtin__.set", "__builtin__.frozenset",
+}
+
+
+def _known_global(name: str) -> bool:
+    if name in _KNOWN_CALLS:
+        return True
+    module, _, attr = name.rpartition(".")
+    return module in ("torch", "torch.storage") and (attr.endswith("Storage") or attr in _TORCH_DTYPES)
+
+
+_TORCH_DTYPES = {"float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
+                 "complex64", "complex128", "float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64"}
+
+
+def _is_optimizer_state(obj: dict[Any, Any]) -> bool:
+    return "param_groups" in obj and "state" in obj
+
+
+def _module_state(obj: Placeholder) -> dict[str, Any] | None:
+    """The ``__dict__`` a pickled ``nn.Module`` would be restored from, if it looks like one."""
+    state = obj.state
+    if isinstance(state, tuple) and state and isinstance(state[0], dict):
+        state = state[0]
+    if isinstance(state, dict) and "_modules" in state and ("_parameters" in state or "_buffers" in state):
+        return state
+    return None
+
+
+def _is_script_module(obj: Placeholder) -> bool:
+    return obj.name.startswith("__torch__.") and isinstance(obj.state, dict)
+
+
+def find_candidates(root: Any) -> list[tuple[str, Any]]:
+    """Every place in the tree that holds a state dict: ``(key path, object)`` in tree order."""
+    found: list[tuple[str, Any]] = []
+    seen: set[int] = set()
+
+    def walk(obj: Any, path: str, depth: int) -> None:
+        if depth > 12 or id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, dict):
+            if _is_optimizer_state(obj):
+                return
+            if any(isinstance(v, PickledTensor) for v in obj.values()) and all(isinstance(k, str) for k in obj):
+                found.append((path, obj))
+            for k, v in obj.items():
+                if isinstance(v, (dict, list, tuple, Placeholder)):
+                    walk(v, _join(path, str(k)), depth + 1)
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                if isinstance(v, (dict, list, tuple, Placeholder)):
+                    walk(v, _join(path, str(i)), depth + 1)
+        elif isinstance(obj, Placeholder):
+            if _module_state(obj) is not None or _is_script_module(obj):
+                found.append((path, obj))
+                return
+            if obj.dictitems:
+                walk(obj.dictitems, path, depth + 1)
+
+    walk(root, "", 0)
+    return found
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}/{key}" if path else key
+
+
+def _default_candidate(root: Any, candidates: list[tuple[str, Any]]) -> tuple[str, Any]:
+    if len(candidates) == 1:
+        return candidates[0]
+    for path, obj in candidates:
+        if path == "":
+            return path, obj
+    by_path = dict(candidates)
+    for name in PREFERRED_KEYS:
+        if name in by_path:
+            return name, by_path[name]
+    return max(candidates, key=lambda c: len(to_state_dict(c[1], "")))
+
+
+def resolve_key(root: Any, key: str, path: str, candidates: list[tuple[str, Any]]) -> tuple[str, Any]:
+    """Follow a key path (``model``, ``ckpt/ema`` or ``ckpt.ema``) to a state dict."""
+    obj, walked = _walk_key(root, key)
+    if obj is None:
+        choices = ", ".join(repr(p or "<top level>") for p, _ in candidates) or "none"
+        raise KeyPathError(f"{path}: no state dict at --key {key!r} (candidates: {choices})")
+    if isinstance(obj, Placeholder) and (_module_state(obj) is not None or _is_script_module(obj)):
+        return walked, obj
+    if isinstance(obj, Placeholder) and obj.dictitems:
+        obj = obj.dictitems
+    if not isinstance(obj, dict) or not any(isinstance(v, PickledTensor) for v in obj.values()):
+        choices = ", ".join(repr(p or "<top level>") for p, _ in candidates) or "none"
+        raise KeyPathError(f"{path}: --key {key!r} holds no tensors (candidates: {choices})")
+    return walked, obj
+
+
+def _walk_key(root: Any, key: str) -> tuple[Any, str]:
+    sep = "/" if "/" in key else "."
+    parts = key.split(sep)
+    obj = root
+    walked: list[str] = []
+    i = 0
+    while i < len(parts):
+        container = obj.dictitems if isinstance(obj, Placeholder) and obj.dictitems else obj
+        # the longest run of parts that is itself a key ("model.ema" may be one key)
+        for j in range(len(parts), i, -1):
+            name = sep.join(parts[i:j])
+            if isinstance(container, dict) and name in container:
+                obj = container[name]
+                walked.append(name)
+                i = j
+                break
+            if isinstance(container, (list, tuple)) and name.isdigit() and int(name) < len(container):
+                obj = container[int(name)]
+                walked.append(name)
+                i = j
+                break
+        else:
+            return None, ""
+    return obj, "/".join(walked)
+
+
+def to_state_dict(obj: Any, path: str) -> dict[str, TensorRef]:
+    """Flatten a candidate (a dict of tensors or a pickled module) into ``key -> TensorRef``."""
+    out: dict[str, TensorRef] = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if isinstance(v, PickledTensor):
+                out[str(k)] = tensor_ref(str(k), v, path)
+    elif isinstance(obj, Placeholder):
+        _module_tensors(obj, "", out, path, set())
+    return out
+
+
+def _module_tensors(obj: Placeholder, prefix: str, out: dict[str, TensorRef], path: str, seen: set[int]) -> None:
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    state = _module_state(obj)
+    if state is not None:
+        params = state.get("_parameters") or {}
+        buffers = state.get("_buffers") or {}
+        skip = state.get("_non_persistent_buffers_set") or ()
+        for group, skipped in ((params, ()), (buffers, skip)):
+            if isinstance(group, dict):
+                for name, t in group.items():
+                    if isinstance(t, PickledTensor) and name not in skipped:
+                        out[prefix + str(name)] = tensor_ref(prefix + str(name), t, path)
+        children = state.get("_modules") or {}
+        if isinstance(children, dict):
+            for name, child in children.items():
+                if isinstance(child, Placeholder):
+                    _module_tensors(child, f"{prefix}{name}.", out, path, seen)
+        return
+    if _is_script_module(obj):
+        for name, value in obj.state.items():
+            if isinstance(value, PickledTensor):
+                out[prefix + str(name)] = tensor_ref(prefix + str(name), value, path)
+            elif isinstance(value, Placeholder):
+                _module_tensors(value, f"{prefix}{name}.", out, path, seen)
+
+
+def tensor_ref(key: str, t: PickledTensor, path: str) -> TensorRef:
+    s: StorageRef | None = t.storage
+    if s is None:
+        return TensorRef(key, t.dtype, t.shape, t.stride, f"{path}#meta:{key}", 0, 0, None, path, t.requires_grad)
+    ref = TensorRef(
+        key=key, dtype=t.dtype, shape=t.shape, stride=t.stride, storage=f"{path}#{s.key}",
+        storage_offset=t.storage_offset, storage_nbytes=s.nbytes, data_offset=s.data_offset,
+        file=s.file or path, requires_grad=t.requires_grad,
+    )
+    if any(d < 0 for d in t.shape) or any(st < 0 for st in t.stride) or t.storage_offset < 0:
+        raise FormatError(f"{path}: tensor {key!r} has a negative size, stride or offset")
+    end = (t.storage_offset + ref.span_elements) * _itemsize(t.dtype)
+    if ref.numel and end > s.nbytes:
+        raise FormatError(f"{path}: tensor {key!r} reads past the end of its storage ({end} > {s.nbytes} bytes)")
+    return ref
+
+
+def _itemsize(dtype: str) -> int:
+    from .model import itemsize
+
+    try:
+        return itemsize(dtype)
+    except KeyError:
+        raise FormatError(f"unknown dtype {dtype!r}") from None
+
+
+def summarize(value: Any, depth: int = 0) -> Any:
+    """A JSON-able, bounded description of a non-tensor value."""
+    if isinstance(value, (bool, int, float)) or value is None:
+        return value
+    if isinstance(value, str):
+        return value if len(value) <= 200 else value[:197] + "..."
+    if isinstance(value, (bytes, bytearray)):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, PickledTensor):
+        return f"<tensor {value.dtype}{list(value.shape)}>"
+    if isinstance(value, TorchDType):
+        return f"torch.{value.name}"
+    if isinstance(value, GlobalRef):
+        return f"<global {value.qualname}>"
+    if isinstance(value, Placeholder):
+        if value.dictitems and depth < 2:
+            return {"<object>": value.name, **{str(k): summarize(v, depth + 1) for k, v in list(value.dictitems.items())[:50]}}
+        return f"<object {value.name}>"
+    if isinstance(value, dict):
+        tensors = _count_tensors(value)
+        if _is_optimizer_state(value):
+            return f"<optimizer state: {tensors[0]} tensors, {tensors[1]} bytes>"
+        if depth >= 2 or len(value) > 50:
+            return f"<dict of {len(value)} entries, {tensors[0]} tensors>"
+        return {str(k): summarize(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        tensors = _count_tensors(value)
+        if depth >= 2 or len(value) > 20 or tensors[0]:
+            return f"<{type(value).__name__} of {len(value)} items, {tensors[0]} tensors>"
+        return [summarize(v, depth + 1) for v in value]
+    return f"<{type(value).__name__}>"
+
+
+def _count_tensors(obj: Any) -> tuple[int, int]:
+    from .model import itemsize
+
+    count = nbytes = 0
+    stack = [obj]
+    seen: set[int] = set()
+    while stack:
+        o = stack.pop()
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        if isinstance(o, PickledTensor):
+            count += 1
+            n = 1
+            for d in o.shape:
+                n *= d
+            nbytes += n * itemsize(o.dtype) if o.dtype in _ALL_DTYPES else 0
+        elif isinstance(o, dict):
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple)):
+            stack.extend(o)
+        elif isinstance(o, Placeholder):
+            stack.extend([o.state, o.items, o.dictitems])
+    return count, nbytes
+
+
+def _all_dtypes() -> set[str]:
+    from .model import DTYPES
+
+    return set(DTYPES)
+
+
+_ALL_DTYPES = _all_dtypes()
+
+
+def summarize_extras(root: Any, chosen: str | None) -> dict[str, Any]:
+    """Top-level entries other than the chosen state dict, summarized."""
+    container = root.dictitems if isinstance(root, Placeholder) and root.dictitems else root
+    if not isinstance(container, dict) or chosen == "":
+        return {}
+    top = chosen.split("/")[0] if chosen else None
+    return {str(k): summarize(v) for k, v in container.items() if str(k) != top}
+
+
+def _open_sharded(path: str, key: str | None) -> Checkpoint:
+    index_path = _find_index(path)
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{index_path}: sharded index is not valid JSON ({exc})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise FormatError(f"{index_path}: sharded index has no weight_map of key -> shard file")
+    base = os.path.dirname(os.path.abspath(index_path))
+    shards: dict[str, Checkpoint] = {}
+    for shard in dict.fromkeys(weight_map.values()):
+        shard_path = shard_location(base, shard, index_path)
+        if not os.path.exists(shard_path):
+            raise InputError(f"{index_path}: shard {shard!r} named in the index does not exist")
+        shards[shard] = open_checkpoint(shard_path, key)
+    tensors: dict[str, TensorRef] = {}
+    for name, shard in weight_map.items():
+        ref = shards[shard].tensors.get(name)
+        if ref is None:
+            raise FormatError(f"{index_path}: index puts {name!r} in {shard}, but that shard has no such tensor")
+        tensors[name] = ref
+    metadata = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
+    files = tuple(s.path for s in shards.values())
+    first = next(iter(shards.values()), None)
+    return Checkpoint(
+        path=index_path, format=f"{fmt.SHARDED} ({first.format if first else 'empty'})",
+        file_size=sum(s.file_size for s in shards.values()), tensors=tensors, state_path="",
+        candidates=(Candidate("", len(tensors), sum(t.numel for t in tensors.values())),),
+        metadata={str(k): str(v) for k, v in metadata.items()}, files=files,
+        placeholders=tuple(sorted({p for s in shards.values() for p in s.placeholders})),
+    )
+
+
+def shard_location(base: str, shard: str, index_path: str) -> str:
+    """A shard's path, refusing names that leave the index's directory."""
+    if os.path.isabs(shard) or ".." in shard.replace("\\", "/").split("/"):
+        raise FormatError(f"{index_path}: shard path {shard!r} escapes the checkpoint's directory")
+    return os.path.join(base, shard)
+
+
+def _find_index(path: str) -> str:
+    if not os.path.isdir(path):
+        if not os.path.exists(path):
+            raise InputError(f"{path}: no such file")
+        return path
+    indexes = sorted(n for n in os.listdir(path) if n.endswith(".index.json"))
+    if not indexes:
+        raise InputError(f"{path}: directory holds no *.index.json (pass a checkpoint file instead)")
+    safetensors_first = [n for n in indexes if "safetensors" in n] or indexes
+    if len(safetensors_first) > 1:
+        raise InputError(f"{path}: several indexes ({', '.join(indexes)}); pass one of them")
+    return os.path.join(path, safetensors_first[0])

@@ -1,0 +1,84 @@
+"""Every report is rendered here: a human table by default, stable sorted JSON with ``--json``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Dataclasses, tuples and sets as plain JSON data (objects with ``to_json`` use it)."""
+    if hasattr(obj, "to_json") and callable(obj.to_json):
+        return to_jsonable(obj.to_json())
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.repr}
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return sorted(to_jsonable(v) for v in obj)
+    if isinstance(obj, float) and obj != obj:
+        return "nan"
+    if isinstance(obj, float) and obj in (float("inf"), float("-inf")):
+        return "inf" if obj > 0 else "-inf"
+    return obj
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(to_jsonable(obj), indent=2, sort_keys=True)
+
+
+def echo(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+
+
+def note(text: str) -> None:
+    """Diagnostics go to stderr so that stdout stays data."""
+    sys.stderr.write(text + "\n")
+
+
+def table(rows: Iterable[Sequence[Any]], headers: Sequence[str], align: Sequence[str] | None = None) -> str:
+    from tabulate import tabulate
+
+    rows = list(rows)
+    if not rows:
+        return "(none)"
+    return tabulate(rows, headers=list(headers), tablefmt="simple", disable_numparse=True,
+                    colalign=list(align) if align else None)
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def human_count(n: int) -> str:
+    if abs(n) >= 1_000_000_000:
+        return f"{n / 1e9:.2f}B"
+    if abs(n) >= 1_000_000:
+        return f"{n / 1e6:.2f}M"
+    if abs(n) >= 10_000:
+        return f"{n / 1e3:.1f}K"
+    return str(n)
+
+
+def shape_str(shape: Sequence[int] | None) -> str:
+    return "-" if shape is None else "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def json_option(func: F) -> F:
+    """Adds ``--json`` to a listing command."""
+    import click
+
+    return click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (stable, sorted keys).")(func)

@@ -1,0 +1,182 @@
+"""Tensor values, read only when a command needs them: streamed, tensor by tensor, without torch.
+
+numpy does the arithmetic; bfloat16 and float8 are widened to float32 chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+from .errors import FormatError, InputError
+from .model import TensorRef, itemsize
+
+CHUNK_BYTES = 16 * 1024 * 1024
+
+_NUMPY_DTYPES = {
+    "float64": "<f8", "float32": "<f4", "float16": "<f2", "int64": "<i8", "int32": "<i4", "int16": "<i2",
+    "int8": "i1", "uint64": "<u8", "uint32": "<u4", "uint16": "<u2", "uint8": "u1", "bool": "?",
+    "complex64": "<c8", "complex128": "<c16", "bfloat16": "<u2", "qint8": "i1", "quint8": "u1", "qint32": "<i4",
+    "float8_e4m3fn": "u1", "float8_e5m2": "u1",
+}
+
+
+class FileCache:
+    """Open files shared by the reads of one command (a sharded checkpoint spans several)."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, IO[bytes]] = {}
+
+    def get(self, path: str) -> IO[bytes]:
+        f = self._files.get(path)
+        if f is None:
+            try:
+                f = open(path, "rb")
+            except OSError as exc:
+                raise InputError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+            self._files[path] = f
+        return f
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def __enter__(self) -> FileCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _read_exact(f: IO[bytes], offset: int, n: int, ref: TensorRef) -> bytes:
+    f.seek(offset)
+    data = f.read(n)
+    if len(data) != n:
+        raise FormatError(f"{ref.file}: tensor {ref.key!r} is truncated ({len(data)} of {n} bytes)")
+    return data
+
+
+def iter_raw_chunks(ref: TensorRef, files: FileCache, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """The tensor's bytes in C order, in chunks of about ``chunk_bytes``; contiguous views are copied as is."""
+    if ref.offset is None:
+        raise FormatError(f"{ref.file}: tensor {ref.key!r} has no stored bytes (meta or compressed entry)")
+    f = files.get(ref.file)
+    if ref.is_contiguous:
+        remaining = ref.nbytes
+        pos = ref.offset
+        step = max(itemsize(ref.dtype), chunk_bytes - chunk_bytes % itemsize(ref.dtype))
+        while remaining > 0:
+            n = min(step, remaining)
+            yield _read_exact(f, pos, n, ref)
+            pos += n
+            remaining -= n
+        return
+    # a strided view: read the span it touches, then gather its elements
+    import numpy as np
+
+    size = itemsize(ref.dtype)
+    span = _read_exact(f, ref.offset, ref.span_elements * size, ref)
+    raw = np.frombuffer(span, dtype=np.dtype(f"V{size}"))
+    view = np.lib.stride_tricks.as_strided(raw, shape=ref.shape, strides=tuple(s * size for s in ref.stride))
+    yield np.ascontiguousarray(view).tobytes()
+
+
+def read_bytes(ref: TensorRef, files: FileCache) -> bytes:
+    """All of a tensor's bytes in C order (memory: the tensor's size)."""
+    return b"".join(iter_raw_chunks(ref, files, max(ref.nbytes, 1)))
+
+
+def to_numpy(data: bytes, dtype: str) -> Any:
+    """A flat numpy array of ``data``; bfloat16 and float8 come back widened to float32."""
+    import numpy as np
+
+    code = _NUMPY_DTYPES.get(dtype)
+    if code is None:
+        raise FormatError(f"values of dtype {dtype} cannot be read")
+    arr = np.frombuffer(data, dtype=np.dtype(code))
+    if dtype == "bfloat16":
+        return (arr.astype(np.uint32) << 16).view(np.float32)
+    if dtype == "float8_e4m3fn":
+        return _float8_table("e4m3")[arr]
+    if dtype == "float8_e5m2":
+        return _float8_table("e5m2")[arr]
+    return arr
+
+
+def read_array(ref: TensorRef, files: FileCache) -> Any:
+    """The tensor as a numpy array of its shape (bfloat16/float8 widened to float32)."""
+    return to_numpy(read_bytes(ref, files), ref.dtype).reshape(ref.shape)
+
+
+_F8: dict[str, Any] = {}
+
+
+def _float8_table(kind: str) -> Any:
+    import numpy as np
+
+    if kind not in _F8:
+        exp_bits, man_bits, bias = (4, 3, 7) if kind == "e4m3" else (5, 2, 15)
+        out = np.zeros(256, dtype=np.float32)
+        for b in range(256):
+            sign = -1.0 if b & 0x80 else 1.0
+            e = (b >> man_bits) & ((1 << exp_bits) - 1)
+            m = b & ((1 << man_bits) - 1)
+            if kind == "e4m3" and e == 15 and m == 7:
+                out[b] = math.nan
+            elif kind == "e5m2" and e == 31:
+                out[b] = math.inf * sign if m == 0 else math.nan
+            elif e == 0:
+                out[b] = sign * (m / (1 << man_bits)) * 2.0 ** (1 - bias)
+            else:
+                out[b] = sign * (1 + m / (1 << man_bits)) * 2.0 ** (e - bias)
+        _F8[kind] = out
+    return _F8[kind]
+
+
+@dataclass(frozen=True)
+class TensorStats:
+    key: str
+    min: float | None
+    max: float | None
+    mean: float | None
+    std: float | None
+    nan: int
+    inf: int
+
+
+def tensor_stats(ref: TensorRef, files: FileCache) -> TensorStats:
+    """min/max/mean/std and NaN/Inf counts, streamed in chunks (memory: one chunk)."""
+    import numpy as np
+
+    count = nan = inf = 0
+    total = total_sq = 0.0
+    lo, hi = math.inf, -math.inf
+    for chunk in iter_raw_chunks(ref, files):
+        arr = to_numpy(chunk, ref.dtype)
+        if arr.dtype.kind == "c":
+            arr = np.abs(arr)
+        arr = arr.astype(np.float64, copy=False)
+        bad_nan = np.isnan(arr)
+        bad_inf = np.isinf(arr)
+        nan += int(bad_nan.sum())
+        inf += int(bad_inf.sum())
+        good = arr[~(bad_nan | bad_inf)] if (nan or inf) else arr
+        if good.size:
+            lo = min(lo, float(good.min()))
+            hi = max(hi, float(good.max()))
+            total += float(good.sum())
+            total_sq += float(np.square(good).sum())
+            count += good.size
+    if count == 0:
+        return TensorStats(ref.key, None, None, None, None, nan, inf)
+    mean = total / count
+    var = max(total_sq / count - mean * mean, 0.0)
+    return TensorStats(ref.key, lo, hi, mean, math.sqrt(var), nan, inf)
+
+
+def file_size(path: str) -> int:
+    return os.path.getsize(path)
