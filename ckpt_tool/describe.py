@@ -1,0 +1,172 @@
+"""``inspect``: what a checkpoint holds, as a :class:`InspectReport`."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import UsageError
+from .model import Candidate, Checkpoint, TensorRef, common_prefix
+from .reader import open_checkpoint
+from .values import FileCache, TensorStats, tensor_stats
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class TensorRow:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    parameters: int
+    nbytes: int
+    contiguous: bool = True
+    shared_with: tuple[str, ...] = ()
+    stats: TensorStats | None = None
+
+
+@dataclass(frozen=True)
+class ModuleRow:
+    """Tensors rolled up under one module prefix (``--depth``)."""
+
+    name: str
+    tensors: int
+    parameters: int
+    nbytes: int
+    dtypes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class InspectReport:
+    path: str
+    format: str
+    file_size: int
+    tensors: int
+    parameters: int
+    tensor_bytes: int
+    bytes_by_dtype: dict[str, int]
+    state_path: str | None
+    candidates: tuple[Candidate, ...]
+    common_prefix: str
+    shared_storages: tuple[tuple[str, ...], ...]
+    extras: dict[str, Any]
+    placeholders: tuple[str, ...]
+    metadata: dict[str, str]
+    files: tuple[str, ...]
+    rows: tuple[TensorRow, ...] = ()
+    modules: tuple[ModuleRow, ...] = ()
+    nonfinite: int = 0
+    filter: str | None = None
+    depth: int | None = None
+    notes: tuple[str, ...] = field(default=())
+
+
+def inspect_checkpoint(
+    path: str,
+    key: str | None = None,
+    *,
+    depth: int | None = None,
+    filter: str | None = None,
+    stats: bool = False,
+    progress: Progress | None = None,
+) -> InspectReport:
+    """Describe a checkpoint; with ``stats`` also stream its values (tensor by tensor).
+
+    Args:
+        path: the checkpoint (any supported format, or a sharded index/directory).
+        key: nested state dict to describe (default: the obvious one).
+        depth: roll keys up by module prefix of this many components.
+        filter: keep only keys matching this regular expression.
+        stats: read values and add min/max/mean/std and NaN/Inf counts.
+        progress: called with the number of bytes read after each tensor (``stats`` only).
+
+    Example:
+        >>> report = inspect_checkpoint("fixtures/tiny_cnn.pth", depth=1)
+        >>> [m.name for m in report.modules]
+        ['features', 'classifier']
+    """
+    if depth is not None and depth < 1:
+        raise UsageError("--depth must be 1 or more")
+    pattern = _compile(filter)
+    ckpt = open_checkpoint(path, key)
+    refs = [r for r in ckpt.tensors.values() if pattern is None or pattern.search(r.key)]
+    shared = ckpt.shared_storages()
+    stats_by_key: dict[str, TensorStats] = {}
+    if stats:
+        with FileCache() as files:
+            for ref in refs:
+                if ref.offset is not None:
+                    stats_by_key[ref.key] = tensor_stats(ref, files)
+                if progress is not None:
+                    progress(ref.nbytes)
+    rows = tuple(_row(r, shared, stats_by_key.get(r.key)) for r in refs)
+    by_dtype: dict[str, int] = {}
+    for ref in ckpt.tensors.values():
+        by_dtype[ref.dtype] = by_dtype.get(ref.dtype, 0) + ref.nbytes
+    notes = _notes(ckpt)
+    return InspectReport(
+        path=ckpt.path, format=ckpt.format, file_size=ckpt.file_size, tensors=len(ckpt.tensors),
+        parameters=ckpt.parameters, tensor_bytes=ckpt.tensor_bytes, bytes_by_dtype=dict(sorted(by_dtype.items())),
+        state_path=ckpt.state_path, candidates=ckpt.candidates, common_prefix=common_prefix(list(ckpt.tensors)),
+        shared_storages=tuple(tuple(keys) for keys in shared.values()), extras=ckpt.extras,
+        placeholders=ckpt.placeholders, metadata=ckpt.metadata, files=ckpt.files,
+        rows=rows if depth is None else (), modules=rollup(refs, depth) if depth is not None else (),
+        nonfinite=sum(s.nan + s.inf for s in stats_by_key.values()), filter=filter, depth=depth, notes=notes,
+    )
+
+
+def _compile(filter: str | None) -> re.Pattern[str] | None:
+    if filter is None:
+        return None
+    try:
+        return re.compile(filter)
+    except re.error as exc:
+        raise UsageError(f"--filter {filter!r} is not a regular expression ({exc})") from None
+
+
+def _row(ref: TensorRef, shared: dict[str, list[str]], stats: TensorStats | None) -> TensorRow:
+    others = tuple(k for k in shared.get(ref.storage, ()) if k != ref.key)
+    return TensorRow(ref.key, ref.shape, ref.dtype, ref.numel, ref.nbytes, ref.is_contiguous, others, stats)
+
+
+def module_of(key: str, depth: int) -> str:
+    """The module prefix of ``key`` cut to ``depth`` components (``features.0.weight``, 1 -> ``features``)."""
+    parts = key.split(".")
+    module = parts[:-1] or parts
+    return ".".join(module[:depth])
+
+
+def rollup(refs: list[TensorRef], depth: int) -> tuple[ModuleRow, ...]:
+    groups: dict[str, list[TensorRef]] = {}
+    for ref in refs:
+        groups.setdefault(module_of(ref.key, depth), []).append(ref)
+    return tuple(
+        ModuleRow(name, len(g), sum(r.numel for r in g), sum(r.nbytes for r in g), tuple(sorted({r.dtype for r in g})))
+        for name, g in groups.items()
+    )
+
+
+def _notes(ckpt: Checkpoint) -> tuple[str, ...]:
+    notes = []
+    if len(ckpt.candidates) > 1:
+        others = [c.path or "<top level>" for c in ckpt.candidates if c.path != ckpt.state_path]
+        notes.append(f"{len(ckpt.candidates)} state dicts found; showing {ckpt.state_path or '<top level>'!r}, "
+                     f"pick another with --key ({', '.join(others)})")
+    if not ckpt.tensors:
+        notes.append("no state dict found in this file")
+    if ckpt.format == "torchscript":
+        notes.append("TorchScript archive: tensors recovered from its module attributes")
+    elif any(c.path == ckpt.state_path for c in ckpt.candidates) and _is_module_tree(ckpt):
+        notes.append("a whole pickled model (torch.save(model)): state dict recovered from its module tree; "
+                     "its classes were not imported")
+    return tuple(notes)
+
+
+def _is_module_tree(ckpt: Checkpoint) -> bool:
+    from .formats.pickle_vm import Placeholder
+    from .reader import _walk_key
+
+    obj = ckpt.root if not ckpt.state_path else _walk_key(ckpt.root, ckpt.state_path)[0]
+    return isinstance(obj, Placeholder)

@@ -1,0 +1,60 @@
+"""Shared test factories: real checkpoints written with torch.save / safetensors under tmp dirs."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import OrderedDict
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "fixtures")
+sys.path.insert(0, FIXTURES)
+
+
+@pytest.fixture(scope="session")
+def torch():
+    import torch as _torch
+
+    _torch.manual_seed(0)
+    return _torch
+
+
+def tiny_model():
+    """The committed fixtures' model (features + classifier with named fc1/fc2)."""
+    from make_fixtures import tiny_cnn
+
+    return tiny_cnn()
+
+
+class TiedLM:
+    """Factory for a module whose output projection shares the embedding's weight."""
+
+    @staticmethod
+    def build():
+        from torch import nn
+
+        class Tied(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.embed = nn.Embedding(20, 8)
+                self.proj = nn.Linear(8, 20, bias=False)
+                self.proj.weight = self.embed.weight
+
+        return Tied()
+
+
+def mixed_dtype_state(torch):
+    """A state dict with bf16/fp16/int8/bool tensors, a transposed view and an offset slice."""
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    return OrderedDict(
+        bf16=torch.randn(3, 5).to(torch.bfloat16),
+        fp16=torch.randn(7).to(torch.float16),
+        int8=torch.randint(-100, 100, (4, 4), dtype=torch.int8),
+        flag=torch.tensor([True, False, True]),
+        transposed=base.t(),
+        sliced=base[1:3, 2:5],
+        scalar=torch.tensor(3.5, dtype=torch.float64),
+        empty=torch.zeros(0, 3),
+    )
