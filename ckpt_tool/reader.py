@@ -131,7 +131,8 @@ _KNOWN_CALLS = {
     "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state", "collections.OrderedDict",
     "torch._tensor._rebuild_from_type_v2", "torch._utils._rebuild_qtensor", "torch.Size", "torch.device",
     "torch._utils._rebuild_meta_tensor_no_storage", "_codecs.encode", "builtins.set", "builtins.frozenset",
-    "__builtin__.set", "__builtin__.frozenset",
+    "__builtin__.set", "__builtin__.frozenset", "builtins.bytes", "__builtin__.bytes", "builtins.bytearray",
+    "__builtin__.bytearray",
 }
 
 

@@ -57,7 +57,7 @@ def _render(r) -> None:  # type: ignore[no-untyped-def]
         ("size", f"{human_bytes(r.file_size)} ({r.file_size:,} bytes)"),
         ("state dict", _where(r)),
         ("tensors", str(r.tensors)),
-        ("parameters", f"{human_count(r.parameters)} ({r.parameters:,})"),
+        ("parameters", _count(r.parameters)),
         ("bytes by dtype", ", ".join(f"{d} {human_bytes(n)}" for d, n in r.bytes_by_dtype.items()) or "-"),
         ("common prefix", r.common_prefix or "(none)"),
     ]
@@ -111,6 +111,11 @@ def _where(r) -> str:  # type: ignore[no-untyped-def]
 def _short(value: object) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     return text if len(text) <= 100 else text[:97] + "..."
+
+
+def _count(n: int) -> str:
+    short, full = human_count(n), f"{n:,}"
+    return full if short.replace(",", "") == str(n) else f"{short} ({full})"
 
 
 def _num(v: float | None) -> str:

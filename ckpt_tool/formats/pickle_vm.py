@@ -234,6 +234,10 @@ def _reduce_known(name: str, args: Any) -> tuple[bool, Any]:
     if name in ("builtins.set", "builtins.frozenset", "__builtin__.set", "__builtin__.frozenset"):
         items = args[0] if args and isinstance(args[0], (list, tuple)) else []
         return True, frozenset(_hashable(x) for x in items)
+    if name in ("builtins.bytes", "__builtin__.bytes") and not args:
+        return True, b""
+    if name in ("builtins.bytearray", "__builtin__.bytearray") and (not args or isinstance(args[0], bytes)):
+        return True, bytearray(args[0] if args else b"")
     if name == "_codecs.encode" and args and isinstance(args[0], str):
         return True, args[0].encode("latin-1", errors="replace")
     if name == "torch.Size":

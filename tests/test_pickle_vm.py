@@ -1,0 +1,114 @@
+"""The pickle interpreter: same data as pickle for plain values, inert for everything else."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import struct
+
+import pytest
+
+from ckpt_tool.errors import FormatError
+from ckpt_tool.formats.pickle_vm import GlobalRef, PickleVM, Placeholder, Trace
+
+PLAIN = {
+    "ints": [0, 1, -1, 255, 256, 65535, 65536, -(2**31), 2**31, 2**70, -(2**70)],
+    "floats": [0.0, 1.5, -2.25e-300, float("inf")],
+    "text": ["", "ascii", "ünïcødé", "x" * 300],
+    "bytes": [b"", b"\x00\xff", b"y" * 300],
+    "nested": {"a": (1, 2), "b": (), "c": (1,), "d": (1, 2, 3), "e": (1, 2, 3, 4), "f": [[], {}]},
+    "flags": [True, False, None],
+    "frozen": frozenset({1, 2}),
+}
+
+
+def vm_load(data: bytes, trace: Trace | None = None):
+    return PickleVM(None, trace).load(io.BytesIO(data), len(data))
+
+
+def normalise(obj):
+    if isinstance(obj, dict):
+        return {k: normalise(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(normalise(v) for v in obj)
+    if isinstance(obj, (set, frozenset)):
+        return ("set", sorted(obj))
+    return obj
+
+
+@pytest.mark.parametrize("protocol", range(0, 6))
+def test_plain_data_matches_pickle(protocol):
+    data = pickle.dumps(PLAIN, protocol=protocol)
+    assert normalise(vm_load(data)) == normalise(pickle.loads(data))
+
+
+@pytest.mark.parametrize("protocol", range(0, 6))
+def test_shared_references_survive_the_memo(protocol):
+    shared = [1, 2]
+    data = pickle.dumps({"a": shared, "b": shared}, protocol=protocol)
+    out = vm_load(data)
+    assert out["a"] is out["b"]
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /nonexistent-marker",))
+
+
+@pytest.mark.parametrize("protocol", range(0, 6))
+def test_calls_become_placeholders_and_are_traced(protocol):
+    trace = Trace()
+    out = vm_load(pickle.dumps({"x": Evil()}, protocol=protocol), trace)
+    assert isinstance(out["x"], Placeholder)
+    assert out["x"].name in ("posix.system", "os.system", "nt.system")
+    assert out["x"].args == ("touch /nonexistent-marker",)
+    assert [e.name for e in trace.calls] == [out["x"].name]
+    assert trace.globals[0].name == out["x"].name and trace.globals[0].resolved
+
+
+def test_objects_keep_their_state_inert():
+    import argparse
+
+    trace = Trace()
+    out = vm_load(pickle.dumps(argparse.Namespace(lr=0.1, name="x"), protocol=2), trace)
+    assert isinstance(out, Placeholder) and out.name == "argparse.Namespace"
+    assert out.state == {"lr": 0.1, "name": "x"}
+    assert any(e.opcode == "BUILD" for e in trace.calls)
+
+
+def test_unresolvable_stack_global_is_flagged():
+    # STACK_GLOBAL whose module name is itself the result of a call
+    data = (b"\x80\x04" + b"\x8c\x08builtins\x8c\x03str\x93" + b")R" + b"\x8c\x06system\x93" + b".")
+    trace = Trace()
+    out = vm_load(data, trace)
+    assert isinstance(out, GlobalRef) and out.module == "?"
+    assert any(not e.resolved for e in trace.globals)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", "truncated|past the end"),
+        (b"\x80\x02", "truncated|past the end"),
+        (b"\x80\x02.", "empty stack"),
+        (b"\x80\x02a.", "underflow"),
+        (b"\x80\x02h\x05.", "memo entry 5"),
+        (b"\x80\x02\xff.", "unknown pickle opcode"),
+        (b"\x80\x09.", "protocol 9"),
+        (b"\x80\x04\x8e" + struct.pack("<Q", 1 << 62) + b".", "claims"),
+        (b"\x80\x02X" + struct.pack("<I", 1 << 31) + b".", "claims"),
+        (b"\x80\x02\x8b" + struct.pack("<i", 1 << 30) + b".", "LONG4"),
+        (b"\x80\x02(K\x01d.", "odd number"),
+        (b"I12345", "unterminated"),
+        (b"\x80\x05\x97.", "out-of-band"),
+    ],
+)
+def test_hostile_or_broken_streams_fail_cleanly(data, message):
+    with pytest.raises(FormatError, match=message):
+        vm_load(data)
+
+
+def test_huge_text_integer_is_refused_not_hung():
+    with pytest.raises(FormatError):
+        vm_load(b"I" + b"9" * 100_000 + b"\n.")

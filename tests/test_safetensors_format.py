@@ -1,0 +1,72 @@
+"""Structural checks of safetensors headers: each defect gets its own precise message."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+
+from ckpt_tool.errors import FormatError
+from ckpt_tool.formats.safetensors import header_defects, read_safetensors
+
+
+def write(path, header: dict, data: bytes) -> str:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return str(path)
+
+
+def test_valid_file_has_no_defects(tmp_path):
+    path = write(tmp_path / "ok.safetensors",
+                 {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                  "b": {"dtype": "BF16", "shape": [1, 2], "data_offsets": [8, 12]}, "__metadata__": {"k": "v"}},
+                 bytes(12))
+    header, defects = header_defects(path)
+    assert defects == [] and header is not None
+    assert list(header.tensors) == ["a", "b"] and header.metadata == {"k": "v"}
+    assert header.tensors["b"].dtype == "bfloat16" and header.tensors["b"].offset == header.data_start + 8
+
+
+@pytest.mark.parametrize(
+    "header, data, expected",
+    [
+        ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8), "needs 12 bytes but data_offsets span 8"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(4), "past the 4 bytes of data"),
+        ({"a": {"dtype": "Q9", "shape": [2], "data_offsets": [0, 8]}}, bytes(8), "unknown dtype 'Q9'"),
+        ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, bytes(8), "not a list of non-negative"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, bytes(8), "out of order"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+          "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12), "overlaps"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12), "4 bytes before tensor 'a'"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(10), "2 bytes after the last tensor"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "__metadata__": {"k": 1}}, bytes(8), "__metadata__"),
+        ({"a": [1, 2]}, b"", "entry is not an object"),
+    ],
+)
+def test_each_defect_is_named(tmp_path, header, data, expected):
+    path = write(tmp_path / "bad.safetensors", header, data)
+    _, defects = header_defects(path)
+    assert any(expected in d for d in defects), defects
+    with pytest.raises(FormatError, match="bad.safetensors: "):
+        read_safetensors(path)
+
+
+def test_header_that_is_not_json(tmp_path):
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", 5) + b"{oops")
+    assert "not valid JSON" in header_defects(str(path))[1][0]
+
+
+def test_header_longer_than_the_file(tmp_path):
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", 1000) + b"{}")
+    assert "runs past the end" in header_defects(str(path))[1][0]
+
+
+def test_real_safetensors_file_passes(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.randn(3, 4), "i": torch.arange(5)}, str(tmp_path / "r.safetensors"))
+    assert header_defects(str(tmp_path / "r.safetensors"))[1] == []
