@@ -80,9 +80,9 @@ def open_checkpoint(path: str, key: str | None = None) -> Checkpoint:
             by default the obvious one is chosen.
 
     Example:
-        >>> ckpt = open_checkpoint("fixtures/resnet_tiny.pth")
-        >>> ckpt.tensors["fc.weight"].shape
-        (10, 64)
+        >>> ckpt = open_checkpoint("fixtures/tiny_cnn.pth")
+        >>> ckpt.tensors["classifier.fc2.weight"].shape
+        (10, 32)
     """
     kind = fmt.sniff(path)
     if kind == fmt.SHARDED:
@@ -107,10 +107,7 @@ def describe_raw(raw: RawFile, key: str | None = None) -> Checkpoint:
     if key not in (None, ""):
         chosen_path, obj = resolve_key(raw.root, key, raw.path, candidates)
     elif not candidates:
-        if raw.format == fmt.PICKLE:
-            chosen_path, obj = None, None
-        else:
-            chosen_path, obj = None, None
+        chosen_path, obj = None, None
     else:
         chosen_path, obj = _default_candidate(raw.root, candidates)
     tensors = to_state_dict(obj, raw.path) if obj is not None else {}

@@ -180,3 +180,29 @@ def tensor_stats(ref: TensorRef, files: FileCache) -> TensorStats:
 
 def file_size(path: str) -> int:
     return os.path.getsize(path)
+
+
+def to_torch(ref: TensorRef, files: FileCache) -> Any:
+    """The tensor as a contiguous CPU ``torch.Tensor`` (imports torch; memory: the tensor's size)."""
+    import torch
+
+    dtype = getattr(torch, ref.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise FormatError(f"{ref.file}: tensor {ref.key!r} has dtype {ref.dtype}, which this torch lacks")
+    if ref.numel == 0:
+        return torch.empty(ref.shape, dtype=dtype)
+    data = bytearray(read_bytes(ref, files))
+    return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(ref.shape)
+
+
+def torch_state_dict(tensors: dict[str, TensorRef]) -> dict[str, Any]:
+    """``key -> torch.Tensor`` for a description, tied tensors staying tied (one tensor per storage view)."""
+    out: dict[str, Any] = {}
+    seen: dict[tuple[str, int, tuple[int, ...], tuple[int, ...]], Any] = {}
+    with FileCache() as files:
+        for key, ref in tensors.items():
+            ident = (ref.storage, ref.storage_offset, ref.shape, ref.stride)
+            if ident not in seen:
+                seen[ident] = to_torch(ref, files)
+            out[key] = seen[ident]
+    return out

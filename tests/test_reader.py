@@ -341,3 +341,21 @@ print(sorted(m for m in ("torch", "torchvision", "numpy") if m in sys.modules))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_torch_state_dict_loads_into_the_model_and_keeps_ties(torch, tmp_path):
+    from ckpt_tool.values import torch_state_dict
+
+    model = TiedLM.build()
+    path = tmp_path / "tied.pth"
+    torch.save(model.state_dict(), path)
+    sd = torch_state_dict(open_checkpoint(str(path)).tensors)
+    assert sd["embed.weight"] is sd["proj.weight"]
+    fresh = TiedLM.build()
+    assert fresh.load_state_dict(sd, strict=True)
+    assert torch.equal(fresh.embed.weight, model.embed.weight)
+    mixed = mixed_dtype_state(torch)
+    torch.save(mixed, tmp_path / "mixed.pth")
+    got = torch_state_dict(open_checkpoint(str(tmp_path / "mixed.pth")).tensors)
+    for key, t in mixed.items():
+        assert got[key].dtype == t.dtype and torch.equal(got[key], t), key

@@ -27,7 +27,7 @@ def sniff(path: str) -> str:
     """Name the format of ``path`` (a file, or a directory holding a sharded index).
 
     Example:
-        >>> sniff("fixtures/resnet_tiny.pth")
+        >>> sniff("fixtures/tiny_cnn.pth")
         'torch-zip'
     """
     if os.path.isdir(path):

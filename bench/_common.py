@@ -1,0 +1,67 @@
+"""Shared benchmark helpers: whole-process wall time and peak RSS, and the large test inputs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OUT = os.path.join(HERE, "out")
+PYTHON = sys.executable
+CKPT = [PYTHON, "-m", "ckpt_tool.cli"]
+
+
+@dataclass(frozen=True)
+class Run:
+    label: str
+    wall_s: float
+    peak_rss_mb: float
+    returncode: int
+
+
+def measure(label: str, cmd: list[str], repeat: int = 3, env: dict[str, str] | None = None) -> Run:
+    """Run ``cmd`` ``repeat`` times as a whole process; keep the fastest wall time and its peak RSS.
+
+    Peak RSS comes from ``wait4``'s rusage of that one child (kilobytes on Linux).
+    """
+    best: Run | None = None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        code = os.waitstatus_to_exitcode(status)
+        if proc.stderr is not None:
+            err = proc.stderr.read().decode(errors="replace")
+            proc.stderr.close()
+            if code not in (0, 1):
+                raise SystemExit(f"{label}: exit {code}\n{err}")
+        run = Run(label, wall, usage.ru_maxrss / 1024, code)
+        if best is None or run.wall_s < best.wall_s:
+            best = run
+    assert best is not None
+    return best
+
+
+def report(runs: list[Run], baseline: Run) -> None:
+    print(f"{'command':<44} {'wall s':>8} {'peak RSS MB':>12} {'wall ratio':>11} {'RSS ratio':>10}")
+    for r in runs:
+        print(f"{r.label:<44} {r.wall_s:>8.3f} {r.peak_rss_mb:>12.1f} {r.wall_s / baseline.wall_s:>11.3f} "
+              f"{r.peak_rss_mb / baseline.peak_rss_mb:>10.3f}")
+
+
+def vgg16_pth() -> str:
+    """A torchvision vgg16 state dict saved with torch.save (about 550 MB), made once in bench/out/."""
+    path = os.path.join(OUT, "vgg16.pth")
+    if not os.path.exists(path):
+        os.makedirs(OUT, exist_ok=True)
+        code = (
+            "import torch, torchvision; torch.manual_seed(0); "
+            f"torch.save(torchvision.models.vgg16(weights=None).state_dict(), {path + '.tmp'!r})"
+        )
+        subprocess.run([PYTHON, "-c", code], check=True)
+        os.replace(path + ".tmp", path)
+    return path

@@ -1,0 +1,409 @@
+"""Surgery plans: operations as small pure functions over a description of the state being written.
+
+A *state* maps output key -> :class:`Entry`, an entry says where a tensor's values come from (a
+tensor of the checkpoint, or the target model's own initialisation) and what it becomes (name,
+dtype, shape). Operations never touch tensor bytes; the writer moves them afterwards.
+
+A plan is saved as JSON (``ckpt diff --plan-out`` writes the same form)::
+
+    {"version": 1, "source": "a.pth", "key": null, "arch": "resnet18", "arch_args": {},
+     "operations": [{"op": "strip_prefix", "prefix": "module."}, {"op": "reinit_mismatched"}]}
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .errors import InputError, UsageError
+from .model import TensorRef, is_floating
+
+PLAN_VERSION = 1
+CAST_DTYPES = ("float16", "bfloat16", "float32")
+
+CHECKPOINT = "checkpoint"
+TARGET = "target"
+
+
+@dataclass(frozen=True)
+class TargetTensor:
+    """A tensor of the target model's state dict, described (dtype name and shape)."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of the planned output.
+
+    ``source`` is ``"checkpoint"`` (bytes of ``ref``, read from the input) or ``"target"`` (the
+    target model's fresh initialisation of ``origin``); ``source_dtype`` is what those bytes hold
+    and ``dtype`` what is written (they differ after a cast).
+    """
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    source: str
+    origin: str
+    source_dtype: str
+    ref: TensorRef | None = None
+    reason: str = ""
+
+    @classmethod
+    def from_ref(cls, ref: TensorRef) -> Entry:
+        return cls(ref.key, ref.dtype, ref.shape, CHECKPOINT, ref.key, ref.dtype, ref)
+
+    @classmethod
+    def from_target(cls, t: TargetTensor, reason: str) -> Entry:
+        return cls(t.key, t.dtype, t.shape, TARGET, t.key, t.dtype, None, reason)
+
+
+State = dict[str, Entry]
+Target = Mapping[str, TargetTensor]
+
+
+# --- the pure functions --------------------------------------------------------------------------
+
+
+def _module_match(key: str, prefix: str) -> bool:
+    prefix = prefix.rstrip(".")
+    return key == prefix or key.startswith(prefix + ".")
+
+
+def drop(state: State, prefix: str) -> State:
+    """Drop a module and everything under it: ``classifier.6`` drops ``classifier.6.weight``, not ``classifier.60.weight``."""
+    return {k: e for k, e in state.items() if not _module_match(k, prefix)}
+
+
+def keep(state: State, pattern: str) -> State:
+    """Keep only the keys the regular expression finds a match in."""
+    rx = _regex(pattern, "keep")
+    return {k: e for k, e in state.items() if rx.search(k)}
+
+
+def exclude(state: State, pattern: str) -> State:
+    """Drop the keys the regular expression finds a match in."""
+    rx = _regex(pattern, "exclude")
+    return {k: e for k, e in state.items() if not rx.search(k)}
+
+
+def rename(state: State, pattern: str, replacement: str) -> State:
+    """Rename keys with ``re.sub(pattern, replacement, key)``; two keys may not end with one name."""
+    rx = _regex(pattern, "rename")
+
+    def new_name(key: str) -> str:
+        try:
+            return rx.sub(replacement, key)
+        except (re.error, IndexError) as exc:
+            raise UsageError(f"--rename {pattern}={replacement}: bad replacement ({exc})") from None
+
+    return _rekey(state, new_name, f"--rename {pattern}={replacement}")
+
+
+def strip_prefix(state: State, prefix: str) -> State:
+    """Remove ``prefix`` from the keys that start with it (``module.`` of DataParallel)."""
+    return _rekey(state, lambda k: k[len(prefix):] if k.startswith(prefix) else k, f"--strip-prefix {prefix}")
+
+
+def add_prefix(state: State, prefix: str) -> State:
+    """Put ``prefix`` in front of every key (``backbone.``)."""
+    return _rekey(state, lambda k: prefix + k, f"--add-prefix {prefix}")
+
+
+def map_keys(state: State, mapping: Mapping[str, str]) -> State:
+    """Rename keys by an explicit ``old -> new`` table; keys it does not name are kept as they are."""
+    return _rekey(state, lambda k: mapping.get(k, k), "--map")
+
+
+def cast(state: State, dtype: str) -> State:
+    """Cast floating tensors to ``dtype``; integer tensors and buffers (``num_batches_tracked``) are untouched."""
+    if dtype not in CAST_DTYPES:
+        raise UsageError(f"--dtype {dtype}: choose one of {', '.join(CAST_DTYPES)}")
+    return {k: replace(e, dtype=dtype) if is_floating(e.dtype) and e.dtype != dtype else e for k, e in state.items()}
+
+
+def fill_missing(state: State, target: Target) -> State:
+    """Add the target's keys the state lacks, valued by the target's own initialisation."""
+    out = dict(state)
+    for key, t in target.items():
+        if key not in out:
+            out[key] = Entry.from_target(t, "fill_missing")
+    return out
+
+
+def drop_unexpected(state: State, target: Target) -> State:
+    """Drop the keys the target has no place for."""
+    return {k: e for k, e in state.items() if k in target}
+
+
+def reinit_mismatched(state: State, target: Target) -> State:
+    """Replace the keys whose shape differs from the target's by the target's initialisation."""
+    return {
+        k: Entry.from_target(target[k], "reinit_mismatched") if k in target and target[k].shape != e.shape else e
+        for k, e in state.items()
+    }
+
+
+def _rekey(state: State, new_name: Callable[[str], str], what: str) -> State:
+    out: State = {}
+    for key, entry in state.items():
+        name = new_name(key)
+        if not name:
+            raise UsageError(f"{what}: renames {key!r} to an empty key")
+        if name in out:
+            other = next(k for k in state if new_name(k) == name)
+            raise UsageError(f"{what}: maps both {other!r} and {key!r} to {name!r}")
+        out[name] = replace(entry, key=name) if name != key else entry
+    return out
+
+
+def _regex(pattern: str, option: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise UsageError(f"--{option} {pattern!r}: not a valid regular expression ({exc})") from None
+
+
+# --- operations: what a plan file holds ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One step of a plan: ``op`` names the function, ``args`` its JSON arguments."""
+
+    op: str
+    args: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.args)
+
+    @property
+    def needs_target(self) -> bool:
+        return self.op in _POLICIES
+
+    def describe(self) -> str:
+        """The command-line spelling, as shown in the plan."""
+        p = self.params
+        if self.op == "rename":
+            return f"--rename {p['pattern']}={p['replacement']}"
+        if self.op == "map":
+            return f"--map ({len(p['mapping'])} keys)"
+        if self.op == "cast":
+            return f"--dtype {p['dtype']}"
+        flag = "--" + self.op.replace("_", "-")
+        value = next(iter(p.values()), None)
+        return f"{flag} {value}" if value is not None else flag
+
+    def to_json(self) -> dict[str, Any]:
+        return {"op": self.op, **self.params}
+
+    def apply(self, state: State, target: Target | None) -> State:
+        p = self.params
+        if self.op in _POLICIES:
+            if target is None:
+                raise UsageError(f"{self.describe()} needs the target architecture (--arch)")
+            return _POLICIES[self.op](state, target)
+        if self.op == "rename":
+            return rename(state, p["pattern"], p["replacement"])
+        if self.op == "map":
+            return map_keys(state, p["mapping"])
+        return _SIMPLE[self.op](state, next(iter(p.values())))
+
+
+_SIMPLE: dict[str, Callable[[State, str], State]] = {
+    "strip_prefix": strip_prefix, "add_prefix": add_prefix, "drop": drop, "keep": keep, "exclude": exclude,
+    "cast": cast,
+}
+_POLICIES: dict[str, Callable[[State, Target], State]] = {
+    "fill_missing": fill_missing, "drop_unexpected": drop_unexpected, "reinit_mismatched": reinit_mismatched,
+}
+# op -> (field, type) it requires
+_FIELDS: dict[str, tuple[tuple[str, type], ...]] = {
+    "strip_prefix": (("prefix", str),), "add_prefix": (("prefix", str),), "drop": (("prefix", str),),
+    "keep": (("pattern", str),), "exclude": (("pattern", str),), "cast": (("dtype", str),),
+    "rename": (("pattern", str), ("replacement", str)), "map": (("mapping", dict),),
+    "fill_missing": (), "drop_unexpected": (), "reinit_mismatched": (),
+}
+
+
+def operation(op: str, **params: Any) -> Operation:
+    """Build and check one operation: ``operation("drop", prefix="classifier.6")``."""
+    fields = _FIELDS.get(op)
+    if fields is None:
+        raise UsageError(f"unknown operation {op!r} (known: {', '.join(sorted(_FIELDS))})")
+    args = []
+    for name, kind in fields:
+        value = params.get(name)
+        if not isinstance(value, kind):
+            raise UsageError(f"operation {op!r} needs {name!r} as a {kind.__name__}, got {value!r}")
+        if kind is str and name != "replacement" and not value:
+            raise UsageError(f"operation {op!r} needs a non-empty {name!r}")
+        args.append((name, value))
+    if op == "map" and not all(isinstance(k, str) and isinstance(v, str) for k, v in params["mapping"].items()):
+        raise UsageError("operation 'map' needs a mapping of key strings to key strings")
+    if op in ("keep", "exclude", "rename"):
+        _regex(params["pattern"], op)
+    if op == "cast" and params["dtype"] not in CAST_DTYPES:
+        raise UsageError(f"--dtype {params['dtype']}: choose one of {', '.join(CAST_DTYPES)}")
+    return Operation(op, tuple(args))
+
+
+def parse_rename(text: str) -> Operation:
+    """``'^fc\\.=head.'`` -> a rename operation (split at the last ``=``: patterns may hold ``(?=``)."""
+    pattern, sep, replacement = text.rpartition("=")
+    if not sep or not pattern:
+        raise UsageError(f"--rename {text!r} is not REGEX=REPLACEMENT")
+    return operation("rename", pattern=pattern, replacement=replacement)
+
+
+def load_mapping(path: str) -> Operation:
+    """A ``--map FILE``: a JSON object of old key -> new key."""
+    data = _read_json(path, "--map")
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: --map file must hold a JSON object of old key -> new key")
+    return operation("map", mapping=data)
+
+
+# --- plans ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to do to which checkpoint, and for which target."""
+
+    source: str | None = None
+    key: str | None = None
+    arch: str | None = None
+    arch_args: dict[str, Any] = field(default_factory=dict)
+    operations: tuple[Operation, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": PLAN_VERSION, "source": self.source, "key": self.key, "arch": self.arch,
+            "arch_args": dict(self.arch_args), "operations": [op.to_json() for op in self.operations],
+        }
+
+
+def plan_from_json(data: Any, where: str = "plan") -> Plan:
+    """Check and build a :class:`Plan` from its JSON form (unknown fields of an operation are ignored)."""
+    if not isinstance(data, dict):
+        raise InputError(f"{where}: a plan must be a JSON object")
+    version = data.get("version", PLAN_VERSION)
+    if version != PLAN_VERSION:
+        raise InputError(f"{where}: plan version {version!r} is not supported (this ckpt reads version {PLAN_VERSION})")
+    ops = data.get("operations", [])
+    if not isinstance(ops, list):
+        raise InputError(f"{where}: 'operations' must be a list")
+    operations = []
+    for i, item in enumerate(ops):
+        if not isinstance(item, dict) or not isinstance(item.get("op"), str):
+            raise InputError(f"{where}: operation {i} is not an object with an 'op'")
+        try:
+            operations.append(operation(item["op"], **{k: v for k, v in item.items() if k != "op"}))
+        except UsageError as exc:
+            raise InputError(f"{where}: operation {i}: {exc}") from None
+    arch_args = data.get("arch_args") or {}
+    for name in ("source", "key", "arch"):
+        if data.get(name) is not None and not isinstance(data[name], str):
+            raise InputError(f"{where}: {name!r} must be a string or null")
+    if not isinstance(arch_args, dict):
+        raise InputError(f"{where}: 'arch_args' must be an object")
+    return Plan(data.get("source"), data.get("key"), data.get("arch"), arch_args, tuple(operations))
+
+
+def load_plan(path: str) -> Plan:
+    """Read a plan file (as written by ``ckpt diff --plan-out`` or :func:`save_plan`)."""
+    return plan_from_json(_read_json(path, "--plan"), path)
+
+
+def save_plan(plan: Plan, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(plan.to_json(), f, indent=2)
+        f.write("\n")
+
+
+def _read_json(path: str, option: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file ({option})") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from None
+
+
+# --- applying ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one operation did: the keys it dropped, renamed (``old -> new``), added, reinitialised or cast."""
+
+    operation: str
+    dropped: tuple[str, ...] = ()
+    renamed: tuple[tuple[str, str], ...] = ()
+    added: tuple[str, ...] = ()
+    reinitialised: tuple[str, ...] = ()
+    cast: tuple[str, ...] = ()
+
+    @property
+    def affected(self) -> int:
+        return len(self.dropped) + len(self.renamed) + len(self.added) + len(self.reinitialised) + len(self.cast)
+
+
+@dataclass(frozen=True)
+class Applied:
+    state: State
+    steps: tuple[Step, ...]
+
+
+def initial_state(tensors: Mapping[str, TensorRef]) -> State:
+    """The state a checkpoint's tensors describe, before any operation."""
+    return {k: Entry.from_ref(ref) for k, ref in tensors.items()}
+
+
+def apply(operations: tuple[Operation, ...] | list[Operation], state: State, target: Target | None = None) -> Applied:
+    """Run the operations in order. Returns the final state and, per operation, what it changed.
+
+    Example:
+        >>> applied = apply([operation("strip_prefix", prefix="module.")], initial_state(ckpt.tensors))
+        >>> applied.steps[0].renamed[0]
+        ('module.fc.weight', 'fc.weight')
+    """
+    steps = []
+    for op in operations:
+        after = op.apply(state, target)
+        steps.append(_step(op.describe(), state, after))
+        state = after
+    return Applied(state, tuple(steps))
+
+
+def _step(name: str, before: State, after: State) -> Step:
+    # entries are matched by where their values come from, so a rename is told from a drop + add
+    where_after = {(e.source, e.origin): k for k, e in after.items()}
+    dropped, renamed, cast_keys = [], [], []
+    for key, e in before.items():
+        new = where_after.get((e.source, e.origin))
+        if new is None:
+            dropped.append(key)
+            continue
+        if new != key:
+            renamed.append((key, new))
+        if after[new].dtype != e.dtype:
+            cast_keys.append(new)
+    where_before = {(e.source, e.origin) for e in before.values()}
+    fresh = [k for k, e in after.items() if (e.source, e.origin) not in where_before]
+    reinit = [k for k in fresh if after[k].reason == "reinit_mismatched"]
+    added = [k for k in fresh if after[k].reason != "reinit_mismatched"]
+    # a reinitialised key replaces the checkpoint's tensor of the same name: not a drop
+    dropped = [k for k in dropped if k not in reinit]
+    return Step(name, tuple(dropped), tuple(renamed), tuple(added), tuple(reinit), tuple(cast_keys))
