@@ -22,6 +22,9 @@ class TensorRow:
     dtype: str
     parameters: int
     nbytes: int
+    stride: tuple[int, ...] = ()
+    storage: str = ""
+    offset: int | None = None
     contiguous: bool = True
     shared_with: tuple[str, ...] = ()
     stats: TensorStats | None = None
@@ -128,7 +131,8 @@ def _compile(filter: str | None) -> re.Pattern[str] | None:
 
 def _row(ref: TensorRef, shared: dict[str, list[str]], stats: TensorStats | None) -> TensorRow:
     others = tuple(k for k in shared.get(ref.storage, ()) if k != ref.key)
-    return TensorRow(ref.key, ref.shape, ref.dtype, ref.numel, ref.nbytes, ref.is_contiguous, others, stats)
+    return TensorRow(ref.key, ref.shape, ref.dtype, ref.numel, ref.nbytes, ref.stride, ref.storage, ref.offset,
+                     ref.is_contiguous, others, stats)
 
 
 def module_of(key: str, depth: int) -> str:

@@ -359,3 +359,27 @@ def test_torch_state_dict_loads_into_the_model_and_keeps_ties(torch, tmp_path):
     got = torch_state_dict(open_checkpoint(str(tmp_path / "mixed.pth")).tensors)
     for key, t in mixed.items():
         assert got[key].dtype == t.dtype and torch.equal(got[key], t), key
+
+
+def test_zip_entry_with_bad_crc(torch, tmp_path):
+    path = tmp_path / "crc.pth"
+    torch.save(tiny_model().state_dict(), path)
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        info = next(i for i in zf.infolist() if i.filename.endswith("data.pkl"))
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra) + 40
+    raw[start] ^= 0xFF  # flip one byte inside data.pkl: the CRC no longer matches
+    path.write_bytes(bytes(raw))
+    with pytest.raises(FormatError, match="data.pkl' is corrupt .*CRC"):
+        open_checkpoint(str(path))
+
+
+def test_self_referencing_pickle_does_not_hang(tmp_path):
+    import pickle
+
+    loop: list = []
+    loop.append(loop)
+    path = tmp_path / "loop.pkl"
+    path.write_bytes(pickle.dumps({"a": loop, "b": {"c": loop}}, protocol=4))
+    ckpt = open_checkpoint(str(path))
+    assert ckpt.tensors == {} and "a" in ckpt.extras

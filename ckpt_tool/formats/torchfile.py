@@ -17,7 +17,7 @@ from ..model import itemsize
 from . import sniff as fmt
 from .pickle_vm import PickleVM, Placeholder, StorageRef, Trace, storage_dtype
 
-MAX_DATA_PKL = 1 << 30
+MAX_DATA_PKL = 256 << 20  # far above any real data.pkl; refuses zip bombs
 
 
 @dataclass

@@ -1,0 +1,529 @@
+"""Streaming writers: safetensors, torch ``.pth`` (a zip that ``torch.load(weights_only=True)`` opens) and
+Hugging Face style shards, all written atomically. torch is never imported here.
+
+Bytes arrive as :class:`Blob` objects (one storage each) that stream their content in bounded chunks,
+or name a byte range of an input file that the kernel copies without it passing through Python.
+Tensors are :class:`View` objects into blobs, so tied weights can share one storage in ``.pth``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import struct
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from .errors import OutputError, UsageError
+from .formats.pickle_vm import STORAGE_DTYPES
+from .model import DTYPES, contiguous_strides, itemsize
+
+SAFETENSORS = "safetensors"
+PTH = "pth"
+_EXTENSIONS = {".safetensors": SAFETENSORS, ".pth": PTH, ".pt": PTH, ".bin": PTH, ".ckpt": PTH}
+_STORAGE_CLASSES = {dtype: name for name, dtype in STORAGE_DTYPES.items() if name != "UntypedStorage"}
+ALIGNMENT = 64  # torch aligns storages in its zip so that they can be mmapped
+
+
+@dataclass(frozen=True)
+class Blob:
+    """The bytes of one storage: ``chunks()`` streams them; ``copy_from`` = (file, offset) when they are
+    a verbatim byte range of an input file (then the kernel copies them)."""
+
+    dtype: str
+    nbytes: int
+    chunks: Callable[[], Iterable[bytes]] = field(compare=False)
+    copy_from: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class View:
+    """A tensor of the output: ``shape``/``stride`` over ``blob`` (an index), from element ``offset``."""
+
+    key: str
+    blob: int
+    dtype: str
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * itemsize(self.dtype)
+
+
+@dataclass(frozen=True)
+class Layout:
+    blobs: tuple[Blob, ...]
+    views: tuple[View, ...]
+
+
+@dataclass(frozen=True)
+class Written:
+    """What was written: the files (shards first, index last), tensors and bytes."""
+
+    path: str
+    format: str
+    files: tuple[str, ...]
+    tensors: int
+    tensor_bytes: int
+    backup: str | None = None
+
+
+# --- output paths ---------------------------------------------------------------------------------
+
+
+def output_format(path: str) -> str:
+    """``.safetensors`` -> safetensors; ``.pth``/``.pt``/``.bin``/``.ckpt`` -> a torch zip."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in _EXTENSIONS:
+        raise UsageError(f"-o {path}: unknown output extension {ext or '(none)'!r}; use .safetensors, .pth, .pt or .bin")
+    return _EXTENSIONS[ext]
+
+
+def parse_size(text: str) -> int:
+    """``"2GB"`` -> 2_000_000_000 (decimal units, as Hugging Face counts), ``"500MiB"``, ``"1048576"``."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", text, re.IGNORECASE)
+    if not m:
+        raise UsageError(f"--max-shard-size {text!r} is not a size such as 2GB or 500MB")
+    unit = m.group(2).upper().rstrip("B")
+    base = 1024 if unit.endswith("I") else 1000
+    power = "KMGT".find(unit[:1]) + 1 if unit else 0
+    size = int(float(m.group(1)) * base**power)
+    if size <= 0:
+        raise UsageError(f"--max-shard-size {text!r} must be positive")
+    return size
+
+
+def shard_names(path: str, count: int) -> tuple[list[str], str]:
+    """Hugging Face names: ``model.safetensors`` -> ``model-00001-of-00002.safetensors`` and ``model.safetensors.index.json``."""
+    stem, ext = os.path.splitext(path)
+    return [f"{stem}-{i:05d}-of-{count:05d}{ext}" for i in range(1, count + 1)], path + ".index.json"
+
+
+def check_output(path: str, inputs: Iterable[str], *, force: bool = False, in_place: bool = False) -> str | None:
+    """Refuse outputs that would lose data. Returns the backup path an in-place write will keep.
+
+    The input is never overwritten without ``in_place``; an existing output needs ``force``.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise OutputError(f"-o {path}: directory {directory} does not exist")
+    if os.path.isdir(path):
+        raise OutputError(f"-o {path}: is a directory; give a file name such as {os.path.join(path, 'model.safetensors')}")
+    same = [p for p in inputs if _same_file(p, path)]
+    if in_place and not same:
+        raise UsageError(f"--in-place: -o {path} is not the input; leave out -o or --in-place")
+    if same and not in_place:
+        raise OutputError(f"-o {path}: is the input file; pass --in-place to replace it (a backup is kept)")
+    if same:
+        backup = path + ".bak"
+        if os.path.exists(backup) and not force:
+            raise OutputError(f"--in-place: backup {backup} already exists; move it away or pass --force")
+        return backup
+    if os.path.exists(path) and not force:
+        raise OutputError(f"-o {path}: already exists; pass --force to replace it")
+    return None
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+# --- atomic files ---------------------------------------------------------------------------------
+
+
+class Staging:
+    """Files written under temporary names in their final directory, renamed into place together.
+
+    An interrupted write (an exception, Ctrl-C, a full disk) removes the temporary files and leaves
+    the final names untouched: each holds the old file or the new one, never half of one.
+    """
+
+    def __init__(self) -> None:
+        self._staged: list[tuple[str, str]] = []
+
+    @contextlib.contextmanager
+    def open(self, final: str) -> Iterator[IO[bytes]]:
+        """A temporary file next to ``final``, flushed and fsynced when the block ends."""
+        directory = os.path.dirname(os.path.abspath(final))
+        try:
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(final)}.", suffix=".tmp")
+        except OSError as exc:
+            raise OutputError(f"{final}: cannot create a file in {directory} ({exc.strerror or exc})") from None
+        self._staged.append((tmp, final))
+        try:
+            with os.fdopen(fd, "wb", buffering=0) as f:
+                yield f
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise OutputError(f"{final}: cannot be written ({exc.strerror or exc})") from None
+
+    def commit(self, backup: str | None = None) -> None:
+        """Rename every staged file into place (the last one last: an index after its shards)."""
+        for tmp, final in self._staged:
+            _set_mode(tmp, final)
+            if backup is not None and os.path.exists(final):
+                _keep_backup(final, backup)
+            os.replace(tmp, final)
+            _fsync_dir(os.path.dirname(os.path.abspath(final)))
+        self._staged.clear()
+
+    def abort(self) -> None:
+        for tmp, _ in self._staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        self._staged.clear()
+
+
+def _set_mode(tmp: str, final: str) -> None:
+    # mkstemp makes 0600 files; give the output the mode a plain open() would (or the old file's)
+    try:
+        mode = os.stat(final).st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    os.chmod(tmp, mode)
+
+
+def _keep_backup(final: str, backup: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(backup)
+    try:
+        os.link(final, backup)  # the old bytes stay reachable under the backup name, no copy
+    except OSError:
+        import shutil
+
+        shutil.copy2(final, backup)
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --- streaming bytes ------------------------------------------------------------------------------
+
+
+def _copy_range(out: IO[bytes], source: str, offset: int, nbytes: int) -> None:
+    """Copy ``nbytes`` at ``offset`` of ``source`` to ``out``'s position, in the kernel when it can."""
+    with open(source, "rb") as src:
+        done = 0
+        try:
+            while done < nbytes:
+                n = os.copy_file_range(src.fileno(), out.fileno(), nbytes - done, offset + done)
+                if n == 0:
+                    raise OutputError(f"{source}: ends before byte {offset + nbytes} (truncated while copying)")
+                done += n
+            return
+        except (AttributeError, OSError) as exc:
+            if isinstance(exc, OutputError):
+                raise
+            # no copy_file_range here (other OS, cross-device on old kernels): plain reads
+        src.seek(offset + done)
+        while done < nbytes:
+            data = src.read(min(16 << 20, nbytes - done))
+            if not data:
+                raise OutputError(f"{source}: ends before byte {offset + nbytes} (truncated while copying)")
+            out.write(data)
+            done += len(data)
+
+
+def _stream(out: IO[bytes], blob: Blob, kernel_copy: bool = True) -> None:
+    """Write a blob: copied by the kernel when it is a verbatim range and ``out`` is a real file."""
+    if blob.copy_from is not None and kernel_copy:
+        _copy_range(out, blob.copy_from[0], blob.copy_from[1], blob.nbytes)
+        return
+    done = 0
+    for chunk in blob.chunks():
+        out.write(chunk)
+        done += len(chunk)
+    if done != blob.nbytes:
+        raise AssertionError(f"blob streamed {done} bytes, {blob.nbytes} expected")
+
+
+# --- safetensors ----------------------------------------------------------------------------------
+
+
+def safetensors_header(views: Iterable[View], metadata: dict[str, str]) -> bytes:
+    """The 8-byte length and the JSON header, padded with spaces to 8 bytes as safetensors does."""
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    pos = 0
+    for v in views:
+        code = DTYPES[v.dtype][1]
+        if code is None:
+            raise UsageError(f"tensor {v.key!r}: dtype {v.dtype} has no safetensors equivalent; write a .pth instead")
+        header[v.key] = {"dtype": code, "shape": list(v.shape), "data_offsets": [pos, pos + v.nbytes]}
+        pos += v.nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def _write_safetensors(out: IO[bytes], layout: Layout, metadata: dict[str, str]) -> None:
+    for v in layout.views:
+        blob = layout.blobs[v.blob]
+        if v.offset or blob.nbytes != v.nbytes or v.stride != contiguous_strides(v.shape):
+            raise AssertionError(f"safetensors view {v.key!r} must cover its whole blob contiguously")
+    out.write(safetensors_header(layout.views, metadata))
+    for v in layout.views:
+        _stream(out, layout.blobs[v.blob])
+
+
+# --- torch zip (.pth) -----------------------------------------------------------------------------
+
+
+class _Pickler:
+    """Emits the protocol-2 pickle ``torch.save`` writes for a state dict, by hand (no torch import)."""
+
+    def __init__(self) -> None:
+        self.out = bytearray(b"\x80\x02")
+
+    def global_(self, module: str, name: str) -> None:
+        self.out += f"c{module}\n{name}\n".encode()
+
+    def value(self, v: Any) -> None:
+        out = self.out
+        if v is None:
+            out += b"N"
+        elif v is True or v is False:
+            out += b"\x88" if v else b"\x89"
+        elif isinstance(v, int):
+            if 0 <= v < 256:
+                out += b"K" + bytes([v])
+            elif 0 <= v < 65536:
+                out += b"M" + struct.pack("<H", v)
+            elif -(2**31) <= v < 2**31:
+                out += b"J" + struct.pack("<i", v)
+            else:
+                raw = v.to_bytes((v.bit_length() + 8) // 8, "little", signed=True)
+                out += b"\x8a" + bytes([len(raw)]) + raw
+        elif isinstance(v, float):
+            out += b"G" + struct.pack(">d", v)
+        elif isinstance(v, str):
+            data = v.encode("utf-8", "surrogatepass")
+            out += b"X" + struct.pack("<I", len(data)) + data
+        elif isinstance(v, tuple):
+            out += b"(" if v else b")"
+            for item in v:
+                self.value(item)
+            if v:
+                out += b"t"
+        elif isinstance(v, list):
+            out += b"]"
+            if v:
+                out += b"("
+                for item in v:
+                    self.value(item)
+                out += b"e"
+        elif isinstance(v, dict):
+            out += b"}"
+            self._items(v)
+        elif isinstance(v, _TensorPickle):
+            self._tensor(v)
+        else:
+            raise TypeError(f"cannot write a {type(v).__name__} into a .pth")
+
+    def ordered_dict(self, items: dict[str, Any]) -> None:
+        self.global_("collections", "OrderedDict")
+        self.out += b")R"
+        self._items(items)
+
+    def _items(self, items: dict[Any, Any]) -> None:
+        if items:
+            self.out += b"("
+            for k, v in items.items():
+                self.value(k)
+                self.value(v)
+            self.out += b"u"
+
+    def _tensor(self, t: _TensorPickle) -> None:
+        storage_class = _STORAGE_CLASSES.get(t.view.dtype)
+        self.global_("torch._utils", "_rebuild_tensor_v2" if storage_class else "_rebuild_tensor_v3")
+        self.out += b"(("
+        self.value("storage")
+        if storage_class:
+            self.global_("torch", storage_class)
+            numel = t.storage_nbytes // itemsize(t.view.dtype)
+        else:  # dtypes without a typed storage class (float8, uint16...): untyped storage + dtype
+            self.global_("torch.storage", "UntypedStorage")
+            numel = t.storage_nbytes
+        self.value(t.storage_key)
+        self.value("cpu")
+        self.value(numel)
+        self.out += b"tQ"
+        self.value(t.view.offset)
+        self.value(t.view.shape)
+        self.value(t.view.stride)
+        self.value(False)
+        self.ordered_dict({})  # backward hooks
+        if not storage_class:
+            self.global_("torch", t.view.dtype)
+        self.out += b"tR"
+
+
+@dataclass(frozen=True)
+class _TensorPickle:
+    view: View
+    storage_key: str
+    storage_nbytes: int
+
+
+@dataclass(frozen=True)
+class Nesting:
+    """Where the state dict sits in a ``.pth`` (``"model_state_dict"`` or ``"a/b"``; ``None`` = top level)
+    and the plain-data entries kept beside it."""
+
+    path: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def _pth_pickle(layout: Layout, nesting: Nesting) -> bytes:
+    state = {v.key: _TensorPickle(v, str(v.blob), layout.blobs[v.blob].nbytes) for v in layout.views}
+    p = _Pickler()
+    if nesting.path is None and not nesting.extras:
+        p.ordered_dict(state)
+    else:
+        tree: dict[str, Any] = {}
+        parts = (nesting.path or "state_dict").split("/")
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = state
+        for k, v in nesting.extras.items():
+            tree.setdefault(k, v)
+        p.value(tree)
+    p.out += b"."
+    return bytes(p.out)
+
+
+def _write_pth(out: IO[bytes], layout: Layout, nesting: Nesting) -> None:
+    prefix = "archive/"
+    data_pkl = _pth_pickle(layout, nesting)
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as zf:
+        small = [("data.pkl", data_pkl), (".format_version", b"1"), (".storage_alignment", str(ALIGNMENT).encode()),
+                 ("byteorder", b"little")]
+        for name, data in small:
+            _zip_entry(zf, prefix + name, len(data), lambda w, d=data: w.write(d))
+        used = sorted({v.blob for v in layout.views})
+        for index in used:
+            blob = layout.blobs[index]
+            _zip_entry(zf, f"{prefix}data/{index}", blob.nbytes, lambda w, b=blob: _stream(w, b, kernel_copy=False))
+        # torch reads a serialization id; a digest of the pickle keeps outputs reproducible
+        serial = str(int(hashlib.sha256(data_pkl).hexdigest()[:32], 16)).zfill(40)[:40].encode()
+        for name, data in (("version", b"3\n"), (".data/serialization_id", serial)):
+            _zip_entry(zf, prefix + name, len(data), lambda w, d=data: w.write(d))
+
+
+def _zip_entry(zf: zipfile.ZipFile, name: str, size: int, write: Callable[[Any], Any]) -> None:
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_STORED
+    info.file_size = size
+    # zipfile's own rule for a zip64 local header (20 extra bytes); the padding field makes the
+    # data start on a 64-byte boundary, as torch's writer does
+    zip64 = size * 1.05 > zipfile.ZIP64_LIMIT
+    header = 30 + len(name.encode("utf-8")) + (20 if zip64 else 0) + 4
+    pad = -(zf.start_dir + header) % ALIGNMENT
+    info.extra = struct.pack("<HH", 0x4246, pad) + b"\0" * pad
+    with zf.open(info, "w", force_zip64=zip64) as w:
+        # zipfile computes the CRC and sizes as the bytes pass, then rewrites the local header
+        write(w)
+
+
+# --- the entry point ------------------------------------------------------------------------------
+
+
+def write_checkpoint(
+    path: str,
+    layout: Layout,
+    *,
+    metadata: dict[str, str] | None = None,
+    nesting: Nesting | None = None,
+    max_shard_size: int | None = None,
+    backup: str | None = None,
+    staging: Staging | None = None,
+) -> Written:
+    """Write ``layout`` to ``path`` in the format its extension names, atomically.
+
+    Args:
+        metadata: safetensors ``__metadata__`` (also put in a sharded index's ``metadata``).
+        nesting: for ``.pth``: where the state dict goes and the plain data kept beside it.
+        max_shard_size: split into Hugging Face style shards of at most this many tensor bytes
+            (a storage is never split) with an ``index.json``; one file when everything fits.
+        backup: keep the file being replaced under this name (``--in-place``).
+    """
+    fmt = output_format(path)
+    metadata = dict(metadata or {})
+    nesting = nesting or Nesting()
+    staging = staging or Staging()
+    shards = _split(layout, max_shard_size) if max_shard_size else [layout]
+    try:
+        if len(shards) == 1:
+            files = [path]
+        else:
+            files, index_path = shard_names(path, len(shards))
+        for name, shard in zip(files, shards):
+            with staging.open(name) as out:
+                if fmt == SAFETENSORS:
+                    _write_safetensors(out, shard, metadata)
+                else:
+                    # shards are plain state dicts (as Hugging Face writes them)
+                    _write_pth(out, shard, nesting if len(shards) == 1 else Nesting())
+        if len(shards) > 1:
+            index = {
+                "metadata": {**metadata, "total_size": sum(v.nbytes for v in layout.views)},
+                "weight_map": {v.key: os.path.basename(f) for f, s in zip(files, shards) for v in s.views},
+            }
+            with staging.open(index_path) as out:
+                out.write(json.dumps(index, indent=2).encode("utf-8") + b"\n")
+            files.append(index_path)
+        staging.commit(backup)
+    except BaseException:
+        staging.abort()
+        raise
+    return Written(path if len(shards) == 1 else files[-1], fmt, tuple(files), len(layout.views),
+                   sum(v.nbytes for v in layout.views), backup)
+
+
+def _split(layout: Layout, max_size: int) -> list[Layout]:
+    """Cut the layout into shards by whole storages, in order, each up to ``max_size`` bytes when it can."""
+    by_blob: dict[int, list[View]] = {}
+    for v in layout.views:
+        by_blob.setdefault(v.blob, []).append(v)
+    groups: list[list[tuple[int, list[View]]]] = [[]]
+    size = 0
+    for index, views in by_blob.items():
+        n = layout.blobs[index].nbytes
+        if groups[-1] and size + n > max_size:
+            groups.append([])
+            size = 0
+        groups[-1].append((index, views))
+        size += n
+    shards = []
+    for group in groups:
+        remap = {old: new for new, (old, _) in enumerate(group)}
+        blobs = tuple(layout.blobs[old] for old, _ in group)
+        views = tuple(View(v.key, remap[v.blob], v.dtype, v.shape, v.stride, v.offset) for _, vs in group for v in vs)
+        shards.append(Layout(blobs, views))
+    return shards
