@@ -180,7 +180,7 @@ def target_signature(spec: str, arch_args: dict[str, Any] | None = None, *, use_
     key = _cache_key(spec, args) if use_cache else None
     path = os.path.join(cache_dir or default_cache_dir(), _entry_name(key)) if key is not None else None
     status = "off" if not use_cache else "uncacheable"
-    if path is not None:
+    if path is not None and key is not None:
         cached, status = _read_entry(path, key)
         if cached is not None:
             tensors, auto = cached
@@ -191,7 +191,7 @@ def target_signature(spec: str, arch_args: dict[str, Any] | None = None, *, use_
         # some user code cannot run on meta tensors (it calls .item(), numpy, ...): build it for real
         model = build_model(spec, args, device="cpu")
     tensors, auto = signature_of(model)
-    if path is not None:
+    if path is not None and key is not None:
         status = "rebuilt" if status == "corrupt" else "built"
         if not _write_entry(path, key, tensors, auto):
             status = "unwritable"

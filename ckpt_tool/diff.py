@@ -3,7 +3,8 @@
 The target is an architecture's state-dict layout (:class:`~ckpt_tool.arch.TargetSignature`, cached on disk
 so a warm run imports no torch) or another checkpoint. Statuses mirror ``load_state_dict(strict=False)``:
 ``missing`` and ``unexpected`` are its two lists, ``shape`` the keys it rejects for a size mismatch;
-``dtype`` keys load (``copy_`` casts) but differ in dtype.
+``dtype`` keys load (``copy_`` casts) but differ in dtype; ``auto`` keys are absent but torch fills them in
+(BatchNorm's ``num_batches_tracked`` when the state dict carries no version for that module).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from .errors import InputError, OutputError, UsageError
 from .model import Checkpoint, TensorRef, common_prefix, itemsize, numel
 
 MATCHED, DTYPE, SHAPE, MISSING, UNEXPECTED, MIXED = "matched", "dtype", "shape", "missing", "unexpected", "mixed"
+# not in the checkpoint, but torch fills it in itself (BatchNorm's num_batches_tracked without version metadata)
+AUTO = "auto"
 # elements compared per step with --values: bounded memory whatever the tensor size
 VALUE_CHUNK_ELEMENTS = 1 << 20
 # more drop prefixes than this and the plan says --drop-unexpected instead
@@ -72,6 +75,7 @@ class DiffCounts:
     dtype_differences: int
     target_numel: int
     filled_numel: int
+    auto_filled: int = 0
     changed: int | None = None
     unchanged: int | None = None
 
@@ -191,27 +195,28 @@ def diff(source: Checkpoint, target: Target, *, values: bool = False, depth: int
     if not source.tensors:
         raise InputError(f"{source.path}: holds no tensors to compare (no state dict found)")
     tgt = _target_tensors(target)
-    keys = _key_diffs(source.tensors, tgt)
+    fills = torch_fills(source, target) if isinstance(target, TargetSignature) else set()
+    keys = _key_diffs(source.tensors, tgt, fills)
     if values:
         assert isinstance(target, Checkpoint)
         keys = _with_values(keys, source.tensors, target.tensors)
     counts = _counts(keys, source.tensors, tgt)
     loads = counts.missing == counts.unexpected == counts.shape_mismatches == 0
     rows, hidden = _rows(keys, depth, show_all)
-    is_arch = isinstance(target, TargetSignature)
-    plan = suggest_plan(source, tgt, arch=target.spec if is_arch else None,
-                        arch_args=target.arch_args if is_arch else {})
+    if isinstance(target, TargetSignature):
+        arch, arch_args, cache, name, kind, target_key = target.spec, dict(target.arch_args), target.cache, \
+            target.spec, "arch", None
+    else:
+        arch, arch_args, cache, name, kind, target_key = None, {}, None, target.path, "checkpoint", \
+            target.state_path or None
+    plan = suggest_plan(source, tgt, arch=arch, arch_args=arch_args, optional=fills)
     notes = []
-    if is_arch:
-        unfilled = [k for k in target.auto_filled if k not in source.tensors]
-        if unfilled:
-            notes.append(f"{len(unfilled)} num_batches_tracked buffers are missing; torch fills them in itself when "
-                         "the state dict has no version metadata (checkpoints from before torch 0.4.1)")
+    if fills:
+        notes.append(f"{len(fills)} num_batches_tracked buffers are not in the checkpoint under their target names; "
+                     "torch fills them in itself because the state dict records no module version for them")
     return DiffReport(
         source=source.path, source_format=source.format, source_key=source.state_path or None,
-        target=target.spec if is_arch else target.path, target_kind="arch" if is_arch else "checkpoint",
-        target_key=None if is_arch else (target.state_path or None), arch_args=dict(target.arch_args) if is_arch else {},
-        cache=target.cache if is_arch else None, counts=counts, loads_strictly=loads, keys=tuple(keys),
+        target=name, target_kind=kind, target_key=target_key, arch_args=arch_args, cache=cache, counts=counts, loads_strictly=loads, keys=tuple(keys),
         rows=tuple(rows), hidden_rows=hidden, depth=depth, values=values, plan=plan, notes=tuple(notes),
     )
 
@@ -227,18 +232,60 @@ def _target_tensors(target: Target) -> dict[str, TargetTensor]:
 def shapes_load(source: tuple[int, ...], target: tuple[int, ...]) -> bool:
     """Whether ``load_state_dict`` accepts a tensor of shape ``source`` for a parameter of shape ``target``.
 
-    Besides equal shapes, torch still loads a 1-element-or-more vector into a 0-d parameter (its first
-    element: the 0.3 -> 0.4 compatibility rule in ``Module._load_from_state_dict``).
+    Besides equal shapes, torch still loads a 1-element vector into a 0-d parameter (the 0.3 -> 0.4
+    compatibility rule in ``Module._load_from_state_dict``).
     """
-    return source == target or (target == () and len(source) == 1 and source[0] >= 1)
+    return source == target or (target == () and source == (1,))
 
 
-def _key_diffs(src: dict[str, TensorRef], tgt: dict[str, TargetTensor]) -> list[KeyDiff]:
+def torch_fills(source: Checkpoint, target: TargetSignature) -> set[str]:
+    """Target keys the checkpoint lacks that ``load_state_dict`` adds itself, so does not call missing.
+
+    ``_NormBase._load_from_state_dict`` inserts ``num_batches_tracked`` when the state dict's
+    ``_metadata`` gives the module no version >= 2: safetensors files and plain dicts carry no
+    metadata, and a ``module.``-prefixed one has it under other names.
+    """
+    versions = _module_versions(source)
+    out = set()
+    for key in target.auto_filled:
+        version = versions.get(key.rpartition(".")[0]) if versions is not None else 2
+        if key not in source.tensors and (version is None or version < 2):
+            out.add(key)
+    return out
+
+
+def _module_versions(source: Checkpoint) -> dict[str, int | None] | None:
+    """Module path -> version from the state dict's pickled ``_metadata``; ``None`` means "all current"."""
+    from .formats.pickle_vm import PickledOrderedDict, Placeholder
+    from .reader import resolve_key
+
+    if source.root is None:  # safetensors / sharded: a plain dict of tensors, no metadata at all
+        return {}
+    obj = resolve_key(source.root, source.state_path, source.path, [])[1] if source.state_path else source.root
+    if isinstance(obj, Placeholder):
+        # a pickled module tree: state_dict() of a current module records current versions
+        return None if obj.dictitems is None or not isinstance(obj.dictitems, PickledOrderedDict) else \
+            _versions_of(obj.dictitems)
+    return _versions_of(obj) if isinstance(obj, dict) else {}
+
+
+def _versions_of(obj: dict[Any, Any]) -> dict[str, int | None]:
+    from .formats.pickle_vm import PickledOrderedDict
+
+    attributes = obj.attributes if isinstance(obj, PickledOrderedDict) else None
+    metadata = (attributes or {}).get("_metadata")
+    if not isinstance(metadata, dict):
+        return {}
+    return {str(m): v.get("version") if isinstance(v, dict) and isinstance(v.get("version"), int) else None
+            for m, v in metadata.items()}
+
+
+def _key_diffs(src: dict[str, TensorRef], tgt: dict[str, TargetTensor], fills: set[str]) -> list[KeyDiff]:
     out: list[KeyDiff] = []
     for key, t in tgt.items():
         s = src.get(key)
         if s is None:
-            out.append(KeyDiff(key, MISSING, None, None, t.shape, t.dtype))
+            out.append(KeyDiff(key, AUTO if key in fills else MISSING, None, None, t.shape, t.dtype))
             continue
         status = SHAPE if not shapes_load(s.shape, t.shape) else DTYPE if s.dtype != t.dtype else MATCHED
         out.append(KeyDiff(key, status, s.shape, s.dtype, t.shape, t.dtype))
@@ -247,7 +294,7 @@ def _key_diffs(src: dict[str, TensorRef], tgt: dict[str, TargetTensor]) -> list[
 
 
 def _counts(keys: list[KeyDiff], src: dict[str, TensorRef], tgt: dict[str, TargetTensor]) -> DiffCounts:
-    by = {s: 0 for s in (MATCHED, DTYPE, SHAPE, MISSING, UNEXPECTED)}
+    by = {s: 0 for s in (MATCHED, DTYPE, SHAPE, MISSING, UNEXPECTED, AUTO)}
     for k in keys:
         by[k.status] += 1
     compared = [k for k in keys if k.max_abs_diff is not None]
@@ -257,6 +304,7 @@ def _counts(keys: list[KeyDiff], src: dict[str, TensorRef], tgt: dict[str, Targe
         unexpected=by[UNEXPECTED], shape_mismatches=by[SHAPE], dtype_differences=by[DTYPE],
         target_numel=sum(numel(t.shape) for t in tgt.values()),
         filled_numel=sum(numel(k.target_shape or ()) for k in keys if k.status in (MATCHED, DTYPE)),
+        auto_filled=by[AUTO],
         changed=changed, unchanged=len(compared) - changed if changed is not None else None,
     )
 
@@ -322,11 +370,14 @@ def _wide(arr: Any) -> Any:
 def _rows(keys: list[KeyDiff], depth: int | None, show_all: bool) -> tuple[list[Row], int]:
     rows = _module_rows(keys, depth) if depth else [_key_row(k) for k in keys]
     shown = [r for r in rows if show_all or not _is_quiet(r)]
-    return fold_rows(shown), len(rows) - len(shown)
+    folded = fold_rows(shown)
+    return (folded if depth else fold_leaves(folded)), len(rows) - len(shown)
 
 
 def _is_quiet(row: Row) -> bool:
     """Matched rows (with --values: matched and unchanged) are hidden unless --all."""
+    if row.status == AUTO:
+        return True
     if row.status != MATCHED:
         return False
     return row.max_abs_diff is None or row.max_abs_diff == 0
@@ -373,9 +424,7 @@ def fold_rows(rows: list[Row]) -> list[Row]:
             groups[("row", i)] = [(i, ())]
             continue
         template = tuple("#" if _is_index(p) else p for p in parts)
-        sig = (row.status, row.source_shape, row.source_dtype, row.target_shape, row.target_dtype,
-               row.source_numel, row.target_numel, tuple(sorted(row.statuses.items())))
-        groups.setdefault((template, sig), []).append((i, numbers))
+        groups.setdefault((template, _fold_signature(row), row.source_numel, row.target_numel), []).append((i, numbers))
     out: list[tuple[int, Row]] = []
     for members in groups.values():
         first = rows[members[0][0]]
@@ -399,6 +448,34 @@ def fold_rows(rows: list[Row]) -> list[Row]:
                                            target_numel=sum(rows[i].target_numel for i, _ in run),
                                            statuses=_sum_statuses(rows[i] for i, _ in run))))
     return [row for _, row in sorted(out, key=lambda item: item[0])]
+
+
+def fold_leaves(rows: list[Row]) -> list[Row]:
+    """Fold rows of one module that differ only in the last name: ``bn1.{weight,bias,running_mean}``."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, row in enumerate(rows):
+        parent = row.name.rpartition(".")[0]
+        if not parent or row.max_abs_diff is not None:
+            groups[("row", i)] = [i]
+        else:
+            groups.setdefault((parent, _fold_signature(row)), []).append(i)
+    out: list[tuple[int, Row]] = []
+    for members in groups.values():
+        head = rows[members[0]]
+        if len(members) == 1:
+            out.append((members[0], head))
+            continue
+        leaves = ",".join(rows[i].name.rpartition(".")[2] for i in members)
+        out.append((members[0], replace(
+            head, name=f"{head.name.rpartition('.')[0]}.{{{leaves}}}", keys=sum(rows[i].keys for i in members),
+            source_numel=sum(rows[i].source_numel for i in members),
+            target_numel=sum(rows[i].target_numel for i in members))))
+    return [row for _, row in sorted(out, key=lambda item: item[0])]
+
+
+def _fold_signature(row: Row) -> tuple[Any, ...]:
+    return (row.status, row.source_shape, row.source_dtype, row.target_shape, row.target_dtype,
+            tuple(sorted(row.statuses.items())))
 
 
 def _is_index(part: str) -> bool:
@@ -439,12 +516,12 @@ def format_indices(numbers: Iterable[int]) -> str:
 
 
 def suggest_plan(source: Checkpoint, target: dict[str, TargetTensor], *, arch: str | None,
-                 arch_args: dict[str, Any]) -> FixPlan:
+                 arch_args: dict[str, Any], optional: set[str] | frozenset[str] = frozenset()) -> FixPlan:
     """The ``ckpt migrate`` operations that make ``source`` load strictly into ``target``, with reasons.
 
     Prefixes first (``module.``, ``_orig_mod.``, ``backbone.``...), then renames of whole modules whose
     keys and shapes match one to one in order, then drops, then (with an architecture to take values
-    from) ``fill_missing`` and ``reinit_mismatched``.
+    from) ``fill_missing`` and ``reinit_mismatched``. ``optional`` target keys may stay absent (torch fills them).
     """
     shapes = {k: t.shape for k, t in source.tensors.items()}
     tgt = {k: t.shape for k, t in target.items()}
@@ -477,7 +554,7 @@ def suggest_plan(source: Checkpoint, target: dict[str, TargetTensor], *, arch: s
         else:
             steps.append(PlanStep({"op": "drop_unexpected"},
                                   f"{len(unexpected)} checkpoint keys have no place in the target", len(unexpected)))
-    missing = [k for k in tgt if k not in current]
+    missing = [k for k in tgt if k not in current and k not in optional]
     mismatched = [k for k in tgt if k in current and not shapes_load(current[k], tgt[k])]
     if missing:
         if arch is not None:
@@ -495,17 +572,13 @@ def suggest_plan(source: Checkpoint, target: dict[str, TargetTensor], *, arch: s
                 notes.append(f"re-initialising {share:.0%} of the target's elements: is this the right architecture?")
         else:
             notes.append(f"{len(mismatched)} keys differ in shape ({_some(mismatched)}); only --arch can re-initialise them")
-    resolves = (arch is not None or not missing and not mismatched)
+    # drops cover every unexpected key; what is missing or mismatched needs a model to take values from
+    resolves = arch is not None or not (missing or mismatched)
     operations = [s.operation for s in steps]
     document = {"version": 1, "source": source.path, "key": source.state_path or None, "arch": arch,
                 "arch_args": dict(arch_args), "operations": operations}
     command = migrate_command(document) if operations else None
-    return FixPlan(tuple(steps), document, command, resolves and bool(operations) or not _differs(shapes, tgt),
-                   tuple(notes))
-
-
-def _differs(src: dict[str, tuple[int, ...]], tgt: dict[str, tuple[int, ...]]) -> bool:
-    return src.keys() != tgt.keys() or any(not shapes_load(src[k], tgt[k]) for k in tgt)
+    return FixPlan(tuple(steps), document, command, resolves, tuple(notes))
 
 
 _PREFIX_ORIGINS = {"module.": " (saved from nn.DataParallel / DistributedDataParallel)",
@@ -675,22 +748,18 @@ def migrate_command(document: dict[str, Any], output: str | None = None) -> str:
         argv += ["--arch", document["arch"]]
         for name, value in sorted(document.get("arch_args", {}).items()):
             argv += ["--arch-arg", f"{name}={_arch_value(value)}"]
-    flags = {"strip_prefix": "--strip-prefix", "add_prefix": "--add-prefix", "drop": "--drop",
-             "keep": "--keep", "exclude": "--exclude", "cast": "--dtype"}
     for op in document["operations"]:
-        name = op["op"]
-        if name in ("strip_prefix", "add_prefix", "drop"):
-            argv += [flags[name], op["prefix"]]
-        elif name in ("keep", "exclude"):
-            argv += [flags[name], op["pattern"]]
-        elif name == "cast":
+        flag = "--" + op["op"].replace("_", "-")
+        if "prefix" in op:
+            argv += [flag, op["prefix"]]
+        elif op["op"] == "rename":
+            argv += [flag, f"{op['pattern']}={op['replacement']}"]
+        elif op["op"] in ("keep", "exclude"):
+            argv += [flag, op["pattern"]]
+        elif op["op"] == "cast":
             argv += ["--dtype", op["dtype"]]
-        elif name == "rename":
-            argv += ["--rename", f"{op['pattern']}={op['replacement']}"]
-        elif name == "map":
-            argv += ["--map", "MAPPING.json"]
         else:
-            argv.append("--" + name.replace("_", "-"))
+            argv.append(flag)
     argv += ["-o", output or _fixed_name(source)]
     return " ".join(shlex.quote(a) for a in argv)
 

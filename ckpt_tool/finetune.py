@@ -16,7 +16,6 @@ import os
 import re
 import resource
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -24,9 +23,9 @@ from typing import Any
 
 from .arch import build_model
 from .errors import InputError, OutputError, UsageError
-from .model import Checkpoint, common_prefix
+from .model import Checkpoint, common_prefix, contiguous_strides
 from .reader import open_checkpoint
-from .values import FileCache, read_bytes
+from .values import torch_state_dict
 
 PASS, FAIL, INFO, SKIP = "pass", "fail", "info", "skip"
 # where the families keep their classification head, most specific first
@@ -45,6 +44,9 @@ class FinetuneOptions:
     key: str | None = None
     arch_args: dict[str, Any] = field(default_factory=dict)
     strip_prefix: tuple[str, ...] = ()
+    add_prefix: tuple[str, ...] = ()
+    rename: tuple[str, ...] = ()
+    drop: tuple[str, ...] = ()
     plan: str | None = None
     strict: bool = False
     num_classes: int | None = None
@@ -91,6 +93,7 @@ class LoadReport:
     mismatched: tuple[Mismatch, ...]
     head_keys: tuple[str, ...]  # keys of the replaced head: expected to be missing or mismatched
     operations: tuple[str, ...]
+    initialised: tuple[str, ...] = ()  # left to the model's own initialisation by the plan
 
     @property
     def clean(self) -> bool:
@@ -208,8 +211,8 @@ def finetune_check(path: str, arch: str, options: FinetuneOptions | None = None,
     model = build_model(arch, opts.arch_args, device="cpu")
     head = _replace_head(model, opts.num_classes, opts.head) if (opts.num_classes or opts.head) else None
     head_path = head.module if head else _find_head(model, opts.head)
-    state, operations = _migrated_state(ckpt, opts)
-    load = _load_into(model, state, head_path if head else None, operations)
+    state, operations, initialised = _migrated_state(ckpt, opts, model)
+    load = _load_into(model, state, head_path if head else None, operations, initialised)
     del state
     model.to(device)
     phases_spec = _phase_plan(model, opts, head_path)
@@ -345,47 +348,39 @@ def _pick_device(name: str, amp: bool) -> Any:
 # ---- loading -------------------------------------------------------------------------------------------------------
 
 
-def checkpoint_tensors(ckpt: Checkpoint) -> dict[str, Any]:
-    """The checkpoint's state dict as torch tensors, read through :mod:`ckpt_tool.values` (never unpickled)."""
+def _migrated_state(ckpt: Checkpoint, opts: FinetuneOptions, model: Any) -> tuple[dict[str, Any], tuple[str, ...],
+                                                                           tuple[str, ...]]:
+    """The checkpoint's tensors after the migrate operations (a --plan file first, then the inline ones).
+
+    Returns the state, the operations' descriptions, and the keys the plan leaves to the model's
+    own initialisation (fill_missing, reinit_mismatched).
+    """
     import torch
 
-    out: dict[str, Any] = {}
-    with FileCache() as files:
-        for key, ref in ckpt.tensors.items():
-            dtype = getattr(torch, ref.dtype, None)
-            if not isinstance(dtype, torch.dtype) or ref.dtype.startswith(("q", "complex32")):
-                raise InputError(f"{ckpt.path}: tensor {key!r} has dtype {ref.dtype}, which cannot be loaded for training")
-            if ref.numel == 0:
-                out[key] = torch.empty(ref.shape, dtype=dtype)
-                continue
-            data = bytearray(read_bytes(ref, files))  # writable, so torch owns a real buffer
-            out[key] = torch.frombuffer(data, dtype=dtype).reshape(ref.shape)
-    return out
+    from . import plan as plan_mod
+    from .arch import signature_of
+
+    ops = list(plan_mod.load_plan(opts.plan).operations) if opts.plan else []
+    ops += [plan_mod.operation("strip_prefix", prefix=p) for p in opts.strip_prefix]
+    ops += [plan_mod.operation("add_prefix", prefix=p) for p in opts.add_prefix]
+    ops += [plan_mod.parse_rename(r) for r in opts.rename]
+    ops += [plan_mod.operation("drop", prefix=p) for p in opts.drop]
+    state = plan_mod.initial_state(ckpt.tensors)
+    if ops:
+        state = plan_mod.apply(ops, state, signature_of(model)[0]).state
+    refs = {k: e.ref for k, e in state.items() if e.source == plan_mod.CHECKPOINT and e.ref is not None}
+    tensors = torch_state_dict(refs)
+    for key, entry in state.items():
+        if key in tensors and entry.dtype != entry.source_dtype:
+            tensors[key] = tensors[key].to(getattr(torch, entry.dtype))
+    initialised = tuple(k for k in state if k not in refs)
+    return tensors, tuple(op.describe() for op in ops), initialised
 
 
-def _migrated_state(ckpt: Checkpoint, opts: FinetuneOptions) -> tuple[dict[str, Any], tuple[str, ...]]:
-    state = checkpoint_tensors(ckpt)
-    operations: list[str] = []
-    for prefix in opts.strip_prefix:
-        state = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
-        operations.append(f"strip_prefix {prefix}")
-    if opts.plan:
-        state, applied = _apply_plan_file(state, opts.plan)
-        operations.extend(applied)
-    return state, tuple(operations)
-
-
-def _apply_plan_file(state: dict[str, Any], plan_path: str) -> tuple[dict[str, Any], list[str]]:
-    try:
-        from . import plan as plan_mod  # written by the migrate work; optional until it lands
-    except ImportError:
-        raise UsageError("--plan needs ckpt_tool.plan, which this installation lacks") from None
-    return plan_mod.apply_to_tensors(state, plan_mod.load_plan(plan_path))  # type: ignore[attr-defined]
-
-
-def _load_into(model: Any, state: dict[str, Any], head_path: str | None, operations: tuple[str, ...]) -> LoadReport:
+def _load_into(model: Any, state: dict[str, Any], head_path: str | None, operations: tuple[str, ...],
+               initialised: tuple[str, ...] = ()) -> LoadReport:
     model_state = model.state_dict()
-    missing = [k for k in model_state if k not in state]
+    missing = [k for k in model_state if k not in state and k not in initialised]
     unexpected = [k for k in state if k not in model_state]
     mismatched = [Mismatch(k, tuple(v.shape), tuple(model_state[k].shape)) for k, v in state.items()
                   if k in model_state and tuple(v.shape) != tuple(model_state[k].shape)]
@@ -396,7 +391,7 @@ def _load_into(model: Any, state: dict[str, Any], head_path: str | None, operati
     head_keys = tuple(k for k in model_state if head_path and _under(k, head_path))
     return LoadReport(loaded=len(usable), model_keys=len(model_state), checkpoint_keys=len(state),
                       missing=tuple(missing), unexpected=tuple(unexpected), mismatched=tuple(mismatched),
-                      head_keys=head_keys, operations=operations)
+                      head_keys=head_keys, operations=operations, initialised=initialised)
 
 
 def _load_check(load: LoadReport, strict: bool, ckpt: Checkpoint) -> Check:
@@ -409,6 +404,8 @@ def _load_check(load: LoadReport, strict: bool, ckpt: Checkpoint) -> Check:
                f"{len(load.unexpected)} unexpected, {len(load.mismatched)} mismatched")
     if head:
         summary += f" (head {sorted(head)[0].rsplit('.', 1)[0]} replaced)"
+    if load.initialised:
+        summary += f"; {len(load.initialised)} left to the model's initialisation by the plan"
     problems: list[str] = []
     if weight_missing:
         problems.append("missing " + _some(weight_missing))
@@ -1045,27 +1042,27 @@ def _peak_cuda(device: Any) -> int | None:
 
 
 def _save(model: Any, out: str, force: bool, source: str) -> str:
-    """The fine-tuned state dict as safetensors, written to a temporary file and renamed into place."""
-    from safetensors.torch import save_file
+    """The fine-tuned state dict as safetensors, through migrate's atomic writer."""
+    from .writer import Blob, Layout, View, write_checkpoint
 
-    if os.path.exists(source) and os.path.exists(out) and os.path.samefile(source, out):
-        raise OutputError(f"{out}: is the input checkpoint; write the fine-tuned weights elsewhere")
-    # safetensors refuses tensors that share memory (tied weights): give each its own copy
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    directory = os.path.dirname(os.path.abspath(out))
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".safetensors.tmp", dir=directory)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"format": "pt", "written_by": "ckpt finetune-check"})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise OutputError(f"{out}: cannot be written ({exc.strerror or exc})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    if os.path.exists(out) and os.path.exists(source) and os.path.samefile(source, out):
+        raise OutputError(f"--save {out}: is the input checkpoint; write the fine-tuned weights elsewhere")
+    blobs, views = [], []
+    # one blob per key: safetensors cannot share storage between tensors (tied weights are written twice)
+    for key, value in model.state_dict().items():
+        tensor = value.detach()
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        blobs.append(Blob(dtype, tensor.numel() * tensor.element_size(), lambda t=tensor: [_tensor_bytes(t)]))
+        views.append(View(key, len(blobs) - 1, dtype, tuple(tensor.shape), contiguous_strides(tuple(tensor.shape))))
+    write_checkpoint(out, Layout(tuple(blobs), tuple(views)), metadata={"written_by": "ckpt finetune-check"})
     return out
+
+
+def _tensor_bytes(tensor: Any) -> bytes:
+    import torch
+
+    flat = tensor.to("cpu").contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
 def _plot(losses: list[float], phases: list[Phase], out: str) -> str:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .arch import TargetTensor
 from .errors import InputError, UsageError
 from .model import TensorRef, is_floating
 
@@ -26,15 +27,6 @@ CAST_DTYPES = ("float16", "bfloat16", "float32")
 
 CHECKPOINT = "checkpoint"
 TARGET = "target"
-
-
-@dataclass(frozen=True)
-class TargetTensor:
-    """A tensor of the target model's state dict, described (dtype name and shape)."""
-
-    key: str
-    dtype: str
-    shape: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -60,8 +52,8 @@ class Entry:
         return cls(ref.key, ref.dtype, ref.shape, CHECKPOINT, ref.key, ref.dtype, ref)
 
     @classmethod
-    def from_target(cls, t: TargetTensor, reason: str) -> Entry:
-        return cls(t.key, t.dtype, t.shape, TARGET, t.key, t.dtype, None, reason)
+    def from_target(cls, key: str, t: TargetTensor, reason: str) -> Entry:
+        return cls(key, t.dtype, t.shape, TARGET, key, t.dtype, None, reason)
 
 
 State = dict[str, Entry]
@@ -133,7 +125,7 @@ def fill_missing(state: State, target: Target) -> State:
     out = dict(state)
     for key, t in target.items():
         if key not in out:
-            out[key] = Entry.from_target(t, "fill_missing")
+            out[key] = Entry.from_target(key, t, "fill_missing")
     return out
 
 
@@ -145,7 +137,7 @@ def drop_unexpected(state: State, target: Target) -> State:
 def reinit_mismatched(state: State, target: Target) -> State:
     """Replace the keys whose shape differs from the target's by the target's initialisation."""
     return {
-        k: Entry.from_target(target[k], "reinit_mismatched") if k in target and target[k].shape != e.shape else e
+        k: Entry.from_target(k, target[k], "reinit_mismatched") if k in target and target[k].shape != e.shape else e
         for k, e in state.items()
     }
 

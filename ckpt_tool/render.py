@@ -82,3 +82,19 @@ def json_option(func: F) -> F:
     import click
 
     return click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (stable, sorted keys).")(func)
+
+
+def plain_table(rows: Iterable[Sequence[Any]], headers: Sequence[str]) -> str:
+    """The same layout as :func:`table` (left-aligned, tabulate's "simple" style) without importing tabulate.
+
+    For commands on a hot path such as a pre-commit hook, where tabulate's import (it loads
+    importlib.metadata) costs more than the work itself.
+    """
+    rows = [[str(c) for c in row] for row in rows]
+    if not rows:
+        return "(none)"
+    # tabulate pads each header by two characters at least
+    widths = [max(len(h) + 2, *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)

@@ -22,7 +22,7 @@ from typing import IO, Any
 
 from .errors import OutputError, UsageError
 from .formats.pickle_vm import STORAGE_DTYPES
-from .model import DTYPES, contiguous_strides, itemsize
+from .model import DTYPES, contiguous_strides, itemsize, numel
 
 SAFETENSORS = "safetensors"
 PTH = "pth"
@@ -55,10 +55,32 @@ class View:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * itemsize(self.dtype)
+        return numel(self.shape) * itemsize(self.dtype)
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A metadata value known only once the data is written (the source's sha256), of a fixed length:
+    the header is written with a placeholder and rewritten in place at the end."""
+
+    length: int
+    produce: Callable[[], str] = field(compare=False)
+
+
+Metadata = dict[str, "str | Deferred"]
+
+
+def resolve_metadata(metadata: Metadata, final: bool = True) -> dict[str, str]:
+    out = {}
+    for key, value in metadata.items():
+        if isinstance(value, Deferred):
+            text = value.produce() if final else "0" * value.length
+            if len(text) != value.length:
+                raise AssertionError(f"metadata {key!r}: {len(text)} characters, {value.length} reserved")
+            out[key] = text
+        else:
+            out[key] = value
+    return out
 
 
 @dataclass(frozen=True)
@@ -281,14 +303,21 @@ def safetensors_header(views: Iterable[View], metadata: dict[str, str]) -> bytes
     return struct.pack("<Q", len(text)) + text
 
 
-def _write_safetensors(out: IO[bytes], layout: Layout, metadata: dict[str, str]) -> None:
+def _write_safetensors(out: IO[bytes], layout: Layout, metadata: Metadata) -> None:
     for v in layout.views:
         blob = layout.blobs[v.blob]
         if v.offset or blob.nbytes != v.nbytes or v.stride != contiguous_strides(v.shape):
             raise AssertionError(f"safetensors view {v.key!r} must cover its whole blob contiguously")
-    out.write(safetensors_header(layout.views, metadata))
+    header = safetensors_header(layout.views, resolve_metadata(metadata, final=False))
+    out.write(header)
     for v in layout.views:
         _stream(out, layout.blobs[v.blob])
+    if any(isinstance(v, Deferred) for v in metadata.values()):
+        final = safetensors_header(layout.views, resolve_metadata(metadata))
+        if len(final) != len(header):
+            raise AssertionError("safetensors header changed length when its metadata was completed")
+        out.seek(0)
+        out.write(final)
 
 
 # --- torch zip (.pth) -----------------------------------------------------------------------------
@@ -425,18 +454,17 @@ def _write_pth(out: IO[bytes], layout: Layout, nesting: Nesting) -> None:
         small = [("data.pkl", data_pkl), (".format_version", b"1"), (".storage_alignment", str(ALIGNMENT).encode()),
                  ("byteorder", b"little")]
         for name, data in small:
-            _zip_entry(zf, prefix + name, len(data), lambda w, d=data: w.write(d))
-        used = sorted({v.blob for v in layout.views})
-        for index in used:
-            blob = layout.blobs[index]
-            _zip_entry(zf, f"{prefix}data/{index}", blob.nbytes, lambda w, b=blob: _stream(w, b, kernel_copy=False))
+            _zip_entry(zf, prefix + name, data)
+        for index in sorted({v.blob for v in layout.views}):
+            _zip_entry(zf, f"{prefix}data/{index}", layout.blobs[index])
         # torch reads a serialization id; a digest of the pickle keeps outputs reproducible
         serial = str(int(hashlib.sha256(data_pkl).hexdigest()[:32], 16)).zfill(40)[:40].encode()
         for name, data in (("version", b"3\n"), (".data/serialization_id", serial)):
-            _zip_entry(zf, prefix + name, len(data), lambda w, d=data: w.write(d))
+            _zip_entry(zf, prefix + name, data)
 
 
-def _zip_entry(zf: zipfile.ZipFile, name: str, size: int, write: Callable[[Any], Any]) -> None:
+def _zip_entry(zf: zipfile.ZipFile, name: str, payload: bytes | Blob) -> None:
+    size = len(payload) if isinstance(payload, bytes) else payload.nbytes
     info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
     info.compress_type = zipfile.ZIP_STORED
     info.file_size = size
@@ -448,7 +476,10 @@ def _zip_entry(zf: zipfile.ZipFile, name: str, size: int, write: Callable[[Any],
     info.extra = struct.pack("<HH", 0x4246, pad) + b"\0" * pad
     with zf.open(info, "w", force_zip64=zip64) as w:
         # zipfile computes the CRC and sizes as the bytes pass, then rewrites the local header
-        write(w)
+        if isinstance(payload, bytes):
+            w.write(payload)
+        else:
+            _stream(w, payload, kernel_copy=False)
 
 
 # --- the entry point ------------------------------------------------------------------------------
@@ -458,7 +489,7 @@ def write_checkpoint(
     path: str,
     layout: Layout,
     *,
-    metadata: dict[str, str] | None = None,
+    metadata: Metadata | None = None,
     nesting: Nesting | None = None,
     max_shard_size: int | None = None,
     backup: str | None = None,
@@ -492,7 +523,7 @@ def write_checkpoint(
                     _write_pth(out, shard, nesting if len(shards) == 1 else Nesting())
         if len(shards) > 1:
             index = {
-                "metadata": {**metadata, "total_size": sum(v.nbytes for v in layout.views)},
+                "metadata": {**resolve_metadata(metadata), "total_size": sum(v.nbytes for v in layout.views)},
                 "weight_map": {v.key: os.path.basename(f) for f, s in zip(files, shards) for v in s.views},
             }
             with staging.open(index_path) as out:
@@ -524,6 +555,7 @@ def _split(layout: Layout, max_size: int) -> list[Layout]:
     for group in groups:
         remap = {old: new for new, (old, _) in enumerate(group)}
         blobs = tuple(layout.blobs[old] for old, _ in group)
-        views = tuple(View(v.key, remap[v.blob], v.dtype, v.shape, v.stride, v.offset) for _, vs in group for v in vs)
-        shards.append(Layout(blobs, views))
+        shard_views = tuple(View(v.key, remap[v.blob], v.dtype, v.shape, v.stride, v.offset)
+                            for _, vs in group for v in vs)
+        shards.append(Layout(blobs, shard_views))
     return shards

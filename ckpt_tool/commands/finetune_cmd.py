@@ -18,7 +18,11 @@ EXIT_FAILED = 1
 @click.option("--arch-arg", "arch_args", multiple=True, metavar="NAME=VALUE", help="Keyword argument for the factory.")
 @click.option("--key", default=None, help="Path to the nested state dict (e.g. model, state_dict, ckpt/ema).")
 @click.option("--strip-prefix", multiple=True, metavar="PREFIX", help="Remove PREFIX (e.g. module.) from keys.")
-@click.option("--plan", "plan_file", default=None, type=click.Path(dir_okay=False), help="Apply a migrate plan file first.")
+@click.option("--add-prefix", multiple=True, metavar="PREFIX", help="Put PREFIX in front of every key.")
+@click.option("--rename", multiple=True, metavar="REGEX=REPL", help="Rename keys with re.sub.")
+@click.option("--drop", multiple=True, metavar="MODULE", help="Drop a module's keys from the checkpoint.")
+@click.option("--plan", "plan_file", default=None, type=click.Path(dir_okay=False),
+              help="Apply a migrate plan file (before the inline operations).")
 @click.option("--strict", is_flag=True, help="Fail on any missing or unexpected key (besides a replaced head).")
 @click.option("--num-classes", type=int, default=None, help="Replace the classification head with one of N classes.")
 @click.option("--head", default=None, metavar="MODULE", help="The head to replace, when it is not found by name.")
@@ -57,7 +61,8 @@ def finetune_check(checkpoint: str, arch: str, arch_args: tuple[str, ...], plan_
     from ..arch import parse_arch_args
     from ..finetune import FinetuneOptions, finetune_check as run
 
-    kw["strip_prefix"] = tuple(kw["strip_prefix"])
+    for name in ("strip_prefix", "add_prefix", "rename", "drop", "freeze", "trainable"):
+        kw[name] = tuple(kw[name])
     options = FinetuneOptions(arch_args=parse_arch_args(arch_args), plan=plan_file, **kw)
     bar = None if quiet or not sys.stderr.isatty() else _ProgressBar()
     report = run(checkpoint, arch, options, progress=bar)

@@ -114,6 +114,16 @@ class PickledTensor:
         return f"<tensor {self.dtype}{list(self.shape)}>"
 
 
+class PickledOrderedDict(dict):  # type: ignore[type-arg]
+    """A pickled ``collections.OrderedDict``, kept as a plain dict plus what BUILD set on it.
+
+    A state dict's ``_metadata`` (per-module versions, which ``load_state_dict`` reads) lives in
+    ``attributes``; it is ``None`` when the pickle set nothing.
+    """
+
+    attributes: dict[Any, Any] | None = None
+
+
 @dataclass(frozen=True)
 class Event:
     """One global import or call the stream asks for, with the opcode and byte position."""
@@ -225,7 +235,7 @@ def _reduce_known(name: str, args: Any) -> tuple[bool, Any]:
         dtype = args[0].name if isinstance(args[0], TorchDType) else "float32"
         return True, PickledTensor(None, 0, _ints(args[1]), _ints(args[2]), dtype, kind="meta")
     if name == "collections.OrderedDict":
-        out: dict[Any, Any] = {}
+        out: dict[Any, Any] = PickledOrderedDict()
         if args and isinstance(args[0], (list, tuple)):
             for pair in args[0]:
                 if isinstance(pair, (list, tuple)) and len(pair) == 2:
@@ -502,6 +512,8 @@ class PickleVM:
                 trace.calls.append(Event("BUILD", name, pos))
                 if isinstance(obj, Placeholder):
                     obj.state = state if obj.state is None else (obj.state, state)
+                elif isinstance(obj, PickledOrderedDict) and isinstance(state, dict):
+                    obj.attributes = state
                 elif isinstance(obj, PickledTensor) and isinstance(state, tuple) and state and isinstance(state[0], dict):
                     pass  # tensor subclass attributes: ignored
             elif code == b"P":

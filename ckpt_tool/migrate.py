@@ -1,0 +1,639 @@
+"""``migrate``: apply a plan to a checkpoint, write the result streamed and atomically, verify it.
+
+Where operations only move tensors (drop, keep, rename, prefixes, format conversion) their bytes go
+from the input file to the output in bounded chunks (or by an in-kernel copy) and torch is never
+imported. Casts convert chunk by chunk; values for ``fill_missing``/``reinit_mismatched`` come from
+the target model built on the CPU with ``seed``; with an architecture the result is loaded into it
+with ``strict=True`` afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from . import __version__
+from .arch import TargetSignature, target_signature
+from .errors import FormatError, UsageError
+from .formats.pickle_vm import GlobalRef, PickledTensor, Placeholder
+from .model import Checkpoint, TensorRef, contiguous_strides, is_floating, itemsize, numel
+from .plan import CHECKPOINT, Applied, Entry, Plan, State, Step, apply, initial_state
+from .reader import open_checkpoint
+from .render import to_jsonable
+from .values import CHUNK_BYTES, FileCache, iter_raw_chunks, to_numpy
+from .writer import (
+    PTH,
+    SAFETENSORS,
+    Blob,
+    Deferred,
+    Layout,
+    Metadata,
+    Nesting,
+    Staging,
+    View,
+    Written,
+    check_output,
+    output_format,
+)
+from .writer import write_checkpoint as _write
+
+# --- reports --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    key: str
+    shape: tuple[int, ...]
+    target_shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TargetDiff:
+    """How a state compares with the target's: what ``load_state_dict(strict=True)`` would reject."""
+
+    missing: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()
+    mismatched: tuple[Mismatch, ...] = ()
+
+    @property
+    def loads(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"loads": self.loads, "missing": list(self.missing), "unexpected": list(self.unexpected),
+                "mismatched": [to_jsonable(m) for m in self.mismatched]}
+
+
+@dataclass(frozen=True)
+class Shared:
+    """Tensors that share one storage in the input, and how the output keeps them.
+
+    ``how``: ``"one storage"`` (.pth: written once, views of it), ``"alias"`` (safetensors: written
+    once under ``written_as``, the other names recorded in the metadata) or ``"copies"`` (safetensors:
+    different views of one storage, each written as its own tensor).
+    """
+
+    keys: tuple[str, ...]
+    written_as: str
+    how: str
+
+
+@dataclass(frozen=True)
+class Initialised:
+    key: str
+    reason: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class MigrationPlan:
+    """Everything decided before a byte is written: shown first, and all a ``--dry-run`` does."""
+
+    source: str
+    source_format: str
+    state_path: str | None
+    output: str | None
+    output_format: str | None
+    files: tuple[str, ...]
+    arch: str | None
+    operations: tuple[dict[str, Any], ...]
+    steps: tuple[Step, ...]
+    tensors: int
+    tensor_bytes: int
+    initialised: tuple[Initialised, ...]
+    shared: tuple[Shared, ...]
+    extras_kept: tuple[str, ...]
+    extras_dropped: dict[str, str]
+    diff: TargetDiff | None
+    streamed: bool  # bytes only move: no value changes, no torch
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The written output loaded into the target with ``strict=True`` (``loads``), or what still differs."""
+
+    arch: str
+    loads: bool
+    diff: TargetDiff
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class MigrateReport:
+    plan: MigrationPlan
+    dry_run: bool
+    written: Written | None = None
+    verification: Verification | None = None
+    nonfinite: tuple[str, ...] = ()
+    source_sha256: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """False when the output does not load strictly into the target or holds NaN/Inf (exit 1)."""
+        if self.nonfinite:
+            return False
+        if self.verification is not None:
+            return self.verification.loads
+        return self.plan.diff is None or self.plan.diff.loads
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, **{f.name: to_jsonable(getattr(self, f.name)) for f in fields(self)}}
+
+
+# --- the entry points -----------------------------------------------------------------------------
+
+
+def migrate(
+    plan: Plan,
+    output: str | None = None,
+    *,
+    seed: int = 0,
+    keep_extras: bool = False,
+    max_shard_size: int | None = None,
+    force: bool = False,
+    in_place: bool = False,
+    dry_run: bool = False,
+    on_plan: Callable[[MigrationPlan], None] | None = None,
+) -> MigrateReport:
+    """Apply ``plan`` to its source checkpoint and write the result to ``output``.
+
+    Args:
+        plan: source, ``--key``, target architecture and the operations, in order.
+        output: ``.safetensors`` or ``.pth``/``.pt``/``.bin``; ``None`` with ``in_place`` (the source)
+            or ``dry_run``.
+        seed: seeds ``torch.manual_seed`` before the target is built for initial values.
+        keep_extras: keep plain-data top-level entries (``epoch``): in the ``.pth`` beside the state
+            dict, in the safetensors metadata as JSON. Optimizer state is never carried.
+        max_shard_size: write Hugging Face style shards of at most this many bytes.
+        force: replace an existing output. ``in_place``: replace the source, keeping ``SOURCE.bak``.
+        dry_run: plan only; nothing is written.
+        on_plan: called with the plan before anything is written (the CLI shows it).
+
+    Returns:
+        A :class:`MigrateReport`; ``report.ok`` is False when the result does not load strictly into
+        the target or holds NaN/Inf.
+
+    Example:
+        >>> report = migrate(Plan("dp.pth", operations=(operation("strip_prefix", prefix="module."),)), "out.safetensors")
+        >>> report.written.tensors
+        62
+    """
+    if plan.source is None:
+        raise UsageError("no checkpoint given (pass it, or use a --plan whose 'source' names one)")
+    ckpt = open_checkpoint(plan.source, plan.key)
+    if not ckpt.tensors:
+        raise UsageError(f"{plan.source}: holds no tensors to migrate (try --key; candidates: "
+                         f"{', '.join(repr(c.path) for c in ckpt.candidates) or 'none'})")
+    if in_place:
+        if len(ckpt.files) != 1 or output not in (None, plan.source):
+            raise UsageError("--in-place rewrites a single-file input and takes no other -o")
+        output = plan.source
+    if output is None and not dry_run:
+        raise UsageError("no output given: pass -o OUT (or --dry-run, or --in-place)")
+    fmt = output_format(output) if output is not None else None
+    if any(op.needs_target for op in plan.operations) and plan.arch is None:
+        raise UsageError("--fill-missing, --drop-unexpected and --reinit-mismatched need the target (--arch)")
+    signature = target_signature(plan.arch, plan.arch_args) if plan.arch else None
+    target = signature.tensors if signature else None
+    applied = apply(plan.operations, initial_state(ckpt.tensors), target)
+    if not applied.state:
+        raise UsageError(f"{plan.source}: the operations leave no tensors to write")
+    for e in applied.state.values():
+        if e.ref is not None and e.ref.offset is None and e.ref.numel:
+            raise FormatError(f"{plan.source}: tensor {e.origin!r} has no stored bytes (a meta tensor or a compressed "
+                              "entry); leave it out with --drop or --exclude")
+
+    kept, dropped = _extras(ckpt, keep_extras)
+    values = _TargetValues(plan, seed)
+    check_all = plan.arch is not None
+    built = _layout(applied.state, fmt or SAFETENSORS, values, check_all)
+    files: tuple[str, ...] = ()
+    backup = None
+    if output is not None:
+        files = tuple(_planned_files(output, built.layout, max_shard_size))
+        for name in files:
+            backup = check_output(name, list(ckpt.files) + [ckpt.path], force=force, in_place=in_place) or backup
+    planned = MigrationPlan(
+        source=plan.source, source_format=ckpt.format, state_path=ckpt.state_path, output=output, output_format=fmt,
+        files=files, arch=plan.arch, operations=tuple(op.to_json() for op in plan.operations), steps=applied.steps,
+        tensors=len(applied.state), tensor_bytes=sum(_nbytes(e) for e in applied.state.values()),
+        initialised=tuple(Initialised(k, e.reason, e.shape) for k, e in applied.state.items() if e.source != CHECKPOINT),
+        shared=built.shared, extras_kept=tuple(kept), extras_dropped=dropped,
+        diff=compare(applied.state, signature) if signature else None,
+        streamed=all(e.source == CHECKPOINT and e.dtype == e.source_dtype for e in applied.state.values()),
+    )
+    if on_plan is not None:
+        on_plan(planned)
+    if dry_run or output is None:
+        return MigrateReport(planned, dry_run=True)
+
+    # the digest goes into safetensors headers and shard indexes; a single .pth has no place for it
+    hasher = _Hasher(ckpt) if fmt == SAFETENSORS or len(files) > 1 else None
+    metadata = _metadata(ckpt, plan, applied, built.aliases, kept, hasher)
+    nesting = Nesting(ckpt.state_path or None, kept) if fmt == PTH and kept else Nesting()
+    try:
+        written = _write(output, built.layout, metadata=metadata, nesting=nesting, max_shard_size=max_shard_size,
+                         backup=backup, staging=Staging())
+    finally:
+        values.release()
+        built.files.close()
+    verification = verify(written, plan.arch, plan.arch_args, built.aliases, nesting.path) if plan.arch else None
+    return MigrateReport(planned, False, written, verification, tuple(built.nonfinite),
+                         hasher.hexdigest() if hasher else None)
+
+
+def convert(source: str, output: str, *, force: bool = False, max_shard_size: int | None = None,
+            key: str | None = None) -> MigrateReport:
+    """Rewrite a checkpoint in another format (``.pth`` -> ``.safetensors``, ...) with identical tensors."""
+    return migrate(Plan(source, key), output, force=force, max_shard_size=max_shard_size)
+
+
+def compare(state: State | dict[str, Any], signature: TargetSignature) -> TargetDiff:
+    """What a strict ``load_state_dict`` of ``state`` (key -> anything with ``.shape``) into the target rejects."""
+    target = signature.tensors
+    auto = set(signature.auto_filled)  # torch fills these in itself (BatchNorm's num_batches_tracked)
+    missing = tuple(k for k in target if k not in state and k not in auto)
+    unexpected = tuple(k for k in state if k not in target)
+    mismatched = tuple(Mismatch(k, tuple(state[k].shape), t.shape) for k, t in target.items()
+                       if k in state and tuple(state[k].shape) != t.shape)
+    return TargetDiff(missing, unexpected, mismatched)
+
+
+# --- extras and metadata --------------------------------------------------------------------------
+
+
+class _NotPlain(Exception):
+    pass
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON data, or :class:`_NotPlain`."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise _NotPlain("not finite")
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _plain(v) for k, v in value.items()}
+    raise _NotPlain(type(value).__name__)
+
+
+def _why_not_plain(value: Any) -> str:
+    if isinstance(value, PickledTensor):
+        return "a tensor"
+    if isinstance(value, Placeholder):
+        return f"an object ({value.name})"
+    if isinstance(value, GlobalRef):
+        return f"a reference to {value.qualname}"
+    return "holds tensors or objects" if isinstance(value, (dict, list, tuple)) else "not plain data"
+
+
+def _extras(ckpt: Checkpoint, keep: bool) -> tuple[dict[str, Any], dict[str, str]]:
+    """Top-level entries beside the state dict: (kept as plain data, dropped -> why)."""
+    if ckpt.format == SAFETENSORS:
+        # our own provenance is written afresh; "format" is always written
+        meta = {k: v for k, v in ckpt.metadata.items() if not k.startswith("ckpt.") and k != "format"}
+        return (meta, {}) if keep else ({}, {k: "--keep-extras keeps it" for k in meta})
+    root = ckpt.root.dictitems if isinstance(ckpt.root, Placeholder) and ckpt.root.dictitems else ckpt.root
+    if not isinstance(root, dict) or not ckpt.state_path:
+        return {}, {}
+    top = ckpt.state_path.split("/")[0]
+    kept: dict[str, Any] = {}
+    dropped: dict[str, str] = {}
+    for name, value in root.items():
+        if str(name) == top:
+            continue
+        if isinstance(value, dict) and "param_groups" in value and "state" in value:
+            # optimizer state indexes the old model's parameters: never carried into a changed one
+            dropped[str(name)] = "optimizer state"
+            continue
+        try:
+            plain = _plain(value)
+        except _NotPlain:
+            dropped[str(name)] = _why_not_plain(value)
+            continue
+        if keep:
+            kept[str(name)] = plain
+        else:
+            dropped[str(name)] = "--keep-extras keeps it"
+    return kept, dropped
+
+
+class _Hasher:
+    """The source's sha256, computed in a thread while tensors stream (hashlib releases the GIL)."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        # a sharded source is identified by its index; a single file by itself
+        self.path = ckpt.path
+        self._digest: str | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            h = hashlib.sha256()
+            with open(self.path, "rb") as f:
+                while chunk := f.read(4 << 20):
+                    h.update(chunk)
+            self._digest = h.hexdigest()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            self._error = exc
+
+    def hexdigest(self) -> str:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._digest is not None
+        return self._digest
+
+
+def _metadata(ckpt: Checkpoint, plan: Plan, applied: Applied, aliases: dict[str, str], kept: dict[str, Any],
+              hasher: _Hasher | None) -> Metadata:
+    meta: Metadata = {}
+    if ckpt.format == SAFETENSORS:
+        meta.update({k: v for k, v in kept.items()})
+    else:
+        meta.update({k: json.dumps(v) for k, v in kept.items()})
+    meta.update({
+        "format": "pt",  # transformers refuses safetensors files without it
+        "ckpt.version": __version__,
+        "ckpt.source": os.path.basename(ckpt.path),
+        "ckpt.operations": json.dumps([op.to_json() for op in plan.operations]),
+    })
+    if hasher is not None:
+        meta["ckpt.source_sha256"] = Deferred(64, hasher.hexdigest)
+    if ckpt.state_path:
+        meta["ckpt.key"] = ckpt.state_path
+    if plan.arch:
+        meta["ckpt.arch"] = plan.arch
+    if aliases:
+        meta["ckpt.aliases"] = json.dumps(aliases)
+    return meta
+
+
+# --- values: where the bytes come from ------------------------------------------------------------
+
+
+class _TargetValues:
+    """The target model's initial values, built on first use (``torch.manual_seed(seed)`` first)."""
+
+    def __init__(self, plan: Plan, seed: int) -> None:
+        self.plan = plan
+        self.seed = seed
+        self._state: dict[str, Any] | None = None
+
+    def get(self, key: str) -> Any:
+        if self._state is None:
+            import torch
+
+            from .arch import build_model
+
+            assert self.plan.arch is not None
+            torch.manual_seed(self.seed)
+            model = build_model(self.plan.arch, self.plan.arch_args, device="cpu")
+            self._state = dict(model.state_dict())
+        return self._state[key]
+
+    def chunks(self, key: str) -> Iterator[bytes]:
+        import torch
+
+        t = self.get(key).detach().contiguous().reshape(-1)
+        if t.numel() == 0:
+            return
+        data = memoryview(t.view(torch.uint8).numpy())
+        for i in range(0, len(data), CHUNK_BYTES):
+            yield bytes(data[i:i + CHUNK_BYTES])
+
+    def release(self) -> None:
+        self._state = None
+
+
+def cast_bytes(data: bytes, source: str, dtype: str) -> bytes:
+    """Cast raw little-endian values (C order) from ``source`` to ``dtype``, rounding as torch does."""
+    import numpy as np
+
+    arr = to_numpy(data, source)
+    with np.errstate(over="ignore", invalid="ignore"):  # out of range becomes inf, as in torch
+        if dtype == "float32":
+            return arr.astype("<f4").tobytes()
+        # torch rounds through float32 (double -> float -> half/bfloat16): the same here, bit for bit
+        arr32 = arr.astype("<f4")
+        if dtype == "float16":
+            return arr32.astype("<f2").tobytes()
+    if dtype == "bfloat16":
+        u = arr32.view("<u4")
+        out = ((u + (((u >> 16) & 1) + 0x7FFF)) >> 16).astype("<u2")
+        out[np.isnan(arr32)] = 0x7FC0  # torch's canonical NaN
+        return out.tobytes()
+    raise UsageError(f"cannot cast to {dtype}")
+
+
+class _Nonfinite:
+    """Records the keys whose written values hold NaN or Inf, checking chunks as they stream."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+
+    def watch(self, chunks: Iterable[bytes], dtype: str, keys: tuple[str, ...]) -> Iterator[bytes]:
+        import numpy as np
+
+        bad = False
+        for chunk in chunks:
+            if not bad and not np.isfinite(to_numpy(chunk, dtype)).all():
+                bad = True
+            yield chunk
+        if bad:
+            self.keys.extend(k for k in keys if k not in self.keys)
+
+
+@dataclass
+class _Built:
+    layout: Layout
+    shared: tuple[Shared, ...]
+    aliases: dict[str, str]
+    files: FileCache
+    nonfinite: list[str] = field(default_factory=list)
+
+
+def _nbytes(e: Entry) -> int:
+    return numel(e.shape) * itemsize(e.dtype)
+
+
+def _layout(state: State, fmt: str, values: _TargetValues, check_all: bool) -> _Built:
+    """Decide the storages (blobs) and the tensors viewing them, for ``fmt``.
+
+    Tensors viewing one input storage stay one storage in ``.pth``. safetensors has no shared
+    storage: identical views are written once and the other names become aliases (as safetensors'
+    own converter does); different views of one storage are written as separate tensors.
+    """
+    files = FileCache()
+    checker = _Nonfinite()
+    blobs: list[Blob] = []
+    views: list[View] = []
+    shared: list[Shared] = []
+    aliases: dict[str, str] = {}
+
+    def blob_of(entries: list[Entry], span: TensorRef | None) -> int:
+        e = entries[0]
+        keys = tuple(x.key for x in entries)
+        check = is_floating(e.dtype) and (check_all or e.source != CHECKPOINT or e.dtype != e.source_dtype)
+        nbytes = (span.nbytes if span is not None else numel(e.shape) * itemsize(e.source_dtype))
+        nbytes = nbytes // itemsize(e.source_dtype) * itemsize(e.dtype)
+
+        def chunks() -> Iterator[bytes]:
+            if nbytes == 0:
+                return iter(())
+            if span is not None:
+                raw: Iterable[bytes] = iter_raw_chunks(span, files)
+            else:
+                raw = values.chunks(e.origin)
+            if e.dtype != e.source_dtype:
+                raw = (cast_bytes(c, e.source_dtype, e.dtype) for c in raw)
+            return checker.watch(raw, e.dtype, keys) if check else iter(raw)
+
+        verbatim = span is not None and span.is_contiguous and e.dtype == e.source_dtype and not check
+        copy_from = (span.file, span.offset) if verbatim and span is not None and span.offset is not None else None
+        blobs.append(Blob(e.dtype, nbytes, chunks, copy_from))
+        return len(blobs) - 1
+
+    groups: dict[tuple[Any, ...], list[Entry]] = {}
+    for e in state.values():
+        groups.setdefault(_group_key(e, fmt), []).append(e)
+    for entries in groups.values():
+        first = entries[0]
+        same_view = len({_view_key(x) for x in entries}) == 1
+        if first.ref is None or same_view:
+            index = blob_of(entries, first.ref)
+            for x in entries:
+                views.append(View(x.key, index, x.dtype, x.shape, contiguous_strides(x.shape)))
+            if len(entries) > 1:
+                how = "one storage" if fmt == PTH else "alias"
+                shared.append(Shared(tuple(x.key for x in entries), first.key, how))
+            continue
+        # .pth only: different views of one storage -> the span they cover, written once
+        refs = [x.ref for x in entries if x.ref is not None]
+        lo = min(r.storage_offset for r in refs)
+        hi = max(r.storage_offset + r.span_elements for r in refs)
+        span = TensorRef(f"{first.key} (storage)", first.source_dtype, (hi - lo,), (1,), first.ref.storage, lo,
+                         first.ref.storage_nbytes, first.ref.data_offset, first.ref.file)
+        index = blob_of(entries, span)
+        for x in entries:
+            assert x.ref is not None
+            views.append(View(x.key, index, x.dtype, x.shape, x.ref.stride, x.ref.storage_offset - lo))
+        shared.append(Shared(tuple(x.key for x in entries), first.key, "one storage"))
+    if fmt == SAFETENSORS:
+        _note_copies(state, shared)
+        for s in shared:
+            for alias in s.keys[1:] if s.how == "alias" else ():
+                aliases[alias] = s.written_as
+        views = [v for v in views if v.key not in aliases]
+    # views follow the state's order, whatever the grouping
+    order = {k: i for i, k in enumerate(state)}
+    views.sort(key=lambda v: order[v.key])
+    built = _Built(Layout(tuple(blobs), tuple(views)), tuple(shared), aliases, files)
+    built.nonfinite = checker.keys
+    return built
+
+
+def _view_key(e: Entry) -> tuple[Any, ...]:
+    if e.ref is None:
+        return (e.origin,)
+    return (e.ref.storage_offset, e.ref.shape, e.ref.stride)
+
+
+def _group_key(e: Entry, fmt: str) -> tuple[Any, ...]:
+    if e.ref is None:
+        return ("target", e.origin)
+    storage = (e.ref.storage, e.source_dtype, e.dtype)
+    return storage if fmt == PTH else storage + _view_key(e)
+
+
+def _note_copies(state: State, shared: list[Shared]) -> None:
+    """safetensors: different views of one input storage are written as copies; say so."""
+    by_storage: dict[str, list[str]] = {}
+    for e in state.values():
+        if e.ref is not None:
+            by_storage.setdefault(e.ref.storage, []).append(e.key)
+    aliased = {k for s in shared for k in s.keys[1:]}
+    for keys in by_storage.values():
+        written = [k for k in keys if k not in aliased]
+        if len(written) > 1:
+            shared.append(Shared(tuple(written), written[0], "copies"))
+
+
+def _planned_files(output: str, layout: Layout, max_shard_size: int | None) -> list[str]:
+    from .writer import _split, shard_names
+
+    if not max_shard_size:
+        return [output]
+    count = len(_split(layout, max_shard_size))
+    if count == 1:
+        return [output]
+    names, index = shard_names(output, count)
+    return names + [index]
+
+
+# --- verification ---------------------------------------------------------------------------------
+
+
+def verify(written: Written, arch: str, arch_args: dict[str, Any], aliases: dict[str, str] | None = None,
+           state_path: str | None = None) -> Verification:
+    """Load the written files into ``arch`` with ``strict=True`` (on the meta device: no values are read)."""
+
+    from .arch import build_model, signature_of
+
+    model = build_model(arch, arch_args, device="meta")
+    state = _written_state(written, state_path)
+    for alias, name in (aliases or {}).items():
+        # safetensors' load_model re-ties shared names the same way
+        if name in state and alias not in state:
+            state[alias] = state[name]
+    tensors, auto = signature_of(model)
+    diff = compare(state, TargetSignature(arch, arch_args, tensors, auto))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        # torch's first line only names the model; the second says what failed first
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        return Verification(arch, False, diff, " ".join(lines[:2]))
+    return Verification(arch, True, diff)
+
+
+def _written_state(written: Written, state_path: str | None) -> dict[str, Any]:
+    """The written tensors as meta tensors of their shape and dtype, read the way users will read them."""
+    import torch
+
+    state: dict[str, Any] = {}
+    files = [f for f in written.files if not f.endswith(".index.json")]
+    for path in files:
+        if written.format == SAFETENSORS:
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    dtype = _SAFETENSORS_TORCH[sl.get_dtype()]
+                    state[key] = torch.empty(sl.get_shape(), dtype=getattr(torch, dtype), device="meta")
+        else:
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            if state_path and len(files) == 1:
+                for part in state_path.split("/"):
+                    loaded = loaded[part]
+            state.update({k: torch.empty_like(v, device="meta") for k, v in loaded.items()})
+    return state
+
+
+_SAFETENSORS_TORCH = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "U16": "uint16", "U32": "uint32", "U64": "uint64",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "C64": "complex64",
+}

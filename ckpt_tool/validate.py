@@ -1,0 +1,343 @@
+"""``validate``: the pre-commit gate. scan + loadability + the project's ``[tool.ckpt]`` policies.
+
+Policies (all optional) in the repository's ``pyproject.toml``::
+
+    [tool.ckpt]
+    allow = ["mypkg.models.Net"]        # extends scan's allow list
+    require-format = "safetensors"      # or a list of format names
+    max-size-mb = 200
+    no-nan-inf = true                   # streams every floating tensor's values
+    lfs-pointers = "pass"               # or "fail": an unfetched git-lfs pointer fails
+    [tool.ckpt.arch]
+    "models/cls_*.safetensors" = "resnet18"
+    "models/det_*.pth" = { arch = "resnet50", args = { num_classes = 3 }, key = "state_dict" }
+
+torch is imported only for an arch check, and only when the signature is not cached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import CkptError, UsageError
+from .formats import sniff as fmt
+from .model import Checkpoint, is_floating
+from .scan import (
+    SAFE,
+    FileScan,
+    Policy,
+    ProjectConfig,
+    iter_model_files,
+    load_config,
+    matches,
+    policy_for,
+    scan_file,
+)
+
+PASS, FAIL, NOTE = "pass", "fail", "note"
+FORMATS = (fmt.ZIP, fmt.TORCHSCRIPT, fmt.LEGACY, fmt.SAFETENSORS, fmt.PICKLE)
+_KNOWN_KEYS = {"allow", "require-format", "max-size-mb", "no-nan-inf", "lfs-pointers", "arch"}
+_SHOWN = 5  # keys named in a failed check's message
+
+
+@dataclass(frozen=True)
+class Check:
+    """One check on one file: ``pass``, ``fail`` or ``note`` (a pass worth saying, like an lfs pointer)."""
+
+    name: str
+    status: str
+    message: str
+
+
+@dataclass(frozen=True)
+class FileValidation:
+    path: str
+    format: str
+    checks: tuple[Check, ...]
+    scan: FileScan | None = None
+
+    @property
+    def ok(self) -> bool:
+        return all(c.status != FAIL for c in self.checks)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "format": self.format, "ok": self.ok, "checks": list(self.checks),
+                "scan": self.scan}
+
+
+@dataclass(frozen=True)
+class ValidateReport:
+    files: tuple[FileValidation, ...]
+    config: str
+
+    @property
+    def ok(self) -> bool:
+        return all(f.ok for f in self.files)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "config": self.config or None, "files": list(self.files)}
+
+
+@dataclass(frozen=True)
+class Rules:
+    """``[tool.ckpt]`` checked and normalised."""
+
+    policy: Policy
+    formats: tuple[str, ...] = ()
+    max_bytes: int | None = None
+    no_nan_inf: bool = False
+    lfs_fails: bool = False
+    arch: tuple[tuple[str, str, dict[str, Any], str | None], ...] = ()  # (glob, spec, args, key)
+    root: str = ""
+
+
+def rules_from_config(config: ProjectConfig, allow: Iterable[str] = ()) -> Rules:
+    """Check ``[tool.ckpt]`` and turn it into :class:`Rules`; a bad entry is a usage error naming it."""
+    values = config.values
+    where = config.path or "[tool.ckpt]"
+    unknown = sorted(set(values) - _KNOWN_KEYS)
+    if unknown:
+        raise UsageError(f"{where}: unknown [tool.ckpt] keys {', '.join(unknown)} (known: {', '.join(sorted(_KNOWN_KEYS))})")
+    formats = values.get("require-format", [])
+    formats = [formats] if isinstance(formats, str) else formats
+    if not isinstance(formats, list) or any(f not in FORMATS for f in formats):
+        raise UsageError(f"{where}: require-format {values.get('require-format')!r}: use one or more of {', '.join(FORMATS)}")
+    size = values.get("max-size-mb")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, (int, float)) or size <= 0):
+        raise UsageError(f"{where}: max-size-mb must be a positive number")
+    nan = values.get("no-nan-inf", False)
+    lfs = values.get("lfs-pointers", "pass")
+    if not isinstance(nan, bool):
+        raise UsageError(f"{where}: no-nan-inf must be true or false")
+    if lfs not in ("pass", "fail"):
+        raise UsageError(f"{where}: lfs-pointers must be \"pass\" or \"fail\"")
+    return Rules(
+        policy=policy_for(config, allow), formats=tuple(formats),
+        max_bytes=int(size * 1024 * 1024) if size is not None else None, no_nan_inf=nan, lfs_fails=lfs == "fail",
+        arch=_arch_rules(values.get("arch", {}), where), root=config.root,
+    )
+
+
+def _arch_rules(table: Any, where: str) -> tuple[tuple[str, str, dict[str, Any], str | None], ...]:
+    if not isinstance(table, dict):
+        raise UsageError(f"{where}: [tool.ckpt.arch] must map globs to architectures")
+    out: list[tuple[str, str, dict[str, Any], str | None]] = []
+    for pattern, entry in table.items():
+        if isinstance(entry, str):
+            out.append((pattern, entry, {}, None))
+        elif isinstance(entry, dict) and isinstance(entry.get("arch"), str) and isinstance(entry.get("args", {}), dict) \
+                and isinstance(entry.get("key", ""), str) and not set(entry) - {"arch", "args", "key"}:
+            out.append((pattern, entry["arch"], dict(entry.get("args", {})), entry.get("key")))
+        else:
+            raise UsageError(f"{where}: [tool.ckpt.arch] {pattern!r} must be \"ARCH\" or {{ arch = ..., args = {{...}}, key = ... }}")
+    return tuple(out)
+
+
+def validate(paths: Iterable[str], allow: Iterable[str] = (), config_dir: str | None = None) -> ValidateReport:
+    """Validate model files (directories recursively; a sharded set by its ``*.index.json``).
+
+    Example:
+        >>> validate(["models/"]).ok
+        True
+    """
+    config = load_config(config_dir)
+    rules = rules_from_config(config, allow)
+    files = tuple(validate_file(p, rules) for p in iter_model_files(list(paths), indexes=True))
+    return ValidateReport(files, config.path)
+
+
+def validate_file(path: str, rules: Rules) -> FileValidation:
+    """Every check that applies to one file or one sharded index."""
+    if path.endswith(".index.json"):
+        return _validate_sharded(path, rules)
+    kind = fmt.sniff(path)
+    if kind == fmt.LFS_POINTER:
+        result = scan_file(path, rules.policy)
+        status = FAIL if rules.lfs_fails else NOTE
+        return FileValidation(path, kind, (Check("lfs", status, result.notes[0]),), result)
+    result = scan_file(path, rules.policy)
+    checks = [_scan_check(result)]
+    ckpt, loads = _load_check(path)
+    checks.append(loads)
+    checks.extend(_policy_checks(path, result.format, os.path.getsize(path), ckpt, rules))
+    return FileValidation(path, result.format, tuple(checks), result)
+
+
+def _scan_check(result: FileScan) -> Check:
+    if result.verdict == SAFE:
+        return Check("scan", PASS, "safe: " + (", ".join(result.notes) if result.notes else f"{len(result.globals)} globals, all allowed"))
+    by_reason: dict[str, list[str]] = {}
+    for f in result.findings:
+        if f.severity == result.verdict and f.name not in by_reason.setdefault(f.reason, []):
+            by_reason[f.reason].append(f.name)
+    parts = [", ".join(names[:3]) + (f" +{len(names) - 3} more" if len(names) > 3 else "") + f": {reason}"
+             for reason, names in by_reason.items()]
+    return Check("scan", FAIL, f"{result.verdict}: " + "; ".join(parts))
+
+
+def _load_check(path: str, key: str | None = None) -> tuple[Checkpoint | None, Check]:
+    from .reader import open_checkpoint
+
+    try:
+        ckpt = open_checkpoint(path, key)
+    except CkptError as exc:
+        return None, Check("loads", FAIL, str(exc))
+    if not ckpt.tensors:
+        return ckpt, Check("loads", NOTE, "opens with the safe reader, but holds no tensors")
+    return ckpt, Check("loads", PASS, f"{len(ckpt.tensors)} tensors described consistently")
+
+
+def _policy_checks(path: str, kind: str, size: int, ckpt: Checkpoint | None, rules: Rules) -> list[Check]:
+    checks: list[Check] = []
+    if rules.formats:
+        inner = kind.partition("(")[2].rstrip(")") if kind.startswith(fmt.SHARDED) else kind
+        ok = inner in rules.formats
+        checks.append(Check("format", PASS if ok else FAIL,
+                            f"{kind}" + ("" if ok else f", the project requires {' or '.join(rules.formats)}")))
+    if rules.max_bytes is not None:
+        ok = size <= rules.max_bytes
+        checks.append(Check("size", PASS if ok else FAIL, f"{size / 2**20:.1f} MB "
+                            f"{'within' if ok else 'over'} the {rules.max_bytes / 2**20:g} MB limit"))
+    if rules.no_nan_inf and ckpt is not None and ckpt.tensors:
+        checks.append(_values_check(ckpt))
+    for pattern, spec, args, key in rules.arch:
+        if matches(path, pattern, rules.root):
+            checks.append(_arch_check(path, ckpt, spec, args, key))
+    return checks
+
+
+def _values_check(ckpt: Checkpoint) -> Check:
+    from .values import FileCache, tensor_stats
+
+    bad: list[str] = []
+    checked = 0
+    with FileCache() as files:
+        for ref in ckpt.tensors.values():
+            if not is_floating(ref.dtype) or ref.offset is None:
+                continue
+            try:
+                stats = tensor_stats(ref, files)
+            except CkptError as exc:
+                return Check("values", FAIL, str(exc))
+            checked += 1
+            if stats.nan or stats.inf:
+                bad.append(f"{ref.key} ({stats.nan} NaN, {stats.inf} Inf)")
+    if bad:
+        more = f" and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else ""
+        return Check("values", FAIL, f"{len(bad)} tensors hold NaN or Inf: {', '.join(bad[:_SHOWN])}{more}")
+    return Check("values", PASS, f"{checked} floating tensors, no NaN or Inf")
+
+
+def _arch_check(path: str, ckpt: Checkpoint | None, spec: str, args: dict[str, Any], key: str | None) -> Check:
+    """Would ``load_state_dict(strict=True)`` accept it? The same engine as ``ckpt diff``."""
+    from .arch import target_signature
+    from .diff import diff
+
+    label = spec + (f" {args}" if args else "")
+    try:
+        if key is not None or ckpt is None:
+            ckpt, loads = _load_check(path, key)
+            if ckpt is None:
+                return Check("arch", FAIL, f"{label}: {loads.message}")
+        report = diff(ckpt, target_signature(spec, args))
+    except CkptError as exc:
+        return Check("arch", FAIL, f"{label}: {exc}")
+    counts = report.counts
+    if report.loads_strictly:
+        return Check("arch", PASS, f"{label}: all {counts.target_keys} keys match")
+    wrong = [k.key for k in report.keys if k.status in ("missing", "unexpected", "shape")][:_SHOWN]
+    return Check("arch", FAIL, f"{label}: {counts.missing} missing, {counts.unexpected} unexpected, "
+                 f"{counts.shape_mismatches} shape mismatches (e.g. {', '.join(wrong)}); see `ckpt diff {path} --arch {spec}`")
+
+
+def _validate_sharded(path: str, rules: Rules) -> FileValidation:
+    """A sharded set as a whole: shards exist and stay inside the directory, each key in one shard, total_size."""
+    from .reader import shard_location
+
+    index_path = path
+    doubled: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        # json keeps the last of two equal keys silently; a key listed twice is a key in two shards
+        seen: dict[str, Any] = {}
+        for k, v in items:
+            if k in seen and isinstance(v, str):
+                doubled.append(f"{k} ({seen[k]} and {v})")
+            seen[k] = v
+        return seen
+
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f, object_pairs_hook=pairs)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return FileValidation(path, fmt.SHARDED, (Check("index", FAIL, f"unreadable index ({exc})"),))
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        return FileValidation(index_path, fmt.SHARDED, (Check("index", FAIL, "no weight_map of key -> shard file"),))
+    base = os.path.dirname(os.path.abspath(index_path))
+    checks: list[Check] = []
+    if doubled:
+        checks.append(Check("keys", FAIL, f"{len(doubled)} keys are listed twice in the index: "
+                            + ", ".join(doubled[:_SHOWN])))
+    shards: dict[str, Checkpoint] = {}
+    for shard in dict.fromkeys(weight_map.values()):
+        try:
+            shard_path = shard_location(base, shard, index_path)
+        except CkptError as exc:
+            checks.append(Check("shards", FAIL, str(exc)))
+            continue
+        if not os.path.isfile(shard_path):
+            checks.append(Check("shards", FAIL, f"shard {shard!r} named in the index does not exist"))
+        else:
+            scanned = _scan_check(scan_file(shard_path, rules.policy))
+            if scanned.status == FAIL:
+                checks.append(Check("scan", FAIL, f"{shard}: {scanned.message}"))
+            ckpt, loads = _load_check(shard_path)
+            if ckpt is None:
+                checks.append(Check("loads", FAIL, loads.message))
+            else:
+                shards[shard] = ckpt
+    checks.extend(_key_checks(weight_map, shards))
+    nbytes = sum(t.nbytes for s in shards.values() for t in s.tensors.values())
+    total = (index.get("metadata") or {}).get("total_size") if isinstance(index.get("metadata"), dict) else None
+    if total is not None and len(shards) == len(set(weight_map.values())):
+        ok = total == nbytes
+        checks.append(Check("total_size", PASS if ok else FAIL, f"index says {total} bytes"
+                            + ("" if ok else f", the shards' tensors hold {nbytes}")))
+    if not any(c.status == FAIL for c in checks):
+        checks.insert(0, Check("shards", PASS, f"{len(shards)} shards, {len(weight_map)} keys, all scanned safe"))
+    first = next(iter(shards.values()), None)
+    kind = f"{fmt.SHARDED} ({first.format if first else 'empty'})"
+    size = sum(s.file_size for s in shards.values())
+    ckpt = None
+    if rules.no_nan_inf and shards and not any(c.status == FAIL for c in checks):
+        from .reader import open_checkpoint
+
+        ckpt = open_checkpoint(index_path)
+    checks.extend(_policy_checks(index_path, kind, size, ckpt, rules))
+    return FileValidation(index_path, kind, tuple(checks))
+
+
+def _key_checks(weight_map: dict[str, str], shards: dict[str, Checkpoint]) -> list[Check]:
+    checks = []
+    holders: dict[str, list[str]] = {}
+    for shard, ckpt in shards.items():
+        for key in ckpt.tensors:
+            holders.setdefault(key, []).append(shard)
+    doubled = sorted(k for k, where in holders.items() if len(where) > 1)
+    if doubled:
+        checks.append(Check("keys", FAIL, f"{len(doubled)} keys are in two shards: "
+                            + ", ".join(f"{k} ({' and '.join(holders[k])})" for k in doubled[:_SHOWN])))
+    absent = sorted(k for k, shard in weight_map.items() if shard in shards and k not in shards[shard].tensors)
+    if absent:
+        checks.append(Check("keys", FAIL, f"{len(absent)} keys the index places in a shard that lacks them: "
+                            + ", ".join(f"{k} ({weight_map[k]})" for k in absent[:_SHOWN])))
+    unindexed = sorted(k for k in holders if k not in weight_map)
+    if unindexed:
+        checks.append(Check("keys", FAIL, f"{len(unindexed)} keys in the shards are missing from the index: "
+                            + ", ".join(unindexed[:_SHOWN])))
+    return checks

@@ -1,0 +1,182 @@
+"""Builders shared by the scan/validate tests: benign checkpoints of every kind, and the malicious fixtures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import zipfile
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = sys.executable
+
+_FAKE_LIGHTNING = """
+class AttributeDict(dict):
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError as exc:
+            raise AttributeError(key) from exc
+"""
+
+
+def write_benign(out: str) -> dict[str, str]:
+    """One file per kind the reader supports, written by torch itself. Returns ``kind -> path``.
+
+    Everything here must scan ``safe`` except ``full_model`` (a pickled nn.Module names its classes).
+    """
+    import argparse
+
+    import numpy as np
+    import torch
+    import torchvision
+    from safetensors.torch import save_file
+
+    os.makedirs(out, exist_ok=True)
+    torch.manual_seed(0)
+    paths: dict[str, str] = {}
+
+    resnet = torchvision.models.resnet18(weights=None, num_classes=10)
+    paths["state_dict"] = os.path.join(out, "resnet18.pth")
+    torch.save(resnet.state_dict(), paths["state_dict"])
+
+    mobile = torchvision.models.mobilenet_v3_small(weights=None, num_classes=10)
+    opt = torch.optim.SGD(mobile.parameters(), lr=0.1, momentum=0.9)
+    mobile(torch.randn(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+    paths["nested_optimizer"] = os.path.join(out, "mobilenet_train.ckpt")
+    torch.save({"model": mobile.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "epoch": 4, "args": argparse.Namespace(lr=0.1, arch="mobilenet_v3_small"),
+                "best_acc": np.float64(0.91), "history": np.arange(5, dtype=np.float32),
+                "dtype": np.dtype("float32"), "seen": {1, 2}, "shape": torch.Size([3, 4])},
+               paths["nested_optimizer"])
+
+    paths["lightning"] = os.path.join(out, "lightning.ckpt")
+    _save_lightning(mobile, opt, paths["lightning"], out)
+
+    squeeze = torchvision.models.squeezenet1_0(weights=None, num_classes=10).eval()
+    paths["torchscript"] = os.path.join(out, "squeezenet_script.pt")
+    torch.jit.script(squeeze).save(paths["torchscript"])
+    paths["legacy"] = os.path.join(out, "squeezenet_legacy.pth")
+    torch.save({"state_dict": squeeze.state_dict(), "epoch": 1}, paths["legacy"], _use_new_zipfile_serialization=False)
+    paths["full_model"] = os.path.join(out, "squeezenet_full.pth")
+    torch.save(squeeze, paths["full_model"])
+
+    paths["safetensors"] = os.path.join(out, "resnet18.safetensors")
+    save_file(resnet.state_dict(), paths["safetensors"], metadata={"format": "pt"})
+    paths["sharded"] = write_sharded(os.path.join(out, "sharded"), resnet.state_dict())
+    return paths
+
+
+def _save_lightning(model: Any, opt: Any, path: str, out: str) -> None:
+    """A Lightning-shaped checkpoint whose hyper-parameters are a real AttributeDict subclass of dict."""
+    import torch
+
+    pkg = os.path.join(out, "_fake_lightning", "pytorch_lightning", "utilities")
+    os.makedirs(pkg, exist_ok=True)
+    for d in (os.path.dirname(pkg), pkg):
+        open(os.path.join(d, "__init__.py"), "w").close()
+    with open(os.path.join(pkg, "parsing.py"), "w") as f:
+        f.write(_FAKE_LIGHTNING)
+    sys.path.insert(0, os.path.join(out, "_fake_lightning"))
+    try:
+        from pytorch_lightning.utilities.parsing import AttributeDict
+
+        torch.save({
+            "epoch": 3, "global_step": 120, "pytorch-lightning_version": "1.9.5",
+            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+            "optimizer_states": [opt.state_dict()], "lr_schedulers": [],
+            "callbacks": {"ModelCheckpoint{'monitor': 'val_loss'}": {"best_model_score": torch.tensor(0.25),
+                                                                      "best_model_path": "epoch=3.ckpt"}},
+            "loops": {"fit_loop": {"epoch_progress": {"total": {"ready": 4, "completed": 3}}}},
+            "hyper_parameters": AttributeDict(lr=0.01, batch_size=32, layers=[64, 128]),
+            "hparams_name": "kwargs",
+        }, path)
+    finally:
+        sys.path.remove(os.path.join(out, "_fake_lightning"))
+        for name in [m for m in sys.modules if m.startswith("pytorch_lightning")]:
+            del sys.modules[name]
+
+
+def write_sharded(directory: str, state: dict[str, Any], parts: int = 2) -> str:
+    """A Hugging Face style sharded safetensors set; returns the index path."""
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    keys = list(state)
+    step = (len(keys) + parts - 1) // parts
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i in range(parts):
+        name = f"model-{i + 1:05d}-of-{parts:05d}.safetensors"
+        chunk = {k: state[k].contiguous() for k in keys[i * step:(i + 1) * step]}
+        save_file(chunk, os.path.join(directory, name))
+        weight_map.update({k: name for k in chunk})
+        total += sum(t.numel() * t.element_size() for t in chunk.values())
+    index = os.path.join(directory, "model.safetensors.index.json")
+    with open(index, "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+    return index
+
+
+def write_malicious(out: str, marker: str, with_torch: bool = True) -> dict[str, str]:
+    sys.path.insert(0, os.path.join(ROOT, "fixtures"))
+    try:
+        import make_malicious
+    finally:
+        sys.path.remove(os.path.join(ROOT, "fixtures"))
+    return make_malicious.write_all(out, marker, with_torch)
+
+
+def load_for_real(path: str, cwd: str) -> subprocess.CompletedProcess[str]:
+    """What a victim does: torch.load(weights_only=False), or pickle.load; or, for an archive's extra
+    pickle that torch never reads, pickle.loads of that entry. Runs in a child process."""
+    code = textwrap.dedent(f"""
+        import pickle, sys, warnings, zipfile
+        warnings.simplefilter("ignore")
+        path = {path!r}
+        if zipfile.is_zipfile(path):
+            zf = zipfile.ZipFile(path)
+            extra = [n for n in zf.namelist() if n.endswith("extra.pkl")]
+            if extra:
+                pickle.loads(zf.read(extra[0]))
+                sys.exit(0)
+        if path.endswith((".pth", ".pt")):
+            import torch
+            torch.load(path, weights_only=False)
+        else:
+            with open(path, "rb") as f:
+                pickle.load(f)
+    """)
+    return subprocess.run([PYTHON, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def corrupt_copies(src_zip: str, src_safetensors: str, out: str) -> dict[str, str]:
+    """Broken inputs: empty, truncated zip, truncated pickle, garbage, and safetensors defects."""
+    os.makedirs(out, exist_ok=True)
+    paths: dict[str, str] = {}
+
+    def put(name: str, data: bytes) -> None:
+        paths[name] = os.path.join(out, name)
+        with open(paths[name], "wb") as f:
+            f.write(data)
+
+    put("empty.pth", b"")
+    with open(src_zip, "rb") as f:
+        put("truncated.pth", f.read()[:4000])
+    put("truncated.pkl", b"\x80\x02}q\x00(X\x03\x00\x00\x00abcq\x01K\x01")
+    put("garbage.bin", os.urandom(64).replace(b"\x80", b"\x00").replace(b"PK", b"pk")[:1] + b"\xff" * 63)
+    with open(src_safetensors, "rb") as f:
+        data = f.read()
+    put("st_truncated.safetensors", data[: len(data) - 100])
+    put("st_bad_json.safetensors", (10).to_bytes(8, "little") + b"{not json}" + b"\x00" * 16)
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 12]}}).encode()
+    put("st_bad_span.safetensors", len(header).to_bytes(8, "little") + header + b"\x00" * 16)
+    with zipfile.ZipFile(os.path.join(out, "no_data_pkl.pt"), "w") as zf:
+        zf.writestr("archive/version", "3")
+    paths["no_data_pkl.pt"] = os.path.join(out, "no_data_pkl.pt")
+    return paths

@@ -1,0 +1,321 @@
+"""The streaming writers: safetensors and torch zip checked against safetensors and torch.load(weights_only=True)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import struct
+import zipfile
+
+import pytest
+
+from ckpt_tool.errors import OutputError, UsageError
+from ckpt_tool.model import contiguous_strides
+from ckpt_tool.reader import open_checkpoint
+from ckpt_tool.writer import (
+    Blob,
+    Deferred,
+    Layout,
+    Nesting,
+    Staging,
+    View,
+    check_output,
+    output_format,
+    parse_size,
+    shard_names,
+    write_checkpoint,
+)
+
+TORCH_DTYPES = ["float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
+                "float8_e4m3fn", "uint16", "complex64"]
+
+
+def tensor_layout(tensors: dict) -> Layout:
+    """One blob per (contiguous) torch tensor, streamed from its bytes in small chunks."""
+    import torch
+
+    blobs, views = [], []
+    for i, (key, t) in enumerate(tensors.items()):
+        data = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        dtype = str(t.dtype).removeprefix("torch.")
+        blobs.append(Blob(dtype, len(data), lambda d=data: (d[j:j + 7] for j in range(0, len(d), 7))))
+        views.append(View(key, i, dtype, tuple(t.shape), contiguous_strides(tuple(t.shape))))
+    return Layout(tuple(blobs), tuple(views))
+
+
+def sample(torch):
+    out = {}
+    for name in TORCH_DTYPES:
+        dtype = getattr(torch, name)
+        base = torch.arange(-6, 6, dtype=torch.float64).reshape(3, 4) * (1.5 if dtype.is_floating_point else 1)
+        out[f"t.{name}"] = (base > 0) if name == "bool" else base.to(dtype)
+    out["scalar"] = torch.tensor(2.5)
+    out["empty"] = torch.zeros(0, 3)
+    return out
+
+
+def assert_same(a, b, torch):
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        assert a[k].shape == b[k].shape, k
+        assert torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)), k
+
+
+def test_pth_opens_with_torch_load_weights_only(tmp_path, torch):
+    tensors = sample(torch)
+    path = str(tmp_path / "out.pth")
+    written = write_checkpoint(path, tensor_layout(tensors))
+    assert written.files == (path,) and written.tensors == len(tensors)
+    loaded = torch.load(path, weights_only=True)
+    assert_same(tensors, loaded, torch)
+    # our own reader agrees, and every storage starts on a 64-byte boundary (mmap-able, as torch writes)
+    ckpt = open_checkpoint(path)
+    assert list(ckpt.tensors) == list(tensors)
+    assert all(r.data_offset % 64 == 0 for r in ckpt.tensors.values() if r.numel)
+    names = zipfile.ZipFile(path).namelist()
+    assert names[:4] == ["archive/data.pkl", "archive/.format_version", "archive/.storage_alignment", "archive/byteorder"]
+    assert "archive/version" in names and "archive/.data/serialization_id" in names
+
+
+def test_pth_mmap_load(tmp_path, torch):
+    tensors = {"w": torch.randn(5, 3)}
+    path = str(tmp_path / "out.pt")
+    write_checkpoint(path, tensor_layout(tensors))
+    assert torch.equal(torch.load(path, weights_only=True, mmap=True)["w"], tensors["w"])
+
+
+def test_pth_views_share_one_storage(tmp_path, torch):
+    import torch as t
+
+    base = t.arange(12, dtype=t.float32)
+    data = base.numpy().tobytes()
+    layout = Layout(
+        (Blob("float32", len(data), lambda: [data]),),
+        (View("whole", 0, "float32", (3, 4), (4, 1)), View("transposed", 0, "float32", (4, 3), (1, 4)),
+         View("tail", 0, "float32", (2,), (1,), offset=10)),
+    )
+    path = str(tmp_path / "tied.pth")
+    write_checkpoint(path, layout)
+    out = torch.load(path, weights_only=True)
+    assert torch.equal(out["whole"], base.reshape(3, 4))
+    assert torch.equal(out["transposed"], base.reshape(3, 4).t())
+    assert torch.equal(out["tail"], base[10:])
+    ptr = {k: v.untyped_storage().data_ptr() for k, v in out.items()}
+    assert len(set(ptr.values())) == 1  # one storage, as torch.save of tied weights gives
+    assert len([n for n in zipfile.ZipFile(path).namelist() if "/data/" in n]) == 1
+
+
+def test_pth_nesting_and_plain_extras(tmp_path, torch):
+    extras = {"epoch": 7, "big": 2**40, "neg": -(2**35), "lr": 0.125, "name": "rés", "flags": [True, None, 3],
+              "cfg": {"depth": 18, "tags": ["a", "b"]}}
+    path = str(tmp_path / "nested.pth")
+    write_checkpoint(path, tensor_layout({"w": torch.ones(2)}), nesting=Nesting("model_state_dict", extras))
+    out = torch.load(path, weights_only=True)
+    assert torch.equal(out["model_state_dict"]["w"], torch.ones(2))
+    for k, v in extras.items():
+        assert out[k] == v, k
+
+
+def test_safetensors_matches_the_library(tmp_path, torch):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    tensors = sample(torch)
+    path = str(tmp_path / "out.safetensors")
+    write_checkpoint(path, tensor_layout(tensors), metadata={"format": "pt", "note": "x"})
+    assert_same(tensors, load_file(path), torch)
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata() == {"format": "pt", "note": "x"}
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+    assert n % 8 == 0
+
+
+def test_deferred_metadata_is_filled_in_after_the_data(tmp_path, torch):
+    from safetensors import safe_open
+
+    calls = []
+
+    def digest() -> str:
+        calls.append(1)
+        return "ab" * 32
+
+    path = str(tmp_path / "out.safetensors")
+    write_checkpoint(path, tensor_layout({"w": torch.ones(3)}), metadata={"sha": Deferred(64, digest)})
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata() == {"sha": "ab" * 32}
+    assert calls == [1]
+
+
+def test_sharded_safetensors_with_index(tmp_path, torch):
+    tensors = {f"layer{i}.weight": torch.full((250,), float(i)) for i in range(5)}  # 1000 bytes each
+    path = str(tmp_path / "model.safetensors")
+    written = write_checkpoint(path, tensor_layout(tensors), metadata={"format": "pt"}, max_shard_size=2500)
+    shards, index = shard_names(path, 3)
+    assert written.files == (*shards, index)
+    assert os.path.basename(shards[0]) == "model-00001-of-00003.safetensors"
+    with open(index) as f:
+        doc = json.load(f)
+    assert doc["metadata"] == {"format": "pt", "total_size": 5000}
+    assert doc["weight_map"]["layer4.weight"] == "model-00003-of-00003.safetensors"
+    ckpt = open_checkpoint(index)
+    assert list(ckpt.tensors) == list(tensors)
+
+
+def test_sharded_pth(tmp_path, torch):
+    tensors = {f"w{i}": torch.full((100,), float(i)) for i in range(3)}
+    path = str(tmp_path / "pytorch_model.bin")
+    written = write_checkpoint(path, tensor_layout(tensors), max_shard_size=400)
+    assert [os.path.basename(f) for f in written.files] == [
+        "pytorch_model-00001-of-00003.bin", "pytorch_model-00002-of-00003.bin", "pytorch_model-00003-of-00003.bin",
+        "pytorch_model.bin.index.json"]
+    merged = {}
+    for f in written.files[:-1]:
+        merged.update(torch.load(f, weights_only=True))
+    assert_same(tensors, merged, torch)
+
+
+def test_everything_fits_in_one_shard_gives_one_file(tmp_path, torch):
+    path = str(tmp_path / "m.safetensors")
+    written = write_checkpoint(path, tensor_layout({"w": torch.ones(4)}), max_shard_size=10**9)
+    assert written.files == (path,)
+
+
+def test_quantized_dtype_cannot_go_to_safetensors(tmp_path):
+    layout = Layout((Blob("qint8", 1, lambda: [b"\0"]),), (View("q", 0, "qint8", (1,), (1,)),))
+    with pytest.raises(UsageError, match="no safetensors equivalent"):
+        write_checkpoint(str(tmp_path / "q.safetensors"), layout)
+    assert os.listdir(tmp_path) == []
+
+
+# --- atomic writes ---------------------------------------------------------------------------------
+
+
+def failing_layout(exc: BaseException) -> Layout:
+    def chunks():
+        yield b"\0" * 1024
+        raise exc
+
+    return Layout((Blob("float32", 4096, chunks),), (View("w", 0, "float32", (1024,), (1,)),))
+
+
+def temp_files(directory) -> list[str]:
+    return glob.glob(os.path.join(str(directory), ".*.tmp"))
+
+
+@pytest.mark.parametrize("ext", ["safetensors", "pth"])
+@pytest.mark.parametrize("exc", [RuntimeError("source vanished"), KeyboardInterrupt()])
+def test_interrupted_write_leaves_no_file(tmp_path, ext, exc):
+    path = str(tmp_path / f"out.{ext}")
+    with pytest.raises(type(exc)):
+        write_checkpoint(path, failing_layout(exc))
+    assert not os.path.exists(path)
+    assert temp_files(tmp_path) == []
+
+
+def test_interrupted_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "out.safetensors"
+    path.write_bytes(b"old contents")
+    with pytest.raises(RuntimeError):
+        write_checkpoint(str(path), failing_layout(RuntimeError("boom")))
+    assert path.read_bytes() == b"old contents"
+    assert temp_files(tmp_path) == []
+
+
+def test_disk_error_is_an_output_error(tmp_path):
+    with pytest.raises(OutputError, match="cannot be written .No space left on device"):
+        write_checkpoint(str(tmp_path / "o.safetensors"), failing_layout(OSError(28, "No space left on device")))
+    assert os.listdir(tmp_path) == []
+
+
+def test_interrupted_sharded_write_renames_nothing(tmp_path):
+    def chunks():
+        yield b"\0" * 400
+        raise RuntimeError("late failure")
+
+    ok = Blob("float32", 400, lambda: [b"\0" * 400])
+    layout = Layout((ok, Blob("float32", 800, chunks)), (View("a", 0, "float32", (100,), (1,)),
+                                                         View("b", 1, "float32", (200,), (1,))))
+    with pytest.raises(RuntimeError):
+        write_checkpoint(str(tmp_path / "m.safetensors"), layout, max_shard_size=500)
+    assert os.listdir(tmp_path) == []
+
+
+def test_output_mode_follows_umask(tmp_path):
+    path = str(tmp_path / "o.safetensors")
+    write_checkpoint(path, failing_layout_ok())
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+
+
+def failing_layout_ok() -> Layout:
+    return Layout((Blob("float32", 4, lambda: [b"\0" * 4]),), (View("w", 0, "float32", (1,), (1,)),))
+
+
+def test_staging_commit_keeps_a_backup(tmp_path):
+    path = tmp_path / "m.pth"
+    path.write_bytes(b"old")
+    staging = Staging()
+    with staging.open(str(path)) as f:
+        f.write(b"new")
+    assert path.read_bytes() == b"old"  # nothing visible before the commit
+    staging.commit(backup=str(path) + ".bak")
+    assert path.read_bytes() == b"new"
+    assert (tmp_path / "m.pth.bak").read_bytes() == b"old"
+
+
+# --- output checks ---------------------------------------------------------------------------------
+
+
+def test_check_output_rules(tmp_path):
+    src = tmp_path / "in.pth"
+    src.write_bytes(b"x")
+    out = tmp_path / "out.pth"
+    assert check_output(str(out), [str(src)]) is None
+    out.write_bytes(b"y")
+    with pytest.raises(OutputError, match="already exists; pass --force"):
+        check_output(str(out), [str(src)])
+    assert check_output(str(out), [str(src)], force=True) is None
+    with pytest.raises(OutputError, match="is the input file; pass --in-place"):
+        check_output(str(src), [str(src)], force=True)
+    os.symlink(src, tmp_path / "link.pth")
+    with pytest.raises(OutputError, match="is the input file"):
+        check_output(str(tmp_path / "link.pth"), [str(src)])
+    assert check_output(str(src), [str(src)], in_place=True) == str(src) + ".bak"
+    (tmp_path / "in.pth.bak").write_bytes(b"")
+    with pytest.raises(OutputError, match="backup .* already exists"):
+        check_output(str(src), [str(src)], in_place=True)
+    with pytest.raises(UsageError, match="is not the input"):
+        check_output(str(out), [str(src)], in_place=True, force=True)
+    with pytest.raises(OutputError, match="does not exist"):
+        check_output(str(tmp_path / "no" / "o.pth"), [str(src)])
+    with pytest.raises(OutputError, match="is a directory"):
+        check_output(str(tmp_path), [str(src)])
+
+
+@pytest.mark.parametrize("name, fmt", [("a.safetensors", "safetensors"), ("a.PTH", "pth"), ("a.pt", "pth"),
+                                       ("a.bin", "pth"), ("x/a.ckpt", "pth")])
+def test_output_format(name, fmt):
+    assert output_format(name) == fmt
+
+
+def test_unknown_extension():
+    with pytest.raises(UsageError, match="unknown output extension '.h5'"):
+        output_format("a.h5")
+    with pytest.raises(UsageError, match="'.none.'"):
+        output_format("model")
+
+
+@pytest.mark.parametrize("text, size", [("2GB", 2 * 10**9), ("500MB", 500 * 10**6), ("1.5GiB", int(1.5 * 2**30)),
+                                        ("1048576", 1048576), ("10kb", 10**4)])
+def test_parse_size(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "big", "-1GB", "0", "2XB"])
+def test_parse_size_rejects(text):
+    with pytest.raises(UsageError, match="--max-shard-size"):
+        parse_size(text)
