@@ -2,8 +2,9 @@
 
 Both train resnet18 (loaded from the same state dict, head replaced by a 10-class one) at 64 px,
 batch 32, SGD lr 0.01 momentum 0.9, 30 steps on synthetic batches, every parameter trainable.
-Each is a whole process; the runs alternate (``--repeat``, default 3) and the median images/s of
-each is compared. Target: finetune-check >= 0.95x the plain loop's images/s.
+Each is a whole process with the same torch thread count (``--threads``, default 1); the runs
+alternate (``--repeat``, default 5) and the median images/s of
+each is compared, over the whole loop and by median step time (robust to a busy machine). Target: finetune-check >= 0.95x the plain loop's images/s.
 
 Run: ``python bench/bench_finetune.py [--repeat N]``.
 """
@@ -54,12 +55,17 @@ def step(i):
 
 for i in range(2):
     step(1000 + i)
-start = time.perf_counter()
-running = 0.0
+start = tick = time.perf_counter()
+running, times = 0.0, []
 for i in range({STEPS}):
     running += step(i)
+    now = time.perf_counter()
+    times.append(now - tick)
+    tick = now
 elapsed = time.perf_counter() - start
-print(json.dumps({{"images_per_s": {STEPS * BATCH} / elapsed, "mean_loss": running / {STEPS}}}))
+times.sort()
+print(json.dumps({{"images_per_s": {STEPS * BATCH} / elapsed, "median_step_s": times[len(times) // 2],
+                  "mean_loss": running / {STEPS}}}))
 """
 
 
@@ -74,10 +80,10 @@ def resnet18_pth() -> str:
     return path
 
 
-def run(cmd: list[str]) -> tuple[dict, float, float]:
+def run(cmd: list[str], env: dict[str, str]) -> tuple[dict, float, float]:
     """One whole process: its JSON on stdout, wall seconds, peak RSS in MB (wait4's rusage of that child)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     out = proc.stdout.read() if proc.stdout else b""
     err = proc.stderr.read() if proc.stderr else b""
     _, status, usage = os.wait4(proc.pid, 0)
@@ -90,8 +96,11 @@ def run(cmd: list[str]) -> tuple[dict, float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads for both (1 keeps the comparison steady on a shared machine)")
     args = parser.parse_args()
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     ckpt = resnet18_pth()
     tool_cmd = CKPT + ["finetune-check", ckpt, "--arch", "resnet18", "--num-classes", "10", "--image-size", str(SIZE),
                        "--batch-size", str(BATCH), "--max-steps", str(STEPS), "--data", f"synthetic:{STEPS * BATCH}",
@@ -99,22 +108,27 @@ def main() -> None:
     plain_cmd = [PYTHON, "-c", PLAIN_LOOP, ckpt]
     tool, plain = [], []
     for _ in range(args.repeat):
-        report, wall, rss = run(tool_cmd)
-        tool.append((report["images_per_s"], wall, rss, report))
-        result, wall, rss = run(plain_cmd)
-        plain.append((result["images_per_s"], wall, rss))
+        report, wall, rss = run(tool_cmd, env)
+        tool.append((report["images_per_s"], wall, rss, report, BATCH / report["phases"][0]["median_step_s"]))
+        result, wall, rss = run(plain_cmd, env)
+        plain.append((result["images_per_s"], wall, rss, result, BATCH / result["median_step_s"]))
     t_ips = statistics.median(r[0] for r in tool)
     p_ips = statistics.median(r[0] for r in plain)
-    print(f"resnet18, {SIZE}px, batch {BATCH}, SGD, {STEPS} steps, torch threads: default; "
+    t_step = statistics.median(r[4] for r in tool)
+    p_step = statistics.median(r[4] for r in plain)
+    print(f"resnet18, {SIZE}px, batch {BATCH}, SGD, {STEPS} steps, {args.threads} torch thread(s); "
           f"{args.repeat} alternating runs each, medians")
-    print(f"{'command':<36} {'images/s':>9} {'wall s':>8} {'peak RSS MB':>12}")
-    print(f"{'plain PyTorch loop':<36} {p_ips:>9.1f} {statistics.median(r[1] for r in plain):>8.2f} "
-          f"{statistics.median(r[2] for r in plain):>12.0f}")
-    print(f"{'ckpt finetune-check':<36} {t_ips:>9.1f} {statistics.median(r[1] for r in tool):>8.2f} "
-          f"{statistics.median(r[2] for r in tool):>12.0f}")
+    print(f"{'command':<24} {'images/s':>9} {'images/s (median step)':>23} {'wall s':>8} {'peak RSS MB':>12}")
+    for label, ips, step_ips, runs in (("plain PyTorch loop", p_ips, p_step, plain),
+                                       ("ckpt finetune-check", t_ips, t_step, tool)):
+        print(f"{label:<24} {ips:>9.1f} {step_ips:>23.1f} {statistics.median(r[1] for r in runs):>8.2f} "
+              f"{statistics.median(r[2] for r in runs):>12.0f}")
     checks = {c["name"]: c["status"] for c in tool[-1][3]["checks"]}
-    print(f"images/s ratio finetune-check / plain loop: {t_ips / p_ips:.3f} (target >= 0.95)")
+    print(f"images/s ratio finetune-check / plain loop: {t_ips / p_ips:.3f} over the whole loop, "
+          f"{t_step / p_step:.3f} by median step (target >= 0.95)")
     print(f"all runs images/s: tool {[round(r[0], 1) for r in tool]}, plain {[round(r[0], 1) for r in plain]}")
+    print(f"all runs median-step images/s: tool {[round(r[4], 1) for r in tool]}, "
+          f"plain {[round(r[4], 1) for r in plain]}")
     print("finetune-check's wall time also covers its checks (overfit-one-batch, held-out accuracy before and "
           f"after, parameter snapshots); its checks: {checks}")
 

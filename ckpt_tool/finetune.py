@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import functools
 import importlib.util
 import math
 import os
 import re
 import resource
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .arch import build_model
@@ -124,6 +126,7 @@ class Phase:
     steps: int
     epoch_losses: tuple[float, ...]
     images_per_s: float | None
+    median_step_s: float | None = None  # steady-state step time, not swayed by a slow first step or a busy machine
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,11 @@ class FinetuneReport:
     def failed(self) -> tuple[Check, ...]:
         return tuple(c for c in self.checks if c.status == FAIL)
 
+    def to_json(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["passed"] = self.passed
+        return out
+
 
 Progress = Callable[[ProgressEvent], None]
 
@@ -209,8 +217,8 @@ def finetune_check(path: str, arch: str, options: FinetuneOptions | None = None,
     ckpt = open_checkpoint(path, opts.key)
     torch.manual_seed(opts.seed)
     model = build_model(arch, opts.arch_args, device="cpu")
-    head = _replace_head(model, opts.num_classes, opts.head) if (opts.num_classes or opts.head) else None
-    head_path = head.module if head else _find_head(model, opts.head)
+    head = replace_head(model, opts.num_classes, opts.head) if (opts.num_classes or opts.head) else None
+    head_path = head.module if head else find_head(model, opts.head)
     state, operations, initialised = _migrated_state(ckpt, opts, model)
     load = _load_into(model, state, head_path if head else None, operations, initialised)
     del state
@@ -288,10 +296,10 @@ def _finish(base: dict[str, Any], checks: dict[str, Check], opts: FinetuneOption
         checks.setdefault(name, Check(name, SKIP, "not reached"))
     checks["peak memory"] = Check("peak memory", INFO, f"RSS {_mib(rss)}" + (
         f", CUDA {_mib(cuda)} allocated" if cuda is not None else ""))
-    fields = dict(phases=(), losses=(), overfit_losses=(), accuracy_before=None, accuracy_after=None,
+    values: dict[str, Any] = dict(phases=(), losses=(), overfit_losses=(), accuracy_before=None, accuracy_after=None,
                   images_per_s=None, frozen_bn=(), frozen_bn_updated=(), num_classes=None)
-    fields.update(rest)
-    return FinetuneReport(**base, **fields, checks=tuple(checks[n] for n in CHECK_NAMES), peak_rss_bytes=rss,
+    values.update(rest)
+    return FinetuneReport(**base, **values, checks=tuple(checks[n] for n in CHECK_NAMES), peak_rss_bytes=rss,
                           peak_cuda_bytes=cuda)
 
 
@@ -432,7 +440,7 @@ def _under(name: str, module: str) -> bool:
 # ---- head ----------------------------------------------------------------------------------------------------------
 
 
-def _find_head(model: Any, name: str | None) -> str:
+def find_head(model: Any, name: str | None) -> str:
     """The dotted path of the final layer of the classification head ("fc", "classifier.6", "heads.head")."""
     from torch import nn
 
@@ -455,10 +463,16 @@ def _find_head(model: Any, name: str | None) -> str:
     return ".".join(p for p in (root, layers[-1]) if p)
 
 
-def _replace_head(model: Any, num_classes: int | None, name: str | None) -> HeadChange:
+def replace_head(model: Any, num_classes: int | None, name: str | None = None) -> HeadChange:
+    """Swap the head's final Linear/Conv2d for a fresh one with ``num_classes`` outputs (in place).
+
+    Example:
+        >>> replace_head(torchvision.models.vgg16(weights=None), 10).module
+        'classifier.6'
+    """
     from torch import nn
 
-    path = _find_head(model, name)
+    path = find_head(model, name)
     if not path:
         raise UsageError(f"--num-classes: no classification head found (looked for {', '.join(HEAD_NAMES)})",
                          hint="name it with --head MODULE")
@@ -843,6 +857,7 @@ def _train_phase(model: Any, name: str, trainable: frozenset[str], epochs: int, 
     reached: set[str] = set()
     frozen_bn = [model.get_submodule(n) for n in _frozen_batchnorms(model)] if opts.freeze_bn else []
     epoch_losses: list[float] = []
+    step_times: list[float] = []
     first_step = len(losses)
     images = 0
     elapsed = 0.0
@@ -851,7 +866,7 @@ def _train_phase(model: Any, name: str, trainable: frozenset[str], epochs: int, 
         for bn in frozen_bn:
             bn.eval()
         total, count = 0.0, 0
-        start = time.perf_counter()
+        start = tick = time.perf_counter()
         for step, (x, y) in enumerate(data):
             if step >= steps_per_epoch:
                 break
@@ -872,6 +887,9 @@ def _train_phase(model: Any, name: str, trainable: frozenset[str], epochs: int, 
             else:
                 optimizer.step()
             value = loss.item()
+            now = time.perf_counter()
+            step_times.append(now - tick)
+            tick = now
             losses.append(value)
             images += len(y)
             if not math.isfinite(value):
@@ -901,7 +919,8 @@ def _train_phase(model: Any, name: str, trainable: frozenset[str], epochs: int, 
     tracker.frozen += len(frozen_named)
     tracker.trainable += len(train_params)
     return Phase(name, epochs, lr, sum(p.numel() for p in train_params), sum(p.numel() for _, p in frozen_named),
-                 len(losses) - first_step, tuple(epoch_losses), images / elapsed if elapsed else None)
+                 len(losses) - first_step, tuple(epoch_losses), images / elapsed if elapsed else None,
+                 statistics.median(step_times) if step_times else None)
 
 
 def _overfit_one_batch(model: Any, data: Any, opts: FinetuneOptions, device: Any, amp: Any) -> list[float]:
@@ -1052,17 +1071,17 @@ def _save(model: Any, out: str, force: bool, source: str) -> str:
     for key, value in model.state_dict().items():
         tensor = value.detach()
         dtype = str(tensor.dtype).removeprefix("torch.")
-        blobs.append(Blob(dtype, tensor.numel() * tensor.element_size(), lambda t=tensor: [_tensor_bytes(t)]))
+        blobs.append(Blob(dtype, tensor.numel() * tensor.element_size(), functools.partial(_tensor_chunks, tensor)))
         views.append(View(key, len(blobs) - 1, dtype, tuple(tensor.shape), contiguous_strides(tuple(tensor.shape))))
     write_checkpoint(out, Layout(tuple(blobs), tuple(views)), metadata={"written_by": "ckpt finetune-check"})
     return out
 
 
-def _tensor_bytes(tensor: Any) -> bytes:
+def _tensor_chunks(tensor: Any) -> list[bytes]:
     import torch
 
     flat = tensor.to("cpu").contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    return [flat.view(torch.uint8).numpy().tobytes()] if flat.numel() else []
 
 
 def _plot(losses: list[float], phases: list[Phase], out: str) -> str:

@@ -42,6 +42,8 @@ from .writer import (
 )
 from .writer import write_checkpoint as _write
 
+CAST_CHUNK_BYTES = 4 * 1024 * 1024
+
 # --- reports --------------------------------------------------------------------------------------
 
 
@@ -179,9 +181,10 @@ def migrate(
         the target or holds NaN/Inf.
 
     Example:
-        >>> report = migrate(Plan("dp.pth", operations=(operation("strip_prefix", prefix="module."),)), "out.safetensors")
-        >>> report.written.tensors
-        62
+        >>> plan = Plan("dp.pth", arch="resnet18", operations=(operation("strip_prefix", prefix="module."),))
+        >>> report = migrate(plan, "resnet18.safetensors")
+        >>> report.verification.loads, report.written.tensors
+        (True, 122)
     """
     if plan.source is None:
         raise UsageError("no checkpoint given (pass it, or use a --plan whose 'source' names one)")
@@ -196,6 +199,9 @@ def migrate(
     if output is None and not dry_run:
         raise UsageError("no output given: pass -o OUT (or --dry-run, or --in-place)")
     fmt = output_format(output) if output is not None else None
+    # the digest goes into safetensors headers and shard indexes (a single .pth has no place for
+    # it); started now, it runs while the plan is made and the bytes are copied
+    hasher = _Hasher(ckpt) if not dry_run and (fmt == SAFETENSORS or max_shard_size) else None
     if any(op.needs_target for op in plan.operations) and plan.arch is None:
         raise UsageError("--fill-missing, --drop-unexpected and --reinit-mismatched need the target (--arch)")
     signature = target_signature(plan.arch, plan.arch_args) if plan.arch else None
@@ -232,10 +238,9 @@ def migrate(
     if dry_run or output is None:
         return MigrateReport(planned, dry_run=True)
 
-    # the digest goes into safetensors headers and shard indexes; a single .pth has no place for it
-    hasher = _Hasher(ckpt) if fmt == SAFETENSORS or len(files) > 1 else None
     metadata = _metadata(ckpt, plan, applied, built.aliases, kept, hasher)
-    nesting = Nesting(ckpt.state_path or None, kept) if fmt == PTH and kept else Nesting()
+    # a .pth keeps extras beside the state dict, under its original key (or "state_dict")
+    nesting = Nesting(ckpt.state_path or "state_dict", kept) if fmt == PTH and kept else Nesting()
     try:
         written = _write(output, built.layout, metadata=metadata, nesting=nesting, max_shard_size=max_shard_size,
                          backup=backup, staging=Staging())
@@ -340,11 +345,8 @@ class _Hasher:
 
     def _run(self) -> None:
         try:
-            h = hashlib.sha256()
-            with open(self.path, "rb") as f:
-                while chunk := f.read(4 << 20):
-                    h.update(chunk)
-            self._digest = h.hexdigest()
+            with open(self.path, "rb", buffering=0) as f:
+                self._digest = hashlib.file_digest(f, "sha256").hexdigest()
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             self._error = exc
 
@@ -426,7 +428,7 @@ def cast_bytes(data: bytes, source: str, dtype: str) -> bytes:
         if dtype == "float32":
             return arr.astype("<f4").tobytes()
         # torch rounds through float32 (double -> float -> half/bfloat16): the same here, bit for bit
-        arr32 = arr.astype("<f4")
+        arr32 = arr.astype("<f4", copy=False)
         if dtype == "float16":
             return arr32.astype("<f2").tobytes()
     if dtype == "bfloat16":
@@ -493,7 +495,9 @@ def _layout(state: State, fmt: str, values: _TargetValues, check_all: bool) -> _
             if nbytes == 0:
                 return iter(())
             if span is not None:
-                raw: Iterable[bytes] = iter_raw_chunks(span, files)
+                # a cast holds a few copies of each chunk: smaller chunks keep that small
+                raw: Iterable[bytes] = iter_raw_chunks(span, files, CAST_CHUNK_BYTES if e.dtype != e.source_dtype
+                                                       else CHUNK_BYTES)
             else:
                 raw = values.chunks(e.origin)
             if e.dtype != e.source_dtype:

@@ -13,6 +13,7 @@ A plan is saved as JSON (``ckpt diff --plan-out`` writes the same form)::
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -311,8 +312,16 @@ def plan_from_json(data: Any, where: str = "plan") -> Plan:
 
 
 def load_plan(path: str) -> Plan:
-    """Read a plan file (as written by ``ckpt diff --plan-out`` or :func:`save_plan`)."""
-    return plan_from_json(_read_json(path, "--plan"), path)
+    """Read a plan file (as written by ``ckpt diff --plan-out`` or :func:`save_plan`).
+
+    A relative ``source`` is taken from the current directory, or else from the plan's own.
+    """
+    plan = plan_from_json(_read_json(path, "--plan"), path)
+    if plan.source and not os.path.isabs(plan.source) and not os.path.exists(plan.source):
+        beside = os.path.join(os.path.dirname(path), plan.source)
+        if os.path.exists(beside):
+            plan = replace(plan, source=beside)
+    return plan
 
 
 def save_plan(plan: Plan, path: str) -> None:

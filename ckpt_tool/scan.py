@@ -90,6 +90,8 @@ ALLOWED: dict[str, str] = {
     "numpy._core.multiarray._reconstruct": "rebuilds a numpy array from its shape, dtype and bytes",
     "numpy.core.multiarray.scalar": "rebuilds a numpy scalar from its dtype and bytes",
     "numpy._core.multiarray.scalar": "rebuilds a numpy scalar from its dtype and bytes",
+    "numpy.core.numeric._frombuffer": "rebuilds a numpy array from bytes (pickle protocol 5)",
+    "numpy._core.numeric._frombuffer": "rebuilds a numpy array from bytes (pickle protocol 5)",
     "numpy.ndarray": "the numpy array type named by _reconstruct",
     "numpy.dtype": "a numpy dtype built from its type string",
     "collections.defaultdict": "a dict; its factory is named separately in the stream and judged on its own",

@@ -93,7 +93,7 @@ def test_json_report(files):
     result = run(files["resnet"], "--arch", "resnet18", "--num-classes", "4", "--freeze-first", "5", "--json", *FAST)
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
-    assert data["num_classes"] == 4 and data["head"]["module"] == "fc"
+    assert data["passed"] is True and data["num_classes"] == 4 and data["head"]["module"] == "fc"
     assert [c["name"] for c in data["checks"]][:3] == ["weights loaded", "forward pass", "training runs"]
     assert all(c["status"] in ("pass", "info") for c in data["checks"])
     assert len(data["losses"]) == 2 and data["load"]["loaded"] == 120
@@ -183,3 +183,24 @@ def test_help_lists_options_and_stays_torch_free():
         assert option in result.output, option
     code = "import sys, ckpt_tool.cli; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_progress_bar_draws_on_stderr(capsys):
+    from ckpt_tool.commands.finetune_cmd import _ProgressBar
+    from ckpt_tool.finetune import ProgressEvent
+
+    bar = _ProgressBar()
+    bar.close()
+    assert capsys.readouterr().err == ""  # nothing drawn, nothing to end
+    bar(ProgressEvent("train", 1, 2, 4, 1.23456, 99.5))
+    bar.close()
+    err = capsys.readouterr().err
+    assert err.startswith("\rtrain epoch 1 [##########..........] 2/4 loss 1.2346 99.5 img/s") and err.endswith("\n")
+
+
+def test_failed_run_json_says_so(files):
+    result = run(files["net"], "--arch", files["user"] + ":net", "--json", *FAST)
+    assert result.exit_code == 1
+    data = json.loads(result.output)
+    assert data["passed"] is False
+    assert {c["name"]: c["status"] for c in data["checks"]}["forward pass"] == "fail"

@@ -146,3 +146,13 @@ def test_validate_malicious_exits_1(files, tmp_path, monkeypatch):
     code, out, _ = run("validate", files["nested_loads"])
     assert code == 1 and "unsafe: pickle.loads" in out
     assert not os.path.exists(files["marker"])
+
+
+def test_globals_flag_lists_every_global_and_call(files):
+    code, out, _ = run("scan", files["good_pth"])
+    assert "globals:" not in out
+    code, out, _ = run("scan", files["good_pth"], "--globals")
+    assert code == 0
+    # squeezenet has no BatchNorm, so no int64 buffers (LongStorage)
+    assert "  globals: collections.OrderedDict, torch.FloatStorage, torch._utils._rebuild_tensor_v2\n" in out
+    assert "REDUCE torch._utils._rebuild_tensor_v2 x52" in out

@@ -15,11 +15,11 @@ from ckpt_tool.finetune import (
     PASS,
     SKIP,
     FinetuneOptions,
-    _find_head,
-    _replace_head,
     expand_pattern,
+    find_head,
     finetune_check,
     matches,
+    replace_head,
     select_trainable,
 )
 
@@ -262,7 +262,7 @@ def test_head_replacement_per_family(arch, path):
 
     # regnet's init copies tensors, which the meta device cannot do: it is small enough to build for real
     model = build_model(arch, {}, device="cpu" if arch.startswith("regnet") else "meta")
-    change = _replace_head(model, 7, None)
+    change = replace_head(model, 7, None)
     assert change.module == path
     layer = model.get_submodule(path)
     assert getattr(layer, "out_features", getattr(layer, "out_channels", None)) == 7
@@ -274,16 +274,16 @@ def test_head_named_by_user_and_errors():
     model = nn.Sequential()
     model.add_module("body", nn.Linear(4, 8))
     model.add_module("out", nn.Sequential(nn.ReLU(), nn.Linear(8, 3)))
-    assert _find_head(model, None) == ""
+    assert find_head(model, None) == ""
     with pytest.raises(UsageError, match="no classification head found"):
-        _replace_head(model, 2, None)
-    assert _replace_head(model, 2, "out").module == "out.1"
+        replace_head(model, 2, None)
+    assert replace_head(model, 2, "out").module == "out.1"
     assert model.out[1].out_features == 2
     with pytest.raises(UsageError, match="--head nope: the model has no such module"):
-        _replace_head(model, 2, "nope")
+        replace_head(model, 2, "nope")
     model.add_module("act", nn.ReLU())
     with pytest.raises(UsageError, match="holds no Linear or Conv2d"):
-        _replace_head(model, 2, "act")
+        replace_head(model, 2, "act")
 
 
 # ---- freezing ---------------------------------------------------------------------------------------------------

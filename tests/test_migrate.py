@@ -517,3 +517,17 @@ def test_sharded_source_converts_back_to_one_file(resnet, tmp_path, torch):
     assert list(a) == list(b) and all(same_bytes(a[k], b[k]) for k in a)
     with pytest.raises(UsageError, match="--in-place rewrites a single-file input"):
         migrate(Plan(index), None, in_place=True)
+
+
+def test_safetensors_metadata_kept_beside_the_state_dict_in_pth(tmp_path, torch):
+    from safetensors.torch import save_file
+
+    sd = build("resnet18").state_dict()
+    src = str(tmp_path / "meta.safetensors")
+    save_file({k: v.contiguous() for k, v in sd.items()}, src, metadata={"format": "pt", "epoch": "3"})
+    out = str(tmp_path / "out.pth")
+    report = migrate(Plan(src, arch="resnet18"), out, keep_extras=True)
+    assert report.ok and report.plan.extras_kept == ("epoch",)
+    loaded = torch.load(out, weights_only=True)
+    assert sorted(loaded) == ["epoch", "state_dict"] and loaded["epoch"] == "3"
+    strict_load(build("resnet18"), loaded["state_dict"])

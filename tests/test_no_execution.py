@@ -45,6 +45,8 @@ def _args(command: str, path: str, out: str) -> list[list[str]]:
         "migrate": [[path, "--strip-prefix", "module.", "--dry-run"],
                     [path, "--strip-prefix", "module.", "-o", os.path.join(out, "migrated.pth")]],
         "convert": [[path, os.path.join(out, "converted.safetensors")]],
+        # loads the tensors into a real model and trains a step: the deepest reader path there is
+        "finetune-check": [[path, "--arch", "squeezenet1_0", "--data", "synthetic:2", "--image-size", "32"]],
     }.get(command, [[path]])
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -207,3 +208,13 @@ def test_map_file(tmp_path):
     path.write_text('["fc.weight"]')
     with pytest.raises(InputError, match="JSON object"):
         load_mapping(str(path))
+
+
+def test_relative_source_found_beside_the_plan(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.pth").write_bytes(b"x")
+    save_plan(Plan("a.pth"), str(tmp_path / "sub" / "plan.json"))
+    monkeypatch.chdir(tmp_path)
+    assert load_plan("sub/plan.json").source == os.path.join("sub", "a.pth")
+    (tmp_path / "a.pth").write_bytes(b"y")  # the current directory wins when it has the file
+    assert load_plan("sub/plan.json").source == "a.pth"

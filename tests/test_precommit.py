@@ -4,7 +4,8 @@ pre-commit installs a `language: python` hook by pip-installing this repository 
 of its own. Its dependencies include torch, which the hook does not need and which we must not
 download in a test, so the install is kept offline: PIP_NO_DEPS / PIP_NO_INDEX, no build
 isolation, and PYTHONPATH pointing at this environment's site-packages for click, tabulate and
-setuptools. The ckpt code the hook runs is still the copy pre-commit installed.
+setuptools. The ckpt code the hook runs is still the copy pre-commit installed (this environment's
+own ckpt is an editable install, whose path hook a PYTHONPATH entry does not activate).
 
 try-repo takes the HEAD commit plus changes to tracked files only, so the hooks are tried from a
 snapshot of this checkout's working tree (tracked and untracked files, ignored ones left out).
@@ -12,6 +13,7 @@ snapshot of this checkout's working tree (tracked and untracked files, ignored o
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import site
@@ -34,9 +36,12 @@ def _git(cwd: str, *args: str, env: dict[str, str] | None = None) -> subprocess.
 
 def _env(home: str) -> dict[str, str]:
     env = dict(os.environ)
+    if importlib.util.find_spec("setuptools") is not None:
+        # build with this environment's setuptools: no index needed at all
+        env.update({"PIP_NO_INDEX": "1", "PIP_NO_BUILD_ISOLATION": "0"})  # pip's inverted "0": isolation off
+    # else pip fetches setuptools alone for an isolated build (venvs of Python 3.12+ ship without it)
     env.update({
-        "PRE_COMMIT_HOME": home, "PIP_NO_INDEX": "1", "PIP_NO_DEPS": "1",
-        "PIP_NO_BUILD_ISOLATION": "0",  # pip's inverted spelling: "0" turns build isolation off
+        "PRE_COMMIT_HOME": home, "PIP_NO_DEPS": "1",
         "PYTHONPATH": os.pathsep.join(site.getsitepackages()),
         "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
         "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",

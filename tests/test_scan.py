@@ -363,3 +363,20 @@ def test_python2_names_are_judged_by_what_pickle_maps_them_to():
     assert Policy().judge("urllib2.urlopen")[0] == UNSAFE
     assert Policy().judge("copy_reg._reconstructor")[0] == SAFE
     assert Policy().judge("__builtin__.xrange")[0] == SAFE
+
+
+def test_plain_pickles_of_plain_data_are_safe(tmp_path):
+    import argparse
+    from collections import OrderedDict
+
+    import numpy as np
+
+    data = {"weights": OrderedDict(w=np.ones((2, 3), dtype=np.float32)), "step": 3, "name": "run",
+            "args": argparse.Namespace(lr=0.1), "ids": {1, 2}, "blob": b"\x00\x01"}
+    for protocol in (0, 2, 4, 5):
+        path = tmp_path / f"data_p{protocol}.pkl"
+        path.write_bytes(pickle.dumps(data, protocol=protocol))
+        result = scan_file(str(path))
+        assert result.verdict == SAFE, (protocol, result.findings)
+        assert "argparse.Namespace" in result.globals
+        assert any(g.startswith("numpy.") for g in result.globals)  # the array was seen, and allowed

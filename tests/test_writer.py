@@ -319,3 +319,20 @@ def test_parse_size(text, size):
 def test_parse_size_rejects(text):
     with pytest.raises(UsageError, match="--max-shard-size"):
         parse_size(text)
+
+
+def test_zip64_entries_stay_aligned_and_loadable(tmp_path, torch, monkeypatch):
+    # storages over 4 GB need zip64 headers (20 more bytes); a lower limit exercises that path here
+    monkeypatch.setattr(zipfile, "ZIP64_LIMIT", 1000)
+    tensors = {"big": torch.arange(600, dtype=torch.float32), "small": torch.ones(3)}
+    path = str(tmp_path / "z64.pth")
+    write_checkpoint(path, tensor_layout(tensors))
+    monkeypatch.undo()
+    info = zipfile.ZipFile(path).getinfo("archive/data/0")
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        header = f.read(30)
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    assert extra_len > 20  # padding plus the zip64 field
+    assert (info.header_offset + 30 + name_len + extra_len) % 64 == 0
+    assert_same(tensors, torch.load(path, weights_only=True), torch)

@@ -59,7 +59,8 @@ def finetune_check(checkpoint: str, arch: str, arch_args: tuple[str, ...], plan_
     Exit codes: 0 every check passed, 1 a check failed, 2 bad input or arguments.
     """
     from ..arch import parse_arch_args
-    from ..finetune import FinetuneOptions, finetune_check as run
+    from ..finetune import FinetuneOptions
+    from ..finetune import finetune_check as run
 
     for name in ("strip_prefix", "add_prefix", "rename", "drop", "freeze", "trainable"):
         kw[name] = tuple(kw[name])

@@ -25,18 +25,6 @@ class _OrderedCommand(click.Command):
         return super().parse_args(ctx, args)
 
 
-def _output_options(func: Any) -> Any:
-    for option in reversed([
-        click.option("-o", "--output", metavar="OUT", type=click.Path(dir_okay=False),
-                     help="Output file: .safetensors, or .pth/.pt/.bin (a state dict torch.load(weights_only=True) opens)."),
-        click.option("--max-shard-size", metavar="SIZE", help="Write Hugging Face style shards of at most SIZE "
-                     "(2GB, 500MB; decimal units) with an index.json; one file when everything fits."),
-        click.option("--force", is_flag=True, help="Replace an existing output (never the input: see --in-place)."),
-    ]):
-        func = option(func)
-    return func
-
-
 @click.command(cls=_OrderedCommand)
 @click.argument("source", required=False, type=click.Path(dir_okay=True))
 @click.option("--key", metavar="PATH", help="Nested state dict to operate on (model_state_dict, state_dict/ema). "
@@ -64,7 +52,11 @@ def _output_options(func: Any) -> Any:
 @click.option("--drop-unexpected", is_flag=True, help="Drop keys the target has no place for.")
 @click.option("--reinit-mismatched", is_flag=True, help="Keys whose shape differs take the target's initialisation.")
 @click.option("--seed", type=int, default=0, show_default=True, help="torch.manual_seed before the target is built.")
-@_output_options
+@click.option("-o", "--output", metavar="OUT", type=click.Path(dir_okay=False),
+              help="Output file: .safetensors, or .pth/.pt/.bin (a state dict torch.load(weights_only=True) opens).")
+@click.option("--max-shard-size", metavar="SIZE", help="Write Hugging Face style shards of at most SIZE "
+              "(2GB, 500MB; decimal units) with an index.json; one file when everything fits.")
+@click.option("--force", is_flag=True, help="Replace an existing output (never the input: see --in-place).")
 @click.option("--in-place", is_flag=True, help="Replace SOURCE itself (keeps SOURCE.bak).")
 @click.option("--dry-run", is_flag=True, help="Show the plan and the resulting diff; write nothing.")
 @json_option
@@ -83,6 +75,7 @@ def migrate(ctx: click.Context, source: str | None, key: str | None, keep_extras
     Exit codes:
       0  written (and, with --arch, loads strictly into the target)
       1  written, but it does not load strictly, or holds NaN/Inf
+         (--dry-run: the planned result would not load)
       2  usage or input errors (nothing is written)
     """
     from ..arch import parse_arch_args
@@ -192,10 +185,12 @@ def _render_plan(plan: Any) -> None:
         echo(f"  initialised from {plan.arch}: {t.key} {shape_str(t.shape)} ({t.reason})")
     if len(plan.initialised) > _LIST_LIMIT:
         echo(f"  ... and {len(plan.initialised) - _LIST_LIMIT} more initialised (--json lists them all)")
-    for s in plan.shared:
+    for s in plan.shared[:_LIST_LIMIT]:
         words = {"one storage": "written once, one storage", "alias": f"written once as {s.written_as}, the others "
                  "recorded as aliases in the metadata", "copies": "different views of one storage, written as copies"}
         echo(f"  shared storage: {_some(s.keys)}: {words[s.how]}")
+    if len(plan.shared) > _LIST_LIMIT:
+        echo(f"  ... and {len(plan.shared) - _LIST_LIMIT} more groups of shared tensors (--json lists them all)")
     if plan.extras_kept:
         echo(f"  extras kept: {', '.join(plan.extras_kept)}")
     for name, why in plan.extras_dropped.items():
@@ -225,7 +220,7 @@ def _render_result(report: Any) -> None:
         return
     w = report.written
     files = f"{len(w.files)} files, index {w.path}" if len(w.files) > 1 else w.path
-    echo(f"wrote {files}: {w.tensors} tensors, {human_bytes(w.tensor_bytes)} ({w.format})")
+    echo(f"wrote {files}: {w.tensors} tensor{'s' * (w.tensors != 1)}, {human_bytes(w.tensor_bytes)} ({w.format})")
     if w.backup:
         echo(f"backup of the input: {w.backup}")
     if report.nonfinite:

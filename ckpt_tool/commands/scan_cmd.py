@@ -22,8 +22,10 @@ _SHOWN_NAMES = 2
               "module. Adds to `allow` in [tool.ckpt] of pyproject.toml. Denied names (os, subprocess, ...) stay denied.")
 @click.option("--format", "output", type=click.Choice(["table", "json", "sarif"]), default="table",
               show_default=True, help="Output format; sarif is SARIF 2.1.0 for code-scanning dashboards.")
+@click.option("--globals", "show_globals", is_flag=True,
+              help="In the table output, also list every global and call each file names (safe ones too).")
 @json_option
-def scan(paths: tuple[str, ...], allow: tuple[str, ...], output: str, as_json: bool) -> None:
+def scan(paths: tuple[str, ...], allow: tuple[str, ...], output: str, show_globals: bool, as_json: bool) -> None:
     """Statically scan model files for code that would run when they are loaded. Nothing is executed.
 
     PATHS are files or directories (walked recursively; a file counts as a model file by its
@@ -57,11 +59,11 @@ def scan(paths: tuple[str, ...], allow: tuple[str, ...], output: str, as_json: b
     elif as_json or output == "json":
         echo(dumps(report))
     else:
-        _render_scan(report)
+        _render_scan(report, show_globals)
     raise click.exceptions.Exit(EXIT_CLEAN if report.ok else EXIT_FINDINGS)
 
 
-def _render_scan(report: Any) -> None:
+def _render_scan(report: Any, show_globals: bool = False) -> None:
     rows = []
     for f in report.files:
         names = list(dict.fromkeys(x.name for x in f.findings))
@@ -69,10 +71,14 @@ def _render_scan(report: Any) -> None:
         rows.append((f.path, f.format, f.verdict, shown or "-"))
     echo(plain_table(rows, ["file", "format", "verdict", "offending"]))  # no tabulate import: hooks run often
     for f in report.files:
-        if not f.findings and f.verdict != "skipped":
+        if not f.findings and f.verdict != "skipped" and not show_globals:
             continue
         echo()
         echo(f"{f.path}: {f.verdict}")
+        if show_globals:
+            echo(f"  streams: {', '.join(f.streams) or '-'}")
+            echo(f"  globals: {', '.join(f.globals) or '-'}")
+            echo(f"  calls:   {', '.join(f.calls) or '-'}")
         for note_text in f.notes if f.verdict == "skipped" else ():
             echo(f"  note: {note_text}")
         for x in f.findings:
