@@ -509,6 +509,12 @@ def _scan_zip(path: str, out: _Streams) -> None:
         pickles = [i for i in infos if i.filename.endswith((".pkl", ".debug_pkl"))]
         if not any(i.filename == "data.pkl" or i.filename.endswith("/data.pkl") for i in infos):
             out.broken("zip archive without data.pkl: not a torch checkpoint")
+        # TorchScript's code/ holds TorchScript, which torch.jit compiles itself; Python source anywhere
+        # else is what a torch.package archive imports (and runs) when it is loaded
+        sources = [i.filename for i in infos if i.filename.endswith(".py") and "/code/" not in f"/{i.filename}"]
+        if sources:
+            out.findings.append(Finding(SUSPICIOUS, "python source", f"{len(sources)} Python files in the archive "
+                                        f"({', '.join(sources[:3])}): a torch.package archive runs them when loaded"))
         for info in pickles:
             if info.file_size > MAX_ENTRY:
                 out.broken(f"{info.filename} claims {info.file_size} bytes", info.filename)

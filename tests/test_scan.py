@@ -380,3 +380,18 @@ def test_plain_pickles_of_plain_data_are_safe(tmp_path):
         assert result.verdict == SAFE, (protocol, result.findings)
         assert "argparse.Namespace" in result.globals
         assert any(g.startswith("numpy.") for g in result.globals)  # the array was seen, and allowed
+
+
+def test_python_source_in_an_archive_is_suspicious(benign, tmp_path):
+    import shutil
+    import zipfile
+
+    path = tmp_path / "packaged.pt"
+    shutil.copy(benign["state_dict"], path)
+    with zipfile.ZipFile(path, "a") as zf:
+        zf.writestr("resnet18/mymodels/net.py", "import os\nos.system('x')\n")
+    result = scan_file(str(path))
+    assert result.verdict == SUSPICIOUS
+    assert "resnet18/mymodels/net.py" in result.findings[0].reason
+    # TorchScript's own code/ directory is TorchScript, compiled by torch.jit, not imported
+    assert scan_file(benign["torchscript"]).verdict == SAFE
