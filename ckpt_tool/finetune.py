@@ -8,7 +8,6 @@ torch is imported inside the functions that need it: importing this module stays
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import functools
 import importlib.util
@@ -27,6 +26,7 @@ from .arch import build_model
 from .errors import InputError, OutputError, UsageError
 from .model import Checkpoint, common_prefix, contiguous_strides
 from .reader import open_checkpoint
+from .render import human_bytes, shape_str
 from .values import torch_state_dict
 
 PASS, FAIL, INFO, SKIP = "pass", "fail", "info", "skip"
@@ -107,6 +107,7 @@ class HeadChange:
     module: str
     old: str
     new: str
+    aux: tuple[str, ...] = ()  # auxiliary classifiers replaced alongside (GoogLeNet, Inception)
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,8 @@ class Phase:
     epoch_losses: tuple[float, ...]
     images_per_s: float | None
     median_step_s: float | None = None  # steady-state step time, not swayed by a slow first step or a busy machine
+    images: int = 0
+    seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -217,13 +220,14 @@ def finetune_check(path: str, arch: str, options: FinetuneOptions | None = None,
     ckpt = open_checkpoint(path, opts.key)
     torch.manual_seed(opts.seed)
     model = build_model(arch, opts.arch_args, device="cpu")
-    head = replace_head(model, opts.num_classes, opts.head) if (opts.num_classes or opts.head) else None
+    # --head alone only names the head (for --freeze-epochs); --num-classes replaces it
+    head = replace_head(model, opts.num_classes, opts.head) if opts.num_classes else None
     head_path = head.module if head else find_head(model, opts.head)
     state, operations, initialised = _migrated_state(ckpt, opts, model)
-    load = _load_into(model, state, head_path if head else None, operations, initialised)
+    load = _load_into(model, state, (head.module, *head.aux) if head else (), operations, initialised)
     del state
     model.to(device)
-    phases_spec = _phase_plan(model, opts, head_path)
+    phases_spec = _phase_plan(model, opts, (head_path, *head.aux) if head else (head_path,))
     _apply_trainable(model, phases_spec[0][1])
     params = _param_table(model)
     size, mean, std = _input_spec(arch, opts.image_size)
@@ -238,7 +242,7 @@ def finetune_check(path: str, arch: str, options: FinetuneOptions | None = None,
     if forward_error is not None:
         checks["forward pass"] = Check("forward pass", FAIL, forward_error)
         return _finish(base, checks, opts, rss=_peak_rss(), cuda=_peak_cuda(device))
-    checks["forward pass"] = Check("forward pass", PASS, f"{shape_text((2, channels, size, size))} -> [2, {out_classes}]")
+    checks["forward pass"] = Check("forward pass", PASS, f"{shape_str((2, channels, size, size))} -> [2, {out_classes}]")
     train_data, heldout, data_classes = _make_data(opts, size, channels, out_classes, mean, std)
     if data_classes > out_classes:
         raise UsageError(f"--data {opts.data} has {data_classes} classes but the model outputs {out_classes} logits",
@@ -247,8 +251,6 @@ def finetune_check(path: str, arch: str, options: FinetuneOptions | None = None,
     amp = _autocast(device, opts.amp)
     accuracy_before = _accuracy(model, heldout, opts.eval_batches, device, amp)
     overfit = _overfit_one_batch(model, train_data, opts, device, amp)
-    frozen_bn = _frozen_batchnorms(model)
-    bn_before = {n: _bn_stats(model.get_submodule(n)) for n in frozen_bn}
 
     phases: list[Phase] = []
     losses: list[float] = []
@@ -266,7 +268,8 @@ def finetune_check(path: str, arch: str, options: FinetuneOptions | None = None,
         if tracker.nonfinite is not None:
             break
     accuracy_after = _accuracy(model, heldout, opts.eval_batches, device, amp) if train_error is None else None
-    bn_updated = tuple(n for n in frozen_bn if not _same_stats(bn_before[n], _bn_stats(model.get_submodule(n))))
+    frozen_bn = list(tracker.frozen_bn)
+    bn_updated = tuple(n for n in frozen_bn if n in tracker.bn_updated)
 
     checks["training runs"] = Check("training runs", FAIL, train_error) if train_error else Check(
         "training runs", PASS, f"{len(losses)} steps in {len(phases)} phase(s)")
@@ -294,8 +297,8 @@ def _finish(base: dict[str, Any], checks: dict[str, Check], opts: FinetuneOption
             **rest: Any) -> FinetuneReport:
     for name in CHECK_NAMES:
         checks.setdefault(name, Check(name, SKIP, "not reached"))
-    checks["peak memory"] = Check("peak memory", INFO, f"RSS {_mib(rss)}" + (
-        f", CUDA {_mib(cuda)} allocated" if cuda is not None else ""))
+    checks["peak memory"] = Check("peak memory", INFO, f"RSS {human_bytes(rss)}" + (
+        f", CUDA {human_bytes(cuda)} allocated" if cuda is not None else ""))
     values: dict[str, Any] = dict(phases=(), losses=(), overfit_losses=(), accuracy_before=None, accuracy_after=None,
                   images_per_s=None, frozen_bn=(), frozen_bn_updated=(), num_classes=None)
     values.update(rest)
@@ -385,7 +388,7 @@ def _migrated_state(ckpt: Checkpoint, opts: FinetuneOptions, model: Any) -> tupl
     return tensors, tuple(op.describe() for op in ops), initialised
 
 
-def _load_into(model: Any, state: dict[str, Any], head_path: str | None, operations: tuple[str, ...],
+def _load_into(model: Any, state: dict[str, Any], heads: tuple[str, ...], operations: tuple[str, ...],
                initialised: tuple[str, ...] = ()) -> LoadReport:
     model_state = model.state_dict()
     missing = [k for k in model_state if k not in state and k not in initialised]
@@ -396,7 +399,7 @@ def _load_into(model: Any, state: dict[str, Any], head_path: str | None, operati
     usable = {k: v for k, v in state.items() if k in model_state and k not in bad}
     # filtered first, so torch reports nothing we have not already counted and raises no size mismatch
     model.load_state_dict(usable, strict=False)
-    head_keys = tuple(k for k in model_state if head_path and _under(k, head_path))
+    head_keys = tuple(k for k in model_state if any(_under(k, h) for h in heads))
     return LoadReport(loaded=len(usable), model_keys=len(model_state), checkpoint_keys=len(state),
                       missing=tuple(missing), unexpected=tuple(unexpected), mismatched=tuple(mismatched),
                       head_keys=head_keys, operations=operations, initialised=initialised)
@@ -411,15 +414,16 @@ def _load_check(load: LoadReport, strict: bool, ckpt: Checkpoint) -> Check:
     summary = (f"{load.loaded}/{load.model_keys} model tensors loaded; {len(load.missing)} missing, "
                f"{len(load.unexpected)} unexpected, {len(load.mismatched)} mismatched")
     if head:
-        summary += f" (head {sorted(head)[0].rsplit('.', 1)[0]} replaced)"
+        layers = dict.fromkeys(k.rsplit(".", 1)[0] for k in load.head_keys)
+        summary += f" (head {', '.join(layers)} replaced)"
     if load.initialised:
         summary += f"; {len(load.initialised)} left to the model's initialisation by the plan"
     problems: list[str] = []
     if weight_missing:
         problems.append("missing " + _some(weight_missing))
     if mismatched:
-        problems.append("mismatched " + _some([f"{m.key} {shape_text(m.checkpoint_shape)} vs "
-                                               f"{shape_text(m.model_shape)}" for m in mismatched]))
+        problems.append("mismatched " + _some([f"{m.key} {shape_str(m.checkpoint_shape)} vs "
+                                               f"{shape_str(m.model_shape)}" for m in mismatched]))
     if strict and (missing or load.unexpected):
         problems.append("--strict: " + _some(missing + list(load.unexpected)))
     if load.loaded == 0 and load.model_keys:
@@ -463,7 +467,7 @@ def find_head(model: Any, name: str | None) -> str:
     return ".".join(p for p in (root, layers[-1]) if p)
 
 
-def replace_head(model: Any, num_classes: int | None, name: str | None = None) -> HeadChange:
+def replace_head(model: Any, num_classes: int, name: str | None = None) -> HeadChange:
     """Swap the head's final Linear/Conv2d for a fresh one with ``num_classes`` outputs (in place).
 
     Example:
@@ -476,8 +480,20 @@ def replace_head(model: Any, num_classes: int | None, name: str | None = None) -
     if not path:
         raise UsageError(f"--num-classes: no classification head found (looked for {', '.join(HEAD_NAMES)})",
                          hint="name it with --head MODULE")
-    if num_classes is None:
-        raise UsageError("--head needs --num-classes")
+    old, new = _swap_layer(model, path, num_classes)
+    # GoogLeNet / Inception auxiliary classifiers (aux1, aux2, AuxLogits) train beside the main head
+    aux = []
+    for child, module in model.named_children():
+        layers = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+        if child.lower().startswith("aux") and layers:
+            aux.append(f"{child}.{layers[-1]}" if layers[-1] else child)
+            _swap_layer(model, aux[-1], num_classes)
+    return HeadChange(path, _layer_text(old), _layer_text(new), tuple(aux))
+
+
+def _swap_layer(model: Any, path: str, num_classes: int) -> tuple[Any, Any]:
+    from torch import nn
+
     old = model.get_submodule(path)
     if isinstance(old, nn.Linear):
         new: Any = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
@@ -486,7 +502,7 @@ def replace_head(model: Any, num_classes: int | None, name: str | None = None) -
                         bias=old.bias is not None)
     parent_path, _, attr = path.rpartition(".")
     setattr(model.get_submodule(parent_path) if parent_path else model, attr, new)
-    return HeadChange(path, _layer_text(old), _layer_text(new))
+    return old, new
 
 
 def _layer_text(layer: Any) -> str:
@@ -566,15 +582,15 @@ def _first_layers(model: Any, n: int | None) -> list[str]:
     return with_params
 
 
-def _phase_plan(model: Any, opts: FinetuneOptions, head_path: str) -> list[tuple[str, frozenset[str], int, float]]:
+def _phase_plan(model: Any, opts: FinetuneOptions, heads: tuple[str, ...]) -> list[tuple[str, frozenset[str], int, float]]:
     chosen = select_trainable(model, opts.freeze, opts.trainable, opts.freeze_first)
     if not opts.freeze_epochs:
         return [("train", chosen, opts.epochs, opts.lr)]
     everything = frozenset(n for n, _ in model.named_parameters())
     if chosen == everything:  # no freezing given: the schedule's first phase trains the head alone
-        if not head_path:
+        if not heads[0]:
             raise UsageError("--freeze-epochs: no head found to train alone", hint="name it with --head or --trainable")
-        chosen = select_trainable(model, trainable=[head_path.rpartition(".")[0] or head_path])
+        chosen = select_trainable(model, trainable=[h.rpartition(".")[0] or h for h in heads])
     unfreeze_lr = opts.unfreeze_lr if opts.unfreeze_lr is not None else opts.lr / 10
     return [("frozen", chosen, opts.freeze_epochs, opts.lr),
             ("unfrozen", everything, opts.epochs - opts.freeze_epochs, unfreeze_lr)]
@@ -647,10 +663,11 @@ def _describe_failure(entered: list[tuple[str, Any, tuple[Any, ...]]], done: lis
     want = _expected_input(module)
     ancestors = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
     before = next(((n, s) for n, s in reversed(done) if n not in ancestors and not _under(n, name)), None)
-    source = f"{before[0]} outputs {shape_text(before[1])}" if before else "the input"
-    expects = f", but {name} ({type(module).__name__}) expects {want}" if want else f", and {name} " \
-              f"({type(module).__name__}) fails on it"
-    return f"{source}; {name} receives {shape_text(got)}{expects} ({error})"
+    source = f"{before[0]} outputs {shape_str(before[1])}" if before else "the input"
+    layer = f"{name} ({type(module).__name__})"
+    if want:
+        return f"{source}, but {layer} expects {want} and receives {shape_str(got)} ({error})"
+    return f"{source}; {layer} fails on its input {shape_str(got)} ({error})"
 
 
 def _expected_input(module: Any) -> str | None:
@@ -676,8 +693,20 @@ def _shape(value: Any) -> tuple[int, ...] | None:
     return None
 
 
-def shape_text(shape: tuple[int, ...] | None) -> str:
-    return "?" if shape is None else "[" + ", ".join(str(d) for d in shape) + "]"
+AUX_WEIGHT = 0.3  # GoogLeNet's weight for its auxiliary classifiers' losses
+
+
+def _loss(out: Any, labels: Any) -> Any:
+    """Cross-entropy of the logits, plus the auxiliary classifiers' (GoogLeNet, Inception) when the model returns them."""
+    import torch
+    import torch.nn.functional as F
+
+    loss = F.cross_entropy(_logits(out), labels)
+    if isinstance(out, tuple) and not isinstance(out, torch.Tensor):
+        for aux in out[1:]:
+            if isinstance(aux, torch.Tensor) and aux.dim() == 2:
+                loss = loss + AUX_WEIGHT * F.cross_entropy(aux, labels)
+    return loss
 
 
 def _logits(out: Any) -> Any:
@@ -800,8 +829,8 @@ def _cifar10(root: str, transform: Any) -> tuple[Any, Any, int]:
     try:
         train = datasets.CIFAR10(root, train=True, transform=transform, download=False)
         test = datasets.CIFAR10(root, train=False, transform=transform, download=False)
-    except (RuntimeError, OSError) as exc:
-        raise InputError(f"--data cifar10:{root}: CIFAR-10 not found there ({_first_line(exc)})",
+    except (RuntimeError, OSError):
+        raise InputError(f"--data cifar10:{root}: CIFAR-10 not found there",
                          hint="it needs cifar-10-batches-py/ from https://www.cs.toronto.edu/~kriz/cifar.html;"
                               " ckpt never downloads") from None
     return train, test, 10
@@ -821,6 +850,8 @@ class _Tracker:
         self.frozen_grad: list[str] = []
         self.frozen = 0
         self.trainable = 0
+        self.frozen_bn: dict[str, None] = {}  # BatchNorm layers frozen in some phase, in model order
+        self.bn_updated: set[str] = set()  # ... whose running stats moved while they were frozen
 
 
 def _autocast(device: Any, amp: bool) -> Any:
@@ -845,7 +876,6 @@ def _train_phase(model: Any, name: str, trainable: frozenset[str], epochs: int, 
                  opts: FinetuneOptions, device: Any, amp: Any, tracker: _Tracker, losses: list[float],
                  progress: Progress | None) -> Phase:
     import torch
-    import torch.nn.functional as F
 
     named = list(model.named_parameters())
     train_params = [p for n, p in named if n in trainable]
@@ -855,7 +885,9 @@ def _train_phase(model: Any, name: str, trainable: frozenset[str], epochs: int, 
     scaler = torch.amp.GradScaler(device.type) if opts.amp else None
     steps_per_epoch = min(len(data), opts.max_steps) if opts.max_steps else len(data)
     reached: set[str] = set()
-    frozen_bn = [model.get_submodule(n) for n in _frozen_batchnorms(model)] if opts.freeze_bn else []
+    frozen_bn_names = _frozen_batchnorms(model)
+    bn_before = {n: _bn_stats(model.get_submodule(n)) for n in frozen_bn_names}
+    frozen_bn = [model.get_submodule(n) for n in frozen_bn_names] if opts.freeze_bn else []
     epoch_losses: list[float] = []
     step_times: list[float] = []
     first_step = len(losses)
@@ -873,7 +905,7 @@ def _train_phase(model: Any, name: str, trainable: frozenset[str], epochs: int, 
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             with amp():
-                loss = F.cross_entropy(_logits(model(x)), y)
+                loss = _loss(model(x), y)
             if scaler is not None:
                 scaler.scale(loss).backward()
             else:
@@ -917,34 +949,40 @@ def _train_phase(model: Any, name: str, trainable: frozenset[str], epochs: int, 
     tracker.no_grad += [n for n in trainable if n not in reached]
     tracker.frozen_grad += [n for n, _ in frozen_named if n in reached]
     tracker.frozen += len(frozen_named)
+    tracker.frozen_bn.update(dict.fromkeys(frozen_bn_names))
+    tracker.bn_updated.update(n for n in frozen_bn_names
+                              if not _same_stats(bn_before[n], _bn_stats(model.get_submodule(n))))
     tracker.trainable += len(train_params)
     return Phase(name, epochs, lr, sum(p.numel() for p in train_params), sum(p.numel() for _, p in frozen_named),
                  len(losses) - first_step, tuple(epoch_losses), images / elapsed if elapsed else None,
-                 statistics.median(step_times) if step_times else None)
+                 statistics.median(step_times) if step_times else None, images, elapsed)
 
 
 def _overfit_one_batch(model: Any, data: Any, opts: FinetuneOptions, device: Any, amp: Any) -> list[float]:
-    """Train a copy on one fixed batch; the losses it sees (the model itself is left untouched)."""
-    import torch.nn.functional as F
-
+    """Train on one fixed batch and return the losses; the model's state is restored afterwards."""
     x, y = next(iter(data))
     x, y = x.to(device), y.to(device)
-    clone = copy.deepcopy(model)
-    clone.train()
-    optimizer = _optimizer(opts.optimizer, [p for p in clone.parameters() if p.requires_grad], opts.lr)
+    # a snapshot rather than a deepcopy: user models may hold things that cannot be copied
+    saved = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.train()
+    optimizer = _optimizer(opts.optimizer, [p for p in model.parameters() if p.requires_grad], opts.lr)
     losses = []
     try:
         for _ in range(opts.overfit_steps):
             optimizer.zero_grad(set_to_none=True)
             with amp():
-                loss = F.cross_entropy(_logits(clone(x)), y)
+                loss = _loss(model(x), y)
             loss.float().backward()
             optimizer.step()
             losses.append(loss.item())
     except (RuntimeError, ValueError, IndexError):
         pass  # the training phase reports the error itself
     finally:
-        del clone
+        model.load_state_dict(saved)
+        for name, p in model.named_parameters():
+            p.grad = None
+            p.requires_grad_(flags[name])
     return losses
 
 
@@ -1042,8 +1080,8 @@ def _bn_check(frozen_bn: list[str], updated: tuple[str, ...], freeze_bn: bool) -
 
 
 def _throughput(phases: list[Phase]) -> float | None:
-    rates = [p.images_per_s for p in phases if p.images_per_s]
-    return sum(rates) / len(rates) if rates else None
+    seconds = sum(p.seconds for p in phases)
+    return sum(p.images for p in phases) / seconds if seconds else None
 
 
 def _peak_rss() -> int:
@@ -1120,9 +1158,3 @@ def _some(items: list[str], limit: int = 4) -> str:
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
-
-
-def _mib(n: int | None) -> str:
-    return "-" if n is None else f"{n / 2**20:.0f} MiB"
-
-

@@ -8,7 +8,7 @@ from typing import Any
 
 from .errors import FormatError, InputError, KeyPathError
 from .formats import sniff as fmt
-from .formats.pickle_vm import GlobalRef, PickledTensor, Placeholder, StorageRef, TorchDType, Trace
+from .formats.pickle_vm import GlobalRef, PickledTensor, Placeholder, StorageRef, TorchDType, Trace, walk_tensors
 from .formats.safetensors import read_safetensors
 from .formats.torchfile import RawFile, read_legacy, read_pickle, read_zip
 from .model import Candidate, Checkpoint, TensorRef
@@ -353,29 +353,10 @@ def summarize(value: Any, depth: int = 0) -> Any:
 
 
 def _count_tensors(obj: Any) -> tuple[int, int]:
-    from .model import itemsize
+    from .model import itemsize, numel
 
-    count = nbytes = 0
-    stack = [obj]
-    seen: set[int] = set()
-    while stack:
-        o = stack.pop()
-        if id(o) in seen:
-            continue
-        seen.add(id(o))
-        if isinstance(o, PickledTensor):
-            count += 1
-            n = 1
-            for d in o.shape:
-                n *= d
-            nbytes += n * itemsize(o.dtype) if o.dtype in _ALL_DTYPES else 0
-        elif isinstance(o, dict):
-            stack.extend(o.values())
-        elif isinstance(o, (list, tuple)):
-            stack.extend(o)
-        elif isinstance(o, Placeholder):
-            stack.extend([o.state, o.items, o.dictitems])
-    return count, nbytes
+    tensors = [t for t in walk_tensors(obj) if t.dtype in _ALL_DTYPES]
+    return len(tensors), sum(numel(t.shape) * itemsize(t.dtype) for t in tensors)
 
 
 def _all_dtypes() -> set[str]:

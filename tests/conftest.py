@@ -58,3 +58,14 @@ def mixed_dtype_state(torch):
         scalar=torch.tensor(3.5, dtype=torch.float64),
         empty=torch.zeros(0, 3),
     )
+
+
+def rewrite_zip(src, dst, edit) -> None:
+    """Copy a zip archive entry by entry; ``edit(name, data)`` returns new bytes, or None to leave it out."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            data = edit(info.filename, zin.read(info))
+            if data is not None:
+                zout.writestr(info, data)

@@ -112,8 +112,8 @@ def test_failed_check_exits_1(files):
 def test_shape_error_names_both_modules(files):
     result = run(files["net"], "--arch", files["user"] + ":net", *FAST)
     assert result.exit_code == 1, result.output
-    assert ("features outputs [2, 50, 4, 4]; classifier.0 receives [2, 800], but classifier.0 (Linear) expects 1024 "
-            "input features") in result.output
+    assert ("features outputs [2, 50, 4, 4], but classifier.0 (Linear) expects 1024 input features and receives "
+            "[2, 800]") in result.output
     assert "Traceback" not in result.output
 
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 from click.testing import CliRunner
-from conftest import FIXTURES, tiny_model
+from conftest import FIXTURES, rewrite_zip, tiny_model
 
 from ckpt_tool.cli import main
 
@@ -135,19 +135,14 @@ def test_malicious_pickle_is_not_executed(tmp_path):
             return (os.system, (f"touch {marker}",))
 
     import pickle
-    import zipfile
 
     import torch
 
     good = tmp_path / "good.pth"
     torch.save({"w": torch.zeros(2)}, good)
     evil = tmp_path / "evil.pth"
-    with zipfile.ZipFile(good) as src, zipfile.ZipFile(evil, "w") as dst:
-        for info in src.infolist():
-            data = src.read(info)
-            if info.filename.endswith("data.pkl"):
-                data = pickle.dumps({"w": Payload()}, protocol=2)
-            dst.writestr(info, data)
+    payload = pickle.dumps({"w": Payload()}, protocol=2)
+    rewrite_zip(good, evil, lambda name, data: payload if name.endswith("data.pkl") else data)
     for args in (["inspect", str(evil)], ["inspect", str(evil), "--stats"], ["inspect", str(evil), "--json"]):
         result = run(*args)
         assert result.exit_code in (0, 1, 2)

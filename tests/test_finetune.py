@@ -255,7 +255,7 @@ def test_safetensors_input(files, tmp_path, torch):
     ("resnet18", "fc"), ("regnet_y_400mf", "fc"), ("shufflenet_v2_x0_5", "fc"), ("googlenet", "fc"),
     ("vgg11", "classifier.6"), ("alexnet", "classifier.6"), ("densenet121", "classifier"),
     ("mobilenet_v3_small", "classifier.3"), ("efficientnet_b0", "classifier.1"), ("squeezenet1_0", "classifier.1"),
-    ("vit_b_16", "heads.head"), ("swin_t", "head"),
+    ("vit_b_16", "heads.head"), ("swin_t", "head"), ("inception_v3", "fc"),
 ])
 def test_head_replacement_per_family(arch, path):
     from ckpt_tool.arch import build_model
@@ -266,6 +266,19 @@ def test_head_replacement_per_family(arch, path):
     assert change.module == path
     layer = model.get_submodule(path)
     assert getattr(layer, "out_features", getattr(layer, "out_channels", None)) == 7
+    aux = {"googlenet": ("aux1.fc2", "aux2.fc2"), "inception_v3": ("AuxLogits.fc",)}.get(arch, ())
+    assert change.aux == aux
+    assert all(model.get_submodule(a).out_features == 7 for a in aux)
+
+
+def test_auxiliary_classifiers_train_with_the_head(tmp_path, torch):
+    import torchvision
+
+    path = save_state(torch, torchvision.models.googlenet(weights=None, init_weights=False), tmp_path / "g.pth")
+    report = finetune_check(path, "googlenet", replace(FAST, num_classes=3, max_steps=1, overfit_steps=3))
+    assert check(report, "gradients").status == PASS and check(report, "trainable changed").status == PASS
+    assert len(report.load.mismatched) == 6 and check(report, "weights loaded").status == PASS
+    assert "(head aux1.fc2, aux2.fc2, fc replaced)" in check(report, "weights loaded").detail
 
 
 def test_head_named_by_user_and_errors():
@@ -334,11 +347,14 @@ def test_freeze_epochs_trains_head_then_everything(files, tmp_path, torch):
 
     out = str(tmp_path / "sched.safetensors")
     report = finetune_check(files["resnet"], "resnet18", replace(FAST, num_classes=4, epochs=2, freeze_epochs=1,
-                                                                  save=out))
+                                                                  save=out, freeze_bn=True))
     assert [p.name for p in report.phases] == ["frozen", "unfrozen"]
     assert report.phases[0].trainable == 2052 and report.phases[1].frozen == 0
     assert report.phases[1].lr == pytest.approx(0.001)
     assert report.passed, report.failed
+    # the body's BatchNorm layers were frozen (and kept in eval mode) in the first phase only
+    assert len(report.frozen_bn) == 20 and report.frozen_bn_updated == ()
+    assert sum(p.images for p in report.phases) == 16 and report.images_per_s > 0
     tuned = load_file(out)
     assert not torch.equal(tuned["conv1.weight"], files["resnet_state"]["conv1.weight"])  # unfrozen, then trained
 
@@ -389,8 +405,8 @@ def test_head_with_wrong_input_size_names_both_modules(files, torch):
     report = finetune_check(files["small"], files["user"] + ":small", replace(FAST, arch_args={"in_features": 50}))
     forward = check(report, "forward pass")
     assert forward.status == FAIL
-    assert "features outputs [2, 8, 2, 2]" in forward.detail
-    assert "classifier receives [2, 32], but classifier (Linear) expects 50 input features" in forward.detail
+    assert ("features outputs [2, 8, 2, 2], but classifier (Linear) expects 50 input features and receives [2, 32]"
+            in forward.detail)
     assert check(report, "training runs").status == SKIP and not report.passed
     # the load report sees the head's shape differ too
     assert [m.key for m in report.load.mismatched] == ["classifier.weight"]
@@ -496,3 +512,33 @@ def test_cuda_with_amp(files):
     report = finetune_check(files["resnet"], "resnet18", replace(FAST, device="cuda", amp=True, num_classes=10))
     assert report.device.startswith("cuda") and report.peak_cuda_bytes > 0
     assert check(report, "forward pass").status == PASS and check(report, "frozen unchanged").status == PASS
+
+
+def test_head_option_names_the_head_for_freeze_epochs(files):
+    report = finetune_check(files["small"], files["user"] + ":small",
+                            replace(FAST, head="classifier", epochs=2, freeze_epochs=1, lr=0.1))
+    assert report.head is None and report.load.clean
+    assert report.phases[0].trainable == 32 * 4 + 4 and report.phases[0].frozen > 0
+    assert report.phases[1].frozen == 0 and report.passed, report.failed
+
+
+def test_imagefolder_fixture_script(tmp_path):
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "fixtures"))
+    try:
+        import make_imagefolder
+    finally:
+        sys.path.pop(0)
+    root = make_imagefolder.make(str(tmp_path / "imgs"))
+    assert sorted(os.listdir(root)) == ["blue", "green", "red"]
+    assert all(len(os.listdir(os.path.join(root, c))) == 5 for c in os.listdir(root))
+    assert sorted(os.listdir(IMAGEFOLDER)) == ["blue", "green", "red"]
+
+
+def test_overfit_check_leaves_the_model_as_loaded(files):
+    # training after 2 or 8 overfit steps starts from the same weights, so it sees the same losses
+    short = finetune_check(files["small"], files["user"] + ":small", replace(FAST, overfit_steps=2))
+    long = finetune_check(files["small"], files["user"] + ":small", replace(FAST, overfit_steps=8))
+    assert len(short.overfit_losses) == 2 and len(long.overfit_losses) == 8
+    assert short.losses == long.losses and short.accuracy_after == long.accuracy_after

@@ -10,7 +10,7 @@ import zipfile
 from collections import OrderedDict
 
 import pytest
-from conftest import ROOT, TiedLM, mixed_dtype_state, tiny_model
+from conftest import ROOT, TiedLM, mixed_dtype_state, rewrite_zip, tiny_model
 
 from ckpt_tool.errors import FormatError, InputError, KeyPathError, LfsPointerError
 from ckpt_tool.formats.sniff import sniff
@@ -298,10 +298,7 @@ def test_truncated_zip_and_missing_storage(torch, tmp_path):
         open_checkpoint(str(cut))
     # an archive whose data.pkl names a storage the archive lacks
     broken = tmp_path / "nostorage.pth"
-    with zipfile.ZipFile(good) as src, zipfile.ZipFile(broken, "w") as dst:
-        for info in src.infolist():
-            if not info.filename.endswith("data/0"):
-                dst.writestr(info, src.read(info))
+    rewrite_zip(good, broken, lambda name, data: None if name.endswith("data/0") else data)
     with pytest.raises(FormatError, match="storage 0 is referenced but data/0 is missing"):
         open_checkpoint(str(broken))
 
@@ -311,12 +308,8 @@ def test_storage_size_lies_are_caught(torch, tmp_path):
     good = tmp_path / "good.pth"
     torch.save({"w": torch.zeros(4)}, good)
     bad = tmp_path / "lie.pth"
-    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w") as dst:
-        for info in src.infolist():
-            data = src.read(info)
-            if info.filename.endswith("data.pkl"):
-                data = data.replace(b"K\x04\x85", b"K\x40\x85")  # size (4,) -> (64,)
-            dst.writestr(info, data)
+    # size (4,) -> (64,) in data.pkl
+    rewrite_zip(good, bad, lambda name, data: data.replace(b"K\x04\x85", b"K\x40\x85") if name.endswith("data.pkl") else data)
     with pytest.raises(FormatError, match="past the end of its storage|needs"):
         open_checkpoint(str(bad))
 

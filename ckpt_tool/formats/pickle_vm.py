@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -602,3 +602,22 @@ def storage_dtype(storage_type: Any) -> str:
             if guess in TORCH_DTYPE_NAMES:
                 return _DTYPE_ALIASES.get(guess, guess)
     raise FormatError(f"unknown storage type {storage_type!r}")
+
+
+def walk_tensors(root: Any) -> Iterator[PickledTensor]:
+    """Every tensor in a decoded tree, once each (the tree may share and even cycle)."""
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, PickledTensor):
+            yield obj
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+        elif isinstance(obj, Placeholder):
+            stack.extend([obj.args, obj.state, obj.items, obj.dictitems])

@@ -15,7 +15,7 @@ from typing import IO, Any
 from ..errors import FormatError, InputError
 from ..model import itemsize
 from . import sniff as fmt
-from .pickle_vm import PickleVM, Placeholder, StorageRef, Trace, storage_dtype
+from .pickle_vm import PickleVM, Placeholder, StorageRef, Trace, storage_dtype, walk_tensors
 
 MAX_DATA_PKL = 256 << 20  # far above any real data.pkl; refuses zip bombs
 
@@ -169,26 +169,11 @@ def read_legacy(path: str, file_size: int, trace: Trace | None = None) -> RawFil
 
 
 def _resolve_tree_storages(root: Any, resolved: dict[str, StorageRef]) -> None:
-    from .pickle_vm import PickledTensor
-
-    seen: set[int] = set()
-    stack = [root]
-    while stack:
-        obj = stack.pop()
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, PickledTensor):
-            if obj.storage is not None:
-                view_offset = obj.storage.nbytes  # legacy views keep their offset (elements) in nbytes
-                obj.storage = resolved[obj.storage.key]
-                obj.storage_offset += view_offset
-        elif isinstance(obj, dict):
-            stack.extend(obj.values())
-        elif isinstance(obj, (list, tuple)):
-            stack.extend(obj)
-        elif isinstance(obj, Placeholder):
-            stack.extend([obj.args, obj.state, obj.items, obj.dictitems])
+    for tensor in walk_tensors(root):
+        if tensor.storage is not None:
+            view_offset = tensor.storage.nbytes  # legacy views keep their offset (elements) in nbytes
+            tensor.storage = resolved[tensor.storage.key]
+            tensor.storage_offset += view_offset
 
 
 def read_pickle(path: str, file_size: int, trace: Trace | None = None) -> RawFile:
