@@ -115,7 +115,8 @@ def render(report: Any) -> str:
         if len(rows) > 20:
             lines.append(f"... {len(rows) - 20} more (--json lists them all)")
     if report.head:
-        lines.append(f"head: {report.head.module} {report.head.old} -> {report.head.new}")
+        aux = f" (and the auxiliary {', '.join(report.head.aux)})" if report.head.aux else ""
+        lines.append(f"head: {report.head.module} {report.head.old} -> {report.head.new}{aux}")
     lines += ["", table([(p.module, human_count(p.trainable), human_count(p.frozen)) for p in report.params],
                         ["module", "trainable", "frozen"], ["left", "right", "right"])]
     if report.phases:
