@@ -22,24 +22,37 @@ class Run:
     returncode: int
 
 
-def measure(label: str, cmd: list[str], repeat: int = 3, env: dict[str, str] | None = None) -> Run:
-    """Run ``cmd`` ``repeat`` times as a whole process; keep the fastest wall time and its peak RSS.
+def bench_env(**extra: str) -> dict[str, str]:
+    """The environment for timed runs: byte-code caching on, as for any installed package."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env.update(extra)
+    return env
+
+
+def run_process(cmd: list[str], env: dict[str, str] | None = None, capture: bool = False) -> tuple[int, float, float, bytes]:
+    """One whole process: (exit code, wall seconds, peak RSS in MB, stdout if captured).
 
     Peak RSS comes from ``wait4``'s rusage of that one child (kilobytes on Linux).
     """
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=env if env is not None else bench_env())
+    out = proc.stdout.read() if proc.stdout else b""
+    err = proc.stderr.read() if proc.stderr else b""
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    if code not in (0, 1):
+        raise SystemExit(f"{' '.join(cmd[:4])} ...: exit {code}\n{err.decode(errors='replace')}")
+    return code, wall, usage.ru_maxrss / 1024, out
+
+
+def measure(label: str, cmd: list[str], repeat: int = 3, env: dict[str, str] | None = None) -> Run:
+    """Run ``cmd`` ``repeat`` times as a whole process; keep the fastest wall time and its peak RSS."""
     best: Run | None = None
     for _ in range(repeat):
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-        code = os.waitstatus_to_exitcode(status)
-        if proc.stderr is not None:
-            err = proc.stderr.read().decode(errors="replace")
-            proc.stderr.close()
-            if code not in (0, 1):
-                raise SystemExit(f"{label}: exit {code}\n{err}")
-        run = Run(label, wall, usage.ru_maxrss / 1024, code)
+        code, wall, rss, _ = run_process(cmd, env)
+        run = Run(label, wall, rss, code)
         if best is None or run.wall_s < best.wall_s:
             best = run
     assert best is not None
@@ -53,15 +66,20 @@ def report(runs: list[Run], baseline: Run) -> None:
               f"{r.peak_rss_mb / baseline.peak_rss_mb:>10.3f}")
 
 
-def vgg16_pth() -> str:
-    """A torchvision vgg16 state dict saved with torch.save (about 550 MB), made once in bench/out/."""
-    path = os.path.join(OUT, "vgg16.pth")
+def torchvision_pth(name: str) -> str:
+    """A torchvision model's state dict (random weights) saved with torch.save, made once in bench/out/."""
+    path = os.path.join(OUT, f"{name}.pth")
     if not os.path.exists(path):
         os.makedirs(OUT, exist_ok=True)
         code = (
             "import torch, torchvision; torch.manual_seed(0); "
-            f"torch.save(torchvision.models.vgg16(weights=None).state_dict(), {path + '.tmp'!r})"
+            f"torch.save(torchvision.models.get_model({name!r}, weights=None).state_dict(), {path + '.tmp'!r})"
         )
         subprocess.run([PYTHON, "-c", code], check=True)
         os.replace(path + ".tmp", path)
     return path
+
+
+def vgg16_pth() -> str:
+    """The ~550 MB vgg16 state dict the issues' targets are stated for."""
+    return torchvision_pth("vgg16")

@@ -18,13 +18,11 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
-import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-OUT = os.path.join(HERE, "out")
-CKPT = os.path.join(OUT, "vgg16.pth")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import OUT, bench_env, run_process, vgg16_pth  # noqa: E402
+
 CACHE = os.path.join(OUT, "cache")
 
 NAIVE = """
@@ -35,22 +33,11 @@ result = model.load_state_dict(sd, strict=False)
 print(len(result.missing_keys), len(result.unexpected_keys))
 """
 
-MAKE = """
-import sys, torch, torchvision
-torch.save(torchvision.models.vgg16(weights=None).state_dict(), sys.argv[1])
-"""
-
 
 def measure(argv: list[str], env: dict[str, str]) -> tuple[float, float, int]:
     """(wall seconds, peak RSS in MB, exit code) of one process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode not in (0, 1):
-        sys.exit(f"{argv[:3]} failed ({proc.returncode}): {proc.stderr.read().decode() if proc.stderr else ''}")
-    return wall, usage.ru_maxrss / 1024, proc.returncode
+    code, wall, rss, _ = run_process(argv, env)
+    return wall, rss, code
 
 
 def ckpt_executable() -> list[str]:
@@ -62,16 +49,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    os.makedirs(OUT, exist_ok=True)
-    if not os.path.exists(CKPT):
-        print(f"making {CKPT} ...", flush=True)
-        subprocess.run([sys.executable, "-c", MAKE, CKPT], check=True)
-    print(f"checkpoint: {CKPT} ({os.path.getsize(CKPT) / 2**20:.0f} MB); {os.cpu_count()} CPUs; "
+    ckpt_path = vgg16_pth()
+    print(f"checkpoint: {ckpt_path} ({os.path.getsize(ckpt_path) / 2**20:.0f} MB); {os.cpu_count()} CPUs; "
           f"load average {os.getloadavg()[0]:.2f}")
-    env = dict(os.environ, CKPT_CACHE_DIR=CACHE)
-    ckpt = ckpt_executable() + ["diff", CKPT, "--arch", "vgg16"]
+    env = bench_env(CKPT_CACHE_DIR=CACHE)
+    ckpt = ckpt_executable() + ["diff", ckpt_path, "--arch", "vgg16"]
     cases = {
-        "naive (torch.load + load_state_dict)": [sys.executable, "-c", NAIVE, CKPT],
+        "naive (torch.load + load_state_dict)": [sys.executable, "-c", NAIVE, ckpt_path],
         "ckpt diff, cold (--no-cache)": ckpt + ["--no-cache"],
         "ckpt diff, warm cache": ckpt,
     }

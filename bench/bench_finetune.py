@@ -15,12 +15,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import CKPT, OUT, PYTHON  # noqa: E402
+from _common import CKPT, PYTHON, bench_env, run_process, torchvision_pth  # noqa: E402
 
 STEPS, BATCH, SIZE, LR = 30, 32, 64, 0.01
 
@@ -69,29 +67,10 @@ print(json.dumps({{"images_per_s": {STEPS * BATCH} / elapsed, "median_step_s": t
 """
 
 
-def resnet18_pth() -> str:
-    path = os.path.join(OUT, "resnet18.pth")
-    if not os.path.exists(path):
-        os.makedirs(OUT, exist_ok=True)
-        code = ("import torch, torchvision; torch.manual_seed(0); "
-                f"torch.save(torchvision.models.resnet18(weights=None).state_dict(), {path + '.tmp'!r})")
-        subprocess.run([PYTHON, "-c", code], check=True)
-        os.replace(path + ".tmp", path)
-    return path
-
-
 def run(cmd: list[str], env: dict[str, str]) -> tuple[dict, float, float]:
-    """One whole process: its JSON on stdout, wall seconds, peak RSS in MB (wait4's rusage of that child)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    out = proc.stdout.read() if proc.stdout else b""
-    err = proc.stderr.read() if proc.stderr else b""
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    code = os.waitstatus_to_exitcode(status)
-    if code not in (0, 1):
-        raise SystemExit(f"{cmd[:4]}...: exit {code}\n{err.decode(errors='replace')}")
-    return json.loads(out), wall, usage.ru_maxrss / 1024
+    """One whole process: its JSON on stdout, wall seconds, peak RSS in MB."""
+    _, wall, rss, out = run_process(cmd, env, capture=True)
+    return json.loads(out), wall, rss
 
 
 def main() -> None:
@@ -100,8 +79,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads for both (1 keeps the comparison steady on a shared machine)")
     args = parser.parse_args()
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    ckpt = resnet18_pth()
+    env = bench_env(OMP_NUM_THREADS=str(args.threads))
+    ckpt = torchvision_pth("resnet18")
     tool_cmd = CKPT + ["finetune-check", ckpt, "--arch", "resnet18", "--num-classes", "10", "--image-size", str(SIZE),
                        "--batch-size", str(BATCH), "--max-steps", str(STEPS), "--data", f"synthetic:{STEPS * BATCH}",
                        "--optimizer", "sgd", "--lr", str(LR), "--device", "cpu", "--json", "--quiet"]

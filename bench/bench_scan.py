@@ -13,13 +13,12 @@ import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import CKPT, PYTHON, measure, report, vgg16_pth  # noqa: E402
+from _common import CKPT, PYTHON, bench_env, measure, report, vgg16_pth  # noqa: E402
 
 
 def main() -> None:
     path = vgg16_pth()
-    # byte-code caching on, as in any installed package: without it every run recompiles ckpt's sources
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env = bench_env()
     print(f"input: {path} ({os.path.getsize(path) / 2**20:.0f} MB), best of 3 runs each")
     runs = [measure("ckpt scan", [*CKPT, "scan", path], env=env)]
     picklescan = shutil.which("picklescan") or os.path.join(os.path.dirname(PYTHON), "picklescan")
