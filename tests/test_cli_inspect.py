@@ -149,3 +149,22 @@ def test_malicious_pickle_is_not_executed(tmp_path):
     assert not marker.exists()
     result = run("inspect", str(evil))
     assert "posix.system" in result.output or "os.system" in result.output
+
+
+def test_cli_start_up_imports_only_the_command_it_runs():
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from click.testing import CliRunner
+from ckpt_tool.cli import main
+result = CliRunner().invoke(main, ["inspect", sys.argv[1]])
+assert result.exit_code == 0, result.output
+print(sorted(m for m in sys.modules if m.startswith("ckpt_tool.commands.") or m in ("torch", "numpy", "tabulate")))
+"""
+    out = subprocess.run([sys.executable, "-c", code, TINY], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['ckpt_tool.commands.inspect_cmd', 'tabulate']"
+    assert run("--help").output.count("\n  ") >= 7  # every command listed in --help
+    assert "No such command 'nope'" in run("nope").output and run("nope").exit_code == 2

@@ -120,3 +120,6 @@ def _count(n: int) -> str:
 
 def _num(v: float | None) -> str:
     return "-" if v is None else f"{v:.4g}"
+
+
+COMMANDS = [inspect]
