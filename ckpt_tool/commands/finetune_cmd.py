@@ -124,7 +124,7 @@ def render(report: Any) -> str:
                               " ".join(f"{v:.4f}" for v in p.epoch_losses) or "-",
                               f"{p.images_per_s:.1f}" if p.images_per_s else "-") for p in report.phases],
                             ["phase", "epochs", "lr", "steps", "trainable", "epoch mean loss", "images/s"])]
-    lines += ["", table([(c.name, c.status.upper(), c.detail) for c in report.checks], ["check", "", "detail"])]
+    lines += ["", table([(c.name, c.status.upper(), c.detail) for c in report.checks], ["check", "status", "detail"])]
     if report.saved:
         lines.append(f"\nsaved fine-tuned weights to {report.saved}")
     if report.plot:

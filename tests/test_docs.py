@@ -1,0 +1,46 @@
+"""The README is the manual: every command and every option must be documented in it."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import click
+import pytest
+from conftest import ROOT
+
+from ckpt_tool.cli import COMMAND_MODULES, main
+
+README = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+
+
+def _command(name: str) -> click.Command:
+    command = main.get_command(click.Context(main), name)
+    assert command is not None
+    return command
+
+
+@pytest.mark.parametrize("name", sorted(COMMAND_MODULES))
+def test_every_command_has_a_section_and_an_example(name):
+    assert re.search(rf"^## .*`ckpt {re.escape(name)}`", README, re.M), f"no README section for ckpt {name}"
+    assert f"$ ckpt {name} " in README, f"no worked example of ckpt {name}"
+
+
+@pytest.mark.parametrize("name", sorted(COMMAND_MODULES))
+def test_every_option_is_documented(name):
+    missing = [
+        opt
+        for param in _command(name).params
+        if isinstance(param, click.Option)
+        for opt in param.opts
+        if opt.startswith("--") and opt != "--help" and not re.search(rf"(?<![\w-]){re.escape(opt)}(?![\w-])", README)
+    ]
+    assert missing == [], f"ckpt {name}: options missing from README: {missing}"
+
+
+def test_setup_commands_come_first():
+    setup = README.split("## Set-up", 1)[1]
+    block = setup.split("```bash\n", 1)[1].split("```", 1)[0].strip().splitlines()
+    assert block == ["pip install -e '.[test]'", "pytest"]
+    ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read()
+    assert "pip install -q -e '.[test]'" in ci and "\npytest\n" in ci
