@@ -19,7 +19,7 @@ from typing import Any
 
 from .arch import TargetSignature, TargetTensor, parse_arch_args, target_signature
 from .errors import InputError, OutputError, UsageError
-from .model import Checkpoint, TensorRef, common_prefix, itemsize, numel
+from .model import Checkpoint, TensorRef, common_prefix, in_module, itemsize, numel
 
 MATCHED, DTYPE, SHAPE, MISSING, UNEXPECTED, MIXED = "matched", "dtype", "shape", "missing", "unexpected", "mixed"
 # not in the checkpoint, but torch fills it in itself (BatchNorm's num_batches_tracked without version metadata)
@@ -548,7 +548,7 @@ def suggest_plan(source: Checkpoint, target: dict[str, TargetTensor], *, arch: s
         prefixes = _drop_prefixes(unexpected, current)
         if len(prefixes) <= MAX_DROP_PREFIXES:
             for p in prefixes:
-                n = sum(1 for k in unexpected if _under(k, p))
+                n = sum(1 for k in unexpected if in_module(k, p))
                 steps.append(PlanStep({"op": "drop", "prefix": p},
                                       f"the target has no {p} ({n} key{'s' * (n != 1)} the checkpoint has)", n))
         else:
@@ -714,21 +714,17 @@ def _rename_reason(pairs: list[tuple[str, str]], current: dict[str, tuple[int, .
     return f"same parameter names and shapes under another module name: {shown}"
 
 
-def _under(key: str, prefix: str) -> bool:
-    return key == prefix or key.startswith(prefix + ".")
-
-
 def _drop_prefixes(unexpected: list[str], current: dict[str, tuple[int, ...]]) -> list[str]:
     """The shortest module paths that hold only unexpected keys and, together, all of them."""
     bad = set(unexpected)
     out: list[str] = []
     for k in unexpected:
-        if any(_under(k, p) for p in out):
+        if any(in_module(k, p) for p in out):
             continue
         parts = k.split(".")
         for i in range(1, len(parts) + 1):
             p = ".".join(parts[:i])
-            if all(other in bad for other in current if _under(other, p)):
+            if all(other in bad for other in current if in_module(other, p)):
                 out.append(p)
                 break
     return out

@@ -24,7 +24,7 @@ from typing import Any
 
 from .arch import build_model
 from .errors import InputError, OutputError, UsageError
-from .model import Checkpoint, common_prefix, contiguous_strides
+from .model import Checkpoint, common_prefix, contiguous_strides, in_module
 from .reader import open_checkpoint
 from .render import human_bytes, shape_str
 from .values import torch_state_dict
@@ -399,7 +399,7 @@ def _load_into(model: Any, state: dict[str, Any], heads: tuple[str, ...], operat
     usable = {k: v for k, v in state.items() if k in model_state and k not in bad}
     # filtered first, so torch reports nothing we have not already counted and raises no size mismatch
     model.load_state_dict(usable, strict=False)
-    head_keys = tuple(k for k in model_state if any(_under(k, h) for h in heads))
+    head_keys = tuple(k for k in model_state if any(in_module(k, h) for h in heads))
     return LoadReport(loaded=len(usable), model_keys=len(model_state), checkpoint_keys=len(state),
                       missing=tuple(missing), unexpected=tuple(unexpected), mismatched=tuple(mismatched),
                       head_keys=head_keys, operations=operations, initialised=initialised)
@@ -435,10 +435,6 @@ def _load_check(load: LoadReport, strict: bool, ckpt: Checkpoint) -> Check:
     if load.unexpected:
         summary += f"; ignored {_some(list(load.unexpected))}"
     return Check("weights loaded", PASS, summary)
-
-
-def _under(name: str, module: str) -> bool:
-    return module == "" or name == module or name.startswith(module + ".")
 
 
 # ---- head ----------------------------------------------------------------------------------------------------------
@@ -534,7 +530,7 @@ def matches(name: str, pattern: str) -> bool:
     """
     if pattern.startswith("re:"):
         return re.search(pattern[3:], name) is not None
-    if _under(name, pattern):
+    if in_module(name, pattern):
         return True
     return any(c in pattern for c in "*?[") and (fnmatch.fnmatchcase(name, pattern)
                                                   or fnmatch.fnmatchcase(name, pattern + ".*"))
@@ -662,7 +658,7 @@ def _describe_failure(entered: list[tuple[str, Any, tuple[Any, ...]]], done: lis
     got = inputs[0] if inputs else None
     want = _expected_input(module)
     ancestors = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
-    before = next(((n, s) for n, s in reversed(done) if n not in ancestors and not _under(n, name)), None)
+    before = next(((n, s) for n, s in reversed(done) if n not in ancestors and not in_module(n, name)), None)
     source = f"{before[0]} outputs {shape_str(before[1])}" if before else "the input"
     layer = f"{name} ({type(module).__name__})"
     if want:

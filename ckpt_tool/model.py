@@ -172,6 +172,17 @@ class Checkpoint:
         return {s: keys for s, keys in groups.items() if len(keys) > 1}
 
 
+def in_module(key: str, module: str) -> bool:
+    """Whether ``key`` is ``module`` or lies under it, by module path (``""`` holds every key).
+
+    Example:
+        >>> in_module("classifier.6.bias", "classifier.6"), in_module("classifier.60.bias", "classifier.6")
+        (True, False)
+    """
+    module = module.rstrip(".")
+    return module == "" or key == module or key.startswith(module + ".")
+
+
 def common_prefix(keys: list[str]) -> str:
     """The longest dotted prefix shared by every key (``"module."``), or ``""``.
 

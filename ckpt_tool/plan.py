@@ -21,7 +21,7 @@ from typing import Any
 
 from .arch import TargetTensor
 from .errors import InputError, UsageError
-from .model import TensorRef, is_floating
+from .model import TensorRef, in_module, is_floating
 
 PLAN_VERSION = 1
 CAST_DTYPES = ("float16", "bfloat16", "float32")
@@ -64,14 +64,9 @@ Target = Mapping[str, TargetTensor]
 # --- the pure functions --------------------------------------------------------------------------
 
 
-def _module_match(key: str, prefix: str) -> bool:
-    prefix = prefix.rstrip(".")
-    return key == prefix or key.startswith(prefix + ".")
-
-
 def drop(state: State, prefix: str) -> State:
     """Drop a module and everything under it: ``classifier.6`` drops ``classifier.6.weight``, not ``classifier.60.weight``."""
-    return {k: e for k, e in state.items() if not _module_match(k, prefix)}
+    return {k: e for k, e in state.items() if not in_module(k, prefix)}
 
 
 def keep(state: State, pattern: str) -> State:
