@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -232,6 +233,14 @@ def _keep_backup(final: str, backup: str) -> None:
         shutil.copy2(final, backup)
 
 
+def _flush_to_disk(out: IO[bytes]) -> None:
+    try:
+        out.flush()
+        os.fsync(out.fileno())
+    except (OSError, AttributeError, io.UnsupportedOperation):
+        pass  # not a file (a buffer in memory): nothing to flush early
+
+
 def _fsync_dir(directory: str) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -313,6 +322,9 @@ def _write_safetensors(out: IO[bytes], layout: Layout, metadata: Metadata) -> No
     for v in layout.views:
         _stream(out, layout.blobs[v.blob])
     if any(isinstance(v, Deferred) for v in metadata.values()):
+        # the data goes to disk while the deferred values (the source's sha256) are still being
+        # computed, so that the final fsync only has the rewritten header left to write
+        _flush_to_disk(out)
         final = safetensors_header(layout.views, resolve_metadata(metadata))
         if len(final) != len(header):
             raise AssertionError("safetensors header changed length when its metadata was completed")
