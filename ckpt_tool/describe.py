@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import UsageError
-from .model import Candidate, Checkpoint, TensorRef, common_prefix
+from .model import Candidate, Checkpoint, Progress, TensorRef, common_prefix
 from .reader import open_checkpoint
 from .values import FileCache, TensorStats, tensor_stats
-
-Progress = Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -83,7 +80,7 @@ def inspect_checkpoint(
         depth: roll keys up by module prefix of this many components.
         filter: keep only keys matching this regular expression.
         stats: read values and add min/max/mean/std and NaN/Inf counts.
-        progress: called with the number of bytes read after each tensor (``stats`` only).
+        progress: called with ``(bytes read now, bytes to read)`` after each tensor (``stats`` only).
 
     Example:
         >>> report = inspect_checkpoint("fixtures/tiny_cnn.pth", depth=1)
@@ -98,12 +95,13 @@ def inspect_checkpoint(
     shared = ckpt.shared_storages()
     stats_by_key: dict[str, TensorStats] = {}
     if stats:
+        total = sum(r.nbytes for r in refs)
         with FileCache() as files:
             for ref in refs:
                 if ref.offset is not None:
                     stats_by_key[ref.key] = tensor_stats(ref, files)
                 if progress is not None:
-                    progress(ref.nbytes)
+                    progress(ref.nbytes, total)
     rows = tuple(_row(r, shared, stats_by_key.get(r.key)) for r in refs)
     by_dtype: dict[str, int] = {}
     for ref in ckpt.tensors.values():

@@ -19,7 +19,7 @@ from typing import Any
 
 from .arch import TargetSignature, TargetTensor, parse_arch_args, target_signature
 from .errors import InputError, OutputError, UsageError
-from .model import Checkpoint, TensorRef, common_prefix, in_module, itemsize, numel
+from .model import Checkpoint, Progress, TensorRef, common_prefix, in_module, itemsize, numel
 
 MATCHED, DTYPE, SHAPE, MISSING, UNEXPECTED, MIXED = "matched", "dtype", "shape", "missing", "unexpected", "mixed"
 # not in the checkpoint, but torch fills it in itself (BatchNorm's num_batches_tracked without version metadata)
@@ -140,7 +140,8 @@ Target = TargetSignature | Checkpoint
 def diff_paths(path: str, target_path: str | None = None, *, arch: str | None = None,
                arch_args: Iterable[str] | dict[str, Any] = (), key: str | None = None,
                target_key: str | None = None, values: bool = False, depth: int | None = None,
-               show_all: bool = False, use_cache: bool = True, plan_out: str | None = None) -> DiffReport:
+               show_all: bool = False, use_cache: bool = True, plan_out: str | None = None,
+               progress: Progress | None = None) -> DiffReport:
     """Open both sides, diff them and, with ``plan_out``, save the fix plan as JSON.
 
     Args:
@@ -154,6 +155,7 @@ def diff_paths(path: str, target_path: str | None = None, *, arch: str | None = 
         show_all: keep matched rows in the table.
         use_cache: read and write the on-disk signature cache.
         plan_out: file to write the JSON plan to.
+        progress: with ``values``, called with ``(bytes compared now, bytes to compare)`` per tensor.
 
     Example:
         >>> report = diff_paths("resnet18.pth", arch="resnet18", arch_args=["num_classes=10"])
@@ -182,7 +184,7 @@ def diff_paths(path: str, target_path: str | None = None, *, arch: str | None = 
     else:
         assert target_path is not None
         target = open_checkpoint(target_path, target_key)
-    report = diff(source, target, values=values, depth=depth, show_all=show_all)
+    report = diff(source, target, values=values, depth=depth, show_all=show_all, progress=progress)
     if plan_out is not None:
         write_plan(report.plan.document, plan_out)
         report = replace(report, plan_path=plan_out)
@@ -190,7 +192,7 @@ def diff_paths(path: str, target_path: str | None = None, *, arch: str | None = 
 
 
 def diff(source: Checkpoint, target: Target, *, values: bool = False, depth: int | None = None,
-         show_all: bool = False) -> DiffReport:
+         show_all: bool = False, progress: Progress | None = None) -> DiffReport:
     """Compare a checkpoint's state dict with a target's, key by key, and suggest a fix plan."""
     if not source.tensors:
         raise InputError(f"{source.path}: holds no tensors to compare (no state dict found)")
@@ -199,7 +201,7 @@ def diff(source: Checkpoint, target: Target, *, values: bool = False, depth: int
     keys = _key_diffs(source.tensors, tgt, fills)
     if values:
         assert isinstance(target, Checkpoint)
-        keys = _with_values(keys, source.tensors, target.tensors)
+        keys = _with_values(keys, source.tensors, target.tensors, progress)
     counts = _counts(keys, source.tensors, tgt)
     loads = counts.missing == counts.unexpected == counts.shape_mismatches == 0
     rows, hidden = _rows(keys, depth, show_all)
@@ -312,15 +314,22 @@ def _counts(keys: list[KeyDiff], src: dict[str, TensorRef], tgt: dict[str, Targe
 # --- values ------------------------------------------------------------------------------------------------
 
 
-def _with_values(keys: list[KeyDiff], src: dict[str, TensorRef], tgt: dict[str, TensorRef]) -> list[KeyDiff]:
+def _with_values(keys: list[KeyDiff], src: dict[str, TensorRef], tgt: dict[str, TensorRef],
+                 progress: Progress | None = None) -> list[KeyDiff]:
     from .values import FileCache
 
+    def comparable(k: KeyDiff) -> bool:
+        return k.status in (MATCHED, DTYPE) and src[k.key].shape == tgt[k.key].shape
+
+    total = sum(src[k.key].nbytes + tgt[k.key].nbytes for k in keys if comparable(k))
     out = []
     with FileCache() as files:
         for k in keys:
-            if k.status in (MATCHED, DTYPE) and src[k.key].shape == tgt[k.key].shape:
+            if comparable(k):
                 max_abs, rel = compare_values(src[k.key], tgt[k.key], files)
                 k = replace(k, max_abs_diff=max_abs, rel_change=rel)
+                if progress is not None:
+                    progress(src[k.key].nbytes + tgt[k.key].nbytes, total)
             out.append(k)
     return out
 

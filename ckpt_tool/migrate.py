@@ -21,7 +21,7 @@ from . import __version__
 from .arch import TargetSignature, target_signature
 from .errors import FormatError, UsageError
 from .formats.pickle_vm import GlobalRef, PickledTensor, Placeholder
-from .model import Checkpoint, TensorRef, contiguous_strides, is_floating, itemsize, numel
+from .model import Checkpoint, Progress, TensorRef, contiguous_strides, is_floating, itemsize, numel
 from .plan import CHECKPOINT, Applied, Entry, Plan, State, Step, apply, initial_state
 from .reader import open_checkpoint
 from .render import to_jsonable
@@ -161,6 +161,7 @@ def migrate(
     in_place: bool = False,
     dry_run: bool = False,
     on_plan: Callable[[MigrationPlan], None] | None = None,
+    progress: Progress | None = None,
 ) -> MigrateReport:
     """Apply ``plan`` to its source checkpoint and write the result to ``output``.
 
@@ -175,6 +176,7 @@ def migrate(
         force: replace an existing output. ``in_place``: replace the source, keeping ``SOURCE.bak``.
         dry_run: plan only; nothing is written.
         on_plan: called with the plan before anything is written (the CLI shows it).
+        progress: called with ``(bytes written now, tensor bytes in all)`` as tensors stream.
 
     Returns:
         A :class:`MigrateReport`; ``report.ok`` is False when the result does not load strictly into
@@ -243,7 +245,7 @@ def migrate(
     nesting = Nesting(ckpt.state_path or "state_dict", kept) if fmt == PTH and kept else Nesting()
     try:
         written = _write(output, built.layout, metadata=metadata, nesting=nesting, max_shard_size=max_shard_size,
-                         backup=backup, staging=Staging())
+                         backup=backup, staging=Staging(), progress=progress)
     finally:
         values.release()
         built.files.close()
@@ -253,9 +255,9 @@ def migrate(
 
 
 def convert(source: str, output: str, *, force: bool = False, max_shard_size: int | None = None,
-            key: str | None = None) -> MigrateReport:
+            key: str | None = None, progress: Progress | None = None) -> MigrateReport:
     """Rewrite a checkpoint in another format (``.pth`` -> ``.safetensors``, ...) with identical tensors."""
-    return migrate(Plan(source, key), output, force=force, max_shard_size=max_shard_size)
+    return migrate(Plan(source, key), output, force=force, max_shard_size=max_shard_size, progress=progress)
 
 
 def compare(state: State | dict[str, Any], signature: TargetSignature) -> TargetDiff:

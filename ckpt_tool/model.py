@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+# a progress callback: (bytes handled just now, bytes to handle in all)
+Progress = Callable[[int, int], None]
 
 # dtype name -> (bytes per element, safetensors code, is floating point)
 DTYPES: dict[str, tuple[int, str | None, bool]] = {

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
+
+from .model import Progress
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -98,3 +101,30 @@ def plain_table(rows: Iterable[Sequence[Any]], headers: Sequence[str]) -> str:
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     return "\n".join(line.rstrip() for line in lines)
+
+
+@contextlib.contextmanager
+def progress_bar(label: str, enabled: bool = True) -> Iterator[Progress | None]:
+    """A progress callback ``(bytes_done_now, bytes_total)`` drawing a bar on stderr.
+
+    Yields ``None`` (no callback, no cost) when stderr is not a terminal or ``enabled`` is false,
+    so that piped and machine-read output stays clean.
+    """
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    import click
+
+    bars: list[Any] = []
+
+    def update(advance: int, total: int) -> None:
+        if not bars:
+            bars.append(click.progressbar(length=max(total, 1), label=label, file=sys.stderr))
+            bars[0].__enter__()
+        bars[0].update(advance)
+
+    try:
+        yield update
+    finally:
+        if bars:
+            bars[0].__exit__(None, None, None)

@@ -23,7 +23,7 @@ from typing import IO, Any
 
 from .errors import OutputError, UsageError
 from .formats.pickle_vm import STORAGE_DTYPES
-from .model import DTYPES, contiguous_strides, itemsize, numel
+from .model import DTYPES, Progress, contiguous_strides, itemsize, numel
 
 SAFETENSORS = "safetensors"
 PTH = "pth"
@@ -281,15 +281,17 @@ def _copy_range(out: IO[bytes], source: str, offset: int, nbytes: int) -> None:
             done += len(data)
 
 
-def _stream(out: IO[bytes], blob: Blob, kernel_copy: bool = True) -> None:
+def _stream(out: IO[bytes], blob: Blob, tick: Callable[[int], None], kernel_copy: bool = True) -> None:
     """Write a blob: copied by the kernel when it is a verbatim range and ``out`` is a real file."""
     if blob.copy_from is not None and kernel_copy:
         _copy_range(out, blob.copy_from[0], blob.copy_from[1], blob.nbytes)
+        tick(blob.nbytes)
         return
     done = 0
     for chunk in blob.chunks():
         out.write(chunk)
         done += len(chunk)
+        tick(len(chunk))
     if done != blob.nbytes:
         raise AssertionError(f"blob streamed {done} bytes, {blob.nbytes} expected")
 
@@ -312,7 +314,7 @@ def safetensors_header(views: Iterable[View], metadata: dict[str, str]) -> bytes
     return struct.pack("<Q", len(text)) + text
 
 
-def _write_safetensors(out: IO[bytes], layout: Layout, metadata: Metadata) -> None:
+def _write_safetensors(out: IO[bytes], layout: Layout, metadata: Metadata, tick: Callable[[int], None]) -> None:
     for v in layout.views:
         blob = layout.blobs[v.blob]
         if v.offset or blob.nbytes != v.nbytes or v.stride != contiguous_strides(v.shape):
@@ -320,7 +322,7 @@ def _write_safetensors(out: IO[bytes], layout: Layout, metadata: Metadata) -> No
     header = safetensors_header(layout.views, resolve_metadata(metadata, final=False))
     out.write(header)
     for v in layout.views:
-        _stream(out, layout.blobs[v.blob])
+        _stream(out, layout.blobs[v.blob], tick)
     if any(isinstance(v, Deferred) for v in metadata.values()):
         # the data goes to disk while the deferred values (the source's sha256) are still being
         # computed, so that the final fsync only has the rewritten header left to write
@@ -459,23 +461,23 @@ def _pth_pickle(layout: Layout, nesting: Nesting) -> bytes:
     return bytes(p.out)
 
 
-def _write_pth(out: IO[bytes], layout: Layout, nesting: Nesting) -> None:
+def _write_pth(out: IO[bytes], layout: Layout, nesting: Nesting, tick: Callable[[int], None]) -> None:
     prefix = "archive/"
     data_pkl = _pth_pickle(layout, nesting)
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as zf:
         small = [("data.pkl", data_pkl), (".format_version", b"1"), (".storage_alignment", str(ALIGNMENT).encode()),
                  ("byteorder", b"little")]
         for name, data in small:
-            _zip_entry(zf, prefix + name, data)
+            _zip_entry(zf, prefix + name, data, tick)
         for index in sorted({v.blob for v in layout.views}):
-            _zip_entry(zf, f"{prefix}data/{index}", layout.blobs[index])
+            _zip_entry(zf, f"{prefix}data/{index}", layout.blobs[index], tick)
         # torch reads a serialization id; a digest of the pickle keeps outputs reproducible
         serial = str(int(hashlib.sha256(data_pkl).hexdigest()[:32], 16)).zfill(40)[:40].encode()
         for name, data in (("version", b"3\n"), (".data/serialization_id", serial)):
-            _zip_entry(zf, prefix + name, data)
+            _zip_entry(zf, prefix + name, data, tick)
 
 
-def _zip_entry(zf: zipfile.ZipFile, name: str, payload: bytes | Blob) -> None:
+def _zip_entry(zf: zipfile.ZipFile, name: str, payload: bytes | Blob, tick: Callable[[int], None]) -> None:
     size = len(payload) if isinstance(payload, bytes) else payload.nbytes
     info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
     info.compress_type = zipfile.ZIP_STORED
@@ -491,7 +493,7 @@ def _zip_entry(zf: zipfile.ZipFile, name: str, payload: bytes | Blob) -> None:
         if isinstance(payload, bytes):
             w.write(payload)
         else:
-            _stream(w, payload, kernel_copy=False)
+            _stream(w, payload, tick, kernel_copy=False)
 
 
 # --- the entry point ------------------------------------------------------------------------------
@@ -506,6 +508,7 @@ def write_checkpoint(
     max_shard_size: int | None = None,
     backup: str | None = None,
     staging: Staging | None = None,
+    progress: Progress | None = None,
 ) -> Written:
     """Write ``layout`` to ``path`` in the format its extension names, atomically.
 
@@ -515,12 +518,19 @@ def write_checkpoint(
         max_shard_size: split into Hugging Face style shards of at most this many tensor bytes
             (a storage is never split) with an ``index.json``; one file when everything fits.
         backup: keep the file being replaced under this name (``--in-place``).
+        progress: called with ``(bytes written now, tensor bytes in all)`` as tensors stream.
     """
     fmt = output_format(path)
     metadata = dict(metadata or {})
     nesting = nesting or Nesting()
     staging = staging or Staging()
     shards = _split(layout, max_shard_size) if max_shard_size else [layout]
+    total = sum(layout.blobs[i].nbytes for i in {v.blob for v in layout.views})
+
+    def tick(n: int) -> None:
+        if progress is not None:
+            progress(n, total)
+
     try:
         if len(shards) == 1:
             files = [path]
@@ -529,10 +539,10 @@ def write_checkpoint(
         for name, shard in zip(files, shards):
             with staging.open(name) as out:
                 if fmt == SAFETENSORS:
-                    _write_safetensors(out, shard, metadata)
+                    _write_safetensors(out, shard, metadata, tick)
                 else:
                     # shards are plain state dicts (as Hugging Face writes them)
-                    _write_pth(out, shard, nesting if len(shards) == 1 else Nesting())
+                    _write_pth(out, shard, nesting if len(shards) == 1 else Nesting(), tick)
         if len(shards) > 1:
             index = {
                 "metadata": {**resolve_metadata(metadata), "total_size": sum(v.nbytes for v in layout.views)},

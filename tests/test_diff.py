@@ -366,8 +366,13 @@ def test_checkpoint_vs_checkpoint_values(tmp_path: Path) -> None:
     after["layer4.1.conv2.weight"] = after["layer4.1.conv2.weight"].transpose(0, 1).contiguous().transpose(0, 1)  # same values, strided
     torch.save(before, tmp_path / "a.pth")
     torch.save(after, tmp_path / "b.pth")
-    report = diff_paths(str(tmp_path / "a.pth"), str(tmp_path / "b.pth"), values=True)
+    ticks: list[tuple[int, int]] = []
+    report = diff_paths(str(tmp_path / "a.pth"), str(tmp_path / "b.pth"), values=True,
+                        progress=lambda n, total: ticks.append((n, total)))
     assert report.target_kind == "checkpoint" and report.loads_strictly
+    both = sum(t.numel() * t.element_size() for t in before.values()) + sum(
+        t.numel() * t.element_size() for t in after.values())
+    assert len(ticks) == len(before) and sum(n for n, _ in ticks) == both and {t for _, t in ticks} == {both}
     by_key = {k.key: k for k in report.keys}
     assert by_key["fc.weight"].max_abs_diff == pytest.approx(0.5)
     expected_rel = (0.5 * before["fc.weight"].numel() ** 0.5) / before["fc.weight"].norm().item()

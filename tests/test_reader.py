@@ -376,3 +376,17 @@ def test_self_referencing_pickle_does_not_hang(tmp_path):
     path.write_bytes(pickle.dumps({"a": loop, "b": {"c": loop}}, protocol=4))
     ckpt = open_checkpoint(str(path))
     assert ckpt.tensors == {} and "a" in ckpt.extras
+
+
+def test_inspect_progress_reports_every_byte_read(torch, tmp_path):
+    from ckpt_tool.describe import inspect_checkpoint
+
+    path = tmp_path / "p.pth"
+    torch.save(tiny_model().state_dict(), path)
+    ticks: list[tuple[int, int]] = []
+    report = inspect_checkpoint(str(path), stats=True, progress=lambda n, total: ticks.append((n, total)))
+    assert len(ticks) == report.tensors and sum(n for n, _ in ticks) == report.tensor_bytes
+    assert {t for _, t in ticks} == {report.tensor_bytes}
+    ticks.clear()
+    inspect_checkpoint(str(path), progress=lambda n, total: ticks.append((n, total)))
+    assert ticks == []  # no values read, nothing to report

@@ -336,3 +336,14 @@ def test_zip64_entries_stay_aligned_and_loadable(tmp_path, torch, monkeypatch):
     assert extra_len > 20  # padding plus the zip64 field
     assert (info.header_offset + 30 + name_len + extra_len) % 64 == 0
     assert_same(tensors, torch.load(path, weights_only=True), torch)
+
+
+@pytest.mark.parametrize("name", ["out.safetensors", "out.pth"])
+def test_progress_counts_every_tensor_byte_once(tmp_path, torch, name):
+    tensors = sample(torch)
+    layout = tensor_layout(tensors)
+    ticks: list[tuple[int, int]] = []
+    write_checkpoint(str(tmp_path / name), layout, progress=lambda n, total: ticks.append((n, total)))
+    total = sum(b.nbytes for b in layout.blobs)
+    assert ticks and {t for _, t in ticks} == {total}
+    assert sum(n for n, _ in ticks) == total

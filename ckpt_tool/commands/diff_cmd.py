@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from ..render import dumps, echo, human_count, json_option, note, shape_str, table
+from ..render import dumps, echo, human_count, json_option, note, progress_bar, shape_str, table
 
 EXIT_LOADS, EXIT_DIFFERS = 0, 1
 
@@ -49,8 +49,10 @@ def diff(checkpoint: str, target: str | None, arch: str | None, arch_args: tuple
     """
     from ..diff import diff_paths
 
-    report = diff_paths(checkpoint, target, arch=arch, arch_args=arch_args, key=key, target_key=target_key,
-                        values=values, depth=depth, show_all=show_all, use_cache=not no_cache, plan_out=plan_out)
+    with progress_bar("comparing values", enabled=values) as progress:
+        report = diff_paths(checkpoint, target, arch=arch, arch_args=arch_args, key=key, target_key=target_key,
+                            values=values, depth=depth, show_all=show_all, use_cache=not no_cache,
+                            plan_out=plan_out, progress=progress)
     if as_json:
         echo(dumps(report))
     else:

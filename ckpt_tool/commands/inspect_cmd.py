@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from ..render import dumps, echo, human_bytes, human_count, json_option, shape_str, table
+from ..render import dumps, echo, human_bytes, human_count, json_option, progress_bar, shape_str, table
 
 
 @click.command()
@@ -28,20 +28,8 @@ def inspect(path: str, key: str | None, depth: int | None, filter_: str | None, 
     """
     from ..describe import inspect_checkpoint
 
-    progress = None
-    bar = None
-    if stats and sys.stderr.isatty():
-        from ..reader import open_checkpoint
-
-        total = open_checkpoint(path, key).tensor_bytes
-        bar = click.progressbar(length=total, label="reading values", file=sys.stderr)
-        bar.__enter__()
-        progress = bar.update
-    try:
+    with progress_bar("reading values", enabled=stats) as progress:
         report = inspect_checkpoint(path, key, depth=depth, filter=filter_, stats=stats, progress=progress)
-    finally:
-        if bar is not None:
-            bar.__exit__(None, None, None)
     if as_json:
         echo(dumps(report))
     else:

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from ..render import dumps, echo, human_bytes, json_option, shape_str, table
+from ..render import dumps, echo, human_bytes, json_option, progress_bar, shape_str, table
 
 EXIT_OK, EXIT_FINDINGS = 0, 1
 # options that are operations: applied in the order they appear on the command line
@@ -89,9 +89,11 @@ def migrate(ctx: click.Context, source: str | None, key: str | None, keep_extras
         arch_args=parse_arch_args(arch_args) if arch_args else (base.arch_args if arch in (None, base.arch) else {}),
         operations=tuple(operations),
     )
-    report = run(plan, output, seed=seed, keep_extras=keep_extras,
-                 max_shard_size=parse_size(max_shard_size) if max_shard_size else None, force=force,
-                 in_place=in_place, dry_run=dry_run, on_plan=None if as_json else _render_plan)
+    with progress_bar("writing", enabled=not dry_run) as progress:
+        report = run(plan, output, seed=seed, keep_extras=keep_extras,
+                     max_shard_size=parse_size(max_shard_size) if max_shard_size else None, force=force,
+                     in_place=in_place, dry_run=dry_run, on_plan=None if as_json else _render_plan,
+                     progress=progress)
     _finish(report, as_json)
 
 
@@ -114,8 +116,9 @@ def convert(source: str, output: str, key: str | None, max_shard_size: str | Non
     from ..migrate import convert as run
     from ..writer import parse_size
 
-    report = run(source, output, key=key, force=force,
-                 max_shard_size=parse_size(max_shard_size) if max_shard_size else None)
+    with progress_bar("writing") as progress:
+        report = run(source, output, key=key, force=force,
+                     max_shard_size=parse_size(max_shard_size) if max_shard_size else None, progress=progress)
     _finish(report, as_json)
 
 
