@@ -8,10 +8,20 @@ from typing import Any
 
 from .errors import FormatError, InputError, KeyPathError
 from .formats import sniff as fmt
-from .formats.pickle_vm import GlobalRef, PickledTensor, Placeholder, StorageRef, TorchDType, Trace, walk_tensors
+from .formats.pickle_vm import (
+    REBUILT_AS_DATA,
+    TORCH_DTYPE_NAMES,
+    GlobalRef,
+    PickledTensor,
+    Placeholder,
+    StorageRef,
+    TorchDType,
+    Trace,
+    walk_tensors,
+)
 from .formats.safetensors import read_safetensors
 from .formats.torchfile import RawFile, read_legacy, read_pickle, read_zip
-from .model import Candidate, Checkpoint, TensorRef
+from .model import DTYPES, Candidate, Checkpoint, TensorRef, itemsize, numel
 
 # where weights usually live, most likely first
 PREFERRED_KEYS = (
@@ -114,8 +124,8 @@ def describe_raw(raw: RawFile, key: str | None = None) -> Checkpoint:
     cands = tuple(Candidate(p, len(sd), sum(t.numel for t in sd.values())) for p, sd in
                   ((p, to_state_dict(o, raw.path)) for p, o in candidates))
     extras = summarize_extras(raw.root, chosen_path)
-    placeholders = sorted({e.name for e in raw.trace.calls if e.opcode != "BUILD" and e.name not in _KNOWN_CALLS}
-                          | {e.name for e in raw.trace.globals if not _known_global(e.name)} - _KNOWN_CALLS)
+    # every object the pickle would have built comes from a global; the known torch ones became data
+    placeholders = sorted({e.name for e in raw.trace.globals if not _known_global(e.name)})
     return Checkpoint(
         path=raw.path, format=raw.format, file_size=raw.file_size, tensors=tensors,
         state_path=chosen_path, candidates=cands, extras=extras, placeholders=tuple(placeholders),
@@ -123,25 +133,14 @@ def describe_raw(raw: RawFile, key: str | None = None) -> Checkpoint:
     )
 
 
-_KNOWN_CALLS = {
-    "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor_v3", "torch._utils._rebuild_tensor",
-    "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state", "collections.OrderedDict",
-    "torch._tensor._rebuild_from_type_v2", "torch._utils._rebuild_qtensor", "torch.Size", "torch.device",
-    "torch._utils._rebuild_meta_tensor_no_storage", "_codecs.encode", "builtins.set", "builtins.frozenset",
-    "__builtin__.set", "__builtin__.frozenset", "builtins.bytes", "__builtin__.bytes", "builtins.bytearray",
-    "__builtin__.bytearray",
-}
-
 
 def _known_global(name: str) -> bool:
-    if name in _KNOWN_CALLS:
+    if name in REBUILT_AS_DATA:
         return True
     module, _, attr = name.rpartition(".")
-    return module in ("torch", "torch.storage") and (attr.endswith("Storage") or attr in _TORCH_DTYPES)
+    return module in ("torch", "torch.storage") and (attr.endswith("Storage") or attr in TORCH_DTYPE_NAMES)
 
 
-_TORCH_DTYPES = {"float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
-                 "complex64", "complex128", "float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64"}
 
 
 def _is_optimizer_state(obj: dict[Any, Any]) -> bool:
@@ -304,19 +303,12 @@ def tensor_ref(key: str, t: PickledTensor, path: str) -> TensorRef:
     )
     if any(d < 0 for d in t.shape) or any(st < 0 for st in t.stride) or t.storage_offset < 0:
         raise FormatError(f"{path}: tensor {key!r} has a negative size, stride or offset")
-    end = (t.storage_offset + ref.span_elements) * _itemsize(t.dtype)
+    if t.dtype not in DTYPES:
+        raise FormatError(f"{path}: tensor {key!r} has an unknown dtype {t.dtype!r}")
+    end = (t.storage_offset + ref.span_elements) * itemsize(t.dtype)
     if ref.numel and end > s.nbytes:
         raise FormatError(f"{path}: tensor {key!r} reads past the end of its storage ({end} > {s.nbytes} bytes)")
     return ref
-
-
-def _itemsize(dtype: str) -> int:
-    from .model import itemsize
-
-    try:
-        return itemsize(dtype)
-    except KeyError:
-        raise FormatError(f"unknown dtype {dtype!r}") from None
 
 
 def summarize(value: Any, depth: int = 0) -> Any:
@@ -353,19 +345,8 @@ def summarize(value: Any, depth: int = 0) -> Any:
 
 
 def _count_tensors(obj: Any) -> tuple[int, int]:
-    from .model import itemsize, numel
-
-    tensors = [t for t in walk_tensors(obj) if t.dtype in _ALL_DTYPES]
+    tensors = [t for t in walk_tensors(obj) if t.dtype in DTYPES]
     return len(tensors), sum(numel(t.shape) * itemsize(t.dtype) for t in tensors)
-
-
-def _all_dtypes() -> set[str]:
-    from .model import DTYPES
-
-    return set(DTYPES)
-
-
-_ALL_DTYPES = _all_dtypes()
 
 
 def summarize_extras(root: Any, chosen: str | None) -> dict[str, Any]:

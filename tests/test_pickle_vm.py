@@ -112,3 +112,15 @@ def test_hostile_or_broken_streams_fail_cleanly(data, message):
 def test_huge_text_integer_is_refused_not_hung():
     with pytest.raises(FormatError):
         vm_load(b"I" + b"9" * 100_000 + b"\n.")
+
+
+def test_every_call_rebuilt_as_data_is_listed():
+    """REBUILT_AS_DATA (what inspect does not list as an object) names exactly what _reduce_known handles."""
+    import inspect as pyinspect
+    import re
+
+    from ckpt_tool.formats import pickle_vm
+
+    source = pyinspect.getsource(pickle_vm._reduce_known)
+    handled = set(re.findall(r'"((?:torch|collections|builtins|__builtin__|_codecs)\.[\w.]+)"', source))
+    assert handled == set(pickle_vm.REBUILT_AS_DATA)

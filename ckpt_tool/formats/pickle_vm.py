@@ -202,6 +202,17 @@ def _as_param(t: Any) -> Any:
     return t
 
 
+# the calls _reduce_known gives their meaning, as plain data or tensor descriptions
+REBUILT_AS_DATA = frozenset({
+    "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor_v3", "torch._utils._rebuild_tensor",
+    "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state", "collections.OrderedDict",
+    "torch._tensor._rebuild_from_type_v2", "torch._utils._rebuild_qtensor", "torch.Size", "torch.device",
+    "torch._utils._rebuild_meta_tensor_no_storage", "_codecs.encode", "builtins.set", "builtins.frozenset",
+    "__builtin__.set", "__builtin__.frozenset", "builtins.bytes", "__builtin__.bytes", "builtins.bytearray",
+    "__builtin__.bytearray",
+})
+
+
 def _reduce_known(name: str, args: Any) -> tuple[bool, Any]:
     """Reproduce the few calls whose result is plain data. Returns (handled, value)."""
     if not isinstance(args, tuple):
