@@ -82,7 +82,8 @@ def _render(report: Any) -> None:
     if report.rows:
         echo(_table(report))
     if report.hidden_rows:
-        echo(f"({report.hidden_rows} matched {'modules' if report.depth else 'keys'} hidden; --all shows them)")
+        what = "matched or torch-filled" if report.counts.auto_filled else "matched"
+        echo(f"({report.hidden_rows} {what} {'modules' if report.depth else 'keys'} hidden; --all shows them)")
     for text in report.notes:
         note(f"note: {text}")
     echo()
