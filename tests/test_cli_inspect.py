@@ -168,3 +168,16 @@ print(sorted(m for m in sys.modules if m.startswith("ckpt_tool.commands.") or m 
     assert out.stdout.strip() == "['ckpt_tool.commands.inspect_cmd', 'tabulate']"
     assert run("--help").output.count("\n  ") >= 7  # every command listed in --help
     assert "No such command 'nope'" in run("nope").output and run("nope").exit_code == 2
+
+
+@pytest.mark.parametrize("name", ["tiny_cnn.pth", "tiny_cnn_dataparallel_nested.pth", "tiny_cnn.safetensors"])
+def test_json_report_matches_golden(name, monkeypatch):
+    """The --json report of each committed fixture, field for field (regenerate on purpose only)."""
+    from conftest import ROOT
+
+    monkeypatch.chdir(ROOT)
+    result = run("inspect", f"fixtures/{name}", "--json")
+    assert result.exit_code == 0
+    golden = os.path.join(ROOT, "tests", "golden", f"inspect_{name.replace('.', '_')}.json")
+    with open(golden, encoding="utf-8") as f:
+        assert json.loads(result.output) == json.load(f)

@@ -43,4 +43,4 @@ def test_setup_commands_come_first():
     block = setup.split("```bash\n", 1)[1].split("```", 1)[0].strip().splitlines()
     assert block == ["pip install -e '.[test]'", "pytest"]
     ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read()
-    assert "pip install -q -e '.[test]'" in ci and "\npytest\n" in ci
+    assert "\npip install -e '.[test]'\n" in ci and "\npytest\n" in ci
