@@ -6,6 +6,7 @@ torch and torchvision are imported here only, and only when a model must be buil
 from __future__ import annotations
 
 import ast
+import difflib
 import hashlib
 import importlib
 import importlib.util
@@ -89,7 +90,7 @@ def resolve_factory(spec: str, args: dict[str, Any]) -> Any:
 
     names = set(torchvision.models.list_models())
     if spec not in names:
-        near = sorted(n for n in names if spec.lower().rstrip("0123456789_") in n)[:8]
+        near = difflib.get_close_matches(spec.lower(), sorted(names), n=6, cutoff=0.6)
         hint = f" (did you mean {', '.join(near)}?)" if near else " (see torchvision.models.list_models())"
         raise ArchError(f"--arch {spec}: not a torchvision model{hint}")
     args.setdefault("weights", None)

@@ -181,7 +181,7 @@ def test_meta_build_falls_back_to_cpu(cache: Path, user_file: Path) -> None:
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("resnet1800", "not a torchvision model"),
+    ("resnet1800", r"not a torchvision model \(did you mean resnet18, resnet101"),
     ("nosuchpkg_xyz.mod:f", "cannot import nosuchpkg_xyz.mod"),
     ("{file}:missing", "has no callable 'missing'"),
     ("{file}:not_a_module", "not an nn.Module"),
