@@ -96,7 +96,10 @@ def open_checkpoint(path: str, key: str | None = None) -> Checkpoint:
     """
     kind = fmt.sniff(path)
     if kind == fmt.SHARDED:
-        return _open_sharded(path, key)
+        found = _find_index(path)
+        if not found.endswith(".index.json"):
+            return open_checkpoint(found, key)  # a directory holding one weights file
+        return _open_sharded(found, key)
     size = _size(path)
     if kind == fmt.SAFETENSORS:
         header = read_safetensors(path)
@@ -358,8 +361,7 @@ def summarize_extras(root: Any, chosen: str | None) -> dict[str, Any]:
     return {str(k): summarize(v) for k, v in container.items() if str(k) != top}
 
 
-def _open_sharded(path: str, key: str | None) -> Checkpoint:
-    index_path = _find_index(path)
+def _open_sharded(index_path: str, key: str | None) -> Checkpoint:
     try:
         with open(index_path, encoding="utf-8") as f:
             index = json.load(f)
@@ -400,14 +402,24 @@ def shard_location(base: str, shard: str, index_path: str) -> str:
     return os.path.join(base, shard)
 
 
+# the single-file names Hugging Face and torch users give a directory's weights, best first
+SINGLE_FILE_NAMES = ("model.safetensors", "pytorch_model.bin", "model.pth", "model.pt", "model.ckpt")
+
+
 def _find_index(path: str) -> str:
+    """The index to open for ``path``: the file itself, or the one index (or weights file) a directory holds."""
     if not os.path.isdir(path):
         if not os.path.exists(path):
             raise InputError(f"{path}: no such file")
         return path
-    indexes = sorted(n for n in os.listdir(path) if n.endswith(".index.json"))
+    names = set(os.listdir(path))
+    indexes = sorted(n for n in names if n.endswith(".index.json"))
     if not indexes:
-        raise InputError(f"{path}: directory holds no *.index.json (pass a checkpoint file instead)")
+        for name in SINGLE_FILE_NAMES:
+            if name in names:
+                return os.path.join(path, name)
+        raise InputError(f"{path}: directory holds no *.index.json and none of {', '.join(SINGLE_FILE_NAMES)} "
+                         "(pass a checkpoint file instead)")
     safetensors_first = [n for n in indexes if "safetensors" in n] or indexes
     if len(safetensors_first) > 1:
         raise InputError(f"{path}: several indexes ({', '.join(indexes)}); pass one of them")

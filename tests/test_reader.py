@@ -390,3 +390,18 @@ def test_inspect_progress_reports_every_byte_read(torch, tmp_path):
     ticks.clear()
     inspect_checkpoint(str(path), progress=lambda n, total: ticks.append((n, total)))
     assert ticks == []  # no values read, nothing to report
+
+
+def test_directory_with_one_weights_file(torch, tmp_path):
+    from safetensors.torch import save_file
+
+    sd = tiny_model().state_dict()
+    save_file(dict(sd), str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text("{}")
+    ckpt = open_checkpoint(str(tmp_path))
+    assert ckpt.format == "safetensors" and ckpt.path == str(tmp_path / "model.safetensors")
+    assert sorted(ckpt.tensors) == sorted(sd)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="holds no \\*.index.json and none of model.safetensors"):
+        open_checkpoint(str(empty))
