@@ -124,3 +124,16 @@ def test_every_call_rebuilt_as_data_is_listed():
     source = pyinspect.getsource(pickle_vm._reduce_known)
     handled = set(re.findall(r'"((?:torch|collections|builtins|__builtin__|_codecs)\.[\w.]+)"', source))
     assert handled == set(pickle_vm.REBUILT_AS_DATA)
+
+
+def test_invalid_utf8_string_is_a_format_error():
+    data = b"\x80\x02X" + struct.pack("<I", 2) + b"\xff\xfe."
+    with pytest.raises(FormatError, match="not UTF-8"):
+        vm_load(data)
+
+
+def test_malformed_arguments_to_known_calls_are_format_errors():
+    # _rebuild_tensor_v2 called with an integer instead of its argument tuple's contents
+    data = b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n(K\x01tR."
+    with pytest.raises(FormatError, match="malformed pickle|tensor"):
+        vm_load(data)

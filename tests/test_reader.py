@@ -8,6 +8,7 @@ import subprocess
 import sys
 import zipfile
 from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, TiedLM, mixed_dtype_state, rewrite_zip, tiny_model
@@ -405,3 +406,48 @@ def test_directory_with_one_weights_file(torch, tmp_path):
     empty.mkdir()
     with pytest.raises(InputError, match="holds no \\*.index.json and none of model.safetensors"):
         open_checkpoint(str(empty))
+
+
+def test_zip_with_undecodable_entry_name(tmp_path):
+    path = tmp_path / "names.pth"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("a/data.pkl", b"\x80\x02}.")
+    raw = bytearray(path.read_bytes())
+    central = raw.rindex(b"PK\x01\x02")
+    raw[central + 8: central + 10] = (0x0800).to_bytes(2, "little")  # "names are UTF-8"
+    name_at = raw.index(b"a/data.pkl", central)
+    raw[name_at] = 0xFF  # ... but this one is not
+    path.write_bytes(bytes(raw))
+    with pytest.raises(FormatError, match="corrupt zip archive"):
+        open_checkpoint(str(path))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_cnn.pth", "tiny_cnn_dataparallel_nested.pth", "tiny_cnn.safetensors"])
+def test_mutated_files_only_ever_raise_ckpt_errors(tmp_path, fixture):
+    """Random byte flips and truncations: a one-line CkptError or a description, never another exception."""
+    import random
+
+    from ckpt_tool.errors import CkptError
+    from ckpt_tool.scan import scan_file
+    from ckpt_tool.values import tensor_stats
+
+    original = (Path(ROOT) / "fixtures" / fixture).read_bytes()
+    rng = random.Random(fixture)
+    path = tmp_path / fixture
+    for _ in range(40):
+        data = bytearray(original)
+        if rng.random() < 0.3:
+            data = data[: rng.randrange(len(data))]
+        else:
+            for _ in range(rng.randint(1, 6)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        path.write_bytes(bytes(data))
+        try:
+            ckpt = open_checkpoint(str(path))
+            with FileCache() as files:
+                for ref in ckpt.tensors.values():
+                    if ref.offset is not None:
+                        tensor_stats(ref, files)
+        except CkptError as exc:
+            assert "\n" not in str(exc)
+        assert scan_file(str(path)).verdict in ("safe", "unsafe", "suspicious", "broken")

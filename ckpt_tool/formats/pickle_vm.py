@@ -289,6 +289,21 @@ class PickleVM:
         self.trace = trace if trace is not None else Trace()
 
     def load(self, stream: IO[bytes], limit: int | None = None) -> Any:
+        """Interpret one pickle from ``stream`` (reading no further than byte ``limit``) and return its value.
+
+        Malformed input of any kind raises :class:`FormatError`: the interpreter runs nothing but its
+        own code, so an exception in it means the stream contradicts the pickle format.
+        """
+        start = stream.tell()
+        try:
+            return self._load(stream, limit)
+        except FormatError:
+            raise
+        except (ValueError, TypeError, IndexError, KeyError, AttributeError, OverflowError, struct.error,
+                RecursionError, UnicodeError) as exc:
+            raise FormatError(f"malformed pickle after byte {start} ({type(exc).__name__}: {exc})") from None
+
+    def _load(self, stream: IO[bytes], limit: int | None) -> Any:
         if limit is None:
             here = stream.tell()
             stream.seek(0, io.SEEK_END)
@@ -572,7 +587,10 @@ def _parse_string(line: bytes) -> str:
 
 
 def _utf8(data: bytes) -> str:
-    return data.decode("utf-8", "surrogatepass")
+    try:
+        return data.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"pickle string is not UTF-8 ({exc.reason} at byte {exc.start})") from None
 
 
 def _append(target: Any, items: list[Any]) -> None:

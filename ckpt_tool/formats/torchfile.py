@@ -46,7 +46,7 @@ def read_zip(path: str, file_size: int, trace: Trace | None = None, fmt_name: st
     trace = trace if trace is not None else Trace()
     try:
         zf = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as exc:
+    except (zipfile.BadZipFile, ValueError, EOFError) as exc:  # ValueError: undecodable entry names
         raise FormatError(f"{path}: corrupt zip archive ({exc})") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot be read ({exc.strerror or exc})") from None
