@@ -260,7 +260,7 @@ def _read_entry(path: str, key: dict[str, Any]) -> tuple[tuple[dict[str, TargetT
             entry = json.load(f)
     except FileNotFoundError:
         return None, "missing"
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None, "corrupt"
     try:
         rows, auto = entry["tensors"], entry["auto_filled"]

@@ -333,7 +333,7 @@ def _read_json(path: str, option: str) -> Any:
         raise InputError(f"{path}: no such file ({option})") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise InputError(f"{path}: not valid JSON ({exc})") from None
 
 

@@ -365,7 +365,7 @@ def _open_sharded(index_path: str, key: str | None) -> Checkpoint:
     try:
         with open(index_path, encoding="utf-8") as f:
             index = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise FormatError(f"{index_path}: sharded index is not valid JSON ({exc})") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):

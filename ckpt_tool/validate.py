@@ -273,7 +273,7 @@ def _validate_sharded(path: str, rules: Rules) -> FileValidation:
     try:
         with open(index_path, encoding="utf-8") as f:
             index = json.load(f, object_pairs_hook=pairs)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         return FileValidation(path, fmt.SHARDED, (Check("index", FAIL, f"unreadable index ({exc})"),))
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):

@@ -70,3 +70,10 @@ def test_real_safetensors_file_passes(tmp_path):
 
     save_file({"w": torch.randn(3, 4), "i": torch.arange(5)}, str(tmp_path / "r.safetensors"))
     assert header_defects(str(tmp_path / "r.safetensors"))[1] == []
+
+
+def test_deeply_nested_header_is_a_defect_not_a_crash(tmp_path):
+    raw = b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    path = tmp_path / "deep.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    assert header_defects(str(path))[1] == ["header JSON nests too deeply to be a safetensors header"]

@@ -48,6 +48,8 @@ def header_defects(path: str) -> tuple[SafetensorsHeader | None, list[str]]:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         return None, [f"header is not valid JSON ({exc})"]
+    except RecursionError:
+        return None, ["header JSON nests too deeply to be a safetensors header"]
     if not isinstance(header, dict):
         return None, ["header is not a JSON object"]
     data_start = 8 + n
