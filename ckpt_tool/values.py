@@ -15,6 +15,8 @@ from .errors import FormatError, InputError
 from .model import TensorRef, itemsize
 
 CHUNK_BYTES = 16 * 1024 * 1024
+# how many bytes a strided view may produce beyond the bytes it reads (broadcast views repeat them)
+MAX_EXPANSION = 1 << 30
 
 _NUMPY_DTYPES = {
     "float64": "<f8", "float32": "<f4", "float16": "<f2", "int64": "<i8", "int32": "<i4", "int16": "<i2",
@@ -75,14 +77,22 @@ def iter_raw_chunks(ref: TensorRef, files: FileCache, chunk_bytes: int = CHUNK_B
             pos += n
             remaining -= n
         return
-    # a strided view: read the span it touches, then gather its elements
+    # a strided view: read the span it touches, then gather its elements, a block of rows at a time
     import numpy as np
 
     size = itemsize(ref.dtype)
-    span = _read_exact(f, ref.offset, ref.span_elements * size, ref)
+    span_bytes = ref.span_elements * size
+    if ref.nbytes > span_bytes + MAX_EXPANSION:
+        # a broadcast (stride 0) view may repeat a few stored bytes without bound: refuse, not hang
+        raise FormatError(f"{ref.file}: tensor {ref.key!r} expands {span_bytes} stored bytes to {ref.nbytes} "
+                          "(a broadcast view); refusing to materialise it")
+    span = _read_exact(f, ref.offset, span_bytes, ref)
     raw = np.frombuffer(span, dtype=np.dtype(f"V{size}"))
     view = np.lib.stride_tricks.as_strided(raw, shape=ref.shape, strides=tuple(s * size for s in ref.stride))
-    yield np.ascontiguousarray(view).tobytes()
+    rows = max(1, chunk_bytes // max(1, ref.nbytes // ref.shape[0])) if ref.shape else 1
+    for start in range(0, ref.shape[0] if ref.shape else 1, rows):
+        block = view[start:start + rows] if ref.shape else view
+        yield np.ascontiguousarray(block).tobytes()
 
 
 def read_bytes(ref: TensorRef, files: FileCache) -> bytes:

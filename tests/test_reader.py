@@ -451,3 +451,37 @@ def test_mutated_files_only_ever_raise_ckpt_errors(tmp_path, fixture):
         except CkptError as exc:
             assert "\n" not in str(exc)
         assert scan_file(str(path)).verdict in ("safe", "unsafe", "suspicious", "broken")
+
+
+def test_broadcast_views_are_read_within_bounds(torch, tmp_path):
+    from ckpt_tool.values import tensor_stats
+
+    sd = {"e": torch.arange(4.0).expand(3, 4), "row": torch.arange(6.0).reshape(2, 3)[:, 1]}
+    path = tmp_path / "expanded.pth"
+    torch.save(sd, path)
+    ckpt = open_checkpoint(str(path))
+    assert ckpt.tensors["e"].stride == (0, 1)
+    assert_matches(ckpt, torch.load(path, weights_only=True))
+    # a view that claims 2**40 elements of one stored float is refused, not expanded
+    huge = tmp_path / "huge.pth"
+    torch.save({"w": torch.zeros(3)}, huge)
+    lie = tmp_path / "lie.pth"
+    rewrite_zip(huge, lie, lambda name, data: data.replace(b"K\x03\x85q", b"\x8a\x06\x00\x00\x00\x00\x00\x01\x85q", 1)
+                .replace(b"K\x01\x85q", b"K\x00\x85q", 1) if name.endswith("data.pkl") else data)
+    ref = open_checkpoint(str(lie)).tensors["w"]
+    assert ref.shape == (2**40,) and ref.stride == (0,)
+    with FileCache() as files, pytest.raises(FormatError, match="broadcast view"):
+        tensor_stats(ref, files)
+
+
+def test_strided_views_stream_in_bounded_chunks(torch, tmp_path):
+    from ckpt_tool.values import iter_raw_chunks
+
+    t = torch.arange(64 * 32, dtype=torch.float32).reshape(64, 32).t()  # [32, 64], not contiguous
+    path = tmp_path / "t.pth"
+    torch.save({"t": t}, path)
+    ref = open_checkpoint(str(path)).tensors["t"]
+    with FileCache() as files:
+        chunks = list(iter_raw_chunks(ref, files, chunk_bytes=1024))
+    assert len(chunks) == 8 and max(len(c) for c in chunks) <= 1024
+    assert b"".join(chunks) == t.contiguous().numpy().tobytes()
