@@ -346,7 +346,8 @@ def compare_values(a: TensorRef, b: TensorRef, files: Any) -> tuple[float, float
     n = a.numel
     if n == 0:
         return 0.0, 0.0
-    # strided views come back whole from iter_raw_chunks, so both sides must then use one chunk
+    # strided views stream in blocks of whole rows, which need not line up with the other side's
+    # chunks, so then both sides are read as one chunk
     elements = min(n, VALUE_CHUNK_ELEMENTS) if a.is_contiguous and b.is_contiguous else n
     max_abs, diff_sq, ref_sq = 0.0, 0.0, 0.0
     chunks = zip(iter_raw_chunks(a, files, elements * itemsize(a.dtype)),
