@@ -168,7 +168,7 @@ def _notes(ckpt: Checkpoint) -> tuple[str, ...]:
 
 def _is_module_tree(ckpt: Checkpoint) -> bool:
     from .formats.pickle_vm import Placeholder
-    from .reader import _walk_key
+    from .reader import walk_key
 
-    obj = ckpt.root if not ckpt.state_path else _walk_key(ckpt.root, ckpt.state_path)[0]
+    obj = ckpt.root if not ckpt.state_path else walk_key(ckpt.root, ckpt.state_path)[0]
     return isinstance(obj, Placeholder)

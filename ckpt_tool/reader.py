@@ -85,7 +85,8 @@ def open_checkpoint(path: str, key: str | None = None) -> Checkpoint:
     """Describe the checkpoint at ``path`` without reading tensor bytes or importing torch.
 
     Args:
-        path: a file of any supported format, a ``*.index.json`` or a directory holding one.
+        path: a file of any supported format, a ``*.index.json``, or a directory holding one (or
+            holding a single ``model.safetensors`` / ``pytorch_model.bin``).
         key: path to the nested state dict (``"model"``, ``"state_dict"``, ``"ckpt/ema"``);
             by default the obvious one is chosen.
 
@@ -215,7 +216,7 @@ def _default_candidate(root: Any, candidates: list[tuple[str, Any]]) -> tuple[st
 
 def resolve_key(root: Any, key: str, path: str, candidates: list[tuple[str, Any]]) -> tuple[str, Any]:
     """Follow a key path (``model``, ``ckpt/ema`` or ``ckpt.ema``) to a state dict."""
-    obj, walked = _walk_key(root, key)
+    obj, walked = walk_key(root, key)
     if obj is None:
         choices = ", ".join(repr(p or "<top level>") for p, _ in candidates) or "none"
         raise KeyPathError(f"{path}: no state dict at --key {key!r} (candidates: {choices})")
@@ -229,7 +230,8 @@ def resolve_key(root: Any, key: str, path: str, candidates: list[tuple[str, Any]
     return walked, obj
 
 
-def _walk_key(root: Any, key: str) -> tuple[Any, str]:
+def walk_key(root: Any, key: str) -> tuple[Any, str]:
+    """Follow a key path through a decoded tree: ``(object, the path as walked)``, or ``(None, "")``."""
     sep = "/" if "/" in key else "."
     parts = key.split(sep)
     obj = root
