@@ -577,15 +577,9 @@ def _note_copies(state: State, shared: list[Shared]) -> None:
 
 
 def _planned_files(output: str, layout: Layout, max_shard_size: int | None) -> list[str]:
-    from .writer import _split, shard_names
+    from .writer import shard_plan
 
-    if not max_shard_size:
-        return [output]
-    count = len(_split(layout, max_shard_size))
-    if count == 1:
-        return [output]
-    names, index = shard_names(output, count)
-    return names + [index]
+    return shard_plan(output, layout, max_shard_size)[1]
 
 
 # --- verification ---------------------------------------------------------------------------------

@@ -524,7 +524,7 @@ def write_checkpoint(
     metadata = dict(metadata or {})
     nesting = nesting or Nesting()
     staging = staging or Staging()
-    shards = _split(layout, max_shard_size) if max_shard_size else [layout]
+    shards, files = shard_plan(path, layout, max_shard_size)
     total = sum(layout.blobs[i].nbytes for i in {v.blob for v in layout.views})
 
     def tick(n: int) -> None:
@@ -532,10 +532,6 @@ def write_checkpoint(
             progress(n, total)
 
     try:
-        if len(shards) == 1:
-            files = [path]
-        else:
-            files, index_path = shard_names(path, len(shards))
         for name, shard in zip(files, shards):
             with staging.open(name) as out:
                 if fmt == SAFETENSORS:
@@ -548,15 +544,23 @@ def write_checkpoint(
                 "metadata": {**resolve_metadata(metadata), "total_size": sum(v.nbytes for v in layout.views)},
                 "weight_map": {v.key: os.path.basename(f) for f, s in zip(files, shards) for v in s.views},
             }
-            with staging.open(index_path) as out:
+            with staging.open(files[-1]) as out:
                 out.write(json.dumps(index, indent=2).encode("utf-8") + b"\n")
-            files.append(index_path)
         staging.commit(backup)
     except BaseException:
         staging.abort()
         raise
     return Written(path if len(shards) == 1 else files[-1], fmt, tuple(files), len(layout.views),
                    sum(v.nbytes for v in layout.views), backup)
+
+
+def shard_plan(path: str, layout: Layout, max_shard_size: int | None) -> tuple[list[Layout], list[str]]:
+    """The layouts to write and the files they go to: ``path`` alone, or the shards then their index."""
+    shards = _split(layout, max_shard_size) if max_shard_size else [layout]
+    if len(shards) == 1:
+        return shards, [path]
+    names, index = shard_names(path, len(shards))
+    return shards, [*names, index]
 
 
 def _split(layout: Layout, max_size: int) -> list[Layout]:
