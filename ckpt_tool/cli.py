@@ -41,7 +41,8 @@ class _Group(click.Group):
         if module_name is None:
             return None
         module = importlib.import_module(f"ckpt_tool.commands.{module_name}")
-        return next(c for c in module.COMMANDS if c.name == cmd_name)
+        command: click.Command = next(c for c in module.COMMANDS if c.name == cmd_name)
+        return command
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

@@ -512,7 +512,7 @@ def format_indices(numbers: Iterable[int]) -> str:
     values = sorted(set(numbers))
     spans: list[str] = []
     start = prev = values[0]
-    for v in values[1:] + [None]:  # type: ignore[list-item]
+    for v in [*values[1:], None]:
         if v is not None and v == prev + 1:
             prev = v
             continue

@@ -428,16 +428,16 @@ def cast_bytes(data: bytes, source: str, dtype: str) -> bytes:
     arr = to_numpy(data, source)
     with np.errstate(over="ignore", invalid="ignore"):  # out of range becomes inf, as in torch
         if dtype == "float32":
-            return arr.astype("<f4").tobytes()
+            return bytes(arr.astype("<f4").tobytes())
         # torch rounds through float32 (double -> float -> half/bfloat16): the same here, bit for bit
         arr32 = arr.astype("<f4", copy=False)
         if dtype == "float16":
-            return arr32.astype("<f2").tobytes()
+            return bytes(arr32.astype("<f2").tobytes())
     if dtype == "bfloat16":
         u = arr32.view("<u4")
         out = ((u + (((u >> 16) & 1) + 0x7FFF)) >> 16).astype("<u2")
         out[np.isnan(arr32)] = 0x7FC0  # torch's canonical NaN
-        return out.tobytes()
+        return bytes(out.tobytes())
     raise UsageError(f"cannot cast to {dtype}")
 
 

@@ -52,8 +52,8 @@ def table(rows: Iterable[Sequence[Any]], headers: Sequence[str], align: Sequence
     rows = list(rows)
     if not rows:
         return "(none)"
-    return tabulate(rows, headers=list(headers), tablefmt="simple", disable_numparse=True,
-                    colalign=list(align) if align else None)
+    return str(tabulate(rows, headers=list(headers), tablefmt="simple", disable_numparse=True,
+                        colalign=list(align) if align else None))
 
 
 def human_bytes(n: float | None) -> str:

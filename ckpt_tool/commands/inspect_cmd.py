@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from ..render import dumps, echo, human_bytes, human_count, json_option, progress_bar, shape_str, table
+
+if TYPE_CHECKING:
+    from ..describe import InspectReport
 
 
 @click.command()
@@ -38,7 +42,7 @@ def inspect(path: str, key: str | None, depth: int | None, filter_: str | None, 
         sys.exit(1)
 
 
-def _render(r) -> None:  # type: ignore[no-untyped-def]
+def _render(r: InspectReport) -> None:
     summary = [
         ("file", r.path if len(r.files) <= 1 else f"{r.path} ({len(r.files)} shards)"),
         ("format", r.format),
@@ -87,7 +91,7 @@ def _render(r) -> None:  # type: ignore[no-untyped-def]
     echo(table(rows, headers, align))
 
 
-def _where(r) -> str:  # type: ignore[no-untyped-def]
+def _where(r: InspectReport) -> str:
     if r.state_path is None:
         return "(none found)"
     where = "<top level>" if r.state_path == "" else repr(r.state_path)

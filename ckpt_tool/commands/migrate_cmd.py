@@ -61,7 +61,7 @@ class _OrderedCommand(click.Command):
 @click.option("--dry-run", is_flag=True, help="Show the plan and the resulting diff; write nothing.")
 @json_option
 @click.pass_context
-def migrate(ctx: click.Context, source: str | None, key: str | None, keep_extras: bool, arch: str | None,
+def migrate(ctx: click.Context, /, source: str | None, key: str | None, keep_extras: bool, arch: str | None,
             arch_args: tuple[str, ...], seed: int, output: str | None, max_shard_size: str | None, force: bool,
             in_place: bool, dry_run: bool, as_json: bool, **ordered: Any) -> None:
     """Rename, filter, drop, cast and re-head SOURCE into a checkpoint that loads into a target.

@@ -114,7 +114,7 @@ class PickledTensor:
         return f"<tensor {self.dtype}{list(self.shape)}>"
 
 
-class PickledOrderedDict(dict):  # type: ignore[type-arg]
+class PickledOrderedDict(dict[Any, Any]):
     """A pickled ``collections.OrderedDict``, kept as a plain dict plus what BUILD set on it.
 
     A state dict's ``_metadata`` (per-module versions, which ``load_state_dict`` reads) lives in

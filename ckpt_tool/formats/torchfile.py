@@ -38,7 +38,8 @@ def _local_data_offset(stream: IO[bytes], info: zipfile.ZipInfo) -> int:
     if len(header) != 30 or header[:4] != b"PK\x03\x04":
         raise FormatError(f"zip entry {info.filename!r} has a bad local header")
     name_len, extra_len = struct.unpack("<HH", header[26:30])
-    return info.header_offset + 30 + name_len + extra_len
+    offset: int = info.header_offset + 30 + name_len + extra_len
+    return offset
 
 
 def read_zip(path: str, file_size: int, trace: Trace | None = None, fmt_name: str = fmt.ZIP) -> RawFile:
