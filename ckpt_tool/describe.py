@@ -152,6 +152,10 @@ def rollup(refs: list[TensorRef], depth: int) -> tuple[ModuleRow, ...]:
 
 def _notes(ckpt: Checkpoint) -> tuple[str, ...]:
     notes = []
+    dangerous = _dangerous(ckpt.placeholders)
+    if dangerous:
+        notes.append(f"the pickle names {', '.join(dangerous[:5])}{' ...' if len(dangerous) > 5 else ''}, which "
+                     "would run when loaded with torch.load(weights_only=False); ckpt ran nothing (see `ckpt scan`)")
     if len(ckpt.candidates) > 1:
         others = [c.path or "<top level>" for c in ckpt.candidates if c.path != ckpt.state_path]
         notes.append(f"{len(ckpt.candidates)} state dicts found; showing {ckpt.state_path or '<top level>'!r}, "
@@ -164,6 +168,16 @@ def _notes(ckpt: Checkpoint) -> tuple[str, ...]:
         notes.append("a whole pickled model (torch.save(model)): state dict recovered from its module tree; "
                      "its classes were not imported")
     return tuple(notes)
+
+
+def _dangerous(names: tuple[str, ...]) -> list[str]:
+    """The globals a loader would run that scan's deny list names (the scan tables load only when needed)."""
+    if not names:
+        return []
+    from .scan import UNSAFE, Policy
+
+    policy = Policy()
+    return [name for name in names if policy.judge(name)[0] == UNSAFE]
 
 
 def _is_module_tree(ckpt: Checkpoint) -> bool:

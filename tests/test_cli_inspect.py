@@ -149,6 +149,8 @@ def test_malicious_pickle_is_not_executed(tmp_path):
     assert not marker.exists()
     result = run("inspect", str(evil))
     assert "posix.system" in result.output or "os.system" in result.output
+    assert "would run when loaded with torch.load(weights_only=False); ckpt ran nothing" in result.output
+    assert "would run when loaded" not in run("inspect", TINY).output
 
 
 def test_cli_start_up_imports_only_the_command_it_runs():
