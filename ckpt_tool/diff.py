@@ -20,6 +20,7 @@ from typing import Any
 from .arch import TargetSignature, TargetTensor, parse_arch_args, target_signature
 from .errors import InputError, OutputError, UsageError
 from .model import Checkpoint, Progress, TensorRef, common_prefix, in_module, itemsize, numel
+from .render import some
 
 MATCHED, DTYPE, SHAPE, MISSING, UNEXPECTED, MIXED = "matched", "dtype", "shape", "missing", "unexpected", "mixed"
 # not in the checkpoint, but torch fills it in itself (BatchNorm's num_batches_tracked without version metadata)
@@ -569,19 +570,19 @@ def suggest_plan(source: Checkpoint, target: dict[str, TargetTensor], *, arch: s
     if missing:
         if arch is not None:
             steps.append(PlanStep({"op": "fill_missing"}, f"{len(missing)} target keys the checkpoint lacks keep the "
-                                  f"target's initialisation ({_some(missing)})", len(missing)))
+                                  f"target's initialisation ({some(missing)})", len(missing)))
         else:
-            notes.append(f"{len(missing)} target keys are not in the checkpoint ({_some(missing)}); with a checkpoint "
+            notes.append(f"{len(missing)} target keys are not in the checkpoint ({some(missing)}); with a checkpoint "
                          "as the target there is no initialisation to fill them from (use --arch)")
     if mismatched:
         if arch is not None:
-            steps.append(PlanStep({"op": "reinit_mismatched"}, "shapes differ for " + _some(
+            steps.append(PlanStep({"op": "reinit_mismatched"}, "shapes differ for " + some(
                 [f"{k} {list(current[k])} -> {list(tgt[k])}" for k in mismatched]) + ": re-initialise them", len(mismatched)))
             share = sum(numel(tgt[k]) for k in mismatched) / max(1, sum(numel(s) for s in tgt.values()))
             if share > 0.5:
                 notes.append(f"re-initialising {share:.0%} of the target's elements: is this the right architecture?")
         else:
-            notes.append(f"{len(mismatched)} keys differ in shape ({_some(mismatched)}); only --arch can re-initialise them")
+            notes.append(f"{len(mismatched)} keys differ in shape ({some(mismatched)}); only --arch can re-initialise them")
     # drops cover every unexpected key; what is missing or mismatched needs a model to take values from
     resolves = arch is not None or not (missing or mismatched)
     operations = [s.operation for s in steps]
@@ -720,7 +721,7 @@ def _apply_renames(current: dict[str, tuple[int, ...]], rules: list[tuple[str, s
 
 
 def _rename_reason(pairs: list[tuple[str, str]], current: dict[str, tuple[int, ...]]) -> str:
-    shown = ", ".join(f"{o} -> {n}" for o, n in pairs[:3]) + (f" and {len(pairs) - 3} more" if len(pairs) > 3 else "")
+    shown = some(f"{o} -> {n}" for o, n in pairs)
     return f"same parameter names and shapes under another module name: {shown}"
 
 
@@ -738,10 +739,6 @@ def _drop_prefixes(unexpected: list[str], current: dict[str, tuple[int, ...]]) -
                 out.append(p)
                 break
     return out
-
-
-def _some(items: list[str], limit: int = 3) -> str:
-    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def migrate_command(document: dict[str, Any], output: str | None = None) -> str:

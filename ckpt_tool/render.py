@@ -56,6 +56,12 @@ def table(rows: Iterable[Sequence[Any]], headers: Sequence[str], align: Sequence
                         colalign=list(align) if align else None))
 
 
+def some(items: Iterable[str], limit: int = 3) -> str:
+    """The first ``limit`` items, then how many more: ``"a, b, c and 4 more"``."""
+    items = list(items)
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
 def human_bytes(n: float | None) -> str:
     if n is None:
         return "-"

@@ -26,6 +26,7 @@ from typing import Any
 from .errors import CkptError, UsageError
 from .formats import sniff as fmt
 from .model import Checkpoint, is_floating
+from .render import some
 from .scan import (
     SAFE,
     FileScan,
@@ -227,8 +228,7 @@ def _values_check(ckpt: Checkpoint) -> Check:
             if stats.nan or stats.inf:
                 bad.append(f"{ref.key} ({stats.nan} NaN, {stats.inf} Inf)")
     if bad:
-        more = f" and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else ""
-        return Check("values", FAIL, f"{len(bad)} tensors hold NaN or Inf: {', '.join(bad[:_SHOWN])}{more}")
+        return Check("values", FAIL, f"{len(bad)} tensors hold NaN or Inf: {some(bad, _SHOWN)}")
     return Check("values", PASS, f"{checked} floating tensors, no NaN or Inf")
 
 

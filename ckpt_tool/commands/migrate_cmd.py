@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from ..render import dumps, echo, human_bytes, json_option, progress_bar, shape_str, table
+from ..render import dumps, echo, human_bytes, json_option, progress_bar, shape_str, some, table
 
 EXIT_OK, EXIT_FINDINGS = 0, 1
 # options that are operations: applied in the order they appear on the command line
@@ -162,11 +162,6 @@ def _finish(report: Any, as_json: bool) -> None:
     raise click.exceptions.Exit(EXIT_OK if report.ok else EXIT_FINDINGS)
 
 
-def _some(items: Any, limit: int = 3) -> str:
-    items = list(items)
-    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
-
-
 def _render_plan(plan: Any) -> None:
     where = f", state dict at {plan.state_path}" if plan.state_path else ""
     out = f"{plan.output} ({plan.output_format})" if plan.output else "(no output)"
@@ -177,7 +172,7 @@ def _render_plan(plan: Any) -> None:
             examples = [f"{a} -> {b}" for a, b in s.renamed] + list(s.dropped) + list(s.added) + list(s.reinitialised)
             examples += list(s.cast)
             rows.append((i, s.operation, len(s.dropped), len(s.renamed), len(s.added), len(s.reinitialised),
-                         len(s.cast), _some(examples, 2) or "(no keys matched)"))
+                         len(s.cast), some(examples, 2) or "(no keys matched)"))
         echo(table(rows, ["#", "operation", "dropped", "renamed", "added", "reinit", "cast", "keys"],
                    ["right", "left", "right", "right", "right", "right", "right", "left"]))
     else:
@@ -191,7 +186,7 @@ def _render_plan(plan: Any) -> None:
     for s in plan.shared[:_LIST_LIMIT]:
         words = {"one storage": "written once, one storage", "alias": f"written once as {s.written_as}, the others "
                  "recorded as aliases in the metadata", "copies": "different views of one storage, written as copies"}
-        echo(f"  shared storage: {_some(s.keys)}: {words[s.how]}")
+        echo(f"  shared storage: {some(s.keys)}: {words[s.how]}")
     if len(plan.shared) > _LIST_LIMIT:
         echo(f"  ... and {len(plan.shared) - _LIST_LIMIT} more groups of shared tensors (--json lists them all)")
     if plan.extras_kept:
@@ -208,11 +203,11 @@ def _diff_words(diff: Any) -> str:
         return "loads with strict=True"
     parts = []
     if diff.missing:
-        parts.append(f"{len(diff.missing)} missing ({_some(diff.missing)})")
+        parts.append(f"{len(diff.missing)} missing ({some(diff.missing)})")
     if diff.unexpected:
-        parts.append(f"{len(diff.unexpected)} unexpected ({_some(diff.unexpected)})")
+        parts.append(f"{len(diff.unexpected)} unexpected ({some(diff.unexpected)})")
     if diff.mismatched:
-        parts.append(f"{len(diff.mismatched)} shape mismatches (" + _some(
+        parts.append(f"{len(diff.mismatched)} shape mismatches (" + some(
             [f"{m.key} {shape_str(m.shape)} vs {shape_str(m.target_shape)}" for m in diff.mismatched]) + ")")
     return "does NOT load strictly: " + "; ".join(parts)
 
@@ -227,7 +222,7 @@ def _render_result(report: Any) -> None:
     if w.backup:
         echo(f"backup of the input: {w.backup}")
     if report.nonfinite:
-        echo(f"NaN/Inf in {len(report.nonfinite)} written tensors: {_some(report.nonfinite)}")
+        echo(f"NaN/Inf in {len(report.nonfinite)} written tensors: {some(report.nonfinite)}")
     v = report.verification
     if v is not None:
         echo(f"verified: loads into {v.arch} with strict=True" if v.loads
