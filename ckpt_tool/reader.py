@@ -124,9 +124,9 @@ def describe_raw(raw: RawFile, key: str | None = None) -> Checkpoint:
         chosen_path, obj = None, None
     else:
         chosen_path, obj = _default_candidate(raw.root, candidates)
-    tensors = to_state_dict(obj, raw.path) if obj is not None else {}
-    cands = tuple(Candidate(p, len(sd), sum(t.numel for t in sd.values())) for p, sd in
-                  ((p, to_state_dict(o, raw.path)) for p, o in candidates))
+    flat = {id(o): to_state_dict(o, raw.path) for _, o in candidates}
+    tensors = (flat.get(id(obj)) or to_state_dict(obj, raw.path)) if obj is not None else {}
+    cands = tuple(Candidate(p, len(flat[id(o)]), sum(t.numel for t in flat[id(o)].values())) for p, o in candidates)
     extras = summarize_extras(raw.root, chosen_path)
     # every object the pickle would have built comes from a global; the known torch ones became data
     placeholders = sorted({e.name for e in raw.trace.globals if not _known_global(e.name)})
