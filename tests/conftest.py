@@ -69,3 +69,11 @@ def rewrite_zip(src, dst, edit) -> None:
             data = edit(info.filename, zin.read(info))
             if data is not None:
                 zout.writestr(info, data)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """Real-world checkpoint layouts (tests/corpus.py), each built on first use and kept for the session."""
+    from corpus import Corpus
+
+    return Corpus(str(tmp_path_factory.mktemp("corpus")))
