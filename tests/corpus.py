@@ -505,6 +505,16 @@ def _torchscript(corpus: Corpus, directory: str) -> Layout:
     return Layout(name="", source=path, arch=corpus.spec("stateful"), truth=TORCHSCRIPT)
 
 
+def _onnx(corpus: Corpus, directory: str) -> Layout:
+    """Not a checkpoint: an ONNX model exported by ``torch.onnx.export`` (ckpt must say what it is)."""
+    import torch
+
+    path = os.path.join(directory, "model.onnx")
+    model = randomize(factories_module(corpus.factories).mlp(), seed=53).eval()
+    torch.onnx.export(model, (torch.randn(2, 4),), path, dynamo=False)
+    return Layout(name="", source=path)
+
+
 BUILDERS: dict[str, Callable[[Corpus, str], Layout]] = {
     "resnet18": _resnet18,
     "torchvision-dp-nested": _torchvision_dp_nested,
@@ -524,8 +534,12 @@ BUILDERS: dict[str, Callable[[Corpus, str], Layout]] = {
     "sparse": _torch_save("sparse", seed=43),
     "extra-state": _torch_save("extra_state", seed=47),
     "torchscript": _torchscript,
+    "onnx": _onnx,
 }
-LAYOUTS = tuple(BUILDERS)
+# files other formats write, which ckpt reads no state dict from
+NOT_CHECKPOINTS = ("onnx",)
+# the checkpoints, for matrices over every layout
+LAYOUTS = tuple(name for name in BUILDERS if name not in NOT_CHECKPOINTS)
 
 
 if __name__ == "__main__":

@@ -332,3 +332,92 @@ def test_pth_output_keeps_module_versions(corpus, layout, command, tmp_path_fact
     want = renamed(source_state(corpus.get(layout)), None if command.startswith("convert") else corpus.get(layout).strip_prefix)
     got = read_output(cell.out)
     assert dict(getattr(got, "_metadata", {})) == dict(want._metadata)  # type: ignore[attr-defined]
+
+
+# ---- the oracle itself can fail ---------------------------------------------------------------------
+
+def _tampered(cell: Written, directory: Any, edit: Any) -> Written:
+    """``cell`` with its output replaced by ``edit(state)``, written as the same format."""
+    import torch
+    from safetensors.torch import save_file
+
+    state = edit(dict(read_output(cell.out)))
+    out = str(directory / os.path.basename(cell.out))
+    if out.endswith(".safetensors"):
+        save_file(state, out)
+    else:
+        torch.save(state, out)
+    return Written(cell.args, cell.exit_code, cell.output, cell.stderr, out)
+
+
+def _flip(state: dict[str, Any], key: str) -> dict[str, Any]:
+    state[key] = state[key].clone()
+    state[key].view(-1)[0] += 1
+    return state
+
+
+@pytest.mark.parametrize("command", ["convert.pth", "convert.st", "arch.pth", "arch.st"])
+def test_oracle_sees_a_changed_tensor(corpus, command, tmp_path_factory, tmp_path):
+    cell = written(corpus, "dataparallel", command, tmp_path_factory)
+    key = next(k for k in read_output(cell.out) if k.endswith("0.weight"))
+    with pytest.raises(AssertionError, match="changed"):
+        check_cell(corpus.get("dataparallel"), command, _tampered(cell, tmp_path, lambda s: _flip(s, key)))
+
+
+@pytest.mark.parametrize("command", ["convert.pth", "convert.st"])
+def test_oracle_sees_a_lost_tensor_that_was_no_alias(corpus, command, tmp_path_factory, tmp_path):
+    cell = written(corpus, "tied", command, tmp_path_factory)
+    edit = lambda s: {k: v.clone() for k, v in s.items() if k != "embed.weight"}  # noqa: E731
+    with pytest.raises(AssertionError, match="keys lost"):
+        check_cell(corpus.get("tied"), command, _tampered(cell, tmp_path, edit))
+
+
+def test_oracle_sees_an_untied_alias_in_a_pth(corpus, tmp_path_factory, tmp_path):
+    """A .pth must keep every name; only safetensors may leave a shared name to its partner."""
+    cell = written(corpus, "tied", "convert.pth", tmp_path_factory)
+    edit = lambda s: {k: v.clone() for k, v in s.items() if k != "proj.weight"}  # noqa: E731
+    with pytest.raises(AssertionError, match="keys lost"):
+        check_cell(corpus.get("tied"), "convert.pth", _tampered(cell, tmp_path, edit))
+
+
+def test_oracle_sees_a_refusal_that_names_nothing(corpus, tmp_path):
+    layout = corpus.get("sparse")
+    cell = Written(("convert",), 2, "ckpt: error: cannot write this\n", "ckpt: error: cannot write this\n",
+                   str(tmp_path / "out.pth"))
+    with pytest.raises(AssertionError, match="names none"):
+        check_cell(layout, "convert.pth", cell)
+
+
+# ---- issue 9, defects 7 and 8: what ckpt says about files that are not plain state dicts ------------
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=ATTRIBUTES.replace("written as", "reported as"))
+def test_torchscript_tensor_attributes_are_reported_apart(corpus):
+    import json
+
+    import torch
+
+    layout = corpus.get("torchscript")
+    result = CliRunner().invoke(main, ["inspect", layout.source, "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    rows = sorted(row["name"] for row in report["rows"])
+    assert rows == sorted(torch.jit.load(layout.source).state_dict()), "tensor attributes listed as state-dict keys"
+    assert "_state" in json.dumps(report) and "_context" in json.dumps(report), "the attributes are not reported"
+
+
+ONNX = "defect 8: an ONNX model gets 'not a recognised checkpoint' instead of being named"
+
+
+@pytest.mark.parametrize("args", [["inspect", "{src}"], ["convert", "{src}", "{out}"],
+                                  ["migrate", "{src}", "-o", "{out}"]], ids=["inspect", "convert", "migrate"])
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=ONNX)
+def test_onnx_model_is_named(corpus, args, tmp_path):
+    src = corpus.get("onnx").source
+    out = str(tmp_path / "out.safetensors")
+    result = CliRunner().invoke(main, [a.format(src=src, out=out) for a in args], catch_exceptions=False)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"ckpt: error: {src}"), result.stderr
+    line = lines[0][len(f"ckpt: error: {src}"):].lower()  # the path itself says onnx
+    assert "onnx" in line and "pytorch" in line and "safetensors" in line, lines[0]
+    assert not os.path.exists(out)
