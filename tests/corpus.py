@@ -304,6 +304,16 @@ def randomize(model: Any, seed: int) -> Any:
     return model
 
 
+def _step(model: Any, opt: Any, seed: int) -> None:
+    """One optimizer step on random gradients: the optimizer holds state, the weights moved (no forward pass)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+
+
 def _quiet_transformers() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
@@ -389,12 +399,9 @@ def _torchvision_dp_nested(corpus: Corpus, directory: str) -> Layout:
     import torch
     import torchvision
 
-    torch.manual_seed(3)
     model = torch.nn.DataParallel(randomize(torchvision.models.mobilenet_v3_small(num_classes=10), seed=3))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    model.train()
-    model(torch.randn(2, 3, 32, 32)).sum().backward()
-    opt.step()
+    _step(model, opt, seed=3)
     path = os.path.join(directory, "checkpoint.pth")
     torch.save({"model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(), "epoch": 4}, path)
     return Layout(name="", source=path, key="model_state_dict", arch="mobilenet_v3_small", strip_prefix="module.",
@@ -452,14 +459,11 @@ def _timm_saver(directory: str) -> str:
     import torch
     from timm.utils import CheckpointSaver, ModelEmaV3
 
-    torch.manual_seed(17)
     model = randomize(timm.create_model("test_resnet"), seed=17)
     ema = ModelEmaV3(model, decay=0.5)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    model.train()
-    model(torch.randn(2, 3, 32, 32)).sum().backward()
-    opt.step()
-    ema.update(model, step=1)
+    _step(model, opt, seed=17)
+    ema.update(model, step=1)  # the EMA now differs from the model
     saver = CheckpointSaver(model, opt, args=argparse.Namespace(model="test_resnet"), model_ema=ema,
                             checkpoint_dir=directory, recovery_dir=directory)
     saver.save_checkpoint(epoch=0, metric=0.5)

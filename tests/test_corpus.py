@@ -17,31 +17,7 @@ Commands (columns):
   arch.pth        ckpt migrate SRC -o out.pth [--key K] [--strip-prefix P] --arch A [options]
   arch.st         the same, -o out.safetensors
 
-Expected outcome per cell: ok (exit 0, verified), refuse (exit 2 naming the key), ok|refuse
-(carried bit-identical or refused: both keep the promise). ``xfail`` marks a cell that breaks the
-promise today because of a known defect of issue 9 (strict: it fails the suite once fixed, so unmark it).
-
-  layout                 convert.pth  convert.st  migrate.pth  arch.pth    arch.st
-  resnet18               ok           ok          ok           ok          ok
-  torchvision-dp-nested  ok           ok          ok           ok          ok
-  gpt2-safetensors       ok           ok          ok           ok (ties)   ok (ties)
-  gpt2-sharded           ok           ok          ok           ok (ties)   ok (ties)
-  gpt2-bin               ok           ok          ok           ok (ties)   ok (ties)
-  bert-mlm-safetensors   ok           ok          ok           ok (ties)   ok (ties)
-  bert-mlm-sharded       ok           ok          ok           ok (ties)   ok (ties)
-  lightning              ok           ok          ok           ok          ok
-  timm                   ok           ok          ok           ok          ok
-  timm-ema               ok           ok          ok           ok          ok
-  fsdp2                  ok (dtens)   ok (dtens)  ok (dtens)   ok (dtens)  ok (dtens)
-  compile                ok           ok          ok           ok          ok
-  dataparallel           ok           ok          ok           ok          ok
-  tied                   ok           ok          ok           ok          ok
-  quantized              ok|refuse    refuse (q)  ok|refuse    ok|refuse   refuse (q)
-  sparse                 ok|refuse    refuse (s)  ok|refuse    ok|refuse   refuse (s)
-  extra-state            ok (extra)   refuse (e)  ok (extra)   ok (extra)  refuse (e)
-  torchscript            ok (attrs)   ok (attrs)  ok (attrs)   ok (attrs)  ok (attrs)
-
-The cells marked xfail today, with their defect, are in ``XFAIL`` below.
+Expected outcomes are the table `MATRIX` below, which the tests read (it cannot drift from them).
 """
 
 from __future__ import annotations
@@ -58,54 +34,83 @@ from migrate_helpers import signature_cache_fixture  # noqa: F401 - fixtures are
 
 from ckpt_tool.cli import main
 
-COMMANDS = ("convert.pth", "convert.st", "migrate.pth", "arch.pth", "arch.st")
 OK, REFUSE = "ok", "refuse"
 
-# cells where refusing is the only honest answer (the format cannot hold the object) or an option
-EXPECTED: dict[tuple[str, str], frozenset[str]] = {}
-for _layout in ("quantized", "sparse"):
-    for _command in COMMANDS:
-        EXPECTED[_layout, _command] = frozenset({REFUSE} if _command.endswith(".st") else {OK, REFUSE})
-# plain data from get_extra_state has no tensor form: a .pth carries it, a .safetensors cannot
-EXPECTED["extra-state", "convert.st"] = EXPECTED["extra-state", "arch.st"] = frozenset({REFUSE})
+# Each cell: the outcomes that keep the promise (ok: exit 0 and verified; refuse: exit 2 naming a
+# key; ok|refuse: either, e.g. a .pth may carry a sparse tensor or refuse it and name --densify),
+# then, after "!", the known defect of issue 9 that breaks the cell today (marked xfail, strict: it
+# fails the suite once fixed, so remove the tag then). A safetensors file cannot hold a quantized
+# or sparse tensor, nor get_extra_state's plain data, so refusing is its only honest answer.
+MATRIX = """
+layout                 convert.pth          convert.st         migrate.pth          arch.pth                   arch.st
+resnet18               ok                   ok                 ok                   ok                         ok
+torchvision-dp-nested  ok                   ok                 ok                   ok                         ok
+gpt2-safetensors       ok                   ok                 ok                   ok!ties                    ok!ties
+gpt2-sharded           ok                   ok                 ok                   ok!ties                    ok!ties
+gpt2-bin               ok                   ok                 ok                   ok!ties                    ok!ties
+bert-mlm-safetensors   ok                   ok                 ok                   ok!ties                    ok!ties
+bert-mlm-sharded       ok                   ok                 ok                   ok!ties                    ok!ties
+lightning              ok                   ok                 ok                   ok                         ok
+timm                   ok                   ok                 ok                   ok                         ok
+timm-ema               ok                   ok                 ok                   ok                         ok
+fsdp2                  ok!dtensor           ok!dtensor         ok!dtensor           ok!dtensor                 ok!dtensor
+compile                ok                   ok                 ok                   ok                         ok
+dataparallel           ok                   ok                 ok                   ok                         ok
+tied                   ok                   ok                 ok                   ok                         ok
+quantized              ok|refuse!quantized  refuse             ok|refuse!quantized  ok|refuse!meta,quantized   refuse
+sparse                 ok|refuse!sparse     refuse!sparse      ok|refuse!sparse     ok|refuse!meta,sparse      refuse!meta,sparse
+extra-state            ok!extra             refuse!extra       ok!extra             ok!extra                   refuse!extra
+torchscript            ok!attributes        ok!attributes      ok!attributes        ok!attributes              ok!attributes
+"""
 
-# Known defects of issue 9 (the branch that fixes each is in the report); every reason below was
-# checked against the failure it marks.
-TIES = ("defect 1 (ties): --fill-missing fills the tied alias the source left out from the target's random init, "
-        "and torch's load writes it over the trained shared weight")
-DTENSOR = "defect 2 (DTensor): FSDP2's DTensor parameters are dropped with exit 0; only the plain buffers are written"
-QUANTIZED = "defect 2 (quantized): the .pth output loses the quantizer (scale, zero point) of qint8/quint8/qint32 tensors"
-SPARSE = "defect 2 (sparse): sparse COO/CSR tensors are dropped with exit 0"
-EXTRA_STATE = "defect 2 (_extra_state): get_extra_state entries are missing from the output"
-META_BUILD = ("defect 6: --arch builds the target on the meta device, where quantize_per_channel/_to_sparse "
-              "have no kernel, and exits 2 without naming a key")
-ATTRIBUTES = "defect 7 (TorchScript): tensor attributes (_state, _context) are written as state-dict keys"
-MODULE_VERSIONS = "defect 2 (_metadata): module versions are dropped from the .pth output"
-
-TENSOR_XFAIL: dict[tuple[str, str], str] = {
-    **{(hf, arch): TIES for hf in ("gpt2-safetensors", "gpt2-sharded", "gpt2-bin", "bert-mlm-safetensors",
-                                    "bert-mlm-sharded") for arch in ("arch.pth", "arch.st")},
-    **{("fsdp2", c): DTENSOR for c in COMMANDS},
-    ("quantized", "convert.pth"): QUANTIZED,
-    ("quantized", "migrate.pth"): QUANTIZED,
-    ("quantized", "arch.pth"): f"{META_BUILD}; then {QUANTIZED}",
-    ("sparse", "convert.pth"): SPARSE,
-    ("sparse", "convert.st"): SPARSE,
-    ("sparse", "migrate.pth"): SPARSE,
-    ("sparse", "arch.pth"): f"{META_BUILD}; then {SPARSE}",
-    ("sparse", "arch.st"): f"{META_BUILD}; then {SPARSE}",
-    **{("extra-state", c): EXTRA_STATE for c in COMMANDS},
-    **{("torchscript", c): ATTRIBUTES for c in COMMANDS},
+# The defects the tags name; each reason was checked against the failure it marks.
+DEFECTS = {
+    "ties": "defect 1 (ties): --fill-missing fills the tied alias the source left out from the target's random "
+            "init, and torch's load writes it over the trained shared weight",
+    "dtensor": "defect 2 (DTensor): FSDP2's DTensor parameters are dropped with exit 0; only the plain buffers "
+               "are written",
+    "quantized": "defect 2 (quantized): the .pth output loses the quantizer (scale, zero point) of "
+                 "qint8/quint8/qint32 tensors",
+    "sparse": "defect 2 (sparse): sparse COO/CSR tensors are dropped with exit 0",
+    "extra": "defect 2 (_extra_state): get_extra_state entries are missing from the output",
+    "meta": "defect 6: --arch builds the target on the meta device, where quantize_per_channel/_to_sparse have "
+            "no kernel, and exits 2 without naming a key",
+    "attributes": "defect 7 (TorchScript): tensor attributes (_state, _context) are written as state-dict keys",
+    "versions": "defect 2 (_metadata): module versions are dropped from the .pth output",
 }
+
+
+def _parse(table: str) -> tuple[tuple[str, ...], dict[tuple[str, str], tuple[frozenset[str], str | None]]]:
+    header, *rows = table.strip().splitlines()
+    commands = tuple(header.split()[1:])
+    cells = {}
+    for row in rows:
+        layout, *values = row.split()
+        assert len(values) == len(commands), row
+        for command, value in zip(commands, values):
+            outcomes, _, tags = value.partition("!")
+            reason = "; then ".join(DEFECTS[t] for t in tags.split(",")) if tags else None
+            cells[layout, command] = frozenset(outcomes.split("|")), reason
+    return commands, cells
+
+
+COMMANDS, CELLS = _parse(MATRIX)
+TENSOR_XFAIL = {cell: reason for cell, (_, reason) in CELLS.items() if reason}
+EXPECTED = {cell: outcomes for cell, (outcomes, _) in CELLS.items()}
+
 PTH_COMMANDS = ("convert.pth", "migrate.pth", "arch.pth")
-# layouts whose state dict carries _metadata and whose .pth cells write (see the tensor matrix)
+# layouts whose state dict carries _metadata and whose .pth cells write (see MATRIX)
 METADATA_LAYOUTS = ("resnet18", "torchvision-dp-nested", "lightning", "timm", "timm-ema", "compile", "dataparallel",
                     "tied")
-METADATA_XFAIL: dict[tuple[str, str], str] = {(n, c): MODULE_VERSIONS for n in METADATA_LAYOUTS for c in PTH_COMMANDS}
+METADATA_XFAIL = {(n, c): DEFECTS["versions"] for n in METADATA_LAYOUTS for c in PTH_COMMANDS}
+
+
+def test_matrix_covers_every_layout():
+    assert sorted({layout for layout, _ in CELLS}) == sorted(LAYOUTS)
 
 
 def expected(layout: str, command: str) -> frozenset[str]:
-    return EXPECTED.get((layout, command), frozenset({OK}))
+    return EXPECTED[layout, command]
 
 
 def _cases(xfail: dict[tuple[str, str], str], layouts: tuple[str, ...] = LAYOUTS,
@@ -390,7 +395,7 @@ def test_oracle_sees_a_refusal_that_names_nothing(corpus, tmp_path):
 
 # ---- issue 9, defects 7 and 8: what ckpt says about files that are not plain state dicts ------------
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=ATTRIBUTES.replace("written as", "reported as"))
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=DEFECTS["attributes"].replace("written as", "reported as"))
 def test_torchscript_tensor_attributes_are_reported_apart(corpus):
     import json
 
