@@ -138,6 +138,29 @@ class Stateful(nn.Module):
 
 def stateful():
     return Stateful()
+
+
+# the dtypes beyond float32 that torch and safetensors both have, each a buffer
+LOW_PRECISION = ("float16", "bfloat16", "float64", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+                 "float8_e5m2fnuz", "float8_e8m0fnu", "complex64", "int8", "uint8", "int16", "uint16", "int32",
+                 "uint32", "uint64", "bool")
+
+
+class Dtypes(nn.Module):
+    def __init__(self, names=LOW_PRECISION):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        for name in names:
+            self.register_buffer("t_" + name, torch.zeros(2, 3, dtype=getattr(torch, name)))
+
+
+def dtypes():
+    return Dtypes()
+
+
+def complex128():
+    """complex128, which safetensors has a code for but the installed safetensors may not load."""
+    return Dtypes(("complex128",))
 '''
 
 # How torch reads each kind of source (see `source_state`).
@@ -189,7 +212,7 @@ class Corpus:
     def get(self, name: str) -> Layout:
         if name not in self._built:
             directory = os.path.join(self.root, name)
-            os.makedirs(directory)
+            os.makedirs(directory, exist_ok=True)  # a build that failed may have left it
             self._built[name] = dataclasses.replace(BUILDERS[name](self, directory), name=name)
         return self._built[name]
 
@@ -197,7 +220,7 @@ class Corpus:
         """A file several layouts read (one timm checkpoint holds the model and its EMA): written once."""
         if name not in self._shared:
             directory = os.path.join(self.root, name)
-            os.makedirs(directory)
+            os.makedirs(directory, exist_ok=True)
             self._shared[name] = write(directory)
         return self._shared[name]
 
@@ -368,6 +391,15 @@ def _torch_save(factory: str, *, seed: int, wrap: str | None = None) -> Callable
             model.qch = torch.quantize_per_channel(torch.randn(2, 3), torch.tensor([0.3, 0.4]),
                                                    torch.tensor([3, 4]), 0, torch.qint8)
             objects = ("q8", "qu8", "q32", "qch")
+        elif factory in ("dtypes", "complex128"):
+            gen = torch.Generator().manual_seed(seed)
+            for buffer in model.buffers():
+                # random bytes: every bit pattern of each dtype, NaNs included, must come through
+                buffer.view(torch.uint8).copy_(torch.randint(0, 256, buffer.view(torch.uint8).shape,
+                                                             dtype=torch.uint8, generator=gen))
+                if buffer.dtype == torch.bool:
+                    buffer.copy_(buffer.view(torch.uint8) % 2 == 1)
+            objects = ("t_complex128",) if factory == "complex128" else ()
         elif factory == "extra_state":
             model.block.calls = {"calls": 7, "scale": 0.5}
             objects = ("block._extra_state",)
@@ -537,6 +569,8 @@ BUILDERS: dict[str, Callable[[Corpus, str], Layout]] = {
     "quantized": _torch_save("quantized", seed=41),
     "sparse": _torch_save("sparse", seed=43),
     "extra-state": _torch_save("extra_state", seed=47),
+    "dtypes": _torch_save("dtypes", seed=59),
+    "complex128": _torch_save("complex128", seed=61),
     "torchscript": _torchscript,
     "onnx": _onnx,
 }
