@@ -17,6 +17,7 @@ Use the session fixture ``corpus`` (tests/conftest.py)::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import os
 import subprocess
@@ -257,8 +258,12 @@ def build_model(layout: Layout) -> Any:
     return torchvision.models.get_model(layout.arch, weights=None, **kwargs)
 
 
+@functools.cache
 def source_state(layout: Layout) -> dict[str, Any]:
-    """The state dict under ``layout.key`` as torch (or safetensors) reads the source, ``_metadata`` kept."""
+    """The state dict under ``layout.key`` as torch (or safetensors) reads the source, ``_metadata`` kept.
+
+    Read once per layout: callers must not change it.
+    """
     return _TRUTH[layout.truth](layout)
 
 
@@ -506,9 +511,10 @@ def _fsdp2(corpus: Corpus, directory: str) -> Layout:
     """FSDP2 ``fully_shard`` (gloo, world size 1) in a subprocess: DTensor parameters, plain buffers."""
     path = os.path.join(directory, "fsdp2.pth")
     full = os.path.join(directory, "fsdp2-full.pth")
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
-    subprocess.run([sys.executable, os.path.abspath(__file__), "fsdp2", corpus.factories, path, full],
-                   check=True, env=env, capture_output=True, timeout=300)
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), "fsdp2", corpus.factories, path, full],
+                          capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise RuntimeError(f"the FSDP2 worker exited {done.returncode}:\n{done.stderr[-3000:]}")
     params = tuple(k for k, _ in factories_module(corpus.factories).mlp().named_parameters())
     return Layout(name="", source=path, arch=corpus.spec("mlp"), objects=params, truth=FSDP_FULL, companion=full)
 

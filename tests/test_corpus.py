@@ -179,11 +179,11 @@ def check_cell(layout: Layout, command: str, cell: Written) -> str:
         return REFUSE
     assert cell.exit_code == 0, f"ckpt {' '.join(cell.args)} exited {cell.exit_code}:\n{cell.output}"
     want = renamed(source_state(layout), None if command.startswith("convert") else layout.strip_prefix)
-    got = read_output(cell.out)
     if command.startswith("arch"):
         check_loads(layout, cell.out, want)
     else:
-        check_same_state(got, want, aliases=stored_aliases(want) if cell.out.endswith(".safetensors") else {})
+        aliases = stored_aliases(want) if cell.out.endswith(".safetensors") else {}
+        check_same_state(read_output(cell.out), want, aliases)
     return OK
 
 
