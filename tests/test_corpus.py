@@ -16,12 +16,14 @@ Commands (columns):
   migrate.pth     ckpt migrate SRC -o out.pth [--key K] [--strip-prefix P]
   arch.pth        ckpt migrate SRC -o out.pth [--key K] [--strip-prefix P] --arch A [options]
   arch.st         the same, -o out.safetensors
+  shards.st       ckpt convert SRC out.safetensors --max-shard-size 2KB [--key K] (Hugging Face style shards)
 
 Expected outcomes are the table `MATRIX` below, which the tests read (it cannot drift from them).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -43,27 +45,27 @@ OK, REFUSE = "ok", "refuse"
 # or sparse tensor, nor get_extra_state's plain data, nor (safetensors 0.8) complex128, so refusing
 # is its only honest answer there.
 MATRIX = """
-layout                 convert.pth          convert.st         migrate.pth          arch.pth                   arch.st
-resnet18               ok                   ok                 ok                   ok                         ok
-torchvision-dp-nested  ok                   ok                 ok                   ok                         ok
-gpt2-safetensors       ok                   ok                 ok                   ok!ties                    ok!ties
-gpt2-sharded           ok                   ok                 ok                   ok!ties                    ok!ties
-gpt2-bin               ok                   ok                 ok                   ok!ties                    ok!ties
-bert-mlm-safetensors   ok                   ok                 ok                   ok!ties                    ok!ties
-bert-mlm-sharded       ok                   ok                 ok                   ok!ties                    ok!ties
-lightning              ok                   ok                 ok                   ok                         ok
-timm                   ok                   ok                 ok                   ok                         ok
-timm-ema               ok                   ok                 ok                   ok                         ok
-fsdp2                  ok!dtensor           ok!dtensor         ok!dtensor           ok!dtensor                 ok!dtensor
-compile                ok                   ok                 ok                   ok                         ok
-dataparallel           ok                   ok                 ok                   ok                         ok
-tied                   ok                   ok                 ok                   ok                         ok
-quantized              ok|refuse!quantized  refuse             ok|refuse!quantized  ok|refuse!meta,quantized   refuse
-sparse                 ok|refuse!sparse     refuse!sparse      ok|refuse!sparse     ok|refuse!meta,sparse      refuse!meta,sparse
-extra-state            ok!extra             refuse!extra       ok!extra             ok!extra                   refuse!extra
-dtypes                 ok                   ok!fp8             ok                   ok!fp8                     ok!fp8
-complex128             ok                   refuse!complex     ok                   ok                         refuse!complex
-torchscript            ok!attributes        ok!attributes      ok!attributes        ok!attributes              ok!attributes
+layout                 convert.pth          convert.st      migrate.pth          arch.pth                  arch.st             shards.st
+resnet18               ok                   ok              ok                   ok                        ok                  ok
+torchvision-dp-nested  ok                   ok              ok                   ok                        ok                  ok
+gpt2-safetensors       ok                   ok              ok                   ok!ties                   ok!ties             ok
+gpt2-sharded           ok                   ok              ok                   ok!ties                   ok!ties             ok
+gpt2-bin               ok                   ok              ok                   ok!ties                   ok!ties             ok
+bert-mlm-safetensors   ok                   ok              ok                   ok!ties                   ok!ties             ok
+bert-mlm-sharded       ok                   ok              ok                   ok!ties                   ok!ties             ok
+lightning              ok                   ok              ok                   ok                        ok                  ok
+timm                   ok                   ok              ok                   ok                        ok                  ok
+timm-ema               ok                   ok              ok                   ok                        ok                  ok
+fsdp2                  ok!dtensor           ok!dtensor      ok!dtensor           ok!dtensor                ok!dtensor          ok!dtensor
+compile                ok                   ok              ok                   ok                        ok                  ok
+dataparallel           ok                   ok              ok                   ok                        ok                  ok
+tied                   ok                   ok              ok                   ok                        ok                  ok
+quantized              ok|refuse!quantized  refuse          ok|refuse!quantized  ok|refuse!meta,quantized  refuse              refuse
+sparse                 ok|refuse!sparse     refuse!sparse   ok|refuse!sparse     ok|refuse!meta,sparse     refuse!meta,sparse  refuse!sparse
+extra-state            ok!extra             refuse!extra    ok!extra             ok!extra                  refuse!extra        refuse!extra
+dtypes                 ok                   ok!fp8          ok                   ok!fp8                    ok!fp8              ok!fp8
+complex128             ok                   refuse!complex  ok                   ok                        refuse!complex      refuse!complex
+torchscript            ok!attributes        ok!attributes   ok!attributes        ok!attributes             ok!attributes       ok!attributes
 """
 
 # The defects the tags name; each reason was checked against the failure it marks.
@@ -135,10 +137,12 @@ def _cases(xfail: dict[tuple[str, str], str], layouts: tuple[str, ...] = LAYOUTS
 
 def command_line(layout: Layout, command: str, out: str) -> list[str]:
     verb, _ = command.split(".")
-    args = ["convert", layout.source, out] if verb == "convert" else ["migrate", layout.source, "-o", out]
+    args = ["convert", layout.source, out] if verb in ("convert", "shards") else ["migrate", layout.source, "-o", out]
+    if verb == "shards":
+        args += ["--max-shard-size", "2KB"]
     if layout.key:
         args += ["--key", layout.key]
-    if verb != "convert" and layout.strip_prefix:
+    if verb in ("migrate", "arch") and layout.strip_prefix:
         args += ["--strip-prefix", layout.strip_prefix]
     if verb == "arch":
         assert layout.arch is not None
@@ -178,7 +182,7 @@ def check_cell(layout: Layout, command: str, cell: Written) -> str:
         check_refusal(layout, cell)
         return REFUSE
     assert cell.exit_code == 0, f"ckpt {' '.join(cell.args)} exited {cell.exit_code}:\n{cell.output}"
-    want = renamed(source_state(layout), None if command.startswith("convert") else layout.strip_prefix)
+    want = renamed(source_state(layout), layout.strip_prefix if command.startswith(("migrate", "arch")) else None)
     if command.startswith("arch"):
         check_loads(layout, cell.out, want)
     else:
@@ -216,6 +220,10 @@ def read_output(path: str) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     try:
+        if os.path.exists(path + ".index.json"):  # shards: the index names the file of every tensor
+            with open(path + ".index.json") as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+            return {k: v for name in files for k, v in load_file(os.path.join(os.path.dirname(path), name)).items()}
         if path.endswith(".safetensors"):
             return load_file(path)
         return torch.load(path, weights_only=True)
@@ -409,8 +417,6 @@ def test_oracle_sees_a_refusal_that_names_nothing(corpus, tmp_path):
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=DEFECTS["attributes"].replace("written as", "reported as"))
 def test_torchscript_tensor_attributes_are_reported_apart(corpus):
-    import json
-
     import torch
 
     layout = corpus.get("torchscript")
