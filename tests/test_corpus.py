@@ -81,7 +81,7 @@ DEFECTS: dict[str, tuple[str, str]] = {
     "dtensor": ("defect 2 (DTensor): FSDP2's DTensor parameters are dropped with exit 0; only the plain buffers "
                 "are written", r"0\.weight"),
     "quantized": ("defect 2 (quantized): the .pth output loses the quantizer (scale, zero point) of "
-                  "qint8/quint8/qint32 tensors", r"changed.*'q8'|strictly.*q8"),
+                  "qint8/quint8/qint32 tensors", r"changed.*'q8'|UnknownQuantizer"),
     "sparse": ("defect 2 (sparse): sparse COO/CSR tensors are dropped with exit 0", r"coo.*csr"),
     "extra": ("defect 2 (_extra_state): get_extra_state entries are missing from the output", r"block\._extra_state"),
     "meta": ("defect 6: --arch builds the target on the meta device, where quantize_per_channel/_to_sparse have "
