@@ -27,8 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from migrate_helpers import write_factories
+
 # The target models, written once per corpus as ``factories.py`` so that ``--arch FILE:NAME`` and the
-# builders below construct the very same modules.
+# builders below construct the very same modules (the tied embedding is migrate_helpers' ``tied``).
 FACTORIES = '''
 import torch
 from torch import nn
@@ -51,18 +53,6 @@ def bert_mlm():
 def mlp():
     """Linear, BatchNorm (buffers and num_batches_tracked), Linear."""
     return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
-
-
-class Tied(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(20, 8)
-        self.proj = nn.Linear(8, 20, bias=False)
-        self.proj.weight = self.embed.weight
-
-
-def tied():
-    return Tied()
 
 
 def _pattern(rows, cols):
@@ -209,6 +199,7 @@ class Corpus:
         self.factories = os.path.join(root, "factories.py")
         with open(self.factories, "w") as f:
             f.write(textwrap.dedent(FACTORIES))
+        self.targets = write_factories(root)
 
     def get(self, name: str) -> Layout:
         if name not in self._built:
@@ -226,7 +217,10 @@ class Corpus:
         return self._shared[name]
 
     def spec(self, factory: str) -> str:
-        return f"{self.factories}:{factory}"
+        return f"{self.module_path(factory)}:{factory}"
+
+    def module_path(self, factory: str) -> str:
+        return self.targets if factory == "tied" else self.factories
 
 
 def factories_module(path: str) -> Any:
@@ -382,7 +376,7 @@ def _torch_save(factory: str, *, seed: int, wrap: str | None = None) -> Callable
     def build(corpus: Corpus, directory: str) -> Layout:
         import torch
 
-        model = randomize(getattr(factories_module(corpus.factories), factory)(), seed=seed)
+        model = randomize(getattr(factories_module(corpus.module_path(factory)), factory)(), seed=seed)
         objects: tuple[str, ...] = ()
         if factory == "sparse":
             with torch.no_grad():
