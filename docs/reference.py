@@ -1,0 +1,103 @@
+"""Generators for the pages cog writes: the CLI reference, the Python API, included files.
+
+Used from cog blocks in ``docs/*.md``; ``cog -I docs -r docs/cli.md docs/api.md docs/benchmarks.md
+docs/changelog.md`` rewrites them and ``cog -I docs --check ...`` (in CI) fails when one is stale.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import pkgutil
+import textwrap
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def help_text(args: list[str]) -> str:
+    """``ckpt ARGS --help`` as a user sees it in a 100-column terminal."""
+    from click.testing import CliRunner
+
+    from ckpt_tool.cli import main
+
+    result = CliRunner().invoke(main, [*args, "--help"], prog_name="ckpt", terminal_width=100)
+    assert result.exit_code == 0, result.output
+    return result.output.rstrip("\n")
+
+
+def cli_reference() -> str:
+    """One section per command, with its ``--help`` verbatim."""
+    import click
+
+    from ckpt_tool.cli import main
+
+    ctx = click.Context(main)
+    parts = ["## ckpt\n", "```text\n$ ckpt --help\n" + help_text([]) + "\n```\n"]
+    for name in main.list_commands(ctx):
+        parts.append(f"## ckpt {name}\n")
+        parts.append(f"```text\n$ ckpt {name} --help\n" + help_text([name]) + "\n```\n")
+    return "\n".join(parts)
+
+
+def _public(module: Any) -> list[tuple[str, Any]]:
+    """Functions and classes a module defines, documents and does not mark private."""
+    found = []
+    for name, obj in vars(module).items():
+        if name.startswith("_") or not (inspect.isfunction(obj) or inspect.isclass(obj)):
+            continue
+        if getattr(obj, "__module__", None) != module.__name__ or not inspect.getdoc(obj):
+            continue
+        found.append((name, obj))
+    return sorted(found, key=lambda item: inspect.getsourcelines(item[1])[1])
+
+
+def _signature(name: str, obj: Any) -> str:
+    try:
+        sig = str(inspect.signature(obj))
+    except (TypeError, ValueError):
+        sig = ""
+    prefix = "class " if inspect.isclass(obj) else ""
+    return f"{prefix}{name}{sig}"
+
+
+def _library_modules() -> list[str]:
+    """Every module of the package except the command-line layer (it parses and renders only)."""
+    import ckpt_tool
+
+    names = ["ckpt_tool"]
+    for info in pkgutil.walk_packages(ckpt_tool.__path__, "ckpt_tool."):
+        parts = info.name.split(".")
+        if parts[1] in ("cli", "commands", "__main__") or parts[-1].startswith("_"):
+            continue
+        names.append(info.name)
+    return sorted(names)
+
+
+def api_reference() -> str:
+    """Each library module's docstring, then its public functions and classes with their docstrings."""
+    parts = []
+    for modname in _library_modules():
+        module = importlib.import_module(modname)
+        members = _public(module)
+        doc = inspect.getdoc(module) or ""
+        if not members and not doc:
+            continue
+        parts.append(f"## `{modname}`\n")
+        if doc:
+            parts.append(doc + "\n")
+        for name, obj in members:
+            parts.append(f"### `{name}`\n")
+            parts.append("```python\n" + _signature(name, obj) + "\n```\n")
+            parts.append(textwrap.indent(inspect.getdoc(obj) or "", "") + "\n")
+    return "\n".join(parts)
+
+
+def include(path: str, drop_title: bool = True) -> str:
+    """A file of the repository, pasted (its first ``# `` title left out: the page has its own)."""
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        text = f.read()
+    if drop_title and text.startswith("# "):
+        text = text.split("\n", 1)[1].lstrip("\n")
+    return text.rstrip("\n")
