@@ -101,3 +101,48 @@ def include(path: str, drop_title: bool = True) -> str:
     if drop_title and text.startswith("# "):
         text = text.split("\n", 1)[1].lstrip("\n")
     return text.rstrip("\n")
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def _walk(value: Any, path: str, fields: dict[str, set[str]]) -> None:
+    if path:
+        fields.setdefault(path, set()).add(_json_type(value))
+    if isinstance(value, dict):
+        # objects keyed by data (dtype names, module names) rather than by field name
+        if path and value and not all(k.isidentifier() for k in value):
+            for v in value.values():
+                _walk(v, path + ".*", fields)
+            return
+        for k, v in value.items():
+            _walk(v, f"{path}.{k}" if path else k, fields)
+    elif isinstance(value, list):
+        for v in value:
+            _walk(v, path + "[]", fields)
+
+
+def json_fields(golden: str) -> str:
+    """The fields of a ``--json`` report, read from its golden file in tests/golden/, as a table."""
+    import json
+
+    with open(os.path.join(ROOT, "tests", "golden", golden + ".json"), encoding="utf-8") as f:
+        data = json.load(f)
+    fields: dict[str, set[str]] = {}
+    _walk(data, "", fields)
+    rows = ["| field | type |", "| --- | --- |"]
+    for path in sorted(fields):
+        types = sorted(fields[path] - {"null"}) + (["null"] if "null" in fields[path] else [])
+        rows.append(f"| `{path}` | {' or '.join(types)} |")
+    return "\n".join(rows)
