@@ -69,3 +69,14 @@ def rewrite_zip(src, dst, edit) -> None:
             data = edit(info.filename, zin.read(info))
             if data is not None:
                 zout.writestr(info, data)
+
+
+@pytest.fixture(scope="session")
+def example_inputs(tmp_path_factory):
+    """The inputs of the documentation's examples (docs/make_examples.py), built once per session."""
+    sys.path.insert(0, os.path.join(ROOT, "docs"))
+    import make_examples
+
+    path = str(tmp_path_factory.mktemp("docs") / "inputs")
+    make_examples.make(path)
+    return path
