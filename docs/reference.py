@@ -34,10 +34,11 @@ def cli_reference() -> str:
     from ckpt_tool.cli import main
 
     ctx = click.Context(main)
-    parts = ["## ckpt\n", "```text\n$ ckpt --help\n" + help_text([]) + "\n```\n"]
+    parts = ["## ckpt\n", "`ckpt --help`:\n", "```text\n" + help_text([]) + "\n```\n"]
     for name in main.list_commands(ctx):
         parts.append(f"## ckpt {name}\n")
-        parts.append(f"```text\n$ ckpt {name} --help\n" + help_text([name]) + "\n```\n")
+        parts.append(f"`ckpt {name} --help`:\n")
+        parts.append("```text\n" + help_text([name]) + "\n```\n")
     return "\n".join(parts)
 
 
