@@ -115,3 +115,27 @@ def test_setup_commands_come_first():
     assert readme.index("## Set-up") < readme.index("```")
     ci = _read(os.path.join(ROOT, ".ci", "run"))
     assert "\npip install -e '.[test]'\n" in ci and "\npytest\n" in ci
+
+
+def test_every_python_name_in_the_docs_exists():
+    """`ckpt_tool.module.name` in a page must import: a module moved or renamed breaks this, not a reader."""
+    import importlib
+
+    missing = []
+    for page in PAGES:
+        for dotted in sorted(set(re.findall(r"`(ckpt_tool(?:\.\w+)+)`", _read(page)))):
+            parts = dotted.split(".")
+            for cut in range(len(parts), 0, -1):
+                try:
+                    obj = importlib.import_module(".".join(parts[:cut]))
+                except ImportError:
+                    continue
+                try:
+                    for attr in parts[cut:]:
+                        obj = getattr(obj, attr)
+                except AttributeError:
+                    missing.append(f"{os.path.relpath(page, ROOT)}: {dotted}")
+                break
+            else:
+                missing.append(f"{os.path.relpath(page, ROOT)}: {dotted}")
+    assert missing == []
