@@ -54,11 +54,27 @@ def _public(module: Any) -> list[tuple[str, Any]]:
     return sorted(found, key=lambda item: inspect.getsourcelines(item[1])[1])
 
 
+class _Annotation:
+    """An annotation written as in the source (``from __future__ import annotations`` keeps them as strings)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
 def _signature(name: str, obj: Any) -> str:
     try:
-        sig = str(inspect.signature(obj))
+        signature = inspect.signature(obj)
     except (TypeError, ValueError):
         sig = ""
+    else:
+        def plain(a: Any) -> Any:
+            return _Annotation(a) if isinstance(a, str) else a
+
+        params = [p.replace(annotation=plain(p.annotation)) for p in signature.parameters.values()]
+        sig = str(signature.replace(parameters=params, return_annotation=plain(signature.return_annotation)))
     prefix = "class " if inspect.isclass(obj) else ""
     return f"{prefix}{name}{sig}"
 
@@ -76,6 +92,47 @@ def _library_modules() -> list[str]:
     return sorted(names)
 
 
+SECTIONS = ("Args:", "Arguments:", "Returns:", "Raises:", "Yields:", "Example:", "Examples:")
+
+
+def _markdown(doc: str) -> str:
+    """A Google-style docstring as Markdown: sections in bold, arguments as a list, examples as code."""
+    out: list[str] = []
+    lines = doc.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.strip() not in SECTIONS:
+            out.append(line)
+            i += 1
+            continue
+        section = line.strip()
+        body = []
+        i += 1
+        while i < len(lines) and (lines[i].startswith(" ") or not lines[i].strip()):
+            body.append(lines[i])
+            i += 1
+        while body and not body[-1].strip():
+            body.pop()
+        text = textwrap.dedent("\n".join(body))
+        out.append(f"**{section[:-1]}**\n")
+        if section.startswith("Example"):
+            out.append("```python\n" + text + "\n```")
+        elif section in ("Args:", "Arguments:"):
+            items: list[str] = []
+            for arg in text.splitlines():
+                if arg.startswith(" ") and items:
+                    items[-1] += " " + arg.strip()
+                elif arg.strip():
+                    name, _, rest = arg.partition(":")
+                    items.append(f"- `{name.strip()}`:{rest}")
+            out.append("\n".join(items))
+        else:
+            out.append(" ".join(text.split()))
+        out.append("")
+    return "\n".join(out).rstrip("\n")
+
+
 def api_reference() -> str:
     """Each library module's docstring, then its public functions and classes with their docstrings."""
     parts = []
@@ -91,7 +148,7 @@ def api_reference() -> str:
         for name, obj in members:
             parts.append(f"### `{name}`\n")
             parts.append("```python\n" + _signature(name, obj) + "\n```\n")
-            parts.append(textwrap.indent(inspect.getdoc(obj) or "", "") + "\n")
+            parts.append(_markdown(inspect.getdoc(obj) or "") + "\n")
     return "\n".join(parts)
 
 
