@@ -105,6 +105,19 @@ def _in_dir(path: str, env: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Training runs the same on every machine (and fast on a busy one) with one torch thread."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def run(argv: list[str], work: str) -> tuple[str, int]:
     """Run one command in ``work``; returns (output as shown, exit code)."""
     if argv[0] == "cat":
@@ -116,7 +129,7 @@ def run(argv: list[str], work: str) -> tuple[str, int]:
 
     from ckpt_tool.cli import main
 
-    with _in_dir(work, {"CKPT_CACHE_DIR": os.path.join(work, ".cache")}):
+    with _in_dir(work, {"CKPT_CACHE_DIR": os.path.join(work, ".cache")}), one_torch_thread():
         result = CliRunner().invoke(main, argv[1:], prog_name="ckpt", terminal_width=100)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise RuntimeError(f"`{' '.join(argv)}` raised {result.exception!r}") from result.exception

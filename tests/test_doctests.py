@@ -7,6 +7,7 @@ import importlib
 import os
 import pkgutil
 import shutil
+import sys
 
 import pytest
 from conftest import ROOT
@@ -42,7 +43,11 @@ def in_examples(example_inputs, tmp_path, monkeypatch):
     shutil.copytree(example_inputs, work)
     monkeypatch.chdir(work)
     monkeypatch.setenv("CKPT_CACHE_DIR", str(work / ".cache"))
-    return work
+    sys.path.insert(0, os.path.join(ROOT, "docs"))
+    import examples
+
+    with examples.one_torch_thread():
+        yield work
 
 
 def test_docstring_examples_exist():
