@@ -44,8 +44,9 @@ VOLATILE = [
     (re.compile(r"(RSS|CUDA max allocated|allocated) \d[\d.,]* ?[KMGT]?B"), r"\1 N"),
     (re.compile(r"\d[\d.]* ?(s|ms)\b(?= |$|,|\))"), r"N \1"),
 ]
-# the throughput column of finetune-check's phase table: the last cell of a phase row
-PHASE_ROW = re.compile(r"^((?:train|frozen|unfrozen)\s.*\s)\d[\d.]*$")
+# a table whose last column is a throughput (finetune-check's phases): that cell of each row
+RATE_HEADER = re.compile(r"\s(images/s|samples/s|it/s)$")
+LAST_NUMBER = re.compile(r"^(.*\s)\d[\d.,]*$")
 
 
 @dataclass(frozen=True)
@@ -140,8 +141,14 @@ def run(argv: list[str], work: str) -> tuple[str, int]:
 def masked(text: str) -> list[str]:
     """What must stay equal between the page and a run: volatile fields masked, padding ignored."""
     lines = []
+    in_rate_table = False
     for line in text.splitlines():
-        line = PHASE_ROW.sub(r"\1N", line)
+        if RATE_HEADER.search(line):
+            in_rate_table = True
+        elif not line.strip():
+            in_rate_table = False
+        elif in_rate_table:
+            line = LAST_NUMBER.sub(r"\1N", line)
         for pattern, repl in VOLATILE:
             line = pattern.sub(repl, line)
         lines.append(" ".join(line.split()))

@@ -63,6 +63,9 @@ def test_masking_hides_only_run_to_run_noise():
     run = "throughput  INFO  99.0 images/s\npeak memory  INFO  RSS 1.2 GB"
     assert examples.masked(page) == examples.masked(run)
     assert examples.masked("loss 1.4530 -> 0.9705") != examples.masked("loss 1.4530 -> 0.9706")
+    table = "phase  lr     epoch mean loss  images/s\n-----  -----  ---------------  --------\ntrain  0.001  2.3055           {}\n"
+    assert examples.masked(table.format("433.3")) == examples.masked(table.format("1352.0"))
+    assert examples.masked(table.format("433.3").replace("2.3055", "2.3056")) != examples.masked(table.format("433.3"))
 
 
 @pytest.mark.parametrize("name", sorted(COMMAND_MODULES))
