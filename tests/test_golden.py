@@ -21,16 +21,6 @@ from ckpt_tool.cli import main
 GOLDEN = os.path.join(ROOT, "tests", "golden")
 UPDATE = bool(os.environ.get("CKPT_UPDATE_GOLDEN"))
 
-VALIDATE_CONFIG = """\
-[tool.ckpt]
-require-format = "safetensors"
-max-size-mb = 1
-no-nan-inf = true
-
-[tool.ckpt.arch]
-"tiny_cnn*" = "fixtures/make_fixtures.py:tiny_cnn"
-"""
-
 # golden name -> (arguments, expected exit code); paths are relative to the directory the case runs in
 CASES = {
     "inspect_tiny_cnn_pth": (["inspect", "fixtures/tiny_cnn.pth", "--json"], 0),
@@ -42,7 +32,8 @@ CASES = {
     "diff_pth_vs_safetensors_values": (["diff", "fixtures/tiny_cnn.pth", "fixtures/tiny_cnn.safetensors",
                                         "--values", "--all", "--json"], 0),
     "scan_malicious": (["scan", "fixtures/malicious", "fixtures/tiny_cnn.pth", "--json"], 1),
-    "validate_policies": (["validate", "tiny_cnn.pth", "tiny_cnn.safetensors", "--json"], 1),
+    # in the docs' example inputs, whose pyproject.toml holds [tool.ckpt] policies
+    "validate_policies": (["validate", "models/tiny_cnn.pth", "models/tiny_cnn.safetensors", "--json"], 1),
     "migrate_strip_reinit": (["migrate", "fixtures/tiny_cnn_dataparallel_nested.pth", "--key", "model_state_dict",
                               "--strip-prefix", "module.", "--arch", "fixtures/make_fixtures.py:tiny_cnn",
                               "--arch-arg", "num_classes=4", "--reinit-mismatched", "--seed", "0",
@@ -50,14 +41,13 @@ CASES = {
 }
 
 
-def _workdir(tmp_path, name: str) -> str:
-    """Cases run in a fresh directory holding ``fixtures/`` (and, for validate, a policy file)."""
+def _workdir(tmp_path, name: str, request) -> str:
+    """Cases run in a fresh directory holding ``fixtures/`` (validate: the docs' example inputs)."""
     work = tmp_path / "work"
-    shutil.copytree(os.path.join(ROOT, "fixtures"), work / "fixtures")
     if name.startswith("validate"):
-        (work / "pyproject.toml").write_text(VALIDATE_CONFIG)
-        for ext in ("pth", "safetensors"):
-            shutil.copy(work / "fixtures" / f"tiny_cnn.{ext}", work / f"tiny_cnn.{ext}")
+        shutil.copytree(request.getfixturevalue("example_inputs"), work)
+    else:
+        shutil.copytree(os.path.join(ROOT, "fixtures"), work / "fixtures")
     return str(work)
 
 
@@ -78,9 +68,9 @@ NEEDS_TORCH = {"diff_dataparallel_vs_arch", "migrate_strip_reinit", "validate_po
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.torch] if n in NEEDS_TORCH else [])
                                   for n in sorted(CASES)])
-def test_json_report_matches_golden(name, tmp_path, monkeypatch):
+def test_json_report_matches_golden(name, tmp_path, monkeypatch, request):
     args, code = CASES[name]
-    work = _workdir(tmp_path, name)
+    work = _workdir(tmp_path, name, request)
     monkeypatch.chdir(work)
     monkeypatch.setenv("CKPT_CACHE_DIR", str(tmp_path / "cache"))
     result = CliRunner().invoke(main, args)

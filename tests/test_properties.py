@@ -11,16 +11,15 @@ the smallest input that shows it.
 
 from __future__ import annotations
 
-import io
 import pickle
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_pickle_vm import normalise, vm_load
 
 from ckpt_tool.errors import FormatError
-from ckpt_tool.formats.pickle_vm import PickleVM
 from ckpt_tool.formats.safetensors import header_defects, read_safetensors
 
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
@@ -34,21 +33,6 @@ plain = st.recursive(
                    | st.dictionaries(st.text(max_size=8) | st.integers(), inner, max_size=4)),
     max_leaves=20,
 )
-
-
-def vm_load(data: bytes):
-    return PickleVM(None, None).load(io.BytesIO(data), len(data))
-
-
-def normalise(obj):
-    """Sets as sorted tuples (the interpreter may give a set where pickle gives a frozenset's equal)."""
-    if isinstance(obj, dict):
-        return {k: normalise(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(normalise(v) for v in obj)
-    if isinstance(obj, (set, frozenset)):
-        return ("set", sorted(obj))
-    return obj
 
 
 @SETTINGS
