@@ -407,7 +407,6 @@ def tensor_ref(key: str, t: PickledTensor, path: str) -> TensorRef:
     parts = tuple((name, tensor_ref(f"{key}#{name}", p, path)) for name, p in t.parts.items())
     extra: dict[str, Any] = {"attrs": tuple(sorted(t.attrs.items())), "note": t.note, "parts": parts}
     if t.kind in SPARSE_KINDS:
-        values = dict(parts)["values"]
         return TensorRef(key, t.dtype, t.shape, (), f"{path}#{t.kind}:{key}", 0, 0, None, path, t.requires_grad,
                          kind=t.kind, **extra)
     kind = t.kind if t.kind in (QUANTIZED, DTENSOR_SHARD) else DENSE
@@ -469,12 +468,31 @@ def _count_tensors(obj: Any) -> tuple[int, int]:
 
 
 def summarize_extras(root: Any, chosen: str | None) -> dict[str, Any]:
-    """Top-level entries other than the chosen state dict, summarized."""
-    container = root.dictitems if isinstance(root, Placeholder) and root.dictitems else root
-    if not isinstance(container, dict) or chosen == "":
-        return {}
-    top = chosen.split("/")[0] if chosen else None
-    return {str(k): summarize(v) for k, v in container.items() if str(k) != top}
+    """The entries beside the chosen state dict, summarized (see :func:`sibling_entries`)."""
+    return {name: summarize(v) for name, v in sibling_entries(root, chosen)}
+
+
+def sibling_entries(root: Any, chosen: str | None) -> list[tuple[str, Any]]:
+    """Entries beside the chosen state dict at every level of its path, named by their path
+    (every top-level entry when none is chosen).
+
+    For ``model/state_dict`` these are the top-level entries other than ``model`` and the entries
+    of ``model`` other than ``state_dict`` (``model/model_args``).
+    """
+    if chosen == "":
+        return []
+    out: list[tuple[str, Any]] = []
+    node, walked = root, ""
+    for part in chosen.split("/") if chosen is not None else [None]:
+        container = node.dictitems if isinstance(node, Placeholder) and node.dictitems else node
+        if not isinstance(container, dict):
+            break
+        out.extend((_join(walked, str(k)), v) for k, v in container.items() if str(k) != part)
+        if part is None:  # no state dict chosen: every top-level entry
+            break
+        node = container.get(part, container.get(int(part)) if _is_int(part) else None)
+        walked = _join(walked, part)
+    return out
 
 
 def _open_sharded(index_path: str, key: str | None) -> Checkpoint:
