@@ -98,7 +98,7 @@ def inspect_checkpoint(
     if depth is not None and depth < 1:
         raise UsageError("--depth must be 1 or more")
     pattern = _compile(filter)
-    ckpt = open_checkpoint(path, key)
+    ckpt = open_checkpoint(path, key, optimizer=True)
     refs = [r for r in ckpt.tensors.values() if pattern is None or pattern.search(r.key)]
     shared = ckpt.shared_storages()
     stats_by_key: dict[str, TensorStats] = {}

@@ -112,7 +112,7 @@ def parse_lfs_pointer(path: str) -> dict[str, str]:
     return out
 
 
-def open_checkpoint(path: str, key: str | None = None) -> Checkpoint:
+def open_checkpoint(path: str, key: str | None = None, *, optimizer: bool = False) -> Checkpoint:
     """Describe the checkpoint at ``path`` without reading tensor bytes or importing torch.
 
     Args:
@@ -120,6 +120,8 @@ def open_checkpoint(path: str, key: str | None = None) -> Checkpoint:
             holding a single ``model.safetensors`` / ``pytorch_model.bin``).
         key: path to the nested state dict (``"model"``, ``"state_dict"``, ``"ckpt/ema"``);
             by default the obvious one is chosen.
+        optimizer: let ``key`` name optimizer state (described flattened: ``state.0.exp_avg``);
+            only ``inspect`` asks for it, since no model loads optimizer state.
 
     Example:
         >>> ckpt = open_checkpoint("fixtures/tiny_cnn.pth")
@@ -130,7 +132,7 @@ def open_checkpoint(path: str, key: str | None = None) -> Checkpoint:
     if kind == fmt.SHARDED:
         found = _find_index(path)
         if not found.endswith(".index.json"):
-            return open_checkpoint(found, key)  # a directory holding one weights file
+            return open_checkpoint(found, key, optimizer=optimizer)  # a directory holding one weights file
         return _open_sharded(found, key)
     size = _size(path)
     if kind == fmt.SAFETENSORS:
@@ -143,14 +145,14 @@ def open_checkpoint(path: str, key: str | None = None) -> Checkpoint:
             metadata=header.metadata, files=(path,),
         )
     raw = read_raw(path)
-    return describe_raw(raw, key)
+    return describe_raw(raw, key, optimizer=optimizer)
 
 
-def describe_raw(raw: RawFile, key: str | None = None) -> Checkpoint:
+def describe_raw(raw: RawFile, key: str | None = None, *, optimizer: bool = False) -> Checkpoint:
     """Turn a decoded torch file into a :class:`Checkpoint`, choosing the state dict."""
     candidates = find_candidates(raw.root)
     if key not in (None, ""):
-        chosen_path, obj = resolve_key(raw.root, key, raw.path, candidates)
+        chosen_path, obj = resolve_key(raw.root, key, raw.path, candidates, optimizer=optimizer)
     elif not candidates:
         chosen_path, obj = None, None
     else:
@@ -290,7 +292,8 @@ def _default_candidate(root: Any, candidates: list[tuple[str, Any]]) -> tuple[st
     return max(candidates, key=lambda c: len(to_state_dict(c[1], "")))
 
 
-def resolve_key(root: Any, key: str, path: str, candidates: list[tuple[str, Any]]) -> tuple[str, Any]:
+def resolve_key(root: Any, key: str, path: str, candidates: list[tuple[str, Any]], *, optimizer: bool = False
+                ) -> tuple[str, Any]:
     """Follow a key path (``model``, ``ckpt/ema`` or ``ckpt.ema``) to a state dict."""
     obj, walked = walk_key(root, key)
     if obj is None:
@@ -301,6 +304,9 @@ def resolve_key(root: Any, key: str, path: str, candidates: list[tuple[str, Any]
     if isinstance(obj, Placeholder) and obj.dictitems:
         obj = obj.dictitems
     if isinstance(obj, dict) and not any(isinstance(v, PickledTensor) for v in obj.values()) and _nested_tensors(obj):
+        if not optimizer:
+            raise KeyPathError(f"{path}: --key {key!r} holds nested state such as an optimizer's, not a model state "
+                               "dict (`ckpt inspect --key` describes it)")
         # optimizer state (``state`` -> parameter index -> ``exp_avg``...): described flattened
         return walked, _flatten_nested(obj)
     if not isinstance(obj, dict) or not any(isinstance(v, PickledTensor) for v in obj.values()):
