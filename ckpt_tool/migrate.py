@@ -480,6 +480,8 @@ class _Built:
 
 
 def _nbytes(e: Entry) -> int:
+    if is_composite(e) and e.ref is not None:
+        return e.ref.nbytes  # a sparse tensor's bytes are its parts'
     return numel(e.shape) * itemsize(e.dtype)
 
 
