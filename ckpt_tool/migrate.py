@@ -629,6 +629,8 @@ def _written_state(written: Written, state_path: str | None) -> dict[str, Any]:
     """The written tensors as meta tensors of their shape and dtype, read the way users will read them."""
     import torch
 
+    from .model import SAFETENSORS_TO_DTYPE
+
     state: dict[str, Any] = {}
     files = [f for f in written.files if not f.endswith(".index.json")]
     for path in files:
@@ -638,7 +640,7 @@ def _written_state(written: Written, state_path: str | None) -> dict[str, Any]:
             with safe_open(path, framework="pt") as f:
                 for key in f.keys():
                     sl = f.get_slice(key)
-                    dtype = _SAFETENSORS_TORCH[sl.get_dtype()]
+                    dtype = SAFETENSORS_TO_DTYPE[sl.get_dtype()]
                     state[key] = torch.empty(sl.get_shape(), dtype=getattr(torch, dtype), device="meta")
         else:
             loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -650,9 +652,3 @@ def _written_state(written: Written, state_path: str | None) -> dict[str, Any]:
                           torch.strided and not v.is_quantized else v for k, v in loaded.items()})
     return state
 
-
-_SAFETENSORS_TORCH = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
-    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "U16": "uint16", "U32": "uint32", "U64": "uint64",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "C64": "complex64",
-}

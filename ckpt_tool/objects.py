@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -44,9 +45,13 @@ class ObjectPlan:
     def close(self) -> None:
         """Remove the scratch file that holds converted values (after they are written)."""
         if self._scratch is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._scratch)
+            _unlink(self._scratch)
             self._scratch = None
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def account(ckpt: Checkpoint, operations: Sequence[Operation], state: State, fmt: str, *,
@@ -124,6 +129,8 @@ def _store(out: ObjectPlan, tensors: dict[str, Any]) -> None:
 
     fd, path = tempfile.mkstemp(prefix="ckpt-converted-", suffix=".bin")
     out._scratch = path
+    # removed by close() after writing, or when the plan is dropped (a refusal between planning and writing)
+    weakref.finalize(out, _unlink, path)
     offset = 0
     with os.fdopen(fd, "wb") as f:
         for key, t in tensors.items():
@@ -156,8 +163,8 @@ def _carry_entries(ckpt: Checkpoint, operations: Sequence[Operation], out: Objec
         try:
             plain = _plain(value)
         except _NotPlain:
-            raise UsageError(f"state-dict entry {key!r} is {_why_not_plain(value)}, which ckpt cannot write back; "
-                             f"leave it out with --exclude '^{key}$'") from None
+            raise UsageError(f"state-dict entry {key!r} ({_why_not_plain(value)}) is neither a tensor nor plain data, "
+                             f"which ckpt cannot write back; leave it out with --exclude '^{key}$'") from None
         if fmt == SAFETENSORS or sharded:
             raise UsageError(f"state-dict entry {key!r} is not a tensor; {'safetensors' if fmt == SAFETENSORS else 'shards'}"
                              f" hold tensors only: write one .pth, or leave it out with --exclude '^{key}$'")

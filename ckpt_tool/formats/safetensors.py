@@ -15,22 +15,44 @@ from ..model import DTYPES, SAFETENSORS_TO_DTYPE, TensorRef, contiguous_strides
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own bound
 # dtype codes every safetensors release since 0.3 loads into torch; others are asked of the installed one
 BASE_CODES = frozenset({"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL"})
-_LOADABLE: set[str] = set()
+_LOADABLE: dict[str, bool] = {}
 
 
 def loadable(code: str) -> bool:
-    """Whether the installed safetensors loads tensors of dtype ``code`` into torch (``C128`` never does).
+    """Whether the installed safetensors loads a tensor of dtype ``code`` into torch (``C128`` never does).
 
-    Only codes outside the base set ask ``safetensors.torch`` (which imports torch), once each.
+    Codes outside the base set are tried for real, once each: a one-element file of that dtype is
+    written to a temporary directory and read back with ``safe_open(framework="pt")`` (which
+    imports torch), the way ``load_file`` reads.
     """
-    if code in BASE_CODES or code in _LOADABLE:
+    if code in BASE_CODES:
         return True
-    try:
-        from safetensors.torch import _TYPES  # the table load_file decodes dtypes with
-    except ImportError:
+    if code not in _LOADABLE:
+        _LOADABLE[code] = _try_load(code)
+    return _LOADABLE[code]
+
+
+def _try_load(code: str) -> bool:
+    import tempfile
+
+    dtype = SAFETENSORS_TO_DTYPE.get(code)
+    if dtype is None:
         return False
-    _LOADABLE.update(c for c in _TYPES if isinstance(c, str))
-    return code in _LOADABLE
+    size = DTYPES[dtype][0]
+    header = json.dumps({"x": {"dtype": code, "shape": [1], "data_offsets": [0, size]}}).encode()
+    header += b" " * (-len(header) % 8)
+    try:
+        from safetensors import safe_open
+
+        with tempfile.TemporaryDirectory() as tmp:
+            probe = os.path.join(tmp, "probe.safetensors")
+            with open(probe, "wb") as f:
+                f.write(struct.pack("<Q", len(header)) + header + bytes(size))
+            with safe_open(probe, framework="pt") as st:
+                st.get_tensor("x")
+    except Exception:  # noqa: BLE001 - any failure means this safetensors cannot load the dtype
+        return False
+    return True
 
 
 def unloadable_reason(code: str) -> str:
