@@ -38,7 +38,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 FSDP_SCRIPT = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
     out, store = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
     torch.manual_seed(0)
@@ -53,6 +53,8 @@ FSDP_SCRIPT = textwrap.dedent("""
     shard = DTensor.from_local(local, sd["0.weight"].device_mesh, [Shard(0)], run_check=False, shape=(6, 4),
                                stride=(4, 1))
     torch.save({"w": shard}, f"{out}/shard.pth")
+    torch.save({"r": distribute_tensor(torch.randn(2, 2), sd["0.weight"].device_mesh, [Replicate()])},
+               f"{out}/replicated.pth")
     dist.destroy_process_group()
 """)
 
@@ -99,6 +101,16 @@ def test_fsdp_convert_writes_the_full_tensors_with_a_note(fsdp, tmp_path, ext):
     assert all(torch.equal(written[k], v) for k, v in local.items())
 
 
+def test_replicated_dtensor_is_its_local_tensor(fsdp, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    out = str(tmp_path / "r.safetensors")
+    result = invoke("convert", str(fsdp / "replicated.pth"), out)
+    assert result.exit_code == 0 and "r: DTensor (Replicate() on a mesh of 1 device(s))" in result.output
+    assert torch.equal(load_file(out)["r"], torch.load(fsdp / "replicated.pth", weights_only=False)["r"].to_local())
+
+
 def test_dtensor_holding_one_shard_is_refused(fsdp, tmp_path):
     out = tmp_path / "w.pth"
     refused(invoke("convert", str(fsdp / "shard.pth"), str(out)), "'w'", "one shard", "[3, 4]", "[6, 4]")
@@ -128,6 +140,7 @@ def composites(tmp_path_factory):
     }
     path = tmp_path_factory.mktemp("composite") / "composite.pth"
     torch.save(sd, path)
+    torch.save(sd, str(path) + ".legacy", _use_new_zipfile_serialization=False)
     return str(path), sd
 
 
@@ -167,11 +180,12 @@ def test_composites_are_described(composites):
     assert "sparse_coo:" in result.output and "scale 0.05, zero point 3" in result.output
 
 
-@pytest.mark.parametrize("command", ["convert", "migrate"])
-def test_pth_output_carries_composites_bit_identical(composites, tmp_path, command):
+@pytest.mark.parametrize(("command", "source"), [("convert", "zip"), ("migrate", "zip"), ("convert", "legacy")])
+def test_pth_output_carries_composites_bit_identical(composites, tmp_path, command, source):
     import torch
 
     path, sd = composites
+    path += ".legacy" if source == "legacy" else ""
     out = str(tmp_path / "out.pth")
     args = [command, path, out] if command == "convert" else [command, path, "--add-prefix", "m.", "-o", out]
     assert invoke(*args).exit_code == 0

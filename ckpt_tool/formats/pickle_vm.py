@@ -769,8 +769,9 @@ def storage_dtype(storage_type: Any) -> str:
     raise FormatError(f"unknown storage type {storage_type!r}")
 
 
-def walk_tensors(root: Any) -> Iterator[PickledTensor]:
-    """Every tensor in a decoded tree, once each (the tree may share and even cycle)."""
+def walk_tensors(root: Any, parts: bool = False) -> Iterator[PickledTensor]:
+    """Every tensor in a decoded tree, once each (the tree may share and even cycle); with ``parts``
+    also the tensors a composite is made of (a sparse tensor's indices and values)."""
     seen: set[int] = set()
     stack = [root]
     while stack:
@@ -780,6 +781,8 @@ def walk_tensors(root: Any) -> Iterator[PickledTensor]:
         seen.add(id(obj))
         if isinstance(obj, PickledTensor):
             yield obj
+            if parts:
+                stack.extend(obj.parts.values())
         elif isinstance(obj, dict):
             stack.extend(obj.values())
         elif isinstance(obj, (list, tuple)):

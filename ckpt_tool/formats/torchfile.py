@@ -211,7 +211,7 @@ def read_legacy(path: str, file_size: int, trace: Trace | None = None) -> RawFil
 
 
 def _resolve_tree_storages(root: Any, resolved: dict[str, StorageRef]) -> None:
-    for tensor in walk_tensors(root):
+    for tensor in walk_tensors(root, parts=True):
         if tensor.storage is not None:
             view_offset = tensor.storage.nbytes  # legacy views keep their offset (elements) in nbytes
             tensor.storage = resolved[tensor.storage.key]
