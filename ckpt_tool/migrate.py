@@ -220,7 +220,7 @@ def migrate(
     # every input object: carried, converted with a note, or refused here, before anything is written
     accounted = account(ckpt, plan.operations, applied.state, fmt or PTH, dequantize=dequantize, densify=densify,
                         sharded=max_shard_size is not None and fmt == PTH)
-    applied = Applied(accounted.state, applied.steps)
+    applied = replace(applied, state=accounted.state)
     for e in applied.state.values():
         if e.ref is not None and e.ref.offset is None and e.ref.numel and not is_composite(e):
             raise FormatError(f"{plan.source}: tensor {e.origin!r} has no stored bytes (a meta tensor or a compressed "
@@ -262,8 +262,8 @@ def migrate(
     finally:
         values.release()
         built.files.close()
-        accounted.close()
     verification = verify(written, plan.arch, plan.arch_args, built.aliases, nesting.path) if plan.arch else None
+    accounted.close()  # converted values stay readable until the output is verified
     return MigrateReport(planned, False, written, verification, tuple(built.nonfinite),
                          hasher.hexdigest() if hasher else None)
 
