@@ -9,6 +9,7 @@ from typing import Any
 from .errors import UsageError
 from .model import DTENSOR_SHARD, QUANTIZED, SPARSE_KINDS, Candidate, Checkpoint, Progress, TensorRef, common_prefix
 from .reader import open_checkpoint, summarize
+from .render import grouped_notes
 from .values import FileCache, TensorStats, tensor_stats
 
 
@@ -207,10 +208,7 @@ def _object_notes(ckpt: Checkpoint) -> list[str]:
     """What the state dict holds besides plain tensors, and how ckpt read it."""
     notes: list[str] = []
     refs = list(ckpt.tensors.values())
-    converted = [r.key for r in refs if r.note and r.kind != DTENSOR_SHARD]
-    if converted:
-        notes.append(f"{len(converted)} DTensors (e.g. {converted[0]!r}: {refs[[r.key for r in refs].index(converted[0])].note}) "
-                     "shown as their full local tensors")
+    notes.extend(grouped_notes((r.key, r.note) for r in refs if r.note and r.kind != DTENSOR_SHARD))
     for r in refs:
         if r.kind == DTENSOR_SHARD:
             notes.append(f"{r.key!r}: {r.note}; commands that write refuse it (save a full state dict instead)")

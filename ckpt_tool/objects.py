@@ -28,7 +28,7 @@ from .model import (
     in_module,
 )
 from .plan import CHECKPOINT, Entry, Operation, State
-from .render import some
+from .render import grouped_notes
 from .writer import PTH, SAFETENSORS, View, refuse_for_safetensors
 
 
@@ -69,7 +69,7 @@ def account(ckpt: Checkpoint, operations: Sequence[Operation], state: State, fmt
     """
     out = ObjectPlan(dict(state))
     converted: dict[str, Any] = {}
-    read_as: dict[str, list[str]] = {}  # a reader's note (a DTensor read whole) -> the keys it applies to
+    read_as: list[tuple[str, str]] = []  # (key, the reader's note: a DTensor read whole)
     for key, e in state.items():
         ref = e.ref
         if ref is None:
@@ -94,9 +94,8 @@ def account(ckpt: Checkpoint, operations: Sequence[Operation], state: State, fmt
         elif fmt == SAFETENSORS:
             refuse_for_safetensors(e.origin, e.dtype)
         if ref.note and ref.kind == DENSE:
-            read_as.setdefault(ref.note, []).append(e.origin)
-    for note, keys in read_as.items():
-        out.notes.append(f"{len(keys)} tensors: {note} ({some(keys, 3)})" if len(keys) > 1 else f"{keys[0]}: {note}")
+            read_as.append((e.origin, ref.note))
+    out.notes.extend(grouped_notes(read_as))
     if converted:
         _store(out, converted)
     _carry_entries(ckpt, operations, out, fmt, sharded)
