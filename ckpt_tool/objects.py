@@ -153,7 +153,7 @@ def _carry_entries(ckpt: Checkpoint, operations: Sequence[Operation], out: Objec
                    sharded: bool) -> None:
     from .migrate import _NotPlain, _plain, _why_not_plain
 
-    moved = _moves(operations, out.state)
+    moved = _moves(out.state)
     objects: list[tuple[str, Any]] = []
     for key, value in ckpt.objects.items():
         new = _rename_key(operations, key, moved)
@@ -178,7 +178,7 @@ def _carry_entries(ckpt: Checkpoint, operations: Sequence[Operation], out: Objec
                              "then sees no module versions, as for any safetensors file)")
 
 
-def _moves(operations: Sequence[Operation], state: State) -> dict[str, str]:
+def _moves(state: State) -> dict[str, str]:
     """Source key -> output key for every tensor the checkpoint supplied."""
     return {e.origin: k for k, e in state.items() if e.source == CHECKPOINT}
 
@@ -191,7 +191,7 @@ def _rename_key(operations: Sequence[Operation], key: str, moved: dict[str, str]
             if not op.needs_target and op.op != "cast":
                 probe = op.apply(probe, None)
     except UsageError:
-        probe = {}  # the operations refuse a lone key (it matches none of them): follow its module instead
+        # the operations refuse a lone key (it matches none of them): follow its module instead
         module = key.rpartition(".")[0]
         new = _rename_module(module, moved)
         return None if new is None else (f"{new}.{key.rpartition('.')[2]}" if new else key.rpartition(".")[2])
