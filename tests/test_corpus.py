@@ -48,27 +48,27 @@ OK, REFUSE = "ok", "refuse"
 # or sparse tensor, nor get_extra_state's plain data, nor (safetensors 0.8) complex128, so refusing
 # is its only honest answer there.
 MATRIX = """
-layout                 convert.pth          convert.st      migrate.pth          arch.pth                  arch.st             shards.st
-resnet18               ok                   ok              ok                   ok                        ok                  ok
-torchvision-dp-nested  ok                   ok              ok                   ok                        ok                  ok
-gpt2-safetensors       ok                   ok              ok                   ok!ties                   ok!ties             ok
-gpt2-sharded           ok                   ok              ok                   ok!ties                   ok!ties             ok
-gpt2-bin               ok                   ok              ok                   ok!ties                   ok!ties             ok
-bert-mlm-safetensors   ok                   ok              ok                   ok!ties                   ok!ties             ok
-bert-mlm-sharded       ok                   ok              ok                   ok!ties                   ok!ties             ok
-lightning              ok                   ok              ok                   ok                        ok                  ok
-timm                   ok                   ok              ok                   ok                        ok                  ok
-timm-ema               ok                   ok              ok                   ok                        ok                  ok
-fsdp2                  ok!dtensor           ok!dtensor      ok!dtensor           ok!dtensor                ok!dtensor          ok!dtensor
-compile                ok                   ok              ok                   ok                        ok                  ok
-dataparallel           ok                   ok              ok                   ok                        ok                  ok
-tied                   ok                   ok              ok                   ok                        ok                  ok
-quantized              ok|refuse!quantized  refuse          ok|refuse!quantized  ok|refuse!meta,quantized  refuse              refuse
-sparse                 ok|refuse!sparse     refuse!sparse   ok|refuse!sparse     ok|refuse!meta,sparse     refuse!meta,sparse  refuse!sparse
-extra-state            ok!extra             refuse!extra    ok!extra             ok!extra                  refuse!extra        refuse!extra
-dtypes                 ok                   ok!fp8          ok                   ok!fp8                    ok!fp8              ok!fp8
-complex128             ok                   refuse!complex  ok                   ok                        refuse!complex      refuse!complex
-torchscript            ok!attributes        ok!attributes   ok!attributes        ok!attributes             ok!attributes       ok!attributes
+layout                 convert.pth  convert.st  migrate.pth  arch.pth        arch.st      shards.st
+resnet18               ok           ok          ok           ok              ok           ok
+torchvision-dp-nested  ok           ok          ok           ok              ok           ok
+gpt2-safetensors       ok           ok          ok           ok!ties         ok!ties      ok
+gpt2-sharded           ok           ok          ok           ok!ties         ok!ties      ok
+gpt2-bin               ok           ok          ok           ok!ties         ok!ties      ok
+bert-mlm-safetensors   ok           ok          ok           ok!ties         ok!ties      ok
+bert-mlm-sharded       ok           ok          ok           ok!ties         ok!ties      ok
+lightning              ok           ok          ok           ok              ok           ok
+timm                   ok           ok          ok           ok              ok           ok
+timm-ema               ok           ok          ok           ok              ok           ok
+fsdp2                  ok           ok          ok           ok              ok           ok
+compile                ok           ok          ok           ok              ok           ok
+dataparallel           ok           ok          ok           ok              ok           ok
+tied                   ok           ok          ok           ok              ok           ok
+quantized              ok|refuse    refuse      ok|refuse    ok|refuse!meta  refuse       refuse
+sparse                 ok|refuse    refuse      ok|refuse    ok|refuse!meta  refuse       refuse
+extra-state            ok           refuse      ok           ok              refuse       refuse
+dtypes                 ok           ok          ok           ok              ok           ok
+complex128             ok           refuse      ok           ok              refuse       refuse
+torchscript            ok           ok          ok           ok              ok           ok
 """
 
 # The defects the tags name: (reason, a pattern that today's failure message matches, loose enough for
@@ -121,7 +121,7 @@ PTH_COMMANDS = ("convert.pth", "migrate.pth", "arch.pth")
 # layouts whose state dict carries _metadata and whose .pth cells write (see MATRIX)
 METADATA_LAYOUTS = ("resnet18", "torchvision-dp-nested", "lightning", "timm", "timm-ema", "compile", "dataparallel",
                     "tied", "complex128")
-METADATA_XFAIL: dict[tuple[str, str], Tags] = {(n, c): ("versions",) for n in METADATA_LAYOUTS for c in PTH_COMMANDS}
+METADATA_XFAIL: dict[tuple[str, str], Tags] = {}
 
 
 def reason(tags: Tags) -> str:
@@ -452,7 +452,6 @@ def test_oracle_sees_a_refusal_that_names_nothing(corpus, tmp_path):
 
 @pytest.mark.parametrize("args", [["convert", "{src}", "{out}"], ["migrate", "{src}", "-o", "{out}"]],
                          ids=["convert", "migrate"])
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason(("onnx",)))
 def test_write_from_an_onnx_model_names_it(corpus, args, tmp_path):
     src = corpus.get("onnx").source
     out = str(tmp_path / "out.safetensors")
