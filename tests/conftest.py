@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from collections import OrderedDict
@@ -11,6 +12,23 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "fixtures")
 sys.path.insert(0, FIXTURES)
+TORCH_MISSING = importlib.util.find_spec("torch") is None
+
+
+def pytest_ignore_collect(collection_path, config):
+    """Without torch (CI's core-only environment) only modules that hold torch-free tests are imported."""
+    if TORCH_MISSING and collection_path.suffix == ".py" and collection_path.name.startswith("test_"):
+        return "torchfree" not in collection_path.read_text(encoding="utf-8")
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test not marked ``torchfree`` is marked ``torch``; a torchfree test must not ask for torch."""
+    for item in items:
+        if item.get_closest_marker("torchfree") is None:
+            item.add_marker(pytest.mark.torch)
+        elif "torch" in getattr(item, "fixturenames", ()):
+            raise pytest.UsageError(f"{item.nodeid} is marked torchfree but uses the torch fixture")
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,8 @@ from conftest import ROOT
 
 from ckpt_tool.cli import COMMAND_MODULES, main
 
+pytestmark = pytest.mark.torchfree  # CI runs these in a core-only environment too
+
 README = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
 
 

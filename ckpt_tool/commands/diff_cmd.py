@@ -103,7 +103,7 @@ def _render(report: Any) -> None:
             echo("  (this leaves differences that only an --arch target can fill)")
 
 
-_CACHE_WORDS = {"hit": "from cache", "built": "built, cached", "rebuilt": "rebuilt (stale cache entry)",
+_CACHE_WORDS = {"table": "from ckpt's torchvision table", "hit": "from cache", "built": "built, cached", "rebuilt": "rebuilt (stale cache entry)",
                 "off": "built, --no-cache", "uncacheable": "built, not cacheable", "unwritable": "built, cache unwritable"}
 
 
