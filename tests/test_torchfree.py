@@ -89,6 +89,25 @@ def test_inspect_with_stats_scan_convert_and_diff(no_torch, tmp_path):
     assert "values: 0 tensors changed, 18 unchanged" in same.output
 
 
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(FIXTURES, "malicious"))))
+def test_scan_and_validate_refuse_every_committed_malicious_fixture(no_torch, name):
+    path = os.path.join(FIXTURES, "malicious", name)
+    scanned = run("scan", path)
+    assert scanned.exit_code == 1 and f"{path}: unsafe" in scanned.output, scanned.output
+    validated = run("validate", path)
+    assert validated.exit_code == 1 and "unsafe" in validated.output and "1 failed" in validated.output
+
+
+@pytest.mark.parametrize("name", ["tiny_cnn.pth", "tiny_cnn_dataparallel_nested.pth", "tiny_cnn.safetensors"])
+def test_inspect_reports_match_the_golden_ones(no_torch, monkeypatch, name):
+    monkeypatch.chdir(ROOT)
+    result = run("inspect", f"fixtures/{name}", "--json")
+    assert result.exit_code == 0, result.output
+    with open(os.path.join(ROOT, "tests", "golden", f"inspect_{name.replace('.', '_')}.json"), encoding="utf-8") as f:
+        assert json.loads(result.output) == json.load(f)
+    assert run("validate", f"fixtures/{name}").exit_code == 0
+
+
 def test_byte_moving_migrate(no_torch, tmp_path):
     out = str(tmp_path / "renamed.pth")
     result = run("migrate", TINY, "--rename", "^classifier\\.=head.", "--dtype", "bfloat16", "-o", out)
