@@ -32,11 +32,11 @@ pytestmark = [
 ]
 
 
-def _git(cwd: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def git(cwd: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
-def _env(home: str) -> dict[str, str]:
+def hook_env(home: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update({
         "PRE_COMMIT_HOME": home,
@@ -46,30 +46,30 @@ def _env(home: str) -> dict[str, str]:
     return env
 
 
-def _snapshot(dest: str, env: dict[str, str]) -> str:
+def snapshot_checkout(dest: str, env: dict[str, str]) -> str:
     """This checkout's working tree as a one-commit repository; returns the commit."""
-    listed = _git(ROOT, "ls-files", "-co", "--exclude-standard", "-z").stdout.split("\0")
+    listed = git(ROOT, "ls-files", "-co", "--exclude-standard", "-z").stdout.split("\0")
     for rel in filter(None, listed):
         src = os.path.join(ROOT, rel)
         if os.path.isfile(src):
             os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
             shutil.copy2(src, os.path.join(dest, rel))
-    _git(dest, "init", "-q", env=env)
-    _git(dest, "add", "-A", env=env)
-    assert _git(dest, "commit", "-qm", "snapshot", env=env).returncode == 0
-    return _git(dest, "rev-parse", "HEAD").stdout.strip()
+    git(dest, "init", "-q", env=env)
+    git(dest, "add", "-A", env=env)
+    assert git(dest, "commit", "-qm", "snapshot", env=env).returncode == 0
+    return git(dest, "rev-parse", "HEAD").stdout.strip()
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     base = tmp_path_factory.mktemp("precommit")
-    env = _env(str(base / "pc-home"))
+    env = hook_env(str(base / "pc-home"))
     snap = str(base / "ckpt-snapshot")
     os.makedirs(snap)
-    rev = _snapshot(snap, env)
+    rev = snapshot_checkout(snap, env)
     work = str(base / "work")
     os.makedirs(os.path.join(work, "models"))
-    _git(work, "init", "-q", env=env)
+    git(work, "init", "-q", env=env)
     shutil.copy(os.path.join(ROOT, "fixtures", "tiny_cnn.pth"), os.path.join(work, "models", "good.pth"))
     marker = str(base / "PWNED")
     evil = write_malicious(str(base / "m"), marker, with_torch=False)["global_os_system"]
@@ -104,20 +104,20 @@ def _hook_pythons(setup: dict[str, str]) -> list[str]:
 
 @pytest.mark.network
 def test_try_repo_passes_a_safe_file_and_refuses_a_malicious_one(setup):
-    _git(setup["work"], "add", "models/good.pth", env=setup["env"])
+    git(setup["work"], "add", "models/good.pth", env=setup["env"])
     safe = _try(setup, "ckpt-scan")
     assert safe.returncode == 0, safe.stdout + safe.stderr
     assert "ckpt scan (unsafe pickles in model files)" in safe.stdout and "Passed" in safe.stdout
 
 
-    _git(setup["work"], "add", "models/evil.pth", env=setup["env"])
+    git(setup["work"], "add", "models/evil.pth", env=setup["env"])
     refused = _try(setup, "ckpt-scan")
     assert refused.returncode == 1, refused.stdout + refused.stderr
     assert "Failed" in refused.stdout
     assert "models/evil.pth: unsafe" in refused.stdout
     assert "os.system (GLOBAL in pickle 1 at byte 0)" in refused.stdout
     assert not os.path.exists(setup["marker"])
-    _git(setup["work"], "reset", "-q", env=setup["env"])
+    git(setup["work"], "reset", "-q", env=setup["env"])
 
 
 @pytest.mark.network
@@ -130,8 +130,8 @@ def test_git_commit_is_refused_for_the_malicious_file(setup):
                              capture_output=True, text=True, timeout=120)
     assert install.returncode == 0, install.stderr
 
-    _git(work, "add", ".pre-commit-config.yaml", "models/good.pth", env=env)
-    ok = _git(work, "commit", "-m", "add a safe model", env=env)
+    git(work, "add", ".pre-commit-config.yaml", "models/good.pth", env=env)
+    ok = git(work, "commit", "-m", "add a safe model", env=env)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "ckpt validate (safe, loadable, on policy)" in ok.stdout + ok.stderr
     # the hook's own environment (pre-commit's store): the core and its dependencies, no torch
@@ -143,10 +143,10 @@ def test_git_commit_is_refused_for_the_malicious_file(setup):
     no_torch = subprocess.run([python, "-c", "import torch"], capture_output=True, text=True, timeout=60)
     assert no_torch.returncode == 1 and "No module named 'torch'" in no_torch.stderr
 
-    _git(work, "add", "models/evil.pth", env=env)
-    refused = _git(work, "commit", "-m", "add a model", env=env)
+    git(work, "add", "models/evil.pth", env=env)
+    refused = git(work, "commit", "-m", "add a model", env=env)
     output = refused.stdout + refused.stderr
     assert refused.returncode != 0
     assert "models/evil.pth: unsafe" in output and "runs shell commands" in output
-    assert _git(work, "log", "--format=%s").stdout.split("\n")[0] == "add a safe model"
+    assert git(work, "log", "--format=%s").stdout.split("\n")[0] == "add a safe model"
     assert not os.path.exists(setup["marker"])
