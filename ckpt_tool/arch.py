@@ -183,7 +183,7 @@ def target_signature(spec: str, arch_args: dict[str, Any] | None = None, *, use_
     args = dict(arch_args or {})
     from .arch_table import lookup  # torchvision's classification models, shipped: no torch import
 
-    shipped = lookup(spec, args)
+    shipped = lookup(spec, args) if use_cache else None  # use_cache=False: build afresh, whatever is stored
     if shipped is not None:
         return TargetSignature(spec, args, shipped.tensors, shipped.auto_filled, "table")
     key = _cache_key(spec, args) if use_cache else None

@@ -166,6 +166,7 @@ def test_validate_arch_policy_from_the_table(no_torch, tmp_path):
     ["diff", TINY, "--arch", "fixtures.make_fixtures:tiny_cnn"],
     ["diff", TINY, "--arch", "resnet18", "--arch-arg", "dropout=0.2"],  # an argument the table cannot state
     ["diff", TINY, "--arch", "fasterrcnn_resnet50_fpn"],  # not a classification model: not in the table
+    ["diff", TINY, "--arch", "resnet18", "--no-cache"],  # asks for a build
     ["migrate", TINY, "--arch", "fixtures/make_fixtures.py:tiny_cnn", "-o", "OUT"],
 ])
 def test_paths_that_need_torch_stop_with_one_line(no_torch, tmp_path, args):
