@@ -213,3 +213,13 @@ def test_the_table_answers_without_importing_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
     assert out.stdout.split() == ["table", "32", "False"], out.stdout + out.stderr
     assert target_signature("vgg16").cache == "table"
+
+
+def test_validate_stops_when_a_policy_needs_torch(no_torch, tmp_path, monkeypatch):
+    model = squeezenet(tmp_path, name="cls.safetensors")
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.ckpt.arch]\n"cls*" = "fixtures.make_fixtures:tiny_cnn"\n')
+    monkeypatch.chdir(tmp_path)
+    result = run("validate", model)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1].endswith(HINT)
