@@ -16,8 +16,10 @@ from __future__ import annotations
 import difflib
 import functools
 import gzip
+import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,7 +113,24 @@ def names() -> tuple[str, ...]:
 
 
 def _installed_torchvision() -> str | None:
-    """The installed torchvision's version without its local part (``+cu130``), read from metadata, not imported."""
+    """The installed torchvision's version without its local part (``+cu130``); nothing is imported.
+
+    Read from ``torchvision/version.py`` (a generated line, ``__version__ = '0.29.1+cu130'``): it
+    costs a file read, where ``importlib.metadata`` would import the email package first.
+    """
+    try:
+        spec = importlib.util.find_spec("torchvision")
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    try:
+        with open(os.path.join(os.path.dirname(spec.origin or ""), "version.py"), encoding="utf-8") as f:
+            found = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", f.read(4096), re.M)
+    except OSError:
+        found = None
+    if found is not None:
+        return found.group(1).split("+")[0]
     from importlib import metadata
 
     try:

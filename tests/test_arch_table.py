@@ -106,3 +106,15 @@ def test_the_head_rule_matches_a_build(name):
     tensors, auto = signature_of(build_model(name, {"num_classes": 17}, device="meta"))
     shipped = lookup(name, {"num_classes": 17})
     assert shipped is not None and shipped.tensors == tensors and shipped.auto_filled == auto
+
+
+def test_the_installed_release_is_read_without_importing_torchvision():
+    import subprocess
+    import sys
+
+    import torchvision
+
+    code = ("import sys; from ckpt_tool.arch_table import _installed_torchvision; "
+            "print(_installed_torchvision(), 'torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == [torchvision.__version__.split("+")[0], "False"], out.stdout + out.stderr
