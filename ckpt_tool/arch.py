@@ -136,8 +136,9 @@ class TargetSignature:
     ``auto_filled`` lists keys torch fills in itself when a state dict without version metadata
     lacks them (BatchNorm's ``num_batches_tracked``). ``cache`` says where the table came from:
     ``table`` (ckpt's shipped torchvision signatures, see ``arch_table``), ``hit``, ``built`` (and
-    stored), ``rebuilt`` (a stale or corrupt entry was replaced), ``off`` (``use_cache=False``), ``uncacheable`` (user code whose source file cannot be fingerprinted) or
-    ``unwritable`` (built, but the cache directory cannot be written).
+    stored), ``rebuilt`` (a stale or corrupt entry was replaced), ``off`` (``use_cache=False``),
+    ``uncacheable`` (user code whose source file cannot be fingerprinted) or ``unwritable`` (built,
+    but the cache directory cannot be written).
     """
 
     spec: str
