@@ -135,10 +135,9 @@ class TargetSignature:
 
     ``auto_filled`` lists keys torch fills in itself when a state dict without version metadata
     lacks them (BatchNorm's ``num_batches_tracked``). ``cache`` says where the table came from:
-    ``table`` (ckpt's shipped torchvision signatures, see ``arch_table``), ``hit``, ``built`` (and
-    stored), ``rebuilt`` (a stale or corrupt entry was replaced), ``off`` (``use_cache=False``),
-    ``uncacheable`` (user code whose source file cannot be fingerprinted) or ``unwritable`` (built,
-    but the cache directory cannot be written).
+    ``hit``, ``built`` (and stored), ``rebuilt`` (a stale or corrupt entry was replaced), ``off``
+    (``use_cache=False``), ``uncacheable`` (user code whose source file cannot be fingerprinted) or
+    ``unwritable`` (built, but the cache directory cannot be written).
     """
 
     spec: str
@@ -185,7 +184,7 @@ def target_signature(spec: str, arch_args: dict[str, Any] | None = None, *, use_
     from .arch_table import lookup  # torchvision's classification models, shipped: no torch import
 
     shipped = lookup(spec, args) if use_cache else None  # use_cache=False: build afresh, whatever is stored
-    if shipped is not None:
+    if shipped is not None:  # cache "table": from ckpt's shipped signatures
         return TargetSignature(spec, args, shipped.tensors, shipped.auto_filled, "table")
     key = _cache_key(spec, args) if use_cache else None
     path = os.path.join(cache_dir or default_cache_dir(), _entry_name(key)) if key is not None else None
