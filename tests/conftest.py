@@ -22,15 +22,6 @@ def pytest_ignore_collect(collection_path, config):
     return None
 
 
-def pytest_collection_modifyitems(config, items):
-    """Every test not marked ``torchfree`` is marked ``torch``; a torchfree test must not ask for torch."""
-    for item in items:
-        if item.get_closest_marker("torchfree") is None:
-            item.add_marker(pytest.mark.torch)
-        elif "torch" in getattr(item, "fixturenames", ()):
-            raise pytest.UsageError(f"{item.nodeid} is marked torchfree but uses the torch fixture")
-
-
 @pytest.fixture(scope="session")
 def torch():
     import torch as _torch
@@ -87,3 +78,33 @@ def rewrite_zip(src, dst, edit) -> None:
             data = edit(info.filename, zin.read(info))
             if data is not None:
                 zout.writestr(info, data)
+
+
+@pytest.fixture(scope="session")
+def example_inputs(tmp_path_factory):
+    """The inputs of the documentation's examples (docs/make_examples.py), built once per session."""
+    sys.path.insert(0, os.path.join(ROOT, "docs"))
+    import make_examples
+
+    path = str(tmp_path_factory.mktemp("docs") / "inputs")
+    make_examples.make(path)
+    return path
+
+
+# Tests that need torch carry the `torch` marker: every test not marked `torchfree` (those CI runs
+# again in a core-only environment) gets it, whether it imports torch or uses a fixture built with it.
+# Without torch installed the torch tests are skipped with that reason instead of failing on an
+# import; `pytest -m torchfree` runs the rest alone. The markers are registered in pyproject.toml.
+TORCH_FIXTURES = {"torch", "example_inputs"}
+
+
+def pytest_collection_modifyitems(config, items):
+    missing = [m for m in ("torch", "torchvision") if importlib.util.find_spec(m) is None]
+    for item in items:
+        uses_torch = TORCH_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if item.get_closest_marker("torchfree") is None:
+            item.add_marker(pytest.mark.torch)
+        elif uses_torch:
+            raise pytest.UsageError(f"{item.nodeid} is marked torchfree but uses {', '.join(sorted(uses_torch))}")
+        if missing and item.get_closest_marker("torch"):
+            item.add_marker(pytest.mark.skip(reason=f"needs {' and '.join(missing)}, not installed"))
