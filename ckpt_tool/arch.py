@@ -46,6 +46,9 @@ def build_model(spec: str, arch_args: dict[str, Any] | None = None, device: str 
         arch_args: keyword arguments for the factory.
         device: ``"meta"`` builds without allocating memory.
     """
+    from .torch_extra import require_torch
+
+    require_torch(f"--arch {spec}: building the model", torchvision=":" not in spec)
     import torch
 
     args = dict(arch_args or {})
@@ -178,6 +181,11 @@ def target_signature(spec: str, arch_args: dict[str, Any] | None = None, *, use_
         (10, 512)
     """
     args = dict(arch_args or {})
+    from .arch_table import lookup  # torchvision's classification models, shipped: no torch import
+
+    shipped = lookup(spec, args) if use_cache else None  # use_cache=False: build afresh, whatever is stored
+    if shipped is not None:  # cache "table": from ckpt's shipped signatures
+        return TargetSignature(spec, args, shipped.tensors, shipped.auto_filled, "table")
     key = _cache_key(spec, args) if use_cache else None
     path = os.path.join(cache_dir or default_cache_dir(), _entry_name(key)) if key is not None else None
     status = "off" if not use_cache else "uncacheable"

@@ -43,3 +43,9 @@ class ArchError(CkptError):
 
 class OutputError(CkptError):
     """An output cannot be written (exists without --force, is the input, disk error)."""
+
+
+class TorchMissingError(UsageError):
+    """A command path needs torch (the ``ckpt-tool[torch]`` extra), which is not installed."""
+
+    hint = "pip install 'ckpt-tool[torch]'"

@@ -27,6 +27,7 @@ from .errors import InputError, OutputError, UsageError
 from .model import Checkpoint, common_prefix, contiguous_strides, in_module
 from .reader import open_checkpoint
 from .render import human_bytes, shape_str
+from .torch_extra import require_torch
 from .values import torch_state_dict
 
 PASS, FAIL, INFO, SKIP = "pass", "fail", "info", "skip"
@@ -213,6 +214,7 @@ def finetune_check(path: str, arch: str, options: FinetuneOptions | None = None,
         >>> report.passed
         True
     """
+    require_torch("finetune-check", torchvision=True)
     opts = options or FinetuneOptions()
     _validate(opts)
     import torch

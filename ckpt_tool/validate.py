@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import CkptError, UsageError
+from .errors import CkptError, TorchMissingError, UsageError
 from .formats import sniff as fmt
 from .model import Checkpoint, is_floating
 from .render import some
@@ -244,6 +244,8 @@ def _arch_check(path: str, ckpt: Checkpoint | None, spec: str, args: dict[str, A
             if ckpt is None:
                 return Check("arch", FAIL, f"{label}: {loads.message}")
         report = diff(ckpt, target_signature(spec, args))
+    except TorchMissingError:
+        raise  # not a finding about the file: the command cannot run here (exit 2)
     except CkptError as exc:
         return Check("arch", FAIL, f"{label}: {exc}")
     counts = report.counts

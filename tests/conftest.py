@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from collections import OrderedDict
@@ -11,6 +12,14 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "fixtures")
 sys.path.insert(0, FIXTURES)
+TORCH_MISSING = importlib.util.find_spec("torch") is None
+
+
+def pytest_ignore_collect(collection_path, config):
+    """Without torch (CI's core-only environment) only modules that hold torch-free tests are imported."""
+    if TORCH_MISSING and collection_path.suffix == ".py" and collection_path.name.startswith("test_"):
+        return "torchfree" not in collection_path.read_text(encoding="utf-8")
+    return None
 
 
 @pytest.fixture(scope="session")
@@ -90,22 +99,20 @@ def corpus(tmp_path_factory):
     return Corpus(str(tmp_path_factory.mktemp("corpus")))
 
 
-# Tests that need torch carry the `torch` marker: explicitly (@pytest.mark.torch), or because they use a
-# fixture that builds with torch. Without torch installed they are skipped with that reason instead of
-# failing on an import; `pytest -m "not torch"` runs the rest alone.
+# Tests that need torch carry the `torch` marker: every test not marked `torchfree` (those CI runs
+# again in a core-only environment) gets it, whether it imports torch or uses a fixture built with it.
+# Without torch installed the torch tests are skipped with that reason instead of failing on an
+# import; `pytest -m torchfree` runs the rest alone. The markers are registered in pyproject.toml.
 TORCH_FIXTURES = {"torch", "example_inputs", "corpus"}
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "torch: needs torch and torchvision; skipped when they are not installed")
-
-
 def pytest_collection_modifyitems(config, items):
-    import importlib.util
-
     missing = [m for m in ("torch", "torchvision") if importlib.util.find_spec(m) is None]
     for item in items:
-        if TORCH_FIXTURES & set(getattr(item, "fixturenames", ())):
+        uses_torch = TORCH_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if item.get_closest_marker("torchfree") is None:
             item.add_marker(pytest.mark.torch)
+        elif uses_torch:
+            raise pytest.UsageError(f"{item.nodeid} is marked torchfree but uses {', '.join(sorted(uses_torch))}")
         if missing and item.get_closest_marker("torch"):
             item.add_marker(pytest.mark.skip(reason=f"needs {' and '.join(missing)}, not installed"))

@@ -19,6 +19,7 @@ def run(*args: str):
     return CliRunner().invoke(main, list(args))
 
 
+@pytest.mark.torchfree
 def test_summary_and_table():
     result = run("inspect", TINY)
     assert result.exit_code == 0, result.output
@@ -31,6 +32,7 @@ def test_summary_and_table():
     assert row.split() == ["features.3.weight", "[16,", "8,", "3,", "3]", "float32", "1,152", "4.5", "KB"]
 
 
+@pytest.mark.torchfree
 def test_nested_dataparallel_summary():
     result = run("inspect", NESTED)
     assert result.exit_code == 0
@@ -40,6 +42,7 @@ def test_nested_dataparallel_summary():
     assert "<optimizer state: 12 tensors" in result.output
 
 
+@pytest.mark.torchfree
 def test_depth_rolls_up_by_module():
     result = run("inspect", TINY, "--depth", "1")
     assert result.exit_code == 0
@@ -47,6 +50,7 @@ def test_depth_rolls_up_by_module():
     assert rows == {"features": ["14", "1,490", "5.8", "KB", "float32,int64"], "classifier": ["4", "874", "3.4", "KB", "float32"]}
 
 
+@pytest.mark.torchfree
 def test_filter_and_json():
     result = run("inspect", TINY, "--filter", r"^classifier\.fc2", "--json")
     assert result.exit_code == 0
@@ -76,6 +80,7 @@ def test_stats_match_numpy_and_flag_nonfinite(tmp_path):
     assert row.split()[-2:] == ["1", "1"]
 
 
+@pytest.mark.torchfree
 def test_key_option_and_bad_key():
     assert run("inspect", NESTED, "--key", "model_state_dict").exit_code == 0
     result = run("inspect", NESTED, "--key", "optimizer")
@@ -84,6 +89,7 @@ def test_key_option_and_bad_key():
     assert "Traceback" not in result.output
 
 
+@pytest.mark.torchfree
 @pytest.mark.parametrize(
     "content, message",
     [(b"", "file is empty"), (b"PK\x03\x04junk", "corrupt zip"), (b"\x80\x02}q\x00(X", "truncated|past the end")],
@@ -99,6 +105,7 @@ def test_bad_files_give_one_line_and_exit_2(tmp_path, content, message):
     assert re.search(message, result.output) and str(path) in result.output
 
 
+@pytest.mark.torchfree
 def test_missing_file_and_bad_options(tmp_path):
     result = run("inspect", str(tmp_path / "nope.pth"))
     assert result.exit_code == 2 and "no such file" in result.output
@@ -107,6 +114,7 @@ def test_missing_file_and_bad_options(tmp_path):
     assert result.exit_code == 2 and "not a regular expression" in result.output
 
 
+@pytest.mark.torchfree
 def test_lfs_pointer_message(tmp_path):
     path = tmp_path / "model.bin"
     path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 99\n")
@@ -115,6 +123,7 @@ def test_lfs_pointer_message(tmp_path):
     assert "git-lfs pointer (oid sha256:abc, 99 bytes); the real file was not fetched (run `git lfs pull`" in result.output
 
 
+@pytest.mark.torchfree
 def test_internal_errors_exit_3_without_traceback(monkeypatch):
     import ckpt_tool.describe as describe
 
@@ -153,6 +162,7 @@ def test_malicious_pickle_is_not_executed(tmp_path):
     assert "would run when loaded" not in run("inspect", TINY).output
 
 
+@pytest.mark.torchfree
 def test_cli_start_up_imports_only_the_command_it_runs():
     import subprocess
     import sys
@@ -172,6 +182,7 @@ print(sorted(m for m in sys.modules if m.startswith("ckpt_tool.commands.") or m 
     assert "No such command 'nope'" in run("nope").output and run("nope").exit_code == 2
 
 
+@pytest.mark.torchfree
 @pytest.mark.parametrize("name", ["tiny_cnn.pth", "tiny_cnn_dataparallel_nested.pth", "tiny_cnn.safetensors"])
 def test_json_report_matches_golden(name, monkeypatch):
     """The --json report of each committed fixture, field for field (regenerate on purpose only)."""

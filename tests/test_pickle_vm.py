@@ -12,6 +12,8 @@ import pytest
 from ckpt_tool.errors import FormatError
 from ckpt_tool.formats.pickle_vm import GlobalRef, PickleVM, Placeholder, Trace
 
+pytestmark = pytest.mark.torchfree  # CI runs these in a core-only environment too
+
 PLAIN = {
     "ints": [0, 1, -1, 255, 256, 65535, 65536, -(2**31), 2**31, 2**70, -(2**70)],
     "floats": [0.0, 1.5, -2.25e-300, float("inf")],

@@ -22,6 +22,8 @@ from ckpt_tool.plan import (
     save_plan,
 )
 
+pytestmark = pytest.mark.torchfree  # CI runs these in a core-only environment too
+
 
 def ref(key: str, shape: tuple[int, ...] = (2, 3), dtype: str = "float32", storage: str | None = None) -> TensorRef:
     return TensorRef(key, dtype, shape, contiguous_strides(shape), storage or f"f#{key}", 0, 24, 100, "f")

@@ -17,6 +17,7 @@ def write(path, header: dict, data: bytes) -> str:
     return str(path)
 
 
+@pytest.mark.torchfree
 def test_valid_file_has_no_defects(tmp_path):
     path = write(tmp_path / "ok.safetensors",
                  {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
@@ -28,6 +29,7 @@ def test_valid_file_has_no_defects(tmp_path):
     assert header.tensors["b"].dtype == "bfloat16" and header.tensors["b"].offset == header.data_start + 8
 
 
+@pytest.mark.torchfree
 @pytest.mark.parametrize(
     "header, data, expected",
     [
@@ -52,12 +54,14 @@ def test_each_defect_is_named(tmp_path, header, data, expected):
         read_safetensors(path)
 
 
+@pytest.mark.torchfree
 def test_header_that_is_not_json(tmp_path):
     path = tmp_path / "x.safetensors"
     path.write_bytes(struct.pack("<Q", 5) + b"{oops")
     assert "not valid JSON" in header_defects(str(path))[1][0]
 
 
+@pytest.mark.torchfree
 def test_header_longer_than_the_file(tmp_path):
     path = tmp_path / "x.safetensors"
     path.write_bytes(struct.pack("<Q", 1000) + b"{}")
@@ -72,6 +76,7 @@ def test_real_safetensors_file_passes(tmp_path):
     assert header_defects(str(tmp_path / "r.safetensors"))[1] == []
 
 
+@pytest.mark.torchfree
 def test_deeply_nested_header_is_a_defect_not_a_crash(tmp_path):
     raw = b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     path = tmp_path / "deep.safetensors"

@@ -26,7 +26,8 @@ EXIT_LOADS, EXIT_DIFFERS = 0, 1
 @click.option("--all", "show_all", is_flag=True, help="Show matched rows too.")
 @click.option("--plan-out", metavar="FILE", type=click.Path(dir_okay=False), help="Save the fix plan as JSON "
               "(ckpt migrate --plan FILE applies it).")
-@click.option("--no-cache", is_flag=True, help="Build the target's signature afresh; neither read nor write the cache.")
+@click.option("--no-cache", is_flag=True, help="Build the target's signature afresh (needs torch); neither read "
+              "the shipped table or the cache nor write the cache.")
 @json_option
 def diff(checkpoint: str, target: str | None, arch: str | None, arch_args: tuple[str, ...], key: str | None,
          target_key: str | None, values: bool, depth: int | None, show_all: bool, plan_out: str | None,
@@ -38,8 +39,10 @@ def diff(checkpoint: str, target: str | None, arch: str | None, arch_args: tuple
     reject for a size mismatch. When they differ, a `ckpt migrate` command that makes the
     checkpoint load strictly is printed (and saved with --plan-out).
 
-    The target's key/shape table is cached on disk ($CKPT_CACHE_DIR, default ~/.cache/ckpt), so a
-    repeat run imports neither torch nor torchvision.
+    torchvision's classification models at their defaults (or with num_classes) are answered from
+    a table shipped with ckpt: no torch needed. Other targets are built once with torch and their
+    key/shape table is cached on disk ($CKPT_CACHE_DIR, default ~/.cache/ckpt), so a repeat run
+    imports neither torch nor torchvision.
 
     \b
     Exit codes:
@@ -103,7 +106,8 @@ def _render(report: Any) -> None:
             echo("  (this leaves differences that only an --arch target can fill)")
 
 
-_CACHE_WORDS = {"hit": "from cache", "built": "built, cached", "rebuilt": "rebuilt (stale cache entry)",
+_CACHE_WORDS = {"table": "from ckpt's torchvision table",
+                "hit": "from cache", "built": "built, cached", "rebuilt": "rebuilt (stale cache entry)",
                 "off": "built, --no-cache", "uncacheable": "built, not cacheable", "unwritable": "built, cache unwritable"}
 
 
