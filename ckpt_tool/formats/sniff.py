@@ -63,8 +63,10 @@ def sniff_bytes(head: bytes, path: str = "") -> str:
         return SAFETENSORS
     if head[0] == 0x80 and len(head) > 1 and head[1] <= 5:
         return PICKLE
-    if head[0] in PICKLE_OPCODES:
-        return PICKLE  # pickles need no PROTO: any opcode can open one; the reader decides
+    if head[:1] in (b"(", b"]", b"}", b"c", b"N", b"I", b"S", b"V", b"l", b"d"):
+        return PICKLE  # protocol 0/1 pickles have no header; the reader decides
+    # any other opcode can open a pickle too (pickle.load needs no PROTO): UNKNOWN files are still
+    # read as pickles by scan, and its directory walk tries every file starting with one
     return UNKNOWN
 
 

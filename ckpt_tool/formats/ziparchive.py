@@ -16,7 +16,6 @@ from __future__ import annotations
 import bz2
 import lzma
 import os
-import struct
 import zlib
 from dataclasses import dataclass, field
 from typing import IO
