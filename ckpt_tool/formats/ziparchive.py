@@ -68,11 +68,17 @@ class ZipListing:
         return first.split("/", 1)[0] + "/" if "/" in first else ""
 
     def find(self, name: str) -> ZipEntry | None:
-        """The entry torch's reader returns for ``name``: case-insensitive, the first of equal names."""
+        """The entry named ``name`` ignoring case, as torch's reader matches names; the first of several
+        (torch's own choice among them follows a binary search: see :meth:`matches`)."""
         if not self._index:
             for e in self.entries:
                 self._index.setdefault(e.name.lower(), e)
         return self._index.get(name.lower())
+
+    def matches(self, name: str) -> list[ZipEntry]:
+        """Every entry named ``name`` ignoring case: more than one, and readers may choose differently."""
+        want = name.lower()
+        return [e for e in self.entries if e.name.lower() == want]
 
     def names(self) -> list[str]:
         return [e.name for e in self.entries]
@@ -214,7 +220,8 @@ def _list(f: IO[bytes], path: str, size: int) -> ZipListing:
     names = [e.name for e in torch_entries]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        ambiguities.append(f"duplicate entry names ({', '.join(dupes[:3])}): torch reads the first, zipfile the last")
+        ambiguities.append(f"duplicate entry names ({', '.join(dupes[:3])}): readers choose differently among "
+                           "them (zipfile takes the last)")
     folded: dict[str, set[str]] = {}
     for n in names:
         folded.setdefault(n.lower(), set()).add(n)

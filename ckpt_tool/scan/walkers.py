@@ -434,6 +434,6 @@ def _check_polyglot(path: str, out: _Streams) -> None:
     if not named:
         return
     out.findings.append(Finding(UNSAFE, "safetensors/pickle polyglot", "the file is valid safetensors and also a "
-                                "pickle that names globals: torch.load(weights_only=False) reads it as a pickle and "
-                                "runs them", named[0][0], "", 0))
+                                "pickle that names globals: pickle.load, and torch.load(weights_only=False) where "
+                                "torch does not recognise safetensors, read it as a pickle and run them", named[0][0], "", 0))
     out.traces.extend(named)
