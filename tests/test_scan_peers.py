@@ -3,7 +3,6 @@ then ckpt must call it unsafe and name what would run; hostile archives must nev
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import struct

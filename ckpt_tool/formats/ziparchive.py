@@ -300,6 +300,7 @@ def _local_chain(f: IO[bytes], size: int, listed: list[ZipEntry]) -> list[ZipEnt
         if nxt <= pos or nxt > size:
             return out
         pos = nxt
+    return out
 
 
 def data_offset(f: IO[bytes], e: ZipEntry, path: str) -> int:
