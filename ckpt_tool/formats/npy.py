@@ -6,11 +6,9 @@ An array of Python objects (dtype ``O``) is stored as a pickle after the header,
 
 from __future__ import annotations
 
-import ast
 import math
 import struct
-from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from ..errors import FormatError
 
@@ -18,8 +16,7 @@ MAGIC = b"\x93NUMPY"
 MAX_HEADER = 1 << 20
 
 
-@dataclass(frozen=True)
-class NpyHeader:
+class NpyHeader(NamedTuple):
     version: tuple[int, int]
     descr: Any
     shape: tuple[int, ...]
@@ -50,6 +47,8 @@ def read_header(f: IO[bytes]) -> NpyHeader:
     raw = f.read(length)
     if len(raw) != length:
         raise FormatError(".npy header is truncated")
+    import ast  # only for .npy files
+
     try:
         header = ast.literal_eval(raw.decode("utf-8" if major == 3 else "latin-1"))
     except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError, UnicodeDecodeError) as exc:

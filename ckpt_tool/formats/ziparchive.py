@@ -13,12 +13,11 @@ Nothing here reads tensor bytes: only headers, and the entries a caller asks for
 
 from __future__ import annotations
 
-import bz2
-import lzma
+import functools
 import os
 import zlib
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, NamedTuple
 
 from ..errors import FormatError, InputError
 
@@ -31,8 +30,7 @@ STORED, DEFLATED, BZIP2, LZMA = 0, 8, 12, 14
 ZIPFILE_MAX_VERSION = 63  # zipfile.MAX_EXTRACT_VERSION
 
 
-@dataclass(frozen=True)
-class ZipEntry:
+class ZipEntry(NamedTuple):
     """One entry as a central directory (or a local header) describes it."""
 
     name: str
@@ -103,7 +101,11 @@ def _decode_name(raw: bytes, flags: int) -> str:
 
 def undecodable(name: str) -> bool:
     """A name flagged UTF-8 that is not (zipfile refuses the archive; torch reads it)."""
-    return any("\udc80" <= c <= "\udcff" for c in name)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _zip64_extra(extra: bytes, fields: list[int]) -> list[int]:
@@ -123,10 +125,9 @@ def _zip64_extra(extra: bytes, fields: list[int]) -> list[int]:
     return fields
 
 
-@dataclass(frozen=True)
-class _EndRecord:
+class _EndRecord(NamedTuple):
     position: int
-    count: int
+    entries: int
     cd_size: int
     cd_offset: int
     zip64_at: int | None  # where miniz reads the zip64 record (the locator's offset)
@@ -189,11 +190,18 @@ def _central_directory(f: IO[bytes], offset: int, size: int, shift: int, file_si
 def list_archive(path: str) -> ZipListing:
     """Read every central directory and local header of a zip; raise FormatError when none is usable."""
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            return _list(f, path, size)
+        st = os.stat(path)
+        return _list_cached(path, st.st_size, st.st_mtime_ns)
     except OSError as exc:
         raise InputError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _list_cached(path: str, size: int, mtime_ns: int) -> ZipListing:
+    # sniffing and reading one file list it twice; the size and time stamp tell a changed file apart
+    del mtime_ns
+    with open(path, "rb") as f:
+        return _list(f, path, size)
 
 
 def _list(f: IO[bytes], path: str, size: int) -> ZipListing:
@@ -206,7 +214,7 @@ def _list(f: IO[bytes], path: str, size: int) -> ZipListing:
         # miniz: the offset as written; zipfile: the directory right before the end record, every offset shifted
         zipfile_at = (end.zip64_before if end.zip64_before is not None else end.position) - end.cd_size
         for who, offset, shift in (("torch", end.cd_offset, 0), ("zipfile", zipfile_at, zipfile_at - end.cd_offset)):
-            entries = _central_directory(f, offset, end.cd_size, shift, size, end.count)
+            entries = _central_directory(f, offset, end.cd_size, shift, size, end.entries)
             if entries is not None:
                 views.append((f"{who}{'' if k == 0 else f' (end record at {end.position})'}", entries))
     if not views or not views[0][0].startswith("torch"):
@@ -321,6 +329,8 @@ def read_entry(f: IO[bytes], e: ZipEntry, path: str, max_size: int) -> bytes:
     if start + e.compressed_size > os.fstat(f.fileno()).st_size:
         raise FormatError(f"{path}: zip entry {e.name!r} extends past the end of the file (truncated)")
     raw = _read_at(f, start, e.compressed_size)
+    import lzma  # torch writes stored entries: the other codecs load only for archives that use them
+
     try:
         if e.method == STORED:
             return raw
@@ -328,6 +338,8 @@ def read_entry(f: IO[bytes], e: ZipEntry, path: str, max_size: int) -> bytes:
             d = zlib.decompressobj(-15)
             data = d.decompress(raw, max_size + 1)
         elif e.method == BZIP2:
+            import bz2
+
             data = bz2.BZ2Decompressor().decompress(raw, max_size + 1)
         elif e.method == LZMA:
             if len(raw) < 4:

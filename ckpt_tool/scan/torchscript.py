@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 _FILES = "reads or writes files (TorchScript operator)"
 _NET = "opens network connections (TorchScript distributed RPC)"
@@ -40,8 +40,7 @@ _CALL = re.compile(r"(?<![\w.])([A-Za-z_]\w*(?:\s*\.\s*[A-Za-z_]\w*)*)\s*\(")
 _IMPORT = re.compile(r"^\s*(?:from\s+([\w.]+)\s+import|import\s+([\w.]+))", re.MULTILINE)
 
 
-@dataclass(frozen=True)
-class CodeCall:
+class CodeCall(NamedTuple):
     """A call or import in TorchScript source that reaches files, the network or native code."""
 
     name: str
