@@ -200,6 +200,12 @@ def _scan_zip(path: str, out: _Streams) -> None:
     for problem in listing.ambiguities:
         out.findings.append(Finding(BROKEN, "archive ambiguity", problem))
     prefix = listing.prefix
+    chosen = listing.find(prefix + "data.pkl")
+    if listing.ambiguities and chosen is not None:
+        out.notes.append(f"torch's reading: the central directory the end record points to ({chosen.source}), "
+                         f"{chosen.name} at byte {chosen.header_offset}"
+                         + (" (or another entry of that name: torch's reader picks one by binary search)"
+                            if len(listing.matches(chosen.name)) > 1 else ""))
     everything = [*listing.entries, *listing.others]
     npys = [e for e in everything if e.name.lower().endswith(".npy")]
     if listing.find(prefix + "data.pkl") is None:
