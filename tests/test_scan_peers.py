@@ -252,3 +252,13 @@ def test_high_version_archive_reads_as_torch_reads_it(peer):
 def _cli(*args: str) -> tuple[int, str]:
     result = CliRunner().invoke(main, list(args))
     return result.exit_code, result.output
+
+
+def test_zip_signatures_inside_tensor_bytes_are_not_ambiguity(tmp_path):
+    import torch
+
+    path = tmp_path / "sigs.pth"
+    sigs = b"PK\x05\x06" * 8 + b"PK\x01\x02" * 8 + b"PK\x03\x04" * 8
+    torch.save({"w": torch.tensor(list(sigs), dtype=torch.uint8)}, path)
+    result = scan_file(str(path))
+    assert result.verdict == SAFE, result.findings

@@ -210,18 +210,21 @@ def _list(f: IO[bytes], path: str, size: int) -> ZipListing:
         raise FormatError(f"{path}: corrupt zip archive (no end-of-central-directory record)")
     ambiguities: list[str] = []
     views: list[tuple[str, list[ZipEntry]]] = []
+    valid_ends = 0
     for k, end in enumerate(ends):
+        before = len(views)
         # miniz: the offset as written; zipfile: the directory right before the end record, every offset shifted
         zipfile_at = (end.zip64_before if end.zip64_before is not None else end.position) - end.cd_size
         for who, offset, shift in (("torch", end.cd_offset, 0), ("zipfile", zipfile_at, zipfile_at - end.cd_offset)):
             entries = _central_directory(f, offset, end.cd_size, shift, size, end.entries)
             if entries is not None:
                 views.append((f"{who}{'' if k == 0 else f' (end record at {end.position})'}", entries))
+        valid_ends += len(views) > before  # a signature in tensor bytes or a comment leads to no directory
     if not views or not views[0][0].startswith("torch"):
         raise FormatError(f"{path}: corrupt zip archive (the central directory is missing or truncated)")
     torch_entries = views[0][1]
-    if len(ends) > 1:
-        ambiguities.append(f"{len(ends)} end-of-central-directory records (readers may take different ones)")
+    if valid_ends > 1:
+        ambiguities.append(f"{valid_ends} end-of-central-directory records (readers may take different ones)")
     distinct = {tuple((e.name, e.header_offset) for e in entries) for _, entries in views}
     if len(distinct) > 1:
         ambiguities.append("torch and Python's zipfile read different central directories")
