@@ -378,7 +378,7 @@ def _denied_on_path(path: str) -> str | None:
     parts = path.split(".")
     if len(parts) < 2:
         return None
-    for i in range(len(parts) - 1):
+    for i in range(len(parts) - 2, -1, -1):  # the shortest tail first: it names what finally runs
         tail = _canonical(".".join(parts[i:]))
         module, _, attr = tail.rpartition(".")
         reason = _denied(tail, module, attr) if tail not in ALLOWED else None
