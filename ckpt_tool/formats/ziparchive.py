@@ -207,7 +207,7 @@ def _list_cached(path: str, size: int, mtime_ns: int) -> ZipListing:
 def _list(f: IO[bytes], path: str, size: int) -> ZipListing:
     ends = _end_records(f, size)
     if not ends:
-        raise FormatError(f"{path}: corrupt zip archive (no end-of-central-directory record)")
+        raise FormatError(f"{path}: corrupt zip archive (File is not a zip file)")
     ambiguities: list[str] = []
     views: list[tuple[str, list[ZipEntry]]] = []
     valid_ends = 0
