@@ -132,27 +132,72 @@ def write_malicious(out: str, marker: str, with_torch: bool = True) -> dict[str,
     return make_malicious.write_all(out, marker, with_torch)
 
 
-def load_for_real(path: str, cwd: str) -> subprocess.CompletedProcess[str]:
-    """What a victim does: torch.load(weights_only=False), or pickle.load; or, for an archive's extra
-    pickle that torch never reads, pickle.loads of that entry. Runs in a child process."""
-    code = textwrap.dedent(f"""
-        import pickle, sys, warnings, zipfile
-        warnings.simplefilter("ignore")
-        path = {path!r}
-        if zipfile.is_zipfile(path):
-            zf = zipfile.ZipFile(path)
-            extra = [n for n in zf.namelist() if n.endswith("extra.pkl")]
-            if extra:
-                pickle.loads(zf.read(extra[0]))
-                sys.exit(0)
-        if path.endswith((".pth", ".pt")):
+# what a victim does with each kind of file, as source for a child process
+_LOAD = textwrap.dedent("""
+    import os, pickle, sys, warnings, zipfile
+    warnings.simplefilter("ignore")
+
+    def load(path):
+        names = []
+        try:
+            names = zipfile.ZipFile(path).namelist()
+        except Exception:
+            pass  # not a zip, or one Python's zipfile refuses (torch reads those too)
+        extra = [n for n in names if n.endswith("extra.pkl")]
+        if extra:  # an archive's extra pickle, which torch never reads: pickle.loads of that entry
+            pickle.loads(zipfile.ZipFile(path).read(extra[0]))
+        elif any("/code/" in n for n in names):
+            import torch
+            torch.jit.load(path)
+        elif path.endswith(".npy"):
+            import numpy
+            numpy.load(path, allow_pickle=True)
+        elif path.endswith(".joblib"):
+            import joblib
+            joblib.load(path)
+        elif path.endswith((".pth", ".pt", ".tar", ".shard")):
             import torch
             torch.load(path, weights_only=False)
         else:
             with open(path, "rb") as f:
                 pickle.load(f)
+""")
+
+
+def load_for_real(path: str, cwd: str) -> subprocess.CompletedProcess[str]:
+    """What a victim does: torch.load(weights_only=False), torch.jit.load, numpy.load(allow_pickle=True),
+    joblib.load or pickle.load, by the file's kind. Runs in a child process."""
+    return subprocess.run([PYTHON, "-c", _LOAD + f"\nload({path!r})\n"], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def live_payloads(paths: dict[str, str], marker: str, cwd: str) -> set[str]:
+    """Which payloads create the marker under a real load, all in one child process (torch imported once)."""
+    code = _LOAD + textwrap.dedent(f"""
+        marker = {marker!r}
+        for name, path in {sorted(paths.items())!r}:
+            if os.path.exists(marker):
+                os.remove(marker)
+            try:
+                load(path)
+            except BaseException:
+                pass  # most payloads break the load after they ran
+            if os.path.exists(marker):
+                print("LIVE", name)
+                os.remove(marker)
     """)
-    return subprocess.run([PYTHON, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([PYTHON, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return {line.split()[1] for line in done.stdout.splitlines() if line.startswith("LIVE ")}
+
+
+def write_peer_attacks(out: str, marker: str) -> dict[str, str]:
+    """The attacks the peer scanners test for (fixtures/make_malicious.py), each a harmless marker payload."""
+    sys.path.insert(0, os.path.join(ROOT, "fixtures"))
+    try:
+        import make_malicious
+    finally:
+        sys.path.remove(os.path.join(ROOT, "fixtures"))
+    return make_malicious.write_peer_attacks(out, marker)
 
 
 def corrupt_copies(src_zip: str, src_safetensors: str, out: str) -> dict[str, str]:

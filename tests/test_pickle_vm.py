@@ -139,3 +139,66 @@ def test_malformed_arguments_to_known_calls_are_format_errors():
     data = b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n(K\x01tR."
     with pytest.raises(FormatError, match="malformed pickle|tensor"):
         vm_load(data)
+
+
+# SHORT_BINUNICODE's 5 bytes run past a 4-byte frame: the C unpickler drops "xy" and reads "abcC\x03", then
+# BININT1 7; read straight on (pickletools, pickle.loads of bytes) it is "xyabc", then SHORT_BINBYTES b"K\x07."
+DESYNC = b"\x80\x04\x95" + struct.pack("<Q", 4) + b"\x8c\x05xy" + b"abcC\x03K\x07.."
+
+
+def test_frames_are_read_as_the_c_unpickler_reads_a_stream():
+    trace = Trace()
+    assert PickleVM(None, trace).load(io.BytesIO(DESYNC)) == pickle.load(io.BytesIO(DESYNC)) == 7
+    assert trace.desync == [13]  # where the readings part: the frame's dropped bytes "xy"
+    straight = Trace()
+    assert PickleVM(None, straight, frames="sequential").load(io.BytesIO(DESYNC)) == pickle.loads(DESYNC) == b"K\x07."
+    assert straight.desync == []
+
+
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_honest_frames_read_the_same_both_ways(protocol):
+    data = pickle.dumps({"x": list(range(20000)), "s": "y" * 70000, "b": b"z" * 100}, protocol=protocol)
+    trace = Trace()
+    assert normalise(PickleVM(None, trace).load(io.BytesIO(data))) == normalise(pickle.loads(data))
+    assert trace.desync == []
+
+
+@pytest.mark.parametrize("line, value", [(b"I0x10\n", 16), (b"I010\n", 8), (b"I-0x1f\n", -31), (b"I0b101\n", 5),
+                                         (b"I1_000\n", 1000), (b"I01\n", True), (b"I 7\n", 7), (b"L0o17L\n", 15),
+                                         (b"L0x10\n", 16), (b"I99999999999999999999\n", 99999999999999999999)])
+def test_int_and_long_literals_are_read_as_cpython_reads_them(line, value):
+    data = line + b"."
+    got = vm_load(data)
+    assert got == pickle.loads(data) == value and type(got) is type(pickle.loads(data))
+
+
+def test_unhashable_dict_key_fails_at_once_like_pickle():
+    # a 40-level list whose every level holds the one below twice: repr() of it takes 2**40 steps
+    body = b"]q\x000"
+    for level in range(1, 41):
+        body += b"](h" + bytes([level - 1]) + b"h" + bytes([level - 1]) + b"eq" + bytes([level]) + b"0"
+    data = b"\x80\x02}" + body + b"h\x28K\x01s."
+    with pytest.raises(TypeError):
+        pickle.loads(data)
+    with pytest.raises(FormatError, match="dict key"):
+        vm_load(data)
+
+
+def test_work_is_bounded_by_the_stored_size():
+    from ckpt_tool.formats.pickle_stream import WorkLimit
+
+    data = b"\x80\x02" + b"N0" * 1000 + b"N."
+    assert vm_load(data) is None
+    with pytest.raises(WorkLimit, match="stopped after 500 opcodes at byte"):
+        PickleVM(None, None, budget=500).load(io.BytesIO(data))
+
+
+def test_joblib_array_bytes_are_stepped_over():
+    import joblib
+    import numpy as np
+
+    buf = io.BytesIO()
+    joblib.dump({"w": np.arange(6, dtype=np.int16), "z": "after"}, buf)
+    trace = Trace()
+    out = vm_load(buf.getvalue(), trace)
+    assert out["z"] == "after" and out["w"].name == "numpy.ndarray" and out["w"].args[0] == (6,)

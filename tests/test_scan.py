@@ -102,8 +102,7 @@ def test_every_allowed_entry_has_a_reason():
 # --- benign files -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["state_dict", "nested_optimizer", "lightning", "torchscript", "legacy",
-                                  "safetensors"])
+@pytest.mark.parametrize("kind", ["state_dict", "nested_optimizer", "lightning", "legacy", "safetensors"])
 def test_benign_checkpoints_are_safe(benign, kind):
     result = scan_file(benign[kind])
     assert result.verdict == SAFE, result.findings
@@ -393,5 +392,12 @@ def test_python_source_in_an_archive_is_suspicious(benign, tmp_path):
     result = scan_file(str(path))
     assert result.verdict == SUSPICIOUS
     assert "resnet18/mymodels/net.py" in result.findings[0].reason
-    # TorchScript's own code/ directory is TorchScript, compiled by torch.jit, not imported
-    assert scan_file(benign["torchscript"]).verdict == SAFE
+    # TorchScript's own code/ directory is TorchScript, compiled by torch.jit, not imported: read as code
+    assert "python source" not in {f.name for f in scan_file(benign["torchscript"]).findings}
+
+
+def test_benign_torchscript_is_suspicious_never_safe_and_says_why(benign):
+    result = scan_file(benign["torchscript"])
+    assert result.verdict == SUSPICIOUS
+    [finding] = result.findings
+    assert finding.name == "TorchScript code" and "never called safe" in finding.reason

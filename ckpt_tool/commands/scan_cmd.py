@@ -79,7 +79,7 @@ def _render_scan(report: Any, show_globals: bool = False) -> None:
             echo(f"  streams: {', '.join(f.streams) or '-'}")
             echo(f"  globals: {', '.join(f.globals) or '-'}")
             echo(f"  calls:   {', '.join(f.calls) or '-'}")
-        for note_text in f.notes if f.verdict == "skipped" else ():
+        for note_text in f.notes if f.verdict == "skipped" else [n for n in f.notes if n.startswith("torch's reading")]:
             echo(f"  note: {note_text}")
         for x in f.findings:
             where = " ".join(p for p in (x.opcode, f"in {x.stream}" if x.stream else "",

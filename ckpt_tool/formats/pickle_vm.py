@@ -10,12 +10,15 @@ The interpreter also records every global and every call, which is what ``scan``
 from __future__ import annotations
 
 import io
+import math
+import re
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
 from ..errors import FormatError
+from .pickle_stream import OPCODES_PER_STORED_BYTE, FrameReader, SequentialReader, WorkLimit, opcode_budget
 
 # torch storage classes as pickled in persistent ids -> dtype names
 STORAGE_DTYPES: dict[str, str] = {
@@ -144,46 +147,14 @@ class Event:
     name: str
     position: int
     resolved: bool = True
+    module: str = ""  # for a global: the part that is imported (the rest is an attribute path)
 
 
 @dataclass
 class Trace:
     globals: list[Event] = field(default_factory=list)
     calls: list[Event] = field(default_factory=list)
-
-
-class _Mark:
-    __slots__ = ()
-
-
-_MARK = _Mark()
-MAX_PICKLE_TEXT = 1 << 20
-
-
-class _Reader:
-    """Reads from a stream that must not be read past ``limit`` (claims are checked, not trusted)."""
-
-    def __init__(self, stream: IO[bytes], limit: int) -> None:
-        self.stream = stream
-        self.start = stream.tell()
-        self.limit = limit
-
-    def pos(self) -> int:
-        return self.stream.tell()
-
-    def read(self, n: int) -> bytes:
-        if n < 0 or self.pos() + n > self.limit:
-            raise FormatError(f"pickle claims {n} bytes at offset {self.pos()}, past the end of the data")
-        data = self.stream.read(n)
-        if len(data) != n:
-            raise FormatError("pickle data ends early (truncated)")
-        return data
-
-    def readline(self) -> bytes:
-        line = self.stream.readline(MAX_PICKLE_TEXT)
-        if not line.endswith(b"\n"):
-            raise FormatError("pickle text argument is unterminated or too long")
-        return line[:-1]
+    desync: list[int] = field(default_factory=list)  # where the C and the straight reading of FRAMEs part
 
 
 def _rebuild_tensor(args: tuple[Any, ...], is_param: bool = False) -> PickledTensor:
@@ -405,303 +376,63 @@ def _reduce_known(name: str, args: Any) -> tuple[bool, Any]:
 
 
 def _hashable(v: Any) -> Any:
+    """A dict key or set item; unhashable ones fail here as they do in pickle.load (no repr: it can be
+    exponential on shared structure)."""
     try:
         hash(v)
-        return v
     except TypeError:
-        return repr(v)
+        raise FormatError(f"a {type(v).__name__} used as a dict key or set item (pickle.load fails here)") from None
+    return v
 
 
 class PickleVM:
-    """Interprets one pickle stream into inert data.
+    """Interprets pickle streams into inert data, reading them as CPython's C unpickler does.
 
     Args:
         persistent_load: turns a persistent id into a value (a :class:`StorageRef` for torch files).
         trace: where to record globals and calls (shared across the pickles of one file).
+        budget: the most opcodes this interpreter runs over all its loads (see ``opcode_budget``:
+            pass the budget of the bytes as stored on disk when the stream was decompressed);
+            by default, that of the stream's own length.
+        frames: ``"c"`` reads FRAME blocks as the C unpickler does (``torch.load``'s reading);
+            ``"sequential"`` reads straight on, as ``pickletools`` does. Where the two readings part,
+            the position is recorded in ``trace.desync``.
     """
 
-    def __init__(self, persistent_load: Callable[[Any], Any] | None = None, trace: Trace | None = None) -> None:
+    def __init__(self, persistent_load: Callable[[Any], Any] | None = None, trace: Trace | None = None,
+                 budget: int | None = None, frames: str = "c") -> None:
         self.persistent_load = persistent_load
         self.trace = trace if trace is not None else Trace()
+        self.budget = budget
+        self.frames = frames
+        self.ops = 0
 
     def load(self, stream: IO[bytes], limit: int | None = None) -> Any:
         """Interpret one pickle from ``stream`` (reading no further than byte ``limit``) and return its value.
 
-        Malformed input of any kind raises :class:`FormatError`: the interpreter runs nothing but its
-        own code, so an exception in it means the stream contradicts the pickle format.
+        Malformed input of any kind raises :class:`FormatError` (:class:`WorkLimit` when the stream
+        asks for more work than its size allows): the interpreter runs nothing but its own code, so
+        an exception in it means the stream contradicts the pickle format.
         """
         start = stream.tell()
+        if limit is None:
+            stream.seek(0, io.SEEK_END)
+            limit = stream.tell()
+            stream.seek(start)
+        if self.budget is None:
+            self.budget = opcode_budget(limit - start)
+        reader = FrameReader(stream, limit) if self.frames == "c" else SequentialReader(stream, limit)
+        machine = _Machine(self, reader)
         try:
-            return self._load(stream, limit)
+            return machine.run()
         except FormatError:
             raise
         except (ValueError, TypeError, IndexError, KeyError, AttributeError, OverflowError, struct.error,
-                RecursionError, UnicodeError) as exc:
+                RecursionError, UnicodeError, MemoryError) as exc:
             raise FormatError(f"malformed pickle after byte {start} ({type(exc).__name__}: {exc})") from None
-
-    def _load(self, stream: IO[bytes], limit: int | None) -> Any:
-        if limit is None:
-            here = stream.tell()
-            stream.seek(0, io.SEEK_END)
-            limit = stream.tell()
-            stream.seek(here)
-        r = _Reader(stream, limit)
-        stack: list[Any] = []
-        marks: list[int] = []
-        memo: dict[int, Any] = {}
-        trace = self.trace
-
-        def pop_mark() -> list[Any]:
-            if not marks:
-                raise FormatError("pickle MARK missing")
-            m = marks.pop()
-            items = stack[m:]
-            del stack[m:]
-            return items
-
-        def pop() -> Any:
-            if not stack:
-                raise FormatError("pickle stack underflow")
-            return stack.pop()
-
-        def top() -> Any:
-            if not stack:
-                raise FormatError("pickle stack underflow")
-            return stack[-1]
-
-        def make_global(module: str, name: str, opcode: str, pos: int, resolved: bool = True) -> Any:
-            qual = f"{module}.{name}"
-            trace.globals.append(Event(opcode, qual, pos, resolved))
-            if module == "torch" and name in TORCH_DTYPE_NAMES:
-                return TorchDType(_DTYPE_ALIASES.get(name, name))
-            return GlobalRef(module, name)
-
-        def call(func: Any, args: Any, opcode: str, pos: int) -> Any:
-            name = func.qualname if isinstance(func, GlobalRef) else (
-                func.name if isinstance(func, Placeholder) else f"<{type(func).__name__}>"
-            )
-            trace.calls.append(Event(opcode, name, pos, isinstance(func, GlobalRef)))
-            if isinstance(func, GlobalRef) and opcode == "REDUCE":
-                handled, value = _reduce_known(name, args)
-                if handled:
-                    return value
-            if name == "copyreg._reconstructor" and isinstance(args, tuple) and args:
-                cls = args[0]
-                return Placeholder(cls.qualname if isinstance(cls, GlobalRef) else repr(cls), args[1:])
-            return Placeholder(name, args)
-
-        while True:
-            pos = r.pos()
-            code = r.read(1)
-            op = code[0]
-            if op == 0x80:  # PROTO
-                proto = r.read(1)[0]
-                if proto > 5:
-                    raise FormatError(f"unsupported pickle protocol {proto}")
-            elif op == 0x95:  # FRAME
-                r.read(8)
-            elif code == b".":  # STOP
-                if not stack:
-                    raise FormatError("pickle STOP with an empty stack")
-                return stack.pop()
-            elif code == b"(":
-                marks.append(len(stack))
-            elif code == b"0":
-                if stack and len(stack) > (marks[-1] if marks else -1):
-                    stack.pop()
-                else:
-                    pop_mark()
-            elif code == b"1":
-                pop_mark()
-            elif code == b"2":
-                stack.append(top())
-            elif code == b"N":
-                stack.append(None)
-            elif op == 0x88:
-                stack.append(True)
-            elif op == 0x89:
-                stack.append(False)
-            elif code == b"J":
-                stack.append(struct.unpack("<i", r.read(4))[0])
-            elif code == b"K":
-                stack.append(r.read(1)[0])
-            elif code == b"M":
-                stack.append(struct.unpack("<H", r.read(2))[0])
-            elif code == b"I":
-                line = r.readline()
-                if line == b"00":
-                    stack.append(False)
-                elif line == b"01":
-                    stack.append(True)
-                else:
-                    stack.append(_parse_int(line))
-            elif code == b"L":
-                stack.append(_parse_int(line[:-1] if (line := r.readline()).endswith(b"L") else line))
-            elif op == 0x8A:  # LONG1
-                n = r.read(1)[0]
-                stack.append(int.from_bytes(r.read(n), "little", signed=True))
-            elif op == 0x8B:  # LONG4
-                n = struct.unpack("<i", r.read(4))[0]
-                if n < 0 or n > 4096:
-                    raise FormatError(f"pickle LONG4 of {n} bytes")
-                stack.append(int.from_bytes(r.read(n), "little", signed=True))
-            elif code == b"F":
-                try:
-                    stack.append(float(r.readline()))
-                except ValueError as exc:
-                    raise FormatError("pickle FLOAT is not a number") from exc
-            elif code == b"G":
-                stack.append(struct.unpack(">d", r.read(8))[0])
-            elif code == b"S":
-                stack.append(_parse_string(r.readline()))
-            elif code == b"T":
-                n = struct.unpack("<i", r.read(4))[0]
-                stack.append(r.read(n).decode("latin-1"))
-            elif code == b"U":
-                stack.append(r.read(r.read(1)[0]).decode("latin-1"))
-            elif code == b"V":
-                stack.append(r.readline().decode("raw-unicode-escape"))
-            elif code == b"X":
-                stack.append(_utf8(r.read(struct.unpack("<I", r.read(4))[0])))
-            elif op == 0x8C:
-                stack.append(_utf8(r.read(r.read(1)[0])))
-            elif op == 0x8D:
-                stack.append(_utf8(r.read(struct.unpack("<Q", r.read(8))[0])))
-            elif code == b"B":
-                stack.append(r.read(struct.unpack("<I", r.read(4))[0]))
-            elif code == b"C":
-                stack.append(r.read(r.read(1)[0]))
-            elif op == 0x8E:
-                stack.append(r.read(struct.unpack("<Q", r.read(8))[0]))
-            elif op == 0x96:
-                stack.append(bytearray(r.read(struct.unpack("<Q", r.read(8))[0])))
-            elif op == 0x97:
-                raise FormatError("pickle asks for an out-of-band buffer (NEXT_BUFFER)")
-            elif op == 0x98:
-                pass  # READONLY_BUFFER: no-op on our data
-            elif code == b")":
-                stack.append(())
-            elif code == b"t":
-                stack.append(tuple(pop_mark()))
-            elif op == 0x85:
-                stack.append((pop(),))
-            elif op == 0x86:
-                b = pop()
-                a = pop()
-                stack.append((a, b))
-            elif op == 0x87:
-                c = pop()
-                b = pop()
-                a = pop()
-                stack.append((a, b, c))
-            elif code == b"]":
-                stack.append([])
-            elif code == b"l":
-                stack.append(pop_mark())
-            elif code == b"a":
-                v = pop()
-                _append(top(), [v])
-            elif code == b"e":
-                items = pop_mark()
-                _append(top(), items)
-            elif code == b"}":
-                stack.append({})
-            elif code == b"d":
-                items = pop_mark()
-                stack.append(_pairs_to_dict(items))
-            elif code == b"s":
-                v = pop()
-                k = pop()
-                _setitems(top(), [k, v])
-            elif code == b"u":
-                items = pop_mark()
-                _setitems(top(), items)
-            elif op == 0x8F:
-                stack.append(set())
-            elif op == 0x90:
-                items = pop_mark()
-                s = top()
-                if isinstance(s, set):
-                    s.update(_hashable(x) for x in items)
-                elif isinstance(s, Placeholder):
-                    s.items.extend(items)
-                else:
-                    raise FormatError("pickle ADDITEMS on a non-set")
-            elif op == 0x91:
-                stack.append(frozenset(_hashable(x) for x in pop_mark()))
-            elif code == b"c":
-                module = r.readline().decode("utf-8", "replace")
-                name = r.readline().decode("utf-8", "replace")
-                stack.append(make_global(module, name, "GLOBAL", pos))
-            elif op == 0x93:  # STACK_GLOBAL
-                name = pop()
-                module = pop()
-                if isinstance(module, str) and isinstance(name, str):
-                    stack.append(make_global(module, name, "STACK_GLOBAL", pos))
-                else:
-                    stack.append(make_global("?", "?", "STACK_GLOBAL", pos, resolved=False))
-            elif op in (0x82, 0x83, 0x84):  # EXT1/2/4: the copyreg extension registry
-                n = {0x82: 1, 0x83: 2, 0x84: 4}[op]
-                ext = int.from_bytes(r.read(n), "little")
-                stack.append(make_global("<extension>", str(ext), "EXT", pos, resolved=False))
-            elif code == b"R":
-                args = pop()
-                func = pop()
-                stack.append(call(func, args, "REDUCE", pos))
-            elif op == 0x81:  # NEWOBJ
-                args = pop()
-                cls = pop()
-                stack.append(call(cls, args, "NEWOBJ", pos))
-            elif op == 0x92:  # NEWOBJ_EX
-                kwargs = pop()
-                args = pop()
-                cls = pop()
-                stack.append(call(cls, (args, kwargs), "NEWOBJ_EX", pos))
-            elif code == b"i":  # INST
-                module = r.readline().decode("utf-8", "replace")
-                name = r.readline().decode("utf-8", "replace")
-                cls = make_global(module, name, "INST", pos)
-                stack.append(call(cls, tuple(pop_mark()), "INST", pos))
-            elif code == b"o":  # OBJ
-                items = pop_mark()
-                if not items:
-                    raise FormatError("pickle OBJ without a class")
-                stack.append(call(items[0], tuple(items[1:]), "OBJ", pos))
-            elif code == b"b":  # BUILD
-                state = pop()
-                obj = top()
-                name = obj.name if isinstance(obj, Placeholder) else type(obj).__name__
-                trace.calls.append(Event("BUILD", name, pos))
-                if isinstance(obj, Placeholder):
-                    obj.state = state if obj.state is None else (obj.state, state)
-                elif isinstance(obj, PickledOrderedDict) and isinstance(state, dict):
-                    obj.attributes = state
-                elif isinstance(obj, PickledTensor) and isinstance(state, tuple) and state and isinstance(state[0], dict):
-                    pass  # tensor subclass attributes: ignored
-            elif code == b"P":
-                pid = r.readline().decode("ascii", "replace")
-                stack.append(self._persistent(pid))
-            elif code == b"Q":
-                stack.append(self._persistent(pop()))
-            elif code == b"p":
-                memo[_parse_int(r.readline())] = top()
-            elif code == b"q":
-                memo[r.read(1)[0]] = top()
-            elif code == b"r":
-                memo[struct.unpack("<I", r.read(4))[0]] = top()
-            elif op == 0x94:
-                memo[len(memo)] = top()
-            elif code in (b"g", b"h", b"j"):
-                idx = (
-                    _parse_int(r.readline()) if code == b"g"
-                    else r.read(1)[0] if code == b"h"
-                    else struct.unpack("<I", r.read(4))[0]
-                )
-                if idx not in memo:
-                    raise FormatError(f"pickle memo entry {idx} is read before it is written")
-                stack.append(memo[idx])
-            else:
-                raise FormatError(f"unknown pickle opcode {code!r} at byte {pos}")
+        finally:
+            reader.release()
+            self.trace.desync.extend(reader.desync)
 
     def _persistent(self, pid: Any) -> Any:
         if self.persistent_load is None:
@@ -709,11 +440,462 @@ class PickleVM:
         return self.persistent_load(pid)
 
 
+_STOP = True
+_Handler = Callable[["_Machine"], Any]
+_OPS: list[_Handler | None] = [None] * 256
+
+
+def _op(*codes: bytes) -> Callable[[_Handler], _Handler]:
+    def register(fn: _Handler) -> _Handler:
+        for code in codes:
+            _OPS[code[0]] = fn
+        return fn
+    return register
+
+
+class _Machine:
+    """The state of one load: stack, marks, memo. Opcodes are the functions in ``_OPS``."""
+
+    def __init__(self, vm: PickleVM, reader: SequentialReader) -> None:
+        self.vm = vm
+        self.r = reader
+        self.trace = vm.trace
+        self.stack: list[Any] = []
+        self.marks: list[int] = []
+        self.memo: dict[int, Any] = {}
+        self.pos = 0
+        self.result: Any = None
+
+    def run(self) -> Any:
+        r, vm, table = self.r, self.vm, _OPS
+        budget = vm.budget if vm.budget is not None else opcode_budget(0)
+        while True:
+            self.pos = pos = r.pos()
+            op = r.read(1)[0]
+            vm.ops += 1
+            if vm.ops > budget:
+                raise WorkLimit(f"stopped after {budget:,} opcodes at byte {pos} (more work than "
+                                f"{OPCODES_PER_STORED_BYTE} opcodes per stored byte); the rest was not read")
+            handler = table[op]
+            if handler is None:
+                raise FormatError(f"unknown pickle opcode {bytes([op])!r} at byte {pos}")
+            if handler(self) is _STOP:
+                return self.result
+
+    def pop_mark(self) -> list[Any]:
+        if not self.marks:
+            raise FormatError("pickle MARK missing")
+        m = self.marks.pop()
+        items = self.stack[m:]
+        del self.stack[m:]
+        return items
+
+    def pop(self) -> Any:
+        if not self.stack:
+            raise FormatError("pickle stack underflow")
+        return self.stack.pop()
+
+    def top(self) -> Any:
+        if not self.stack:
+            raise FormatError("pickle stack underflow")
+        return self.stack[-1]
+
+    def make_global(self, module: str, name: str, opcode: str, resolved: bool = True) -> Any:
+        self.trace.globals.append(Event(opcode, f"{module}.{name}", self.pos, resolved, module))
+        if module == "torch" and name in TORCH_DTYPE_NAMES:
+            return TorchDType(_DTYPE_ALIASES.get(name, name))
+        return GlobalRef(module, name)
+
+    def call(self, func: Any, args: Any, opcode: str) -> Any:
+        name = func.qualname if isinstance(func, GlobalRef) else (
+            func.name if isinstance(func, Placeholder) else f"<{type(func).__name__}>"
+        )
+        self.trace.calls.append(Event(opcode, name, self.pos, isinstance(func, GlobalRef)))
+        if isinstance(func, GlobalRef) and opcode == "REDUCE":
+            handled, value = _reduce_known(name, args)
+            if handled:
+                return value
+        if name == "copyreg._reconstructor" and isinstance(args, tuple) and args:
+            cls = args[0]
+            return Placeholder(cls.qualname if isinstance(cls, GlobalRef) else repr(cls), args[1:])
+        return Placeholder(name, args)
+
+
+def _push(value_of: Callable[[_Machine], Any]) -> _Handler:
+    def handler(m: _Machine) -> None:
+        m.stack.append(value_of(m))
+    return handler
+
+
+def _unpack(fmt_: str, size: int) -> Callable[[_Machine], Any]:
+    unpack = struct.Struct(fmt_).unpack
+
+    def value(m: _Machine) -> Any:
+        return unpack(m.r.read(size))[0]
+    return value
+
+
+def _sized(size_fmt: str, size: int) -> Callable[[_Machine], bytes]:
+    """Bytes preceded by their length."""
+    length = _unpack(size_fmt, size)
+
+    def value(m: _Machine) -> bytes:
+        return m.r.read(length(m))
+    return value
+
+
+_binbytes, _short_binbytes, _binbytes8 = _sized("<I", 4), _sized("<B", 1), _sized("<Q", 8)
+_OPS[b"J"[0]] = _push(_unpack("<i", 4))
+_OPS[b"K"[0]] = _push(lambda m: m.r.read(1)[0])
+_OPS[b"M"[0]] = _push(_unpack("<H", 2))
+_OPS[b"G"[0]] = _push(_unpack(">d", 8))
+_OPS[b"N"[0]] = _push(lambda m: None)
+_OPS[0x88] = _push(lambda m: True)
+_OPS[0x89] = _push(lambda m: False)
+_OPS[b"I"[0]] = _push(lambda m: _c_int(m.r.readline()))
+_OPS[b"L"[0]] = _push(lambda m: _c_long(m.r.readline()))
+_OPS[b"S"[0]] = _push(lambda m: _parse_string(m.r.readline()))
+_OPS[b"T"[0]] = _push(lambda m: m.r.read(struct.unpack("<i", m.r.read(4))[0]).decode("latin-1"))
+_OPS[b"U"[0]] = _push(lambda m: _short_binbytes(m).decode("latin-1"))
+_OPS[b"V"[0]] = _push(lambda m: m.r.readline().decode("raw-unicode-escape"))
+_OPS[b"X"[0]] = _push(lambda m: _utf8(_binbytes(m)))
+_OPS[0x8C] = _push(lambda m: _utf8(_short_binbytes(m)))
+_OPS[0x8D] = _push(lambda m: _utf8(_binbytes8(m)))
+_OPS[b"B"[0]] = _push(_binbytes)
+_OPS[b"C"[0]] = _push(_short_binbytes)
+_OPS[0x8E] = _push(_binbytes8)
+_OPS[0x96] = _push(lambda m: bytearray(_binbytes8(m)))
+_OPS[b")"[0]] = _push(lambda m: ())
+_OPS[b"]"[0]] = _push(lambda m: [])
+_OPS[b"}"[0]] = _push(lambda m: {})
+_OPS[0x8F] = _push(lambda m: set())
+_OPS[b"t"[0]] = _push(lambda m: tuple(m.pop_mark()))
+_OPS[0x85] = _push(lambda m: (m.pop(),))
+_OPS[b"l"[0]] = _push(lambda m: m.pop_mark())
+_OPS[b"d"[0]] = _push(lambda m: _pairs_to_dict(m.pop_mark()))
+_OPS[0x91] = _push(lambda m: frozenset(_hashable(x) for x in m.pop_mark()))
+_OPS[b"2"[0]] = _push(lambda m: m.top())
+_OPS[b"P"[0]] = _push(lambda m: m.vm._persistent(m.r.readline().decode("ascii", "replace")))
+_OPS[b"Q"[0]] = _push(lambda m: m.vm._persistent(m.pop()))
+
+
+@_op(b"\x80")
+def _proto(m: _Machine) -> None:
+    proto = m.r.read(1)[0]
+    if proto > 5:
+        raise FormatError(f"unsupported pickle protocol {proto}")
+
+
+@_op(b"\x95")
+def _frame(m: _Machine) -> None:
+    m.r.frame(struct.unpack("<Q", m.r.read(8))[0])
+
+
+@_op(b".")
+def _stop(m: _Machine) -> bool:
+    if not m.stack:
+        raise FormatError("pickle STOP with an empty stack")
+    m.result = m.stack.pop()
+    return _STOP
+
+
+@_op(b"(")
+def _mark(m: _Machine) -> None:
+    m.marks.append(len(m.stack))
+
+
+@_op(b"0")
+def _pop(m: _Machine) -> None:
+    # as the C unpickler: POP right after a MARK pops the mark
+    if m.stack and len(m.stack) > (m.marks[-1] if m.marks else -1):
+        m.stack.pop()
+    else:
+        m.pop_mark()
+
+
+@_op(b"1")
+def _pop_mark(m: _Machine) -> None:
+    m.pop_mark()
+
+
+@_op(b"\x8a")
+def _long1(m: _Machine) -> None:
+    n = m.r.read(1)[0]
+    m.stack.append(int.from_bytes(m.r.read(n), "little", signed=True))
+
+
+@_op(b"\x8b")
+def _long4(m: _Machine) -> None:
+    n = struct.unpack("<i", m.r.read(4))[0]
+    if n < 0 or n > 4096:
+        raise FormatError(f"pickle LONG4 of {n} bytes")
+    m.stack.append(int.from_bytes(m.r.read(n), "little", signed=True))
+
+
+@_op(b"F")
+def _float(m: _Machine) -> None:
+    try:
+        m.stack.append(float(m.r.readline()))
+    except ValueError as exc:
+        raise FormatError("pickle FLOAT is not a number") from exc
+
+
+@_op(b"\x97")
+def _next_buffer(m: _Machine) -> None:
+    raise FormatError("pickle asks for an out-of-band buffer (NEXT_BUFFER)")
+
+
+@_op(b"\x98")
+def _readonly_buffer(m: _Machine) -> None:
+    pass  # READONLY_BUFFER: no-op on our data
+
+
+@_op(b"\x86")
+def _tuple2(m: _Machine) -> None:
+    b = m.pop()
+    a = m.pop()
+    m.stack.append((a, b))
+
+
+@_op(b"\x87")
+def _tuple3(m: _Machine) -> None:
+    c = m.pop()
+    b = m.pop()
+    a = m.pop()
+    m.stack.append((a, b, c))
+
+
+@_op(b"a")
+def _append_one(m: _Machine) -> None:
+    v = m.pop()
+    _append(m.top(), [v])
+
+
+@_op(b"e")
+def _appends(m: _Machine) -> None:
+    items = m.pop_mark()
+    _append(m.top(), items)
+
+
+@_op(b"s")
+def _setitem(m: _Machine) -> None:
+    v = m.pop()
+    k = m.pop()
+    _setitems(m.top(), [k, v])
+
+
+@_op(b"u")
+def _setitems_op(m: _Machine) -> None:
+    items = m.pop_mark()
+    _setitems(m.top(), items)
+
+
+@_op(b"\x90")
+def _additems(m: _Machine) -> None:
+    items = m.pop_mark()
+    s = m.top()
+    if isinstance(s, set):
+        s.update(_hashable(x) for x in items)
+    elif isinstance(s, Placeholder):
+        s.items.extend(items)
+    else:
+        raise FormatError("pickle ADDITEMS on a non-set")
+
+
+def _text(line: bytes) -> str:
+    return line.decode("utf-8", "replace")
+
+
+@_op(b"c")
+def _global(m: _Machine) -> None:
+    module = _text(m.r.readline())
+    name = _text(m.r.readline())
+    m.stack.append(m.make_global(module, name, "GLOBAL"))
+
+
+@_op(b"\x93")
+def _stack_global(m: _Machine) -> None:
+    name = m.pop()
+    module = m.pop()
+    if isinstance(module, str) and isinstance(name, str):
+        m.stack.append(m.make_global(module, name, "STACK_GLOBAL"))
+    else:
+        m.stack.append(m.make_global("?", "?", "STACK_GLOBAL", resolved=False))
+
+
+def _ext(size: int) -> _Handler:
+    """EXT1/2/4: a global named by its number in copyreg's extension registry (unknown here)."""
+    def handler(m: _Machine) -> None:
+        ext = int.from_bytes(m.r.read(size), "little")
+        m.stack.append(m.make_global("<extension>", str(ext), "EXT", resolved=False))
+    return handler
+
+
+_OPS[0x82], _OPS[0x83], _OPS[0x84] = _ext(1), _ext(2), _ext(4)
+
+
+@_op(b"R")
+def _reduce(m: _Machine) -> None:
+    args = m.pop()
+    func = m.pop()
+    m.stack.append(m.call(func, args, "REDUCE"))
+
+
+@_op(b"\x81")
+def _newobj(m: _Machine) -> None:
+    args = m.pop()
+    cls = m.pop()
+    m.stack.append(m.call(cls, args, "NEWOBJ"))
+
+
+@_op(b"\x92")
+def _newobj_ex(m: _Machine) -> None:
+    kwargs = m.pop()
+    args = m.pop()
+    cls = m.pop()
+    m.stack.append(m.call(cls, (args, kwargs), "NEWOBJ_EX"))
+
+
+@_op(b"i")
+def _inst(m: _Machine) -> None:
+    module = _text(m.r.readline())
+    name = _text(m.r.readline())
+    cls = m.make_global(module, name, "INST")
+    m.stack.append(m.call(cls, tuple(m.pop_mark()), "INST"))
+
+
+@_op(b"o")
+def _obj(m: _Machine) -> None:
+    items = m.pop_mark()
+    if not items:
+        raise FormatError("pickle OBJ without a class")
+    m.stack.append(m.call(items[0], tuple(items[1:]), "OBJ"))
+
+
+@_op(b"b")
+def _build(m: _Machine) -> None:
+    state = m.pop()
+    obj = m.top()
+    name = obj.name if isinstance(obj, Placeholder) else type(obj).__name__
+    m.trace.calls.append(Event("BUILD", name, m.pos))
+    if isinstance(obj, Placeholder):
+        obj.state = state if obj.state is None else (obj.state, state)
+        if name in JOBLIB_ARRAY_WRAPPERS and isinstance(state, dict):
+            m.stack[-1] = _joblib_array(m, state)
+    elif isinstance(obj, PickledOrderedDict) and isinstance(state, dict):
+        obj.attributes = state
+    elif isinstance(obj, PickledTensor) and isinstance(state, tuple) and state and isinstance(state[0], dict):
+        pass  # tensor subclass attributes: ignored
+
+
+def _memo_put(key_of: Callable[[_Machine], int]) -> _Handler:
+    def handler(m: _Machine) -> None:
+        m.memo[key_of(m)] = m.top()
+    return handler
+
+
+def _memo_get(key_of: Callable[[_Machine], int]) -> _Handler:
+    def handler(m: _Machine) -> None:
+        idx = key_of(m)
+        if idx not in m.memo:
+            raise FormatError(f"pickle memo entry {idx} is read before it is written")
+        m.stack.append(m.memo[idx])
+    return handler
+
+
+_OPS[b"p"[0]] = _memo_put(lambda m: _parse_int(m.r.readline()))
+_OPS[b"q"[0]] = _memo_put(lambda m: m.r.read(1)[0])
+_OPS[b"r"[0]] = _memo_put(_unpack("<I", 4))
+_OPS[0x94] = _memo_put(lambda m: len(m.memo))
+_OPS[b"g"[0]] = _memo_get(lambda m: _parse_int(m.r.readline()))
+_OPS[b"h"[0]] = _memo_get(lambda m: m.r.read(1)[0])
+_OPS[b"j"[0]] = _memo_get(_unpack("<I", 4))
+
+# joblib.dump writes each numpy array's bytes raw, right after the wrapper's BUILD; joblib.load's
+# unpickler reads them there (an object array as one more pickle), so we step over them as it does
+JOBLIB_ARRAY_WRAPPERS = frozenset({"joblib.numpy_pickle.NumpyArrayWrapper",
+                                   "sklearn.externals.joblib.numpy_pickle.NumpyArrayWrapper"})
+
+
+def _joblib_array(m: _Machine, state: dict[Any, Any]) -> Any:
+    shape = _ints(state.get("shape", ()))
+    dtype = state.get("dtype")
+    itemsize = _numpy_itemsize(dtype)
+    count = math.prod(shape)
+    if itemsize is None:  # object dtype: joblib calls pickle.load on the file, here
+        return _Machine(m.vm, m.r).run()
+    if state.get("numpy_array_alignment_bytes") is not None:
+        m.r.skip(m.r.read(1)[0])
+    m.r.skip(count * itemsize)
+    return Placeholder("numpy.ndarray", (shape, dtype.args[0] if isinstance(dtype, Placeholder) else None))
+
+
+def _numpy_itemsize(dtype: Any) -> int | None:
+    """Bytes per item of a pickled ``numpy.dtype`` ('f8', 'U5', 'V16'); None for an object dtype."""
+    if not (isinstance(dtype, Placeholder) and dtype.args and isinstance(dtype.args[0], str)):
+        raise FormatError("joblib array without a numpy dtype")
+    code = dtype.args[0]
+    if code.startswith("O") or any(isinstance(x, Placeholder) and x.name == "numpy.dtype" and _numpy_itemsize(x) is None
+                                   for x in _flatten(dtype.state)):
+        return None
+    kind, digits = code[:1], code[1:].split("[")[0]
+    if kind in ("M", "m"):
+        return 8
+    if not digits.isdigit():
+        raise FormatError(f"joblib array with an unknown dtype {code!r}")
+    return int(digits) * (4 if kind == "U" else 1)
+
+
+def _flatten(value: Any, depth: int = 0) -> Iterator[Any]:
+    if depth > 32:
+        raise FormatError("numpy dtype nests too deeply")
+    if isinstance(value, (tuple, list)):
+        for v in value:
+            yield v
+            yield from _flatten(v, depth + 1)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield v
+            yield from _flatten(v, depth + 1)
+
+
 def _parse_int(line: bytes) -> int:
+    """A memo index: the C unpickler reads it in base 10."""
     try:
         return int(line)
     except ValueError as exc:
         raise FormatError("pickle integer argument is not a number") from exc
+
+
+# C's strtol(s, &end, 0): optional space and sign, then hex (0x), octal (leading 0) or decimal
+_STRTOL = re.compile(rb"[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
+_LONG_MIN, _LONG_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def _c_int(line: bytes) -> Any:
+    """INT's argument as the C unpickler reads it: strtol base 0 ("010" is 8, "0x10" is 16), then, when
+    that does not take the whole line, Python's int(text, 0) ("0b1", "1_0"); "00" and "01" are bools."""
+    text = line.split(b"\0", 1)[0]  # a C string ends at its first NUL
+    match = _STRTOL.fullmatch(text)
+    if match:
+        sign, digits = match.groups()
+        base = 16 if digits[1:2] in (b"x", b"X") else 8 if len(digits) > 1 and digits[:1] == b"0" else 10
+        value = int(digits[2:] if base == 16 else digits, base) * (-1 if sign == b"-" else 1)
+        if _LONG_MIN <= value <= _LONG_MAX:
+            return bool(value) if len(line) == 2 and value in (0, 1) else value
+    return _python_int(text, "INT")
+
+
+def _c_long(line: bytes) -> int:
+    """LONG's argument: Python's int(text, 0), a trailing L dropped."""
+    return _python_int((line[:-1] if line.endswith(b"L") else line).split(b"\0", 1)[0], "LONG")
+
+
+def _python_int(text: bytes, opcode: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError as exc:
+        raise FormatError(f"pickle {opcode} argument is not a number") from exc
 
 
 def _parse_string(line: bytes) -> str:

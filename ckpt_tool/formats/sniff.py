@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import os
-import zipfile
 
-from ..errors import InputError
+from ..errors import FormatError, InputError
 
 ZIP = "torch-zip"
 TORCHSCRIPT = "torchscript"
@@ -14,6 +13,7 @@ LEGACY_TAR = "torch-legacy-tar"
 SAFETENSORS = "safetensors"
 SHARDED = "sharded"
 PICKLE = "pickle"
+NPY = "npy"
 LFS_POINTER = "git-lfs-pointer"
 UNKNOWN = "unknown"
 
@@ -55,24 +55,48 @@ def sniff_bytes(head: bytes, path: str = "") -> str:
         return LFS_POINTER
     if head.startswith(LEGACY_PREFIX):
         return LEGACY
-    if len(head) >= 262 and head[257:262] == b"ustar":
-        return LEGACY_TAR
+    if head.startswith(NPY_MAGIC):
+        return NPY
+    if is_tar_header(head):
+        return LEGACY_TAR  # torch.load tries tarfile first: any header tarfile accepts, ustar magic or not
     if len(head) >= 9 and head[8:9] == b"{":
         return SAFETENSORS
     if head[0] == 0x80 and len(head) > 1 and head[1] <= 5:
         return PICKLE
     if head[:1] in (b"(", b"]", b"}", b"c", b"N", b"I", b"S", b"V", b"l", b"d"):
         return PICKLE  # protocol 0/1 pickles have no header; the reader decides
+    # any other opcode can open a pickle too (pickle.load needs no PROTO): UNKNOWN files are still
+    # read as pickles by scan, and its directory walk tries every file starting with one
     return UNKNOWN
 
 
-def _zip_kind(path: str) -> str:
+NPY_MAGIC = b"\x93NUMPY"
+# every opcode of protocols 0-5 (pickletools.opcodes); a stream may begin with any of them
+PICKLE_OPCODES = frozenset(b"()012BCFGIJKLMNPQRSTUVX]abcdeghijlopqrstu}.\x80\x81\x82\x83\x84\x85\x86\x87\x88"
+                           b"\x89\x8a\x8b\x8c\x8d\x8e\x8f\x90\x91\x92\x93\x94\x95\x96\x97\x98")
+
+
+def is_tar_header(head: bytes) -> bool:
+    """A tar header block as ``tarfile`` checks one: the header checksum, with or without ``ustar`` magic."""
+    if len(head) < 512 or not head[:100].strip(b"\0"):
+        return False
+    field = head[148:156].split(b"\0", 1)[0].strip()
     try:
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError):
+        chksum = int(field, 8)
+    except ValueError:
+        return False
+    block = head[:148] + b" " * 8 + head[156:512]
+    return chksum in (sum(block), sum(b - 256 if b > 127 else b for b in block))
+
+
+def _zip_kind(path: str) -> str:
+    from .ziparchive import list_archive
+
+    try:
+        names = list_archive(path).names()
+    except (FormatError, InputError):
         return ZIP  # the reader reports the defect precisely
     for name in names:
-        if name.endswith("constants.pkl") or "/code/" in name:
+        if name.lower().endswith("constants.pkl") or "/code/" in name.lower():
             return TORCHSCRIPT
     return ZIP

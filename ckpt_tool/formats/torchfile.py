@@ -9,14 +9,16 @@ from __future__ import annotations
 import io
 import re
 import struct
-import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from ..errors import FormatError, InputError
+from ..errors import FormatError
 from ..model import itemsize
 from . import sniff as fmt
+from .pickle_stream import opcode_budget
 from .pickle_vm import PickleVM, Placeholder, StorageRef, Trace, storage_dtype, walk_tensors
+from .ziparchive import STORED, ZipEntry, crc_ok, data_offset, list_archive, read_entry, undecodable
 
 MAX_DATA_PKL = 256 << 20  # far above any real data.pkl; refuses zip bombs
 
@@ -35,68 +37,55 @@ class RawFile:
     script_classes: dict[str, tuple[set[str], set[str]]] = field(default_factory=dict)
 
 
-def _local_data_offset(stream: IO[bytes], info: zipfile.ZipInfo) -> int:
-    stream.seek(info.header_offset)
-    header = stream.read(30)
-    if len(header) != 30 or header[:4] != b"PK\x03\x04":
-        raise FormatError(f"zip entry {info.filename!r} has a bad local header")
-    name_len, extra_len = struct.unpack("<HH", header[26:30])
-    offset: int = info.header_offset + 30 + name_len + extra_len
-    return offset
-
-
 def read_zip(path: str, file_size: int, trace: Trace | None = None, fmt_name: str = fmt.ZIP) -> RawFile:
-    """Read a torch zip archive (``torch.save`` since 1.6, TorchScript) without its tensor bytes."""
+    """Read a torch zip archive (``torch.save`` since 1.6, TorchScript) without its tensor bytes.
+
+    Entries are found as torch's own reader finds them (see :mod:`.ziparchive`): in the folder of
+    the archive's first entry, by case-insensitive name, the first of two equal names.
+    """
     trace = trace if trace is not None else Trace()
-    try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, ValueError, EOFError) as exc:  # ValueError: undecodable entry names
-        raise FormatError(f"{path}: corrupt zip archive ({exc})") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    with zf, open(path, "rb") as raw:
-        infos = {i.filename: i for i in zf.infolist()}
-        pkl_names = [n for n in infos if n == "data.pkl" or n.endswith("/data.pkl")]
-        if not pkl_names:
-            raise FormatError(f"{path}: zip archive without data.pkl (not a torch checkpoint)")
-        pkl_name = min(pkl_names, key=len)
-        prefix = pkl_name[: -len("data.pkl")]
+    listing = list_archive(path)
+    bad = [e.name for e in listing.entries if undecodable(e.name)]
+    if bad:
+        raise FormatError(f"{path}: corrupt zip archive (entry name {bad[0]!r} is not valid UTF-8)")
+    infos: dict[str, ZipEntry] = {}
+    for entry in listing.entries:
+        infos.setdefault(entry.name, entry)
+    prefix = listing.prefix
+    found = listing.find(prefix + "data.pkl")
+    if found is None:
+        raise FormatError(f"{path}: zip archive without data.pkl (not a torch checkpoint)")
+    if len(listing.matches(prefix + "data.pkl")) > 1:
+        raise FormatError(f"{path}: the archive holds {len(listing.matches(prefix + 'data.pkl'))} entries named "
+                          "data.pkl (ignoring case); which one a loader reads is its zip reader's choice "
+                          "(run `ckpt scan` on it)")
+    pkl_name = found.name
+    with open(path, "rb") as raw:
         storages: dict[str, StorageRef] = {}
 
-        def persistent_load(pid: Any) -> Any:
-            if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
-                return Placeholder("<persistent id>", (pid,))
-            _, storage_type, key, location, numel = pid[:5]
-            key = str(key)
-            if key in storages:
-                return storages[key]
-            dtype = storage_dtype(storage_type)
-            if not isinstance(numel, int) or numel < 0:
-                raise FormatError(f"storage {key} has an invalid size")
-            info = infos.get(f"{prefix}data/{key}")
+        def resolve(key: str, dtype: str, location: str, numel: int) -> StorageRef:
+            info = listing.find(f"{prefix}data/{key}")
             if info is None:
                 raise FormatError(f"{path}: storage {key} is referenced but data/{key} is missing from the archive")
             nbytes = numel * itemsize(dtype)
-            if info.file_size < nbytes:
-                raise FormatError(
-                    f"{path}: storage data/{key} holds {info.file_size} bytes, its description needs {nbytes}"
-                )
-            offset = _local_data_offset(raw, info) if info.compress_type == zipfile.ZIP_STORED else None
+            if info.size < nbytes:
+                raise FormatError(f"{path}: storage data/{key} holds {info.size} bytes, its description needs {nbytes}")
+            offset = data_offset(raw, info, path) if info.method == STORED else None
             if offset is not None and offset + nbytes > file_size:
                 raise FormatError(f"{path}: storage data/{key} extends past the end of the file (truncated)")
-            ref = StorageRef(key, dtype, str(location), numel, offset, nbytes, path)
-            storages[key] = ref
-            return ref
+            return StorageRef(key, dtype, location, numel, offset, nbytes, path)
 
-        root = _load_entry(zf, infos[pkl_name], PickleVM(persistent_load, trace), path)
+        persistent_load = storage_loader(storages, resolve)
+        root = _load_entry(raw, found, PickleVM(persistent_load, trace, _budget(found)), path)
         result = RawFile(path, fmt_name, file_size, root, storages, trace, [pkl_name])
         # every other pickle inside the archive is decoded too (TorchScript constants, extra entries)
         for name, info in infos.items():
-            if name != pkl_name and name.endswith(".pkl"):
-                result.extra_pickles[name] = _load_entry(zf, info, PickleVM(persistent_load, trace), path)
+            if name != pkl_name and name.lower().endswith(".pkl"):
+                result.extra_pickles[name] = _load_entry(raw, info, PickleVM(persistent_load, trace, _budget(info)),
+                                                         path)
                 result.pickles.append(name)
         if fmt_name == fmt.TORCHSCRIPT:
-            result.script_classes = script_classes(zf, infos, prefix)
+            result.script_classes = script_classes(raw, infos, prefix, path)
         return result
 
 
@@ -105,7 +94,7 @@ _CLASS_LINE = re.compile(r"^class (\w+)\(")
 _MEMBERS_LINE = re.compile(r"^\s+__(parameters|buffers)__ = \[(.*)\]\s*$")
 
 
-def script_classes(zf: zipfile.ZipFile, infos: dict[str, zipfile.ZipInfo], prefix: str
+def script_classes(raw: IO[bytes], infos: dict[str, ZipEntry], prefix: str, path: str
                    ) -> dict[str, tuple[set[str], set[str]]]:
     """Each TorchScript class's declared ``__parameters__`` and ``__buffers__``, read as text from ``code/``.
 
@@ -115,11 +104,11 @@ def script_classes(zf: zipfile.ZipFile, infos: dict[str, zipfile.ZipInfo], prefi
     out: dict[str, tuple[set[str], set[str]]] = {}
     code = f"{prefix}code/"
     for name, info in infos.items():
-        if not (name.startswith(code) and name.endswith(".py")) or info.file_size > MAX_SCRIPT_CODE:
+        if not (name.startswith(code) and name.endswith(".py")):
             continue
         try:
-            text = zf.read(info).decode("utf-8", "replace")
-        except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError):
+            text = read_entry(raw, info, path, MAX_SCRIPT_CODE).decode("utf-8", "replace")
+        except FormatError:
             continue  # unreadable code: its classes keep every tensor in the state dict
         module = name[len(code):-len(".py")].replace("/", ".")
         current: tuple[set[str], set[str]] | None = None
@@ -136,17 +125,47 @@ def script_classes(zf: zipfile.ZipFile, infos: dict[str, zipfile.ZipInfo], prefi
     return out
 
 
-def _load_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, vm: PickleVM, path: str) -> Any:
-    if info.file_size > MAX_DATA_PKL:
-        raise FormatError(f"{path}: {info.filename} claims {info.file_size} bytes")
-    try:
-        data = zf.read(info)
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError) as exc:
-        raise FormatError(f"{path}: zip entry {info.filename!r} is corrupt ({exc})") from None
+def storage_loader(storages: dict[str, StorageRef],
+                   resolve: Callable[[str, str, str, int], StorageRef]) -> Callable[[Any], Any]:
+    """The one ``persistent_load`` for torch's storage ids ``("storage", type, key, location, numel[, view])``.
+
+    ``resolve(key, dtype, location, numel)`` places a storage's bytes (or refuses it); each key is
+    resolved once and shared. Other persistent ids become placeholders.
+    """
+
+    def load(pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
+            return Placeholder("<persistent id>", (pid,))
+        _, storage_type, key, location, numel = pid[:5]
+        key = str(key)
+        if key not in storages:
+            if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
+                raise FormatError(f"storage {key} has an invalid size")
+            storages[key] = resolve(key, storage_dtype(storage_type), str(location), numel)
+        base = storages[key]
+        view = pid[5] if len(pid) > 5 else None
+        if isinstance(view, tuple) and len(view) == 3:  # very old files: storage views
+            _, view_offset, view_size = view
+            return StorageRef(key, base.dtype, base.location, view_size, None, view_offset, base.file)
+        return base
+
+    return load
+
+
+def _budget(entry: ZipEntry) -> int:
+    # the work an entry may ask for follows its bytes on disk, not what they inflate to
+    return opcode_budget(entry.compressed_size)
+
+
+def _load_entry(raw: IO[bytes], info: ZipEntry, vm: PickleVM, path: str) -> Any:
+    data = read_entry(raw, info, path, MAX_DATA_PKL)
+    if not crc_ok(info, data):
+        # torch ignores CRCs; a reader that reports what a file holds does not trust a damaged pickle
+        raise FormatError(f"{path}: zip entry {info.name!r} is corrupt (bad CRC-32)")
     try:
         return vm.load(io.BytesIO(data), len(data))
     except FormatError as exc:
-        raise FormatError(f"{path}: {info.filename}: {exc}") from None
+        raise FormatError(f"{path}: {info.name}: {exc}") from None
 
 
 def read_legacy(path: str, file_size: int, trace: Trace | None = None) -> RawFile:
@@ -155,22 +174,11 @@ def read_legacy(path: str, file_size: int, trace: Trace | None = None) -> RawFil
     storages: dict[str, StorageRef] = {}
     order: list[str] = []
 
-    def persistent_load(pid: Any) -> Any:
-        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
-            return Placeholder("<persistent id>", (pid,))
-        _, storage_type, key, location, numel = pid[:5]
-        key = str(key)
-        if key not in storages:
-            if not isinstance(numel, int) or numel < 0:
-                raise FormatError(f"storage {key} has an invalid size")
-            storages[key] = StorageRef(key, storage_dtype(storage_type), str(location), numel, None, 0, path)
-            order.append(key)
-        base = storages[key]
-        view = pid[5] if len(pid) > 5 else None
-        if isinstance(view, tuple) and len(view) == 3:  # very old files: storage views
-            _, view_offset, view_size = view
-            return StorageRef(key, base.dtype, base.location, view_size, None, view_offset, path)
-        return base
+    def resolve(key: str, dtype: str, location: str, numel: int) -> StorageRef:
+        order.append(key)
+        return StorageRef(key, dtype, location, numel, None, 0, path)
+
+    persistent_load = storage_loader(storages, resolve)
 
     with open(path, "rb") as f:
         vm = PickleVM(persistent_load, trace)
@@ -184,22 +192,10 @@ def read_legacy(path: str, file_size: int, trace: Trace | None = None) -> RawFil
             keys = vm.load(f, file_size)
         except FormatError as exc:
             raise FormatError(f"{path}: {exc}") from None
-        if not isinstance(keys, list):
-            raise FormatError(f"{path}: legacy storage key list is missing")
-        positions: dict[str, tuple[int, int]] = {}
-        for key in keys:
-            key = str(key)
-            head = f.read(8)
-            if len(head) != 8:
-                raise FormatError(f"{path}: storage {key} is missing (file truncated)")
-            (count,) = struct.unpack("<q", head)
-            ref = storages.get(key)
-            size = itemsize(ref.dtype) if ref else 1
-            start = f.tell()
-            if count < 0 or start + count * size > file_size:
-                raise FormatError(f"{path}: storage {key} extends past the end of the file (truncated)")
-            positions[key] = (start, count * size)
-            f.seek(start + count * size)
+        try:
+            positions = walk_legacy_storages(f, keys, storages, file_size)
+        except FormatError as exc:
+            raise FormatError(f"{path}: {exc}") from None
     resolved = {}
     for key, ref in storages.items():
         if key not in positions:
@@ -208,6 +204,29 @@ def read_legacy(path: str, file_size: int, trace: Trace | None = None) -> RawFil
         resolved[key] = StorageRef(key, ref.dtype, ref.location, ref.numel, start, nbytes, path)
     _resolve_tree_storages(root, resolved)
     return RawFile(path, fmt.LEGACY, file_size, root, resolved, trace, ["magic", "protocol", "sys_info", "data", "keys"])
+
+
+def walk_legacy_storages(f: IO[bytes], keys: Any, storages: dict[str, StorageRef],
+                         file_size: int) -> dict[str, tuple[int, int]]:
+    """The storage records after a legacy file's fifth pickle (its list of storage keys): each an
+    8-byte element count, then the bytes. Returns ``key -> (start, nbytes)``; ``f`` is left after the last."""
+    if not isinstance(keys, list):
+        raise FormatError("legacy storage key list is missing")
+    positions: dict[str, tuple[int, int]] = {}
+    for key in keys:
+        key = str(key)
+        head = f.read(8)
+        if len(head) != 8:
+            raise FormatError(f"storage {key} is missing (file truncated)")
+        (count,) = struct.unpack("<q", head)
+        ref = storages.get(key)
+        nbytes = count * (itemsize(ref.dtype) if ref else 1)
+        start = f.tell()
+        if count < 0 or start + nbytes > file_size:
+            raise FormatError(f"storage {key} extends past the end of the file (truncated)")
+        positions[key] = (start, nbytes)
+        f.seek(start + nbytes)
+    return positions
 
 
 def _resolve_tree_storages(root: Any, resolved: dict[str, StorageRef]) -> None:

@@ -1,0 +1,364 @@
+"""Our own zip reader: the archive as torch's reader (miniz) sees it, and every way another reader could.
+
+Readers disagree on hostile archives, and the attacker chooses which one a scanner trusts. torch's
+miniz takes the last end-of-central-directory record, follows its central-directory offset as
+written, finds names case-insensitively, takes the first of two equal names, ignores CRCs, local
+header names and "version needed to extract". Python's ``zipfile`` finds the central directory
+right before that record (shifting every offset when the two disagree), is case-sensitive, takes
+the last of two equal names, checks local names, and refuses versions above 6.3. Streaming readers
+follow local headers from the start of the file. :func:`list_archive` returns torch's view for
+reading, every other entry any of those readers could choose, and each disagreement it found.
+Nothing here reads tensor bytes: only headers, and the entries a caller asks for.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import zlib
+from dataclasses import dataclass, field
+from typing import IO, NamedTuple
+
+from ..errors import FormatError, InputError
+
+EOCD_SIG, EOCD64_SIG, LOC64_SIG = b"PK\x05\x06", b"PK\x06\x06", b"PK\x06\x07"
+CD_SIG, LOCAL_SIG, DESCRIPTOR_SIG = b"PK\x01\x02", b"PK\x03\x04", b"PK\x07\x08"
+MAX_COMMENT = 0xFFFF
+MAX_CENTRAL_DIRECTORY = 256 << 20
+MAX_ENTRIES = 1_000_000
+STORED, DEFLATED, BZIP2, LZMA = 0, 8, 12, 14
+ZIPFILE_MAX_VERSION = 63  # zipfile.MAX_EXTRACT_VERSION
+
+
+class ZipEntry(NamedTuple):
+    """One entry as a central directory (or a local header) describes it."""
+
+    name: str
+    header_offset: int  # where its local header is, as the reader that lists it computes it
+    method: int
+    flags: int
+    crc: int
+    compressed_size: int
+    size: int
+    version_needed: int
+    source: str  # "central directory at N", "local header"
+
+    @property
+    def encrypted(self) -> bool:
+        return bool(self.flags & 1)
+
+
+@dataclass(frozen=True)
+class ZipListing:
+    """``entries``: torch's central directory, in order. ``others``: entries only other readers list."""
+
+    path: str
+    file_size: int
+    entries: tuple[ZipEntry, ...]
+    others: tuple[ZipEntry, ...]
+    ambiguities: tuple[str, ...]
+    _index: dict[str, ZipEntry] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def prefix(self) -> str:
+        """torch's archive folder: the first entry's name up to its first '/'."""
+        first = self.entries[0].name if self.entries else ""
+        return first.split("/", 1)[0] + "/" if "/" in first else ""
+
+    def find(self, name: str) -> ZipEntry | None:
+        """The entry named ``name`` ignoring case, as torch's reader matches names; the first of several
+        (torch's own choice among them follows a binary search: see :meth:`matches`)."""
+        if not self._index:
+            for e in self.entries:
+                self._index.setdefault(e.name.lower(), e)
+        return self._index.get(name.lower())
+
+    def matches(self, name: str) -> list[ZipEntry]:
+        """Every entry named ``name`` ignoring case: more than one, and readers may choose differently."""
+        want = name.lower()
+        return [e for e in self.entries if e.name.lower() == want]
+
+    def names(self) -> list[str]:
+        return [e.name for e in self.entries]
+
+
+def _u16(b: bytes, o: int) -> int:
+    return int.from_bytes(b[o:o + 2], "little")
+
+
+def _u32(b: bytes, o: int) -> int:
+    return int.from_bytes(b[o:o + 4], "little")
+
+
+def _u64(b: bytes, o: int) -> int:
+    return int.from_bytes(b[o:o + 8], "little")
+
+
+def _decode_name(raw: bytes, flags: int) -> str:
+    # undecodable bytes are kept (as surrogates): miniz compares names as bytes
+    return raw.decode("utf-8", "surrogateescape") if flags & 0x800 else raw.decode("cp437")
+
+
+def undecodable(name: str) -> bool:
+    """A name flagged UTF-8 that is not (zipfile refuses the archive; torch reads it)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _zip64_extra(extra: bytes, fields: list[int]) -> list[int]:
+    """Replace the 0xFFFFFFFF sizes and offset with their zip64 values (extra field 0x0001)."""
+    i = 0
+    while i + 4 <= len(extra):
+        tag, size = _u16(extra, i), _u16(extra, i + 2)
+        if tag == 1:
+            data, j = extra[i + 4:i + 4 + size], 0
+            out = list(fields)
+            for k, v in enumerate(fields):
+                if v == 0xFFFFFFFF and j + 8 <= len(data):
+                    out[k] = _u64(data, j)
+                    j += 8
+            return out
+        i += 4 + size
+    return fields
+
+
+class _EndRecord(NamedTuple):
+    position: int
+    entries: int
+    cd_size: int
+    cd_offset: int
+    zip64_at: int | None  # where miniz reads the zip64 record (the locator's offset)
+    zip64_before: int | None  # where zipfile reads it (right before the locator)
+
+
+def _end_records(f: IO[bytes], size: int) -> list[_EndRecord]:
+    """Every end-of-central-directory record in the file's tail, the last (the one readers use) first."""
+    start = max(0, size - (MAX_COMMENT + 22 + 20 + 56))
+    f.seek(start)
+    tail = f.read(size - start)
+    out: list[_EndRecord] = []
+    i = tail.rfind(EOCD_SIG)
+    while i >= 0:
+        if i + 22 <= len(tail):
+            count, cd_size, cd_offset = _u16(tail, i + 10), _u32(tail, i + 12), _u32(tail, i + 16)
+            at = before = None
+            if i >= 20 and tail[i - 20:i - 16] == LOC64_SIG:
+                at = _u64(tail, i - 12)
+                before = start + i - 20 - 56
+                record = _read_at(f, at, 56)
+                if record[:4] == EOCD64_SIG:
+                    count, cd_size, cd_offset = _u64(record, 32), _u64(record, 40), _u64(record, 48)
+            out.append(_EndRecord(start + i, count, cd_size, cd_offset, at, before))
+        i = tail.rfind(EOCD_SIG, 0, i)
+    return out
+
+
+def _read_at(f: IO[bytes], offset: int, n: int) -> bytes:
+    if offset < 0:
+        return b""
+    f.seek(offset)
+    return f.read(n)
+
+
+def _central_directory(f: IO[bytes], offset: int, size: int, shift: int, file_size: int,
+                       count: int) -> list[ZipEntry] | None:
+    """The entries of the central directory at ``offset``; None when no directory starts there."""
+    if offset < 0 or size > MAX_CENTRAL_DIRECTORY or offset + size > file_size or count > MAX_ENTRIES:
+        return None
+    data = _read_at(f, offset, size)
+    if not data.startswith(CD_SIG):
+        return [] if count == 0 and size == 0 else None
+    entries: list[ZipEntry] = []
+    i = 0
+    while i + 46 <= len(data) and data[i:i + 4] == CD_SIG and len(entries) < MAX_ENTRIES:
+        flags, method, crc = _u16(data, i + 8), _u16(data, i + 10), _u32(data, i + 16)
+        csize, usize = _u32(data, i + 20), _u32(data, i + 24)
+        nlen, xlen, clen = _u16(data, i + 28), _u16(data, i + 30), _u16(data, i + 32)
+        local = _u32(data, i + 42)
+        name = _decode_name(data[i + 46:i + 46 + nlen], flags)
+        extra = data[i + 46 + nlen:i + 46 + nlen + xlen]
+        usize, csize, local = _zip64_extra(extra, [usize, csize, local])
+        entries.append(ZipEntry(name, local + shift, method, flags, crc, csize, usize, _u16(data, i + 6),
+                                f"central directory at {offset}"))
+        i += 46 + nlen + xlen + clen
+    return entries
+
+
+def list_archive(path: str) -> ZipListing:
+    """Read every central directory and local header of a zip; raise FormatError when none is usable."""
+    try:
+        st = os.stat(path)
+        return _list_cached(path, st.st_size, st.st_mtime_ns)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _list_cached(path: str, size: int, mtime_ns: int) -> ZipListing:
+    # sniffing and reading one file list it twice; the size and time stamp tell a changed file apart
+    del mtime_ns
+    with open(path, "rb") as f:
+        return _list(f, path, size)
+
+
+def _list(f: IO[bytes], path: str, size: int) -> ZipListing:
+    ends = _end_records(f, size)
+    if not ends:
+        raise FormatError(f"{path}: corrupt zip archive (File is not a zip file)")
+    ambiguities: list[str] = []
+    views: list[tuple[str, list[ZipEntry]]] = []
+    valid_ends = 0
+    for k, end in enumerate(ends):
+        before = len(views)
+        # miniz: the offset as written; zipfile: the directory right before the end record, every offset shifted
+        zipfile_at = (end.zip64_before if end.zip64_before is not None else end.position) - end.cd_size
+        for who, offset, shift in (("torch", end.cd_offset, 0), ("zipfile", zipfile_at, zipfile_at - end.cd_offset)):
+            entries = _central_directory(f, offset, end.cd_size, shift, size, end.entries)
+            if entries is not None:
+                views.append((f"{who}{'' if k == 0 else f' (end record at {end.position})'}", entries))
+        valid_ends += len(views) > before  # a signature in tensor bytes or a comment leads to no directory
+    if not views or not views[0][0].startswith("torch"):
+        raise FormatError(f"{path}: corrupt zip archive (the central directory is missing or truncated)")
+    torch_entries = views[0][1]
+    if valid_ends > 1:
+        ambiguities.append(f"{valid_ends} end-of-central-directory records (readers may take different ones)")
+    distinct = {tuple((e.name, e.header_offset) for e in entries) for _, entries in views}
+    if len(distinct) > 1:
+        ambiguities.append("torch and Python's zipfile read different central directories")
+    names = [e.name for e in torch_entries]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        ambiguities.append(f"duplicate entry names ({', '.join(dupes[:3])}): readers choose differently among "
+                           "them (zipfile takes the last)")
+    folded: dict[str, set[str]] = {}
+    for n in names:
+        folded.setdefault(n.lower(), set()).add(n)
+    clashes = sorted(" / ".join(sorted(v)) for v in folded.values() if len(v) > 1)
+    if clashes:
+        ambiguities.append(f"entry names that differ only in case ({clashes[0]}): torch finds names "
+                           "case-insensitively, zipfile exactly")
+    bad = [e.name for e in torch_entries if undecodable(e.name)]
+    if bad:
+        ambiguities.append(f"entry name {bad[0]!r} is flagged UTF-8 but is not: Python's zipfile refuses the "
+                           "archive, torch reads it")
+    high = [e.name for e in torch_entries if e.version_needed > ZIPFILE_MAX_VERSION]
+    if high:
+        ambiguities.append(f"'version needed to extract' above 6.3 ({high[0]}): Python's zipfile refuses the "
+                           "archive, torch reads it")
+    seen = {(e.name, e.header_offset) for e in torch_entries}
+    others: list[ZipEntry] = []
+    for _, entries in views[1:]:
+        for e in entries:
+            if (e.name, e.header_offset) not in seen:
+                seen.add((e.name, e.header_offset))
+                others.append(e)
+    listed = {e.header_offset for e in torch_entries}
+    for e in _local_chain(f, size, torch_entries):
+        if e.header_offset not in listed:
+            ambiguities.append(f"local header at {e.header_offset} ({e.name}) is in no central directory "
+                               "(a streaming reader reads it)")
+            if (e.name, e.header_offset) not in seen:
+                seen.add((e.name, e.header_offset))
+                others.append(e)
+    for e in torch_entries:
+        local = _local_name(f, e)
+        if local is not None and local != e.name:
+            ambiguities.append(f"entry {e.name!r} is named {local!r} in its local header (torch ignores it, "
+                               "zipfile refuses it)")
+    return ZipListing(path, size, tuple(torch_entries), tuple(others), tuple(dict.fromkeys(ambiguities)))
+
+
+def _local_name(f: IO[bytes], e: ZipEntry) -> str | None:
+    head = _read_at(f, e.header_offset, 30)
+    if len(head) != 30 or head[:4] != LOCAL_SIG:
+        return None
+    return _decode_name(_read_at(f, e.header_offset + 30, _u16(head, 26)), _u16(head, 6))
+
+
+def _local_chain(f: IO[bytes], size: int, listed: list[ZipEntry]) -> list[ZipEntry]:
+    """Local headers one after another from the start, as a streaming reader meets them. Sizes come
+    from the local header, or from the central directory when the header defers them to a descriptor."""
+    by_offset = {e.header_offset: e for e in listed}
+    out: list[ZipEntry] = []
+    pos = 0
+    while len(out) < MAX_ENTRIES:
+        head = _read_at(f, pos, 30)
+        if len(head) != 30 or head[:4] != LOCAL_SIG:
+            return out
+        flags, method, crc = _u16(head, 6), _u16(head, 8), _u32(head, 14)
+        csize, usize, nlen, xlen = _u32(head, 18), _u32(head, 22), _u16(head, 26), _u16(head, 28)
+        rest = _read_at(f, pos + 30, nlen + xlen)
+        usize, csize = _zip64_extra(rest[nlen:], [usize, csize])
+        known = by_offset.get(pos)
+        if known is not None:
+            csize = known.compressed_size
+        elif flags & 8 and csize == 0:
+            return out  # size deferred to a data descriptor and no directory entry: cannot step over it
+        out.append(ZipEntry(_decode_name(rest[:nlen], flags), pos, method, flags, crc, csize, usize,
+                            _u16(head, 4), "local header"))
+        nxt = pos + 30 + nlen + xlen + csize
+        if flags & 8:  # a data descriptor follows: crc and sizes, 4 bytes each or zip64's 8
+            base = nxt + (4 if _read_at(f, nxt, 4) == DESCRIPTOR_SIG else 0)
+            for length in (12, 20):
+                if _read_at(f, base + length, 4) in (LOCAL_SIG, CD_SIG):
+                    nxt = base + length
+                    break
+            else:
+                return out
+        if nxt <= pos or nxt > size:
+            return out
+        pos = nxt
+    return out
+
+
+def data_offset(f: IO[bytes], e: ZipEntry, path: str) -> int:
+    """Where an entry's bytes start: after its local header's name and extra field."""
+    head = _read_at(f, e.header_offset, 30)
+    if len(head) != 30 or head[:4] != LOCAL_SIG:
+        raise FormatError(f"{path}: zip entry {e.name!r} has a bad local header")
+    return e.header_offset + 30 + _u16(head, 26) + _u16(head, 28)
+
+
+def read_entry(f: IO[bytes], e: ZipEntry, path: str, max_size: int) -> bytes:
+    """An entry's bytes, decompressed, at most ``max_size`` of them; CRCs are not checked (torch does not)."""
+    if e.encrypted:
+        raise FormatError(f"{path}: zip entry {e.name!r} is encrypted (torch and zipfile refuse to read it)")
+    if e.size > max_size:
+        raise FormatError(f"{path}: zip entry {e.name!r} claims {e.size} bytes, over the {max_size}-byte limit")
+    start = data_offset(f, e, path)
+    if start + e.compressed_size > os.fstat(f.fileno()).st_size:
+        raise FormatError(f"{path}: zip entry {e.name!r} extends past the end of the file (truncated)")
+    raw = _read_at(f, start, e.compressed_size)
+    import lzma  # torch writes stored entries: the other codecs load only for archives that use them
+
+    try:
+        if e.method == STORED:
+            return raw
+        if e.method == DEFLATED:
+            d = zlib.decompressobj(-15)
+            data = d.decompress(raw, max_size + 1)
+        elif e.method == BZIP2:
+            import bz2
+
+            data = bz2.BZ2Decompressor().decompress(raw, max_size + 1)
+        elif e.method == LZMA:
+            if len(raw) < 4:
+                raise lzma.LZMAError("lzma header missing")
+            psize = _u16(raw, 2)
+            filt = lzma._decode_filter_properties(lzma.FILTER_LZMA1, raw[4:4 + psize])  # type: ignore[attr-defined]
+            data = lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=[filt]).decompress(raw[4 + psize:], max_size + 1)
+        else:
+            raise FormatError(f"{path}: zip entry {e.name!r} uses compression method {e.method}, which no "
+                              "reader ckpt knows handles")
+    except (zlib.error, lzma.LZMAError, OSError, EOFError, ValueError) as exc:
+        raise FormatError(f"{path}: zip entry {e.name!r} has corrupt compressed data ({exc})") from None
+    if len(data) > max_size:
+        raise FormatError(f"{path}: zip entry {e.name!r} inflates past the {max_size}-byte limit")
+    return data
+
+
+def crc_ok(e: ZipEntry, data: bytes) -> bool:
+    return zlib.crc32(data) & 0xFFFFFFFF == e.crc
