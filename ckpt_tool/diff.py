@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -20,6 +19,8 @@ from typing import Any
 from .arch import TargetSignature, TargetTensor, parse_arch_args, target_signature
 from .errors import InputError, OutputError, UsageError
 from .model import Checkpoint, Progress, TensorRef, common_prefix, in_module, itemsize, numel
+from .plan import Plan
+from .plan import operation as plan_operation
 from .render import some
 
 MATCHED, DTYPE, SHAPE, MISSING, UNEXPECTED, MIXED = "matched", "dtype", "shape", "missing", "unexpected", "mixed"
@@ -111,6 +112,7 @@ class FixPlan:
     command: str | None
     resolves: bool
     notes: tuple[str, ...] = ()
+    plan: Plan = field(default_factory=Plan, repr=False)
 
 
 @dataclass(frozen=True)
@@ -187,7 +189,7 @@ def diff_paths(path: str, target_path: str | None = None, *, arch: str | None = 
         target = open_checkpoint(target_path, target_key)
     report = diff(source, target, values=values, depth=depth, show_all=show_all, progress=progress)
     if plan_out is not None:
-        write_plan(report.plan.document, plan_out)
+        report.plan.plan.save(plan_out)
         report = replace(report, plan_path=plan_out)
     return report
 
@@ -586,10 +588,10 @@ def suggest_plan(source: Checkpoint, target: dict[str, TargetTensor], *, arch: s
     # drops cover every unexpected key; what is missing or mismatched needs a model to take values from
     resolves = arch is not None or not (missing or mismatched)
     operations = [s.operation for s in steps]
-    document = {"version": 1, "source": source.path, "key": source.state_path or None, "arch": arch,
-                "arch_args": dict(arch_args), "operations": operations}
-    command = migrate_command(document) if operations else None
-    return FixPlan(tuple(steps), document, command, resolves, tuple(notes))
+    plan = Plan(source.path, source.state_path or None, arch, dict(arch_args),
+                tuple(plan_operation(op["op"], **{k: v for k, v in op.items() if k != "op"}) for op in operations))
+    command = plan.command() if operations else None
+    return FixPlan(tuple(steps), plan.to_json(), command, resolves, tuple(notes), plan)
 
 
 _PREFIX_ORIGINS = {"module.": " (saved from nn.DataParallel / DistributedDataParallel)",
@@ -739,62 +741,3 @@ def _drop_prefixes(unexpected: list[str], current: dict[str, tuple[int, ...]]) -
                 out.append(p)
                 break
     return out
-
-
-def migrate_command(document: dict[str, Any], output: str | None = None) -> str:
-    """The ``ckpt migrate`` command line that applies a plan document, flag for flag."""
-    source = document["source"]
-    argv = ["ckpt", "migrate", source]
-    if document.get("key"):
-        argv += ["--key", document["key"]]
-    if document.get("arch"):
-        argv += ["--arch", document["arch"]]
-        for name, value in sorted(document.get("arch_args", {}).items()):
-            argv += ["--arch-arg", f"{name}={_arch_value(value)}"]
-    for op in document["operations"]:
-        flag = "--" + op["op"].replace("_", "-")
-        if "prefix" in op:
-            argv += [flag, op["prefix"]]
-        elif op["op"] == "rename":
-            argv += [flag, f"{op['pattern']}={op['replacement']}"]
-        elif op["op"] in ("keep", "exclude"):
-            argv += [flag, op["pattern"]]
-        elif op["op"] == "cast":
-            argv += ["--dtype", op["dtype"]]
-        else:
-            argv.append(flag)
-    argv += ["-o", output or _fixed_name(source)]
-    return " ".join(shlex.quote(a) for a in argv)
-
-
-def _arch_value(value: Any) -> str:
-    """How to write an --arch-arg value so that ``parse_arch_args`` reads it back as the same value."""
-    if isinstance(value, str):
-        return value if parse_arch_args([f"x={value}"])["x"] == value else repr(value)
-    return repr(value)
-
-
-def _fixed_name(source: str) -> str:
-    base = source[: -len(".index.json")] if source.endswith(".index.json") else source.rstrip("/")
-    stem, ext = os.path.splitext(base)
-    return f"{stem}.fixed{ext if ext in ('.pth', '.pt', '.bin', '.ckpt', '.safetensors') else '.pth'}"
-
-
-def write_plan(document: dict[str, Any], path: str) -> None:
-    """Write a plan document as JSON, atomically (a temp file renamed over ``path``)."""
-    import json
-    import tempfile
-
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".plan-", suffix=".json", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(document, f, indent=2)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write the plan ({exc.strerror or exc})") from None

@@ -19,6 +19,7 @@ from typing import Any
 
 from . import __version__
 from .arch import TargetSignature, target_signature
+from .compat import Compatibility, check
 from .errors import FormatError, UsageError
 from .formats.pickle_vm import GlobalRef, PickledTensor, Placeholder
 from .model import Checkpoint, Progress, TensorRef, contiguous_strides, is_floating, itemsize, numel
@@ -47,28 +48,8 @@ CAST_CHUNK_BYTES = 4 * 1024 * 1024
 # --- reports --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Mismatch:
-    key: str
-    shape: tuple[int, ...]
-    target_shape: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class TargetDiff:
-    """How a state compares with the target's: what ``load_state_dict(strict=True)`` would reject."""
-
-    missing: tuple[str, ...] = ()
-    unexpected: tuple[str, ...] = ()
-    mismatched: tuple[Mismatch, ...] = ()
-
-    @property
-    def loads(self) -> bool:
-        return not (self.missing or self.unexpected or self.mismatched)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"loads": self.loads, "missing": list(self.missing), "unexpected": list(self.unexpected),
-                "mismatched": [to_jsonable(m) for m in self.mismatched]}
+# what load_state_dict(strict=True) would reject: the one engine's answer
+TargetDiff = Compatibility
 
 
 @dataclass(frozen=True)
@@ -260,15 +241,9 @@ def convert(source: str, output: str, *, force: bool = False, max_shard_size: in
     return migrate(Plan(source, key), output, force=force, max_shard_size=max_shard_size, progress=progress)
 
 
-def compare(state: State | dict[str, Any], signature: TargetSignature) -> TargetDiff:
+def compare(state: State | dict[str, Any], signature: TargetSignature) -> Compatibility:
     """What a strict ``load_state_dict`` of ``state`` (key -> anything with ``.shape``) into the target rejects."""
-    target = signature.tensors
-    auto = set(signature.auto_filled)  # torch fills these in itself (BatchNorm's num_batches_tracked)
-    missing = tuple(k for k in target if k not in state and k not in auto)
-    unexpected = tuple(k for k in state if k not in target)
-    mismatched = tuple(Mismatch(k, tuple(state[k].shape), t.shape) for k, t in target.items()
-                       if k in state and tuple(state[k].shape) != t.shape)
-    return TargetDiff(missing, unexpected, mismatched)
+    return check(state, signature)
 
 
 # --- extras and metadata --------------------------------------------------------------------------
@@ -589,16 +564,15 @@ def verify(written: Written, arch: str, arch_args: dict[str, Any], aliases: dict
            state_path: str | None = None) -> Verification:
     """Load the written files into ``arch`` with ``strict=True`` (on the meta device: no values are read)."""
 
-    from .arch import build_model, signature_of
+    from .arch import build_model, signature_from_model
 
-    model = build_model(arch, arch_args, device="meta")
+    model = build_model(arch, arch_args, device="meta", fallback="cpu")
     state = _written_state(written, state_path)
     for alias, name in (aliases or {}).items():
         # safetensors' load_model re-ties shared names the same way
         if name in state and alias not in state:
             state[alias] = state[name]
-    tensors, auto = signature_of(model)
-    diff = compare(state, TargetSignature(arch, arch_args, tensors, auto))
+    diff = compare(state, signature_from_model(model, arch, arch_args))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -96,7 +96,8 @@ def test_dry_run_writes_nothing(dp, tmp_path):
     assert ok.exit_code == 0
     report = json.loads(ok.stdout)
     assert report["dry_run"] is True and report["written"] is None and report["ok"] is True
-    assert report["plan"]["diff"] == {"loads": True, "missing": [], "unexpected": [], "mismatched": []}
+    assert report["plan"]["diff"] == {"loads": True, "missing": [], "unexpected": [], "mismatched": [],
+                                          "auto_filled": [], "tied": []}
 
 
 def test_plan_written_by_diff_applies_as_is(dp, tmp_path, torch):

@@ -7,50 +7,21 @@ from typing import Any
 import click
 
 from ..render import dumps, echo, human_bytes, json_option, progress_bar, shape_str, some, table
+from .options import OrderedCommand, arch_arg_option, arch_option, key_option, plan_operation_options
 
 EXIT_OK, EXIT_FINDINGS = 0, 1
-# options that are operations: applied in the order they appear on the command line
-_ORDERED = ("drop", "keep", "exclude", "rename", "strip_prefix", "add_prefix", "map_file", "dtype", "plan_file",
-            "fill_missing", "drop_unexpected", "reinit_mismatched")
-_ORDER_KEY = "ckpt.migrate.order"
 _LIST_LIMIT = 10  # lines per list in the table view
 
 
-class _OrderedCommand(click.Command):
-    """Click gathers each option's values separately; this keeps their interleaving (--rename a --drop b --rename c)."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        _, _, order = self.make_parser(ctx).parse_args(args=list(args))
-        ctx.meta[_ORDER_KEY] = [p.name for p in order if p.name in _ORDERED]
-        return super().parse_args(ctx, args)
-
-
-@click.command(cls=_OrderedCommand)
+@click.command(cls=OrderedCommand)
 @click.argument("source", required=False, type=click.Path(dir_okay=True))
-@click.option("--key", metavar="PATH", help="Nested state dict to operate on (model_state_dict, state_dict/ema). "
-              "Other top-level entries are dropped unless --keep-extras.")
-@click.option("--keep-extras", is_flag=True, help="Keep plain-data top-level entries (epoch, config): beside the "
-              "state dict in a .pth, as JSON in the safetensors metadata. Optimizer state is never kept.")
-@click.option("--drop", multiple=True, metavar="PREFIX", help="Drop a module and everything under it "
-              "(classifier.6 drops classifier.6.weight, not classifier.60.weight).")
-@click.option("--keep", multiple=True, metavar="REGEX", help="Keep only the keys REGEX matches (re.search).")
-@click.option("--exclude", multiple=True, metavar="REGEX", help="Drop the keys REGEX matches (re.search).")
-@click.option("--rename", multiple=True, metavar="REGEX=REPL", help="Rename keys with re.sub (groups as \\1); "
-              "split at the last '='.")
-@click.option("--strip-prefix", multiple=True, metavar="PREFIX", help="Remove PREFIX (module.) where keys start with it.")
-@click.option("--add-prefix", multiple=True, metavar="PREFIX", help="Put PREFIX (backbone.) in front of every key.")
-@click.option("--map", "map_file", multiple=True, metavar="FILE", type=click.Path(dir_okay=False),
-              help="Rename by a JSON object of old key -> new key.")
-@click.option("--dtype", multiple=True, type=click.Choice(["float16", "bfloat16", "float32"]),
-              help="Cast floating tensors (integer tensors and buffers such as num_batches_tracked are untouched).")
-@click.option("--plan", "plan_file", multiple=True, metavar="FILE", type=click.Path(dir_okay=False),
-              help="Apply a plan saved by `ckpt diff --plan-out` (its source, --key and --arch apply unless given).")
-@click.option("--arch", metavar="SPEC", help="Target architecture (as for diff): vgg16, pkg.module:factory, "
-              "path/to/file.py:factory or timm:NAME. Enables the three policies and the strict-load check.")
-@click.option("--arch-arg", "arch_args", multiple=True, metavar="NAME=VALUE", help="Keyword argument for --arch (repeatable).")
-@click.option("--fill-missing", is_flag=True, help="Keys the target has and the checkpoint lacks take the target's initialisation.")
-@click.option("--drop-unexpected", is_flag=True, help="Drop keys the target has no place for.")
-@click.option("--reinit-mismatched", is_flag=True, help="Keys whose shape differs take the target's initialisation.")
+@key_option
+@click.option("--keep-extras", is_flag=True, help="Keep plain-data top-level entries beside the state dict "
+              "(epoch, config): in a .pth, as JSON in the safetensors metadata. Without it they are dropped "
+              "(and listed); optimizer state is never kept.")
+@plan_operation_options
+@arch_option
+@arch_arg_option
 @click.option("--seed", type=int, default=0, show_default=True, help="torch.manual_seed before the target is built.")
 @click.option("-o", "--output", metavar="OUT", type=click.Path(dir_okay=False),
               help="Output file: .safetensors, or .pth/.pt/.bin (a state dict torch.load(weights_only=True) opens).")
@@ -60,10 +31,9 @@ class _OrderedCommand(click.Command):
 @click.option("--in-place", is_flag=True, help="Replace SOURCE itself (keeps SOURCE.bak).")
 @click.option("--dry-run", is_flag=True, help="Show the plan and the resulting diff; write nothing.")
 @json_option
-@click.pass_context
-def migrate(ctx: click.Context, /, source: str | None, key: str | None, keep_extras: bool, arch: str | None,
-            arch_args: tuple[str, ...], seed: int, output: str | None, max_shard_size: str | None, force: bool,
-            in_place: bool, dry_run: bool, as_json: bool, **ordered: Any) -> None:
+def migrate(source: str | None, key: str | None, keep_extras: bool, arch: str | None, arch_args: tuple[str, ...],
+            seed: int, output: str | None, max_shard_size: str | None, force: bool, in_place: bool, dry_run: bool,
+            as_json: bool, operations: tuple[Any, ...], plan_base: Any) -> None:
     """Rename, filter, drop, cast and re-head SOURCE into a checkpoint that loads into a target.
 
     Operations apply in the order given and are shown as a plan before anything is written.
@@ -83,7 +53,7 @@ def migrate(ctx: click.Context, /, source: str | None, key: str | None, keep_ext
     from ..plan import Plan
     from ..writer import parse_size
 
-    operations, base = _operations(ctx, ordered)
+    base = plan_base
     plan = Plan(
         source=source or base.source, key=key if key is not None else base.key, arch=arch or base.arch,
         arch_args=parse_arch_args(arch_args) if arch_args else (base.arch_args if arch in (None, base.arch) else {}),
@@ -100,7 +70,7 @@ def migrate(ctx: click.Context, /, source: str | None, key: str | None, keep_ext
 @click.command()
 @click.argument("source", type=click.Path(dir_okay=True))
 @click.argument("output", type=click.Path(dir_okay=False))
-@click.option("--key", metavar="PATH", help="Nested state dict to convert (model_state_dict).")
+@key_option
 @click.option("--max-shard-size", metavar="SIZE", help="Write Hugging Face style shards of at most SIZE (2GB).")
 @click.option("--force", is_flag=True, help="Replace an existing OUTPUT.")
 @json_option
@@ -120,38 +90,6 @@ def convert(source: str, output: str, key: str | None, max_shard_size: str | Non
         report = run(source, output, key=key, force=force,
                      max_shard_size=parse_size(max_shard_size) if max_shard_size else None, progress=progress)
     _finish(report, as_json)
-
-
-def _operations(ctx: click.Context, values: dict[str, Any]) -> tuple[list[Any], Any]:
-    """The operations in command-line order; ``--plan`` files expand where they stand."""
-    from ..plan import Plan, load_mapping, load_plan, operation, parse_rename
-
-    ops: list[Any] = []
-    base = Plan()
-    seen: dict[str, int] = {}
-    for name in ctx.meta.get(_ORDER_KEY, []):
-        i = seen.get(name, 0)
-        seen[name] = i + 1
-        value = values[name]
-        if isinstance(value, tuple):
-            value = value[i]
-        if name == "plan_file":
-            loaded = load_plan(value)
-            base = loaded if base.source is None and not base.operations else base
-            ops.extend(loaded.operations)
-        elif name == "rename":
-            ops.append(parse_rename(value))
-        elif name == "map_file":
-            ops.append(load_mapping(value))
-        elif name == "dtype":
-            ops.append(operation("cast", dtype=value))
-        elif name in ("drop", "strip_prefix", "add_prefix"):
-            ops.append(operation(name, prefix=value))
-        elif name in ("keep", "exclude"):
-            ops.append(operation(name, pattern=value))
-        else:
-            ops.append(operation(name))
-    return ops, base
 
 
 def _finish(report: Any, as_json: bool) -> None:
