@@ -26,9 +26,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from .arch import TargetSignature, TargetTensor
-from .model import numel
+from .model import Checkpoint, numel
 
 EXTRA_STATE_SUFFIX = "_extra_state"
+# under this share of an architecture's parameters from the checkpoint, it is taken for the wrong one
+MOSTLY_NEW_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,78 @@ def signature_of_state(state: Mapping[str, Any], spec: str = "checkpoint") -> Ta
     """A checkpoint's own tensors as a target (diff of two checkpoints): no fill-ins, no ties."""
     return TargetSignature(spec, {}, {k: TargetTensor(_shape(v), str(getattr(v, "dtype", "")), "tensor")
                                       for k, v in state.items()})
+
+
+# --- a checkpoint as the state: its _metadata, its aliases, its objects ---------------------------
+
+
+def check_checkpoint(ckpt: Checkpoint, target: TargetSignature) -> Compatibility:
+    """:func:`check` of a checkpoint's chosen state dict, with what the file says beside its tensors.
+
+    The state dict's pickled ``_metadata`` decides torch's ``num_batches_tracked`` fill-ins; the
+    aliases ckpt records in a safetensors file it wrote (``ckpt.aliases``: names of one tensor
+    written once) count as present; ``_extra_state`` entries that hold objects count as present.
+    """
+    state: dict[str, Any] = {k: t.shape for k, t in ckpt.tensors.items()}
+    for alias, name in checkpoint_aliases(ckpt).items():
+        if name in state and alias not in state:
+            state[alias] = state[name]
+    objects = [k for k in state_objects(ckpt) if k not in state]
+    state.update(dict.fromkeys(objects, ()))
+    return check(state, target, versions=module_versions(ckpt), objects=objects)
+
+
+def checkpoint_aliases(ckpt: Checkpoint) -> dict[str, str]:
+    """Alias -> written name, from the ``ckpt.aliases`` metadata of a safetensors file ckpt wrote."""
+    import json
+
+    try:
+        aliases = json.loads(ckpt.metadata.get("ckpt.aliases", "{}"))
+    except ValueError:
+        return {}
+    if not isinstance(aliases, dict):
+        return {}
+    return {str(a): str(n) for a, n in aliases.items() if isinstance(n, str)}
+
+
+def state_objects(ckpt: Checkpoint) -> tuple[str, ...]:
+    """Keys of the chosen state dict that hold objects torch loads as they are (``_extra_state``)."""
+    obj = _state_object(ckpt)
+    if not isinstance(obj, dict):
+        return ()
+    return tuple(str(k) for k in obj if str(k).rpartition(".")[2] == EXTRA_STATE_SUFFIX)
+
+
+def module_versions(ckpt: Checkpoint) -> Mapping[str, int | None] | None:
+    """Module path -> version from the state dict's pickled ``_metadata``.
+
+    ``None`` when it carries none (safetensors, sharded, a plain dict); :data:`ALL_CURRENT` for a
+    pickled module tree (``state_dict()`` of current modules records current versions).
+    """
+    from .formats.pickle_vm import PickledOrderedDict, Placeholder
+
+    if ckpt.root is None:
+        return None
+    obj = _state_object(ckpt)
+    if isinstance(obj, Placeholder):
+        if obj.dictitems is None or not isinstance(obj.dictitems, PickledOrderedDict):
+            return ALL_CURRENT
+        obj = obj.dictitems
+    if not isinstance(obj, PickledOrderedDict):
+        return None
+    metadata = (obj.attributes or {}).get("_metadata")
+    if not isinstance(metadata, dict):
+        return None
+    return {str(m): v.get("version") if isinstance(v, dict) and isinstance(v.get("version"), int) else None
+            for m, v in metadata.items()}
+
+
+def _state_object(ckpt: Checkpoint) -> Any:
+    from .reader import resolve_key
+
+    if ckpt.root is None:
+        return None
+    return resolve_key(ckpt.root, ckpt.state_path, ckpt.path, [])[1] if ckpt.state_path else ckpt.root
 
 
 def _shape(value: Any) -> tuple[int, ...]:
