@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .arch import TargetTensor
+from .arch import TargetSignature, TargetTensor
 from .compat import shapes_load
 from .errors import InputError, UsageError
 from .model import TensorRef, in_module, is_floating
@@ -49,6 +49,11 @@ class Entry:
     source_dtype: str
     ref: TensorRef | None = None
     reason: str = ""
+    tied_to: str = ""  # an alias filled from its present tie partner: that partner's key
+
+    @property
+    def from_checkpoint(self) -> bool:
+        return self.source == CHECKPOINT
 
     @classmethod
     def from_ref(cls, ref: TensorRef) -> Entry:
@@ -60,7 +65,12 @@ class Entry:
 
 
 State = dict[str, Entry]
-Target = Mapping[str, TargetTensor]
+# the policies take a signature (with its tie groups) or just its key -> tensor table
+Target = TargetSignature | Mapping[str, TargetTensor]
+
+
+def _tensors(target: Target) -> Mapping[str, TargetTensor]:
+    return target.tensors if isinstance(target, TargetSignature) else target
 
 
 # --- the pure functions --------------------------------------------------------------------------
@@ -119,24 +129,35 @@ def cast(state: State, dtype: str) -> State:
 
 
 def fill_missing(state: State, target: Target) -> State:
-    """Add the target's keys the state lacks, valued by the target's own initialisation."""
+    """Add the target's keys the state lacks: a tied alias (``lm_head.weight``) takes its present partner's
+    tensor, since loading a fresh value into it would overwrite the shared, trained one; other keys take
+    the target's own initialisation."""
+    tensors = _tensors(target)
+    partners = target.partners() if isinstance(target, TargetSignature) else {}
     out = dict(state)
-    for key, t in target.items():
-        if key not in out:
+    for key, t in tensors.items():
+        if key in out:
+            continue
+        partner = next((p for p in partners.get(key, ()) if p in state and shapes_load(state[p].shape, t.shape)), None)
+        if partner is not None:
+            out[key] = replace(state[partner], key=key, reason="tied", tied_to=partner)
+        else:
             out[key] = Entry.from_target(key, t, "fill_missing")
     return out
 
 
 def drop_unexpected(state: State, target: Target) -> State:
     """Drop the keys the target has no place for."""
-    return {k: e for k, e in state.items() if k in target}
+    tensors = _tensors(target)
+    return {k: e for k, e in state.items() if k in tensors}
 
 
 def reinit_mismatched(state: State, target: Target) -> State:
     """Replace the keys whose shape would not load into the target's by the target's initialisation."""
+    tensors = _tensors(target)
     return {
-        k: Entry.from_target(k, target[k], "reinit_mismatched")
-        if k in target and not shapes_load(e.shape, target[k].shape) else e
+        k: Entry.from_target(k, tensors[k], "reinit_mismatched")
+        if k in tensors and not shapes_load(e.shape, tensors[k].shape) else e
         for k, e in state.items()
     }
 
@@ -491,17 +512,58 @@ def apply(operations: tuple[Operation, ...] | list[Operation], state: State, tar
     """
     steps = []
     for op in operations:
+        _refuse_if_unmatched(op, state)
         after = op.apply(state, target)
         steps.append(_step(op.describe(), state, after))
         state = after
     return Applied(state, tuple(steps))
 
 
+def _refuse_if_unmatched(op: Operation, state: State) -> None:
+    """An operation on keys that finds none is a typo or the wrong file: refuse it, naming the nearest keys."""
+    import difflib
+
+    p = op.params
+    keys = list(state)
+    if op.op == "drop":
+        hit = any(in_module(k, p["prefix"]) for k in keys)
+        what, candidates = p["prefix"], _modules(keys)
+    elif op.op in ("keep", "exclude", "rename"):
+        rx = _regex(p["pattern"], op.op)
+        hit = any(rx.search(k) for k in keys)
+        what, candidates = p["pattern"], keys
+    elif op.op == "strip_prefix":
+        hit = any(k.startswith(p["prefix"]) for k in keys)
+        what, candidates = p["prefix"], sorted({m + "." for m in _modules(keys)})
+    elif op.op == "map":
+        hit = any(k in p["mapping"] for k in keys)
+        what, candidates = next(iter(p["mapping"]), ""), keys
+    else:
+        return
+    if hit:
+        return
+    near = difflib.get_close_matches(what, candidates, n=3, cutoff=0.5)
+    hint = f"closest: {', '.join(near)}" if near else f"keys look like {', '.join(keys[:3])}"
+    raise UsageError(f"{op.describe()} matches no key ({hint})")
+
+
+def _modules(keys: list[str]) -> list[str]:
+    """Every module path of the keys, outermost first: ``a.b.w`` gives ``a``, ``a.b``."""
+    out: dict[str, None] = {}
+    for k in keys:
+        parts = k.split(".")
+        for i in range(1, len(parts)):
+            out[".".join(parts[:i])] = None
+    return list(out)
+
+
 def _step(name: str, before: State, after: State) -> Step:
     # entries are matched by where their values come from, so a rename is told from a drop + add
-    where_after = {(e.source, e.origin): k for k, e in after.items()}
+    where_after = {(e.source, e.origin): k for k, e in after.items() if not e.tied_to}
     dropped, renamed, cast_keys = [], [], []
     for key, e in before.items():
+        if e.tied_to:
+            continue  # an alias follows its partner
         new = where_after.get((e.source, e.origin))
         if new is None:
             dropped.append(key)
@@ -510,8 +572,9 @@ def _step(name: str, before: State, after: State) -> Step:
             renamed.append((key, new))
         if after[new].dtype != e.dtype:
             cast_keys.append(new)
-    where_before = {(e.source, e.origin) for e in before.values()}
-    fresh = [k for k, e in after.items() if (e.source, e.origin) not in where_before]
+    where_before = {(e.source, e.origin) for e in before.values() if not e.tied_to}
+    fresh = [k for k, e in after.items()
+             if (e.source, e.origin) not in where_before or (e.tied_to and k not in before)]
     reinit = [k for k in fresh if after[k].reason == "reinit_mismatched"]
     added = [k for k in fresh if after[k].reason != "reinit_mismatched"]
     # a reinitialised key replaces the checkpoint's tensor of the same name: not a drop

@@ -30,23 +30,27 @@ _LIST_LIMIT = 10  # lines per list in the table view
 @click.option("--force", is_flag=True, help="Replace an existing output (never the input: see --in-place).")
 @click.option("--in-place", is_flag=True, help="Replace SOURCE itself (keeps SOURCE.bak).")
 @click.option("--dry-run", is_flag=True, help="Show the plan and the resulting diff; write nothing.")
+@click.option("--allow-mostly-new", is_flag=True, help="Write even when under half of the target's parameters "
+              "come from the checkpoint (refused otherwise: it is probably the wrong --arch).")
 @json_option
 def migrate(source: str | None, key: str | None, keep_extras: bool, arch: str | None, arch_args: tuple[str, ...],
             seed: int, output: str | None, max_shard_size: str | None, force: bool, in_place: bool, dry_run: bool,
-            as_json: bool, operations: tuple[Any, ...], plan_base: Any) -> None:
+            allow_mostly_new: bool, as_json: bool, operations: tuple[Any, ...], plan_base: Any) -> None:
     """Rename, filter, drop, cast and re-head SOURCE into a checkpoint that loads into a target.
 
     Operations apply in the order given and are shown as a plan before anything is written.
     Tensor bytes are streamed from SOURCE to OUT (no torch import when they only move); the
-    write is atomic (temporary file, fsync, rename). With --arch the output is then loaded into
-    the target with strict=True.
+    write is atomic (temporary file, fsync, rename). The output is then verified by value: re-read
+    and compared with its sources tensor by tensor and, with --arch, loaded into the target with
+    strict=True and its state_dict() compared with the output.
 
     \b
     Exit codes:
-      0  written (and, with --arch, loads strictly into the target)
-      1  written, but it does not load strictly, or holds NaN/Inf
+      0  written and verified (with --arch: loads strictly, every value as planned)
+      1  written, but it does not load strictly, a value is not as planned, or it holds NaN/Inf
          (--dry-run: the planned result would not load)
-      2  usage or input errors (nothing is written)
+      2  usage or input errors, an operation that matches no key, or under half of the
+         target's parameters from the checkpoint without --allow-mostly-new (nothing is written)
     """
     from ..arch import parse_arch_args
     from ..migrate import migrate as run
@@ -62,7 +66,8 @@ def migrate(source: str | None, key: str | None, keep_extras: bool, arch: str | 
     with progress_bar("writing", enabled=not dry_run) as progress:
         report = run(plan, output, seed=seed, keep_extras=keep_extras,
                      max_shard_size=parse_size(max_shard_size) if max_shard_size else None, force=force,
-                     in_place=in_place, dry_run=dry_run, on_plan=None if as_json else _render_plan,
+                     in_place=in_place, dry_run=dry_run, allow_mostly_new=allow_mostly_new,
+                     on_plan=None if as_json else _render_plan,
                      progress=progress)
     _finish(report, as_json)
 
@@ -162,9 +167,32 @@ def _render_result(report: Any) -> None:
     if report.nonfinite:
         echo(f"NaN/Inf in {len(report.nonfinite)} written tensors: {some(report.nonfinite)}")
     v = report.verification
-    if v is not None:
-        echo(f"verified: loads into {v.arch} with strict=True" if v.loads
-             else f"verification failed: {v.arch} " + _diff_words(v.diff) + (f" ({v.error})" if v.error else ""))
+    if v is None:
+        return
+    if not v.loads:
+        echo(f"verification failed: {v.arch} " + _diff_words(v.diff) + (f" ({v.error})" if v.error else ""))
+        return
+    if v.differ:
+        echo(f"verification failed: {len(v.differ)} tensors are not what the plan intended: {some(v.differ)}")
+        return
+    where = f"{v.from_checkpoint} from the checkpoint" + "".join(
+        f", {n} {what}" for n, what in ((v.tied, "tied to their partner"), (v.filled, "filled from the target"),
+                                        (v.reinitialised, "re-initialised")) if n)
+    if v.arch is None:
+        echo(f"verified: re-read, {v.checked} tensors identical to their sources ({where})")
+    else:
+        echo(f"verified: loads into {v.arch} with strict=True, {v.checked} tensors as planned ({where}); "
+             f"{_percent(v.checkpoint_share)} of {v.arch}'s parameters come from the checkpoint")
+
+
+def _percent(share: float | None) -> str:
+    if share is None:
+        return "-"
+    text = f"{share:.1%}"
+    # never round a gap away, nor a few kept values to nothing
+    if text == "100.0%" and share < 1:
+        return f"{share:.4%}"
+    return f"{share:.4%}" if text == "0.0%" and share > 0 else text
 
 
 COMMANDS = [migrate, convert]
