@@ -29,7 +29,7 @@ from .errors import InputError, OutputError, UsageError
 from .model import Checkpoint, Progress, TensorRef, common_prefix, in_module, itemsize, numel
 from .plan import Plan
 from .plan import operation as plan_operation
-from .render import some
+from .text import some
 
 MATCHED, DTYPE, SHAPE, MISSING, UNEXPECTED, MIXED = "matched", "dtype", "shape", "missing", "unexpected", "mixed"
 # not in the checkpoint, but torch fills it in itself (BatchNorm's num_batches_tracked without version metadata)

@@ -25,7 +25,6 @@ from .formats.pickle_vm import GlobalRef, PickledTensor, Placeholder
 from .model import Checkpoint, Progress, TensorRef, contiguous_strides, is_floating, itemsize, numel
 from .plan import CHECKPOINT, Applied, Entry, Plan, State, Step, apply, initial_state
 from .reader import open_checkpoint
-from .render import to_jsonable
 from .values import CHUNK_BYTES, FileCache, iter_raw_chunks, to_numpy
 from .verify import Verification, verify_output
 from .writer import (
@@ -117,7 +116,8 @@ class MigrateReport:
         return self.plan.diff is None or self.plan.diff.loads
 
     def to_json(self) -> dict[str, Any]:
-        return {"ok": self.ok, **{f.name: to_jsonable(getattr(self, f.name)) for f in fields(self)}}
+        # the renderer turns the values (dataclasses) into JSON data
+        return {"ok": self.ok, **{f.name: getattr(self, f.name) for f in fields(self)}}
 
 
 # --- the entry points -----------------------------------------------------------------------------

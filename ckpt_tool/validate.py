@@ -26,7 +26,6 @@ from typing import Any
 from .errors import CkptError, UsageError
 from .formats import sniff as fmt
 from .model import Checkpoint, is_floating
-from .render import some
 from .scan import (
     SAFE,
     FileScan,
@@ -38,6 +37,7 @@ from .scan import (
     policy_for,
     scan_file,
 )
+from .text import some
 
 PASS, FAIL, NOTE = "pass", "fail", "note"
 FORMATS = (fmt.ZIP, fmt.TORCHSCRIPT, fmt.LEGACY, fmt.SAFETENSORS, fmt.PICKLE)

@@ -16,7 +16,7 @@ Two checks, both on the files as written:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from .arch import TargetSignature
@@ -54,6 +54,9 @@ class Verification:
     @property
     def ok(self) -> bool:
         return self.loads and not self.differ and self.error is None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, **{f.name: getattr(self, f.name) for f in fields(self)}}
 
 
 def origins(state: State) -> dict[str, int]:

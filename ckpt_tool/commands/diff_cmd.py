@@ -6,10 +6,9 @@ from typing import Any
 
 import click
 
+from ..errors import EXIT_FINDINGS, EXIT_OK
 from ..render import dumps, echo, human_count, json_option, note, progress_bar, shape_str, table
 from .options import arch_arg_option, arch_option, key_option
-
-EXIT_LOADS, EXIT_DIFFERS = 0, 1
 
 
 @click.command()
@@ -58,7 +57,7 @@ def diff(checkpoint: str, target: str | None, arch: str | None, arch_args: tuple
         _render(report)
     if report.plan_path:
         note(f"plan written to {report.plan_path}")
-    raise click.exceptions.Exit(EXIT_LOADS if report.loads_strictly else EXIT_DIFFERS)
+    raise click.exceptions.Exit(EXIT_OK if report.loads_strictly else EXIT_FINDINGS)
 
 
 def _render(report: Any) -> None:

@@ -6,10 +6,10 @@ from typing import Any
 
 import click
 
+from ..errors import EXIT_FINDINGS, EXIT_OK
 from ..render import dumps, echo, human_bytes, json_option, progress_bar, shape_str, some, table
 from .options import OrderedCommand, arch_arg_option, arch_option, key_option, plan_operation_options
 
-EXIT_OK, EXIT_FINDINGS = 0, 1
 _LIST_LIMIT = 10  # lines per list in the table view
 
 
