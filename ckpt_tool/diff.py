@@ -289,7 +289,7 @@ def _counts(keys: list[KeyDiff], src: dict[str, TensorRef], tgt: dict[str, Targe
         source_keys=len(src), target_keys=len(tgt), matched=by[MATCHED] + by[DTYPE], missing=by[MISSING],
         unexpected=by[UNEXPECTED], shape_mismatches=by[SHAPE], dtype_differences=by[DTYPE],
         target_numel=sum(numel(t.shape) for t in tgt.values()),
-        filled_numel=sum(numel(k.target_shape or ()) for k in keys if k.status in (MATCHED, DTYPE)),
+        filled_numel=sum(numel(k.target_shape or ()) for k in keys if k.status in (MATCHED, DTYPE, TIED)),
         auto_filled=by[AUTO], tied=by[TIED],
         changed=changed, unchanged=len(compared) - changed if changed is not None else None,
     )

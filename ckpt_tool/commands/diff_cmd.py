@@ -72,15 +72,19 @@ def _render(report: Any) -> None:
         where = f", state dict at {report.target_key}" if report.target_key else ""
         echo(f"target:     {report.target} (checkpoint{where}, {c.target_keys} tensors)")
     echo(f"matched {c.matched}, missing {c.missing}, unexpected {c.unexpected}, shape mismatches "
-         f"{c.shape_mismatches}, dtype differences {c.dtype_differences}")
+         f"{c.shape_mismatches}, dtype differences {c.dtype_differences}" + (f", tied {c.tied}" if c.tied else ""))
     echo(f"fills {_share(c.filled_numel, c.target_numel)} of the target's {human_count(c.target_numel)} elements")
     if c.changed is not None:
         echo(f"values: {c.changed} tensors changed, {c.unchanged} unchanged")
+    if report.plan.mostly_new:
+        echo(f"WRONG ARCHITECTURE? only {_share_of(report.plan.checkpoint_share)} of {report.target}'s parameters "
+             "would come from this checkpoint, whatever the fix")
     echo()
     if report.rows:
         echo(_table(report))
     if report.hidden_rows:
-        what = "matched or torch-filled" if report.counts.auto_filled else "matched"
+        what = " or ".join(w for w, n in (("matched", 1), ("tied", report.counts.tied),
+                                          ("torch-filled", report.counts.auto_filled)) if n)
         echo(f"({report.hidden_rows} {what} {'modules' if report.depth else 'keys'} hidden; --all shows them)")
     for text in report.notes:
         note(f"note: {text}")
