@@ -149,6 +149,17 @@ def check(state: Mapping[str, Any], target: TargetSignature, *,
                          tuple(k for k in absent if k in fills), tuple(tied))
 
 
+def check_module(model: Any, state: Mapping[str, Any], *,
+                 versions: Mapping[str, int | None] | None = None, objects: Collection[str] = ()) -> Compatibility:
+    """:func:`check` against a built ``nn.Module`` (finetune-check's load): ``state`` may hold tensors.
+
+    Load exactly what it says loads: ``model.load_state_dict({k: state[k] for k in result.loaded}, strict=False)``.
+    """
+    from .arch import signature_from_model
+
+    return check(state, signature_from_model(model), versions=versions, objects=objects)
+
+
 def auto_filled(target: TargetSignature, present: Collection[str],
                 versions: Mapping[str, int | None] | None = None) -> tuple[str, ...]:
     """Target keys absent from ``present`` that ``load_state_dict`` adds itself, so does not call missing.

@@ -233,3 +233,30 @@ def test_relative_source_found_beside_the_plan(tmp_path, monkeypatch):
     assert load_plan("sub/plan.json").source == os.path.join("sub", "a.pth")
     (tmp_path / "a.pth").write_bytes(b"y")  # the current directory wins when it has the file
     assert load_plan("sub/plan.json").source == "a.pth"
+
+
+def test_operations_round_trip_through_argv(tmp_path) -> None:
+    from ckpt_tool.plan import operation_from_flag, operations_from_argv
+
+    ops = [operation("drop", prefix="fc"), operation("rename", pattern="^a=(?=b)", replacement="c"),
+           operation("strip_prefix", prefix="module."), operation("cast", dtype="bfloat16"),
+           operation("fill_missing"), operation("keep", pattern="x")]
+    argv = [a for op in ops for a in op.to_argv()]
+    pairs = []
+    for a in argv:
+        if a.startswith("--"):
+            pairs.append([a, None])
+        else:
+            pairs[-1][1] = a
+    assert operations_from_argv([(f, v) for f, v in pairs]) == ops
+    with pytest.raises(UsageError, match="not an operation"):
+        operation_from_flag("--frobnicate", "x")
+    with pytest.raises(UsageError, match="takes no value"):
+        operation_from_flag("--fill-missing", "x")
+    with pytest.raises(UsageError, match="no command-line form"):
+        operation("map", mapping={"a": "b"}).to_argv()
+    plan = Plan("a b.pth", arch="resnet18", arch_args={"num_classes": 10}, operations=tuple(ops[:1]))
+    assert plan.command("o.pth") == "ckpt migrate 'a b.pth' --arch resnet18 --arch-arg num_classes=10 --drop fc -o o.pth"
+    plan.save(str(tmp_path / "p.json"))
+    assert Plan.load(str(tmp_path / "p.json")) == plan  # the atomic save leaves no temporary file
+    assert os.listdir(tmp_path) == ["p.json"]
