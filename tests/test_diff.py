@@ -387,7 +387,7 @@ def test_checkpoint_vs_checkpoint_values(tmp_path: Path) -> None:
 
 
 def test_compare_values_streams_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import ckpt_tool.diff as diff_mod
+    import ckpt_tool.diff.valuediff as diff_mod
 
     monkeypatch.setattr(diff_mod, "VALUE_CHUNK_ELEMENTS", 7)
     a = torch.arange(100, dtype=torch.float32)
