@@ -111,9 +111,9 @@ def check(state: Mapping[str, Any], target: TargetSignature, *,
         objects: keys of the state that hold objects rather than tensors (``_extra_state``).
 
     Example:
-        >>> sig = target_signature("resnet18", {"num_classes": 10})
-        >>> check({k: t.shape for k, t in ckpt.tensors.items()}, sig).mismatched[0].key
-        'fc.weight'
+        >>> sig = TargetSignature("net", {}, {"scale": TargetTensor((), "float32", "parameter")})
+        >>> check({"scale": (1,)}, sig).loads, check({"scale": (2,)}, sig).mismatched[0].target_shape
+        (True, ())
     """
     tgt = target.tensors
     extra = set(target.extra_state)
