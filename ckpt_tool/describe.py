@@ -9,7 +9,7 @@ from typing import Any
 from .errors import UsageError
 from .model import DTENSOR_SHARD, QUANTIZED, SPARSE_KINDS, Candidate, Checkpoint, Progress, TensorRef, common_prefix
 from .reader import open_checkpoint, summarize
-from .render import grouped_notes
+from .text import grouped_notes
 from .values import FileCache, TensorStats, tensor_stats
 
 

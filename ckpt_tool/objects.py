@@ -28,7 +28,7 @@ from .model import (
     in_module,
 )
 from .plan import CHECKPOINT, Entry, Operation, State
-from .render import grouped_notes
+from .text import grouped_notes
 from .writer import PTH, SAFETENSORS, View, refuse_for_safetensors
 
 

@@ -10,6 +10,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from .model import Progress
+from .text import some
+
+__all__ = ["dumps", "echo", "human_bytes", "human_count", "json_option", "note", "plain_table", "progress_bar",
+           "shape_str", "some", "table", "to_jsonable"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -63,21 +67,6 @@ def table(rows: Iterable[Sequence[Any]], headers: Sequence[str], align: Sequence
         return "(none)"
     return str(tabulate(rows, headers=list(headers), tablefmt="simple", disable_numparse=True,
                         colalign=list(align) if align else None))
-
-
-def some(items: Iterable[str], limit: int = 3) -> str:
-    """The first ``limit`` items, then how many more: ``"a, b, c and 4 more"``."""
-    items = list(items)
-    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
-
-
-def grouped_notes(pairs: Iterable[tuple[str, str]]) -> list[str]:
-    """``(key, note)`` pairs as one line per distinct note: ``"3 tensors: <note> (a, b, c)"`` or ``"a: <note>"``."""
-    by_note: dict[str, list[str]] = {}
-    for key, note in pairs:
-        by_note.setdefault(note, []).append(key)
-    return [f"{len(keys)} tensors: {note} ({some(keys)})" if len(keys) > 1 else f"{keys[0]}: {note}"
-            for note, keys in by_note.items()]
 
 
 def human_bytes(n: float | None) -> str:

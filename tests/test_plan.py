@@ -11,6 +11,7 @@ from ckpt_tool.arch import TargetTensor
 from ckpt_tool.errors import InputError, UsageError
 from ckpt_tool.model import TensorRef, contiguous_strides
 from ckpt_tool.plan import (
+    Operation,
     Plan,
     apply,
     initial_state,
@@ -91,10 +92,24 @@ def test_strip_and_add_prefix():
     assert len(out.steps[0].renamed) == 2 and len(out.steps[1].renamed) == 3
 
 
-def test_operation_that_matches_nothing_reports_zero():
-    out = run(state("fc.weight"), operation("strip_prefix", prefix="module."))
+@pytest.mark.parametrize(("op", "closest"), [
+    (operation("strip_prefix", prefix="module."), "keys look like classifier.6.weight"),
+    (operation("drop", prefix="classifer.6"), "closest: classifier.6"),
+    (operation("keep", pattern="^clasifier"), "closest: classifier"),
+    (operation("exclude", pattern="head"), "keys look like"),
+    (operation("rename", pattern="^fc\\.", replacement="head."), "keys look like"),
+    (operation("map", mapping={"classifer.6.weight": "x"}), "closest: classifier.6.weight"),
+])
+def test_operation_that_matches_nothing_is_refused_naming_the_closest_keys(op: Operation, closest: str) -> None:
+    with pytest.raises(UsageError, match="matches no key") as err:
+        run(state("classifier.6.weight", "classifier.6.bias", "features.0.weight"), op)
+    assert op.describe() in str(err.value) and closest in str(err.value)
+
+
+def test_policies_and_casts_that_change_nothing_are_fine() -> None:
+    refs = {"n": ref("bn.num_batches_tracked", (), "int64")}
+    out = run(initial_state(refs), operation("cast", dtype="float16"))
     assert out.steps[0].affected == 0
-    assert list(out.state) == ["fc.weight"]
 
 
 def test_cast_touches_floating_tensors_only():
@@ -220,3 +235,30 @@ def test_relative_source_found_beside_the_plan(tmp_path, monkeypatch):
     assert load_plan("sub/plan.json").source == os.path.join("sub", "a.pth")
     (tmp_path / "a.pth").write_bytes(b"y")  # the current directory wins when it has the file
     assert load_plan("sub/plan.json").source == "a.pth"
+
+
+def test_operations_round_trip_through_argv(tmp_path) -> None:
+    from ckpt_tool.plan import operation_from_flag, operations_from_argv
+
+    ops = [operation("drop", prefix="fc"), operation("rename", pattern="^a=(?=b)", replacement="c"),
+           operation("strip_prefix", prefix="module."), operation("cast", dtype="bfloat16"),
+           operation("fill_missing"), operation("keep", pattern="x")]
+    argv = [a for op in ops for a in op.to_argv()]
+    pairs = []
+    for a in argv:
+        if a.startswith("--"):
+            pairs.append([a, None])
+        else:
+            pairs[-1][1] = a
+    assert operations_from_argv([(f, v) for f, v in pairs]) == ops
+    with pytest.raises(UsageError, match="not an operation"):
+        operation_from_flag("--frobnicate", "x")
+    with pytest.raises(UsageError, match="takes no value"):
+        operation_from_flag("--fill-missing", "x")
+    with pytest.raises(UsageError, match="no command-line form"):
+        operation("map", mapping={"a": "b"}).to_argv()
+    plan = Plan("a b.pth", arch="resnet18", arch_args={"num_classes": 10}, operations=tuple(ops[:1]))
+    assert plan.command("o.pth") == "ckpt migrate 'a b.pth' --arch resnet18 --arch-arg num_classes=10 --drop fc -o o.pth"
+    plan.save(str(tmp_path / "p.json"))
+    assert Plan.load(str(tmp_path / "p.json")) == plan  # the atomic save leaves no temporary file
+    assert os.listdir(tmp_path) == ["p.json"]

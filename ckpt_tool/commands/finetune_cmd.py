@@ -7,9 +7,8 @@ from typing import Any
 
 import click
 
+from ..errors import EXIT_FINDINGS as EXIT_FAILED
 from ..render import dumps, echo, human_count, json_option, shape_str, table
-
-EXIT_FAILED = 1
 
 
 @click.command("finetune-check")
