@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UsageError
@@ -85,31 +86,47 @@ def _first_layers(model: Any, n: int | None) -> list[str]:
     return with_params
 
 
-def _phase_plan(model: Any, opts: FinetuneOptions, heads: tuple[str, ...]) -> list[tuple[str, frozenset[str], int, float]]:
-    chosen = select_trainable(model, opts.freeze, opts.trainable, opts.freeze_first)
+@dataclass(frozen=True)
+class PhaseSpec:
+    name: str
+    trainable: frozenset[str]
+    epochs: int
+    lr: float
+
+
+def model_frozen(model: Any) -> frozenset[str]:
+    """The parameters the model itself was built with ``requires_grad=False`` (a factory that freezes its body)."""
+    return frozenset(n for n, p in model.named_parameters() if not p.requires_grad)
+
+
+def phase_plan(model: Any, opts: FinetuneOptions, heads: tuple[str, ...],
+               frozen_by_model: frozenset[str] = frozenset()) -> list[PhaseSpec]:
+    """The phases and what trains in each. What the model froze stays frozen unless ``train_frozen``."""
+    kept = frozenset() if opts.train_frozen else frozen_by_model
+    chosen = select_trainable(model, opts.freeze, opts.trainable, opts.freeze_first) - kept
     if not opts.freeze_epochs:
-        return [("train", chosen, opts.epochs, opts.lr)]
-    everything = frozenset(n for n, _ in model.named_parameters())
-    if chosen == everything:  # no freezing given: the schedule's first phase trains the head alone
+        return [PhaseSpec("train", chosen, opts.epochs, opts.lr)]
+    everything = frozenset(n for n, _ in model.named_parameters()) - kept
+    if not (opts.freeze or opts.trainable or opts.freeze_first):  # the schedule's first phase trains the head alone
         if not heads[0]:
             raise UsageError("--freeze-epochs: no head found to train alone", hint="name it with --head or --trainable")
-        chosen = select_trainable(model, trainable=[h.rpartition(".")[0] or h for h in heads])
+        chosen = select_trainable(model, trainable=[h.rpartition(".")[0] or h for h in heads]) - kept
     unfreeze_lr = opts.unfreeze_lr if opts.unfreeze_lr is not None else opts.lr / 10
-    return [("frozen", chosen, opts.freeze_epochs, opts.lr),
-            ("unfrozen", everything, opts.epochs - opts.freeze_epochs, unfreeze_lr)]
+    return [PhaseSpec("frozen", chosen, opts.freeze_epochs, opts.lr),
+            PhaseSpec("unfrozen", everything, opts.epochs - opts.freeze_epochs, unfreeze_lr)]
 
 
-def _apply_trainable(model: Any, trainable: frozenset[str]) -> None:
-    if not trainable:
-        raise UsageError("every parameter is frozen: nothing would train")
+def apply_trainable(model: Any, trainable: frozenset[str]) -> None:
     for name, p in model.named_parameters():
         p.requires_grad_(name in trainable)
 
 
-def _param_table(model: Any) -> tuple[ModuleParams, ...]:
+def param_table(model: Any, frozen_by_model: frozenset[str] = frozenset()) -> tuple[ModuleParams, ...]:
+    """Trainable and frozen counts per top-level module, as the flags stand now."""
     rows: dict[str, list[int]] = {}
     for name, p in model.named_parameters():
-        row = rows.setdefault(name.split(".", 1)[0], [0, 0])
+        row = rows.setdefault(name.split(".", 1)[0], [0, 0, 0])
         row[0 if p.requires_grad else 1] += p.numel()
-    return tuple(ModuleParams(m, t, f) for m, (t, f) in rows.items())
-
+        if not p.requires_grad and name in frozen_by_model:
+            row[2] += p.numel()
+    return tuple(ModuleParams(m, t, f, b) for m, (t, f, b) in rows.items())

@@ -28,6 +28,7 @@ def _migrated_state(ckpt: Checkpoint, opts: FinetuneOptions, model: Any) -> tupl
     ops += [plan_mod.operation("add_prefix", prefix=p) for p in opts.add_prefix]
     ops += [plan_mod.parse_rename(r) for r in opts.rename]
     ops += [plan_mod.operation("drop", prefix=p) for p in opts.drop]
+    ops += list(opts.operations)
     state = plan_mod.initial_state(ckpt.tensors)
     if ops:
         state = plan_mod.apply(ops, state, signature_of(model)[0]).state
@@ -54,7 +55,9 @@ def _load_into(model: Any, state: dict[str, Any], heads: tuple[str, ...], operat
     head_keys = tuple(k for k in model_state if any(in_module(k, h) for h in heads))
     return LoadReport(loaded=len(usable), model_keys=len(model_state), checkpoint_keys=len(state),
                       missing=tuple(missing), unexpected=tuple(unexpected), mismatched=tuple(mismatched),
-                      head_keys=head_keys, operations=operations, initialised=initialised)
+                      head_keys=head_keys, operations=operations, initialised=initialised,
+                      missing_shapes={k: tuple(model_state[k].shape) for k in missing},
+                      unexpected_shapes={k: tuple(state[k].shape) for k in unexpected})
 
 
 def _load_check(load: LoadReport, strict: bool, ckpt: Checkpoint) -> Check:

@@ -10,6 +10,9 @@ from typing import Any
 
 from ..errors import OutputError, UsageError
 
+SCHEDULERS = ("plateau", "cosine", "step", "none")
+OVERFIT_STEPS = 20  # see checks.overfit_verdict for why 20
+
 
 @dataclass(frozen=True)
 class FinetuneOptions:
@@ -22,6 +25,8 @@ class FinetuneOptions:
     rename: tuple[str, ...] = ()
     drop: tuple[str, ...] = ()
     plan: str | None = None
+    # migrate operations (plan.Operation) in command-line order, applied after the fields above
+    operations: tuple[Any, ...] = ()
     strict: bool = False
     num_classes: int | None = None
     head: str | None = None
@@ -31,6 +36,7 @@ class FinetuneOptions:
     freeze_epochs: int = 0
     unfreeze_lr: float | None = None
     freeze_bn: bool = False
+    train_frozen: bool = False  # also train what the model itself built with requires_grad=False
     data: str = "synthetic"
     image_size: int | None = None
     epochs: int = 1
@@ -38,10 +44,15 @@ class FinetuneOptions:
     batch_size: int = 16
     lr: float = 1e-3
     optimizer: str = "adam"
+    scheduler: str = "none"  # plateau, cosine, step or none; a fresh one for each phase, stepped per epoch
+    plateau_patience: int = 0
+    plateau_factor: float = 0.1
+    step_size: int = 1
+    step_gamma: float = 0.1
     device: str = "auto"
     amp: bool = False
     seed: int = 0
-    overfit_steps: int = 10
+    overfit_steps: int = OVERFIT_STEPS
     eval_batches: int = 2
     plot: str | None = None
     save: str | None = None
@@ -61,6 +72,13 @@ def _validate(opts: FinetuneOptions) -> None:
             raise UsageError(f"{name} must be at least 1, got {opt}")
     if not (opts.lr > 0 and math.isfinite(opts.lr)):
         raise UsageError(f"--lr must be a positive number, got {opts.lr}")
+    if opts.scheduler not in SCHEDULERS:
+        raise UsageError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {opts.scheduler!r}")
+    if opts.plateau_patience < 0 or opts.step_size < 1:
+        raise UsageError("--plateau-patience must be 0 or more and --step-size at least 1")
+    for flag, ratio in (("--plateau-factor", opts.plateau_factor), ("--step-gamma", opts.step_gamma)):
+        if not 0 < ratio < 1:
+            raise UsageError(f"{flag} must be between 0 and 1, got {ratio}")
     if opts.optimizer not in ("adam", "sgd"):
         raise UsageError(f"--optimizer must be adam or sgd, got {opts.optimizer!r}")
     if opts.freeze_epochs < 0:

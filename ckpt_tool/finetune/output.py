@@ -8,7 +8,7 @@ from typing import Any
 
 from ..errors import OutputError
 from ..model import contiguous_strides
-from .report import Phase
+from .report import Epoch, Phase
 
 
 def _save(model: Any, out: str, force: bool, source: str) -> str:
@@ -35,21 +35,51 @@ def _tensor_chunks(tensor: Any) -> list[bytes]:
     return [flat.view(torch.uint8).numpy().tobytes()] if flat.numel() else []
 
 
-def _plot(losses: list[float], phases: list[Phase], out: str) -> str:
+def _plot(losses: list[float], phases: list[Phase], epochs: list[Epoch], out: str) -> str:
+    """Three panels: training loss per step; held-out loss and accuracy per epoch; the learning rate per epoch.
+
+    The phase boundary (the unfreezing) is a dashed line on each.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(range(1, len(losses) + 1), losses, label="training loss")
-    edge = 0
+    fig, (ax_loss, ax_held, ax_lr) = plt.subplots(3, 1, figsize=(8, 9), constrained_layout=True)
+    ax_loss.plot(range(1, len(losses) + 1), losses, label="training loss", color="tab:blue")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_title("training loss per step")
+    edge, boundary = 0, 0
     for phase in phases[:-1]:
         edge += phase.steps
-        ax.axvline(edge + 0.5, color="grey", linestyle="--", label=f"end of {phase.name}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
+        boundary += phase.epochs
+        ax_loss.axvline(edge + 0.5, color="grey", linestyle="--", label=f"end of {phase.name}")
+    ax_loss.legend()
+    rows = [e for e in epochs if e.heldout_loss is not None]
+    xs = [e.epoch for e in rows]
+    ax_held.plot(xs, [e.heldout_loss for e in rows], marker="o", color="tab:red", label="held-out loss")
+    ax_held.set_xlabel("epoch (0: before training)")
+    ax_held.set_ylabel("held-out loss")
+    ax_held.set_title("held-out loss and accuracy after each epoch")
+    ax_acc = ax_held.twinx()
+    ax_acc.plot(xs, [100 * (e.heldout_accuracy or 0.0) for e in rows], marker="s", color="tab:green",
+                label="held-out accuracy")
+    ax_acc.set_ylabel("accuracy (%)")
+    ax_acc.set_ylim(0, 100)
+    trained = [e for e in epochs if e.epoch]
+    ax_lr.step([e.epoch for e in trained], [e.lr for e in trained], where="mid", marker="o", color="tab:purple")
+    ax_lr.set_xlabel("epoch")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_title("learning rate used in each epoch")
+    if trained and min(e.lr for e in trained) > 0:
+        ax_lr.set_yscale("log")
+    for ax in (ax_held, ax_lr):
+        if boundary:
+            ax.axvline(boundary + 0.5, color="grey", linestyle="--")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    lines = ax_held.get_lines() + ax_acc.get_lines()
+    ax_held.legend(lines, [str(line.get_label()) for line in lines], loc="center right")
     try:
         fig.savefig(out, dpi=100)
     except OSError as exc:
@@ -57,4 +87,3 @@ def _plot(losses: list[float], phases: list[Phase], out: str) -> str:
     finally:
         plt.close(fig)
     return out
-

@@ -21,10 +21,14 @@ def _probe_forward(model: Any, x: Any) -> tuple[str | None, int]:
             entered.append((name, module, tuple(_shape(a) for a in args)))
         return hook
 
+    nonfinite: list[tuple[str, Any]] = []  # the first module (in the order they finished) with NaN/Inf output
+
     def post(name: str) -> Any:
         def hook(module: Any, args: Any, output: Any) -> None:
             entered.pop()
             done.append((name, _shape(output)))
+            if not nonfinite and not _finite(output):
+                nonfinite.append((name, module))
         return hook
 
     handles = []
@@ -45,7 +49,25 @@ def _probe_forward(model: Any, x: Any) -> tuple[str | None, int]:
         model.train(was_training)
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         return f"the model returned {_shape(out) or type(out).__name__}, not [batch, classes] logits", 0
+    if not _finite(out):
+        where = (f"first in {nonfinite[0][0]} ({type(nonfinite[0][1]).__name__})" if nonfinite
+                 else "in the model's own code, outside any submodule")
+        return f"the logits hold NaN/Inf; non-finite values appear {where}", int(out.shape[1])
     return None, int(out.shape[1])
+
+
+def _finite(value: Any) -> bool:
+    """Whether every floating tensor in ``value`` (a tensor, or a tuple/list/dict of them) is finite."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return not value.is_floating_point() or bool(torch.isfinite(value).all())
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, (tuple, list)):
+        return all(_finite(v) for v in value)
+    logits = getattr(value, "logits", None)
+    return logits is None or _finite(logits)
 
 
 def _describe_failure(entered: list[tuple[str, Any, tuple[Any, ...]]], done: list[tuple[str, Any]],

@@ -1,19 +1,21 @@
-"""The frozen results of ``finetune-check``: the load report, phases, checks and the whole report."""
+"""The frozen results of ``finetune-check``: the load report, phases, epochs, checks and the whole report."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 PASS, FAIL, INFO, SKIP = "pass", "fail", "info", "skip"
+
+Shape = tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class Mismatch:
     key: str
-    checkpoint_shape: tuple[int, ...]
-    model_shape: tuple[int, ...]
+    checkpoint_shape: Shape
+    model_shape: Shape
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,8 @@ class LoadReport:
     head_keys: tuple[str, ...]  # keys of the replaced head: expected to be missing or mismatched
     operations: tuple[str, ...]
     initialised: tuple[str, ...] = ()  # left to the model's own initialisation by the plan
+    missing_shapes: dict[str, Shape] = field(default_factory=dict)  # the model's shape of each missing key
+    unexpected_shapes: dict[str, Shape] = field(default_factory=dict)  # the checkpoint's, of each unexpected key
 
     @property
     def clean(self) -> bool:
@@ -45,9 +49,26 @@ class HeadChange:
 
 @dataclass(frozen=True)
 class ModuleParams:
+    """Parameter counts of one top-level module in the first phase; ``by_model`` of the frozen ones the model froze."""
+
     module: str
     trainable: int
     frozen: int
+    by_model: int = 0
+
+
+@dataclass(frozen=True)
+class Epoch:
+    """One epoch's row: the learning rate it used, its mean training loss, then held-out loss and accuracy."""
+
+    phase: str
+    epoch: int  # counted over the whole run, from 1
+    lr: float
+    steps: int
+    train_loss: float | None
+    heldout_loss: float | None
+    heldout_accuracy: float | None
+    images_per_s: float | None
 
 
 @dataclass(frozen=True)
@@ -63,6 +84,20 @@ class Phase:
     median_step_s: float | None = None  # steady-state step time, not swayed by a slow first step or a busy machine
     images: int = 0
     seconds: float = 0.0
+    scheduler: str = "none"
+    lrs: tuple[float, ...] = ()  # the learning rate each epoch of the phase used
+
+
+@dataclass(frozen=True)
+class OverfitRun:
+    """The overfit-one-batch run: the loss and batch accuracy at each step, then once more after the last step."""
+
+    losses: tuple[float, ...]
+    accuracies: tuple[float, ...]
+    final_loss: float | None
+    final_accuracy: float | None
+    trainable: int
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +115,23 @@ class ProgressEvent:
     steps: int
     loss: float
     images_per_s: float
+    epochs: int = 0  # of the whole run (0: not known)
+    eta_s: float | None = None  # until the last training step
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What is known before training starts: the load and freeze tables (the CLI prints them then)."""
+
+    checkpoint: str
+    arch: str
+    device: str
+    data: str
+    image_size: int
+    load: LoadReport
+    head: HeadChange | None
+    params: tuple[ModuleParams, ...]
+    world_size: int = 1
 
 
 @dataclass(frozen=True)
@@ -108,6 +160,9 @@ class FinetuneReport:
     frozen_bn_updated: tuple[str, ...]
     saved: str | None = None
     plot: str | None = None
+    epochs: tuple[Epoch, ...] = ()  # epoch 0 is the held-out evaluation before training
+    overfit: OverfitRun | None = None
+    world_size: int = 1
 
     @property
     def passed(self) -> bool:
@@ -117,6 +172,11 @@ class FinetuneReport:
     def failed(self) -> tuple[Check, ...]:
         return tuple(c for c in self.checks if c.status == FAIL)
 
+    @property
+    def setup(self) -> Setup:
+        return Setup(self.checkpoint, self.arch, self.device, self.data, self.image_size, self.load, self.head,
+                     self.params, self.world_size)
+
     def to_json(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["passed"] = self.passed
@@ -124,6 +184,7 @@ class FinetuneReport:
 
 
 Progress = Callable[[ProgressEvent], None]
+OnSetup = Callable[[Setup], None]
 
 
 CHECK_NAMES = (
@@ -131,7 +192,8 @@ CHECK_NAMES = (
     "trainable changed", "gradients", "frozen BatchNorm stats", "epoch loss", "held-out accuracy", "throughput",
     "peak memory",
 )
-
+# the checks only a run on more than one process makes
+DISTRIBUTED_CHECKS = ("frozen identical on ranks", "gradients all-reduced", "loss finite on all ranks")
 
 
 def _first_line(exc: BaseException) -> str:
