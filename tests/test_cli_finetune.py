@@ -14,8 +14,7 @@ from ckpt_tool.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGEFOLDER = os.path.join(ROOT, "fixtures", "imagefolder")
-FAST = ["--image-size", "32", "--batch-size", "4", "--max-steps", "2", "--overfit-steps", "5", "--eval-batches", "1",
-        "--lr", "0.01"]
+FAST = ["--image-size", "32", "--batch-size", "4", "--max-steps", "2", "--eval-batches", "1", "--lr", "0.01"]
 
 USER_MODEL = '''
 import torch
