@@ -128,7 +128,7 @@ def main() -> None:
             opts = FinetuneOptions(seed=seed, **fields)
             model, batch, device = prepare(arches.get(arch, arch), ckpt, opts)
             gen = torch.Generator().manual_seed(seed)
-            relabel = (lambda step, y: y[torch.randperm(len(y), generator=gen)]) if shuffled else None
+            relabel = (lambda step, y, gen=gen: y[torch.randperm(len(y), generator=gen)]) if shuffled else None
             start = time.perf_counter()
             run = overfit_one_batch(model, batch, args.steps, opts.optimizer, opts.lr, device, relabel=relabel)
             rows.append(run)
