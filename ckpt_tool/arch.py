@@ -6,6 +6,7 @@ torch and torchvision are imported here only, and only when a model must be buil
 from __future__ import annotations
 
 import ast
+import contextlib
 import difflib
 import hashlib
 import importlib
@@ -14,7 +15,7 @@ import json
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import ArchError, UsageError
@@ -37,7 +38,8 @@ def parse_arch_args(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def build_model(spec: str, arch_args: dict[str, Any] | None = None, device: str = "cpu") -> Any:
+def build_model(spec: str, arch_args: dict[str, Any] | None = None, device: str = "cpu",
+                fallback: str | None = None) -> Any:
     """Build the ``nn.Module`` a spec names, with random weights (never downloads any).
 
     Args:
@@ -45,20 +47,27 @@ def build_model(spec: str, arch_args: dict[str, Any] | None = None, device: str 
             or ``"timm:NAME"``.
         arch_args: keyword arguments for the factory.
         device: ``"meta"`` builds without allocating memory.
+        fallback: the device to build on when building on ``device`` fails (user code that calls
+            ``torch.from_numpy``, ``torch.Tensor(list)`` or ``.item()`` cannot run on the meta device).
+
+    Whatever the factory prints goes to stderr: stdout is the report's.
     """
     import torch
 
     args = dict(arch_args or {})
-    factory = resolve_factory(spec, args)
-    try:
-        with torch.device(device):
-            model = factory(**args)
-    except ArchError:
-        raise
-    except TypeError as exc:
-        raise ArchError(f"--arch {spec}: cannot build it with {args} ({exc})") from None
-    except Exception as exc:  # noqa: BLE001 - user code can raise anything
-        raise ArchError(f"--arch {spec}: building it failed: {type(exc).__name__}: {exc}") from None
+    with contextlib.redirect_stdout(sys.stderr):
+        factory = resolve_factory(spec, args)
+        try:
+            with torch.device(device):
+                model = factory(**args)
+        except ArchError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - user code can raise anything
+            if fallback is not None and fallback != device:
+                return build_model(spec, arch_args, fallback)
+            if isinstance(exc, TypeError):
+                raise ArchError(f"--arch {spec}: cannot build it with {args} ({exc})") from None
+            raise ArchError(f"--arch {spec}: building it failed: {type(exc).__name__}: {exc}") from None
     if not isinstance(model, torch.nn.Module):
         raise ArchError(f"--arch {spec}: the factory returned {type(model).__name__}, not an nn.Module")
     return model
@@ -114,7 +123,8 @@ def _load_file(source: str, spec: str) -> Any:
 
 # --- target signatures: key -> (shape, dtype) of a model's state dict, cached on disk ----------------------
 
-SIGNATURE_SCHEMA = 1
+# 2: tie groups and _extra_state keys are part of a signature
+SIGNATURE_SCHEMA = 2
 
 
 @dataclass(frozen=True)
@@ -135,6 +145,11 @@ class TargetSignature:
     ``hit``, ``built`` (and stored), ``rebuilt`` (a stale or corrupt entry was replaced), ``off``
     (``use_cache=False``), ``uncacheable`` (user code whose source file cannot be fingerprinted) or
     ``unwritable`` (built, but the cache directory cannot be written).
+
+    ``ties`` lists the groups of keys that name one tensor on the built model (GPT-2's
+    ``transformer.wte.weight`` and ``lm_head.weight``): loading one member sets them all.
+    ``extra_state`` lists the ``_extra_state`` keys of modules that define ``set_extra_state``:
+    a strict load requires them, whatever they hold.
     """
 
     spec: str
@@ -142,6 +157,12 @@ class TargetSignature:
     tensors: dict[str, TargetTensor]
     auto_filled: tuple[str, ...] = ()
     cache: str = "off"
+    ties: tuple[tuple[str, ...], ...] = ()
+    extra_state: tuple[str, ...] = ()
+
+    def partners(self) -> dict[str, tuple[str, ...]]:
+        """Key -> the other keys of its tie group (keys without a tie are left out)."""
+        return {k: tuple(o for o in group if o != k) for group in self.ties for k in group}
 
 
 def signature_of(model: Any) -> tuple[dict[str, TargetTensor], tuple[str, ...]]:
@@ -164,6 +185,34 @@ def signature_of(model: Any) -> tuple[dict[str, TargetTensor], tuple[str, ...]]:
     return tensors, tuple(k for k in auto if k in tensors)
 
 
+def ties_of(model: Any) -> tuple[tuple[str, ...], ...]:
+    """Groups of state-dict keys that are one tensor on ``model`` (tied weights), in state-dict order.
+
+    Works on meta tensors: members are told by identity of the parameter or buffer object, which is
+    what tying (``lm_head.weight = wte.weight``) shares.
+    """
+    groups: dict[int, list[str]] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        if hasattr(value, "shape"):
+            groups.setdefault(id(value), []).append(key)
+    return tuple(tuple(keys) for keys in groups.values() if len(keys) > 1)
+
+
+def extra_state_of(model: Any) -> tuple[str, ...]:
+    """The ``_extra_state`` keys ``model.load_state_dict(strict=True)`` requires (modules with ``set_extra_state``)."""
+    import torch
+
+    base = torch.nn.Module.set_extra_state
+    return tuple(f"{name}._extra_state" if name else "_extra_state" for name, module in model.named_modules()
+                 if getattr(type(module), "set_extra_state", base) is not base)
+
+
+def signature_from_model(model: Any, spec: str = "model", arch_args: dict[str, Any] | None = None) -> TargetSignature:
+    """The full :class:`TargetSignature` of a built model (tensors, torch's fill-ins, ties, extra state)."""
+    tensors, auto = signature_of(model)
+    return TargetSignature(spec, dict(arch_args or {}), tensors, auto, "off", ties_of(model), extra_state_of(model))
+
+
 def target_signature(spec: str, arch_args: dict[str, Any] | None = None, *, use_cache: bool = True,
                      cache_dir: str | None = None) -> TargetSignature:
     """The key/shape/dtype table of ``spec``'s model, from the cache when a valid entry exists.
@@ -184,19 +233,14 @@ def target_signature(spec: str, arch_args: dict[str, Any] | None = None, *, use_
     if path is not None and key is not None:
         cached, status = _read_entry(path, key)
         if cached is not None:
-            tensors, auto = cached
-            return TargetSignature(spec, args, tensors, auto, "hit")
-    try:
-        model = build_model(spec, args, device="meta")
-    except ArchError:
-        # some user code cannot run on meta tensors (it calls .item(), numpy, ...): build it for real
-        model = build_model(spec, args, device="cpu")
-    tensors, auto = signature_of(model)
+            return replace(cached, spec=spec, arch_args=args, cache="hit")
+    model = build_model(spec, args, device="meta", fallback="cpu")
+    sig = signature_from_model(model, spec, args)
     if path is not None and key is not None:
         status = "rebuilt" if status == "corrupt" else "built"
-        if not _write_entry(path, key, tensors, auto):
+        if not _write_entry(path, key, sig):
             status = "unwritable"
-    return TargetSignature(spec, args, tensors, auto, status)
+    return replace(sig, cache=status)
 
 
 def default_cache_dir() -> str:
@@ -249,11 +293,11 @@ def _entry_name(key: dict[str, Any] | None) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32] + ".json"
 
 
-def _checksum(key: dict[str, Any], tensors: list[Any], auto: list[str]) -> str:
-    return hashlib.sha256(json.dumps([key, tensors, auto], sort_keys=True).encode()).hexdigest()
+def _checksum(key: dict[str, Any], body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps([key, body], sort_keys=True).encode()).hexdigest()
 
 
-def _read_entry(path: str, key: dict[str, Any]) -> tuple[tuple[dict[str, TargetTensor], tuple[str, ...]] | None, str]:
+def _read_entry(path: str, key: dict[str, Any]) -> tuple[TargetSignature | None, str]:
     """``(signature, "hit")``, or ``(None, "missing" | "corrupt")``; a bad entry is reported, never used."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -263,20 +307,24 @@ def _read_entry(path: str, key: dict[str, Any]) -> tuple[tuple[dict[str, TargetT
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None, "corrupt"
     try:
-        rows, auto = entry["tensors"], entry["auto_filled"]
-        if entry["key"] != key or entry["checksum"] != _checksum(key, rows, auto):
+        body = entry["body"]
+        if entry["key"] != key or entry["checksum"] != _checksum(key, body):
             return None, "corrupt"
         tensors = {str(k): TargetTensor(tuple(int(d) for d in shape), str(dtype), str(kind))
-                   for k, shape, dtype, kind in rows}
-        return (tensors, tuple(str(a) for a in auto)), "hit"
+                   for k, shape, dtype, kind in body["tensors"]}
+        return TargetSignature("", {}, tensors, tuple(str(a) for a in body["auto_filled"]), "hit",
+                               tuple(tuple(str(k) for k in g) for g in body["ties"]),
+                               tuple(str(k) for k in body["extra_state"])), "hit"
     except (KeyError, TypeError, ValueError):
         return None, "corrupt"
 
 
-def _write_entry(path: str, key: dict[str, Any], tensors: dict[str, TargetTensor], auto: tuple[str, ...]) -> bool:
+def _write_entry(path: str, key: dict[str, Any], sig: TargetSignature) -> bool:
     """Store an entry atomically (temp file + rename), so a reader never sees half of one."""
-    rows = [[k, list(t.shape), t.dtype, t.kind] for k, t in tensors.items()]
-    entry = {"key": key, "tensors": rows, "auto_filled": list(auto), "checksum": _checksum(key, rows, list(auto))}
+    body = {"tensors": [[k, list(t.shape), t.dtype, t.kind] for k, t in sig.tensors.items()],
+            "auto_filled": list(sig.auto_filled), "ties": [list(g) for g in sig.ties],
+            "extra_state": list(sig.extra_state)}
+    entry = {"key": key, "body": body, "checksum": _checksum(key, body)}
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(path))

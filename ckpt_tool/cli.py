@@ -14,9 +14,9 @@ from typing import Any
 import click
 
 from . import __version__
-from .errors import CkptError
+from .errors import EXIT_BUG, EXIT_FINDINGS, EXIT_INPUT, EXIT_OK, CkptError
 
-EXIT_OK, EXIT_FINDINGS, EXIT_INPUT, EXIT_BUG = 0, 1, 2, 3
+__all__ = ["EXIT_BUG", "EXIT_FINDINGS", "EXIT_INPUT", "EXIT_OK", "main"]
 
 
 # command name -> the module under ckpt_tool.commands defining it; modules are imported only when

@@ -12,23 +12,35 @@ from __future__ import annotations
 import math
 import os
 import re
-import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .arch import TargetSignature, TargetTensor, parse_arch_args, target_signature
+from .compat import (
+    MOSTLY_NEW_SHARE,
+    Compatibility,
+    check_checkpoint,
+    parameter_share,
+    shapes_load,
+    signature_of_state,
+)
 from .errors import InputError, OutputError, UsageError
 from .model import Checkpoint, Progress, TensorRef, common_prefix, in_module, itemsize, numel
-from .render import some
+from .plan import Plan
+from .plan import operation as plan_operation
+from .text import some
 
 MATCHED, DTYPE, SHAPE, MISSING, UNEXPECTED, MIXED = "matched", "dtype", "shape", "missing", "unexpected", "mixed"
 # not in the checkpoint, but torch fills it in itself (BatchNorm's num_batches_tracked without version metadata)
 AUTO = "auto"
+# not in the checkpoint, but tied to a key that is: loading the partner sets it
+TIED = "tied"
 # elements compared per step with --values: bounded memory whatever the tensor size
 VALUE_CHUNK_ELEMENTS = 1 << 20
 # more drop prefixes than this and the plan says --drop-unexpected instead
 MAX_DROP_PREFIXES = 4
+
 
 
 @dataclass(frozen=True)
@@ -77,6 +89,7 @@ class DiffCounts:
     target_numel: int
     filled_numel: int
     auto_filled: int = 0
+    tied: int = 0
     changed: int | None = None
     unchanged: int | None = None
 
@@ -103,7 +116,9 @@ class FixPlan:
     """Operations that make the checkpoint load strictly, as ``ckpt migrate`` flags and as a plan document.
 
     ``resolves`` is whether the operations, simulated on the keys, leave nothing that would fail a strict
-    load; ``notes`` says what the plan cannot decide (ambiguous renames, values it has no source for).
+    load; ``checkpoint_share`` is the share of an architecture's parameters the checkpoint would give
+    after them, and ``mostly_new`` says it is under half (then ``command`` is ``None``: a fix would
+    keep mostly fresh initialisation, which is no fix); ``notes`` says what the plan cannot decide (ambiguous renames, values it has no source for).
     """
 
     steps: tuple[PlanStep, ...]
@@ -111,6 +126,9 @@ class FixPlan:
     command: str | None
     resolves: bool
     notes: tuple[str, ...] = ()
+    plan: Plan = field(default_factory=Plan, repr=False)
+    checkpoint_share: float = 1.0  # of the target's parameter elements, after the operations
+    mostly_new: bool = False
 
 
 @dataclass(frozen=True)
@@ -187,7 +205,7 @@ def diff_paths(path: str, target_path: str | None = None, *, arch: str | None = 
         target = open_checkpoint(target_path, target_key)
     report = diff(source, target, values=values, depth=depth, show_all=show_all, progress=progress)
     if plan_out is not None:
-        write_plan(report.plan.document, plan_out)
+        report.plan.plan.save(plan_out)
         report = replace(report, plan_path=plan_out)
     return report
 
@@ -197,14 +215,15 @@ def diff(source: Checkpoint, target: Target, *, values: bool = False, depth: int
     """Compare a checkpoint's state dict with a target's, key by key, and suggest a fix plan."""
     if not source.tensors:
         raise InputError(f"{source.path}: holds no tensors to compare (no state dict found)")
-    tgt = _target_tensors(target)
-    fills = torch_fills(source, target) if isinstance(target, TargetSignature) else set()
-    keys = _key_diffs(source.tensors, tgt, fills)
+    signature = target if isinstance(target, TargetSignature) else _checkpoint_signature(target)
+    tgt = signature.tensors
+    compat = check_checkpoint(source, signature)
+    keys = _key_diffs(source.tensors, signature, compat)
     if values:
         assert isinstance(target, Checkpoint)
         keys = _with_values(keys, source.tensors, target.tensors, progress)
     counts = _counts(keys, source.tensors, tgt)
-    loads = counts.missing == counts.unexpected == counts.shape_mismatches == 0
+    loads = compat.loads
     rows, hidden = _rows(keys, depth, show_all)
     if isinstance(target, TargetSignature):
         arch, arch_args, cache, name, kind, target_key = target.spec, dict(target.arch_args), target.cache, \
@@ -212,11 +231,18 @@ def diff(source: Checkpoint, target: Target, *, values: bool = False, depth: int
     else:
         arch, arch_args, cache, name, kind, target_key = None, {}, None, target.path, "checkpoint", \
             target.state_path or None
-    plan = suggest_plan(source, tgt, arch=arch, arch_args=arch_args, optional=fills)
+    plan = suggest_plan(source, signature, arch=arch, arch_args=arch_args,
+                        optional=set(compat.auto_filled) | {a for a, _ in compat.tied})
     notes = []
-    if fills:
-        notes.append(f"{len(fills)} num_batches_tracked buffers are not in the checkpoint under their target names; "
-                     "torch fills them in itself because the state dict records no module version for them")
+    if compat.auto_filled:
+        notes.append(f"{len(compat.auto_filled)} num_batches_tracked buffers are not in the checkpoint under their "
+                     "target names; torch fills them in itself because the state dict records no module version "
+                     "for them")
+    if compat.tied:
+        notes.append(f"{len(compat.tied)} tied keys are absent but their partner is present (" + some(
+            [f"{a} = {p}" for a, p in compat.tied]) + "): loading the partner sets both (safetensors' load_model, "
+            "transformers); for a plain load_state_dict(strict=True), `ckpt migrate --arch ... --fill-missing` "
+            "writes the alias from its partner")
     return DiffReport(
         source=source.path, source_format=source.format, source_key=source.state_path or None,
         target=name, target_kind=kind, target_key=target_key, arch_args=arch_args, cache=cache, counts=counts, loads_strictly=loads, keys=tuple(keys),
@@ -224,80 +250,37 @@ def diff(source: Checkpoint, target: Target, *, values: bool = False, depth: int
     )
 
 
-def _target_tensors(target: Target) -> dict[str, TargetTensor]:
-    if isinstance(target, TargetSignature):
-        return target.tensors
+def _checkpoint_signature(target: Checkpoint) -> TargetSignature:
     if not target.tensors:
         raise InputError(f"{target.path}: holds no tensors to compare (no state dict found)")
-    return {k: TargetTensor(t.shape, t.dtype, "tensor") for k, t in target.tensors.items()}
+    return signature_of_state(target.tensors, target.path)
 
 
-def shapes_load(source: tuple[int, ...], target: tuple[int, ...]) -> bool:
-    """Whether ``load_state_dict`` accepts a tensor of shape ``source`` for a parameter of shape ``target``.
-
-    Besides equal shapes, torch still loads a 1-element vector into a 0-d parameter (the 0.3 -> 0.4
-    compatibility rule in ``Module._load_from_state_dict``).
-    """
-    return source == target or (target == () and source == (1,))
-
-
-def torch_fills(source: Checkpoint, target: TargetSignature) -> set[str]:
-    """Target keys the checkpoint lacks that ``load_state_dict`` adds itself, so does not call missing.
-
-    ``_NormBase._load_from_state_dict`` inserts ``num_batches_tracked`` when the state dict's
-    ``_metadata`` gives the module no version >= 2: safetensors files and plain dicts carry no
-    metadata, and a ``module.``-prefixed one has it under other names.
-    """
-    versions = _module_versions(source)
-    out = set()
-    for key in target.auto_filled:
-        version = versions.get(key.rpartition(".")[0]) if versions is not None else 2
-        if key not in source.tensors and (version is None or version < 2):
-            out.add(key)
-    return out
-
-
-def _module_versions(source: Checkpoint) -> dict[str, int | None] | None:
-    """Module path -> version from the state dict's pickled ``_metadata``; ``None`` means "all current"."""
-    from .formats.pickle_vm import PickledOrderedDict, Placeholder
-    from .reader import resolve_key
-
-    if source.root is None:  # safetensors / sharded: a plain dict of tensors, no metadata at all
-        return {}
-    obj = resolve_key(source.root, source.state_path, source.path, [])[1] if source.state_path else source.root
-    if isinstance(obj, Placeholder):
-        # a pickled module tree: state_dict() of a current module records current versions
-        return None if obj.dictitems is None or not isinstance(obj.dictitems, PickledOrderedDict) else \
-            _versions_of(obj.dictitems)
-    return _versions_of(obj) if isinstance(obj, dict) else {}
-
-
-def _versions_of(obj: dict[Any, Any]) -> dict[str, int | None]:
-    from .formats.pickle_vm import PickledOrderedDict
-
-    attributes = obj.attributes if isinstance(obj, PickledOrderedDict) else None
-    metadata = (attributes or {}).get("_metadata")
-    if not isinstance(metadata, dict):
-        return {}
-    return {str(m): v.get("version") if isinstance(v, dict) and isinstance(v.get("version"), int) else None
-            for m, v in metadata.items()}
-
-
-def _key_diffs(src: dict[str, TensorRef], tgt: dict[str, TargetTensor], fills: set[str]) -> list[KeyDiff]:
+def _key_diffs(src: dict[str, TensorRef], target: TargetSignature, compat: Compatibility) -> list[KeyDiff]:
+    status = {k: MISSING for k in compat.missing}
+    status.update({m.key: SHAPE for m in compat.mismatched})
+    status.update({k: AUTO for k in compat.auto_filled})
+    status.update({a: TIED for a, _ in compat.tied})
+    # an alias a safetensors file ckpt wrote records beside its partner: present, under the partner's bytes
+    status.update({k: TIED for k in compat.loaded if k not in src})
     out: list[KeyDiff] = []
-    for key, t in tgt.items():
+    for key, t in target.tensors.items():
         s = src.get(key)
         if s is None:
-            out.append(KeyDiff(key, AUTO if key in fills else MISSING, None, None, t.shape, t.dtype))
+            out.append(KeyDiff(key, status.get(key, MISSING), None, None, t.shape, t.dtype))
             continue
-        status = SHAPE if not shapes_load(s.shape, t.shape) else DTYPE if s.dtype != t.dtype else MATCHED
-        out.append(KeyDiff(key, status, s.shape, s.dtype, t.shape, t.dtype))
-    out.extend(KeyDiff(k, UNEXPECTED, s.shape, s.dtype, None, None) for k, s in src.items() if k not in tgt)
+        out.append(KeyDiff(key, status.get(key, DTYPE if s.dtype != t.dtype else MATCHED), s.shape, s.dtype,
+                           t.shape, t.dtype))
+    # an _extra_state the target requires: an object, not a tensor
+    out.extend(KeyDiff(k, MISSING, None, None, (), "object") for k in compat.missing if k not in target.tensors)
+    unexpected = set(compat.unexpected)
+    out.extend(KeyDiff(k, UNEXPECTED, s.shape, s.dtype, None, None) for k, s in src.items() if k in unexpected)
+    out.extend(KeyDiff(k, UNEXPECTED, (), "object", None, None) for k in compat.unexpected if k not in src)
     return out
 
 
 def _counts(keys: list[KeyDiff], src: dict[str, TensorRef], tgt: dict[str, TargetTensor]) -> DiffCounts:
-    by = {s: 0 for s in (MATCHED, DTYPE, SHAPE, MISSING, UNEXPECTED, AUTO)}
+    by = {s: 0 for s in (MATCHED, DTYPE, SHAPE, MISSING, UNEXPECTED, AUTO, TIED)}
     for k in keys:
         by[k.status] += 1
     compared = [k for k in keys if k.max_abs_diff is not None]
@@ -307,7 +290,7 @@ def _counts(keys: list[KeyDiff], src: dict[str, TensorRef], tgt: dict[str, Targe
         unexpected=by[UNEXPECTED], shape_mismatches=by[SHAPE], dtype_differences=by[DTYPE],
         target_numel=sum(numel(t.shape) for t in tgt.values()),
         filled_numel=sum(numel(k.target_shape or ()) for k in keys if k.status in (MATCHED, DTYPE)),
-        auto_filled=by[AUTO],
+        auto_filled=by[AUTO], tied=by[TIED],
         changed=changed, unchanged=len(compared) - changed if changed is not None else None,
     )
 
@@ -387,7 +370,7 @@ def _rows(keys: list[KeyDiff], depth: int | None, show_all: bool) -> tuple[list[
 
 def _is_quiet(row: Row) -> bool:
     """Matched rows (with --values: matched and unchanged) are hidden unless --all."""
-    if row.status == AUTO:
+    if row.status in (AUTO, TIED):
         return True
     if row.status != MATCHED:
         return False
@@ -526,16 +509,19 @@ def format_indices(numbers: Iterable[int]) -> str:
 # --- the fix plan ------------------------------------------------------------------------------------------
 
 
-def suggest_plan(source: Checkpoint, target: dict[str, TargetTensor], *, arch: str | None,
+def suggest_plan(source: Checkpoint, target: TargetSignature, *, arch: str | None,
                  arch_args: dict[str, Any], optional: set[str] | frozenset[str] = frozenset()) -> FixPlan:
     """The ``ckpt migrate`` operations that make ``source`` load strictly into ``target``, with reasons.
 
     Prefixes first (``module.``, ``_orig_mod.``, ``backbone.``...), then renames of whole modules whose
     keys and shapes match one to one in order, then drops, then (with an architecture to take values
-    from) ``fill_missing`` and ``reinit_mismatched``. ``optional`` target keys may stay absent (torch fills them).
+    from) ``fill_missing`` and ``reinit_mismatched``. ``optional`` target keys may stay absent (torch fills them);
+    so may a tied key whose partner loads. When under half of an architecture's parameters would come from the
+    checkpoint, no command is proposed (``mostly_new``): the checkpoint is likely not of this architecture.
     """
     shapes = {k: t.shape for k, t in source.tensors.items()}
-    tgt = {k: t.shape for k, t in target.items()}
+    tgt = {k: t.shape for k, t in target.tensors.items()}
+    partners = target.partners()
     steps: list[PlanStep] = []
     notes: list[str] = []
 
@@ -565,8 +551,10 @@ def suggest_plan(source: Checkpoint, target: dict[str, TargetTensor], *, arch: s
         else:
             steps.append(PlanStep({"op": "drop_unexpected"},
                                   f"{len(unexpected)} checkpoint keys have no place in the target", len(unexpected)))
-    missing = [k for k in tgt if k not in current and k not in optional]
     mismatched = [k for k in tgt if k in current and not shapes_load(current[k], tgt[k])]
+    loaded = {k for k in tgt if k in current and shapes_load(current[k], tgt[k])}
+    missing = [k for k in tgt if k not in current and k not in optional
+               and not any(p in loaded for p in partners.get(k, ()))]
     if missing:
         if arch is not None:
             steps.append(PlanStep({"op": "fill_missing"}, f"{len(missing)} target keys the checkpoint lacks keep the "
@@ -578,18 +566,17 @@ def suggest_plan(source: Checkpoint, target: dict[str, TargetTensor], *, arch: s
         if arch is not None:
             steps.append(PlanStep({"op": "reinit_mismatched"}, "shapes differ for " + some(
                 [f"{k} {list(current[k])} -> {list(tgt[k])}" for k in mismatched]) + ": re-initialise them", len(mismatched)))
-            share = sum(numel(tgt[k]) for k in mismatched) / max(1, sum(numel(s) for s in tgt.values()))
-            if share > 0.5:
-                notes.append(f"re-initialising {share:.0%} of the target's elements: is this the right architecture?")
         else:
             notes.append(f"{len(mismatched)} keys differ in shape ({some(mismatched)}); only --arch can re-initialise them")
     # drops cover every unexpected key; what is missing or mismatched needs a model to take values from
     resolves = arch is not None or not (missing or mismatched)
     operations = [s.operation for s in steps]
-    document = {"version": 1, "source": source.path, "key": source.state_path or None, "arch": arch,
-                "arch_args": dict(arch_args), "operations": operations}
-    command = migrate_command(document) if operations else None
-    return FixPlan(tuple(steps), document, command, resolves, tuple(notes))
+    plan = Plan(source.path, source.state_path or None, arch, dict(arch_args),
+                tuple(plan_operation(op["op"], **{k: v for k, v in op.items() if k != "op"}) for op in operations))
+    share = parameter_share(target, loaded) if arch is not None else 1.0
+    mostly_new = share < MOSTLY_NEW_SHARE
+    command = plan.command() if operations and not mostly_new else None
+    return FixPlan(tuple(steps), plan.to_json(), command, resolves, tuple(notes), plan, round(share, 6), mostly_new)
 
 
 _PREFIX_ORIGINS = {"module.": " (saved from nn.DataParallel / DistributedDataParallel)",
@@ -739,62 +726,3 @@ def _drop_prefixes(unexpected: list[str], current: dict[str, tuple[int, ...]]) -
                 out.append(p)
                 break
     return out
-
-
-def migrate_command(document: dict[str, Any], output: str | None = None) -> str:
-    """The ``ckpt migrate`` command line that applies a plan document, flag for flag."""
-    source = document["source"]
-    argv = ["ckpt", "migrate", source]
-    if document.get("key"):
-        argv += ["--key", document["key"]]
-    if document.get("arch"):
-        argv += ["--arch", document["arch"]]
-        for name, value in sorted(document.get("arch_args", {}).items()):
-            argv += ["--arch-arg", f"{name}={_arch_value(value)}"]
-    for op in document["operations"]:
-        flag = "--" + op["op"].replace("_", "-")
-        if "prefix" in op:
-            argv += [flag, op["prefix"]]
-        elif op["op"] == "rename":
-            argv += [flag, f"{op['pattern']}={op['replacement']}"]
-        elif op["op"] in ("keep", "exclude"):
-            argv += [flag, op["pattern"]]
-        elif op["op"] == "cast":
-            argv += ["--dtype", op["dtype"]]
-        else:
-            argv.append(flag)
-    argv += ["-o", output or _fixed_name(source)]
-    return " ".join(shlex.quote(a) for a in argv)
-
-
-def _arch_value(value: Any) -> str:
-    """How to write an --arch-arg value so that ``parse_arch_args`` reads it back as the same value."""
-    if isinstance(value, str):
-        return value if parse_arch_args([f"x={value}"])["x"] == value else repr(value)
-    return repr(value)
-
-
-def _fixed_name(source: str) -> str:
-    base = source[: -len(".index.json")] if source.endswith(".index.json") else source.rstrip("/")
-    stem, ext = os.path.splitext(base)
-    return f"{stem}.fixed{ext if ext in ('.pth', '.pt', '.bin', '.ckpt', '.safetensors') else '.pth'}"
-
-
-def write_plan(document: dict[str, Any], path: str) -> None:
-    """Write a plan document as JSON, atomically (a temp file renamed over ``path``)."""
-    import json
-    import tempfile
-
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".plan-", suffix=".json", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(document, f, indent=2)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write the plan ({exc.strerror or exc})") from None

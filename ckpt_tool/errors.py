@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# the documented exit codes, defined once
+EXIT_OK, EXIT_FINDINGS, EXIT_INPUT, EXIT_BUG = 0, 1, 2, 3
+
 
 class CkptError(Exception):
     """Base class for every error ckpt reports to a user."""

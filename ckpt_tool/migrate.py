@@ -13,19 +13,20 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from . import __version__
 from .arch import TargetSignature, target_signature
+from .compat import ALL_CURRENT, MOSTLY_NEW_SHARE, Compatibility, check, module_versions, parameter_share
 from .errors import FormatError, UsageError
 from .formats.pickle_vm import GlobalRef, PickledTensor, Placeholder
 from .model import Checkpoint, Progress, TensorRef, contiguous_strides, is_floating, itemsize, numel
 from .plan import CHECKPOINT, Applied, Entry, Plan, State, Step, apply, initial_state
 from .reader import open_checkpoint
-from .render import to_jsonable
 from .values import CHUNK_BYTES, FileCache, iter_raw_chunks, to_numpy
+from .verify import Verification, verify_output
 from .writer import (
     PTH,
     SAFETENSORS,
@@ -47,28 +48,8 @@ CAST_CHUNK_BYTES = 4 * 1024 * 1024
 # --- reports --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Mismatch:
-    key: str
-    shape: tuple[int, ...]
-    target_shape: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class TargetDiff:
-    """How a state compares with the target's: what ``load_state_dict(strict=True)`` would reject."""
-
-    missing: tuple[str, ...] = ()
-    unexpected: tuple[str, ...] = ()
-    mismatched: tuple[Mismatch, ...] = ()
-
-    @property
-    def loads(self) -> bool:
-        return not (self.missing or self.unexpected or self.mismatched)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"loads": self.loads, "missing": list(self.missing), "unexpected": list(self.unexpected),
-                "mismatched": [to_jsonable(m) for m in self.mismatched]}
+# what load_state_dict(strict=True) would reject: the one engine's answer
+TargetDiff = Compatibility
 
 
 @dataclass(frozen=True)
@@ -113,16 +94,7 @@ class MigrationPlan:
     extras_dropped: dict[str, str]
     diff: TargetDiff | None
     streamed: bool  # bytes only move: no value changes, no torch
-
-
-@dataclass(frozen=True)
-class Verification:
-    """The written output loaded into the target with ``strict=True`` (``loads``), or what still differs."""
-
-    arch: str
-    loads: bool
-    diff: TargetDiff
-    error: str | None = None
+    checkpoint_share: float | None = None  # of the target's parameter elements, with an architecture
 
 
 @dataclass(frozen=True)
@@ -140,11 +112,12 @@ class MigrateReport:
         if self.nonfinite:
             return False
         if self.verification is not None:
-            return self.verification.loads
+            return self.verification.ok
         return self.plan.diff is None or self.plan.diff.loads
 
     def to_json(self) -> dict[str, Any]:
-        return {"ok": self.ok, **{f.name: to_jsonable(getattr(self, f.name)) for f in fields(self)}}
+        # the renderer turns the values (dataclasses) into JSON data
+        return {"ok": self.ok, **{f.name: getattr(self, f.name) for f in fields(self)}}
 
 
 # --- the entry points -----------------------------------------------------------------------------
@@ -160,6 +133,7 @@ def migrate(
     force: bool = False,
     in_place: bool = False,
     dry_run: bool = False,
+    allow_mostly_new: bool = False,
     on_plan: Callable[[MigrationPlan], None] | None = None,
     progress: Progress | None = None,
 ) -> MigrateReport:
@@ -175,12 +149,15 @@ def migrate(
         max_shard_size: write Hugging Face style shards of at most this many bytes.
         force: replace an existing output. ``in_place``: replace the source, keeping ``SOURCE.bak``.
         dry_run: plan only; nothing is written.
+        allow_mostly_new: write even when under half of the target's parameters come from the
+            checkpoint (otherwise refused as the wrong architecture).
         on_plan: called with the plan before anything is written (the CLI shows it).
         progress: called with ``(bytes written now, tensor bytes in all)`` as tensors stream.
 
     Returns:
         A :class:`MigrateReport`; ``report.ok`` is False when the result does not load strictly into
-        the target or holds NaN/Inf.
+        the target, holds NaN/Inf, or is not value for value what the plan intended (the output is
+        re-read and compared with its sources; with an architecture it is also loaded into it).
 
     Example:
         >>> plan = Plan("dp.pth", arch="resnet18", operations=(operation("strip_prefix", prefix="module."),))
@@ -207,8 +184,7 @@ def migrate(
     if any(op.needs_target for op in plan.operations) and plan.arch is None:
         raise UsageError("--fill-missing, --drop-unexpected and --reinit-mismatched need the target (--arch)")
     signature = target_signature(plan.arch, plan.arch_args) if plan.arch else None
-    target = signature.tensors if signature else None
-    applied = apply(plan.operations, initial_state(ckpt.tensors), target)
+    applied = apply(plan.operations, initial_state(ckpt.tensors), signature)
     if not applied.state:
         raise UsageError(f"{plan.source}: the operations leave no tensors to write")
     for e in applied.state.values():
@@ -226,17 +202,26 @@ def migrate(
         files = tuple(_planned_files(output, built.layout, max_shard_size))
         for name in files:
             backup = check_output(name, list(ckpt.files) + [ckpt.path], force=force, in_place=in_place) or backup
+    share = parameter_share(signature, [k for k, e in applied.state.items() if e.from_checkpoint]) \
+        if signature else None
     planned = MigrationPlan(
         source=plan.source, source_format=ckpt.format, state_path=ckpt.state_path, output=output, output_format=fmt,
         files=files, arch=plan.arch, operations=tuple(op.to_json() for op in plan.operations), steps=applied.steps,
         tensors=len(applied.state), tensor_bytes=sum(_nbytes(e) for e in applied.state.values()),
         initialised=tuple(Initialised(k, e.reason, e.shape) for k, e in applied.state.items() if e.source != CHECKPOINT),
         shared=built.shared, extras_kept=tuple(kept), extras_dropped=dropped,
-        diff=compare(applied.state, signature) if signature else None,
+        diff=check(applied.state, signature, versions=_output_versions(ckpt, applied.state, fmt)) if signature else None,
         streamed=all(e.source == CHECKPOINT and e.dtype == e.source_dtype for e in applied.state.values()),
+        checkpoint_share=round(share, 6) if share is not None else None,
     )
     if on_plan is not None:
         on_plan(planned)
+    if share is not None and share < MOSTLY_NEW_SHARE and not allow_mostly_new:
+        values.release()
+        built.files.close()
+        raise UsageError(f"only {share:.0%} of {plan.arch}'s parameters would come from {plan.source}: it is "
+                         "probably not a checkpoint of this architecture (check --arch; --allow-mostly-new "
+                         "writes it anyway)")
     if dry_run or output is None:
         return MigrateReport(planned, dry_run=True)
 
@@ -246,10 +231,11 @@ def migrate(
     try:
         written = _write(output, built.layout, metadata=metadata, nesting=nesting, max_shard_size=max_shard_size,
                          backup=backup, staging=Staging(), progress=progress)
+        verification = verify_output(written, applied.state, target_chunks=values.chunks, cast=cast_bytes,
+                                     aliases=built.aliases, state_path=nesting.path, signature=signature, seed=seed)
     finally:
         values.release()
         built.files.close()
-    verification = verify(written, plan.arch, plan.arch_args, built.aliases, nesting.path) if plan.arch else None
     return MigrateReport(planned, False, written, verification, tuple(built.nonfinite),
                          hasher.hexdigest() if hasher else None)
 
@@ -260,15 +246,24 @@ def convert(source: str, output: str, *, force: bool = False, max_shard_size: in
     return migrate(Plan(source, key), output, force=force, max_shard_size=max_shard_size, progress=progress)
 
 
-def compare(state: State | dict[str, Any], signature: TargetSignature) -> TargetDiff:
+def compare(state: State | dict[str, Any], signature: TargetSignature) -> Compatibility:
     """What a strict ``load_state_dict`` of ``state`` (key -> anything with ``.shape``) into the target rejects."""
-    target = signature.tensors
-    auto = set(signature.auto_filled)  # torch fills these in itself (BatchNorm's num_batches_tracked)
-    missing = tuple(k for k in target if k not in state and k not in auto)
-    unexpected = tuple(k for k in state if k not in target)
-    mismatched = tuple(Mismatch(k, tuple(state[k].shape), t.shape) for k, t in target.items()
-                       if k in state and tuple(state[k].shape) != t.shape)
-    return TargetDiff(missing, unexpected, mismatched)
+    return check(state, signature)
+
+
+def _output_versions(ckpt: Checkpoint, state: State, fmt: str | None) -> Mapping[str, int | None] | None:
+    """The module versions the output's ``_metadata`` gives torch (they decide its num_batches_tracked fill-ins).
+
+    A safetensors output carries none; a ``.pth`` (and a dry run without an output) carries the input's,
+    renamed with its keys.
+    """
+    if fmt == SAFETENSORS:
+        return None
+    versions = module_versions(ckpt)
+    if versions is None or versions is ALL_CURRENT:
+        return versions
+    return {k.rpartition(".")[0]: versions.get(e.origin.rpartition(".")[0])
+            for k, e in state.items() if e.from_checkpoint}
 
 
 # --- extras and metadata --------------------------------------------------------------------------
@@ -580,60 +575,3 @@ def _planned_files(output: str, layout: Layout, max_shard_size: int | None) -> l
     from .writer import shard_plan
 
     return shard_plan(output, layout, max_shard_size)[1]
-
-
-# --- verification ---------------------------------------------------------------------------------
-
-
-def verify(written: Written, arch: str, arch_args: dict[str, Any], aliases: dict[str, str] | None = None,
-           state_path: str | None = None) -> Verification:
-    """Load the written files into ``arch`` with ``strict=True`` (on the meta device: no values are read)."""
-
-    from .arch import build_model, signature_of
-
-    model = build_model(arch, arch_args, device="meta")
-    state = _written_state(written, state_path)
-    for alias, name in (aliases or {}).items():
-        # safetensors' load_model re-ties shared names the same way
-        if name in state and alias not in state:
-            state[alias] = state[name]
-    tensors, auto = signature_of(model)
-    diff = compare(state, TargetSignature(arch, arch_args, tensors, auto))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        # torch's first line only names the model; the second says what failed first
-        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-        return Verification(arch, False, diff, " ".join(lines[:2]))
-    return Verification(arch, True, diff)
-
-
-def _written_state(written: Written, state_path: str | None) -> dict[str, Any]:
-    """The written tensors as meta tensors of their shape and dtype, read the way users will read them."""
-    import torch
-
-    state: dict[str, Any] = {}
-    files = [f for f in written.files if not f.endswith(".index.json")]
-    for path in files:
-        if written.format == SAFETENSORS:
-            from safetensors import safe_open
-
-            with safe_open(path, framework="pt") as f:
-                for key in f.keys():
-                    sl = f.get_slice(key)
-                    dtype = _SAFETENSORS_TORCH[sl.get_dtype()]
-                    state[key] = torch.empty(sl.get_shape(), dtype=getattr(torch, dtype), device="meta")
-        else:
-            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            if state_path and len(files) == 1:
-                for part in state_path.split("/"):
-                    loaded = loaded[part]
-            state.update({k: torch.empty_like(v, device="meta") for k, v in loaded.items()})
-    return state
-
-
-_SAFETENSORS_TORCH = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
-    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "U16": "uint16", "U32": "uint32", "U64": "uint64",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "C64": "complex64",
-}

@@ -15,11 +15,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .arch import TargetTensor
+from .arch import TargetSignature, TargetTensor
+from .compat import shapes_load
 from .errors import InputError, UsageError
 from .model import TensorRef, in_module, is_floating
 
@@ -47,6 +49,11 @@ class Entry:
     source_dtype: str
     ref: TensorRef | None = None
     reason: str = ""
+    tied_to: str = ""  # an alias filled from its present tie partner: that partner's key
+
+    @property
+    def from_checkpoint(self) -> bool:
+        return self.source == CHECKPOINT
 
     @classmethod
     def from_ref(cls, ref: TensorRef) -> Entry:
@@ -58,7 +65,12 @@ class Entry:
 
 
 State = dict[str, Entry]
-Target = Mapping[str, TargetTensor]
+# the policies take a signature (with its tie groups) or just its key -> tensor table
+Target = TargetSignature | Mapping[str, TargetTensor]
+
+
+def _tensors(target: Target) -> Mapping[str, TargetTensor]:
+    return target.tensors if isinstance(target, TargetSignature) else target
 
 
 # --- the pure functions --------------------------------------------------------------------------
@@ -117,23 +129,35 @@ def cast(state: State, dtype: str) -> State:
 
 
 def fill_missing(state: State, target: Target) -> State:
-    """Add the target's keys the state lacks, valued by the target's own initialisation."""
+    """Add the target's keys the state lacks: a tied alias (``lm_head.weight``) takes its present partner's
+    tensor, since loading a fresh value into it would overwrite the shared, trained one; other keys take
+    the target's own initialisation."""
+    tensors = _tensors(target)
+    partners = target.partners() if isinstance(target, TargetSignature) else {}
     out = dict(state)
-    for key, t in target.items():
-        if key not in out:
+    for key, t in tensors.items():
+        if key in out:
+            continue
+        partner = next((p for p in partners.get(key, ()) if p in state and shapes_load(state[p].shape, t.shape)), None)
+        if partner is not None:
+            out[key] = replace(state[partner], key=key, reason="tied", tied_to=partner)
+        else:
             out[key] = Entry.from_target(key, t, "fill_missing")
     return out
 
 
 def drop_unexpected(state: State, target: Target) -> State:
     """Drop the keys the target has no place for."""
-    return {k: e for k, e in state.items() if k in target}
+    tensors = _tensors(target)
+    return {k: e for k, e in state.items() if k in tensors}
 
 
 def reinit_mismatched(state: State, target: Target) -> State:
-    """Replace the keys whose shape differs from the target's by the target's initialisation."""
+    """Replace the keys whose shape would not load into the target's by the target's initialisation."""
+    tensors = _tensors(target)
     return {
-        k: Entry.from_target(k, target[k], "reinit_mismatched") if k in target and target[k].shape != e.shape else e
+        k: Entry.from_target(k, tensors[k], "reinit_mismatched")
+        if k in tensors and not shapes_load(e.shape, tensors[k].shape) else e
         for k, e in state.items()
     }
 
@@ -177,17 +201,25 @@ class Operation:
         return self.op in _POLICIES
 
     def describe(self) -> str:
-        """The command-line spelling, as shown in the plan."""
-        p = self.params
-        if self.op == "rename":
-            return f"--rename {p['pattern']}={p['replacement']}"
+        """The command-line spelling, as shown in the plan (a ``--map`` table by its size)."""
         if self.op == "map":
-            return f"--map ({len(p['mapping'])} keys)"
-        if self.op == "cast":
-            return f"--dtype {p['dtype']}"
-        flag = "--" + self.op.replace("_", "-")
+            return f"--map ({len(self.params['mapping'])} keys)"
+        return " ".join(self.to_argv())
+
+    def to_argv(self) -> list[str]:
+        """The ``ckpt migrate`` flags that give this operation (``["--drop", "classifier.6"]``).
+
+        A ``map`` operation holds its table, not a file name: it has no command-line form (save the
+        plan and pass ``--plan``).
+        """
+        p = self.params
+        flag = _FLAG_OF[self.op]
+        if self.op == "map":
+            raise UsageError("a --map table has no command-line form: save the plan and apply it with --plan")
+        if self.op == "rename":
+            return [flag, f"{p['pattern']}={p['replacement']}"]
         value = next(iter(p.values()), None)
-        return f"{flag} {value}" if value is not None else flag
+        return [flag] if value is None else [flag, str(value)]
 
     def to_json(self) -> dict[str, Any]:
         return {"op": self.op, **self.params}
@@ -219,6 +251,45 @@ _FIELDS: dict[str, tuple[tuple[str, type], ...]] = {
     "rename": (("pattern", str), ("replacement", str)), "map": (("mapping", dict),),
     "fill_missing": (), "drop_unexpected": (), "reinit_mismatched": (),
 }
+
+
+# --- argv: the one table between migrate's flags and operations ----------------------------------
+
+# flag -> operation; each flag takes one value except the three policies
+FLAGS: dict[str, str] = {
+    "--drop": "drop", "--keep": "keep", "--exclude": "exclude", "--rename": "rename",
+    "--strip-prefix": "strip_prefix", "--add-prefix": "add_prefix", "--map": "map", "--dtype": "cast",
+    "--fill-missing": "fill_missing", "--drop-unexpected": "drop_unexpected",
+    "--reinit-mismatched": "reinit_mismatched",
+}
+_FLAG_OF = {op: flag for flag, op in FLAGS.items()}
+
+
+def operation_from_flag(flag: str, value: str | None = None) -> Operation:
+    """One command-line operation as an :class:`Operation`: ``("--drop", "fc")``, ``("--fill-missing", None)``.
+
+    ``--map`` takes the JSON file of old key -> new key; ``--rename`` takes ``REGEX=REPLACEMENT``.
+    """
+    op = FLAGS.get(flag)
+    if op is None:
+        raise UsageError(f"{flag}: not an operation (known: {', '.join(FLAGS)})")
+    fields = _FIELDS[op]
+    if not fields:
+        if value is not None:
+            raise UsageError(f"{flag} takes no value")
+        return operation(op)
+    if value is None:
+        raise UsageError(f"{flag} needs a value")
+    if op == "rename":
+        return parse_rename(value)
+    if op == "map":
+        return load_mapping(value)
+    return operation(op, **{fields[0][0]: value})
+
+
+def operations_from_argv(pairs: list[tuple[str, str | None]]) -> list[Operation]:
+    """``[("--strip-prefix", "module."), ("--fill-missing", None)]`` -> operations, in that order."""
+    return [operation_from_flag(flag, value) for flag, value in pairs]
 
 
 def operation(op: str, **params: Any) -> Operation:
@@ -264,7 +335,15 @@ def load_mapping(path: str) -> Operation:
 
 @dataclass(frozen=True)
 class Plan:
-    """What to do to which checkpoint, and for which target."""
+    """What to do to which checkpoint, and for which target: the one owner of the plan's JSON and argv forms.
+
+    Example:
+        >>> plan = Plan("dp.pth", arch="resnet18", operations=(operation("strip_prefix", prefix="module."),))
+        >>> plan.command("out.pth")
+        'ckpt migrate dp.pth --arch resnet18 --strip-prefix module. -o out.pth'
+        >>> Plan.from_json(plan.to_json()) == plan
+        True
+    """
 
     source: str | None = None
     key: str | None = None
@@ -277,6 +356,63 @@ class Plan:
             "version": PLAN_VERSION, "source": self.source, "key": self.key, "arch": self.arch,
             "arch_args": dict(self.arch_args), "operations": [op.to_json() for op in self.operations],
         }
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "plan") -> Plan:
+        """Check and build a plan from its JSON form (unknown fields of an operation are ignored)."""
+        return plan_from_json(data, where)
+
+    @classmethod
+    def load(cls, path: str) -> Plan:
+        """Read a plan file (see :func:`load_plan`)."""
+        return load_plan(path)
+
+    def save(self, path: str) -> None:
+        """Write the plan as JSON, atomically: ``path`` holds the old file or the new one, never half of one."""
+        from .writer import Staging
+
+        staging = Staging()
+        try:
+            with staging.open(path) as f:
+                f.write((json.dumps(self.to_json(), indent=2) + "\n").encode("utf-8"))
+            staging.commit()
+        finally:
+            staging.abort()
+
+    def to_argv(self, output: str | None = None) -> list[str]:
+        """The ``ckpt migrate`` command line (as a list) that applies this plan, flag for flag."""
+        if self.source is None:
+            raise UsageError("the plan names no source checkpoint")
+        argv = ["ckpt", "migrate", self.source]
+        if self.key:
+            argv += ["--key", self.key]
+        if self.arch:
+            argv += ["--arch", self.arch]
+            for name, value in sorted(self.arch_args.items()):
+                argv += ["--arch-arg", f"{name}={_arch_value(value)}"]
+        for op in self.operations:
+            argv += op.to_argv()
+        return [*argv, "-o", output or fixed_name(self.source)]
+
+    def command(self, output: str | None = None) -> str:
+        """:meth:`to_argv` as one shell-quoted line."""
+        return " ".join(shlex.quote(a) for a in self.to_argv(output))
+
+
+def _arch_value(value: Any) -> str:
+    """How to write an --arch-arg value so that ``parse_arch_args`` reads it back as the same value."""
+    from .arch import parse_arch_args
+
+    if isinstance(value, str):
+        return value if parse_arch_args([f"x={value}"])["x"] == value else repr(value)
+    return repr(value)
+
+
+def fixed_name(source: str) -> str:
+    """The output name a suggested command uses: ``a.pth`` -> ``a.fixed.pth``."""
+    base = source[: -len(".index.json")] if source.endswith(".index.json") else source.rstrip("/")
+    stem, ext = os.path.splitext(base)
+    return f"{stem}.fixed{ext if ext in ('.pth', '.pt', '.bin', '.ckpt', '.safetensors') else '.pth'}"
 
 
 def plan_from_json(data: Any, where: str = "plan") -> Plan:
@@ -307,7 +443,7 @@ def plan_from_json(data: Any, where: str = "plan") -> Plan:
 
 
 def load_plan(path: str) -> Plan:
-    """Read a plan file (as written by ``ckpt diff --plan-out`` or :func:`save_plan`).
+    """Read a plan file (as written by ``ckpt diff --plan-out`` or :meth:`Plan.save`).
 
     A relative ``source`` is taken from the current directory, or else from the plan's own.
     """
@@ -320,9 +456,8 @@ def load_plan(path: str) -> Plan:
 
 
 def save_plan(plan: Plan, path: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(plan.to_json(), f, indent=2)
-        f.write("\n")
+    """:meth:`Plan.save`."""
+    plan.save(path)
 
 
 def _read_json(path: str, option: str) -> Any:
@@ -377,17 +512,58 @@ def apply(operations: tuple[Operation, ...] | list[Operation], state: State, tar
     """
     steps = []
     for op in operations:
+        _refuse_if_unmatched(op, state)
         after = op.apply(state, target)
         steps.append(_step(op.describe(), state, after))
         state = after
     return Applied(state, tuple(steps))
 
 
+def _refuse_if_unmatched(op: Operation, state: State) -> None:
+    """An operation on keys that finds none is a typo or the wrong file: refuse it, naming the nearest keys."""
+    import difflib
+
+    p = op.params
+    keys = list(state)
+    if op.op == "drop":
+        hit = any(in_module(k, p["prefix"]) for k in keys)
+        what, candidates = p["prefix"], _modules(keys)
+    elif op.op in ("keep", "exclude", "rename"):
+        rx = _regex(p["pattern"], op.op)
+        hit = any(rx.search(k) for k in keys)
+        what, candidates = p["pattern"], keys
+    elif op.op == "strip_prefix":
+        hit = any(k.startswith(p["prefix"]) for k in keys)
+        what, candidates = p["prefix"], sorted({m + "." for m in _modules(keys)})
+    elif op.op == "map":
+        hit = any(k in p["mapping"] for k in keys)
+        what, candidates = next(iter(p["mapping"]), ""), keys
+    else:
+        return
+    if hit:
+        return
+    near = difflib.get_close_matches(what, candidates, n=3, cutoff=0.5)
+    hint = f"closest: {', '.join(near)}" if near else f"keys look like {', '.join(keys[:3])}"
+    raise UsageError(f"{op.describe()} matches no key ({hint})")
+
+
+def _modules(keys: list[str]) -> list[str]:
+    """Every module path of the keys, outermost first: ``a.b.w`` gives ``a``, ``a.b``."""
+    out: dict[str, None] = {}
+    for k in keys:
+        parts = k.split(".")
+        for i in range(1, len(parts)):
+            out[".".join(parts[:i])] = None
+    return list(out)
+
+
 def _step(name: str, before: State, after: State) -> Step:
     # entries are matched by where their values come from, so a rename is told from a drop + add
-    where_after = {(e.source, e.origin): k for k, e in after.items()}
+    where_after = {(e.source, e.origin): k for k, e in after.items() if not e.tied_to}
     dropped, renamed, cast_keys = [], [], []
     for key, e in before.items():
+        if e.tied_to:
+            continue  # an alias follows its partner
         new = where_after.get((e.source, e.origin))
         if new is None:
             dropped.append(key)
@@ -396,8 +572,9 @@ def _step(name: str, before: State, after: State) -> Step:
             renamed.append((key, new))
         if after[new].dtype != e.dtype:
             cast_keys.append(new)
-    where_before = {(e.source, e.origin) for e in before.values()}
-    fresh = [k for k, e in after.items() if (e.source, e.origin) not in where_before]
+    where_before = {(e.source, e.origin) for e in before.values() if not e.tied_to}
+    fresh = [k for k, e in after.items()
+             if (e.source, e.origin) not in where_before or (e.tied_to and k not in before)]
     reinit = [k for k in fresh if after[k].reason == "reinit_mismatched"]
     added = [k for k in fresh if after[k].reason != "reinit_mismatched"]
     # a reinitialised key replaces the checkpoint's tensor of the same name: not a drop

@@ -10,6 +10,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from .model import Progress
+from .text import some
+
+__all__ = ["dumps", "echo", "human_bytes", "human_count", "json_option", "note", "plain_table", "progress_bar",
+           "shape_str", "some", "table", "to_jsonable"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -54,12 +58,6 @@ def table(rows: Iterable[Sequence[Any]], headers: Sequence[str], align: Sequence
         return "(none)"
     return str(tabulate(rows, headers=list(headers), tablefmt="simple", disable_numparse=True,
                         colalign=list(align) if align else None))
-
-
-def some(items: Iterable[str], limit: int = 3) -> str:
-    """The first ``limit`` items, then how many more: ``"a, b, c and 4 more"``."""
-    items = list(items)
-    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def human_bytes(n: float | None) -> str:

@@ -26,7 +26,6 @@ from typing import Any
 from .errors import CkptError, UsageError
 from .formats import sniff as fmt
 from .model import Checkpoint, is_floating
-from .render import some
 from .scan import (
     SAFE,
     FileScan,
@@ -38,6 +37,7 @@ from .scan import (
     policy_for,
     scan_file,
 )
+from .text import some
 
 PASS, FAIL, NOTE = "pass", "fail", "note"
 FORMATS = (fmt.ZIP, fmt.TORCHSCRIPT, fmt.LEGACY, fmt.SAFETENSORS, fmt.PICKLE)
@@ -233,9 +233,9 @@ def _values_check(ckpt: Checkpoint) -> Check:
 
 
 def _arch_check(path: str, ckpt: Checkpoint | None, spec: str, args: dict[str, Any], key: str | None) -> Check:
-    """Would ``load_state_dict(strict=True)`` accept it? The same engine as ``ckpt diff``."""
+    """Would ``load_state_dict(strict=True)`` accept it? The one engine (:mod:`ckpt_tool.compat`)."""
     from .arch import target_signature
-    from .diff import diff
+    from .compat import check_checkpoint
 
     label = spec + (f" {args}" if args else "")
     try:
@@ -243,15 +243,15 @@ def _arch_check(path: str, ckpt: Checkpoint | None, spec: str, args: dict[str, A
             ckpt, loads = _load_check(path, key)
             if ckpt is None:
                 return Check("arch", FAIL, f"{label}: {loads.message}")
-        report = diff(ckpt, target_signature(spec, args))
+        signature = target_signature(spec, args)
+        result = check_checkpoint(ckpt, signature)
     except CkptError as exc:
         return Check("arch", FAIL, f"{label}: {exc}")
-    counts = report.counts
-    if report.loads_strictly:
-        return Check("arch", PASS, f"{label}: all {counts.target_keys} keys match")
-    wrong = [k.key for k in report.keys if k.status in ("missing", "unexpected", "shape")][:_SHOWN]
-    return Check("arch", FAIL, f"{label}: {counts.missing} missing, {counts.unexpected} unexpected, "
-                 f"{counts.shape_mismatches} shape mismatches (e.g. {', '.join(wrong)}); see `ckpt diff {path} --arch {spec}`")
+    if result.loads:
+        return Check("arch", PASS, f"{label}: all {len(signature.tensors)} keys match")
+    wrong = [*result.missing, *result.unexpected, *(m.key for m in result.mismatched)][:_SHOWN]
+    return Check("arch", FAIL, f"{label}: {len(result.missing)} missing, {len(result.unexpected)} unexpected, "
+                 f"{len(result.mismatched)} shape mismatches (e.g. {', '.join(wrong)}); see `ckpt diff {path} --arch {spec}`")
 
 
 def _validate_sharded(path: str, rules: Rules) -> FileValidation:

@@ -112,14 +112,14 @@ def test_corrupt_or_stale_entry_is_rebuilt(cache: Path, damage: str) -> None:
     elif damage == "garbage":
         entry.write_bytes(b"\xff\xfe not json")
     elif damage == "checksum":  # a shape edited by hand: the checksum no longer matches
-        data["tensors"][0][1] = [1, 2, 3]
+        data["body"]["tensors"][0][1] = [1, 2, 3]
         entry.write_text(json.dumps(data))
     elif damage == "key":  # an entry that answers another question
         data["key"]["torch"] = "0.0"
         entry.write_text(json.dumps(data))
     else:
-        data["tensors"] = [["x", None, 1, 2]]
-        data["checksum"] = arch._checksum(data["key"], data["tensors"], data["auto_filled"])
+        data["body"]["tensors"] = [["x", None, 1, 2]]
+        data["checksum"] = arch._checksum(data["key"], data["body"])
         entry.write_text(json.dumps(data))
     rebuilt = target_signature("squeezenet1_0")
     assert rebuilt.cache == "rebuilt" and rebuilt.tensors == good.tensors

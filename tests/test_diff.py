@@ -28,10 +28,10 @@ from ckpt_tool.diff import (
     diff_paths,
     fold_rows,
     format_indices,
-    migrate_command,
     shapes_load,
 )
 from ckpt_tool.errors import InputError, KeyPathError, OutputError, UsageError
+from ckpt_tool.plan import plan_from_json
 from ckpt_tool.reader import open_checkpoint
 from ckpt_tool.values import FileCache
 
@@ -483,7 +483,7 @@ def test_usage_errors(resnet: Any, tmp_path: Path) -> None:
         diff_paths(path, path, depth=0)
     with pytest.raises(OutputError, match="overwrite the checkpoint"):
         diff_paths(path, path, plan_out=path)
-    with pytest.raises(OutputError, match="cannot write the plan"):
+    with pytest.raises(OutputError, match="cannot create a file"):
         diff_paths(path, arch="resnet18", plan_out=str(tmp_path / "no" / "such" / "dir.json"))
 
 
@@ -496,7 +496,7 @@ def test_checkpoint_without_tensors(tmp_path: Path) -> None:
 def test_migrate_command_quotes_and_round_trips_arch_args() -> None:
     doc = {"source": "my model.pth", "key": None, "arch": "x.py:f", "arch_args": {"name": "True", "n": 3},
            "operations": [{"op": "rename", "pattern": r"^a\.", "replacement": "b."}, {"op": "drop_unexpected"}]}
-    argv = shlex.split(migrate_command(doc))
+    argv = shlex.split(plan_from_json(doc).command())
     assert argv == ["ckpt", "migrate", "my model.pth", "--arch", "x.py:f", "--arch-arg", "n=3", "--arch-arg",
                     "name='True'", "--rename", r"^a\.=b.", "--drop-unexpected", "-o", "my model.fixed.pth"]
     assert parse_arch_args([argv[6], argv[8]]) == {"n": 3, "name": "True"}

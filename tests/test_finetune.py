@@ -165,7 +165,7 @@ def test_load_report_matches_torch_load_state_dict(files, tmp_path, torch):
     result = model.load_state_dict(filtered, strict=False)
     assert set(load.missing) == set(result.missing_keys) - {"fc.weight"}
     assert set(load.unexpected) == set(result.unexpected_keys) == {"extra.weight"}
-    assert [(m.key, m.checkpoint_shape, m.model_shape) for m in load.mismatched] == [("fc.weight", (7, 512), (1000, 512))]
+    assert [(m.key, m.shape, m.target_shape) for m in load.mismatched] == [("fc.weight", (7, 512), (1000, 512))]
     assert load.loaded == len(filtered) - 1
     loaded = check(report, "weights loaded")
     assert loaded.status == FAIL

@@ -11,6 +11,7 @@ from ckpt_tool.arch import TargetTensor
 from ckpt_tool.errors import InputError, UsageError
 from ckpt_tool.model import TensorRef, contiguous_strides
 from ckpt_tool.plan import (
+    Operation,
     Plan,
     apply,
     initial_state,
@@ -89,10 +90,24 @@ def test_strip_and_add_prefix():
     assert len(out.steps[0].renamed) == 2 and len(out.steps[1].renamed) == 3
 
 
-def test_operation_that_matches_nothing_reports_zero():
-    out = run(state("fc.weight"), operation("strip_prefix", prefix="module."))
+@pytest.mark.parametrize(("op", "closest"), [
+    (operation("strip_prefix", prefix="module."), "keys look like classifier.6.weight"),
+    (operation("drop", prefix="classifer.6"), "closest: classifier.6"),
+    (operation("keep", pattern="^clasifier"), "closest: classifier"),
+    (operation("exclude", pattern="head"), "keys look like"),
+    (operation("rename", pattern="^fc\\.", replacement="head."), "keys look like"),
+    (operation("map", mapping={"classifer.6.weight": "x"}), "closest: classifier.6.weight"),
+])
+def test_operation_that_matches_nothing_is_refused_naming_the_closest_keys(op: Operation, closest: str) -> None:
+    with pytest.raises(UsageError, match="matches no key") as err:
+        run(state("classifier.6.weight", "classifier.6.bias", "features.0.weight"), op)
+    assert op.describe() in str(err.value) and closest in str(err.value)
+
+
+def test_policies_and_casts_that_change_nothing_are_fine() -> None:
+    refs = {"n": ref("bn.num_batches_tracked", (), "int64")}
+    out = run(initial_state(refs), operation("cast", dtype="float16"))
     assert out.steps[0].affected == 0
-    assert list(out.state) == ["fc.weight"]
 
 
 def test_cast_touches_floating_tensors_only():

@@ -6,19 +6,17 @@ from typing import Any
 
 import click
 
+from ..errors import EXIT_FINDINGS, EXIT_OK
 from ..render import dumps, echo, human_count, json_option, note, progress_bar, shape_str, table
-
-EXIT_LOADS, EXIT_DIFFERS = 0, 1
+from .options import arch_arg_option, arch_option, key_option
 
 
 @click.command()
 @click.argument("checkpoint", type=click.Path(dir_okay=True))
 @click.argument("target", required=False, type=click.Path(dir_okay=True))
-@click.option("--arch", metavar="SPEC", help="Target architecture: a torchvision name (vgg16), pkg.module:factory, "
-              "path/to/file.py:factory or timm:NAME. Built on the meta device, never downloaded.")
-@click.option("--arch-arg", "arch_args", multiple=True, metavar="NAME=VALUE",
-              help="Keyword argument for the architecture (repeatable; values are Python literals).")
-@click.option("--key", metavar="PATH", help="Nested state dict of CHECKPOINT to use (model_state_dict, state_dict/ema).")
+@arch_option
+@arch_arg_option
+@key_option
 @click.option("--target-key", metavar="PATH", help="Nested state dict of TARGET to use.")
 @click.option("--values", is_flag=True, help="Also compare tensor values (TARGET checkpoint only): max |a-b| and "
               "relative change ||a-b||/||a|| per tensor, streamed.")
@@ -59,7 +57,7 @@ def diff(checkpoint: str, target: str | None, arch: str | None, arch_args: tuple
         _render(report)
     if report.plan_path:
         note(f"plan written to {report.plan_path}")
-    raise click.exceptions.Exit(EXIT_LOADS if report.loads_strictly else EXIT_DIFFERS)
+    raise click.exceptions.Exit(EXIT_OK if report.loads_strictly else EXIT_FINDINGS)
 
 
 def _render(report: Any) -> None:
@@ -91,6 +89,13 @@ def _render(report: Any) -> None:
         echo("loads strictly: load_state_dict(strict=True) would succeed")
         return
     plan = report.plan
+    if plan.mostly_new:
+        echo(f"would not load strictly, and only {_share_of(plan.checkpoint_share)} of {report.target}'s parameters "
+             "would come from this checkpoint: it is probably not a checkpoint of this architecture.")
+        echo("  Check --arch and --arch-arg. `ckpt migrate` refuses such a plan unless --allow-mostly-new is given.")
+        for text in plan.notes:
+            echo(f"  ! {text}")
+        return
     echo("would not load strictly." + (" Suggested fix:" if plan.steps else ""))
     for step in plan.steps:
         echo(f"  - {step.operation['op']}: {step.reason}")
@@ -141,6 +146,10 @@ def _share(part: int, whole: int) -> str:
         if (float(text[:-1]) == 100.0) == (part == whole) and (float(text[:-1]) == 0.0) == (part == 0):
             return text
     return f"{share:.6%}"
+
+
+def _share_of(share: float) -> str:
+    return f"{share:.0%}" if share == 0 or share >= 0.01 else f"{share:.2%}"
 
 
 def _num(value: float | None) -> str:

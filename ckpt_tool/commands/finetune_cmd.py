@@ -6,19 +6,21 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import click
 
+from ..errors import EXIT_FINDINGS as EXIT_FAILED
 from ..render import dumps, echo, human_count, json_option, shape_str, table
-from .migrate_cmd import _operations, _OrderedCommand
+from .options import OrderedCommand, arch_arg_option, arch_option, key_option, plan_operation_options
 
-EXIT_FAILED = 1
 _RAW_ARGS = "ckpt.finetune.args"
+_required_arch: Callable[[Callable[..., Any]], Callable[..., Any]] = arch_option(required=True)
 
 
-class _FinetuneCommand(_OrderedCommand):
-    """Keeps the operations' command-line order (as migrate does) and the raw arguments (for --nproc)."""
+class _FinetuneCommand(OrderedCommand):
+    """Keeps the operations' command-line order and the raw arguments (``--nproc`` runs them again)."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         ctx.meta[_RAW_ARGS] = list(args)
@@ -27,19 +29,10 @@ class _FinetuneCommand(_OrderedCommand):
 
 @click.command("finetune-check", cls=_FinetuneCommand)
 @click.argument("checkpoint", type=click.Path(dir_okay=True))
-@click.option("--arch", required=True, help="Target: torchvision name, pkg.module:factory, file.py:factory or timm:NAME.")
-@click.option("--arch-arg", "arch_args", multiple=True, metavar="NAME=VALUE", help="Keyword argument for the factory.")
-@click.option("--key", default=None, help="Path to the nested state dict (e.g. model, state_dict, ckpt/ema).")
-@click.option("--strip-prefix", multiple=True, metavar="PREFIX", help="Remove PREFIX (e.g. module.) from keys.")
-@click.option("--add-prefix", multiple=True, metavar="PREFIX", help="Put PREFIX in front of every key.")
-@click.option("--rename", multiple=True, metavar="REGEX=REPL", help="Rename keys with re.sub.")
-@click.option("--drop", multiple=True, metavar="MODULE", help="Drop a module's keys from the checkpoint.")
-@click.option("--plan", "plan_file", multiple=True, metavar="FILE", type=click.Path(dir_okay=False),
-              help="Apply a migrate plan file (ckpt diff --plan-out) where it stands among the operations.")
-@click.option("--fill-missing", is_flag=True, help="Keys the model has and the checkpoint lacks keep the model's "
-              "initialisation (as ckpt migrate --fill-missing).")
-@click.option("--drop-unexpected", is_flag=True, help="Drop keys the model has no place for.")
-@click.option("--reinit-mismatched", is_flag=True, help="Keys whose shape differs keep the model's initialisation.")
+@_required_arch
+@arch_arg_option
+@key_option
+@plan_operation_options
 @click.option("--strict", is_flag=True, help="Fail on any missing or unexpected key (besides a replaced head).")
 @click.option("--num-classes", type=int, default=None, help="Replace the classification head with one of N classes.")
 @click.option("--head", default=None, metavar="MODULE", help="The head to replace, when it is not found by name.")
@@ -84,11 +77,12 @@ class _FinetuneCommand(_OrderedCommand):
 @json_option
 @click.pass_context
 def finetune_check(ctx: click.Context, /, checkpoint: str, arch: str, arch_args: tuple[str, ...], nproc: int | None,
-                   quiet: bool, as_json: bool, **kw: Any) -> None:
+                   quiet: bool, as_json: bool, operations: tuple[Any, ...], plan_base: Any, **kw: Any) -> None:
     """Prove that CHECKPOINT loads into --arch and fine-tunes: load, freeze, train briefly, check.
 
-    The migrate operations (--plan, --strip-prefix, --add-prefix, --rename, --drop, --fill-missing,
-    --drop-unexpected, --reinit-mismatched) apply in the order given, as in ckpt migrate.
+    The migrate operations (--plan, --strip-prefix, --rename, --drop, --fill-missing,
+    --drop-unexpected, --reinit-mismatched, ...) apply in the order given, as in ckpt migrate;
+    a plan's own arch and key are not used (give --arch and --key).
     Under torchrun (or with --nproc N) each process trains its shard in DistributedDataParallel
     and rank 0 prints the one report.
 
@@ -98,9 +92,6 @@ def finetune_check(ctx: click.Context, /, checkpoint: str, arch: str, arch_args:
     from ..finetune import FinetuneOptions
     from ..finetune import finetune_check as run
 
-    ops = {name: kw.pop(name) for name in ("strip_prefix", "add_prefix", "rename", "drop", "plan_file",
-                                           "fill_missing", "drop_unexpected", "reinit_mismatched")}
-    operations, _ = _operations(ctx, ops)
     kw["freeze"], kw["trainable"] = tuple(kw["freeze"]), tuple(kw["trainable"])
     options = FinetuneOptions(arch_args=parse_arch_args(arch_args), operations=tuple(operations), **kw)
     if nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ:
@@ -193,7 +184,7 @@ def render_setup(setup: Any) -> str:
                  f"{len(load.missing)} missing, {len(load.unexpected)} unexpected, {len(load.mismatched)} mismatched")
     rows = [("missing", k, "-", shape_str(load.missing_shapes.get(k))) for k in load.missing]
     rows += [("unexpected", k, shape_str(load.unexpected_shapes.get(k)), "-") for k in load.unexpected]
-    rows += [("mismatched", m.key, shape_str(m.checkpoint_shape), shape_str(m.model_shape)) for m in load.mismatched]
+    rows += [("mismatched", m.key, shape_str(m.shape), shape_str(m.target_shape)) for m in load.mismatched]
     if rows:
         head = set(load.head_keys)
         rows = [(kind + (" (head)" if key in head else ""), key, a, b) for kind, key, a, b in rows]

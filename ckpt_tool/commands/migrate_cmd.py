@@ -6,51 +6,22 @@ from typing import Any
 
 import click
 
+from ..errors import EXIT_FINDINGS, EXIT_OK
 from ..render import dumps, echo, human_bytes, json_option, progress_bar, shape_str, some, table
+from .options import OrderedCommand, arch_arg_option, arch_option, key_option, plan_operation_options
 
-EXIT_OK, EXIT_FINDINGS = 0, 1
-# options that are operations: applied in the order they appear on the command line
-_ORDERED = ("drop", "keep", "exclude", "rename", "strip_prefix", "add_prefix", "map_file", "dtype", "plan_file",
-            "fill_missing", "drop_unexpected", "reinit_mismatched")
-_ORDER_KEY = "ckpt.migrate.order"
 _LIST_LIMIT = 10  # lines per list in the table view
 
 
-class _OrderedCommand(click.Command):
-    """Click gathers each option's values separately; this keeps their interleaving (--rename a --drop b --rename c)."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        _, _, order = self.make_parser(ctx).parse_args(args=list(args))
-        ctx.meta[_ORDER_KEY] = [p.name for p in order if p.name in _ORDERED]
-        return super().parse_args(ctx, args)
-
-
-@click.command(cls=_OrderedCommand)
+@click.command(cls=OrderedCommand)
 @click.argument("source", required=False, type=click.Path(dir_okay=True))
-@click.option("--key", metavar="PATH", help="Nested state dict to operate on (model_state_dict, state_dict/ema). "
-              "Other top-level entries are dropped unless --keep-extras.")
-@click.option("--keep-extras", is_flag=True, help="Keep plain-data top-level entries (epoch, config): beside the "
-              "state dict in a .pth, as JSON in the safetensors metadata. Optimizer state is never kept.")
-@click.option("--drop", multiple=True, metavar="PREFIX", help="Drop a module and everything under it "
-              "(classifier.6 drops classifier.6.weight, not classifier.60.weight).")
-@click.option("--keep", multiple=True, metavar="REGEX", help="Keep only the keys REGEX matches (re.search).")
-@click.option("--exclude", multiple=True, metavar="REGEX", help="Drop the keys REGEX matches (re.search).")
-@click.option("--rename", multiple=True, metavar="REGEX=REPL", help="Rename keys with re.sub (groups as \\1); "
-              "split at the last '='.")
-@click.option("--strip-prefix", multiple=True, metavar="PREFIX", help="Remove PREFIX (module.) where keys start with it.")
-@click.option("--add-prefix", multiple=True, metavar="PREFIX", help="Put PREFIX (backbone.) in front of every key.")
-@click.option("--map", "map_file", multiple=True, metavar="FILE", type=click.Path(dir_okay=False),
-              help="Rename by a JSON object of old key -> new key.")
-@click.option("--dtype", multiple=True, type=click.Choice(["float16", "bfloat16", "float32"]),
-              help="Cast floating tensors (integer tensors and buffers such as num_batches_tracked are untouched).")
-@click.option("--plan", "plan_file", multiple=True, metavar="FILE", type=click.Path(dir_okay=False),
-              help="Apply a plan saved by `ckpt diff --plan-out` (its source, --key and --arch apply unless given).")
-@click.option("--arch", metavar="SPEC", help="Target architecture (as for diff): vgg16, pkg.module:factory, "
-              "path/to/file.py:factory or timm:NAME. Enables the three policies and the strict-load check.")
-@click.option("--arch-arg", "arch_args", multiple=True, metavar="NAME=VALUE", help="Keyword argument for --arch (repeatable).")
-@click.option("--fill-missing", is_flag=True, help="Keys the target has and the checkpoint lacks take the target's initialisation.")
-@click.option("--drop-unexpected", is_flag=True, help="Drop keys the target has no place for.")
-@click.option("--reinit-mismatched", is_flag=True, help="Keys whose shape differs take the target's initialisation.")
+@key_option
+@click.option("--keep-extras", is_flag=True, help="Keep plain-data top-level entries beside the state dict "
+              "(epoch, config): in a .pth, as JSON in the safetensors metadata. Without it they are dropped "
+              "(and listed); optimizer state is never kept.")
+@plan_operation_options
+@arch_option
+@arch_arg_option
 @click.option("--seed", type=int, default=0, show_default=True, help="torch.manual_seed before the target is built.")
 @click.option("-o", "--output", metavar="OUT", type=click.Path(dir_okay=False),
               help="Output file: .safetensors, or .pth/.pt/.bin (a state dict torch.load(weights_only=True) opens).")
@@ -59,31 +30,34 @@ class _OrderedCommand(click.Command):
 @click.option("--force", is_flag=True, help="Replace an existing output (never the input: see --in-place).")
 @click.option("--in-place", is_flag=True, help="Replace SOURCE itself (keeps SOURCE.bak).")
 @click.option("--dry-run", is_flag=True, help="Show the plan and the resulting diff; write nothing.")
+@click.option("--allow-mostly-new", is_flag=True, help="Write even when under half of the target's parameters "
+              "come from the checkpoint (refused otherwise: it is probably the wrong --arch).")
 @json_option
-@click.pass_context
-def migrate(ctx: click.Context, /, source: str | None, key: str | None, keep_extras: bool, arch: str | None,
-            arch_args: tuple[str, ...], seed: int, output: str | None, max_shard_size: str | None, force: bool,
-            in_place: bool, dry_run: bool, as_json: bool, **ordered: Any) -> None:
+def migrate(source: str | None, key: str | None, keep_extras: bool, arch: str | None, arch_args: tuple[str, ...],
+            seed: int, output: str | None, max_shard_size: str | None, force: bool, in_place: bool, dry_run: bool,
+            allow_mostly_new: bool, as_json: bool, operations: tuple[Any, ...], plan_base: Any) -> None:
     """Rename, filter, drop, cast and re-head SOURCE into a checkpoint that loads into a target.
 
     Operations apply in the order given and are shown as a plan before anything is written.
     Tensor bytes are streamed from SOURCE to OUT (no torch import when they only move); the
-    write is atomic (temporary file, fsync, rename). With --arch the output is then loaded into
-    the target with strict=True.
+    write is atomic (temporary file, fsync, rename). The output is then verified by value: re-read
+    and compared with its sources tensor by tensor and, with --arch, loaded into the target with
+    strict=True and its state_dict() compared with the output.
 
     \b
     Exit codes:
-      0  written (and, with --arch, loads strictly into the target)
-      1  written, but it does not load strictly, or holds NaN/Inf
+      0  written and verified (with --arch: loads strictly, every value as planned)
+      1  written, but it does not load strictly, a value is not as planned, or it holds NaN/Inf
          (--dry-run: the planned result would not load)
-      2  usage or input errors (nothing is written)
+      2  usage or input errors, an operation that matches no key, or under half of the
+         target's parameters from the checkpoint without --allow-mostly-new (nothing is written)
     """
     from ..arch import parse_arch_args
     from ..migrate import migrate as run
     from ..plan import Plan
     from ..writer import parse_size
 
-    operations, base = _operations(ctx, ordered)
+    base = plan_base
     plan = Plan(
         source=source or base.source, key=key if key is not None else base.key, arch=arch or base.arch,
         arch_args=parse_arch_args(arch_args) if arch_args else (base.arch_args if arch in (None, base.arch) else {}),
@@ -92,7 +66,8 @@ def migrate(ctx: click.Context, /, source: str | None, key: str | None, keep_ext
     with progress_bar("writing", enabled=not dry_run) as progress:
         report = run(plan, output, seed=seed, keep_extras=keep_extras,
                      max_shard_size=parse_size(max_shard_size) if max_shard_size else None, force=force,
-                     in_place=in_place, dry_run=dry_run, on_plan=None if as_json else _render_plan,
+                     in_place=in_place, dry_run=dry_run, allow_mostly_new=allow_mostly_new,
+                     on_plan=None if as_json else _render_plan,
                      progress=progress)
     _finish(report, as_json)
 
@@ -100,7 +75,7 @@ def migrate(ctx: click.Context, /, source: str | None, key: str | None, keep_ext
 @click.command()
 @click.argument("source", type=click.Path(dir_okay=True))
 @click.argument("output", type=click.Path(dir_okay=False))
-@click.option("--key", metavar="PATH", help="Nested state dict to convert (model_state_dict).")
+@key_option
 @click.option("--max-shard-size", metavar="SIZE", help="Write Hugging Face style shards of at most SIZE (2GB).")
 @click.option("--force", is_flag=True, help="Replace an existing OUTPUT.")
 @json_option
@@ -120,38 +95,6 @@ def convert(source: str, output: str, key: str | None, max_shard_size: str | Non
         report = run(source, output, key=key, force=force,
                      max_shard_size=parse_size(max_shard_size) if max_shard_size else None, progress=progress)
     _finish(report, as_json)
-
-
-def _operations(ctx: click.Context, values: dict[str, Any]) -> tuple[list[Any], Any]:
-    """The operations in command-line order; ``--plan`` files expand where they stand."""
-    from ..plan import Plan, load_mapping, load_plan, operation, parse_rename
-
-    ops: list[Any] = []
-    base = Plan()
-    seen: dict[str, int] = {}
-    for name in ctx.meta.get(_ORDER_KEY, []):
-        i = seen.get(name, 0)
-        seen[name] = i + 1
-        value = values[name]
-        if isinstance(value, tuple):
-            value = value[i]
-        if name == "plan_file":
-            loaded = load_plan(value)
-            base = loaded if base.source is None and not base.operations else base
-            ops.extend(loaded.operations)
-        elif name == "rename":
-            ops.append(parse_rename(value))
-        elif name == "map_file":
-            ops.append(load_mapping(value))
-        elif name == "dtype":
-            ops.append(operation("cast", dtype=value))
-        elif name in ("drop", "strip_prefix", "add_prefix"):
-            ops.append(operation(name, prefix=value))
-        elif name in ("keep", "exclude"):
-            ops.append(operation(name, pattern=value))
-        else:
-            ops.append(operation(name))
-    return ops, base
 
 
 def _finish(report: Any, as_json: bool) -> None:
@@ -224,9 +167,32 @@ def _render_result(report: Any) -> None:
     if report.nonfinite:
         echo(f"NaN/Inf in {len(report.nonfinite)} written tensors: {some(report.nonfinite)}")
     v = report.verification
-    if v is not None:
-        echo(f"verified: loads into {v.arch} with strict=True" if v.loads
-             else f"verification failed: {v.arch} " + _diff_words(v.diff) + (f" ({v.error})" if v.error else ""))
+    if v is None:
+        return
+    if not v.loads:
+        echo(f"verification failed: {v.arch} " + _diff_words(v.diff) + (f" ({v.error})" if v.error else ""))
+        return
+    if v.differ:
+        echo(f"verification failed: {len(v.differ)} tensors are not what the plan intended: {some(v.differ)}")
+        return
+    where = f"{v.from_checkpoint} from the checkpoint" + "".join(
+        f", {n} {what}" for n, what in ((v.tied, "tied to their partner"), (v.filled, "filled from the target"),
+                                        (v.reinitialised, "re-initialised")) if n)
+    if v.arch is None:
+        echo(f"verified: re-read, {v.checked} tensors identical to their sources ({where})")
+    else:
+        echo(f"verified: loads into {v.arch} with strict=True, {v.checked} tensors as planned ({where}); "
+             f"{_percent(v.checkpoint_share)} of {v.arch}'s parameters come from the checkpoint")
+
+
+def _percent(share: float | None) -> str:
+    if share is None:
+        return "-"
+    text = f"{share:.1%}"
+    # never round a gap away, nor a few kept values to nothing
+    if text == "100.0%" and share < 1:
+        return f"{share:.4%}"
+    return f"{share:.4%}" if text == "0.0%" and share > 0 else text
 
 
 COMMANDS = [migrate, convert]

@@ -8,10 +8,10 @@ from typing import Any
 import click
 
 from .. import __version__
-from ..errors import UsageError
+from ..errors import EXIT_FINDINGS, UsageError
+from ..errors import EXIT_OK as EXIT_CLEAN
 from ..render import dumps, echo, json_option, plain_table
 
-EXIT_CLEAN, EXIT_FINDINGS = 0, 1
 _SHOWN_NAMES = 2
 
 

@@ -13,6 +13,7 @@ torch is imported inside the functions that need it: importing this package stay
 
 from __future__ import annotations
 
+from ..compat import Mismatch
 from .freeze import expand_pattern, matches, select_trainable
 from .head import HEAD_NAMES, find_head, replace_head
 from .options import FinetuneOptions
@@ -26,7 +27,6 @@ from .report import (
     FinetuneReport,
     HeadChange,
     LoadReport,
-    Mismatch,
     ModuleParams,
     Phase,
     Progress,

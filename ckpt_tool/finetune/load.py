@@ -8,7 +8,7 @@ from ..model import Checkpoint, common_prefix, in_module
 from ..render import shape_str
 from ..values import torch_state_dict
 from .options import FinetuneOptions
-from .report import FAIL, PASS, Check, LoadReport, Mismatch, _some
+from .report import FAIL, PASS, Check, LoadReport, _some
 
 
 def _migrated_state(ckpt: Checkpoint, opts: FinetuneOptions, model: Any) -> tuple[dict[str, Any], tuple[str, ...],
@@ -43,21 +43,30 @@ def _migrated_state(ckpt: Checkpoint, opts: FinetuneOptions, model: Any) -> tupl
 
 def _load_into(model: Any, state: dict[str, Any], heads: tuple[str, ...], operations: tuple[str, ...],
                initialised: tuple[str, ...] = ()) -> LoadReport:
+    """Load what would load; report the rest as the compat engine (torch's strict-load rules) sees it.
+
+    The state loaded is a plain dict with no ``_metadata``, so torch fills in every absent
+    ``num_batches_tracked`` itself; keys the plan left to the model's initialisation count as present.
+    """
+    from ..arch import signature_from_model
+    from ..compat import check
+
     model_state = model.state_dict()
-    missing = [k for k in model_state if k not in state and k not in initialised]
-    unexpected = [k for k in state if k not in model_state]
-    mismatched = [Mismatch(k, tuple(v.shape), tuple(model_state[k].shape)) for k, v in state.items()
-                  if k in model_state and tuple(v.shape) != tuple(model_state[k].shape)]
-    bad = {m.key for m in mismatched}
+    target = signature_from_model(model)
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    shapes.update({k: tuple(model_state[k].shape) for k in initialised if k in model_state and k not in shapes})
+    compat = check(shapes, target, versions=None)
+    bad = {m.key for m in compat.mismatched}
     usable = {k: v for k, v in state.items() if k in model_state and k not in bad}
     # filtered first, so torch reports nothing we have not already counted and raises no size mismatch
     model.load_state_dict(usable, strict=False)
     head_keys = tuple(k for k in model_state if any(in_module(k, h) for h in heads))
     return LoadReport(loaded=len(usable), model_keys=len(model_state), checkpoint_keys=len(state),
-                      missing=tuple(missing), unexpected=tuple(unexpected), mismatched=tuple(mismatched),
+                      missing=compat.missing, unexpected=compat.unexpected, mismatched=compat.mismatched,
                       head_keys=head_keys, operations=operations, initialised=initialised,
-                      missing_shapes={k: tuple(model_state[k].shape) for k in missing},
-                      unexpected_shapes={k: tuple(state[k].shape) for k in unexpected})
+                      missing_shapes={k: tuple(model_state[k].shape) for k in compat.missing if k in model_state},
+                      unexpected_shapes={k: shapes[k] for k in compat.unexpected if k in shapes},
+                      auto_filled=compat.auto_filled, tied=compat.tied)
 
 
 def _load_check(load: LoadReport, strict: bool, ckpt: Checkpoint) -> Check:
@@ -77,8 +86,8 @@ def _load_check(load: LoadReport, strict: bool, ckpt: Checkpoint) -> Check:
     if weight_missing:
         problems.append("missing " + _some(weight_missing))
     if mismatched:
-        problems.append("mismatched " + _some([f"{m.key} {shape_str(m.checkpoint_shape)} vs "
-                                               f"{shape_str(m.model_shape)}" for m in mismatched]))
+        problems.append("mismatched " + _some([f"{m.key} {shape_str(m.shape)} vs "
+                                               f"{shape_str(m.target_shape)}" for m in mismatched]))
     if strict and (missing or load.unexpected):
         problems.append("--strict: " + _some(missing + list(load.unexpected)))
     if load.loaded == 0 and load.model_keys:

@@ -6,16 +6,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from ..compat import Mismatch
+
 PASS, FAIL, INFO, SKIP = "pass", "fail", "info", "skip"
 
 Shape = tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Mismatch:
-    key: str
-    checkpoint_shape: Shape
-    model_shape: Shape
 
 
 @dataclass(frozen=True)
@@ -33,6 +28,8 @@ class LoadReport:
     initialised: tuple[str, ...] = ()  # left to the model's own initialisation by the plan
     missing_shapes: dict[str, Shape] = field(default_factory=dict)  # the model's shape of each missing key
     unexpected_shapes: dict[str, Shape] = field(default_factory=dict)  # the checkpoint's, of each unexpected key
+    auto_filled: tuple[str, ...] = ()  # absent keys torch fills in itself (num_batches_tracked)
+    tied: tuple[tuple[str, str], ...] = ()  # (absent alias, loaded partner) of the model's tied weights
 
     @property
     def clean(self) -> bool:

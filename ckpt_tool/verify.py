@@ -1,0 +1,211 @@
+"""After a write: is the output what the plan intended, value by value?
+
+Two checks, both on the files as written:
+
+1. *Re-read* (always, torch-free, streamed): the output is opened with ckpt's reader and every
+   planned tensor is compared with its source byte for byte: the input's bytes (cast as planned),
+   or the target's initial values for filled and re-initialised keys. A tied alias is compared
+   with its partner's source.
+2. *Load* (with an architecture): the output is loaded the way users load it (``torch.load`` /
+   ``safetensors``) into the target built on the CPU with ``load_state_dict(strict=True)``, and the
+   loaded model's ``state_dict()`` is compared with the output tensor by tensor. This catches what
+   a key check cannot: a tied alias written from a fresh initialisation overwrites its trained
+   partner during the load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from .arch import TargetSignature
+from .compat import Compatibility, check, parameter_share
+from .plan import State
+from .values import FileCache, iter_raw_chunks
+from .writer import SAFETENSORS, Written
+
+# the shown differing keys are capped; the count is not
+_SHOWN = 20
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What the checks after a write found.
+
+    ``loads`` is the strict load into ``arch`` (True without one: not asked); ``differ`` lists the
+    tensors whose values are not what the plan intended (re-read or after the load); the counts say
+    where the target's tensors came from, ``checkpoint_share`` the share of its parameter elements
+    that came from the checkpoint.
+    """
+
+    arch: str | None
+    loads: bool
+    diff: Compatibility | None
+    error: str | None = None
+    checked: int = 0
+    differ: tuple[str, ...] = ()
+    from_checkpoint: int = 0
+    filled: int = 0
+    reinitialised: int = 0
+    tied: int = 0
+    checkpoint_share: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.loads and not self.differ and self.error is None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, **{f.name: getattr(self, f.name) for f in fields(self)}}
+
+
+def origins(state: State) -> dict[str, int]:
+    """How many planned tensors come from the checkpoint, are filled, re-initialised or tied to a partner."""
+    counts = {"from_checkpoint": 0, "filled": 0, "reinitialised": 0, "tied": 0}
+    for e in state.values():
+        if e.tied_to:
+            counts["tied"] += 1
+        elif e.from_checkpoint:
+            counts["from_checkpoint"] += 1
+        elif e.reason == "reinit_mismatched":
+            counts["reinitialised"] += 1
+        else:
+            counts["filled"] += 1
+    return counts
+
+
+def verify_output(written: Written, state: State, *, target_chunks: Callable[[str], Iterable[bytes]],
+                  cast: Callable[[bytes, str, str], bytes], aliases: Mapping[str, str], state_path: str | None,
+                  signature: TargetSignature | None = None, seed: int = 0) -> Verification:
+    """Both checks of the module docstring; ``target_chunks(key)`` gives the target's initial bytes of a key."""
+    differ, checked = _reread(written, state, target_chunks, cast, aliases, state_path)
+    counts = origins(state)
+    if signature is None:
+        return Verification(None, True, None, None, checked, tuple(differ), **counts)
+    share = parameter_share(signature, [k for k, e in state.items() if e.from_checkpoint])
+    loads, diff, error, after = _load(written, signature, aliases, state_path, seed)
+    differ += [k for k in after if k not in differ]
+    return Verification(signature.spec, loads, diff, error, checked, tuple(differ), checkpoint_share=round(share, 6),
+                        **counts)
+
+
+# --- 1. re-read -----------------------------------------------------------------------------------
+
+
+def _reread(written: Written, state: State, target_chunks: Callable[[str], Iterable[bytes]],
+            cast: Callable[[bytes, str, str], bytes], aliases: Mapping[str, str],
+            state_path: str | None) -> tuple[list[str], int]:
+    from .reader import open_checkpoint
+
+    out = open_checkpoint(written.path, state_path if written.format != SAFETENSORS else None)
+    differ: list[str] = []
+    checked = 0
+    with FileCache() as files:
+        for key, e in state.items():
+            ref = out.tensors.get(key) or out.tensors.get(aliases.get(key, ""))
+            if ref is None or ref.shape != e.shape or ref.dtype != e.dtype:
+                differ.append(key)
+                continue
+            if e.ref is not None:
+                # rewritten in place: the input's bytes now live in the backup
+                source = replace(e.ref, file=written.backup) if written.backup and _same_file(e.ref.file, written.path) \
+                    else e.ref
+                want: Iterable[bytes] = iter_raw_chunks(source, files)
+                if e.dtype != e.source_dtype:
+                    want = (cast(c, e.source_dtype, e.dtype) for c in want)
+            else:
+                want = target_chunks(e.origin)
+            checked += 1
+            if ref.nbytes and not _same_bytes(iter_raw_chunks(ref, files), want):
+                differ.append(key)
+    return differ, checked
+
+
+def _same_file(a: str, b: str) -> bool:
+    import os
+
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
+def _same_bytes(a: Iterable[bytes], b: Iterable[bytes]) -> bool:
+    """Whether two chunk streams hold the same bytes, whatever their chunking (bounded memory)."""
+    ia, ib = iter(a), iter(b)
+    ba = bb = b""
+    while True:
+        if not ba:
+            ba = next(ia, b"")
+        if not bb:
+            bb = next(ib, b"")
+        if not ba or not bb:
+            return not ba and not bb and next(ia, b"") == b"" and next(ib, b"") == b""
+        n = min(len(ba), len(bb))
+        if ba[:n] != bb[:n]:
+            return False
+        ba, bb = ba[n:], bb[n:]
+
+
+# --- 2. load into the target ----------------------------------------------------------------------
+
+
+def _load(written: Written, signature: TargetSignature, aliases: Mapping[str, str], state_path: str | None,
+          seed: int) -> tuple[bool, Compatibility, str | None, list[str]]:
+    import torch
+
+    from .arch import build_model
+
+    torch.manual_seed(seed)
+    # values are compared, so the model is built for real (this also covers user code that cannot run on meta)
+    model = build_model(signature.spec, signature.arch_args, device="cpu")
+    state = dict(_written_state(written, state_path))
+    for alias, name in aliases.items():
+        # safetensors' load_model and transformers re-tie shared names the same way
+        if name in state and alias not in state:
+            state[alias] = state[name]
+    for alias, partner in check(state, signature).tied:
+        state[alias] = state[partner]
+    diff = check(state, signature)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        # torch's first line only names the model; the second says what failed first
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        return False, diff, " ".join(lines[:2]), []
+    loaded = model.state_dict()
+    differ = [k for k, v in state.items() if isinstance(v, torch.Tensor) and k in loaded
+              and not _equal(loaded[k], v)]
+    return True, diff, None, differ
+
+
+def _equal(got: Any, want: Any) -> bool:
+    """Bit-identical after the cast ``copy_`` makes (NaN equals NaN)."""
+    import torch
+
+    a = got.detach().reshape(-1).contiguous()
+    b = want.detach().to(got.dtype).reshape(-1).contiguous()
+    if a.shape != b.shape:
+        return False
+    try:
+        return bool(torch.equal(a.view(torch.uint8), b.view(torch.uint8)))
+    except RuntimeError:  # a dtype without a byte view
+        return bool(torch.equal(a, b))
+
+
+def _written_state(written: Written, state_path: str | None) -> Iterator[tuple[str, Any]]:
+    """The written tensors, read the way users read them (mmap'd where the format allows)."""
+    import torch
+
+    files = [f for f in written.files if not f.endswith(".index.json")]
+    for path in files:
+        if written.format == SAFETENSORS:
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+        else:
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            if state_path and len(files) == 1:
+                for part in state_path.split("/"):
+                    loaded = loaded[part]
+            yield from loaded.items()
+
