@@ -38,8 +38,9 @@ def replace_head(model: Any, num_classes: int, name: str | None = None) -> HeadC
     """Swap the head's final Linear/Conv2d for a fresh one with ``num_classes`` outputs (in place).
 
     Example:
-        >>> replace_head(torchvision.models.vgg16(weights=None), 10).module
-        'classifier.6'
+        >>> import torchvision
+        >>> replace_head(torchvision.models.mobilenet_v3_small(weights=None), 10).module
+        'classifier.3'
     """
     from torch import nn
 

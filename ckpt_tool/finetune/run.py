@@ -66,7 +66,8 @@ def finetune_check(path: str, arch: str, options: FinetuneOptions | None = None,
         a :class:`CkptError`.
 
     Example:
-        >>> report = finetune_check("resnet18.pth", "resnet18", FinetuneOptions(num_classes=10, trainable=("fc",)))
+        >>> options = FinetuneOptions(num_classes=4, image_size=16, max_steps=2, lr=0.03, overfit_steps=30)
+        >>> report = finetune_check("tiny_cnn_10.pth", "my_models.py:tiny_cnn", options)
         >>> report.passed
         True
     """
