@@ -400,7 +400,7 @@ def test_nan_loss_from_huge_lr_fails(files):
 def test_model_that_cannot_learn_fails_overfit(files):
     report = finetune_check(files["small"], files["user"] + ":small", replace(FAST, lr=1e-9))
     overfit = check(report, "overfit one batch")
-    assert overfit.status == FAIL and "needs batch accuracy >= 90% and the loss below 50% of the first" in overfit.detail
+    assert overfit.status == FAIL and "needs batch accuracy >= 50% and the loss below 70% of the first" in overfit.detail
 
 
 def test_head_with_wrong_input_size_names_both_modules(files, torch):

@@ -11,13 +11,21 @@ from .distributed import Ranks
 from .report import DISTRIBUTED_CHECKS, FAIL, INFO, PASS, SKIP, Check, OverfitRun, Phase, _some
 from .train import Tracker
 
-OVERFIT_ACCURACY = 0.9
-OVERFIT_RATIO = 0.5
+OVERFIT_ACCURACY = 0.5  # batch accuracy after the run; see overfit_verdict
+OVERFIT_RATIO = 0.7  # the final loss over the first
 
 
 
 def overfit_verdict(run: OverfitRun, classes: int) -> Check:
-    """PASS when the fixed batch is memorised. See the criterion's measurements in bench/measure_overfit.py."""
+    """PASS when, after ``--overfit-steps`` (20) steps on one fixed batch with dropout off, the loss
+    measured once more is at most 70% of the first step's and the batch accuracy at least 50%.
+
+    Chosen from measurements (bench/measure_overfit.py, seeds 0-9): healthy setups end at a loss
+    ratio of 0.0001 (resnet18, all trainable) to 0.24 (resnet18, head only, 64 px) and 0.62 (the
+    docs' tiny_cnn, head only, 30 steps), with batch accuracy 1.0, 1.0 and >= 0.62; labels shuffled at
+    every step end at >= 0.77 and <= 0.44; lr 1e6 and a detached head never go below 1.0.
+    The thresholds sit between the worst healthy run and the best broken one.
+    """
     name = "overfit one batch"
     if run.error:
         return Check(name, FAIL, f"training on one batch failed: {run.error}")
