@@ -15,8 +15,6 @@ from ckpt_tool.finetune import FAIL, PASS, FinetuneOptions, finetune_check
 TINY = FinetuneOptions(image_size=16, batch_size=16, max_steps=2, eval_batches=1, lr=0.01)
 
 MODELS = '''
-import os
-
 import torch
 from torch import nn
 
@@ -53,16 +51,6 @@ class CutHead(Tiny):
             return super().forward(x)
 
 
-class RankDrift(Tiny):
-    """Nudges a layer by a different amount on each rank, behind the optimiser's back."""
-
-    def forward(self, x):
-        if self.training:
-            with torch.no_grad():
-                self.features[0].weight.add_(1e-3 * (1 + int(os.environ.get("RANK", "0"))))
-        return super().forward(x)
-
-
 def tiny(**kw):
     return Tiny(**kw)
 
@@ -89,9 +77,6 @@ def detached(**kw):
 def cut_head(**kw):
     return CutHead(**kw)
 
-
-def rank_drift(**kw):
-    return RankDrift(**kw)
 '''
 
 

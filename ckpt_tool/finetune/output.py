@@ -76,9 +76,9 @@ def _plot(losses: list[float], phases: list[Phase], epochs: list[Epoch], out: st
         ax_lr.set_yscale("log")
     for ax in (ax_held, ax_lr):
         if boundary:
-            ax.axvline(boundary + 0.5, color="grey", linestyle="--")
+            ax.axvline(boundary + 0.5, color="grey", linestyle="--", label=f"end of {phases[0].name}")
         ax.xaxis.get_major_locator().set_params(integer=True)
-    lines = ax_held.get_lines() + ax_acc.get_lines()
+    lines = [line for line in ax_held.get_lines() + ax_acc.get_lines() if not str(line.get_label()).startswith("_")]
     ax_held.legend(lines, [str(line.get_label()) for line in lines], loc="center right")
     try:
         fig.savefig(out, dpi=100)
