@@ -6,7 +6,14 @@ Each is a whole process with the same torch thread count (``--threads``, default
 alternate (``--repeat``, default 5) and the median images/s of
 each is compared, over the whole loop and by median step time (robust to a busy machine). Target: finetune-check >= 0.95x the plain loop's images/s.
 
-Run: ``python bench/bench_finetune.py [--repeat N]``.
+With ``--ddp``: finetune-check on 1 process vs 2 (torch.distributed, gloo, ``--nproc 2``) on the
+CPU, the same images in all (each rank trains its half), resnet18 at 64 px, batch 16 per process;
+images/s as the report counts it (all ranks' images over the slowest rank's training time). The
+one-process run is timed with 1 and with 2 torch threads, so the 2-process run is compared with
+the same cores used either way. CUDA: on a machine with GPUs, ``--ddp --device cuda`` runs the same
+with nccl (one GPU per process); it is not run here (no GPU).
+
+Run: ``python bench/bench_finetune.py [--repeat N]`` or ``python bench/bench_finetune.py --ddp [--repeat N]``.
 """
 
 from __future__ import annotations
@@ -73,12 +80,44 @@ def run(cmd: list[str], env: dict[str, str]) -> tuple[dict, float, float]:
     return json.loads(out), wall, rss
 
 
+DDP_IMAGES, DDP_BATCH = 256, 16
+
+
+def ddp(repeat: int, device: str) -> None:
+    """1 process vs 2 processes (``--nproc 2``): images/s over the same images."""
+    ckpt = torchvision_pth("resnet18")
+    base = CKPT + ["finetune-check", ckpt, "--arch", "resnet18", "--num-classes", "10", "--image-size", str(SIZE),
+                   "--batch-size", str(DDP_BATCH), "--data", f"synthetic:{DDP_IMAGES}", "--optimizer", "sgd", "--lr",
+                   str(LR), "--device", device, "--overfit-steps", "1", "--eval-batches", "1", "--json", "--quiet"]
+    runs: dict[str, list[tuple[float, float, float]]] = {}
+    setups = [("1 process, 1 thread", [], "1"), ("1 process, 2 threads", [], "2"),
+              ("2 processes x 1 thread (gloo)", ["--nproc", "2"], "1")]
+    for _ in range(repeat):
+        for label, extra, threads in setups:
+            report, wall, rss = run(base + extra, bench_env(OMP_NUM_THREADS=threads))
+            runs.setdefault(label, []).append((report["images_per_s"], wall, rss))
+    print(f"resnet18, {SIZE}px, batch {DDP_BATCH} per process, SGD, {DDP_IMAGES} images per epoch, {device}; "
+          f"{repeat} alternating runs each, medians")
+    print(f"{'setup':<32} {'images/s':>9} {'wall s':>8} {'peak RSS MB (launcher)':>23}")
+    one = statistics.median(r[0] for r in runs[setups[0][0]])
+    for label, _, _ in setups:
+        ips = statistics.median(r[0] for r in runs[label])
+        print(f"{label:<32} {ips:>9.1f} {statistics.median(r[1] for r in runs[label]):>8.2f} "
+              f"{statistics.median(r[2] for r in runs[label]):>23.0f}   x{ips / one:.2f}")
+    print(f"all runs images/s: { {k: [round(r[0], 1) for r in v] for k, v in runs.items()} }")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads for both (1 keeps the comparison steady on a shared machine)")
+    parser.add_argument("--ddp", action="store_true", help="1 vs 2 processes (torch.distributed) instead")
+    parser.add_argument("--device", default="cpu", help="with --ddp: cpu (gloo) or cuda (nccl)")
     args = parser.parse_args()
+    if args.ddp:
+        ddp(args.repeat, args.device)
+        return
     env = bench_env(OMP_NUM_THREADS=str(args.threads))
     ckpt = torchvision_pth("resnet18")
     tool_cmd = CKPT + ["finetune-check", ckpt, "--arch", "resnet18", "--num-classes", "10", "--image-size", str(SIZE),

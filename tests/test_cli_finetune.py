@@ -14,8 +14,7 @@ from ckpt_tool.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGEFOLDER = os.path.join(ROOT, "fixtures", "imagefolder")
-FAST = ["--image-size", "32", "--batch-size", "4", "--max-steps", "2", "--overfit-steps", "5", "--eval-batches", "1",
-        "--lr", "0.01"]
+FAST = ["--image-size", "32", "--batch-size", "4", "--max-steps", "2", "--eval-batches", "1", "--lr", "0.01"]
 
 USER_MODEL = '''
 import torch
@@ -192,10 +191,10 @@ def test_progress_bar_draws_on_stderr(capsys):
     bar = _ProgressBar()
     bar.close()
     assert capsys.readouterr().err == ""  # nothing drawn, nothing to end
-    bar(ProgressEvent("train", 1, 2, 4, 1.23456, 99.5))
+    bar(ProgressEvent("train", 1, 2, 4, 1.23456, 99.5, epochs=3, eta_s=75.4))
     bar.close()
     err = capsys.readouterr().err
-    assert err.startswith("\rtrain epoch 1 [##########..........] 2/4 loss 1.2346 99.5 img/s") and err.endswith("\n")
+    assert err == "\rtrain epoch 1/3 [##########..........] step 2/4 loss 1.2346 99.5 img/s ETA 1:15 \n"
 
 
 def test_failed_run_json_says_so(files):
@@ -204,3 +203,41 @@ def test_failed_run_json_says_so(files):
     data = json.loads(result.output)
     assert data["passed"] is False
     assert {c["name"]: c["status"] for c in data["checks"]}["forward pass"] == "fail"
+
+
+def test_inline_operations_in_command_line_order_and_load_table_shapes(files, tmp_path, torch):
+    state = torch.load(files["net"], weights_only=True)
+    state["extra.weight"] = torch.zeros(3, 2)
+    path = str(tmp_path / "extra.pth")
+    torch.save(state, path)
+    net = ["--arch", files["user"] + ":net", "--arch-arg", "hidden=800"]
+    drop_fill = run(path, *net, "--drop", "classifier.2", "--fill-missing", *FAST)
+    assert drop_fill.exit_code == 0, drop_fill.output
+    assert "operations: --drop classifier.2, --fill-missing" in drop_fill.output
+    assert "unexpected  extra.weight  [3, 2]        -" in drop_fill.output
+    fill_drop = run(path, *net, "--fill-missing", "--drop", "classifier.2", *FAST)
+    assert fill_drop.exit_code == 1 and "operations: --fill-missing, --drop classifier.2" in fill_drop.output
+    assert "missing     classifier.2.weight  -             [10, 64]" in fill_drop.output
+    cleaned = run(path, *net, "--num-classes", "3", "--reinit-mismatched", "--drop-unexpected", "--strict", *FAST)
+    assert cleaned.exit_code == 0, cleaned.output
+    assert "load: 4/6 model tensors loaded from 4; 0 missing, 0 unexpected, 0 mismatched" in cleaned.output, cleaned.output
+
+
+def test_epoch_rows_schedulers_and_the_setup_tables_first(files, tmp_path):
+    out = tmp_path / "curves.png"
+    net = ["--arch", files["user"] + ":net", "--arch-arg", "hidden=800"]
+    result = run(files["net"], *net, "--epochs", "3", "--freeze-epochs", "1", "--scheduler", "step",
+                 "--step-gamma", "0.5", "--plot", str(out), *FAST)
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert text.index("module        trainable") < text.index("train loss")  # freeze table, then training
+    assert "frozen    1         0.01   step" in text and "unfrozen  2         0.001  step" in text
+    header = next(line for line in text.splitlines() if "train loss" in line)
+    epochs = text[text.index(header):text.index("check  ")]
+    labelled = [line.split()[:3] for line in epochs.splitlines()[2:] if line.strip()]
+    assert labelled == [["before", "0", "-"], ["frozen", "1", "0.01"], ["unfrozen", "2", "0.001"],
+                        ["unfrozen", "3", "0.0005"]]
+    assert f"curves drawn to {out}" in text and out.stat().st_size > 10_000
+    data = json.loads(run(files["net"], *net, "--epochs", "2", "--json", *FAST).output)
+    assert [(e["phase"], e["epoch"]) for e in data["epochs"]] == [("before", 0), ("train", 1), ("train", 2)]
+    assert all(isinstance(e["heldout_loss"], float) for e in data["epochs"])

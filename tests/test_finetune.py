@@ -26,7 +26,7 @@ from ckpt_tool.finetune import (
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGEFOLDER = os.path.join(ROOT, "fixtures", "imagefolder")
 # small and quick: every run below takes a second or two on a laptop CPU
-FAST = FinetuneOptions(image_size=32, batch_size=4, max_steps=2, overfit_steps=5, eval_batches=1, lr=0.01)
+FAST = FinetuneOptions(image_size=32, batch_size=4, max_steps=2, eval_batches=1, lr=0.01)
 
 USER_MODELS = '''
 import torch
@@ -165,7 +165,7 @@ def test_load_report_matches_torch_load_state_dict(files, tmp_path, torch):
     result = model.load_state_dict(filtered, strict=False)
     assert set(load.missing) == set(result.missing_keys) - {"fc.weight"}
     assert set(load.unexpected) == set(result.unexpected_keys) == {"extra.weight"}
-    assert [(m.key, m.checkpoint_shape, m.model_shape) for m in load.mismatched] == [("fc.weight", (7, 512), (1000, 512))]
+    assert [(m.key, m.shape, m.target_shape) for m in load.mismatched] == [("fc.weight", (7, 512), (1000, 512))]
     assert load.loaded == len(filtered) - 1
     loaded = check(report, "weights loaded")
     assert loaded.status == FAIL
@@ -337,9 +337,11 @@ def test_freezing_errors():
         select_trainable(model, trainable=("re:(",))
 
 
-def test_everything_frozen_is_refused(files):
-    with pytest.raises(UsageError, match="every parameter is frozen"):
-        finetune_check(files["resnet"], "resnet18", replace(FAST, freeze=("*",)))
+def test_everything_frozen_fails_the_run(files):
+    report = finetune_check(files["small"], files["user"] + ":small", replace(FAST, freeze=("*",)))
+    assert not report.passed
+    assert check(report, "training runs").status == FAIL and "every parameter is frozen" in check(report, "training runs").detail
+    assert check(report, "overfit one batch").status == FAIL
 
 
 def test_freeze_epochs_trains_head_then_everything(files, tmp_path, torch):
@@ -396,9 +398,9 @@ def test_nan_loss_from_huge_lr_fails(files):
 
 
 def test_model_that_cannot_learn_fails_overfit(files):
-    report = finetune_check(files["resnet"], "resnet18", replace(FAST, lr=1e-9, num_classes=3))
+    report = finetune_check(files["small"], files["user"] + ":small", replace(FAST, lr=1e-9))
     overfit = check(report, "overfit one batch")
-    assert overfit.status == FAIL and "needs below 70%" in overfit.detail
+    assert overfit.status == FAIL and "needs batch accuracy >= 50% and the loss below 70% of the first" in overfit.detail
 
 
 def test_head_with_wrong_input_size_names_both_modules(files, torch):

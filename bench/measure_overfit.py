@@ -1,0 +1,155 @@
+"""The measurements behind the overfit-one-batch criterion: loss and batch accuracy per step, per seed.
+
+For each setup (healthy ones from the README's worked examples and the test models, and broken
+ones: learning rate 1e6, a head detached from the graph, labels shuffled at every step) and each
+seed, it runs ``overfit_one_batch`` for ``--steps`` steps and prints one JSON line per run with
+the losses and accuracies, then a summary per setup: the worst ratio last/first loss and the worst
+batch accuracy after 5, 10, 15, 20 steps.
+
+Run: ``python bench/measure_overfit.py [--seeds 0-9] [--steps 20] [--only NAME,...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+TINY = '''
+import torch
+from torch import nn
+
+
+class Tiny(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2))
+        self.classifier = nn.Sequential(nn.Dropout(0.5), nn.Linear(32, num_classes))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+class Detached(Tiny):
+    """The head's output is cut from the graph; a spare scale keeps backward() working."""
+
+    def __init__(self, num_classes=10):
+        super().__init__(num_classes)
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return super().forward(x).detach() * 0 + self.scale * 0 + super().forward(x).detach()
+
+
+def tiny(**kw):
+    return Tiny(**kw)
+
+
+def detached(**kw):
+    return Detached(**kw)
+'''
+
+# name -> (arch, FinetuneOptions fields, shuffled labels)
+SETUPS = {
+    "tiny": ("tiny", dict(image_size=32, batch_size=16, lr=0.01), False),
+    "tiny-shuffled": ("tiny", dict(image_size=32, batch_size=16, lr=0.01), True),
+    "tiny-lr1e6": ("tiny", dict(image_size=32, batch_size=16, lr=1e6, optimizer="sgd"), False),
+    "tiny-detached": ("detached", dict(image_size=32, batch_size=16, lr=0.01), False),
+    "resnet18-fc-64": ("resnet18", dict(num_classes=10, trainable=("fc",), image_size=64), False),
+    "resnet18-fc-64-shuffled": ("resnet18", dict(num_classes=10, trainable=("fc",), image_size=64), True),
+    "resnet18-32": ("resnet18", dict(num_classes=10, image_size=32), False),
+    "resnet18-32-lr1e6": ("resnet18", dict(num_classes=10, image_size=32, lr=1e6, optimizer="sgd"), False),
+    "resnet18-32-shuffled": ("resnet18", dict(num_classes=10, image_size=32), True),
+    "resnet18-224": ("resnet18", dict(num_classes=10), False),
+    "vgg16-ff10-64": ("vgg16", dict(num_classes=10, freeze_first=10, image_size=64, batch_size=8, optimizer="sgd",
+                                    lr=0.01), False),
+    "vgg16-ff10-224": ("vgg16", dict(num_classes=10, freeze_first=10), False),
+}
+
+
+def prepare(arch: str, ckpt: str, opts: object) -> tuple[object, tuple[object, object], object]:
+    """The model, loaded and frozen as finetune_check does, and its first training batch."""
+    import torch
+
+    from ckpt_tool.arch import build_model
+    from ckpt_tool.finetune.data import _input_channels, _input_spec, _make_data
+    from ckpt_tool.finetune.freeze import _apply_trainable, _phase_plan
+    from ckpt_tool.finetune.head import find_head, replace_head
+    from ckpt_tool.finetune.load import _load_into, _migrated_state
+    from ckpt_tool.reader import open_checkpoint
+
+    torch.manual_seed(opts.seed)
+    model = build_model(arch, {}, device="cpu")
+    head = replace_head(model, opts.num_classes) if opts.num_classes else None
+    state, ops, init = _migrated_state(open_checkpoint(ckpt), opts, model)
+    _load_into(model, state, (head.module,) if head else (), ops, init)
+    _apply_trainable(model, _phase_plan(model, opts, (head.module if head else find_head(model, None),))[0][1])
+    size, mean, std = _input_spec(arch, opts.image_size)
+    logits = 10 if opts.num_classes is None else opts.num_classes
+    train, _, _ = _make_data(opts, size, _input_channels(model), logits, mean, std)
+    return model, next(iter(train)), torch.device("cpu")
+
+
+def main() -> None:
+    import torch
+
+    from ckpt_tool.finetune import FinetuneOptions
+    from ckpt_tool.finetune.train import overfit_one_batch
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", default="0-9")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--only", default="")
+    args = parser.parse_args()
+    lo, _, hi = args.seeds.partition("-")
+    seeds = range(int(lo), int(hi or lo) + 1)
+    tmp = tempfile.mkdtemp()
+    with open(os.path.join(tmp, "tiny_models.py"), "w") as f:
+        f.write(TINY)
+    sys.path.insert(0, tmp)
+    import tiny_models
+    from _common import torchvision_pth
+
+    files = {"tiny": os.path.join(tmp, "tiny.pth"), "detached": os.path.join(tmp, "detached.pth")}
+    torch.save(tiny_models.Tiny().state_dict(), files["tiny"])
+    torch.save(tiny_models.Detached().state_dict(), files["detached"])
+    arches = {"tiny": f"{tmp}/tiny_models.py:tiny", "detached": f"{tmp}/tiny_models.py:detached"}
+    for name, (arch, fields, shuffled) in SETUPS.items():
+        if args.only and name not in args.only.split(","):
+            continue
+        ckpt = files.get(arch) or torchvision_pth(arch)
+        rows = []
+        for seed in seeds:
+            opts = FinetuneOptions(seed=seed, **fields)
+            model, batch, device = prepare(arches.get(arch, arch), ckpt, opts)
+            gen = torch.Generator().manual_seed(seed)
+            relabel = (lambda step, y, gen=gen: y[torch.randperm(len(y), generator=gen)]) if shuffled else None
+            start = time.perf_counter()
+            run = overfit_one_batch(model, batch, args.steps, opts.optimizer, opts.lr, device, relabel=relabel)
+            rows.append(run)
+            print(json.dumps({"setup": name, "seed": seed, "s": round(time.perf_counter() - start, 1),
+                              "losses": [round(v, 4) for v in run.losses], "acc": [round(a, 3) for a in run.accuracies],
+                              "final": [run.final_loss, run.final_accuracy], "error": run.error}), flush=True)
+        for n in (5, 10, 15, 20, 30):
+            if n > args.steps:
+                break
+            # after n steps: the loss/accuracy measured at the start of step n (or the final pass)
+            def at(run, n=n):
+                if run.error or not run.losses:
+                    return float("nan"), 0.0
+                if n < len(run.losses):
+                    return run.losses[n] / run.losses[0], run.accuracies[n]
+                return run.final_loss / run.losses[0], run.final_accuracy
+            values = [at(r) for r in rows]
+            print(f"# {name} after {n:2d} steps: ratio worst {max(v[0] for v in values):.3f} best "
+                  f"{min(v[0] for v in values):.3f}; batch accuracy worst {min(v[1] for v in values):.2f} best "
+                  f"{max(v[1] for v in values):.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

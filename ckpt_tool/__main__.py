@@ -1,0 +1,10 @@
+"""``python -m ckpt_tool``: the ``ckpt`` command (torchrun starts finetune-check's processes this way)."""
+
+from __future__ import annotations
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""The training loop (phases, epochs, schedulers, held-out evaluation), and the overfit-one-batch run."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .distributed import Ranks
+from .freeze import PhaseSpec
+from .options import FinetuneOptions
+from .probe import _logits, _loss
+from .report import Epoch, OverfitRun, Phase, Progress, ProgressEvent, _first_line
+
+
+class Tracker:
+    """What the training loop saw, gathered for the checks (tensor names in sets: a phase repeats names)."""
+
+    def __init__(self, total_steps: int = 0) -> None:
+        self.nonfinite: str | None = None
+        self.nonfinite_ranks: list[int] = []
+        self.frozen_changed: dict[str, None] = {}
+        self.trainable_unchanged: dict[str, None] = {}
+        self.no_grad: dict[str, None] = {}
+        self.frozen_grad: dict[str, None] = {}
+        self.frozen: set[str] = set()  # frozen in some phase
+        self.trainable: set[str] = set()  # trainable in some phase
+        self.frozen_bn: dict[str, None] = {}  # BatchNorm layers frozen in some phase, in model order
+        self.bn_updated: set[str] = set()  # ... whose running stats moved while they were frozen
+        self.rank_differing: dict[str, None] = {}  # frozen tensors that differ between ranks
+        self.grads_differing: dict[str, None] = {}  # gradients that differ between ranks after the all-reduce
+        self.grads_compared = 0
+        self.total_steps = total_steps
+        self.steps_done = 0
+        self.train_seconds = 0.0
+
+
+def autocast(device: Any, amp: bool) -> Any:
+    import torch
+
+    if amp:
+        return lambda: torch.autocast(device.type, dtype=torch.float16)
+    return contextlib.nullcontext
+
+
+def _optimizer(name: str, params: list[Any], lr: float) -> Any:
+    import torch
+
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    return torch.optim.Adam(params, lr=lr)
+
+
+def _scheduler(opts: FinetuneOptions, optimizer: Any, epochs: int) -> Any:
+    import torch
+
+    sched = torch.optim.lr_scheduler
+    if opts.scheduler == "plateau":
+        return sched.ReduceLROnPlateau(optimizer, mode="min", factor=opts.plateau_factor,
+                                       patience=opts.plateau_patience)
+    if opts.scheduler == "cosine":
+        return sched.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
+    if opts.scheduler == "step":
+        return sched.StepLR(optimizer, step_size=opts.step_size, gamma=opts.step_gamma)
+    return None
+
+
+def train_phase(model: Any, net: Any, spec: PhaseSpec, data: Any, heldout: Any, opts: FinetuneOptions, device: Any,
+                amp: Any, tracker: Tracker, losses: list[float], progress: Progress | None, ranks: Ranks,
+                first_epoch: int, total_epochs: int) -> tuple[Phase, list[Epoch]]:
+    """One phase: ``spec.epochs`` epochs of ``net`` (``model``, or its DDP wrapper) with a fresh optimizer
+    and scheduler; held-out loss and accuracy after each epoch; the parameter snapshots for the checks."""
+    import torch
+
+    named = list(model.named_parameters())
+    trainable = spec.trainable
+    train_params = [p for n, p in named if n in trainable]
+    frozen_named = [(n, p) for n, p in named if n not in trainable]
+    before = {n: p.detach().to("cpu", copy=True) for n, p in named}
+    optimizer = _optimizer(opts.optimizer, train_params, spec.lr)
+    scheduler = _scheduler(opts, optimizer, spec.epochs)
+    scaler = torch.amp.GradScaler(device.type) if opts.amp else None
+    steps_per_epoch = min(len(data), opts.max_steps) if opts.max_steps else len(data)
+    reached: set[str] = set()
+    frozen_bn_names = _frozen_batchnorms(model)
+    bn_before = {n: _bn_stats(model.get_submodule(n)) for n in frozen_bn_names}
+    frozen_bn = [model.get_submodule(n) for n in frozen_bn_names] if opts.freeze_bn else []
+    epoch_losses: list[float] = []
+    rows: list[Epoch] = []
+    lrs: list[float] = []
+    step_times: list[float] = []
+    first_step = len(losses)
+    images = 0
+    elapsed = 0.0
+    for epoch in range(spec.epochs):
+        sampler: Any = getattr(data, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(first_epoch + epoch)
+        lr = float(optimizer.param_groups[0]["lr"])
+        lrs.append(lr)
+        net.train()
+        for bn in frozen_bn:
+            bn.eval()
+        total, count, epoch_images = 0.0, 0, 0
+        start = tick = time.perf_counter()
+        for step, (x, y) in enumerate(data):
+            if step >= steps_per_epoch:
+                break
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            with amp():
+                loss = _loss(net(x), y)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            for n, p in named:
+                if p.grad is not None:
+                    reached.add(n)
+            if step == 0 and ranks.distributed:
+                # DDP averages the gradients in backward(): every rank must now hold the same ones
+                grads = [(n, p.grad) for n, p in named if p.grad is not None]
+                tracker.grads_differing.update(dict.fromkeys(ranks.differing(grads)))
+                tracker.grads_compared += len(grads)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            value = loss.item()
+            now = time.perf_counter()
+            step_times.append(now - tick)
+            tick = now
+            losses.append(value)
+            images += len(y)
+            epoch_images += len(y)
+            tracker.steps_done += 1
+            # every rank stops at the same step, or the others would wait for it in the next all-reduce
+            if ranks.any(not math.isfinite(value), device):
+                if not math.isfinite(value):
+                    tracker.nonfinite_ranks.append(ranks.rank)
+                where = f" on rank {ranks.rank}" if ranks.distributed and not math.isfinite(value) else ""
+                tracker.nonfinite = (f"loss is {value} at step {len(losses)} (phase {spec.name}, epoch "
+                                     f"{first_epoch + epoch + 1}){where}" if not math.isfinite(value) else
+                                     f"loss is not finite on another rank at step {len(losses)} (phase {spec.name}, "
+                                     f"epoch {first_epoch + epoch + 1})")
+                break
+            total += value
+            count += 1
+            if progress is not None:
+                seconds = elapsed + now - start
+                done_s = tracker.train_seconds + seconds
+                left = tracker.total_steps - tracker.steps_done
+                eta = done_s / tracker.steps_done * left if tracker.steps_done else None
+                progress(ProgressEvent(spec.name, first_epoch + epoch + 1, step + 1, steps_per_epoch, value,
+                                       images / seconds if seconds else 0.0, total_epochs, eta))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        elapsed += seconds
+        tracker.train_seconds += seconds
+        if count:
+            epoch_losses.append(total / count)
+        if tracker.nonfinite:
+            rows.append(Epoch(spec.name, first_epoch + epoch + 1, lr, count, total / count if count else None,
+                              None, None, epoch_images / seconds if seconds else None))
+            break
+        held_loss, held_acc = evaluate(model, heldout, opts.eval_batches, device, amp, ranks)
+        rows.append(Epoch(spec.name, first_epoch + epoch + 1, lr, count, total / count if count else None,
+                          held_loss, held_acc, epoch_images / seconds if seconds else None))
+        if scheduler is not None:
+            if opts.scheduler == "plateau":
+                if held_loss is not None:
+                    scheduler.step(held_loss)
+            else:
+                scheduler.step()
+    for n, p in named:
+        same = torch.equal(p.detach().cpu(), before[n])
+        if n in trainable and same:
+            tracker.trainable_unchanged[n] = None
+        elif n not in trainable and not same:
+            tracker.frozen_changed[n] = None
+    tracker.rank_differing.update(dict.fromkeys(ranks.differing(frozen_named)))
+    tracker.no_grad.update(dict.fromkeys(n for n, _ in named if n in trainable and n not in reached))
+    tracker.frozen_grad.update(dict.fromkeys(n for n, _ in frozen_named if n in reached))
+    tracker.frozen.update(n for n, _ in frozen_named)
+    tracker.trainable.update(n for n, _ in named if n in trainable)
+    tracker.frozen_bn.update(dict.fromkeys(frozen_bn_names))
+    tracker.bn_updated.update(n for n in frozen_bn_names
+                              if not _same_stats(bn_before[n], _bn_stats(model.get_submodule(n))))
+    phase = Phase(spec.name, spec.epochs, spec.lr, sum(p.numel() for p in train_params),
+                  sum(p.numel() for _, p in frozen_named), len(losses) - first_step, tuple(epoch_losses),
+                  images / elapsed if elapsed else None, statistics.median(step_times) if step_times else None,
+                  images, elapsed, opts.scheduler, tuple(lrs))
+    return phase, rows
+
+
+def evaluate(model: Any, data: Any, batches: int, device: Any, amp: Any,
+             ranks: Ranks | None = None) -> tuple[float | None, float | None]:
+    """Held-out mean loss and accuracy over at most ``batches`` batches (each rank's shard, summed over ranks)."""
+    import torch
+
+    model.eval()
+    loss_sum = 0.0
+    correct = total = 0
+    failed = False
+    try:
+        with torch.no_grad():
+            for i, (x, y) in enumerate(data):
+                if i >= batches:
+                    break
+                x, y = x.to(device), y.to(device)
+                with amp():
+                    out = model(x)
+                    loss = _loss(out, y)
+                loss_sum += float(loss) * len(y)
+                correct += int((_logits(out).argmax(dim=1) == y).sum())
+                total += len(y)
+    except (RuntimeError, ValueError):
+        failed = True
+    if ranks is not None and ranks.distributed:
+        loss_sum, correct_f, total_f, failures = ranks.sum([loss_sum, correct, total, float(failed)], device)
+        correct, total, failed = int(correct_f), int(total_f), failures > 0
+    if failed or not total:
+        return None, None
+    return loss_sum / total, correct / total
+
+
+Relabel = Callable[[int, Any], Any]  # (step, labels) -> the labels that step trains on
+
+
+def overfit_one_batch(model: Any, batch: tuple[Any, Any], steps: int, optimizer: str, lr: float, device: Any,
+                      amp: Any = None, relabel: Relabel | None = None, net: Any = None) -> OverfitRun:
+    """Train on one fixed batch for ``steps`` steps; the model's weights and flags are restored afterwards.
+
+    Dropout is off during the run (every module keeps its mode otherwise, so BatchNorm uses the
+    batch's statistics): memorising a batch is a test of the wiring, and dropout's draws are the
+    noise that made a fixed-threshold verdict flip from seed to seed. ``relabel`` lets a test
+    feed the labels a broken pipeline would (shuffled at every step). ``net`` is the module to run
+    (a DDP wrapper of ``model``, whose gradients are then averaged over the ranks).
+    """
+    import torch
+    from torch import nn
+
+    amp = amp or contextlib.nullcontext
+    x, y = batch
+    x, y = x.to(device), y.to(device)
+    # a snapshot rather than a deepcopy: user models may hold things that cannot be copied
+    saved = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    modes = {n: m.training for n, m in model.named_modules()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.eval()
+    losses: list[float] = []
+    accuracies: list[float] = []
+    final_loss = final_accuracy = None
+    error = None
+
+    def labels(step: int) -> Any:
+        return relabel(step, y) if relabel is not None else y
+
+    try:
+        if params:
+            opt = _optimizer(optimizer, params, lr)
+            for step in range(steps):
+                opt.zero_grad(set_to_none=True)
+                target = labels(step)
+                with amp():
+                    out = (net or model)(x)
+                    loss = _loss(out, target)
+                loss.float().backward()
+                opt.step()
+                losses.append(loss.item())
+                accuracies.append(_batch_accuracy(out, target))
+        with torch.no_grad(), amp():
+            target = labels(steps)
+            out = model(x)
+            final_loss = _loss(out, target).item()
+            final_accuracy = _batch_accuracy(out, target)
+    except (RuntimeError, ValueError, IndexError) as exc:
+        error = f"{type(exc).__name__}: {_first_line(exc)}"
+    finally:
+        model.load_state_dict(saved)
+        for name, p in model.named_parameters():
+            p.grad = None
+            p.requires_grad_(flags[name])
+        for name, m in model.named_modules():
+            m.train(modes[name])
+    return OverfitRun(tuple(losses), tuple(accuracies), final_loss, final_accuracy, len(params), error)
+
+
+def _batch_accuracy(out: Any, labels: Any) -> float:
+    return float((_logits(out).detach().argmax(dim=1) == labels).float().mean())
+
+
+def _frozen_batchnorms(model: Any) -> list[str]:
+    from torch import nn
+
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            params = list(m.parameters())
+            if params and not any(p.requires_grad for p in params):
+                out.append(name)
+    return out
+
+
+def _bn_stats(bn: Any) -> tuple[Any, ...]:
+    return tuple(b.detach().to("cpu", copy=True) for b in (bn.running_mean, bn.running_var) if b is not None)
+
+
+def _same_stats(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    import torch
+
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+

@@ -1,0 +1,343 @@
+"""finetune-check as a gate: honest held-out data, the model's own freezing, NaN logits, a seed-stable
+overfit verdict (healthy setups pass and broken ones fail for seeds 0-9), the recipe (schedulers,
+per-epoch held-out rows, plot, setup before training), and counts that are not summed over phases."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import pytest
+
+from ckpt_tool.errors import InputError
+from ckpt_tool.finetune import FAIL, PASS, FinetuneOptions, finetune_check
+
+TINY = FinetuneOptions(image_size=16, batch_size=16, max_steps=2, eval_batches=1, lr=0.01)
+
+MODELS = '''
+import torch
+from torch import nn
+
+
+class Tiny(nn.Module):
+    """Small enough for a seed sweep; big enough to memorise a batch of 16 in 20 steps at lr 0.01."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(4))
+        self.classifier = nn.Sequential(nn.Dropout(0.5), nn.Linear(256, num_classes))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+class Detached(Tiny):
+    """The head's output cut from the graph; a spare parameter keeps backward() from raising."""
+
+    def __init__(self, num_classes=10):
+        super().__init__(num_classes)
+        self.spare = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return super().forward(x).detach() + 0 * self.spare
+
+
+class CutHead(Tiny):
+    """The logits come out of no_grad: backward() raises."""
+
+    def forward(self, x):
+        with torch.no_grad():
+            return super().forward(x)
+
+
+def tiny(**kw):
+    return Tiny(**kw)
+
+
+def frozen_body(**kw):
+    """The tutorial pattern: the factory freezes the pretrained body itself."""
+    model = Tiny(**kw)
+    for p in model.features.parameters():
+        p.requires_grad = False
+    return model
+
+
+def all_frozen(**kw):
+    model = Tiny(**kw)
+    for p in model.parameters():
+        p.requires_grad = False
+    return model
+
+
+def detached(**kw):
+    return Detached(**kw)
+
+
+def cut_head(**kw):
+    return CutHead(**kw)
+
+'''
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The models file and checkpoints of its models (random weights, torch.save)."""
+    import importlib.util
+
+    import torch
+
+    root = tmp_path_factory.mktemp("gate")
+    path = root / "gate_models.py"
+    path.write_text(MODELS)
+    spec = importlib.util.spec_from_file_location("gate_models_for_tests", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.manual_seed(0)
+    files = {"root": root, "models": str(path), "tiny": str(root / "tiny.pth"), "detached": str(root / "det.pth"),
+             "module": mod}
+    torch.save(mod.Tiny().state_dict(), files["tiny"])
+    torch.save(mod.Detached().state_dict(), files["detached"])
+    nan = mod.Tiny().state_dict()
+    nan["features.0.weight"][0, 0, 0, 0] = float("nan")
+    files["nan"] = str(root / "nan.pth")
+    torch.save(nan, files["nan"])
+    return files
+
+
+def arch(tiny, factory):
+    return f"{tiny['models']}:{factory}"
+
+
+def check(report, name):
+    return next(c for c in report.checks if c.name == name)
+
+
+# ---- defect 1: held-out images come from the training classes ----------------------------------------------------
+
+
+def test_heldout_images_are_new_samples_of_the_training_classes(torch):
+    import torch.nn.functional as F
+
+    from ckpt_tool.finetune.data import make_datasets
+
+    data = make_datasets(replace(TINY, image_size=32, eval_batches=4), 32, 3, 10, (0,) * 3, (1,) * 3)
+    train, held = data.train, data.heldout
+    assert torch.equal(train.prototypes, held.prototypes)
+    # an oracle that knows the training prototypes classifies the held-out images
+    images = torch.stack([held[i][0] for i in range(len(held))])
+    labels = torch.tensor([held[i][1] for i in range(len(held))])
+    small = F.avg_pool2d(images, 4).flatten(1)
+    nearest = torch.cdist(small, train.prototypes.flatten(1)).argmin(dim=1)
+    assert (nearest == labels).float().mean() > 0.95
+    assert not any(torch.equal(held[i][0], train[i][0]) for i in range(len(held)))  # new samples, not copies
+
+
+# ---- defect 2: the model's own requires_grad=False ----------------------------------------------------------------
+
+
+def test_the_models_own_freezing_is_kept_and_shown(tiny, tmp_path, torch):
+    from safetensors.torch import load_file
+
+    out = str(tmp_path / "tuned.safetensors")
+    report = finetune_check(tiny["tiny"], arch(tiny, "frozen_body"), replace(TINY, save=out))
+    rows = {p.module: p for p in report.params}
+    assert rows["features"].trainable == 0 and rows["features"].frozen == rows["features"].by_model == 480
+    assert rows["classifier"].trainable == 2570 and rows["classifier"].by_model == 0
+    assert check(report, "frozen unchanged").status == PASS and report.passed, report.failed
+    original = torch.load(tiny["tiny"], weights_only=True)
+    assert torch.equal(load_file(out)["features.0.weight"], original["features.0.weight"])
+    trained = finetune_check(tiny["tiny"], arch(tiny, "frozen_body"), replace(TINY, train_frozen=True))
+    assert {p.module: p.trainable for p in trained.params}["features"] == 480
+    # the second phase of --freeze-epochs unfreezes what the options froze, not what the model did
+    sched = finetune_check(tiny["tiny"], arch(tiny, "frozen_body"), replace(TINY, epochs=2, freeze_epochs=1))
+    assert sched.phases[1].trainable == 2570
+
+
+def test_a_model_that_freezes_everything_fails(tiny):
+    report = finetune_check(tiny["tiny"], arch(tiny, "all_frozen"), TINY)
+    runs = check(report, "training runs")
+    assert runs.status == FAIL and "frozen by the model itself; --train-frozen trains them" in runs.detail
+    assert check(report, "overfit one batch").status == FAIL and not report.passed
+
+
+# ---- defect 3: non-finite logits ---------------------------------------------------------------------------------
+
+
+def test_nan_logits_fail_the_forward_pass_naming_the_first_module(tiny):
+    report = finetune_check(tiny["nan"], arch(tiny, "tiny"), TINY)
+    forward = check(report, "forward pass")
+    assert forward.status == FAIL
+    assert forward.detail == "the logits hold NaN/Inf; non-finite values appear first in features.0 (Conv2d)"
+    assert check(report, "training runs").status == "skip"
+
+
+# ---- defect 4: the overfit verdict, deterministic and stable across seeds -------------------------------------------
+
+
+def _overfit(tiny, seed: int, factory: str = "tiny", lr: float = 0.01, optimizer: str = "adam",
+             shuffled: bool = False):
+    """The verdict on one seed: the model built and the batch drawn as finetune_check does."""
+    import torch
+
+    from ckpt_tool.finetune.checks import overfit_verdict
+    from ckpt_tool.finetune.data import make_datasets, make_loaders
+    from ckpt_tool.finetune.train import overfit_one_batch
+
+    torch.manual_seed(seed)
+    model = getattr(tiny["module"], factory)()
+    opts = replace(TINY, seed=seed)
+    train, _ = make_loaders(make_datasets(opts, 16, 3, 10, (0,) * 3, (1,) * 3), 16, seed, shuffle=False)
+    gen = torch.Generator().manual_seed(seed)
+    relabel = (lambda step, y: y[torch.randperm(len(y), generator=gen)]) if shuffled else None
+    run = overfit_one_batch(model, next(iter(train)), 20, optimizer, lr, torch.device("cpu"), relabel=relabel)
+    return overfit_verdict(run, 10)
+
+
+@pytest.mark.parametrize("setup", ["healthy", "lr 1e6", "head detached", "head under no_grad", "labels shuffled"])
+def test_overfit_verdict_holds_for_seeds_0_to_9(tiny, setup):
+    kwargs = {"healthy": {}, "lr 1e6": {"lr": 1e6, "optimizer": "sgd"}, "head detached": {"factory": "detached"},
+              "head under no_grad": {"factory": "cut_head"}, "labels shuffled": {"shuffled": True}}[setup]
+    verdicts = [_overfit(tiny, seed, **kwargs) for seed in range(10)]
+    want = PASS if setup == "healthy" else FAIL
+    assert [v.status for v in verdicts] == [want] * 10, [v.detail for v in verdicts]
+    if setup == "head under no_grad":
+        assert "does not require grad" in verdicts[0].detail
+
+
+def test_broken_setups_fail_end_to_end(tiny):
+    assert check(finetune_check(tiny["tiny"], arch(tiny, "tiny"), replace(TINY, lr=1e6, optimizer="sgd")),
+                 "overfit one batch").status == FAIL
+    detached = finetune_check(tiny["detached"], arch(tiny, "detached"), TINY)
+    assert check(detached, "overfit one batch").status == FAIL and not detached.passed
+
+
+def test_verdicts_are_identical_for_a_seed_across_runs(tiny):
+    def verdicts(report):
+        # throughput and memory are measurements of the machine, not verdicts
+        return [(c.name, c.status, c.detail) for c in report.checks if c.name not in ("throughput", "peak memory")]
+
+    opts = replace(TINY, epochs=2, freeze_epochs=1, scheduler="plateau")
+    a = finetune_check(tiny["tiny"], arch(tiny, "tiny"), opts)
+    b = finetune_check(tiny["tiny"], arch(tiny, "tiny"), opts)
+    assert verdicts(a) == verdicts(b) and a.losses == b.losses and a.overfit == b.overfit
+    assert [(e.heldout_loss, e.lr) for e in a.epochs] == [(e.heldout_loss, e.lr) for e in b.epochs]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_readme_example_head_only_resnet18_passes(seed, tmp_path, torch):
+    import torchvision
+
+    path = str(tmp_path / "r.pth")
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    report = finetune_check(path, "resnet18", FinetuneOptions(num_classes=10, trainable=("fc",), image_size=64,
+                                                              max_steps=1, eval_batches=1, seed=seed))
+    assert check(report, "overfit one batch").status == PASS, check(report, "overfit one batch").detail
+    assert report.passed, report.failed
+
+
+# ---- defect 5: counts per tensor, not per phase ------------------------------------------------------------------
+
+
+def test_counts_are_per_tensor_not_summed_over_phases(tiny):
+    report = finetune_check(tiny["tiny"], arch(tiny, "tiny"), replace(TINY, epochs=2, freeze_epochs=1))
+    assert [p.trainable for p in report.phases] == [2570, 3050]
+    # 6 tensors in all: 2 trained in both phases, 4 frozen in the first only
+    assert check(report, "trainable changed").detail == "6 tensors changed"
+    assert check(report, "gradients").detail == "all 6 trainable tensors, none of 4 frozen"
+    assert check(report, "frozen unchanged").detail == "4 frozen tensors bit-identical"
+
+
+def test_load_report_gives_shapes_of_missing_and_unexpected_keys(tiny, tmp_path, torch):
+    state = torch.load(tiny["tiny"], weights_only=True)
+    del state["classifier.1.weight"]
+    state["extra.weight"] = torch.zeros(3, 2)
+    path = str(tmp_path / "edited.pth")
+    torch.save(state, path)
+    load = finetune_check(path, arch(tiny, "tiny"), TINY).load
+    assert load.missing_shapes == {"classifier.1.weight": (10, 256)}
+    assert load.unexpected_shapes == {"extra.weight": (3, 2)}
+
+
+def test_cifar10_files_that_fail_the_integrity_check_say_so(tiny, tmp_path):
+    from torchvision import datasets
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    names = [n for n, _ in datasets.CIFAR10.train_list + datasets.CIFAR10.test_list] + ["batches.meta"]
+    (folder / names[0]).write_bytes(b"not cifar")
+    with pytest.raises(InputError, match="incomplete: no data_batch_2"):
+        finetune_check(tiny["tiny"], arch(tiny, "tiny"), replace(TINY, data=f"cifar10:{tmp_path}"))
+    for name in names:
+        (folder / name).write_bytes(b"not cifar")
+    with pytest.raises(InputError, match="there but fail torchvision's integrity check .MD5 of data_batch_1"):
+        finetune_check(tiny["tiny"], arch(tiny, "tiny"), replace(TINY, data=f"cifar10:{tmp_path}"))
+    with pytest.raises(InputError, match="CIFAR-10 not found there"):
+        finetune_check(tiny["tiny"], arch(tiny, "tiny"), replace(TINY, data=f"cifar10:{tmp_path / 'x'}"))
+
+
+# ---- the recipe --------------------------------------------------------------------------------------------------
+
+
+def test_step_and_cosine_schedulers_record_the_lr_of_each_epoch(tiny):
+    step = finetune_check(tiny["tiny"], arch(tiny, "tiny"), replace(TINY, epochs=3, scheduler="step", step_gamma=0.5))
+    assert step.phases[0].lrs == pytest.approx((0.01, 0.005, 0.0025))
+    assert [e.lr for e in step.epochs[1:]] == list(step.phases[0].lrs) and step.phases[0].scheduler == "step"
+    cosine = finetune_check(tiny["tiny"], arch(tiny, "tiny"), replace(TINY, epochs=3, scheduler="cosine"))
+    assert cosine.phases[0].lrs == pytest.approx((0.01, 0.0075, 0.0025))
+
+
+def test_plateau_steps_on_the_heldout_loss_per_phase(tiny, torch):
+    report = finetune_check(tiny["tiny"], arch(tiny, "tiny"),
+                            replace(TINY, epochs=4, freeze_epochs=2, scheduler="plateau", plateau_factor=0.5))
+    # replay the recorded held-out losses into torch's own scheduler, a fresh one per phase
+    for phase in report.phases:
+        rows = [e for e in report.epochs if e.phase == phase.name]
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=phase.lr)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0)
+        expected = []
+        for row in rows:
+            expected.append(opt.param_groups[0]["lr"])
+            sched.step(row.heldout_loss)
+        assert list(phase.lrs) == pytest.approx(expected)
+
+
+def test_heldout_loss_and_accuracy_after_every_epoch(tiny):
+    report = finetune_check(tiny["tiny"], arch(tiny, "tiny"), replace(TINY, epochs=3))
+    assert [(e.phase, e.epoch) for e in report.epochs] == [("before", 0), ("train", 1), ("train", 2), ("train", 3)]
+    assert all(e.heldout_loss is not None and e.heldout_accuracy is not None for e in report.epochs)
+    assert report.epochs[0].train_loss is None and report.epochs[1].train_loss == report.phases[0].epoch_losses[0]
+    assert report.accuracy_before == report.epochs[0].heldout_accuracy
+    assert report.accuracy_after == report.epochs[-1].heldout_accuracy
+
+
+def test_setup_is_reported_before_training_and_progress_has_eta(tiny):
+    events = []
+    finetune_check(tiny["tiny"], arch(tiny, "tiny"), replace(TINY, epochs=2), progress=events.append,
+                   on_setup=lambda setup: events.append(setup))
+    assert type(events[0]).__name__ == "Setup" and events[0].params[0].module == "features"
+    steps = events[1:]
+    assert [(e.epoch, e.epochs, e.step) for e in steps] == [(1, 2, 1), (1, 2, 2), (2, 2, 1), (2, 2, 2)]
+    assert all(e.eta_s is not None for e in steps) and steps[-1].eta_s == 0
+
+
+def test_plot_draws_the_curves(tiny, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = str(tmp_path / "curves.png")
+    report = finetune_check(tiny["tiny"], arch(tiny, "tiny"), replace(TINY, epochs=3, freeze_epochs=1,
+                                                                        scheduler="step", plot=out))
+    assert report.plot == out and os.path.getsize(out) > 10_000
+
+
+def test_inline_operations_apply_in_the_order_given(tiny):
+    from ckpt_tool.plan import operation
+
+    drop_then_fill = finetune_check(tiny["tiny"], arch(tiny, "tiny"), replace(TINY, operations=(
+        operation("drop", prefix="classifier"), operation("fill_missing"))))
+    assert drop_then_fill.load.missing == () and set(drop_then_fill.load.initialised) == {
+        "classifier.1.weight", "classifier.1.bias"}
+    assert check(drop_then_fill, "weights loaded").status == PASS
+    fill_then_drop = finetune_check(tiny["tiny"], arch(tiny, "tiny"), replace(TINY, operations=(
+        operation("fill_missing"), operation("drop", prefix="classifier"))))
+    assert set(fill_then_drop.load.missing) == {"classifier.1.weight", "classifier.1.bias"}
+    assert check(fill_then_drop, "weights loaded").status == FAIL
