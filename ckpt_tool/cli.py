@@ -29,6 +29,7 @@ COMMAND_MODULES = {
     "finetune-check": "finetune_cmd",
     "scan": "scan_cmd",
     "validate": "scan_cmd",
+    "browse": "browse_cmd",
 }
 
 
