@@ -14,6 +14,12 @@ from ckpt_tool.cli import COMMAND_MODULES, main
 README = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
 
 
+def _manual(name: str) -> str:
+    """The README, plus the command's own page under docs/commands/ where it has one."""
+    page = os.path.join(ROOT, "docs", "commands", f"{name}.md")
+    return README + (open(page, encoding="utf-8").read() if os.path.exists(page) else "")
+
+
 def _command(name: str) -> click.Command:
     command = main.get_command(click.Context(main), name)
     assert command is not None
@@ -22,8 +28,8 @@ def _command(name: str) -> click.Command:
 
 @pytest.mark.parametrize("name", sorted(COMMAND_MODULES))
 def test_every_command_has_a_section_and_an_example(name):
-    assert re.search(rf"^## .*`ckpt {re.escape(name)}`", README, re.M), f"no README section for ckpt {name}"
-    assert f"$ ckpt {name} " in README, f"no worked example of ckpt {name}"
+    assert re.search(rf"^#{{1,2}} .*`ckpt {re.escape(name)}`", _manual(name), re.M), f"no README section for ckpt {name}"
+    assert f"$ ckpt {name} " in _manual(name), f"no worked example of ckpt {name}"
 
 
 @pytest.mark.parametrize("name", sorted(COMMAND_MODULES))
@@ -33,7 +39,7 @@ def test_every_option_is_documented(name):
         for param in _command(name).params
         if isinstance(param, click.Option)
         for opt in param.opts
-        if opt.startswith("--") and opt != "--help" and not re.search(rf"(?<![\w-]){re.escape(opt)}(?![\w-])", README)
+        if opt.startswith("--") and opt != "--help" and not re.search(rf"(?<![\w-]){re.escape(opt)}(?![\w-])", _manual(name))
     ]
     assert missing == [], f"ckpt {name}: options missing from README: {missing}"
 
