@@ -136,7 +136,7 @@ async def test_diff_mode_toggles_differences_and_prints_the_plan(paths):
     app = BrowseApp(data)
     async with app.run_test(size=(80, 24)) as pilot:
         await _settle(app, pilot)
-        assert "1 missing 1 unexpected 1 shape 1 dtype" in str(app.query_one("#header").render())
+        assert "1 missing 1 unexpected 1 shape 1 dtype · fails a strict load" in str(app.query_one("#header").render())
         await pilot.press("d")
         assert app.differences_only and app.tree_data.root().tensors == 4
         assert app.query_one("#table").row_count == 4

@@ -14,7 +14,7 @@ from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Horizontal, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Input, Static, Tree
 from textual.widgets.tree import TreeNode
@@ -89,9 +89,8 @@ class BrowseApp(App[str]):
     #header { height: auto; max-height: 3; background: $panel; padding: 0 1; }
     #header.-unsafe { background: $error; color: $text; }
     #body { height: 1fr; }
-    #tree { width: 45%; min-width: 24; border: round $primary-darken-2; }
-    #right { width: 1fr; }
-    #table { height: 1fr; border: round $primary-darken-2; }
+    #tree { width: 36%; min-width: 24; border: round $primary-darken-2; }
+    #table { width: 1fr; height: 1fr; border: round $primary-darken-2; }
     #details { height: 8; border: round $primary-darken-2; padding: 0 1; }
     #tree:focus-within, #table:focus-within { border: round $accent; }
     #filter { dock: bottom; display: none; }
@@ -128,18 +127,12 @@ class BrowseApp(App[str]):
         yield Static(self._header_text(), id="header")
         with Horizontal(id="body"):
             yield Tree[Module](self._node_label(self.tree_data.root(), root=True), id="tree")
-            with Vertical(id="right"):
-                yield DataTable(id="table", cursor_type="row", zebra_stripes=True)
-                yield Static("", id="details")
+            yield DataTable(id="table", cursor_type="row", zebra_stripes=True)
+        yield Static("", id="details")
         yield Input(placeholder="filter keys: text or regular expression (enter keeps it, escape clears)", id="filter")
         yield Footer()
 
     def on_mount(self) -> None:
-        table = self.query_one("#table", DataTable)
-        if self.data.report is None:
-            table.add_columns("key", "shape", "dtype", "size", "shared")
-        else:
-            table.add_columns("status", "key", "checkpoint", "target")
         self._fill_tree()
         self.query_one("#tree", Tree).focus()
         # the table (and the shared-storage groups it shows) after the tree's first paint
@@ -180,7 +173,7 @@ class BrowseApp(App[str]):
         style = STATUS_STYLE.get(m.status or "", "bold") if self.data.report is not None else "bold"
         label = Text.assemble((name, style), "  ", (figures(m.tensors, m.parameters, m.nbytes), "dim"))
         if m.differences:
-            label.append(f"  {m.differences} diff", STATUS_STYLE.get(m.status or "", ""))
+            label.append(f" · {m.differences} diff", STATUS_STYLE.get(m.status or "", ""))
         return label
 
     def _tree_title(self) -> str:
@@ -205,7 +198,12 @@ class BrowseApp(App[str]):
     def _show_module(self, path: str) -> None:
         self.current = path
         table = self.query_one("#table", DataTable)
-        table.clear()
+        # columns anew each time: their widths follow this module's keys, not the longest ever shown
+        table.clear(columns=True)
+        if self.data.report is None:
+            table.add_columns("key", "shape", "dtype", "size", "shared")
+        else:
+            table.add_columns("status", "key", "checkpoint", "target")
         entries, total = self.tree_data.rows(path)
         self.rows = {e.key: e for e in entries}
         cut = len(path) + 1 if path else 0
@@ -219,7 +217,8 @@ class BrowseApp(App[str]):
                 table.add_row(Text(STATUS_WORD.get(status, status), STATUS_STYLE.get(status, "")), name,
                               _side(e.ref.shape if e.ref else None, e.ref.dtype if e.ref else None),
                               _side(e.target_shape, e.target_dtype), key=e.key)
-        shown = f"{len(entries)} of {total} tensors (/ to filter)" if total > len(entries) else f"{total} tensors"
+        shown = f"{len(entries)} of {total} tensors (/ to filter)" if total > len(entries) else \
+            f"{total} tensor{'s' * (total != 1)}"
         table.border_title = f"{path or '(all)'} · {shown}"
         if entries:
             self._show_details(entries[0])
@@ -341,7 +340,7 @@ class BrowseApp(App[str]):
     def _header_text(self) -> Text:
         s = self.data.summary
         more = len(s.candidates) - 1
-        text = Text.assemble((s.path, "bold"), f"  {s.format}  ", scan_line(self.scan_result))
+        text = Text.assemble((s.path, "bold"), f" · {s.format} · ", scan_line(self.scan_result))
         text.append(f"\n{s.tensors} tensors · {human_count(s.parameters)} parameters · {human_bytes(s.tensor_bytes)}"
                     f" · state dict {s.state_dict}" + (f" (+{more} more: i)" if more > 0 else ""))
         report = self.data.report
@@ -351,7 +350,7 @@ class BrowseApp(App[str]):
             for word, n, status in (("missing", c.missing, MISSING), ("unexpected", c.unexpected, UNEXPECTED),
                                     ("shape", c.shape_mismatches, SHAPE), ("dtype", c.dtype_differences, DTYPE)):
                 text.append(f"{n} {word} ", STATUS_STYLE[status] if n else "dim")
-            text.append("· loads strictly" if report.loads_strictly else "· would not load (p: plan)",
+            text.append("· loads strictly" if report.loads_strictly else "· fails a strict load (p)",
                         "green" if report.loads_strictly else "bold red")
         return text
 
@@ -389,7 +388,7 @@ def details_text(e: Entry, stats: Any = None) -> Text:
     if ref is None:
         text.append(f"\nonly in the target: {_side(e.target_shape, e.target_dtype)}")
         return text
-    text.append(f"\n{shape_str(ref.shape)} {ref.dtype} · {human_count(ref.numel)} params · {human_bytes(ref.nbytes)}")
+    text.append(f"\n{shape_str(ref.shape)} {ref.dtype} · {ref.numel:,} parameters · {human_bytes(ref.nbytes)}")
     text.append(f"\nstride {shape_str(ref.stride)}{'' if ref.is_contiguous else ' (not contiguous)'}"
                 f" · storage offset {ref.storage_offset}")
     offset = "no stored bytes" if ref.offset is None else f"file offset {ref.offset:,}"
@@ -399,13 +398,13 @@ def details_text(e: Entry, stats: Any = None) -> Text:
     if e.status is not None and e.target_shape is not None and e.status != MATCHED:
         text.append(f"\ntarget: {_side(e.target_shape, e.target_dtype)}")
     if stats is None:
-        text.append("\nv: values (min, max, mean, std, NaN, Inf)", "dim")
+        text.append("\nv: read its values (min, max, mean, std, NaN and Inf counts)", "dim")
     elif isinstance(stats, str):
         text.append(f"\n{stats}", "dim")
     else:
         bad = stats.nan + stats.inf
-        text.append(f"\nmin {_num(stats.min)} max {_num(stats.max)} mean {_num(stats.mean)} std {_num(stats.std)}")
-        text.append(f"\nNaN {stats.nan} · Inf {stats.inf}", "bold red" if bad else "")
+        text.append(f"\nmin {_num(stats.min)} · max {_num(stats.max)} · mean {_num(stats.mean)} · std {_num(stats.std)}")
+        text.append(f" · NaN {stats.nan} · Inf {stats.inf}", "bold red" if bad else "")
     return text
 
 
