@@ -79,7 +79,7 @@ async def test_filter_then_escape(paths):
         await _settle(app, pilot)
         await pilot.press("slash", *r"norm\.bias")
         assert app.tree_data.root().tensors == 12 and app.query_one("#table").row_count == 12
-        assert "filter: norm\\.bias" in app.query_one("#tree").border_title
+        assert app.query_one("#tree").border_subtitle == "filter: norm\\.bias"
         await pilot.press("enter")  # keeps the filter, back to the tree
         assert app.focused is app.query_one("#tree") and app.tree_data.root().tensors == 12
         await pilot.press("escape")

@@ -89,7 +89,7 @@ class BrowseApp(App[str]):
     #header { height: auto; max-height: 3; background: $panel; padding: 0 1; }
     #header.-unsafe { background: $error; color: $text; }
     #body { height: 1fr; }
-    #tree { width: 36%; min-width: 24; border: round $primary-darken-2; }
+    #tree { width: 40%; min-width: 24; border: round $primary-darken-2; }
     #table { width: 1fr; height: 1fr; border: round $primary-darken-2; }
     #details { height: 8; border: round $primary-darken-2; padding: 0 1; }
     #tree:focus-within, #table:focus-within { border: round $accent; }
@@ -161,6 +161,7 @@ class BrowseApp(App[str]):
             self._add_children(node)
             node.expand()
         tree.border_title = self._tree_title()
+        tree.border_subtitle = f"filter: {self.pattern}" if self.pattern else ""
 
     def _add_children(self, node: TreeNode[Module]) -> None:
         if node.children or node.data is None:
@@ -177,12 +178,7 @@ class BrowseApp(App[str]):
         return label
 
     def _tree_title(self) -> str:
-        parts = [f"sort: {self.tree_data.sort}"]
-        if self.pattern:
-            parts.append(f"filter: {self.pattern}")
-        if self.differences_only:
-            parts.append("differences only")
-        return " · ".join(parts)
+        return f"sort: {self.tree_data.sort}" + (" · diffs only" if self.differences_only else "")
 
     @on(Tree.NodeExpanded, "#tree")
     def _expanded(self, event: Tree.NodeExpanded[Module]) -> None:
@@ -198,25 +194,17 @@ class BrowseApp(App[str]):
     def _show_module(self, path: str) -> None:
         self.current = path
         table = self.query_one("#table", DataTable)
-        # columns anew each time: their widths follow this module's keys, not the longest ever shown
-        table.clear(columns=True)
-        if self.data.report is None:
-            table.add_columns("key", "shape", "dtype", "size", "shared")
-        else:
-            table.add_columns("status", "key", "checkpoint", "target")
         entries, total = self.tree_data.rows(path)
         self.rows = {e.key: e for e in entries}
         cut = len(path) + 1 if path else 0
-        for e in entries:
-            name = e.key[cut:]
-            if self.data.report is None:
-                shared = ("= " + ", ".join(e.shared_with)) if e.shared_with else ""
-                table.add_row(name, shape_str(e.shape), e.dtype, human_bytes(e.nbytes), shared, key=e.key)
-            else:
-                status = e.status or ""
-                table.add_row(Text(STATUS_WORD.get(status, status), STATUS_STYLE.get(status, "")), name,
-                              _side(e.ref.shape if e.ref else None, e.ref.dtype if e.ref else None),
-                              _side(e.target_shape, e.target_dtype), key=e.key)
+        cells = [table_row(e, e.key[cut:], self.data.report is not None) for e in entries]
+        headers = TABLE_HEADERS if self.data.report is None else DIFF_HEADERS
+        # columns anew, sized here: widths follow this module's keys, not the longest ever shown
+        table.clear(columns=True)
+        for i, header in enumerate(headers):
+            table.add_column(header, width=min(MAX_COLUMN, max([len(header), *(len(row[i]) for row in cells)])))
+        for e, row in zip(entries, cells):
+            table.add_row(*row, key=e.key)
         shown = f"{len(entries)} of {total} tensors (/ to filter)" if total > len(entries) else \
             f"{total} tensor{'s' * (total != 1)}"
         table.border_title = f"{path or '(all)'} · {shown}"
@@ -373,6 +361,22 @@ def scan_line(result: Any) -> Text:
     shown = f" ({', '.join(names[:2])}{' ...' if len(names) > 2 else ''})" if names else ""
     word = worst.upper() if worst in ("unsafe", "broken") else worst
     return Text(f"scan: {word}{shown}", VERDICT_STYLE.get(worst, ""))
+
+
+TABLE_HEADERS = ("key", "shape", "dtype", "size", "shared")
+DIFF_HEADERS = ("status", "key", "checkpoint", "target")
+MAX_COLUMN = 48
+
+
+def table_row(e: Entry, name: str, diff_mode: bool) -> list[Text]:
+    """One row of the tensor table: ``name`` is the key relative to the module shown."""
+    if not diff_mode:
+        shared = ("= " + ", ".join(e.shared_with)) if e.shared_with else ""
+        return [Text(c) for c in (name, shape_str(e.shape), e.dtype, human_bytes(e.nbytes), shared)]
+    status = e.status or ""
+    return [Text(STATUS_WORD.get(status, status), STATUS_STYLE.get(status, "")), Text(name),
+            Text(_side(e.ref.shape if e.ref else None, e.ref.dtype if e.ref else None)),
+            Text(_side(e.target_shape, e.target_dtype))]
 
 
 def _side(shape: tuple[int, ...] | None, dtype: str | None) -> str:
