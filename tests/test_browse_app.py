@@ -195,3 +195,23 @@ def test_command_needs_a_terminal_and_a_readable_file(paths, tmp_path):
     result = CliRunner().invoke(main, ["browse", paths["source"]])
     assert result.exit_code == 2 and "needs a terminal" in result.output
     assert len(result.output.splitlines()) == 1
+
+
+@sync
+async def test_many_children_are_added_a_batch_at_a_time(tmp_path):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from ckpt_tool.browse.app import CHILD_BATCH, More
+
+    path = str(tmp_path / "wide.safetensors")
+    save_file({f"layers.{i}.w": np.zeros(2, np.float32) for i in range(2 * CHILD_BATCH + 50)}, path)
+    app = BrowseApp(load(path), scan=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await _settle(app, pilot)
+        layers = app.query_one("#tree").root.children[0]
+        assert layers.is_expanded and len(layers.children) == CHILD_BATCH + 1
+        assert isinstance(layers.children[-1].data, More) and "250 more" in str(layers.children[-1].label)
+        app.query_one("#tree").select_node(layers.children[-1])
+        await pilot.pause()
+        assert len(layers.children) == 2 * CHILD_BATCH + 1 and "50 more" in str(layers.children[-1].label)

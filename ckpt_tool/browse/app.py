@@ -8,6 +8,7 @@ Nothing here writes to a file.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from rich.text import Text
@@ -31,6 +32,16 @@ STATUS_WORD = {MISSING: "missing", SHAPE: "shape", UNEXPECTED: "unexpected", DTY
 VERDICT_STYLE = {"safe": "green", "skipped": "yellow", "suspicious": "yellow", "unsafe": "bold", "broken": "bold"}
 # a chain of single children opens by itself down to this depth (model -> layers)
 AUTO_EXPAND_DEPTH = 4
+# child modules added to the tree at a time; a "... N more" node adds the next batch
+CHILD_BATCH = 200
+
+
+@dataclass(frozen=True)
+class More:
+    """The tree's stand-in for a module's children past those shown: selecting it adds the next batch."""
+
+    path: str
+    shown: int
 
 
 def figures(tensors: int, parameters: int, nbytes: int) -> str:
@@ -126,7 +137,7 @@ class BrowseApp(App[str]):
     def compose(self) -> ComposeResult:
         yield Static(self._header_text(), id="header")
         with Horizontal(id="body"):
-            yield Tree[Module](self._node_label(self.tree_data.root(), root=True), id="tree")
+            yield Tree[Module | More](self._node_label(self.tree_data.root(), root=True), id="tree")
             yield DataTable(id="table", cursor_type="row", zebra_stripes=True)
         yield Static("", id="details")
         yield Input(placeholder="filter keys: text or regular expression (enter keeps it, escape clears)", id="filter")
@@ -148,7 +159,7 @@ class BrowseApp(App[str]):
     # --- the tree ------------------------------------------------------------------------------------
 
     def _fill_tree(self) -> None:
-        tree: Tree[Module] = self.query_one("#tree", Tree)
+        tree: Tree[Module | More] = self.query_one("#tree", Tree)
         root = self.tree_data.root()
         tree.reset(self._node_label(root, root=True), root)
         self._add_children(tree.root)
@@ -163,11 +174,16 @@ class BrowseApp(App[str]):
         tree.border_title = self._tree_title()
         tree.border_subtitle = f"filter: {self.pattern}" if self.pattern else ""
 
-    def _add_children(self, node: TreeNode[Module]) -> None:
-        if node.children or node.data is None:
+    def _add_children(self, node: TreeNode[Module | More], start: int = 0) -> None:
+        """Add a module's children to the tree, a batch at a time: 5,000 layers cost one batch to open."""
+        if not isinstance(node.data, Module) or (start == 0 and node.children):
             return
-        for child in self.tree_data.children(node.data.path):
+        children = self.tree_data.children(node.data.path)
+        for child in children[start:start + CHILD_BATCH]:
             node.add(self._node_label(child), child, allow_expand=child.has_children)
+        rest = len(children) - start - CHILD_BATCH
+        if rest > 0:
+            node.add_leaf(Text(f"... {rest} more (enter)", "dim italic"), More(node.data.path, start + CHILD_BATCH))
 
     def _node_label(self, m: Module, root: bool = False) -> Text:
         name = (self.data.summary.path.rstrip("/").rsplit("/", 1)[-1] or self.data.summary.path) if root else m.name
@@ -181,13 +197,21 @@ class BrowseApp(App[str]):
         return f"sort: {self.tree_data.sort}" + (" · diffs only" if self.differences_only else "")
 
     @on(Tree.NodeExpanded, "#tree")
-    def _expanded(self, event: Tree.NodeExpanded[Module]) -> None:
+    def _expanded(self, event: Tree.NodeExpanded[Module | More]) -> None:
         self._add_children(event.node)
 
     @on(Tree.NodeHighlighted, "#tree")
-    def _highlighted(self, event: Tree.NodeHighlighted[Module]) -> None:
-        if event.node.data is not None and event.node.data.path != self.current:
+    def _highlighted(self, event: Tree.NodeHighlighted[Module | More]) -> None:
+        if isinstance(event.node.data, Module) and event.node.data.path != self.current:
             self._show_module(event.node.data.path)
+
+    @on(Tree.NodeSelected, "#tree")
+    def _selected_node(self, event: Tree.NodeSelected[Module | More]) -> None:
+        node = event.node
+        if isinstance(node.data, More) and node.parent is not None:
+            parent, start = node.parent, node.data.shown
+            node.remove()
+            self._add_children(parent, start)
 
     # --- the table and the details -------------------------------------------------------------------
 
