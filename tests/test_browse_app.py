@@ -152,9 +152,8 @@ async def test_diff_mode_toggles_differences_and_prints_the_plan(paths):
 
 @sync
 async def test_plan_screen_returns_the_migrate_command(paths, tmp_path):
-    from safetensors.torch import save_file
-
     from browse_helpers import build_net
+    from safetensors.torch import save_file
 
     prefixed = str(tmp_path / "dp.safetensors")
     save_file({"module." + k: v.contiguous() for k, v in build_net().state_dict().items() if k != "head.weight"},

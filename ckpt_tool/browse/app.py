@@ -162,19 +162,19 @@ class BrowseApp(App[str]):
         tree: Tree[Module | More] = self.query_one("#tree", Tree)
         root = self.tree_data.root()
         tree.reset(self._node_label(root, root=True), root)
-        self._add_children(tree.root)
+        self._add_modules(tree.root)
         tree.root.expand()
         node = tree.root
         for _ in range(AUTO_EXPAND_DEPTH):
             if len(node.children) != 1 or not node.children[0].allow_expand:
                 break
             node = node.children[0]
-            self._add_children(node)
+            self._add_modules(node)
             node.expand()
         tree.border_title = self._tree_title()
         tree.border_subtitle = f"filter: {self.pattern}" if self.pattern else ""
 
-    def _add_children(self, node: TreeNode[Module | More], start: int = 0) -> None:
+    def _add_modules(self, node: TreeNode[Module | More], start: int = 0) -> None:
         """Add a module's children to the tree, a batch at a time: 5,000 layers cost one batch to open."""
         if not isinstance(node.data, Module) or (start == 0 and node.children):
             return
@@ -198,7 +198,7 @@ class BrowseApp(App[str]):
 
     @on(Tree.NodeExpanded, "#tree")
     def _expanded(self, event: Tree.NodeExpanded[Module | More]) -> None:
-        self._add_children(event.node)
+        self._add_modules(event.node)
 
     @on(Tree.NodeHighlighted, "#tree")
     def _highlighted(self, event: Tree.NodeHighlighted[Module | More]) -> None:
@@ -211,7 +211,7 @@ class BrowseApp(App[str]):
         if isinstance(node.data, More) and node.parent is not None:
             parent, start = node.parent, node.data.shown
             node.remove()
-            self._add_children(parent, start)
+            self._add_modules(parent, start)
 
     # --- the table and the details -------------------------------------------------------------------
 
