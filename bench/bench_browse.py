@@ -1,6 +1,7 @@
 """``ckpt browse`` on a 100,000-tensor checkpoint: time until the module tree is on the screen.
 
-Run: ``python bench/bench_browse.py`` (needs tmux). The browser runs in a real 80x24 terminal (a
+Run: ``python bench/bench_browse.py`` (needs tmux); ``python bench/bench_browse.py --screenshots docs/img``
+writes the documentation's screenshots from real runs. The browser runs in a real 80x24 terminal (a
 private tmux server); the clock starts when the command is typed and stops when the pane shows the
 tree's root with its figures and first child. Target: under a second. Baselines in the same run:
 ``ckpt inspect --json`` of the same file and safetensors' own ``safe_open(...).keys()`` (whole
@@ -17,7 +18,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import CKPT, OUT, PYTHON, measure  # noqa: E402
+from _common import CKPT, HERE, OUT, PYTHON, measure  # noqa: E402
 
 TENSORS = 100_000
 MODULES = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down", "norm1", "norm2", "ada.lin", "ada.mod")
@@ -78,7 +79,56 @@ def time_to_tree(term: Terminal, path: str, marker: str, run: int) -> float:
     return shown - start
 
 
+def screenshots(out: str) -> None:
+    """The docs' screenshots: real runs of the app on torchvision checkpoints, exported as SVG at 80x24."""
+    import asyncio
+    import tempfile
+
+    import torch
+    import torchvision
+
+    from ckpt_tool.browse.app import BrowseApp
+    from ckpt_tool.browse.view import load
+
+    out = os.path.abspath(out)
+    work = tempfile.mkdtemp(prefix="ckpt-shots-")
+    os.chdir(work)  # relative names on screen
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None)
+    torch.save({"model": model.state_dict(), "epoch": 90, "best_acc1": 69.8}, "resnet18.pth")
+    torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()}}, "resnet18_ddp.pth")
+    payload = os.path.join(os.path.dirname(HERE), "fixtures", "malicious", "torch_zip_payload.pth")
+    shutil.copy(payload, "downloaded.pth")
+
+    async def shoot(name: str, data: object, keys: list[str]) -> None:
+        app = BrowseApp(data)  # type: ignore[arg-type]
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause()
+            await app.workers.wait_for_complete()
+            for key in keys:
+                await pilot.press(key)
+                await app.workers.wait_for_complete()
+                await pilot.pause()
+            await pilot.pause()
+            app.save_screenshot(f"{name}.svg", out)
+        print(f"wrote {os.path.join(out, name + '.svg')}")
+
+    diff = load("resnet18_ddp.pth", arch="resnet18", arch_args=["num_classes=10"])
+    for name, data, keys in (
+        ("browse", load("resnet18.pth"), ["down", "down", "down", "down", "down", "enter", "down", "tab", "v"]),
+        ("browse-filter", load("resnet18.pth"), ["slash", *"downsample", "enter", "s", "s"]),
+        ("browse-diff", diff, ["d", "tab"]),
+        ("browse-plan", diff, ["p"]),
+        ("browse-unsafe", load("downloaded.pth"), []),
+        ("browse-summary", load("downloaded.pth"), ["i"]),
+    ):
+        asyncio.run(shoot(name, data, keys))
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--screenshots":
+        screenshots(sys.argv[2])
+        return
     if shutil.which("tmux") is None:
         raise SystemExit("tmux is needed (apt-get install tmux)")
     path = big_safetensors()

@@ -214,3 +214,12 @@ async def test_many_children_are_added_a_batch_at_a_time(tmp_path):
         app.query_one("#tree").select_node(layers.children[-1])
         await pilot.pause()
         assert len(layers.children) == 2 * CHILD_BATCH + 1 and "50 more" in str(layers.children[-1].label)
+
+
+def test_command_reports_a_bad_file_in_one_line(tmp_path):
+    bad = tmp_path / "empty.pth"
+    bad.write_bytes(b"")
+    result = CliRunner().invoke(main, ["browse", str(bad)])
+    assert (result.exit_code, result.output) == (2, f"ckpt: error: {bad}: file is empty\n")
+    result = CliRunner().invoke(main, ["browse", str(bad), str(bad), "--arch", "resnet18"])
+    assert result.exit_code == 2 and "not both" in result.output

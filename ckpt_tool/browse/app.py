@@ -267,8 +267,8 @@ class BrowseApp(App[str]):
 
     @on(Input.Submitted, "#filter")
     def _filter_submitted(self, event: Input.Submitted) -> None:
-        if not event.value:
-            self.query_one("#filter", Input).remove_class("-shown")
+        # the filter stays in force (the tree's bottom border names it); / edits it again
+        self.query_one("#filter", Input).remove_class("-shown")
         self.query_one("#tree", Tree).focus()
 
     def action_clear_filter(self) -> None:
@@ -374,8 +374,11 @@ def _worst(report: Any) -> str:
     return next((v for v in SEVERITY_ORDER if v in verdicts), "safe")
 
 
-def scan_line(result: Any) -> Text:
-    """``scan: safe`` / ``scan: UNSAFE (os.system)``, the verdict ``ckpt scan`` gives the same files."""
+def scan_line(result: Any, on_red: bool = True) -> Text:
+    """``scan: safe`` / ``scan: UNSAFE (os.system)``, the verdict ``ckpt scan`` gives the same files.
+
+    ``on_red``: drawn on the header's red background, so not red itself.
+    """
     if result is None:
         return Text("scan: running...", "dim")
     if isinstance(result, str):
@@ -384,7 +387,8 @@ def scan_line(result: Any) -> Text:
     names = list(dict.fromkeys(x.name for f in result.files for x in f.findings))
     shown = f" ({', '.join(names[:2])}{' ...' if len(names) > 2 else ''})" if names else ""
     word = worst.upper() if worst in ("unsafe", "broken") else worst
-    return Text(f"scan: {word}{shown}", VERDICT_STYLE.get(worst, ""))
+    style = VERDICT_STYLE.get(worst, "") if on_red or worst not in ("unsafe", "broken") else "bold red"
+    return Text(f"scan: {word}{shown}", style)
 
 
 TABLE_HEADERS = ("key", "shape", "dtype", "size", "shared")
@@ -462,7 +466,7 @@ def summary_text(data: BrowseData, scan_result: Any = None) -> Text:
         text.append(f"{k:<{width}}  ", "bold")
         text.append(f"{v}\n")
     text.append("\n")
-    text.append_text(scan_line(scan_result))
+    text.append_text(scan_line(scan_result, on_red=False))
     if scan_result is not None and not isinstance(scan_result, str):
         for f in scan_result.files:
             for x in f.findings:

@@ -43,13 +43,15 @@ def browse(path: str, target: str | None, arch: str | None, arch_args: tuple[str
     """
     if importlib.util.find_spec("textual") is None:
         raise CkptError(TUI_MISSING)
+    from ..browse.view import load
+
+    # the input's errors first, whatever the terminal
+    data = load(path, target, arch=arch, arch_args=arch_args, key=key, target_key=target_key,
+                use_cache=not no_cache)
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise UsageError("ckpt browse needs a terminal (for a listing to pipe, use `ckpt inspect` or `ckpt diff`)")
     from ..browse.app import BrowseApp
-    from ..browse.view import load
 
-    data = load(path, target, arch=arch, arch_args=arch_args, key=key, target_key=target_key,
-                use_cache=not no_cache)
     command = BrowseApp(data).run()
     if command:
         echo(command)
