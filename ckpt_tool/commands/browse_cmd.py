@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 
 import click
@@ -51,7 +52,10 @@ def browse(path: str, target: str | None, arch: str | None, arch_args: tuple[str
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise UsageError("ckpt browse needs a terminal (for a listing to pipe, use `ckpt inspect` or `ckpt diff`)")
     from ..browse.app import BrowseApp
+    from ..render import color_on
 
+    if not color_on():
+        os.environ["NO_COLOR"] = "1"  # ckpt --no-color: Textual draws in monochrome
     command = BrowseApp(data).run()
     if command:
         echo(command)

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from ..render import dumps, echo, human_count, json_option, note, progress_bar, shape_str, table
+from ..render import dumps, echo, human_count, json_option, note, paint, progress_bar, shape_str, table
 
 EXIT_LOADS, EXIT_DIFFERS = 0, 1
 
@@ -88,10 +88,10 @@ def _render(report: Any) -> None:
         note(f"note: {text}")
     echo()
     if report.loads_strictly:
-        echo("loads strictly: load_state_dict(strict=True) would succeed")
+        echo(paint("loads strictly: load_state_dict(strict=True) would succeed", "pass"))
         return
     plan = report.plan
-    echo("would not load strictly." + (" Suggested fix:" if plan.steps else ""))
+    echo(paint("would not load strictly.", "fail") + (" Suggested fix:" if plan.steps else ""))
     for step in plan.steps:
         echo(f"  - {step.operation['op']}: {step.reason}")
     for text in plan.notes:
@@ -109,14 +109,14 @@ _CACHE_WORDS = {"hit": "from cache", "built": "built, cached", "rebuilt": "rebui
 
 def _table(report: Any) -> str:
     if report.depth:
-        modules = [(r.status, r.name, _statuses(r.statuses), human_count(r.source_numel), human_count(r.target_numel))
+        modules = [(paint(r.status), r.name, _statuses(r.statuses), human_count(r.source_numel), human_count(r.target_numel))
                    for r in report.rows]
         return table(modules, ["status", "module", "keys", "checkpoint elements", "target elements"],
                      ["left", "left", "left", "right", "right"])
     headers = ["status", "key", "checkpoint", "target"]
     rows: list[list[str]] = []
     for r in report.rows:
-        row = [r.status, r.name, _side(r.source_shape, r.source_dtype), _side(r.target_shape, r.target_dtype)]
+        row = [paint(r.status), r.name, _side(r.source_shape, r.source_dtype), _side(r.target_shape, r.target_dtype)]
         if report.values:
             row += [_num(r.max_abs_diff), _num(r.rel_change)]
         rows.append(row)

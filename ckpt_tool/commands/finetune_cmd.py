@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from ..render import dumps, echo, human_count, json_option, shape_str, table
+from ..render import dumps, echo, human_count, json_option, paint, shape_str, table
 
 EXIT_FAILED = 1
 
@@ -110,7 +110,7 @@ def render(report: Any) -> str:
     rows += [("mismatched", m.key, shape_str(m.checkpoint_shape), shape_str(m.model_shape)) for m in load.mismatched]
     if rows:
         head = set(load.head_keys)
-        rows = [(kind + (" (head)" if key in head else ""), key, a, b) for kind, key, a, b in rows]
+        rows = [(paint(kind + (" (head)" if key in head else ""), kind), key, a, b) for kind, key, a, b in rows]
         lines += ["", table(rows[:20], ["", "key", "checkpoint", "model"])]
         if len(rows) > 20:
             lines.append(f"... {len(rows) - 20} more (--json lists them all)")
@@ -124,14 +124,14 @@ def render(report: Any) -> str:
                               " ".join(f"{v:.4f}" for v in p.epoch_losses) or "-",
                               f"{p.images_per_s:.1f}" if p.images_per_s else "-") for p in report.phases],
                             ["phase", "epochs", "lr", "steps", "trainable", "epoch mean loss", "images/s"])]
-    lines += ["", table([(c.name, c.status.upper(), c.detail) for c in report.checks], ["check", "status", "detail"])]
+    lines += ["", table([(c.name, paint(c.status.upper()), c.detail) for c in report.checks], ["check", "status", "detail"])]
     if report.saved:
         lines.append(f"\nsaved fine-tuned weights to {report.saved}")
     if report.plot:
         lines.append(f"loss curve drawn to {report.plot}")
     failed = report.failed
-    lines.append("\n" + ("PASS: every check passed" if not failed else
-                         f"FAIL: {len(failed)} check(s) failed: " + ", ".join(c.name for c in failed)))
+    lines.append("\n" + (paint("PASS") + ": every check passed" if not failed else
+                         paint("FAIL") + f": {len(failed)} check(s) failed: " + ", ".join(c.name for c in failed)))
     return "\n".join(lines)
 
 

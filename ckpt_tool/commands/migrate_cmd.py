@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from ..render import dumps, echo, human_bytes, json_option, progress_bar, shape_str, some, table
+from ..render import dumps, echo, human_bytes, json_option, paint, progress_bar, shape_str, some, table
 
 EXIT_OK, EXIT_FINDINGS = 0, 1
 # options that are operations: applied in the order they appear on the command line
@@ -225,8 +225,8 @@ def _render_result(report: Any) -> None:
         echo(f"NaN/Inf in {len(report.nonfinite)} written tensors: {some(report.nonfinite)}")
     v = report.verification
     if v is not None:
-        echo(f"verified: loads into {v.arch} with strict=True" if v.loads
-             else f"verification failed: {v.arch} " + _diff_words(v.diff) + (f" ({v.error})" if v.error else ""))
+        echo(paint(f"verified: loads into {v.arch} with strict=True", "pass") if v.loads
+             else paint("verification failed:", "fail") + f" {v.arch} " + _diff_words(v.diff) + (f" ({v.error})" if v.error else ""))
 
 
 COMMANDS = [migrate, convert]
