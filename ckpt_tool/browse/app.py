@@ -146,10 +146,11 @@ class BrowseApp(App[str]):
     def on_mount(self) -> None:
         self._fill_tree()
         self.query_one("#tree", Tree).focus()
-        # the table (and the shared-storage groups it shows) after the tree's first paint
+        # the table (and the shared-storage groups it shows) and the scan after the tree's first paint:
+        # a worker thread started sooner would compete with it for the interpreter
         self.call_after_refresh(self._show_module, "")
         if self._scan:
-            self._run_scan()
+            self.call_after_refresh(self._run_scan)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action in ("differences", "plan"):

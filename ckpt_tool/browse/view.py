@@ -180,12 +180,13 @@ class ModuleTree:
         self._depth: dict[str, int] = {"": 0}
         self._children: dict[str, list[Module]] = {}
         self._shared: dict[str, list[str]] | None = None
+        self._root: Module | None = None
 
     def with_selection(self, selection: Iterable[int]) -> ModuleTree:
         tree = ModuleTree.__new__(ModuleTree)
         tree.__dict__.update(self.__dict__)
         tree.selection = list(selection)
-        tree._members, tree._depth, tree._children = {"": tree.selection}, {"": 0}, {}
+        tree._members, tree._depth, tree._children, tree._root = {"": tree.selection}, {"": 0}, {}, None
         return tree
 
     def with_sort(self, sort: str) -> ModuleTree:
@@ -198,6 +199,11 @@ class ModuleTree:
     # --- the tree ------------------------------------------------------------------------------------
 
     def root(self) -> Module:
+        if self._root is None:
+            self._root = self._make_root()
+        return self._root
+
+    def _make_root(self) -> Module:
         members = self.selection
         return Module("", "", len(members), sum(self.numel[i] for i in members), sum(self.nbytes[i] for i in members),
                       bool(self.children("")), self._statuses(members))
