@@ -159,9 +159,9 @@ def diff_paths(path: str, target_path: str | None = None, *, arch: str | None = 
         progress: with ``values``, called with ``(bytes compared now, bytes to compare)`` per tensor.
 
     Example:
-        >>> report = diff_paths("resnet18.pth", arch="resnet18", arch_args=["num_classes=10"])
+        >>> report = diff_paths("tiny_cnn_10.pth", arch="my_models.py:tiny_cnn", arch_args=["num_classes=4"])
         >>> report.counts.shape_mismatches, report.plan.command
-        (2, 'ckpt migrate resnet18.pth --arch resnet18 --arch-arg num_classes=10 --reinit-mismatched -o ...')
+        (2, 'ckpt migrate tiny_cnn_10.pth --arch my_models.py:tiny_cnn --arch-arg num_classes=4 --reinit-mismatched -o ...')
     """
     if (target_path is None) == (arch is None):
         raise UsageError("give a second checkpoint or --arch, not both" if arch else "give a second checkpoint or --arch")

@@ -208,7 +208,8 @@ def finetune_check(path: str, arch: str, options: FinetuneOptions | None = None,
         a :class:`CkptError`.
 
     Example:
-        >>> report = finetune_check("resnet18.pth", "resnet18", FinetuneOptions(num_classes=10, trainable=("fc",)))
+        >>> options = FinetuneOptions(num_classes=4, image_size=16, max_steps=2, lr=0.03, overfit_steps=30)
+        >>> report = finetune_check("tiny_cnn_10.pth", "my_models.py:tiny_cnn", options)
         >>> report.passed
         True
     """
@@ -467,8 +468,9 @@ def replace_head(model: Any, num_classes: int, name: str | None = None) -> HeadC
     """Swap the head's final Linear/Conv2d for a fresh one with ``num_classes`` outputs (in place).
 
     Example:
-        >>> replace_head(torchvision.models.vgg16(weights=None), 10).module
-        'classifier.6'
+        >>> import torchvision
+        >>> replace_head(torchvision.models.mobilenet_v3_small(weights=None), 10).module
+        'classifier.3'
     """
     from torch import nn
 

@@ -183,10 +183,12 @@ def migrate(
         the target or holds NaN/Inf.
 
     Example:
-        >>> plan = Plan("dp.pth", arch="resnet18", operations=(operation("strip_prefix", prefix="module."),))
-        >>> report = migrate(plan, "resnet18.safetensors")
+        >>> from ckpt_tool.plan import Plan, operation
+        >>> ops = (operation("strip_prefix", prefix="module."),)
+        >>> plan = Plan("checkpoint.pth", key="model_state_dict", arch="my_models.py:tiny_cnn", operations=ops)
+        >>> report = migrate(plan, "tiny_cnn.safetensors")
         >>> report.verification.loads, report.written.tensors
-        (True, 122)
+        (True, 18)
     """
     if plan.source is None:
         raise UsageError("no checkpoint given (pass it, or use a --plan whose 'source' names one)")

@@ -371,9 +371,11 @@ def apply(operations: tuple[Operation, ...] | list[Operation], state: State, tar
     """Run the operations in order. Returns the final state and, per operation, what it changed.
 
     Example:
+        >>> from ckpt_tool import open_checkpoint
+        >>> ckpt = open_checkpoint("checkpoint.pth")
         >>> applied = apply([operation("strip_prefix", prefix="module.")], initial_state(ckpt.tensors))
         >>> applied.steps[0].renamed[0]
-        ('module.fc.weight', 'fc.weight')
+        ('module.features.0.weight', 'features.0.weight')
     """
     steps = []
     for op in operations:

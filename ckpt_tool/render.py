@@ -35,8 +35,17 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
+# The version of every --json report's layout (docs/formats.md): raise it when a field is renamed,
+# removed or changes meaning; adding a field keeps it.
+SCHEMA_VERSION = 1
+
+
 def dumps(obj: Any) -> str:
-    return json.dumps(to_jsonable(obj), indent=2, sort_keys=True)
+    """A report as JSON with sorted keys; a top-level object carries ``schema_version``."""
+    data = to_jsonable(obj)
+    if isinstance(data, dict):
+        data = {"schema_version": SCHEMA_VERSION, **data}
+    return json.dumps(data, indent=2, sort_keys=True)
 
 
 def echo(text: str = "") -> None:

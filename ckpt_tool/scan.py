@@ -673,7 +673,7 @@ def scan_file(path: str, policy: Policy | None = None) -> FileScan:
     """Scan one file statically and judge it.
 
     Example:
-        >>> scan_file("model.pth").verdict
+        >>> scan_file("models/tiny_cnn.pth").verdict
         'safe'
     """
     policy = policy or Policy()

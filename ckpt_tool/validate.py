@@ -142,7 +142,7 @@ def validate(paths: Iterable[str], allow: Iterable[str] = (), config_dir: str | 
     """Validate model files (directories recursively; a sharded set by its ``*.index.json``).
 
     Example:
-        >>> validate(["models/"]).ok
+        >>> validate(["models/tiny_cnn.safetensors"]).ok
         True
     """
     config = load_config(config_dir)

@@ -69,3 +69,35 @@ def rewrite_zip(src, dst, edit) -> None:
             data = edit(info.filename, zin.read(info))
             if data is not None:
                 zout.writestr(info, data)
+
+
+@pytest.fixture(scope="session")
+def example_inputs(tmp_path_factory):
+    """The inputs of the documentation's examples (docs/make_examples.py), built once per session."""
+    sys.path.insert(0, os.path.join(ROOT, "docs"))
+    import make_examples
+
+    path = str(tmp_path_factory.mktemp("docs") / "inputs")
+    make_examples.make(path)
+    return path
+
+
+# Tests that need torch carry the `torch` marker: explicitly (@pytest.mark.torch), or because they use a
+# fixture that builds with torch. Without torch installed they are skipped with that reason instead of
+# failing on an import; `pytest -m "not torch"` runs the rest alone.
+TORCH_FIXTURES = {"torch", "example_inputs"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "torch: needs torch and torchvision; skipped when they are not installed")
+
+
+def pytest_collection_modifyitems(config, items):
+    import importlib.util
+
+    missing = [m for m in ("torch", "torchvision") if importlib.util.find_spec(m) is None]
+    for item in items:
+        if TORCH_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.torch)
+        if missing and item.get_closest_marker("torch"):
+            item.add_marker(pytest.mark.skip(reason=f"needs {' and '.join(missing)}, not installed"))
