@@ -44,7 +44,7 @@ class More:
     shown: int
 
 
-def figures(tensors: int, parameters: int, nbytes: int) -> str:
+def _figures(tensors: int, parameters: int, nbytes: int) -> str:
     return f"{tensors} · {human_count(parameters)} · {human_bytes(nbytes)}"
 
 
@@ -77,7 +77,7 @@ class PlanScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="plan-box"):
-            yield Static(plan_text(self.report), id="plan-text")
+            yield Static(_plan_text(self.report), id="plan-text")
 
     def action_copy(self) -> None:
         if self.report.plan.command:
@@ -189,7 +189,7 @@ class BrowseApp(App[str]):
     def _node_label(self, m: Module, root: bool = False) -> Text:
         name = (self.data.summary.path.rstrip("/").rsplit("/", 1)[-1] or self.data.summary.path) if root else m.name
         style = STATUS_STYLE.get(m.status or "", "bold") if self.data.report is not None else "bold"
-        label = Text.assemble((name, style), "  ", (figures(m.tensors, m.parameters, m.nbytes), "dim"))
+        label = Text.assemble((name, style), "  ", (_figures(m.tensors, m.parameters, m.nbytes), "dim"))
         if m.differences:
             label.append(f" · {m.differences} diff", STATUS_STYLE.get(m.status or "", ""))
         return label
@@ -222,7 +222,7 @@ class BrowseApp(App[str]):
         entries, total = self.tree_data.rows(path)
         self.rows = {e.key: e for e in entries}
         cut = len(path) + 1 if path else 0
-        cells = [table_row(e, e.key[cut:], self.data.report is not None) for e in entries]
+        cells = [_table_row(e, e.key[cut:], self.data.report is not None) for e in entries]
         headers = TABLE_HEADERS if self.data.report is None else DIFF_HEADERS
         # columns anew, sized here: widths follow this module's keys, not the longest ever shown
         table.clear(columns=True)
@@ -252,7 +252,7 @@ class BrowseApp(App[str]):
         return self.rows.get(str(key))
 
     def _show_details(self, e: Entry) -> None:
-        self.query_one("#details", Static).update(details_text(e, self.stats.get(e.key)))
+        self.query_one("#details", Static).update(_details_text(e, self.stats.get(e.key)))
 
     # --- actions -------------------------------------------------------------------------------------
 
@@ -295,7 +295,7 @@ class BrowseApp(App[str]):
         self._show_module("")
 
     def action_summary(self) -> None:
-        self.push_screen(SummaryScreen(summary_text(self.data, self.scan_result)))
+        self.push_screen(SummaryScreen(_summary_text(self.data, self.scan_result)))
 
     def action_plan(self) -> None:
         if self.data.report is not None:
@@ -353,7 +353,7 @@ class BrowseApp(App[str]):
     def _header_text(self) -> Text:
         s = self.data.summary
         more = len(s.candidates) - 1
-        text = Text.assemble((s.path, "bold"), f" · {s.format} · ", scan_line(self.scan_result))
+        text = Text.assemble((s.path, "bold"), f" · {s.format} · ", _scan_line(self.scan_result))
         text.append(f"\n{s.tensors} tensors · {human_count(s.parameters)} parameters · {human_bytes(s.tensor_bytes)}"
                     f" · state dict {s.state_dict}" + (f" (+{more} more: i)" if more > 0 else ""))
         report = self.data.report
@@ -375,7 +375,7 @@ def _worst(report: Any) -> str:
     return next((v for v in SEVERITY_ORDER if v in verdicts), "safe")
 
 
-def scan_line(result: Any, on_red: bool = True) -> Text:
+def _scan_line(result: Any, on_red: bool = True) -> Text:
     """``scan: safe`` / ``scan: UNSAFE (os.system)``, the verdict ``ckpt scan`` gives the same files.
 
     ``on_red``: drawn on the header's red background, so not red itself.
@@ -397,7 +397,7 @@ DIFF_HEADERS = ("status", "key", "checkpoint", "target")
 MAX_COLUMN = 48
 
 
-def table_row(e: Entry, name: str, diff_mode: bool) -> list[Text]:
+def _table_row(e: Entry, name: str, diff_mode: bool) -> list[Text]:
     """One row of the tensor table: ``name`` is the key relative to the module shown."""
     if not diff_mode:
         shared = ("= " + ", ".join(e.shared_with)) if e.shared_with else ""
@@ -412,7 +412,7 @@ def _side(shape: tuple[int, ...] | None, dtype: str | None) -> str:
     return "-" if shape is None else f"{shape_str(shape)} {dtype}"
 
 
-def details_text(e: Entry, stats: Any = None) -> Text:
+def _details_text(e: Entry, stats: Any = None) -> Text:
     """The selected tensor: layout in storage and, once read, its values' statistics."""
     text = Text(e.key, "bold")
     if e.status is not None:
@@ -445,7 +445,7 @@ def _num(v: float | None) -> str:
     return "-" if v is None else f"{v:.4g}"
 
 
-def summary_text(data: BrowseData, scan_result: Any = None) -> Text:
+def _summary_text(data: BrowseData, scan_result: Any = None) -> Text:
     s = data.summary
     text = Text("summary\n\n", "bold")
     rows = [("file", s.path), ("format", s.format), ("size", f"{human_bytes(s.file_size)} ({s.file_size:,} bytes)"),
@@ -467,7 +467,7 @@ def summary_text(data: BrowseData, scan_result: Any = None) -> Text:
         text.append(f"{k:<{width}}  ", "bold")
         text.append(f"{v}\n")
     text.append("\n")
-    text.append_text(scan_line(scan_result, on_red=False))
+    text.append_text(_scan_line(scan_result, on_red=False))
     if scan_result is not None and not isinstance(scan_result, str):
         for f in scan_result.files:
             for x in f.findings:
@@ -481,7 +481,7 @@ def _short(value: object) -> str:
     return out if len(out) <= 200 else out[:197] + "..."
 
 
-def plan_text(report: DiffReport) -> Text:
+def _plan_text(report: DiffReport) -> Text:
     c = report.counts
     text = Text(f"fix plan: {report.source} -> {report.target}\n\n", "bold")
     text.append(f"matched {c.matched}, missing {c.missing}, unexpected {c.unexpected}, "
