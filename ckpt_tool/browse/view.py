@@ -114,9 +114,9 @@ def load(path: str, target: str | None = None, *, arch: str | None = None, arch_
     """Open a checkpoint for browsing and, with ``target`` or ``arch``, diff it with the diff engine.
 
     Example:
-        >>> data = load("resnet18.pth", arch="resnet18", arch_args=["num_classes=10"])
-        >>> data.report.counts.shape_mismatches
-        2
+        >>> data = load("tiny_cnn_10.pth", "tiny_cnn_2.pth")  # a 10-class head against a 2-class one
+        >>> data.summary.tensors, data.report.counts.shape_mismatches
+        (18, 2)
     """
     from ..arch import parse_arch_args, target_signature
 
