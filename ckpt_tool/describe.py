@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import UsageError
-from .model import Candidate, Checkpoint, Progress, TensorRef, common_prefix
-from .reader import open_checkpoint
+from .model import DTENSOR_SHARD, QUANTIZED, SPARSE_KINDS, Candidate, Checkpoint, Progress, TensorRef, common_prefix
+from .reader import open_checkpoint, summarize
+from .render import grouped_notes
 from .values import FileCache, TensorStats, tensor_stats
 
 
@@ -25,6 +26,10 @@ class TensorRow:
     contiguous: bool = True
     shared_with: tuple[str, ...] = ()
     stats: TensorStats | None = None
+    # dense, sparse_coo/sparse_csr/..., quantized or dtensor_shard; what makes it up; how it was read
+    kind: str = "dense"
+    detail: str = ""
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,10 @@ class InspectReport:
     filter: str | None = None
     depth: int | None = None
     notes: tuple[str, ...] = field(default=())
+    # TorchScript tensor attributes that are not parameters or buffers (not in ``state_dict()``)
+    attributes: tuple[TensorRow, ...] = ()
+    # entries of the state dict that are not tensors (``_extra_state``), summarized
+    objects: dict[str, Any] = field(default_factory=dict)
 
 
 def inspect_checkpoint(
@@ -90,7 +99,7 @@ def inspect_checkpoint(
     if depth is not None and depth < 1:
         raise UsageError("--depth must be 1 or more")
     pattern = _compile(filter)
-    ckpt = open_checkpoint(path, key)
+    ckpt = open_checkpoint(path, key, optimizer=True)
     refs = [r for r in ckpt.tensors.values() if pattern is None or pattern.search(r.key)]
     shared = ckpt.shared_storages()
     stats_by_key: dict[str, TensorStats] = {}
@@ -103,10 +112,11 @@ def inspect_checkpoint(
                 if progress is not None:
                     progress(ref.nbytes, total)
     rows = tuple(_row(r, shared, stats_by_key.get(r.key)) for r in refs)
+    attributes = tuple(_row(r, {}, None) for r in ckpt.attributes.values())
     by_dtype: dict[str, int] = {}
     for ref in ckpt.tensors.values():
         by_dtype[ref.dtype] = by_dtype.get(ref.dtype, 0) + ref.nbytes
-    notes = _notes(ckpt)
+    notes = _notes(ckpt) + (STD_NOTE,) * bool(stats)
     return InspectReport(
         path=ckpt.path, format=ckpt.format, file_size=ckpt.file_size, tensors=len(ckpt.tensors),
         parameters=ckpt.parameters, tensor_bytes=ckpt.tensor_bytes, bytes_by_dtype=dict(sorted(by_dtype.items())),
@@ -115,6 +125,7 @@ def inspect_checkpoint(
         placeholders=ckpt.placeholders, metadata=ckpt.metadata, files=ckpt.files,
         rows=rows if depth is None else (), modules=rollup(refs, depth) if depth is not None else (),
         nonfinite=sum(s.nan + s.inf for s in stats_by_key.values()), filter=filter, depth=depth, notes=notes,
+        attributes=attributes, objects={k: summarize(v) for k, v in ckpt.objects.items()},
     )
 
 
@@ -130,7 +141,25 @@ def _compile(filter: str | None) -> re.Pattern[str] | None:
 def _row(ref: TensorRef, shared: dict[str, list[str]], stats: TensorStats | None) -> TensorRow:
     others = tuple(k for k in shared.get(ref.storage, ()) if k != ref.key)
     return TensorRow(ref.key, ref.shape, ref.dtype, ref.numel, ref.nbytes, ref.stride, ref.storage, ref.offset,
-                     ref.is_contiguous, others, stats)
+                     ref.is_contiguous, others, stats, ref.kind, composite_detail(ref), ref.note)
+
+
+def composite_detail(ref: TensorRef) -> str:
+    """What a sparse or quantized tensor is made of, in a few words (``scale 0.1, zero point 3``)."""
+    a, parts = ref.attr, ref.part
+    if ref.kind in SPARSE_KINDS:
+        values = parts.get("values")
+        index = next((p for n, p in ref.parts if n != "values"), None)
+        nnz = values.shape[0] if values is not None and values.shape else 0
+        return f"{nnz} stored values, {index.dtype if index else '?'} indices"
+    if ref.kind == QUANTIZED:
+        if "scale" in a:
+            return f"{a.get('qscheme')}, scale {a['scale']:.6g}, zero point {a.get('zero_point')}"
+        scales = parts.get("scales")
+        return f"{a.get('qscheme')} on axis {a.get('axis')}, {scales.numel if scales else '?'} scales"
+    if ref.kind == DTENSOR_SHARD:
+        return f"one shard of {list(a.get('dtensor_shape', ()))}"
+    return ""
 
 
 def module_of(key: str, depth: int) -> str:
@@ -150,8 +179,11 @@ def rollup(refs: list[TensorRef], depth: int) -> tuple[ModuleRow, ...]:
     )
 
 
+STD_NOTE = "std is torch's default, the unbiased (n - 1) standard deviation; a one-element tensor gives nan"
+
+
 def _notes(ckpt: Checkpoint) -> tuple[str, ...]:
-    notes = []
+    notes = _object_notes(ckpt)
     dangerous = _dangerous(ckpt.placeholders)
     if dangerous:
         notes.append(f"the pickle names {', '.join(dangerous[:5])}{' ...' if len(dangerous) > 5 else ''}, which "
@@ -163,11 +195,55 @@ def _notes(ckpt: Checkpoint) -> tuple[str, ...]:
     if not ckpt.tensors:
         notes.append("no state dict found in this file")
     if ckpt.format == "torchscript":
-        notes.append("TorchScript archive: tensors recovered from its module attributes")
+        notes.append("TorchScript archive: parameters and buffers recovered from its module attributes"
+                     + (f"; {len(ckpt.attributes)} other tensor attributes listed apart (not in state_dict())"
+                        if ckpt.attributes else ""))
     elif any(c.path == ckpt.state_path for c in ckpt.candidates) and _is_module_tree(ckpt):
         notes.append("a whole pickled model (torch.save(model)): state dict recovered from its module tree; "
                      "its classes were not imported")
     return tuple(notes)
+
+
+def _object_notes(ckpt: Checkpoint) -> list[str]:
+    """What the state dict holds besides plain tensors, and how ckpt read it."""
+    notes: list[str] = []
+    refs = list(ckpt.tensors.values())
+    notes.extend(grouped_notes((r.key, r.note) for r in refs if r.note and r.kind != DTENSOR_SHARD))
+    for r in refs:
+        if r.kind == DTENSOR_SHARD:
+            notes.append(f"{r.key!r}: {r.note}; commands that write refuse it (save a full state dict instead)")
+    kinds: dict[str, int] = {}
+    for r in refs:
+        if r.kind in SPARSE_KINDS or r.kind == QUANTIZED:
+            kinds[r.kind] = kinds.get(r.kind, 0) + 1
+    if kinds:
+        notes.append("composite tensors: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in kinds.items())
+                     + " (see kind and detail)")
+    if ckpt.objects:
+        notes.append(f"{len(ckpt.objects)} state-dict entries are not tensors: {', '.join(list(ckpt.objects)[:5])}"
+                     + (" ..." if len(ckpt.objects) > 5 else ""))
+    if _optimizer_path(ckpt) is not None:
+        notes.append(_optimizer_note(ckpt))
+    return notes
+
+
+def _optimizer_path(ckpt: Checkpoint) -> Any:
+    from .reader import walk_key
+
+    if not ckpt.state_path:
+        return None
+    obj = walk_key(ckpt.root, ckpt.state_path)[0]
+    return obj if isinstance(obj, dict) and "state" in obj and "param_groups" in obj else None
+
+
+def _optimizer_note(ckpt: Checkpoint) -> str:
+    opt = _optimizer_path(ckpt)
+    groups = opt.get("param_groups") if isinstance(opt.get("param_groups"), list) else []
+    state = opt.get("state") if isinstance(opt.get("state"), dict) else {}
+    hyper = sorted({k for g in groups if isinstance(g, dict) for k in g if k != "params"})
+    return (f"optimizer state: {len(state)} parameters with state in {len(groups)} param groups "
+            f"(hyperparameters: {', '.join(hyper[:8]) or 'none'}); keys are state.<parameter index>.<name>, "
+            f"and --key {ckpt.state_path}/state/<index> shows one parameter")
 
 
 def _dangerous(names: tuple[str, ...]) -> list[str]:

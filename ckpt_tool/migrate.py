@@ -14,7 +14,7 @@ import json
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from . import __version__
@@ -22,8 +22,9 @@ from .arch import TargetSignature, target_signature
 from .errors import FormatError, UsageError
 from .formats.pickle_vm import GlobalRef, PickledTensor, Placeholder
 from .model import Checkpoint, Progress, TensorRef, contiguous_strides, is_floating, itemsize, numel
+from .objects import account, composite_views, is_composite
 from .plan import CHECKPOINT, Applied, Entry, Plan, State, Step, apply, initial_state
-from .reader import open_checkpoint
+from .reader import open_checkpoint, sibling_entries
 from .render import to_jsonable
 from .values import CHUNK_BYTES, FileCache, iter_raw_chunks, to_numpy
 from .writer import (
@@ -113,6 +114,7 @@ class MigrationPlan:
     extras_dropped: dict[str, str]
     diff: TargetDiff | None
     streamed: bool  # bytes only move: no value changes, no torch
+    notes: tuple[str, ...] = ()  # how input objects were converted or why something is not carried
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,8 @@ def migrate(
     dry_run: bool = False,
     on_plan: Callable[[MigrationPlan], None] | None = None,
     progress: Progress | None = None,
+    dequantize: bool = False,
+    densify: bool = False,
 ) -> MigrateReport:
     """Apply ``plan`` to its source checkpoint and write the result to ``output``.
 
@@ -177,6 +181,8 @@ def migrate(
         dry_run: plan only; nothing is written.
         on_plan: called with the plan before anything is written (the CLI shows it).
         progress: called with ``(bytes written now, tensor bytes in all)`` as tensors stream.
+        dequantize: write quantized tensors as float32; densify: write sparse tensors dense (else
+            a .safetensors output refuses them; a .pth carries them as they are).
 
     Returns:
         A :class:`MigrateReport`; ``report.ok`` is False when the result does not load strictly into
@@ -213,8 +219,12 @@ def migrate(
     applied = apply(plan.operations, initial_state(ckpt.tensors), target)
     if not applied.state:
         raise UsageError(f"{plan.source}: the operations leave no tensors to write")
+    # every input object: carried, converted with a note, or refused here, before anything is written
+    accounted = account(ckpt, plan.operations, applied.state, fmt or PTH, dequantize=dequantize, densify=densify,
+                        sharded=max_shard_size is not None and fmt == PTH)
+    applied = replace(applied, state=accounted.state)
     for e in applied.state.values():
-        if e.ref is not None and e.ref.offset is None and e.ref.numel:
+        if e.ref is not None and e.ref.offset is None and e.ref.numel and not is_composite(e):
             raise FormatError(f"{plan.source}: tensor {e.origin!r} has no stored bytes (a meta tensor or a compressed "
                               "entry); leave it out with --drop or --exclude")
 
@@ -222,6 +232,7 @@ def migrate(
     values = _TargetValues(plan, seed)
     check_all = plan.arch is not None
     built = _layout(applied.state, fmt or SAFETENSORS, values, check_all)
+    built.layout = replace(built.layout, objects=accounted.objects, module_metadata=accounted.module_metadata)
     files: tuple[str, ...] = ()
     backup = None
     if output is not None:
@@ -236,10 +247,12 @@ def migrate(
         shared=built.shared, extras_kept=tuple(kept), extras_dropped=dropped,
         diff=compare(applied.state, signature) if signature else None,
         streamed=all(e.source == CHECKPOINT and e.dtype == e.source_dtype for e in applied.state.values()),
+        notes=tuple(accounted.notes),
     )
     if on_plan is not None:
         on_plan(planned)
     if dry_run or output is None:
+        accounted.close()
         return MigrateReport(planned, dry_run=True)
 
     metadata = _metadata(ckpt, plan, applied, built.aliases, kept, hasher)
@@ -252,14 +265,17 @@ def migrate(
         values.release()
         built.files.close()
     verification = verify(written, plan.arch, plan.arch_args, built.aliases, nesting.path) if plan.arch else None
+    accounted.close()  # converted values stay readable until the output is verified
     return MigrateReport(planned, False, written, verification, tuple(built.nonfinite),
                          hasher.hexdigest() if hasher else None)
 
 
 def convert(source: str, output: str, *, force: bool = False, max_shard_size: int | None = None,
-            key: str | None = None, progress: Progress | None = None) -> MigrateReport:
+            key: str | None = None, progress: Progress | None = None, dequantize: bool = False,
+            densify: bool = False, on_plan: Callable[[MigrationPlan], None] | None = None) -> MigrateReport:
     """Rewrite a checkpoint in another format (``.pth`` -> ``.safetensors``, ...) with identical tensors."""
-    return migrate(Plan(source, key), output, force=force, max_shard_size=max_shard_size, progress=progress)
+    return migrate(Plan(source, key), output, force=force, max_shard_size=max_shard_size, progress=progress,
+                   dequantize=dequantize, densify=densify, on_plan=on_plan)
 
 
 def compare(state: State | dict[str, Any], signature: TargetSignature) -> TargetDiff:
@@ -306,20 +322,15 @@ def _why_not_plain(value: Any) -> str:
 
 
 def _extras(ckpt: Checkpoint, keep: bool) -> tuple[dict[str, Any], dict[str, str]]:
-    """Top-level entries beside the state dict: (kept as plain data, dropped -> why)."""
+    """Entries beside the state dict (at every level of its path): (kept as plain data, dropped -> why)."""
     if ckpt.format == SAFETENSORS:
         # our own provenance is written afresh; "format" is always written
         meta = {k: v for k, v in ckpt.metadata.items() if not k.startswith("ckpt.") and k != "format"}
         return (meta, {}) if keep else ({}, {k: "--keep-extras keeps it" for k in meta})
-    root = ckpt.root.dictitems if isinstance(ckpt.root, Placeholder) and ckpt.root.dictitems else ckpt.root
-    if not isinstance(root, dict) or not ckpt.state_path:
-        return {}, {}
-    top = ckpt.state_path.split("/")[0]
     kept: dict[str, Any] = {}
     dropped: dict[str, str] = {}
-    for name, value in root.items():
-        if str(name) == top:
-            continue
+    # siblings at every level of the state dict's path: chgnet's model/model_args beside model/state_dict
+    for name, value in sibling_entries(ckpt.root, ckpt.state_path):
         if isinstance(value, dict) and "param_groups" in value and "state" in value:
             # optimizer state indexes the old model's parameters: never carried into a changed one
             dropped[str(name)] = "optimizer state"
@@ -471,6 +482,8 @@ class _Built:
 
 
 def _nbytes(e: Entry) -> int:
+    if is_composite(e) and e.ref is not None:
+        return e.ref.nbytes  # a sparse tensor's bytes are its parts'
     return numel(e.shape) * itemsize(e.dtype)
 
 
@@ -515,7 +528,11 @@ def _layout(state: State, fmt: str, values: _TargetValues, check_all: bool) -> _
 
     groups: dict[tuple[Any, ...], list[Entry]] = {}
     for e in state.values():
-        groups.setdefault(_group_key(e, fmt), []).append(e)
+        if not is_composite(e):
+            groups.setdefault(_group_key(e, fmt), []).append(e)
+    # sparse and quantized tensors (.pth): each part its own blob, carried as it is
+    views.extend(composite_views((e for e in state.values() if is_composite(e)),
+                                 lambda ref: blob_of([Entry.from_ref(ref)], ref)))
     for entries in groups.values():
         first = entries[0]
         same_view = len({_view_key(x) for x in entries}) == 1
@@ -614,6 +631,8 @@ def _written_state(written: Written, state_path: str | None) -> dict[str, Any]:
     """The written tensors as meta tensors of their shape and dtype, read the way users will read them."""
     import torch
 
+    from .model import SAFETENSORS_TO_DTYPE
+
     state: dict[str, Any] = {}
     files = [f for f in written.files if not f.endswith(".index.json")]
     for path in files:
@@ -623,19 +642,15 @@ def _written_state(written: Written, state_path: str | None) -> dict[str, Any]:
             with safe_open(path, framework="pt") as f:
                 for key in f.keys():
                     sl = f.get_slice(key)
-                    dtype = _SAFETENSORS_TORCH[sl.get_dtype()]
+                    dtype = SAFETENSORS_TO_DTYPE[sl.get_dtype()]
                     state[key] = torch.empty(sl.get_shape(), dtype=getattr(torch, dtype), device="meta")
         else:
             loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             if state_path and len(files) == 1:
                 for part in state_path.split("/"):
                     loaded = loaded[part]
-            state.update({k: torch.empty_like(v, device="meta") for k, v in loaded.items()})
+            # entries that are not tensors (_extra_state) are loaded as they are
+            state.update({k: torch.empty_like(v, device="meta") if isinstance(v, torch.Tensor) and v.layout ==
+                          torch.strided and not v.is_quantized else v for k, v in loaded.items()})
     return state
 
-
-_SAFETENSORS_TORCH = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
-    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "U16": "uint16", "U32": "uint32", "U64": "uint64",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "C64": "complex64",
-}

@@ -18,8 +18,8 @@ DTYPES: dict[str, tuple[int, str | None, bool]] = {
     "bfloat16": (2, "BF16", True),
     "float8_e4m3fn": (1, "F8_E4M3", True),
     "float8_e5m2": (1, "F8_E5M2", True),
-    "float8_e4m3fnuz": (1, None, True),
-    "float8_e5m2fnuz": (1, None, True),
+    "float8_e4m3fnuz": (1, "F8_E4M3FNUZ", True),
+    "float8_e5m2fnuz": (1, "F8_E5M2FNUZ", True),
     "float8_e8m0fnu": (1, "F8_E8M0", True),
     "complex128": (16, "C128", False),
     "complex64": (8, "C64", False),
@@ -39,6 +39,12 @@ DTYPES: dict[str, tuple[int, str | None, bool]] = {
     "quint4x2": (1, None, False),
     "quint2x4": (1, None, False),
 }
+
+DENSE = "dense"
+QUANTIZED = "quantized"
+DTENSOR_SHARD = "dtensor_shard"
+SPARSE_KINDS = frozenset({"sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr", "sparse_bsc"})
+QUANTIZED_DTYPES = frozenset({"qint8", "quint8", "qint32", "quint4x2", "quint2x4"})
 
 SAFETENSORS_TO_DTYPE: dict[str, str] = {code: name for name, (_, code, _) in DTYPES.items() if code}
 
@@ -84,6 +90,14 @@ class TensorRef:
     data_offset: int | None
     file: str
     requires_grad: bool = False
+    # ``dense``, a sparse layout (``sparse_coo``, ``sparse_csr``...), ``quantized`` or ``dtensor_shard``
+    kind: str = DENSE
+    # a composite's component tensors (sparse indices/values, per-channel scales) by name
+    parts: tuple[tuple[str, TensorRef], ...] = ()
+    # plain data a composite needs (qscheme, scale, zero_point, axis, is_coalesced, a DTensor's shape)
+    attrs: tuple[tuple[str, Any], ...] = ()
+    # how the reader converted the input object (a DTensor taken as its full local tensor)
+    note: str = ""
 
     @property
     def numel(self) -> int:
@@ -91,7 +105,17 @@ class TensorRef:
 
     @property
     def nbytes(self) -> int:
+        if self.kind in SPARSE_KINDS:
+            return sum(p.nbytes for _, p in self.parts)
         return self.numel * itemsize(self.dtype)
+
+    @property
+    def attr(self) -> dict[str, Any]:
+        return dict(self.attrs)
+
+    @property
+    def part(self) -> dict[str, TensorRef]:
+        return dict(self.parts)
 
     @property
     def offset(self) -> int | None:
@@ -128,6 +152,7 @@ class TensorRef:
             "storage_offset": self.storage_offset,
             "offset": self.offset,
             "contiguous": self.is_contiguous,
+            **({"kind": self.kind} if self.kind != DENSE else {}),
         }
 
 
@@ -159,6 +184,12 @@ class Checkpoint:
     metadata: dict[str, str] = field(default_factory=dict)
     files: tuple[str, ...] = ()
     root: Any = field(default=None, repr=False, compare=False)
+    # entries of the chosen state dict that are not tensors (``_extra_state`` of get_extra_state)
+    objects: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # the state dict's ``_metadata`` attribute (module prefix -> {"version": n}), which torch pickles
+    module_metadata: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    # TorchScript: tensor attributes that are neither parameters nor buffers (not in ``state_dict()``)
+    attributes: dict[str, TensorRef] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def parameters(self) -> int:

@@ -9,6 +9,7 @@ from typing import Any
 from .errors import FormatError, InputError, KeyPathError
 from .formats import sniff as fmt
 from .formats.pickle_vm import (
+    READ_AS_DATA,
     REBUILT_AS_DATA,
     TORCH_DTYPE_NAMES,
     GlobalRef,
@@ -21,7 +22,18 @@ from .formats.pickle_vm import (
 )
 from .formats.safetensors import read_safetensors
 from .formats.torchfile import RawFile, read_legacy, read_pickle, read_zip
-from .model import DTYPES, Candidate, Checkpoint, TensorRef, itemsize, numel
+from .model import (
+    DENSE,
+    DTENSOR_SHARD,
+    DTYPES,
+    QUANTIZED,
+    SPARSE_KINDS,
+    Candidate,
+    Checkpoint,
+    TensorRef,
+    itemsize,
+    numel,
+)
 
 # where weights usually live, most likely first
 PREFERRED_KEYS = (
@@ -59,7 +71,26 @@ def _refuse(path: str, kind: str, size: int) -> None:
         raise InputError(f"{path}: file is empty")
     if kind == fmt.LEGACY_TAR:
         raise InputError(f"{path}: torch tar format from before 0.4 is not supported; re-save it with a newer torch")
+    if looks_like_onnx(path):
+        raise InputError(f"{path}: is an ONNX model; ckpt reads PyTorch (.pth/.pt/.bin/.ckpt, TorchScript) and "
+                         "safetensors files")
     raise InputError(f"{path}: not a recognised checkpoint (no torch zip, safetensors, pickle or legacy torch header)")
+
+
+# the fields an ONNX ModelProto starts with after ir_version (field 1): producer, domain, graph, opsets...
+_ONNX_NEXT_TAGS = {0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72}
+
+
+def looks_like_onnx(path: str) -> bool:
+    """An ONNX protobuf: its ``ir_version`` field first (tag 0x08, a small number), then another ModelProto field."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(3)
+    except OSError:
+        return False
+    if path.lower().endswith(".onnx"):
+        return True
+    return len(head) == 3 and head[0] == 0x08 and 1 <= head[1] <= 32 and head[2] in _ONNX_NEXT_TAGS
 
 
 def lfs_error(path: str) -> InputError:
@@ -81,7 +112,7 @@ def parse_lfs_pointer(path: str) -> dict[str, str]:
     return out
 
 
-def open_checkpoint(path: str, key: str | None = None) -> Checkpoint:
+def open_checkpoint(path: str, key: str | None = None, *, optimizer: bool = False) -> Checkpoint:
     """Describe the checkpoint at ``path`` without reading tensor bytes or importing torch.
 
     Args:
@@ -89,6 +120,8 @@ def open_checkpoint(path: str, key: str | None = None) -> Checkpoint:
             holding a single ``model.safetensors`` / ``pytorch_model.bin``).
         key: path to the nested state dict (``"model"``, ``"state_dict"``, ``"ckpt/ema"``);
             by default the obvious one is chosen.
+        optimizer: let ``key`` name optimizer state (described flattened: ``state.0.exp_avg``);
+            only ``inspect`` asks for it, since no model loads optimizer state.
 
     Example:
         >>> ckpt = open_checkpoint("fixtures/tiny_cnn.pth")
@@ -99,7 +132,7 @@ def open_checkpoint(path: str, key: str | None = None) -> Checkpoint:
     if kind == fmt.SHARDED:
         found = _find_index(path)
         if not found.endswith(".index.json"):
-            return open_checkpoint(found, key)  # a directory holding one weights file
+            return open_checkpoint(found, key, optimizer=optimizer)  # a directory holding one weights file
         return _open_sharded(found, key)
     size = _size(path)
     if kind == fmt.SAFETENSORS:
@@ -112,14 +145,14 @@ def open_checkpoint(path: str, key: str | None = None) -> Checkpoint:
             metadata=header.metadata, files=(path,),
         )
     raw = read_raw(path)
-    return describe_raw(raw, key)
+    return describe_raw(raw, key, optimizer=optimizer)
 
 
-def describe_raw(raw: RawFile, key: str | None = None) -> Checkpoint:
+def describe_raw(raw: RawFile, key: str | None = None, *, optimizer: bool = False) -> Checkpoint:
     """Turn a decoded torch file into a :class:`Checkpoint`, choosing the state dict."""
     candidates = find_candidates(raw.root)
     if key not in (None, ""):
-        chosen_path, obj = resolve_key(raw.root, key, raw.path, candidates)
+        chosen_path, obj = resolve_key(raw.root, key, raw.path, candidates, optimizer=optimizer)
     elif not candidates:
         chosen_path, obj = None, None
     else:
@@ -130,16 +163,61 @@ def describe_raw(raw: RawFile, key: str | None = None) -> Checkpoint:
     extras = summarize_extras(raw.root, chosen_path)
     # every object the pickle would have built comes from a global; the known torch ones became data
     placeholders = sorted({e.name for e in raw.trace.globals if not _known_global(e.name)})
+    attributes: dict[str, TensorRef] = {}
+    if isinstance(obj, Placeholder) and raw.script_classes:
+        tensors, attributes = split_script_attributes(tensors, obj, raw.script_classes)
     return Checkpoint(
         path=raw.path, format=raw.format, file_size=raw.file_size, tensors=tensors,
         state_path=chosen_path, candidates=cands, extras=extras, placeholders=tuple(placeholders),
-        files=(raw.path,), root=raw.root,
+        files=(raw.path,), root=raw.root, objects=state_objects(obj), module_metadata=module_metadata(obj),
+        attributes=attributes,
     )
+
+
+def state_objects(obj: Any) -> dict[str, Any]:
+    """The entries of a state dict that are not tensors (``_extra_state`` from ``get_extra_state``), in order."""
+    if not isinstance(obj, dict) or _is_optimizer_state(obj):
+        return {}
+    return {str(k): v for k, v in obj.items() if not isinstance(v, PickledTensor)}
+
+
+def module_metadata(obj: Any) -> dict[str, Any] | None:
+    """A state dict's ``_metadata`` (module prefix -> ``{"version": n}``), which ``load_state_dict`` reads."""
+    attributes = getattr(obj, "attributes", None)
+    meta = attributes.get("_metadata") if isinstance(attributes, dict) else None
+    if not isinstance(meta, dict):
+        return None
+    return {str(k): dict(v) if isinstance(v, dict) else v for k, v in meta.items()}
+
+
+def split_script_attributes(tensors: dict[str, TensorRef], root: Placeholder, classes: dict[str, tuple[set[str], set[str]]]
+                            ) -> tuple[dict[str, TensorRef], dict[str, TensorRef]]:
+    """TorchScript: (parameters and buffers, other tensor attributes), as ``torch.jit.load(f).state_dict()`` splits them.
+
+    The archive's ``code/`` declares each class's ``__parameters__`` and ``__buffers__``; a class
+    whose code is missing keeps all of its tensors in the state dict.
+    """
+    members: dict[str, bool] = {}
+
+    def walk(obj: Placeholder, prefix: str, seen: set[int]) -> None:
+        if id(obj) in seen or not isinstance(obj.state, dict):
+            return
+        seen.add(id(obj))
+        declared = classes.get(obj.name)
+        for name, value in obj.state.items():
+            if isinstance(value, PickledTensor):
+                members[prefix + str(name)] = declared is None or str(name) in declared[0] | declared[1]
+            elif isinstance(value, Placeholder):
+                walk(value, f"{prefix}{name}.", seen)
+
+    walk(root, "", set())
+    kept = {k: r for k, r in tensors.items() if members.get(k, True)}
+    return kept, {k: r for k, r in tensors.items() if not members.get(k, True)}
 
 
 
 def _known_global(name: str) -> bool:
-    if name in REBUILT_AS_DATA:
+    if name in REBUILT_AS_DATA or name in READ_AS_DATA:
         return True
     module, _, attr = name.rpartition(".")
     return module in ("torch", "torch.storage") and (attr.endswith("Storage") or attr in TORCH_DTYPE_NAMES)
@@ -214,7 +292,8 @@ def _default_candidate(root: Any, candidates: list[tuple[str, Any]]) -> tuple[st
     return max(candidates, key=lambda c: len(to_state_dict(c[1], "")))
 
 
-def resolve_key(root: Any, key: str, path: str, candidates: list[tuple[str, Any]]) -> tuple[str, Any]:
+def resolve_key(root: Any, key: str, path: str, candidates: list[tuple[str, Any]], *, optimizer: bool = False
+                ) -> tuple[str, Any]:
     """Follow a key path (``model``, ``ckpt/ema`` or ``ckpt.ema``) to a state dict."""
     obj, walked = walk_key(root, key)
     if obj is None:
@@ -224,6 +303,12 @@ def resolve_key(root: Any, key: str, path: str, candidates: list[tuple[str, Any]
         return walked, obj
     if isinstance(obj, Placeholder) and obj.dictitems:
         obj = obj.dictitems
+    if isinstance(obj, dict) and not any(isinstance(v, PickledTensor) for v in obj.values()) and _nested_tensors(obj):
+        if not optimizer:
+            raise KeyPathError(f"{path}: --key {key!r} holds nested state such as an optimizer's, not a model state "
+                               "dict (`ckpt inspect --key` describes it)")
+        # optimizer state (``state`` -> parameter index -> ``exp_avg``...): described flattened
+        return walked, _flatten_nested(obj)
     if not isinstance(obj, dict) or not any(isinstance(v, PickledTensor) for v in obj.values()):
         choices = ", ".join(repr(p or "<top level>") for p, _ in candidates) or "none"
         raise KeyPathError(f"{path}: --key {key!r} holds no tensors (candidates: {choices})")
@@ -247,6 +332,11 @@ def walk_key(root: Any, key: str) -> tuple[Any, str]:
                 walked.append(name)
                 i = j
                 break
+            if isinstance(container, dict) and _is_int(name) and int(name) in container:
+                obj = container[int(name)]  # optimizer state is keyed by parameter index
+                walked.append(name)
+                i = j
+                break
             if isinstance(container, (list, tuple)) and name.isdigit() and int(name) < len(container):
                 obj = container[int(name)]
                 walked.append(name)
@@ -255,6 +345,27 @@ def walk_key(root: Any, key: str) -> tuple[Any, str]:
         else:
             return None, ""
     return obj, "/".join(walked)
+
+
+def _is_int(text: str) -> bool:
+    return text.lstrip("-").isdigit()
+
+
+def _nested_tensors(obj: Any) -> bool:
+    return next(walk_tensors(obj), None) is not None
+
+
+def _flatten_nested(obj: dict[Any, Any], prefix: str = "", depth: int = 0) -> dict[str, Any]:
+    """Nested dicts and lists of tensors as one dict keyed by dotted paths (``state.0.exp_avg``)."""
+    out: dict[str, Any] = {}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+    for k, v in items:
+        name = f"{prefix}{k}"
+        if isinstance(v, PickledTensor):
+            out[name] = v
+        elif isinstance(v, (dict, list, tuple)) and depth < 8:
+            out.update(_flatten_nested(v, name + ".", depth + 1))  # type: ignore[arg-type]
+    return out
 
 
 def to_state_dict(obj: Any, path: str) -> dict[str, TensorRef]:
@@ -298,13 +409,21 @@ def _module_tensors(obj: Placeholder, prefix: str, out: dict[str, TensorRef], pa
 
 
 def tensor_ref(key: str, t: PickledTensor, path: str) -> TensorRef:
+    """The :class:`TensorRef` of a decoded tensor, checked against its storage (composites: each part)."""
+    parts = tuple((name, tensor_ref(f"{key}#{name}", p, path)) for name, p in t.parts.items())
+    extra: dict[str, Any] = {"attrs": tuple(sorted(t.attrs.items())), "note": t.note, "parts": parts}
+    if t.kind in SPARSE_KINDS:
+        return TensorRef(key, t.dtype, t.shape, (), f"{path}#{t.kind}:{key}", 0, 0, None, path, t.requires_grad,
+                         kind=t.kind, **extra)
+    kind = t.kind if t.kind in (QUANTIZED, DTENSOR_SHARD) else DENSE
     s: StorageRef | None = t.storage
     if s is None:
-        return TensorRef(key, t.dtype, t.shape, t.stride, f"{path}#meta:{key}", 0, 0, None, path, t.requires_grad)
+        return TensorRef(key, t.dtype, t.shape, t.stride, f"{path}#meta:{key}", 0, 0, None, path, t.requires_grad,
+                         kind=kind, **extra)
     ref = TensorRef(
         key=key, dtype=t.dtype, shape=t.shape, stride=t.stride, storage=f"{path}#{s.key}",
         storage_offset=t.storage_offset, storage_nbytes=s.nbytes, data_offset=s.data_offset,
-        file=s.file or path, requires_grad=t.requires_grad,
+        file=s.file or path, requires_grad=t.requires_grad, kind=kind, **extra,
     )
     if any(d < 0 for d in t.shape) or any(st < 0 for st in t.stride) or t.storage_offset < 0:
         raise FormatError(f"{path}: tensor {key!r} has a negative size, stride or offset")
@@ -355,12 +474,31 @@ def _count_tensors(obj: Any) -> tuple[int, int]:
 
 
 def summarize_extras(root: Any, chosen: str | None) -> dict[str, Any]:
-    """Top-level entries other than the chosen state dict, summarized."""
-    container = root.dictitems if isinstance(root, Placeholder) and root.dictitems else root
-    if not isinstance(container, dict) or chosen == "":
-        return {}
-    top = chosen.split("/")[0] if chosen else None
-    return {str(k): summarize(v) for k, v in container.items() if str(k) != top}
+    """The entries beside the chosen state dict, summarized (see :func:`sibling_entries`)."""
+    return {name: summarize(v) for name, v in sibling_entries(root, chosen)}
+
+
+def sibling_entries(root: Any, chosen: str | None) -> list[tuple[str, Any]]:
+    """Entries beside the chosen state dict at every level of its path, named by their path
+    (every top-level entry when none is chosen).
+
+    For ``model/state_dict`` these are the top-level entries other than ``model`` and the entries
+    of ``model`` other than ``state_dict`` (``model/model_args``).
+    """
+    if chosen == "":
+        return []
+    out: list[tuple[str, Any]] = []
+    node, walked = root, ""
+    for part in chosen.split("/") if chosen is not None else [None]:
+        container = node.dictitems if isinstance(node, Placeholder) and node.dictitems else node
+        if not isinstance(container, dict):
+            break
+        out.extend((_join(walked, str(k)), v) for k, v in container.items() if str(k) != part)
+        if part is None:  # no state dict chosen: every top-level entry
+            break
+        node = container.get(part, container.get(int(part)) if _is_int(part) else None)
+        walked = _join(walked, part)
+    return out
 
 
 def _open_sharded(index_path: str, key: str | None) -> Checkpoint:

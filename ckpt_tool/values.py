@@ -8,11 +8,11 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO, Any
 
 from .errors import FormatError, InputError
-from .model import TensorRef, itemsize
+from .model import QUANTIZED, SPARSE_KINDS, TensorRef, itemsize
 
 CHUNK_BYTES = 16 * 1024 * 1024
 # how many bytes a strided view may produce beyond the bytes it reads (broadcast views repeat them)
@@ -22,7 +22,13 @@ _NUMPY_DTYPES = {
     "float64": "<f8", "float32": "<f4", "float16": "<f2", "int64": "<i8", "int32": "<i4", "int16": "<i2",
     "int8": "i1", "uint64": "<u8", "uint32": "<u4", "uint16": "<u2", "uint8": "u1", "bool": "?",
     "complex64": "<c8", "complex128": "<c16", "bfloat16": "<u2", "qint8": "i1", "quint8": "u1", "qint32": "<i4",
-    "float8_e4m3fn": "u1", "float8_e5m2": "u1",
+    "float8_e4m3fn": "u1", "float8_e5m2": "u1", "float8_e4m3fnuz": "u1", "float8_e5m2fnuz": "u1",
+    "float8_e8m0fnu": "u1",
+}
+# float8 dtypes -> (exponent bits, mantissa bits, bias, variant); widened to float32 through a table
+_FLOAT8 = {
+    "float8_e4m3fn": (4, 3, 7, "fn"), "float8_e5m2": (5, 2, 15, "ieee"), "float8_e4m3fnuz": (4, 3, 8, "fnuz"),
+    "float8_e5m2fnuz": (5, 2, 16, "fnuz"), "float8_e8m0fnu": (8, 0, 127, "e8m0"),
 }
 
 
@@ -110,10 +116,8 @@ def to_numpy(data: bytes, dtype: str) -> Any:
     arr = np.frombuffer(data, dtype=np.dtype(code))
     if dtype == "bfloat16":
         return (arr.astype(np.uint32) << 16).view(np.float32)
-    if dtype == "float8_e4m3fn":
-        return _float8_table("e4m3")[arr]
-    if dtype == "float8_e5m2":
-        return _float8_table("e5m2")[arr]
+    if dtype in _FLOAT8:
+        return _float8_table(dtype)[arr]
     return arr
 
 
@@ -125,26 +129,33 @@ def read_array(ref: TensorRef, files: FileCache) -> Any:
 _F8: dict[str, Any] = {}
 
 
-def _float8_table(kind: str) -> Any:
+def _float8_table(dtype: str) -> Any:
+    """The 256 values of a float8 dtype as float32, decoded from the bit layout torch uses."""
     import numpy as np
 
-    if kind not in _F8:
-        exp_bits, man_bits, bias = (4, 3, 7) if kind == "e4m3" else (5, 2, 15)
+    if dtype not in _F8:
+        exp_bits, man_bits, bias, variant = _FLOAT8[dtype]
         out = np.zeros(256, dtype=np.float32)
         for b in range(256):
+            if variant == "e8m0":  # unsigned powers of two; 0xff is NaN
+                out[b] = math.nan if b == 0xFF else 2.0 ** (b - bias)
+                continue
             sign = -1.0 if b & 0x80 else 1.0
             e = (b >> man_bits) & ((1 << exp_bits) - 1)
             m = b & ((1 << man_bits) - 1)
-            if kind == "e4m3" and e == 15 and m == 7:
+            top = (1 << exp_bits) - 1
+            if variant == "fnuz" and b == 0x80:  # the only NaN; no negative zero, no infinities
                 out[b] = math.nan
-            elif kind == "e5m2" and e == 31:
+            elif variant == "fn" and e == top and m == (1 << man_bits) - 1:
+                out[b] = math.nan
+            elif variant == "ieee" and e == top:
                 out[b] = math.inf * sign if m == 0 else math.nan
             elif e == 0:
                 out[b] = sign * (m / (1 << man_bits)) * 2.0 ** (1 - bias)
             else:
                 out[b] = sign * (1 + m / (1 << man_bits)) * 2.0 ** (e - bias)
-        _F8[kind] = out
-    return _F8[kind]
+        _F8[dtype] = out
+    return _F8[dtype]
 
 
 @dataclass(frozen=True)
@@ -159,17 +170,27 @@ class TensorStats:
 
 
 def tensor_stats(ref: TensorRef, files: FileCache) -> TensorStats:
-    """min/max/mean/std and NaN/Inf counts, streamed in chunks (memory: one chunk)."""
+    """min/max/mean/std and NaN/Inf counts, streamed in chunks (memory: one chunk).
+
+    ``std`` is torch's default, the unbiased (n - 1) one: nan for a single finite value. NaN and
+    Inf are counted and left out of the other figures. A per-tensor quantized tensor is described
+    by its dequantized values ``(q - zero_point) * scale``; complex values by their magnitude.
+    """
     import numpy as np
 
+    a = ref.attr
+    if ref.kind == QUANTIZED and "scale" not in a:
+        return TensorStats(ref.key, None, None, None, None, 0, 0)  # per-channel: scales live elsewhere
     count = nan = inf = 0
-    total = total_sq = 0.0
+    mean = m2 = 0.0
     lo, hi = math.inf, -math.inf
     for chunk in iter_raw_chunks(ref, files):
         arr = to_numpy(chunk, ref.dtype)
         if arr.dtype.kind == "c":
             arr = np.abs(arr)
         arr = arr.astype(np.float64, copy=False)
+        if ref.kind == QUANTIZED:
+            arr = (arr - a.get("zero_point", 0)) * a["scale"]
         bad_nan = np.isnan(arr)
         bad_inf = np.isinf(arr)
         nan += int(bad_nan.sum())
@@ -178,14 +199,18 @@ def tensor_stats(ref: TensorRef, files: FileCache) -> TensorStats:
         if good.size:
             lo = min(lo, float(good.min()))
             hi = max(hi, float(good.max()))
-            total += float(good.sum())
-            total_sq += float(np.square(good).sum())
-            count += good.size
+            # Chan's merge of (count, mean, sum of squared deviations): stable for large means
+            n, chunk_mean = good.size, float(good.mean())
+            chunk_m2 = float(np.square(good - chunk_mean).sum())
+            delta = chunk_mean - mean
+            total = count + n
+            mean += delta * n / total
+            m2 += chunk_m2 + delta * delta * count * n / total
+            count = total
     if count == 0:
         return TensorStats(ref.key, None, None, None, None, nan, inf)
-    mean = total / count
-    var = max(total_sq / count - mean * mean, 0.0)
-    return TensorStats(ref.key, lo, hi, mean, math.sqrt(var), nan, inf)
+    std = math.sqrt(max(m2, 0.0) / (count - 1)) if count > 1 else math.nan
+    return TensorStats(ref.key, lo, hi, mean, std, nan, inf)
 
 
 def file_size(path: str) -> int:
@@ -205,6 +230,66 @@ def to_torch(ref: TensorRef, files: FileCache) -> Any:
     return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(ref.shape)
 
 
+# the integer type that holds each quantized dtype's values
+_INT_REPR = {"qint8": "int8", "quint8": "uint8", "qint32": "int32"}
+
+
+def composite_to_torch(ref: TensorRef, files: FileCache) -> Any:
+    """A sparse or quantized tensor as the torch tensor it was saved from (imports torch).
+
+    Quantized: its integer values with the scale and zero point (or per-channel scales); sparse:
+    its indices and values in its layout. Dense tensors come back as :func:`to_torch` gives them.
+    """
+    import warnings
+
+    import torch
+
+    if ref.kind not in SPARSE_KINDS and ref.kind != QUANTIZED:
+        return to_torch(ref, files)
+    parts = {name: to_torch(p, files) for name, p in ref.parts}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's notes on deprecated quantized and beta sparse tensors
+        if ref.kind == QUANTIZED:
+            if ref.dtype not in _INT_REPR:
+                raise FormatError(f"{ref.file}: tensor {ref.key!r}: quantized {ref.dtype} values cannot be read")
+            ints = to_torch(replace(ref, dtype=_INT_REPR[ref.dtype], kind="dense", parts=(), attrs=()), files)
+            a = ref.attr
+            if "scale" in a:
+                return torch._make_per_tensor_quantized_tensor(ints, a["scale"], a["zero_point"])
+            return torch._make_per_channel_quantized_tensor(ints, parts["scales"], parts["zero_points"], a["axis"])
+        values = parts.pop("values")
+        indices = list(parts.values())
+        if ref.kind == "sparse_coo":
+            return torch.sparse_coo_tensor(indices[0], values, ref.shape)
+        return torch.sparse_compressed_tensor(indices[0], indices[1], values, ref.shape,
+                                              layout=getattr(torch, ref.kind))
+
+
+def compare_composite(a: TensorRef, b: TensorRef, files: FileCache) -> tuple[float, float]:
+    """``(max |a - b|, ||a - b|| / ||a||)`` of what two tensors mean, when either is sparse or quantized.
+
+    Quantized tensors compare by their dequantized values (a changed scale is a change even when
+    the stored integers are equal); sparse ones by their dense values.
+    """
+    import torch
+
+    def dense(ref: TensorRef) -> Any:
+        t = composite_to_torch(ref, files)
+        t = t.dequantize() if t.is_quantized else t.to_dense() if t.layout != torch.strided else t
+        return t.to(torch.complex128 if t.is_complex() else torch.float64)
+
+    x, y = dense(a), dense(b)
+    d = (x - y).abs()
+    both_nan = x.isnan() & y.isnan()
+    d[both_nan] = 0
+    if d.isnan().any():
+        return math.nan, math.nan
+    ref_norm = float(x.abs().where(~both_nan, 0).square().sum())
+    diff_sq = float(d.square().sum())
+    rel = math.sqrt(diff_sq / ref_norm) if ref_norm > 0 else (0.0 if diff_sq == 0 else math.inf)
+    return (float(d.max()) if d.numel() else 0.0), rel
+
+
 def torch_state_dict(tensors: dict[str, TensorRef]) -> dict[str, Any]:
     """``key -> torch.Tensor`` for a description, tied tensors staying tied (one tensor per storage view)."""
     out: dict[str, Any] = {}
@@ -213,6 +298,6 @@ def torch_state_dict(tensors: dict[str, TensorRef]) -> dict[str, Any]:
         for key, ref in tensors.items():
             ident = (ref.storage, ref.storage_offset, ref.shape, ref.stride)
             if ident not in seen:
-                seen[ident] = to_torch(ref, files)
+                seen[ident] = composite_to_torch(ref, files)
             out[key] = seen[ident]
     return out

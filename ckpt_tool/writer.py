@@ -23,7 +23,18 @@ from typing import IO, Any
 
 from .errors import OutputError, UsageError
 from .formats.pickle_vm import STORAGE_DTYPES
-from .model import DTYPES, Progress, contiguous_strides, itemsize, numel
+from .formats.safetensors import loadable, unloadable_reason
+from .model import (
+    DENSE,
+    DTYPES,
+    QUANTIZED,
+    QUANTIZED_DTYPES,
+    SPARSE_KINDS,
+    Progress,
+    contiguous_strides,
+    itemsize,
+    numel,
+)
 
 SAFETENSORS = "safetensors"
 PTH = "pth"
@@ -53,10 +64,24 @@ class View:
     shape: tuple[int, ...]
     stride: tuple[int, ...]
     offset: int = 0
+    # composites (.pth only): ``quantized`` (attrs: qscheme, scale/zero_point or axis; parts: scales,
+    # zero_points) or a sparse layout (parts: indices and values; ``blob`` is the values' blob)
+    kind: str = DENSE
+    parts: tuple[tuple[str, View], ...] = ()
+    attrs: tuple[tuple[str, Any], ...] = ()
 
     @property
     def nbytes(self) -> int:
+        if self.kind in SPARSE_KINDS:
+            return sum(p.nbytes for _, p in self.parts)
         return numel(self.shape) * itemsize(self.dtype)
+
+    def flat(self) -> Iterator[View]:
+        """This view and the views of its parts, each once."""
+        if self.kind not in SPARSE_KINDS:
+            yield self
+        for _, part in self.parts:
+            yield from part.flat()
 
 
 @dataclass(frozen=True)
@@ -86,8 +111,17 @@ def resolve_metadata(metadata: Metadata, final: bool = True) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Layout:
+    """What to write: storages, the tensors viewing them, and (``.pth`` only) the state dict's other
+    entries (``_extra_state``, in order after the tensors) and its ``_metadata`` attribute."""
+
     blobs: tuple[Blob, ...]
     views: tuple[View, ...]
+    objects: tuple[tuple[str, Any], ...] = ()
+    module_metadata: dict[str, Any] | None = None
+
+    def blob_indexes(self) -> list[int]:
+        """Every blob a view (or a composite's part) reads, in order, once each."""
+        return sorted({v.blob for view in self.views for v in view.flat()})
 
 
 @dataclass(frozen=True)
@@ -304,9 +338,9 @@ def safetensors_header(views: Iterable[View], metadata: dict[str, str]) -> bytes
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     pos = 0
     for v in views:
+        refuse_for_safetensors(v.key, v.dtype, v.kind)
         code = DTYPES[v.dtype][1]
-        if code is None:
-            raise UsageError(f"tensor {v.key!r}: dtype {v.dtype} has no safetensors equivalent; write a .pth instead")
+        assert code is not None
         header[v.key] = {"dtype": code, "shape": list(v.shape), "data_offsets": [pos, pos + v.nbytes]}
         pos += v.nbytes
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
@@ -314,7 +348,26 @@ def safetensors_header(views: Iterable[View], metadata: dict[str, str]) -> bytes
     return struct.pack("<Q", len(text)) + text
 
 
+def refuse_for_safetensors(key: str, dtype: str, kind: str = DENSE) -> None:
+    """Raise :class:`UsageError` for a tensor a ``.safetensors`` file cannot hold or the installed
+    safetensors cannot load; the one rule for every command that writes safetensors."""
+    if kind in SPARSE_KINDS:
+        raise UsageError(f"tensor {key!r} is a {kind.replace('_', ' ')} tensor, which safetensors cannot hold; "
+                         "pass --densify to write it dense, or write a .pth")
+    if kind == QUANTIZED or dtype in QUANTIZED_DTYPES:
+        raise UsageError(f"tensor {key!r} is quantized ({dtype}), which safetensors cannot hold with its scale and "
+                         "zero point; pass --dequantize to write it as float32, or write a .pth")
+    code = DTYPES[dtype][1]
+    if code is None or not loadable(code):
+        why = "has no safetensors dtype" if code is None else unloadable_reason(code)
+        raise UsageError(f"tensor {key!r}: {dtype} {why}; write a .pth instead")
+
+
 def _write_safetensors(out: IO[bytes], layout: Layout, metadata: Metadata, tick: Callable[[int], None]) -> None:
+    if layout.objects:
+        key = layout.objects[0][0]
+        raise UsageError(f"state-dict entry {key!r} is not a tensor; safetensors holds only tensors: write a .pth, "
+                         "or leave it out with --drop/--exclude")
     for v in layout.views:
         blob = layout.blobs[v.blob]
         if v.offset or blob.nbytes != v.nbytes or v.stride != contiguous_strides(v.shape):
@@ -385,13 +438,19 @@ class _Pickler:
             self._items(v)
         elif isinstance(v, _TensorPickle):
             self._tensor(v)
+        elif isinstance(v, _StateDict):
+            self.ordered_dict(v.items, v.attributes)
         else:
             raise TypeError(f"cannot write a {type(v).__name__} into a .pth")
 
-    def ordered_dict(self, items: dict[str, Any]) -> None:
+    def ordered_dict(self, items: dict[str, Any], attributes: dict[str, Any] | None = None) -> None:
+        """An ``OrderedDict``; ``attributes`` (a state dict's ``_metadata``) set on it by BUILD, as pickle does."""
         self.global_("collections", "OrderedDict")
         self.out += b")R"
         self._items(items)
+        if attributes:
+            self.value(attributes)
+            self.out += b"b"
 
     def _items(self, items: dict[Any, Any]) -> None:
         if items:
@@ -402,8 +461,13 @@ class _Pickler:
             self.out += b"u"
 
     def _tensor(self, t: _TensorPickle) -> None:
+        if t.view.kind in SPARSE_KINDS:
+            self._sparse(t)
+            return
         storage_class = _STORAGE_CLASSES.get(t.view.dtype)
-        self.global_("torch._utils", "_rebuild_tensor_v2" if storage_class else "_rebuild_tensor_v3")
+        quantized = t.view.kind == QUANTIZED
+        rebuild = "_rebuild_qtensor" if quantized else "_rebuild_tensor_v2" if storage_class else "_rebuild_tensor_v3"
+        self.global_("torch._utils", rebuild)
         self.out += b"(("
         self.value("storage")
         if storage_class:
@@ -419,6 +483,8 @@ class _Pickler:
         self.value(t.view.offset)
         self.value(t.view.shape)
         self.value(t.view.stride)
+        if quantized:
+            self._quantizer(t)
         self.value(False)
         self.ordered_dict({})  # backward hooks
         if not storage_class:
@@ -426,11 +492,49 @@ class _Pickler:
         self.out += b"tR"
 
 
+    def _quantizer(self, t: _TensorPickle) -> None:
+        """``(qscheme, scale, zero_point)`` or ``(qscheme, scales, zero_points, axis)``, as torch pickles them."""
+        a = dict(t.view.attrs)
+        self.out += b"("
+        self.global_("torch", a["qscheme"])
+        if "scale" in a:
+            self.value(float(a["scale"]))
+            self.value(int(a["zero_point"]))
+        else:
+            self.value(t.parts["scales"])
+            self.value(t.parts["zero_points"])
+            self.value(int(a["axis"]))
+        self.out += b"t"
+
+    def _sparse(self, t: _TensorPickle) -> None:
+        """``_rebuild_sparse_tensor(layout, (indices..., values, size[, is_coalesced]))``."""
+        self.global_("torch._utils", "_rebuild_sparse_tensor")
+        self.out += b"("
+        self.global_("torch.serialization", "_get_layout")
+        self.value((f"torch.{t.view.kind}",))
+        self.out += b"R("
+        for name, _ in t.view.parts:
+            self.value(t.parts[name])
+        self.global_("torch", "Size")
+        self.value((t.view.shape,))
+        self.out += b"R"
+        coalesced = dict(t.view.attrs).get("is_coalesced")
+        if t.view.kind == "sparse_coo" and isinstance(coalesced, bool):
+            self.value(coalesced)
+        self.out += b"ttR"
+
+
 @dataclass(frozen=True)
 class _TensorPickle:
     view: View
     storage_key: str
     storage_nbytes: int
+    parts: dict[str, _TensorPickle] = field(default_factory=dict)
+
+
+def _tensor_pickle(v: View, layout: Layout) -> _TensorPickle:
+    parts = {name: _tensor_pickle(p, layout) for name, p in v.parts}
+    return _TensorPickle(v, str(v.blob), layout.blobs[v.blob].nbytes, parts)
 
 
 @dataclass(frozen=True)
@@ -443,22 +547,45 @@ class Nesting:
 
 
 def _pth_pickle(layout: Layout, nesting: Nesting) -> bytes:
-    state = {v.key: _TensorPickle(v, str(v.blob), layout.blobs[v.blob].nbytes) for v in layout.views}
+    state: dict[str, Any] = {v.key: _tensor_pickle(v, layout) for v in layout.views}
+    state.update(layout.objects)
     p = _Pickler()
+    meta = {"_metadata": layout.module_metadata} if layout.module_metadata is not None else None
     if nesting.path is None and not nesting.extras:
-        p.ordered_dict(state)
+        p.ordered_dict(state, meta)
     else:
         tree: dict[str, Any] = {}
         parts = (nesting.path or "state_dict").split("/")
         node = tree
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = state
-        for k, v in nesting.extras.items():
-            tree.setdefault(k, v)
+        node[parts[-1]] = _StateDict(state, meta)
+        _merge_extras(tree, nesting.extras)
         p.value(tree)
     p.out += b"."
     return bytes(p.out)
+
+
+@dataclass(frozen=True)
+class _StateDict:
+    """The state dict inside a nested ``.pth``: an ``OrderedDict`` with its ``_metadata``."""
+
+    items: dict[str, Any]
+    attributes: dict[str, Any] | None
+
+
+def _merge_extras(tree: dict[str, Any], extras: dict[str, Any]) -> None:
+    """Put kept entries beside the state dict; an entry of a dict on the state dict's path (``model/model_args``
+    beside ``model/state_dict``) goes back into that dict."""
+    for k, v in extras.items():
+        node, parts = tree, k.split("/")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                break
+            node = child
+        else:
+            node.setdefault(parts[-1], v)
 
 
 def _write_pth(out: IO[bytes], layout: Layout, nesting: Nesting, tick: Callable[[int], None]) -> None:
@@ -469,7 +596,7 @@ def _write_pth(out: IO[bytes], layout: Layout, nesting: Nesting, tick: Callable[
                  ("byteorder", b"little")]
         for name, data in small:
             _zip_entry(zf, prefix + name, data, tick)
-        for index in sorted({v.blob for v in layout.views}):
+        for index in layout.blob_indexes():
             _zip_entry(zf, f"{prefix}data/{index}", layout.blobs[index], tick)
         # torch reads a serialization id; a digest of the pickle keeps outputs reproducible
         serial = str(int(hashlib.sha256(data_pkl).hexdigest()[:32], 16)).zfill(40)[:40].encode()
@@ -525,7 +652,10 @@ def write_checkpoint(
     nesting = nesting or Nesting()
     staging = staging or Staging()
     shards, files = shard_plan(path, layout, max_shard_size)
-    total = sum(layout.blobs[i].nbytes for i in {v.blob for v in layout.views})
+    total = sum(layout.blobs[i].nbytes for i in layout.blob_indexes())
+    if len(shards) > 1 and (layout.objects or any(v.parts for v in layout.views)):
+        raise UsageError("sharded outputs hold plain tensors only: this state dict has composite tensors or entries "
+                         "that are not tensors; write one file (leave out --max-shard-size)")
 
     def tick(n: int) -> None:
         if progress is not None:

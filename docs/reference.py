@@ -149,7 +149,8 @@ def api_reference() -> str:
             parts.append(f"### `{name}`\n")
             parts.append("```python\n" + _signature(name, obj) + "\n```\n")
             parts.append(_markdown(inspect.getdoc(obj) or "") + "\n")
-    return "\n".join(parts)
+    # cog reads "]]]" in its output as a stray end marker (nested generics such as set[str]]] hold one)
+    return "\n".join(parts).replace("]]]", "]] ]")
 
 
 def include(path: str, drop_title: bool = True) -> str:

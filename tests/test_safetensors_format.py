@@ -77,3 +77,28 @@ def test_deeply_nested_header_is_a_defect_not_a_crash(tmp_path):
     path = tmp_path / "deep.safetensors"
     path.write_bytes(struct.pack("<Q", len(raw)) + raw)
     assert header_defects(str(path))[1] == ["header JSON nests too deeply to be a safetensors header"]
+
+
+def test_dtype_the_installed_safetensors_cannot_load_is_a_defect_but_still_described(tmp_path):
+    from safetensors import safe_open
+
+    path = write(tmp_path / "c128.safetensors", {"z": {"dtype": "C128", "shape": [1], "data_offsets": [0, 16]}},
+                 bytes(16))
+    with pytest.raises(Exception):  # noqa: B017 - the library itself refuses it, whatever it raises
+        with safe_open(path, framework="pt") as f:
+            f.get_tensor("z")
+    _, defects = header_defects(path)
+    assert defects == ["tensor 'z': dtype C128 cannot be loaded by " + defects[0].split("loaded by ")[1]]
+    assert "safetensors" in defects[0]
+    assert read_safetensors(path).tensors["z"].dtype == "complex128"
+
+
+def test_loadable_asks_the_installed_safetensors(tmp_path):
+    import safetensors.torch as st
+    import torch
+
+    from ckpt_tool.formats.safetensors import loadable
+
+    st.save_file({"x": torch.zeros(1, dtype=torch.float8_e4m3fnuz)}, str(tmp_path / "x.safetensors"))
+    assert st.load_file(str(tmp_path / "x.safetensors"))["x"].dtype == torch.float8_e4m3fnuz
+    assert loadable("F8_E4M3FNUZ") and loadable("F32") and not loadable("C128") and not loadable("NOPE")

@@ -11,7 +11,7 @@ import click
 from ..render import dumps, echo, human_bytes, human_count, json_option, progress_bar, shape_str, table
 
 if TYPE_CHECKING:
-    from ..describe import InspectReport
+    from ..describe import InspectReport, TensorRow
 
 
 @click.command()
@@ -61,6 +61,8 @@ def _render(r: InspectReport) -> None:
         summary.append(("objects (inert)", ", ".join(r.placeholders[:12]) + (" ..." if len(r.placeholders) > 12 else "")))
     for name, value in r.metadata.items():
         summary.append((f"metadata: {name}", _short(value)))
+    for name, value in r.objects.items():
+        summary.append((f"entry: {name}", _short(value)))
     width = max(len(k) for k, _ in summary)
     for k, v in summary:
         echo(f"{k:<{width}}  {v}")
@@ -73,22 +75,36 @@ def _render(r: InspectReport) -> None:
             ["module", "tensors", "params", "size", "dtypes"], ["left", "right", "right", "right", "left"],
         ))
         return
+    echo(_tensor_table(r.rows))
+    if r.attributes:
+        echo()
+        echo("TorchScript attributes (tensors that are neither parameters nor buffers; not in state_dict()):")
+        echo(_tensor_table(r.attributes))
+
+
+def _tensor_table(rows_in: tuple[TensorRow, ...]) -> str:
     headers = ["name", "shape", "dtype", "params", "size"]
     align = ["left", "left", "left", "right", "right"]
-    if any(row.stats for row in r.rows):
+    composite = any(row.kind != "dense" for row in rows_in)
+    if composite:
+        headers.append("kind")
+        align.append("left")
+    if any(row.stats for row in rows_in):
         headers += ["min", "max", "mean", "std", "nan", "inf"]
         align += ["right"] * 6
     rows = []
-    for row in r.rows:
+    for row in rows_in:
         name = row.name + ("  (= " + ", ".join(row.shared_with) + ")" if row.shared_with else "")
         line = [name, shape_str(row.shape), row.dtype, f"{row.parameters:,}", human_bytes(row.nbytes)]
+        if composite:
+            line.append(row.kind if row.kind == "dense" else f"{row.kind}: {row.detail}")
         if row.stats is not None:
             s = row.stats
             line += [_num(s.min), _num(s.max), _num(s.mean), _num(s.std), str(s.nan), str(s.inf)]
-        elif len(headers) > 5:
+        elif "std" in headers:
             line += ["-"] * 6
         rows.append(line)
-    echo(table(rows, headers, align))
+    return table(rows, headers, align)
 
 
 def _where(r: InspectReport) -> str:

@@ -25,6 +25,14 @@ class _OrderedCommand(click.Command):
         return super().parse_args(ctx, args)
 
 
+def _conversion_options(f: Any) -> Any:
+    """--dequantize and --densify: convert what the output format cannot hold (without them it is refused)."""
+    f = click.option("--densify", is_flag=True, help="Write sparse (COO/CSR) tensors dense (.safetensors "
+                     "refuses them otherwise; a .pth keeps them sparse).")(f)
+    return click.option("--dequantize", is_flag=True, help="Write quantized (qint8/quint8/qint32) tensors as "
+                        "float32 (.safetensors refuses them otherwise; a .pth keeps them quantized).")(f)
+
+
 @click.command(cls=_OrderedCommand)
 @click.argument("source", required=False, type=click.Path(dir_okay=True))
 @click.option("--key", metavar="PATH", help="Nested state dict to operate on (model_state_dict, state_dict/ema). "
@@ -59,11 +67,12 @@ class _OrderedCommand(click.Command):
 @click.option("--force", is_flag=True, help="Replace an existing output (never the input: see --in-place).")
 @click.option("--in-place", is_flag=True, help="Replace SOURCE itself (keeps SOURCE.bak).")
 @click.option("--dry-run", is_flag=True, help="Show the plan and the resulting diff; write nothing.")
+@_conversion_options
 @json_option
 @click.pass_context
 def migrate(ctx: click.Context, /, source: str | None, key: str | None, keep_extras: bool, arch: str | None,
             arch_args: tuple[str, ...], seed: int, output: str | None, max_shard_size: str | None, force: bool,
-            in_place: bool, dry_run: bool, as_json: bool, **ordered: Any) -> None:
+            in_place: bool, dry_run: bool, dequantize: bool, densify: bool, as_json: bool, **ordered: Any) -> None:
     """Rename, filter, drop, cast and re-head SOURCE into a checkpoint that loads into a target.
 
     Operations apply in the order given and are shown as a plan before anything is written.
@@ -93,7 +102,7 @@ def migrate(ctx: click.Context, /, source: str | None, key: str | None, keep_ext
         report = run(plan, output, seed=seed, keep_extras=keep_extras,
                      max_shard_size=parse_size(max_shard_size) if max_shard_size else None, force=force,
                      in_place=in_place, dry_run=dry_run, on_plan=None if as_json else _render_plan,
-                     progress=progress)
+                     progress=progress, dequantize=dequantize, densify=densify)
     _finish(report, as_json)
 
 
@@ -103,8 +112,10 @@ def migrate(ctx: click.Context, /, source: str | None, key: str | None, keep_ext
 @click.option("--key", metavar="PATH", help="Nested state dict to convert (model_state_dict).")
 @click.option("--max-shard-size", metavar="SIZE", help="Write Hugging Face style shards of at most SIZE (2GB).")
 @click.option("--force", is_flag=True, help="Replace an existing OUTPUT.")
+@_conversion_options
 @json_option
-def convert(source: str, output: str, key: str | None, max_shard_size: str | None, force: bool, as_json: bool) -> None:
+def convert(source: str, output: str, key: str | None, max_shard_size: str | None, force: bool, dequantize: bool,
+            densify: bool, as_json: bool) -> None:
     """Rewrite SOURCE as OUTPUT in the format OUTPUT's extension names, with byte-identical tensors.
 
     `ckpt migrate` with no operations: .pth -> .safetensors, .safetensors -> .pth, one file ->
@@ -118,7 +129,8 @@ def convert(source: str, output: str, key: str | None, max_shard_size: str | Non
 
     with progress_bar("writing") as progress:
         report = run(source, output, key=key, force=force,
-                     max_shard_size=parse_size(max_shard_size) if max_shard_size else None, progress=progress)
+                     max_shard_size=parse_size(max_shard_size) if max_shard_size else None, progress=progress,
+                     dequantize=dequantize, densify=densify, on_plan=None if as_json else _render_notes)
     _finish(report, as_json)
 
 
@@ -193,9 +205,18 @@ def _render_plan(plan: Any) -> None:
         echo(f"  extras kept: {', '.join(plan.extras_kept)}")
     for name, why in plan.extras_dropped.items():
         echo(f"  extra dropped: {name} ({why})")
+    for note in plan.notes[:_LIST_LIMIT]:
+        echo(f"  note: {note}")
+    if len(plan.notes) > _LIST_LIMIT:
+        echo(f"  ... and {len(plan.notes) - _LIST_LIMIT} more notes (--json lists them all)")
     if plan.diff is not None:
         echo(f"against {plan.arch}: " + _diff_words(plan.diff))
     echo()
+
+
+def _render_notes(plan: Any) -> None:
+    for note in plan.notes:
+        echo(f"note: {note}")
 
 
 def _diff_words(diff: Any) -> str:

@@ -109,9 +109,21 @@ class PickledTensor:
     requires_grad: bool = False
     is_parameter: bool = False
     kind: str = "tensor"
+    # the tensors a composite is made of (sparse indices and values, per-channel scales) and its
+    # plain-data attributes (quantization scheme, scale and zero point; a DTensor's global shape)
+    parts: dict[str, PickledTensor] = field(default_factory=dict)
+    attrs: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
 
     def __repr__(self) -> str:
         return f"<tensor {self.dtype}{list(self.shape)}>"
+
+
+@dataclass(frozen=True)
+class TorchLayout:
+    """A tensor layout named by ``torch.serialization._get_layout`` (``torch.sparse_coo``)."""
+
+    name: str
 
 
 class PickledOrderedDict(dict[Any, Any]):
@@ -202,6 +214,28 @@ def _as_param(t: Any) -> Any:
     return t
 
 
+# the qschemes a quantized tensor names (globals of torch, read as their names)
+QSCHEMES = frozenset({"per_tensor_affine", "per_channel_affine", "per_channel_affine_float_qparams",
+                      "per_tensor_symmetric", "per_channel_symmetric"})
+# sparse layouts: the names of the tensors ``_rebuild_sparse_tensor`` receives, in order
+SPARSE_PARTS: dict[str, tuple[str, ...]] = {
+    "sparse_coo": ("indices", "values"),
+    "sparse_csr": ("crow_indices", "col_indices", "values"),
+    "sparse_csc": ("ccol_indices", "row_indices", "values"),
+    "sparse_bsr": ("crow_indices", "col_indices", "values"),
+    "sparse_bsc": ("ccol_indices", "row_indices", "values"),
+}
+# what a pickled DTensor is made of: read as the data they hold, never built
+DTENSOR_GLOBALS = frozenset({
+    "torch.distributed.tensor.DTensor",
+    "torch.distributed._tensor.api.DTensor", "torch.distributed.tensor._api.DTensor",
+    "torch.distributed.tensor._dtensor_spec.DTensorSpec", "torch.distributed.tensor._dtensor_spec.TensorMeta",
+    "torch.distributed.tensor._dtensor_spec.ShardOrderEntry", "torch.distributed.device_mesh.DeviceMesh",
+    "torch.distributed._mesh_layout._MeshLayout", "torch.distributed._mesh_layout._FlatLayout",
+    "torch.distributed.tensor.placement_types.Shard", "torch.distributed.tensor.placement_types.Replicate",
+    "torch.distributed.tensor.placement_types.Partial", "torch.distributed.tensor.placement_types._StridedShard",
+})
+
 # the calls _reduce_known gives their meaning, as plain data or tensor descriptions
 REBUILT_AS_DATA = frozenset({
     "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor_v3", "torch._utils._rebuild_tensor",
@@ -209,8 +243,101 @@ REBUILT_AS_DATA = frozenset({
     "torch._tensor._rebuild_from_type_v2", "torch._utils._rebuild_qtensor", "torch.Size", "torch.device",
     "torch._utils._rebuild_meta_tensor_no_storage", "_codecs.encode", "builtins.set", "builtins.frozenset",
     "__builtin__.set", "__builtin__.frozenset", "builtins.bytes", "__builtin__.bytes", "builtins.bytearray",
-    "__builtin__.bytearray",
+    "__builtin__.bytearray", "torch._utils._rebuild_sparse_tensor", "torch.serialization._get_layout",
+    "torch._utils._rebuild_wrapper_subclass",
 })
+# globals that are not called but read as what they name (a qscheme) or as the data of a DTensor
+READ_AS_DATA = frozenset({*(f"torch.{q}" for q in QSCHEMES), *DTENSOR_GLOBALS})
+
+
+def _rebuild_qtensor(args: tuple[Any, ...]) -> PickledTensor:
+    """A quantized tensor: its integer storage plus the scheme, scale(s) and zero point(s)."""
+    t = _rebuild_tensor(args[:4] + (args[5] if len(args) > 5 else False,))
+    t.kind = "quantized"
+    params = args[4] if len(args) > 4 else None
+    if not (isinstance(params, tuple) and params and isinstance(params[0], GlobalRef)):
+        raise FormatError("quantized tensor rebuild without its quantizer parameters")
+    scheme = params[0].name
+    t.attrs["qscheme"] = scheme
+    if scheme in ("per_tensor_affine", "per_tensor_symmetric") and len(params) >= 3:
+        t.attrs["scale"], t.attrs["zero_point"] = float(params[1]), _int(params[2])
+    elif len(params) >= 4 and isinstance(params[1], PickledTensor) and isinstance(params[2], PickledTensor):
+        t.parts = {"scales": params[1], "zero_points": params[2]}
+        t.attrs["axis"] = _int(params[3])
+    else:
+        raise FormatError(f"quantized tensor with an unknown quantizer {scheme!r}")
+    return t
+
+
+def _rebuild_sparse(args: tuple[Any, ...]) -> PickledTensor:
+    """A sparse tensor: its component tensors and dense size (``_rebuild_sparse_tensor(layout, data)``)."""
+    layout, data = (args[0], args[1]) if len(args) >= 2 else (None, None)
+    name = layout.name.removeprefix("torch.") if isinstance(layout, TorchLayout) else ""
+    names = SPARSE_PARTS.get(name)
+    if names is None or not isinstance(data, tuple) or len(data) < len(names) + 1:
+        raise FormatError(f"sparse tensor rebuild with an unknown layout {name or layout!r}")
+    parts = dict(zip(names, data))
+    if not all(isinstance(p, PickledTensor) for p in parts.values()):
+        raise FormatError(f"sparse {name} tensor rebuild without its component tensors")
+    values = parts["values"]
+    t = PickledTensor(None, 0, _ints(data[len(names)]), (), values.dtype, values.requires_grad, kind=name)
+    t.parts = parts
+    if name == "sparse_coo" and len(data) > 3 and isinstance(data[3], bool):
+        t.attrs["is_coalesced"] = data[3]
+    return t
+
+
+def _placement(p: Any) -> str:
+    kind = p.name.rpartition(".")[2] if isinstance(p, Placeholder) else repr(p)
+    dim = p.state.get("dim") if isinstance(p, Placeholder) and isinstance(p.state, dict) else None
+    return f"{kind}({dim})" if dim is not None else f"{kind}()"
+
+
+def _mesh_size(mesh: Any) -> int | None:
+    """Devices in a pickled DeviceMesh (its rank map, ``mesh`` in older torch), or None when unknown."""
+    state = mesh.state if isinstance(mesh, Placeholder) else None
+    state = state[1] if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict) else state
+    if isinstance(state, dict):
+        for name in ("_rank_map", "mesh"):
+            ranks = state.get(name)
+            if isinstance(ranks, PickledTensor):
+                size = 1
+                for d in ranks.shape:
+                    size *= d
+                return size
+    return None
+
+
+def _rebuild_dtensor(inner: tuple[Any, ...], state: Any) -> Any:
+    """A DTensor as its local tensor: whole when it holds the full value, else marked as one shard.
+
+    ``_rebuild_wrapper_subclass(cls, dtype, size, ...)`` gives the global size; the object state
+    holds ``_local_tensor`` and ``_spec`` (mesh, placements).
+    """
+    if isinstance(state, tuple) and len(state) == 2:
+        state = state[1]
+    local = state.get("_local_tensor") if isinstance(state, dict) else None
+    spec = state.get("_spec") if isinstance(state, dict) else None
+    spec_state = spec.state if isinstance(spec, Placeholder) else None
+    if not isinstance(local, PickledTensor) or not isinstance(spec_state, dict) or len(inner) < 3:
+        return None
+    global_shape = _ints(inner[2])
+    raw = spec_state.get("placements")
+    placements = tuple(_placement(p) for p in raw) if isinstance(raw, (tuple, list)) else ()
+    devices = _mesh_size(spec_state.get("mesh"))
+    where = f"{', '.join(placements) or 'unknown placement'} on a mesh of {devices or 'unknown'} device(s)"
+    partial = any(p.startswith("Partial") for p in placements)
+    whole = local.shape == global_shape and (devices == 1 or not partial) and local.kind == "tensor"
+    local.attrs.update({"dtensor_shape": global_shape, "dtensor_placements": placements})
+    if len(inner) > 7 and isinstance(inner[7], bool):
+        local.requires_grad = inner[7]
+    if whole:
+        local.note = f"DTensor ({where}) read as its full local tensor"
+    else:
+        local.kind = "dtensor_shard"
+        local.note = (f"DTensor ({where}) holds {'a partial sum' if partial else 'one shard'} of shape "
+                      f"{list(local.shape)} of a tensor of shape {list(global_shape)}")
+    return local
 
 
 def _reduce_known(name: str, args: Any) -> tuple[bool, Any]:
@@ -227,9 +354,11 @@ def _reduce_known(name: str, args: Any) -> tuple[bool, Any]:
         t.dtype = args[6].name
         return True, t
     if name == "torch._utils._rebuild_qtensor":
-        t = _rebuild_tensor(args[:4] + (args[5] if len(args) > 5 else False,))
-        t.kind = "quantized"
-        return True, t
+        return True, _rebuild_qtensor(args)
+    if name == "torch._utils._rebuild_sparse_tensor":
+        return True, _rebuild_sparse(args)
+    if name == "torch.serialization._get_layout" and args and isinstance(args[0], str):
+        return True, TorchLayout(args[0])
     if name == "torch._utils._rebuild_parameter" and args:
         t = _as_param(args[0])
         if isinstance(t, PickledTensor) and len(args) > 1:
@@ -239,6 +368,13 @@ def _reduce_known(name: str, args: Any) -> tuple[bool, Any]:
         return True, _as_param(args[0])
     if name == "torch._tensor._rebuild_from_type_v2" and len(args) >= 3:
         func, inner = args[0], args[2]
+        if (isinstance(func, GlobalRef) and func.qualname == "torch._utils._rebuild_wrapper_subclass"
+                and isinstance(inner, tuple) and inner and isinstance(inner[0], GlobalRef)
+                and inner[0].name == "DTensor"):
+            local = _rebuild_dtensor(inner, args[3] if len(args) > 3 else None)
+            if local is not None:
+                return True, local
+            return False, None
         if isinstance(func, GlobalRef) and isinstance(inner, tuple):
             return _reduce_known(func.qualname, inner)
         return True, func
@@ -633,8 +769,9 @@ def storage_dtype(storage_type: Any) -> str:
     raise FormatError(f"unknown storage type {storage_type!r}")
 
 
-def walk_tensors(root: Any) -> Iterator[PickledTensor]:
-    """Every tensor in a decoded tree, once each (the tree may share and even cycle)."""
+def walk_tensors(root: Any, parts: bool = False) -> Iterator[PickledTensor]:
+    """Every tensor in a decoded tree, once each (the tree may share and even cycle); with ``parts``
+    also the tensors a composite is made of (a sparse tensor's indices and values)."""
     seen: set[int] = set()
     stack = [root]
     while stack:
@@ -644,6 +781,8 @@ def walk_tensors(root: Any) -> Iterator[PickledTensor]:
         seen.add(id(obj))
         if isinstance(obj, PickledTensor):
             yield obj
+            if parts:
+                stack.extend(obj.parts.values())
         elif isinstance(obj, dict):
             stack.extend(obj.values())
         elif isinstance(obj, (list, tuple)):

@@ -13,6 +13,56 @@ from ..errors import FormatError
 from ..model import DTYPES, SAFETENSORS_TO_DTYPE, TensorRef, contiguous_strides
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own bound
+# dtype codes every safetensors release since 0.3 loads into torch; others are asked of the installed one
+BASE_CODES = frozenset({"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL"})
+_LOADABLE: dict[str, bool] = {}
+
+
+def loadable(code: str) -> bool:
+    """Whether the installed safetensors loads a tensor of dtype ``code`` into torch (``C128`` never does).
+
+    Codes outside the base set are tried for real, once each: a one-element file of that dtype is
+    written to a temporary directory and read back with ``safe_open(framework="pt")`` (which
+    imports torch), the way ``load_file`` reads.
+    """
+    if code in BASE_CODES:
+        return True
+    if code not in _LOADABLE:
+        _LOADABLE[code] = _try_load(code)
+    return _LOADABLE[code]
+
+
+def _try_load(code: str) -> bool:
+    import tempfile
+
+    dtype = SAFETENSORS_TO_DTYPE.get(code)
+    if dtype is None:
+        return False
+    size = DTYPES[dtype][0]
+    header = json.dumps({"x": {"dtype": code, "shape": [1], "data_offsets": [0, size]}}).encode()
+    header += b" " * (-len(header) % 8)
+    try:
+        from safetensors import safe_open
+
+        with tempfile.TemporaryDirectory() as tmp:
+            probe = os.path.join(tmp, "probe.safetensors")
+            with open(probe, "wb") as f:
+                f.write(struct.pack("<Q", len(header)) + header + bytes(size))
+            with safe_open(probe, framework="pt") as st:
+                st.get_tensor("x")
+    except Exception:  # noqa: BLE001 - any failure means this safetensors cannot load the dtype
+        return False
+    return True
+
+
+def unloadable_reason(code: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        installed = f"safetensors {version('safetensors')}"
+    except Exception:  # noqa: BLE001 - the version is only for the message
+        installed = "the installed safetensors"
+    return f"dtype {code} cannot be loaded by {installed}"
 
 
 @dataclass
@@ -24,10 +74,12 @@ class SafetensorsHeader:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-def header_defects(path: str) -> tuple[SafetensorsHeader | None, list[str]]:
+def header_defects(path: str, check_loadable: bool = True) -> tuple[SafetensorsHeader | None, list[str]]:
     """Check a safetensors file's header against the file. Returns the header and every defect found.
 
     The header is returned only when it could be parsed; tensors with defects are left out of it.
+    A dtype the installed safetensors cannot load (``C128``, which older ckpt wrote) is a defect
+    unless ``check_loadable`` is False (describing such a file still works).
     """
     defects: list[str] = []
     try:
@@ -68,6 +120,8 @@ def header_defects(path: str) -> tuple[SafetensorsHeader | None, list[str]]:
         if problem:
             defects.append(problem)
             continue
+        if check_loadable and not loadable(entry["dtype"]):
+            defects.append(f"tensor {key!r}: {unloadable_reason(entry['dtype'])}")
         dtype = SAFETENSORS_TO_DTYPE[entry["dtype"]]
         shape = tuple(entry["shape"])
         begin, end = entry["data_offsets"]
@@ -114,7 +168,7 @@ def _entry_defect(key: str, entry: Any, data_len: int) -> str | None:
 
 def read_safetensors(path: str) -> SafetensorsHeader:
     """Read a safetensors header, raising :class:`FormatError` on the first defect."""
-    header, defects = header_defects(path)
+    header, defects = header_defects(path, check_loadable=False)
     if defects or header is None:
         raise FormatError(f"{path}: {defects[0] if defects else 'unreadable safetensors header'}")
     return header

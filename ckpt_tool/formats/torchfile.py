@@ -7,6 +7,7 @@ storages with their byte positions, and the trace of what the pickles asked for.
 from __future__ import annotations
 
 import io
+import re
 import struct
 import zipfile
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ class RawFile:
     trace: Trace = field(default_factory=Trace)
     pickles: list[str] = field(default_factory=list)  # names of the pickle streams read
     extra_pickles: dict[str, Any] = field(default_factory=dict)
+    # TorchScript: class qualname -> (declared parameters, declared buffers), read from code/
+    script_classes: dict[str, tuple[set[str], set[str]]] = field(default_factory=dict)
 
 
 def _local_data_offset(stream: IO[bytes], info: zipfile.ZipInfo) -> int:
@@ -92,7 +95,45 @@ def read_zip(path: str, file_size: int, trace: Trace | None = None, fmt_name: st
             if name != pkl_name and name.endswith(".pkl"):
                 result.extra_pickles[name] = _load_entry(zf, info, PickleVM(persistent_load, trace), path)
                 result.pickles.append(name)
+        if fmt_name == fmt.TORCHSCRIPT:
+            result.script_classes = script_classes(zf, infos, prefix)
         return result
+
+
+MAX_SCRIPT_CODE = 16 << 20  # the text of one code/ file; far above any real module's
+_CLASS_LINE = re.compile(r"^class (\w+)\(")
+_MEMBERS_LINE = re.compile(r"^\s+__(parameters|buffers)__ = \[(.*)\]\s*$")
+
+
+def script_classes(zf: zipfile.ZipFile, infos: dict[str, zipfile.ZipInfo], prefix: str
+                   ) -> dict[str, tuple[set[str], set[str]]]:
+    """Each TorchScript class's declared ``__parameters__`` and ``__buffers__``, read as text from ``code/``.
+
+    The rest of a module's tensor attributes are plain attributes, which ``state_dict()`` leaves out.
+    The code is only read, never run.
+    """
+    out: dict[str, tuple[set[str], set[str]]] = {}
+    code = f"{prefix}code/"
+    for name, info in infos.items():
+        if not (name.startswith(code) and name.endswith(".py")) or info.file_size > MAX_SCRIPT_CODE:
+            continue
+        try:
+            text = zf.read(info).decode("utf-8", "replace")
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError):
+            continue  # unreadable code: its classes keep every tensor in the state dict
+        module = name[len(code):-len(".py")].replace("/", ".")
+        current: tuple[set[str], set[str]] | None = None
+        for line in text.splitlines():
+            m = _CLASS_LINE.match(line)
+            if m:
+                current = (set(), set())
+                out[f"{module}.{m.group(1)}"] = current
+                continue
+            m = _MEMBERS_LINE.match(line)
+            if m and current is not None:
+                names = {n.strip().strip("\"'") for n in m.group(2).split(",")} - {""}
+                current[0 if m.group(1) == "parameters" else 1].update(names)
+    return out
 
 
 def _load_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, vm: PickleVM, path: str) -> Any:
@@ -170,7 +211,7 @@ def read_legacy(path: str, file_size: int, trace: Trace | None = None) -> RawFil
 
 
 def _resolve_tree_storages(root: Any, resolved: dict[str, StorageRef]) -> None:
-    for tensor in walk_tensors(root):
+    for tensor in walk_tensors(root, parts=True):
         if tensor.storage is not None:
             view_offset = tensor.storage.nbytes  # legacy views keep their offset (elements) in nbytes
             tensor.storage = resolved[tensor.storage.key]
