@@ -29,6 +29,7 @@ COMMAND_MODULES = {
     "finetune-check": "finetune_cmd",
     "scan": "scan_cmd",
     "validate": "scan_cmd",
+    "browse": "browse_cmd",
 }
 
 
@@ -75,12 +76,17 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="ckpt")
-def main() -> None:
+@click.option("--no-color", is_flag=True, help="Plain text even on a terminal (as NO_COLOR=1 does). Colour is never "
+              "used in pipes or in JSON.")
+def main(no_color: bool) -> None:
     """Inspect, diff, migrate, fine-tune-check and scan PyTorch checkpoints, safely.
 
     Exit codes: 0 clean, 1 findings (differences, unsafe files, failed checks),
     2 usage or input errors, 3 internal errors (CKPT_DEBUG=1 shows the traceback).
     """
+    from .render import set_no_color
+
+    set_no_color(no_color)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -109,11 +111,59 @@ def plain_table(rows: Iterable[Sequence[Any]], headers: Sequence[str]) -> str:
     rows = [[str(c) for c in row] for row in rows]
     if not rows:
         return "(none)"
-    # tabulate pads each header by two characters at least
-    widths = [max(len(h) + 2, *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    # tabulate pads each header by two characters at least; colour codes take no width
+    widths = [max(len(h) + 2, *(visible_len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines += ["  ".join(c + " " * (w - visible_len(c)) for c, w in zip(r, widths)) for r in rows]
     return "\n".join(line.rstrip() for line in lines)
+
+
+# --- colour ------------------------------------------------------------------------------------------
+
+# ANSI codes of the words worth a colour: verdicts, check results and diff statuses
+STATUS_COLORS = {
+    "pass": "32", "safe": "32", "matched": "32", "loads": "32",
+    "fail": "1;31", "unsafe": "1;31", "broken": "1;31", "missing": "31", "shape": "35", "mismatched": "35",
+    "unexpected": "33", "suspicious": "33", "mixed": "33", "skipped": "33", "note": "33",
+    "dtype": "36", "auto": "36",
+}
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_no_color_flag = False
+
+
+def set_no_color(flag: bool) -> None:
+    """``ckpt --no-color``: plain text whatever the terminal (set for each invocation)."""
+    global _no_color_flag
+    _no_color_flag = flag
+
+
+def color_on() -> bool:
+    """Colour only on a terminal: never with ``ckpt --no-color``, ``NO_COLOR`` set (not empty) or stdout piped."""
+    if _no_color_flag or os.environ.get("NO_COLOR"):
+        return False
+    return _stdout_is_terminal()
+
+
+def _stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+def paint(text: str, status: str | None = None) -> str:
+    """``text`` in the colour of ``status`` (by default the text itself: ``"unsafe"``, ``"PASS"``), if colour is on.
+
+    Example:
+        >>> paint("missing")  # on a terminal: '\x1b[31mmissing\x1b[0m'
+        'missing'
+    """
+    code = STATUS_COLORS.get((status or text).strip().lower())
+    if code is None or not color_on():
+        return text
+    return f"\x1b[{code}m{text}\x1b[0m"
+
+
+def visible_len(text: str) -> int:
+    """Width of ``text`` on screen: colour codes take none."""
+    return len(_ANSI.sub("", text)) if "\x1b" in text else len(text)
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from ..errors import EXIT_FINDINGS, EXIT_OK
-from ..render import dumps, echo, human_count, json_option, note, progress_bar, shape_str, table
+from ..render import dumps, echo, human_count, json_option, note, paint, progress_bar, shape_str, table
 from .options import arch_arg_option, arch_option, key_option
 
 
@@ -93,17 +93,17 @@ def _render(report: Any) -> None:
         note(f"note: {text}")
     echo()
     if report.loads_strictly:
-        echo("loads strictly: load_state_dict(strict=True) would succeed")
+        echo(paint("loads strictly: load_state_dict(strict=True) would succeed", "pass"))
         return
     plan = report.plan
     if plan.mostly_new:
-        echo(f"would not load strictly, and only {_share_of(plan.checkpoint_share)} of {report.target}'s parameters "
+        echo(paint("would not load strictly", "fail") + f", and only {_share_of(plan.checkpoint_share)} of {report.target}'s parameters "
              "would come from this checkpoint: it is probably not a checkpoint of this architecture.")
         echo("  Check --arch and --arch-arg. `ckpt migrate` refuses such a plan unless --allow-mostly-new is given.")
         for text in plan.notes:
             echo(f"  ! {text}")
         return
-    echo("would not load strictly." + (" Suggested fix:" if plan.steps else ""))
+    echo(paint("would not load strictly.", "fail") + (" Suggested fix:" if plan.steps else ""))
     for step in plan.steps:
         echo(f"  - {step.operation['op']}: {step.reason}")
     for text in plan.notes:
@@ -122,14 +122,14 @@ _CACHE_WORDS = {"table": "from ckpt's torchvision table",
 
 def _table(report: Any) -> str:
     if report.depth:
-        modules = [(r.status, r.name, _statuses(r.statuses), human_count(r.source_numel), human_count(r.target_numel))
+        modules = [(paint(r.status), r.name, _statuses(r.statuses), human_count(r.source_numel), human_count(r.target_numel))
                    for r in report.rows]
         return table(modules, ["status", "module", "keys", "checkpoint elements", "target elements"],
                      ["left", "left", "left", "right", "right"])
     headers = ["status", "key", "checkpoint", "target"]
     rows: list[list[str]] = []
     for r in report.rows:
-        row = [r.status, r.name, _side(r.source_shape, r.source_dtype), _side(r.target_shape, r.target_dtype)]
+        row = [paint(r.status), r.name, _side(r.source_shape, r.source_dtype), _side(r.target_shape, r.target_dtype)]
         if report.values:
             row += [_num(r.max_abs_diff), _num(r.rel_change)]
         rows.append(row)

@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from ..errors import EXIT_FINDINGS as EXIT_FAILED
-from ..render import dumps, echo, human_count, json_option, shape_str, table
+from ..render import dumps, echo, human_count, json_option, paint, shape_str, table
 from .options import OrderedCommand, arch_arg_option, arch_option, key_option, plan_operation_options
 
 _RAW_ARGS = "ckpt.finetune.args"
@@ -187,7 +187,7 @@ def render_setup(setup: Any) -> str:
     rows += [("mismatched", m.key, shape_str(m.shape), shape_str(m.target_shape)) for m in load.mismatched]
     if rows:
         head = set(load.head_keys)
-        rows = [(kind + (" (head)" if key in head else ""), key, a, b) for kind, key, a, b in rows]
+        rows = [(paint(kind + (" (head)" if key in head else ""), kind), key, a, b) for kind, key, a, b in rows]
         lines += ["", table(rows[:20], ["", "key", "checkpoint", "model"])]
         if len(rows) > 20:
             lines.append(f"... {len(rows) - 20} more (--json lists them all)")
@@ -220,14 +220,14 @@ def render_results(report: Any) -> str:
                               f"{e.images_per_s:.1f}" if e.images_per_s else "-") for e in report.epochs],
                             ["phase", "epoch", "lr", "steps", "train loss", "held-out loss", "held-out acc",
                              "images/s"])]
-    lines += ["", table([(c.name, c.status.upper(), c.detail) for c in report.checks], ["check", "status", "detail"])]
+    lines += ["", table([(c.name, paint(c.status.upper()), c.detail) for c in report.checks], ["check", "status", "detail"])]
     if report.saved:
         lines.append(f"\nsaved fine-tuned weights to {report.saved}")
     if report.plot:
         lines.append(f"curves drawn to {report.plot}")
     failed = report.failed
-    lines.append("\n" + ("PASS: every check passed" if not failed else
-                         f"FAIL: {len(failed)} check(s) failed: " + ", ".join(c.name for c in failed)))
+    lines.append("\n" + (paint("PASS") + ": every check passed" if not failed else
+                         paint("FAIL") + f": {len(failed)} check(s) failed: " + ", ".join(c.name for c in failed)))
     return "\n".join(lines)
 
 

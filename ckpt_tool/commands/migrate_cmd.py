@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from ..errors import EXIT_FINDINGS, EXIT_OK
-from ..render import dumps, echo, human_bytes, json_option, progress_bar, shape_str, some, table
+from ..render import dumps, echo, human_bytes, json_option, paint, progress_bar, shape_str, some, table
 from .options import OrderedCommand, arch_arg_option, arch_option, key_option, plan_operation_options
 
 _LIST_LIMIT = 10  # lines per list in the table view
@@ -196,18 +196,18 @@ def _render_result(report: Any) -> None:
              else f"check failed: {v.arch} " + _diff_words(v.diff))
         return
     if not v.loads:
-        echo(f"verification failed: {v.arch} " + _diff_words(v.diff) + (f" ({v.error})" if v.error else ""))
+        echo(paint("verification failed:", "fail") + f" {v.arch} " + _diff_words(v.diff) + (f" ({v.error})" if v.error else ""))
         return
     if v.differ:
-        echo(f"verification failed: {len(v.differ)} tensors are not what the plan intended: {some(v.differ)}")
+        echo(paint("verification failed:", "fail") + f" {len(v.differ)} tensors are not what the plan intended: {some(v.differ)}")
         return
     where = f"{v.from_checkpoint} from the checkpoint" + "".join(
         f", {n} {what}" for n, what in ((v.tied, "tied to their partner"), (v.filled, "filled from the target"),
                                         (v.reinitialised, "re-initialised")) if n)
     if v.arch is None:
-        echo(f"verified: re-read, {v.checked} tensors identical to their sources ({where})")
+        echo(paint("verified:", "pass") + f" re-read, {v.checked} tensors identical to their sources ({where})")
     else:
-        echo(f"verified: loads into {v.arch} with strict=True, {v.checked} tensors as planned ({where}); "
+        echo(paint("verified:", "pass") + f" loads into {v.arch} with strict=True, {v.checked} tensors as planned ({where}); "
              f"{_percent(v.checkpoint_share)} of {v.arch}'s parameters come from the checkpoint")
 
 

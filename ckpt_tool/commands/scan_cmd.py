@@ -10,7 +10,7 @@ import click
 from .. import __version__
 from ..errors import EXIT_FINDINGS, UsageError
 from ..errors import EXIT_OK as EXIT_CLEAN
-from ..render import dumps, echo, json_option, plain_table
+from ..render import dumps, echo, json_option, paint, plain_table
 
 _SHOWN_NAMES = 2
 
@@ -68,13 +68,13 @@ def _render_scan(report: Any, show_globals: bool = False) -> None:
     for f in report.files:
         names = list(dict.fromkeys(x.name for x in f.findings))
         shown = ", ".join(names[:_SHOWN_NAMES]) + (f" +{len(names) - _SHOWN_NAMES} more" if len(names) > _SHOWN_NAMES else "")
-        rows.append((f.path, f.format, f.verdict, shown or "-"))
+        rows.append((f.path, f.format, paint(f.verdict), shown or "-"))
     echo(plain_table(rows, ["file", "format", "verdict", "offending"]))  # no tabulate import: hooks run often
     for f in report.files:
         if not f.findings and f.verdict != "skipped" and not show_globals:
             continue
         echo()
-        echo(f"{f.path}: {f.verdict}")
+        echo(f"{f.path}: {paint(f.verdict)}")
         if show_globals:
             echo(f"  streams: {', '.join(f.streams) or '-'}")
             echo(f"  globals: {', '.join(f.globals) or '-'}")
@@ -84,7 +84,7 @@ def _render_scan(report: Any, show_globals: bool = False) -> None:
         for x in f.findings:
             where = " ".join(p for p in (x.opcode, f"in {x.stream}" if x.stream else "",
                                          f"at byte {x.position}" if x.position is not None else "") if p)
-            echo(f"  {x.severity:<10} {x.name}{f' ({where})' if where else ''}: {x.reason}")
+            echo(f"  {paint(f'{x.severity:<10}', x.severity)} {x.name}{f' ({where})' if where else ''}: {x.reason}")
     counts = report.counts()
     summary = ", ".join(f"{counts[v]} {v}" for v in ("unsafe", "broken", "suspicious", "safe", "skipped") if v in counts)
     echo()
@@ -130,13 +130,13 @@ def _render_validate(report: Any) -> None:
     rows = []
     for f in report.files:
         for i, c in enumerate(f.checks):
-            rows.append((f.path if i == 0 else "", f.format if i == 0 else "", c.name, c.status, c.message))
+            rows.append((f.path if i == 0 else "", f.format if i == 0 else "", c.name, paint(c.status), c.message))
     echo(plain_table(rows, ["file", "format", "check", "status", "detail"]))
     failed = [f.path for f in report.files if not f.ok]
     echo()
     config = f" (policies from {report.config})" if report.config else ""
     echo(f"{len(report.files)} file{'s' if len(report.files) != 1 else ''} validated{config}: "
-         + (f"{len(failed)} failed" if failed else "all passed"))
+         + (paint(f"{len(failed)} failed", "fail") if failed else paint("all passed", "pass")))
 
 
 COMMANDS = [scan, validate]

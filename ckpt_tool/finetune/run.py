@@ -7,8 +7,8 @@ from typing import Any
 from ..arch import build_model
 from ..errors import UsageError
 from ..reader import open_checkpoint
-from ..torch_extra import require_torch
 from ..render import human_bytes, shape_str
+from ..torch_extra import require_torch
 from .checks import (
     bn_check,
     distributed_checks,

@@ -1,0 +1,156 @@
+"""``ckpt browse`` on a 100,000-tensor checkpoint: time until the module tree is on the screen.
+
+Run: ``python bench/bench_browse.py`` (needs tmux); ``python bench/bench_browse.py --screenshots docs/img``
+writes the documentation's screenshots from real runs. The browser runs in a real 80x24 terminal (a
+private tmux server); the clock starts when the command is typed and stops when the pane shows the
+tree's root with its figures and first child. Target: under a second. Baselines in the same run:
+``ckpt inspect --json`` of the same file and safetensors' own ``safe_open(...).keys()`` (whole
+processes), so that the ratio says what the interface adds to reading the header.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import CKPT, HERE, OUT, PYTHON, measure  # noqa: E402
+
+TENSORS = 100_000
+MODULES = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down", "norm1", "norm2", "ada.lin", "ada.mod")
+
+
+def big_safetensors() -> str:
+    """5,000 layers x 10 modules x (weight, bias): 100,000 tiny tensors, made once in bench/out/."""
+    path = os.path.join(OUT, "browse_100k.safetensors")
+    if not os.path.exists(path):
+        import numpy as np
+        from safetensors.numpy import save_file
+
+        os.makedirs(OUT, exist_ok=True)
+        tensors = {}
+        for i in range(TENSORS // (2 * len(MODULES))):
+            for m in MODULES:
+                tensors[f"model.layers.{i}.{m}.weight"] = np.zeros((4, 2), np.float32)
+                tensors[f"model.layers.{i}.{m}.bias"] = np.zeros((4,), np.float16)
+        save_file(tensors, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return path
+
+
+class Terminal:
+    def __init__(self) -> None:
+        self.socket = f"ckpt-bench-{os.getpid()}"
+        env = {**os.environ, "TERM": "xterm-256color"}
+        subprocess.run(["tmux", "-L", self.socket, "-f", "/dev/null", "new-session", "-d", "-x", "80", "-y", "24",
+                        "bash --norc --noprofile"], check=True, env=env)
+
+    def send(self, *keys: str) -> None:
+        subprocess.run(["tmux", "-L", self.socket, "send-keys", *keys], check=True)
+
+    def pane(self) -> str:
+        return subprocess.run(["tmux", "-L", self.socket, "capture-pane", "-p"], check=True, capture_output=True,
+                              text=True).stdout
+
+    def wait_for(self, *texts: str, timeout: float = 120.0) -> float:
+        start = time.perf_counter()
+        while not all(t in self.pane() for t in texts):
+            if time.perf_counter() - start > timeout:
+                raise SystemExit(f"never saw {texts!r}:\n{self.pane()}")
+            time.sleep(0.01)
+        return time.perf_counter()
+
+    def close(self) -> None:
+        subprocess.run(["tmux", "-L", self.socket, "kill-server"], check=False, capture_output=True)
+
+
+def time_to_tree(term: Terminal, path: str, marker: str, run: int) -> float:
+    term.send(f"clear; echo READY-{run}", "Enter")
+    term.wait_for(f"READY-{run}")
+    start = time.perf_counter()
+    term.send(" ".join([*CKPT, "browse", path]) + f"; echo DONE-{run}", "Enter")
+    shown = term.wait_for(f"model  {TENSORS} ·", marker)
+    term.send("q")
+    term.wait_for(f"DONE-{run}")
+    return shown - start
+
+
+def screenshots(out: str) -> None:
+    """The docs' screenshots: real runs of the app on torchvision checkpoints, exported as SVG at 80x24."""
+    import asyncio
+    import tempfile
+
+    import torch
+    import torchvision
+
+    from ckpt_tool.browse.app import BrowseApp
+    from ckpt_tool.browse.view import load
+
+    out = os.path.abspath(out)
+    work = tempfile.mkdtemp(prefix="ckpt-shots-")
+    os.chdir(work)  # relative names on screen
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None)
+    torch.save({"model": model.state_dict(), "epoch": 90, "best_acc1": 69.8}, "resnet18.pth")
+    torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()}}, "resnet18_ddp.pth")
+    payload = os.path.join(os.path.dirname(HERE), "fixtures", "malicious", "torch_zip_payload.pth")
+    shutil.copy(payload, "downloaded.pth")
+
+    async def shoot(name: str, data: object, keys: list[str]) -> None:
+        app = BrowseApp(data)  # type: ignore[arg-type]
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause()
+            await app.workers.wait_for_complete()
+            for key in keys:
+                await pilot.press(key)
+                await app.workers.wait_for_complete()
+                await pilot.pause()
+            await pilot.pause()
+            app.save_screenshot(f"{name}.svg", out)
+        print(f"wrote {os.path.join(out, name + '.svg')}")
+
+    diff = load("resnet18_ddp.pth", arch="resnet18", arch_args=["num_classes=10"])
+    for name, data, keys in (
+        ("browse", load("resnet18.pth"), ["down", "down", "down", "down", "down", "enter", "down", "tab", "v"]),
+        ("browse-filter", load("resnet18.pth"), ["slash", *"downsample", "enter", "s", "s"]),
+        ("browse-diff", diff, ["d", "tab"]),
+        ("browse-plan", diff, ["p"]),
+        ("browse-unsafe", load("downloaded.pth"), []),
+        ("browse-summary", load("downloaded.pth"), ["i"]),
+    ):
+        asyncio.run(shoot(name, data, keys))
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--screenshots":
+        screenshots(sys.argv[2])
+        return
+    if shutil.which("tmux") is None:
+        raise SystemExit("tmux is needed (apt-get install tmux)")
+    path = big_safetensors()
+    print(f"file: {path} ({TENSORS} tensors, {os.path.getsize(path) / 1e6:.1f} MB)")
+    term = Terminal()
+    try:
+        time_to_tree(term, path, "layers", 0)  # warm the page cache and the byte-code cache
+        runs = [time_to_tree(term, path, "layers", i) for i in range(1, 6)]
+    finally:
+        term.close()
+    inspect = measure("ckpt inspect --json", CKPT + ["inspect", path, "--json"])
+    keys = measure("safe_open().keys()", [PYTHON, "-c", f"from safetensors import safe_open; "
+                                          f"f = safe_open({path!r}, 'np'); len(f.keys())"])
+    best, median = min(runs), statistics.median(runs)
+    print(f"{'command':<44} {'wall s':>8} {'ratio to tree':>14}")
+    print(f"{'ckpt browse: tree on screen (best of 5)':<44} {best:>8.3f} {1.0:>14.3f}")
+    print(f"{'ckpt browse: tree on screen (median of 5)':<44} {median:>8.3f} {median / best:>14.3f}")
+    for r in (inspect, keys):
+        print(f"{r.label:<44} {r.wall_s:>8.3f} {r.wall_s / best:>14.3f}")
+    print(f"target: tree under 1 s -> best {best:.3f} s, median {median:.3f} s "
+          f"({'met' if median < 1.0 else 'NOT met'}); ckpt inspect --json {inspect.wall_s:.3f} s")
+
+
+if __name__ == "__main__":
+    main()
