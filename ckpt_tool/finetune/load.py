@@ -54,7 +54,8 @@ def _load_into(model: Any, state: dict[str, Any], heads: tuple[str, ...], operat
     model_state = model.state_dict()
     target = signature_from_model(model)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
-    shapes.update({k: tuple(model_state[k].shape) for k in initialised if k in model_state and k not in shapes})
+    shapes.update({k: tuple(model_state[k].shape) for k in initialised
+                   if k in model_state and k not in shapes and hasattr(model_state[k], "shape")})
     compat = check(shapes, target, versions=None)
     bad = {m.key for m in compat.mismatched}
     usable = {k: v for k, v in state.items() if k in model_state and k not in bad}
@@ -64,7 +65,8 @@ def _load_into(model: Any, state: dict[str, Any], heads: tuple[str, ...], operat
     return LoadReport(loaded=len(usable), model_keys=len(model_state), checkpoint_keys=len(state),
                       missing=compat.missing, unexpected=compat.unexpected, mismatched=compat.mismatched,
                       head_keys=head_keys, operations=operations, initialised=initialised,
-                      missing_shapes={k: tuple(model_state[k].shape) for k in compat.missing if k in model_state},
+                      missing_shapes={k: tuple(model_state[k].shape) for k in compat.missing
+                                      if k in model_state and hasattr(model_state[k], "shape")},
                       unexpected_shapes={k: shapes[k] for k in compat.unexpected if k in shapes},
                       auto_filled=compat.auto_filled, tied=compat.tied)
 
