@@ -193,7 +193,7 @@ def migrate(
     if any(op.needs_target for op in plan.operations) and plan.arch is None:
         raise UsageError("--fill-missing, --drop-unexpected and --reinit-mismatched need the target (--arch)")
     signature = target_signature(plan.arch, plan.arch_args) if plan.arch else None
-    applied = apply(plan.operations, initial_state(ckpt.tensors), signature)
+    applied = apply(plan.operations, initial_state(ckpt.tensors), signature, objects=tuple(ckpt.objects))
     if not applied.state:
         raise UsageError(f"{plan.source}: the operations leave no tensors to write")
     # every input object: carried, converted with a note, or refused here, before anything is written

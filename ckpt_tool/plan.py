@@ -502,7 +502,8 @@ def initial_state(tensors: Mapping[str, TensorRef]) -> State:
     return {k: Entry.from_ref(ref) for k, ref in tensors.items()}
 
 
-def apply(operations: tuple[Operation, ...] | list[Operation], state: State, target: Target | None = None) -> Applied:
+def apply(operations: tuple[Operation, ...] | list[Operation], state: State, target: Target | None = None,
+          objects: tuple[str, ...] = ()) -> Applied:
     """Run the operations in order. Returns the final state and, per operation, what it changed.
 
     Example:
@@ -513,11 +514,16 @@ def apply(operations: tuple[Operation, ...] | list[Operation], state: State, tar
         ('module.features.0.weight', 'features.0.weight')
     """
     steps = []
+    # keys of non-tensor entries (``_extra_state``): the same operations rename and drop them (the
+    # writer carries them), so an operation that matches only them matches something
+    others: State = {k: Entry(k, "float32", (), CHECKPOINT, k, "float32") for k in objects}
     for op in operations:
-        _refuse_if_unmatched(op, state)
+        _refuse_if_unmatched(op, {**state, **others})
         after = op.apply(state, target)
         steps.append(_step(op.describe(), state, after))
         state = after
+        if not op.needs_target:
+            others = op.apply(others, target)
     return Applied(state, tuple(steps))
 
 

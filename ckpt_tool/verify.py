@@ -24,6 +24,7 @@ from typing import Any
 
 from .arch import TargetSignature
 from .compat import Compatibility, check, parameter_share
+from .model import DENSE, SPARSE_KINDS, TensorRef
 from .plan import State
 from .torch_extra import buildable
 from .values import FileCache, iter_raw_chunks
@@ -121,6 +122,11 @@ def _reread(written: Written, state: State, target_chunks: Callable[[str], Itera
                 # rewritten in place: the input's bytes now live in the backup
                 source = replace(e.ref, file=written.backup) if written.backup and _same_file(e.ref.file, written.path) \
                     else e.ref
+                if source.kind != DENSE or ref.kind != DENSE:
+                    checked += 1
+                    if not _same_composite(source, ref, files):
+                        differ.append(key)
+                    continue
                 want: Iterable[bytes] = iter_raw_chunks(source, files, VERIFY_CHUNK_BYTES)
                 if e.dtype != e.source_dtype:
                     want = (cast(c, e.source_dtype, e.dtype) for c in want)
@@ -130,6 +136,23 @@ def _reread(written: Written, state: State, target_chunks: Callable[[str], Itera
             if ref.nbytes and not _same_bytes(iter_raw_chunks(ref, files, VERIFY_CHUNK_BYTES), want):
                 differ.append(key)
     return differ, checked
+
+
+def _same_composite(a: TensorRef, b: TensorRef, files: FileCache) -> bool:
+    """A sparse or quantized tensor carried as it is: same layout, same plain data, every part bit-identical."""
+    if a.kind != b.kind or a.attrs != b.attrs or [n for n, _ in a.parts] != [n for n, _ in b.parts]:
+        return False
+    pairs = list(zip((p for _, p in a.parts), (p for _, p in b.parts)))
+    if a.kind not in SPARSE_KINDS:  # a quantized tensor's own bytes are its integer values
+        pairs.append((a, replace(b, parts=())))
+    for x, y in pairs:
+        x, y = replace(x, kind=DENSE, parts=()), replace(y, kind=DENSE, parts=())
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return False
+        if x.nbytes and not _same_bytes(iter_raw_chunks(x, files, VERIFY_CHUNK_BYTES),
+                                        iter_raw_chunks(y, files, VERIFY_CHUNK_BYTES)):
+            return False
+    return True
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -189,9 +212,10 @@ def _load(written: Written, signature: TargetSignature, aliases: Mapping[str, st
         # safetensors' load_model and transformers re-tie shared names the same way
         if name in state and alias not in state:
             state[alias] = state[name]
-    for alias, partner in check(state, signature).tied:
+    objects = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]  # _extra_state
+    for alias, partner in check(state, signature, objects=objects).tied:
         state[alias] = state[partner]
-    diff = check(state, signature)
+    diff = check(state, signature, objects=objects)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -208,6 +232,18 @@ def _equal(got: Any, want: Any) -> bool:
     """Bit-identical after the cast ``copy_`` makes (NaN equals NaN)."""
     import torch
 
+    if got.is_quantized or want.is_quantized:
+        if not (got.is_quantized and want.is_quantized) or got.qscheme() != want.qscheme():
+            return False
+        if got.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+            same_params = got.q_scale() == want.q_scale() and got.q_zero_point() == want.q_zero_point()
+        else:
+            same_params = (got.q_per_channel_axis() == want.q_per_channel_axis()
+                           and _equal(got.q_per_channel_scales(), want.q_per_channel_scales())
+                           and _equal(got.q_per_channel_zero_points(), want.q_per_channel_zero_points()))
+        return same_params and _equal(got.int_repr(), want.int_repr())
+    if got.layout != torch.strided or want.layout != torch.strided:
+        return got.layout == want.layout and _equal(got.to_dense(), want.to_dense())
     a = got.detach().reshape(-1).contiguous()
     b = want.detach().to(got.dtype).reshape(-1).contiguous()
     if a.shape != b.shape:
