@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from . import __version__
-from .arch import TargetSignature, target_signature
+from .arch import target_signature
 from .compat import ALL_CURRENT, MOSTLY_NEW_SHARE, Compatibility, check, module_versions, parameter_share
 from .errors import FormatError, UsageError
 from .formats.pickle_vm import GlobalRef, PickledTensor, Placeholder
@@ -48,10 +48,6 @@ from .writer import write_checkpoint as _write
 CAST_CHUNK_BYTES = 4 * 1024 * 1024
 
 # --- reports --------------------------------------------------------------------------------------
-
-
-# what load_state_dict(strict=True) would reject: the one engine's answer
-TargetDiff = Compatibility
 
 
 @dataclass(frozen=True)
@@ -94,7 +90,7 @@ class MigrationPlan:
     shared: tuple[Shared, ...]
     extras_kept: tuple[str, ...]
     extras_dropped: dict[str, str]
-    diff: TargetDiff | None
+    diff: Compatibility | None  # what load_state_dict(strict=True) would reject: the one engine's answer
     streamed: bool  # bytes only move: no value changes, no torch
     notes: tuple[str, ...] = ()  # how input objects were converted or why something is not carried
     checkpoint_share: float | None = None  # of the target's parameter elements, with an architecture
@@ -267,11 +263,6 @@ def convert(source: str, output: str, *, force: bool = False, max_shard_size: in
     """Rewrite a checkpoint in another format (``.pth`` -> ``.safetensors``, ...) with identical tensors."""
     return migrate(Plan(source, key), output, force=force, max_shard_size=max_shard_size, progress=progress,
                    dequantize=dequantize, densify=densify, on_plan=on_plan)
-
-
-def compare(state: State | dict[str, Any], signature: TargetSignature) -> Compatibility:
-    """What a strict ``load_state_dict`` of ``state`` (key -> anything with ``.shape``) into the target rejects."""
-    return check(state, signature)
 
 
 def _output_versions(ckpt: Checkpoint, state: State, fmt: str | None) -> Mapping[str, int | None] | None:

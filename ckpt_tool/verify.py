@@ -86,13 +86,13 @@ def verify_output(written: Written, state: State, *, target_chunks: Callable[[st
                   cast: Callable[[bytes, str, str], bytes], aliases: Mapping[str, str], state_path: str | None,
                   signature: TargetSignature | None = None, seed: int = 0) -> Verification:
     """Both checks of the module docstring; ``target_chunks(key)`` gives the target's initial bytes of a key."""
-    differ, checked = _reread(written, state, target_chunks, cast, aliases, state_path)
+    differ, checked, written_tensors = _reread(written, state, target_chunks, cast, aliases, state_path)
     counts: dict[str, Any] = dict(origins(state))
     if signature is None:
         return Verification(None, True, None, None, checked, tuple(differ), **counts)
     share = parameter_share(signature, [k for k, e in state.items() if e.from_checkpoint])
     if not buildable(signature.spec):
-        diff = _header_check(written, signature, aliases, state_path)
+        diff = _header_check(written_tensors, signature, aliases)
         return Verification(signature.spec, diff.loads, diff, None, checked, tuple(differ),
                             checkpoint_share=round(share, 6), method="headers", **counts)
     loads, diff, error, after = _load(written, signature, aliases, state_path, seed)
@@ -106,7 +106,7 @@ def verify_output(written: Written, state: State, *, target_chunks: Callable[[st
 
 def _reread(written: Written, state: State, target_chunks: Callable[[str], Iterable[bytes]],
             cast: Callable[[bytes, str, str], bytes], aliases: Mapping[str, str],
-            state_path: str | None) -> tuple[list[str], int]:
+            state_path: str | None) -> tuple[list[str], int, Mapping[str, TensorRef]]:
     from .reader import open_checkpoint
 
     out = open_checkpoint(written.path, state_path if written.format != SAFETENSORS else None)
@@ -135,7 +135,7 @@ def _reread(written: Written, state: State, target_chunks: Callable[[str], Itera
             checked += 1
             if ref.nbytes and not _same_bytes(iter_raw_chunks(ref, files, VERIFY_CHUNK_BYTES), want):
                 differ.append(key)
-    return differ, checked
+    return differ, checked, out.tensors
 
 
 def _same_composite(a: TensorRef, b: TensorRef, files: FileCache) -> bool:
@@ -186,12 +186,10 @@ def _same_bytes(a: Iterable[bytes], b: Iterable[bytes]) -> bool:
 # --- 2. load into the target ----------------------------------------------------------------------
 
 
-def _header_check(written: Written, signature: TargetSignature, aliases: Mapping[str, str],
-                  state_path: str | None) -> Compatibility:
-    """Without torch: the written headers, read back as ``ckpt inspect`` reads them, against the target."""
-    from .reader import open_checkpoint
-
-    state: dict[str, Any] = dict(open_checkpoint(written.path, state_path if len(written.files) == 1 else None).tensors)
+def _header_check(written_tensors: Mapping[str, TensorRef], signature: TargetSignature,
+                  aliases: Mapping[str, str]) -> Compatibility:
+    """Without torch: the written headers, as the re-read found them, against the target."""
+    state: dict[str, Any] = dict(written_tensors)
     for alias, name in aliases.items():
         if name in state and alias not in state:
             state[alias] = state[name]
