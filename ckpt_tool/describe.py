@@ -9,6 +9,7 @@ from typing import Any
 from .errors import UsageError
 from .model import DTENSOR_SHARD, QUANTIZED, SPARSE_KINDS, Candidate, Checkpoint, Progress, TensorRef, common_prefix
 from .reader import open_checkpoint, summarize
+from .formats.dcp import chunk_summary
 from .text import grouped_notes
 from .values import FileCache, TensorStats, tensor_stats
 
@@ -141,7 +142,8 @@ def _compile(filter: str | None) -> re.Pattern[str] | None:
 def _row(ref: TensorRef, shared: dict[str, list[str]], stats: TensorStats | None) -> TensorRow:
     others = tuple(k for k in shared.get(ref.storage, ()) if k != ref.key)
     return TensorRow(ref.key, ref.shape, ref.dtype, ref.numel, ref.nbytes, ref.stride, ref.storage, ref.offset,
-                     ref.is_contiguous, others, stats, ref.kind, composite_detail(ref), ref.note)
+                     ref.is_contiguous, others, stats, ref.kind, composite_detail(ref) or chunk_summary(ref),
+                     ref.note)
 
 
 def composite_detail(ref: TensorRef) -> str:

@@ -21,6 +21,9 @@ from . import __version__
 from .arch import target_signature
 from .compat import ALL_CURRENT, MOSTLY_NEW_SHARE, Compatibility, check, module_versions, parameter_share
 from .errors import FormatError, UsageError
+from .dcp_writer import check_dcp_output, write_dcp
+from .formats.dcp import FORMAT as DCP
+from .formats.dcp import chunks_of
 from .formats.pickle_vm import GlobalRef, PickledTensor, Placeholder
 from .model import Checkpoint, Progress, TensorRef, contiguous_strides, is_floating, itemsize, numel
 from .objects import account, composite_views, is_composite
@@ -137,6 +140,7 @@ def migrate(
     progress: Progress | None = None,
     dequantize: bool = False,
     densify: bool = False,
+    to: str | None = None,
 ) -> MigrateReport:
     """Apply ``plan`` to its source checkpoint and write the result to ``output``.
 
@@ -156,6 +160,8 @@ def migrate(
         progress: called with ``(bytes written now, tensor bytes in all)`` as tensors stream.
         dequantize: write quantized tensors as float32; densify: write sparse tensors dense (else
             a .safetensors output refuses them; a .pth carries them as they are).
+        to: ``"dcp"`` writes ``output`` as a torch.distributed.checkpoint directory (imports torch);
+            by default the format follows the output's extension.
 
     Returns:
         A :class:`MigrateReport`; ``report.ok`` is False when the result does not load strictly into
@@ -182,7 +188,9 @@ def migrate(
         output = plan.source
     if output is None and not dry_run:
         raise UsageError("no output given: pass -o OUT (or --dry-run, or --in-place)")
-    fmt = output_format(output) if output is not None else None
+    fmt = (DCP if to == DCP else output_format(output)) if output is not None else None
+    if fmt == DCP and max_shard_size:
+        raise UsageError("--max-shard-size writes Hugging Face shards; a DCP output is one directory")
     # the digest goes into safetensors headers and shard indexes (a single .pth has no place for
     # it); started now, it runs while the plan is made and the bytes are copied
     hasher = _Hasher(ckpt) if not dry_run and (fmt == SAFETENSORS or max_shard_size) else None
@@ -197,7 +205,8 @@ def migrate(
                         sharded=max_shard_size is not None and fmt == PTH)
     applied = replace(applied, state=accounted.state)
     for e in applied.state.values():
-        if e.ref is not None and e.ref.offset is None and e.ref.numel and not is_composite(e):
+        if e.ref is not None and e.ref.offset is None and e.ref.numel and not is_composite(e) \
+                and chunks_of(e.ref) is None:  # a DCP tensor of several chunks is read chunk by chunk
             raise FormatError(f"{plan.source}: tensor {e.origin!r} has no stored bytes (a meta tensor or a compressed "
                               "entry); leave it out with --drop or --exclude")
 
@@ -209,9 +218,11 @@ def migrate(
     files: tuple[str, ...] = ()
     backup = None
     if output is not None:
-        files = tuple(_planned_files(output, built.layout, max_shard_size))
-        for name in files:
+        files = (output,) if fmt == DCP else tuple(_planned_files(output, built.layout, max_shard_size))
+        for name in files if fmt != DCP else ():
             backup = check_output(name, list(ckpt.files) + [ckpt.path], force=force, in_place=in_place) or backup
+        if fmt == DCP:
+            check_dcp_output(output, list(ckpt.files) + [ckpt.path], force=force)
     share = parameter_share(signature, [k for k, e in applied.state.items() if e.from_checkpoint]) \
         if signature else None
     planned = MigrationPlan(
@@ -245,7 +256,7 @@ def migrate(
     # a .pth keeps extras beside the state dict, under its original key (or "state_dict")
     nesting = Nesting(ckpt.state_path or "state_dict", kept) if fmt == PTH and kept else Nesting()
     try:
-        written = _write(output, built.layout, metadata=metadata, nesting=nesting, max_shard_size=max_shard_size,
+        written = (write_dcp if fmt == DCP else _write)(output, built.layout, metadata=metadata, nesting=nesting, max_shard_size=max_shard_size,
                          backup=backup, staging=Staging(), progress=progress)
         verification = verify_output(written, applied.state, target_chunks=values.chunks, cast=cast_bytes,
                                      aliases=built.aliases, state_path=nesting.path, signature=signature, seed=seed)
@@ -259,10 +270,11 @@ def migrate(
 
 def convert(source: str, output: str, *, force: bool = False, max_shard_size: int | None = None,
             key: str | None = None, progress: Progress | None = None, dequantize: bool = False,
-            densify: bool = False, on_plan: Callable[[MigrationPlan], None] | None = None) -> MigrateReport:
+            densify: bool = False, on_plan: Callable[[MigrationPlan], None] | None = None,
+            to: str | None = None) -> MigrateReport:
     """Rewrite a checkpoint in another format (``.pth`` -> ``.safetensors``, ...) with identical tensors."""
     return migrate(Plan(source, key), output, force=force, max_shard_size=max_shard_size, progress=progress,
-                   dequantize=dequantize, densify=densify, on_plan=on_plan)
+                   dequantize=dequantize, densify=densify, on_plan=on_plan, to=to)
 
 
 def _output_versions(ckpt: Checkpoint, state: State, fmt: str | None) -> Mapping[str, int | None] | None:

@@ -67,6 +67,10 @@ def _size(path: str) -> int:
 def _refuse(path: str, kind: str, size: int) -> None:
     if kind == fmt.LFS_POINTER:
         raise lfs_error(path)
+    if kind == fmt.DCP_SHARD:
+        from .formats.dcp import shard_error
+
+        raise shard_error(path)
     if size == 0:
         raise InputError(f"{path}: file is empty")
     if kind == fmt.LEGACY_TAR:
@@ -129,6 +133,12 @@ def open_checkpoint(path: str, key: str | None = None, *, optimizer: bool = Fals
         (10, 32)
     """
     kind = fmt.sniff(path)
+    if kind == fmt.DCP:
+        from .formats.dcp import open_dcp
+
+        if key not in (None, ""):
+            raise KeyPathError(f"{path}: --key {key!r} given, but a DCP directory holds one flat state dict")
+        return open_dcp(path)
     if kind == fmt.SHARDED:
         found = _find_index(path)
         if not found.endswith(".index.json"):

@@ -70,6 +70,11 @@ def _read_exact(f: IO[bytes], offset: int, n: int, ref: TensorRef) -> bytes:
 
 def iter_raw_chunks(ref: TensorRef, files: FileCache, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
     """The tensor's bytes in C order, in chunks of about ``chunk_bytes``; contiguous views are copied as is."""
+    if ref.offset is None and ref.attrs and ref.attrs[0][0] == "dcp_chunks":
+        from .formats.dcp import iter_gathered  # a DCP tensor of several chunks
+
+        yield from iter_gathered(ref, files, chunk_bytes)
+        return
     if ref.offset is None:
         raise FormatError(f"{ref.file}: tensor {ref.key!r} has no stored bytes (meta or compressed entry)")
     f = files.get(ref.file)

@@ -85,7 +85,7 @@ def _render(r: InspectReport) -> None:
 def _tensor_table(rows_in: tuple[TensorRow, ...]) -> str:
     headers = ["name", "shape", "dtype", "params", "size"]
     align = ["left", "left", "left", "right", "right"]
-    composite = any(row.kind != "dense" for row in rows_in)
+    composite = any(row.kind != "dense" or row.detail for row in rows_in)
     if composite:
         headers.append("kind")
         align.append("left")
@@ -97,7 +97,7 @@ def _tensor_table(rows_in: tuple[TensorRow, ...]) -> str:
         name = row.name + ("  (= " + ", ".join(row.shared_with) + ")" if row.shared_with else "")
         line = [name, shape_str(row.shape), row.dtype, f"{row.parameters:,}", human_bytes(row.nbytes)]
         if composite:
-            line.append(row.kind if row.kind == "dense" else f"{row.kind}: {row.detail}")
+            line.append(f"{row.kind}: {row.detail}" if row.detail else row.kind)
         if row.stats is not None:
             s = row.stats
             line += [_num(s.min), _num(s.max), _num(s.mean), _num(s.std), str(s.nan), str(s.inf)]

@@ -84,14 +84,16 @@ def migrate(source: str | None, key: str | None, keep_extras: bool, arch: str | 
 
 @click.command()
 @click.argument("source", type=click.Path(dir_okay=True))
-@click.argument("output", type=click.Path(dir_okay=False))
+@click.argument("output", type=click.Path(dir_okay=True))
 @key_option
 @click.option("--max-shard-size", metavar="SIZE", help="Write Hugging Face style shards of at most SIZE (2GB).")
 @click.option("--force", is_flag=True, help="Replace an existing OUTPUT.")
+@click.option("--format", "to", type=click.Choice(["dcp"]), help="Write OUTPUT as a torch.distributed.checkpoint "
+              "directory (.metadata and __0_0.distcp) instead of the format its extension names (needs torch).")
 @_conversion_options
 @json_option
-def convert(source: str, output: str, key: str | None, max_shard_size: str | None, force: bool, dequantize: bool,
-            densify: bool, as_json: bool) -> None:
+def convert(source: str, output: str, key: str | None, max_shard_size: str | None, force: bool, to: str | None,
+            dequantize: bool, densify: bool, as_json: bool) -> None:
     """Rewrite SOURCE as OUTPUT in the format OUTPUT's extension names, with byte-identical tensors.
 
     `ckpt migrate` with no operations: .pth -> .safetensors, .safetensors -> .pth, one file ->
@@ -106,7 +108,7 @@ def convert(source: str, output: str, key: str | None, max_shard_size: str | Non
     with progress_bar("writing") as progress:
         report = run(source, output, key=key, force=force,
                      max_shard_size=parse_size(max_shard_size) if max_shard_size else None, progress=progress,
-                     dequantize=dequantize, densify=densify, on_plan=None if as_json else _render_notes)
+                     dequantize=dequantize, densify=densify, on_plan=None if as_json else _render_notes, to=to)
     _finish(report, as_json)
 
 

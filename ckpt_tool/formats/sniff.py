@@ -12,6 +12,8 @@ LEGACY = "torch-legacy"
 LEGACY_TAR = "torch-legacy-tar"
 SAFETENSORS = "safetensors"
 SHARDED = "sharded"
+DCP = "dcp"  # a torch.distributed.checkpoint directory (.metadata and *.distcp)
+DCP_SHARD = "dcp-shard"  # one .distcp file of such a directory
 PICKLE = "pickle"
 NPY = "npy"
 LFS_POINTER = "git-lfs-pointer"
@@ -31,7 +33,9 @@ def sniff(path: str) -> str:
         'torch-zip'
     """
     if os.path.isdir(path):
-        return SHARDED
+        return DCP if os.path.isfile(os.path.join(path, ".metadata")) else SHARDED
+    if path.endswith(".distcp"):
+        return DCP_SHARD
     if path.endswith(".index.json"):
         return SHARDED
     try:

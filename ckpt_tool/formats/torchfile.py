@@ -157,6 +157,11 @@ def _budget(entry: ZipEntry) -> int:
     return opcode_budget(entry.compressed_size)
 
 
+def read_pickle_entry(raw: IO[bytes], info: ZipEntry, vm: PickleVM, path: str) -> Any:
+    """Decode one pickle entry of an archive with ``vm`` (its CRC checked, its size bounded)."""
+    return _load_entry(raw, info, vm, path)
+
+
 def _load_entry(raw: IO[bytes], info: ZipEntry, vm: PickleVM, path: str) -> Any:
     data = read_entry(raw, info, path, MAX_DATA_PKL)
     if not crc_ok(info, data):

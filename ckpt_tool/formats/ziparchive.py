@@ -196,6 +196,11 @@ def list_archive(path: str) -> ZipListing:
         raise InputError(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
 
+def list_stream(f: IO[bytes], path: str, size: int) -> ZipListing:
+    """List a zip read from an open stream of ``size`` bytes (an archive embedded in a larger file)."""
+    return _list(f, path, size)
+
+
 @functools.lru_cache(maxsize=8)
 def _list_cached(path: str, size: int, mtime_ns: int) -> ZipListing:
     # sniffing and reading one file list it twice; the size and time stamp tell a changed file apart

@@ -1,0 +1,389 @@
+"""torch.distributed.checkpoint (DCP) directories, read without torch.
+
+torch's ``FileSystemWriter`` writes a directory holding ``.metadata`` and one ``__R_S.distcp`` file
+per writer. ``.metadata`` is a pickle of a ``Metadata`` dataclass, which our interpreter reads as
+inert placeholders: ``state_dict_metadata`` maps each key to a ``TensorStorageMetadata`` (dtype,
+global size, chunks as offsets and sizes) or a ``BytesStorageMetadata``; ``storage_data`` maps each
+``MetadataIndex(fqn, offset)`` to a ``_StorageInfo(relative_path, offset, length)``. Every stored
+item is a whole ``torch.save`` archive at ``[offset, offset + length)`` of its file: one chunk of a
+tensor (read back with ``torch.load(weights_only=True)``) or, for a bytes entry, the object itself
+(read back with ``torch.load(weights_only=False)``, which ``scan`` therefore judges like any pickle).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import IO, Any
+
+from ..errors import FormatError, InputError
+from ..model import DENSE, Candidate, Checkpoint, TensorRef, contiguous_strides, itemsize, numel
+from .pickle_vm import GlobalRef, PickledTensor, PickleVM, Placeholder, StorageRef, TorchDType, TorchLayout, Trace
+from .ziparchive import STORED, data_offset, list_stream
+
+METADATA = ".metadata"
+SHARD_SUFFIX = ".distcp"
+FORMAT = "dcp"
+# a tensor gathered from several chunks keeps them here (``TensorRef.attrs``): ((offsets, chunk ref), ...)
+CHUNKS_ATTR = "dcp_chunks"
+MAX_METADATA = 1 << 30
+_MD = "torch.distributed.checkpoint.metadata."
+
+
+@dataclass(frozen=True)
+class StoredItem:
+    """Where one stored item's ``torch.save`` archive lies: ``length`` bytes at ``offset`` of ``file``."""
+
+    file: str
+    offset: int
+    length: int
+    transforms: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DcpChunk:
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    item: StoredItem
+
+
+@dataclass(frozen=True)
+class DcpTensor:
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    chunks: tuple[DcpChunk, ...]
+    requires_grad: bool = False
+
+
+@dataclass(frozen=True)
+class DcpMetadata:
+    """What ``.metadata`` says: tensors and bytes entries in its order, and the files it names."""
+
+    directory: str
+    tensors: dict[str, DcpTensor]
+    objects: dict[str, StoredItem]
+    files: tuple[str, ...]
+    version: str
+    trace: Trace
+
+
+def is_dcp_dir(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, METADATA))
+
+
+def shard_error(path: str) -> InputError:
+    """The one-line refusal of a lone ``.distcp`` file: it is one shard of a directory."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if is_dcp_dir(directory):
+        return InputError(f"{path}: is one shard of the torch.distributed.checkpoint directory {directory}; "
+                          "open the directory instead")
+    return InputError(f"{path}: is one shard of a torch.distributed.checkpoint directory, but {directory} holds "
+                      f"no {METADATA}; open the directory that holds it with its {METADATA}")
+
+
+def read_metadata(directory: str) -> DcpMetadata:
+    """Decode ``DIR/.metadata`` into inert data, checking every field the chunks are found by."""
+    path = os.path.join(directory, METADATA)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            trace = Trace()
+            root = PickleVM(None, trace).load(f, min(size, MAX_METADATA))
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except FormatError as exc:
+        raise FormatError(f"{path}: not a readable DCP metadata pickle ({exc}; truncated?)") from None
+    state = _state(root, "Metadata", path)
+    entries = state.get("state_dict_metadata")
+    storage = state.get("storage_data")
+    if not isinstance(entries, dict) or not isinstance(storage, dict):
+        raise FormatError(f"{path}: DCP metadata without state_dict_metadata or storage_data")
+    items: dict[tuple[str, tuple[int, ...] | None], StoredItem] = {}
+    for index, info in storage.items():
+        idx = _state(index, "MetadataIndex", path)
+        fqn, offset = idx.get("fqn"), idx.get("offset")
+        items[(str(fqn), _ints(offset, path) if offset is not None else None)] = _item(info, directory, path)
+    tensors: dict[str, DcpTensor] = {}
+    objects: dict[str, StoredItem] = {}
+    for key, entry in entries.items():
+        key = str(key)
+        name = entry.name if isinstance(entry, Placeholder) else ""
+        if name == _MD + "BytesStorageMetadata":
+            item = items.get((key, None))
+            if item is None:
+                raise FormatError(f"{path}: bytes entry {key!r} has no storage record")
+            objects[key] = item
+        elif name == _MD + "TensorStorageMetadata":
+            tensors[key] = _tensor(key, _state(entry, "TensorStorageMetadata", path), items, path)
+        else:
+            raise FormatError(f"{path}: entry {key!r} is a {name or type(entry).__name__}, not a DCP storage record")
+    files = tuple(dict.fromkeys(i.file for i in [*items.values()]))
+    version = state.get("version")
+    return DcpMetadata(directory, tensors, objects, files, str(version) if version else "", trace)
+
+
+def _state(obj: Any, cls: str, path: str) -> dict[Any, Any]:
+    if not (isinstance(obj, Placeholder) and obj.name.rpartition(".")[2] == cls and isinstance(obj.state, dict)):
+        raise FormatError(f"{path}: expected a {cls} record, found {obj!r}")
+    return obj.state
+
+
+def _ints(value: Any, path: str) -> tuple[int, ...]:
+    if isinstance(value, (tuple, list)) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                for v in value):
+        return tuple(value)
+    raise FormatError(f"{path}: expected a size or offsets, found {value!r}")
+
+
+def _item(info: Any, directory: str, path: str) -> StoredItem:
+    from ..reader import shard_location
+
+    s = _state(info, "_StorageInfo", path)
+    rel, offset, length = s.get("relative_path"), s.get("offset"), s.get("length")
+    if not isinstance(rel, str) or not isinstance(offset, int) or not isinstance(length, int) or offset < 0 \
+            or length < 0:
+        raise FormatError(f"{path}: a storage record without a file, offset and length")
+    transforms = s.get("transform_descriptors") or ()
+    return StoredItem(shard_location(directory, rel, path), offset, length, tuple(str(t) for t in transforms))
+
+
+def _dtype(props: Any, key: str, path: str) -> tuple[str, bool]:
+    state = props.state if isinstance(props, Placeholder) else None
+    if isinstance(state, dict):  # older torch pickled TensorProperties' __dict__
+        state = (state.get("dtype"), state.get("layout"), state.get("requires_grad", False))
+    if not isinstance(state, tuple) or len(state) < 3:
+        raise FormatError(f"{path}: tensor {key!r} has no TensorProperties")
+    dtype, layout, requires_grad = state[0], state[1], state[2]
+    name = dtype.name if isinstance(dtype, TorchDType) else dtype.name if isinstance(dtype, GlobalRef) else None
+    if name is None or name not in _dtypes():
+        raise FormatError(f"{path}: tensor {key!r} has an unknown dtype {dtype!r}")
+    if isinstance(layout, TorchLayout) and layout.name != "torch.strided":
+        raise FormatError(f"{path}: tensor {key!r} has layout {layout.name}; ckpt reads strided DCP tensors only")
+    return name, bool(requires_grad)
+
+
+def _dtypes() -> dict[str, Any]:
+    from ..model import DTYPES
+
+    return DTYPES
+
+
+def _tensor(key: str, s: dict[Any, Any], items: dict[tuple[str, tuple[int, ...] | None], StoredItem],
+            path: str) -> DcpTensor:
+    dtype, requires_grad = _dtype(s.get("properties"), key, path)
+    shape = _ints(s.get("size"), path)
+    raw = s.get("chunks")
+    if not isinstance(raw, list):
+        raise FormatError(f"{path}: tensor {key!r} has no chunk list")
+    chunks = []
+    for c in raw:
+        cs = _state(c, "ChunkStorageMetadata", path)
+        offsets, sizes = _ints(cs.get("offsets"), path), _ints(cs.get("sizes"), path)
+        if len(offsets) != len(shape) or len(sizes) != len(shape) or any(
+                o + n > d for o, n, d in zip(offsets, sizes, shape)):
+            raise FormatError(f"{path}: tensor {key!r}: chunk at {list(offsets)} of size {list(sizes)} lies outside "
+                              f"its shape {list(shape)}")
+        item = items.get((key, offsets))
+        if item is None:
+            raise FormatError(f"{path}: tensor {key!r}: chunk at {list(offsets)} has no storage record")
+        chunks.append(DcpChunk(offsets, sizes, item))
+    if sum(numel(c.sizes) for c in chunks) != numel(shape) or _overlap(chunks):
+        raise FormatError(f"{path}: tensor {key!r}: its chunks do not cover its shape {list(shape)} exactly once")
+    return DcpTensor(key, dtype, shape, tuple(chunks), requires_grad)
+
+
+def _overlap(chunks: list[DcpChunk]) -> bool:
+    boxes = [c for c in chunks if numel(c.sizes)]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            if all(ao < bo + bn and bo < ao + an for ao, an, bo, bn in zip(a.offsets, a.sizes, b.offsets, b.sizes)):
+                return True
+    return False
+
+
+# --- the items: torch.save archives inside the .distcp files -----------------------------------------
+
+
+class _Window:
+    """A byte range of an open file seen as a file of its own (an archive embedded in a .distcp)."""
+
+    def __init__(self, f: IO[bytes], start: int, length: int) -> None:
+        self.f, self.start, self.length, self.pos = f, start, length, 0
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = pos if whence == 0 else self.pos + pos if whence == 1 else self.length + pos
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def fileno(self) -> int:
+        # size checks against the whole file are looser than the window; reads never leave it
+        return self.f.fileno()
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.length - self.pos if n < 0 else min(n, self.length - self.pos)
+        self.f.seek(self.start + self.pos)
+        data = self.f.read(max(n, 0))
+        self.pos += len(data)
+        return data
+
+
+class _Files:
+    """Open .distcp files and their sizes, shared while one directory is read."""
+
+    def __init__(self) -> None:
+        self.open: dict[str, tuple[IO[bytes], int]] = {}
+
+    def get(self, item: StoredItem, what: str) -> IO[bytes]:
+        if item.file not in self.open:
+            try:
+                f = open(item.file, "rb")
+            except FileNotFoundError:
+                raise InputError(f"{item.file}: shard file named in {METADATA} does not exist") from None
+            except OSError as exc:
+                raise InputError(f"{item.file}: cannot be read ({exc.strerror or exc})") from None
+            self.open[item.file] = (f, os.fstat(f.fileno()).st_size)
+        f, size = self.open[item.file]
+        if item.offset + item.length > size:
+            raise FormatError(f"{item.file}: {what} is recorded at bytes {item.offset}-{item.offset + item.length}, "
+                              f"past the end of the file ({size} bytes; truncated?)")
+        if item.transforms:
+            raise FormatError(f"{item.file}: {what} is stored through {', '.join(item.transforms)}, which ckpt "
+                              "does not read")
+        return f
+
+    def close(self) -> None:
+        for f, _ in self.open.values():
+            f.close()
+
+
+def read_item(item: StoredItem, files: _Files, what: str, trace: Trace | None = None) -> Any:
+    """Decode one item's archive (its data.pkl) into inert data; storages placed at absolute offsets."""
+    from .torchfile import read_pickle_entry, storage_loader
+
+    f = files.get(item, what)
+    label = f"{item.file}@{item.offset}"
+    window = _Window(f, item.offset, item.length)
+    try:
+        listing = list_stream(window, label, item.length)  # type: ignore[arg-type]
+    except FormatError:
+        raise FormatError(f"{item.file}: {what} at byte {item.offset} is not a torch.save archive") from None
+    prefix = listing.prefix
+    pkl = listing.find(prefix + "data.pkl")
+    if pkl is None:
+        raise FormatError(f"{item.file}: {what} at byte {item.offset} holds no data.pkl")
+
+    def resolve(key: str, dtype: str, location: str, count: int) -> StorageRef:
+        entry = listing.find(f"{prefix}data/{key}")
+        nbytes = count * itemsize(dtype)
+        if entry is None or entry.method != STORED or entry.size < nbytes:
+            raise FormatError(f"{item.file}: {what}: storage {key} is missing, compressed or short")
+        start = data_offset(window, entry, label)  # type: ignore[arg-type]
+        if start + nbytes > item.length:
+            raise FormatError(f"{item.file}: {what}: storage {key} runs past the end of its item (truncated)")
+        return StorageRef(f"{item.offset}/{key}", dtype, location, count, item.offset + start, nbytes, item.file)
+
+    vm = PickleVM(storage_loader({}, resolve), trace if trace is not None else Trace())
+    return read_pickle_entry(window, pkl, vm, label)  # type: ignore[arg-type]
+
+
+def open_dcp(directory: str) -> Checkpoint:
+    """Describe a DCP directory: each tensor at its global shape, a tensor of several chunks gathered.
+
+    A tensor stored as one whole chunk is a plain reference into its ``.distcp`` file; one of several
+    chunks has no single byte range (``data_offset`` is None) and keeps its chunks in ``attrs``,
+    which :func:`iter_gathered` streams in C order.
+    """
+    from ..reader import _known_global, tensor_ref
+
+    meta = read_metadata(directory)
+    files = _Files()
+    tensors: dict[str, TensorRef] = {}
+    objects: dict[str, Any] = {}
+    trace = Trace()
+    try:
+        for key, t in meta.tensors.items():
+            chunk_refs = []
+            for c in t.chunks:
+                what = f"chunk {list(c.offsets)} of tensor {key!r}"
+                value = read_item(c.item, files, what)
+                if not isinstance(value, PickledTensor) or value.storage is None:
+                    raise FormatError(f"{c.item.file}: {what} is not a tensor")
+                if value.dtype != t.dtype or value.shape != c.sizes:
+                    raise FormatError(f"{c.item.file}: {what} holds a {value.dtype}{list(value.shape)} tensor, "
+                                      f"{METADATA} says {t.dtype}{list(c.sizes)}")
+                chunk_refs.append((c.offsets, tensor_ref(key, value, c.item.file)))
+            tensors[key] = _gathered(t, chunk_refs, directory)
+        for key, item in meta.objects.items():
+            objects[key] = read_item(item, files, f"bytes entry {key!r}", trace)
+    finally:
+        files.close()
+    size = sum(os.path.getsize(f) for f in meta.files) + os.path.getsize(os.path.join(directory, METADATA))
+    return Checkpoint(
+        path=directory, format=FORMAT, file_size=size, tensors=tensors, state_path="",
+        candidates=(Candidate("", len(tensors), sum(r.numel for r in tensors.values())),),
+        metadata={"dcp.version": meta.version} if meta.version else {}, files=meta.files, objects=objects,
+        placeholders=tuple(sorted({e.name for e in trace.globals if not _known_global(e.name)})),
+    )
+
+
+def _gathered(t: DcpTensor, chunks: list[tuple[tuple[int, ...], TensorRef]], directory: str) -> TensorRef:
+    if len(chunks) == 1 and chunks[0][1].shape == t.shape:
+        return replace(chunks[0][1], attrs=((CHUNKS_ATTR, tuple(chunks)),))  # one whole chunk: read in place
+    first = chunks[0][1] if chunks else None
+    where = sorted({os.path.basename(r.file) for _, r in chunks})
+    return TensorRef(
+        key=t.key, dtype=t.dtype, shape=t.shape, stride=contiguous_strides(t.shape), storage=f"{directory}#dcp:{t.key}",
+        storage_offset=0, storage_nbytes=numel(t.shape) * itemsize(t.dtype), data_offset=None,
+        file=first.file if first else directory, requires_grad=t.requires_grad, kind=DENSE,
+        attrs=((CHUNKS_ATTR, tuple(chunks)),),
+        note=f"gathered from {len(chunks)} DCP chunks ({', '.join(where)})",
+    )
+
+
+def chunks_of(ref: TensorRef) -> tuple[tuple[tuple[int, ...], TensorRef], ...] | None:
+    """The chunks of a gathered DCP tensor, or None for any other tensor."""
+    if not ref.attrs or ref.attrs[0][0] != CHUNKS_ATTR:
+        return None
+    chunks: tuple[tuple[tuple[int, ...], TensorRef], ...] = ref.attrs[0][1]
+    return chunks
+
+
+def chunk_summary(ref: TensorRef) -> str:
+    """``[0, 0]+[4, 3] in __0_0.distcp; ...``: where a DCP tensor's chunks are (inspect's detail)."""
+    chunks = chunks_of(ref)
+    if chunks is None:
+        return ""
+    return "; ".join(f"{list(o)}+{list(r.shape)} in {os.path.basename(r.file)}" for o, r in chunks)
+
+
+def iter_gathered(ref: TensorRef, files: Any, chunk_bytes: int) -> Iterator[bytes]:
+    """A gathered tensor's bytes in C order, one tensor in memory at most.
+
+    Chunks that split only the first dimension are streamed in order, chunk by chunk; any other
+    split is assembled into one buffer of the tensor's size.
+    """
+    from ..values import iter_raw_chunks
+
+    chunks = chunks_of(ref)
+    assert chunks is not None
+    ordered = sorted(chunks, key=lambda c: c[0])
+    if all(o[1:] == (0,) * (len(o) - 1) and r.shape[1:] == ref.shape[1:] for o, r in ordered):
+        for _, r in ordered:
+            yield from iter_raw_chunks(r, files, chunk_bytes)
+        return
+    import numpy as np
+
+    out = np.zeros(ref.shape, dtype=np.dtype(f"V{itemsize(ref.dtype)}") if ref.numel else "u1")
+    for o, r in ordered:
+        if not r.numel:
+            continue
+        data = b"".join(iter_raw_chunks(r, files, chunk_bytes))
+        part = np.frombuffer(data, dtype=out.dtype).reshape(r.shape)
+        out[tuple(slice(a, a + n) for a, n in zip(o, r.shape))] = part
+    flat = out.reshape(-1).view("u1")
+    for start in range(0, len(flat), chunk_bytes):
+        yield flat[start:start + chunk_bytes].tobytes()
