@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import UsageError
+from .formats.dcp import chunk_summary
 from .model import DTENSOR_SHARD, QUANTIZED, SPARSE_KINDS, Candidate, Checkpoint, Progress, TensorRef, common_prefix
 from .reader import open_checkpoint, summarize
-from .formats.dcp import chunk_summary
 from .text import grouped_notes
 from .values import FileCache, TensorStats, tensor_stats
 

@@ -20,8 +20,8 @@ from typing import Any
 from . import __version__
 from .arch import target_signature
 from .compat import ALL_CURRENT, MOSTLY_NEW_SHARE, Compatibility, check, module_versions, parameter_share
-from .errors import FormatError, UsageError
 from .dcp_writer import check_dcp_output, write_dcp
+from .errors import FormatError, UsageError
 from .formats.dcp import FORMAT as DCP
 from .formats.dcp import chunks_of
 from .formats.pickle_vm import GlobalRef, PickledTensor, Placeholder

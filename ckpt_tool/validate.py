@@ -17,6 +17,7 @@ torch is imported only for an arch check, and only when the signature is not cac
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterable
@@ -162,7 +163,14 @@ def validate_file(path: str, rules: Rules) -> FileValidation:
         return FileValidation(path, kind, (Check("lfs", status, result.notes[0]),), result)
     result = scan_file(path, rules.policy)
     checks = [_scan_check(result)]
-    ckpt, loads = _load_check(path)
+    if kind == fmt.DCP_SHARD:  # loaded with its directory, on the row of its .metadata
+        return FileValidation(path, result.format, (*checks, Check("loads", NOTE, "one shard of a DCP directory: "
+                                                                  "loaded with the directory (see its .metadata)")), result)
+    loaded = path
+    if os.path.basename(path) == ".metadata" and fmt.sniff(os.path.dirname(path) or ".") == fmt.DCP:
+        loaded = os.path.dirname(path) or "."  # a DCP directory's .metadata: the directory is what loads
+        result = dataclasses.replace(result, format=fmt.DCP)
+    ckpt, loads = _load_check(loaded)
     checks.append(loads)
     checks.extend(_policy_checks(path, result.format, os.path.getsize(path), ckpt, rules))
     return FileValidation(path, result.format, tuple(checks), result)

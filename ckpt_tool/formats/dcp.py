@@ -69,6 +69,15 @@ class DcpMetadata:
     trace: Trace
 
 
+    def items(self) -> Iterator[tuple[str, StoredItem]]:
+        """Every stored item, described (``chunk [0, 0] of 'w'``, ``bytes entry 'step'``)."""
+        for key, t in self.tensors.items():
+            for c in t.chunks:
+                yield f"chunk {list(c.offsets)} of tensor {key!r}", c.item
+        for key, item in self.objects.items():
+            yield f"bytes entry {key!r}", item
+
+
 def is_dcp_dir(path: str) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, METADATA))
 
@@ -206,7 +215,7 @@ def _overlap(chunks: list[DcpChunk]) -> bool:
 # --- the items: torch.save archives inside the .distcp files -----------------------------------------
 
 
-class _Window:
+class Window:
     """A byte range of an open file seen as a file of its own (an archive embedded in a .distcp)."""
 
     def __init__(self, f: IO[bytes], start: int, length: int) -> None:
@@ -240,12 +249,12 @@ class _Files:
     def get(self, item: StoredItem, what: str) -> IO[bytes]:
         if item.file not in self.open:
             try:
-                f = open(item.file, "rb")
+                opened: IO[bytes] = open(item.file, "rb")
             except FileNotFoundError:
                 raise InputError(f"{item.file}: shard file named in {METADATA} does not exist") from None
             except OSError as exc:
                 raise InputError(f"{item.file}: cannot be read ({exc.strerror or exc})") from None
-            self.open[item.file] = (f, os.fstat(f.fileno()).st_size)
+            self.open[item.file] = (opened, os.fstat(opened.fileno()).st_size)
         f, size = self.open[item.file]
         if item.offset + item.length > size:
             raise FormatError(f"{item.file}: {what} is recorded at bytes {item.offset}-{item.offset + item.length}, "
@@ -266,7 +275,7 @@ def read_item(item: StoredItem, files: _Files, what: str, trace: Trace | None = 
 
     f = files.get(item, what)
     label = f"{item.file}@{item.offset}"
-    window = _Window(f, item.offset, item.length)
+    window = Window(f, item.offset, item.length)
     try:
         listing = list_stream(window, label, item.length)  # type: ignore[arg-type]
     except FormatError:

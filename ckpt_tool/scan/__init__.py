@@ -118,6 +118,10 @@ def scan_file(path: str, policy: Policy | None = None) -> FileScan:
                                                  "as files (scan the directory, or `ckpt validate` the index)",))
     if kind in (fmt.ZIP, fmt.TORCHSCRIPT):
         _scan_zip(path, out)
+    elif kind == fmt.DCP_SHARD:
+        from .dcp import scan_distcp
+
+        scan_distcp(path, out)
     elif kind == fmt.SAFETENSORS:
         _scan_safetensors(path, out)
     elif kind == fmt.LEGACY_TAR:
@@ -165,10 +169,14 @@ _NAME = re.compile(r"[A-Za-z_][\w.]*")
 
 
 def _looks_like_model(path: str) -> bool:
+    if os.path.basename(path) == ".metadata" and fmt.sniff(os.path.dirname(path)) == fmt.DCP:
+        return True  # a DCP directory's metadata pickle: dcp.load unpickles it, broken or not
     try:
         kind = fmt.sniff(path)
     except InputError:
         return False
+    if kind == fmt.DCP_SHARD:
+        return True  # one shard of a torch.distributed.checkpoint directory: its items hold pickles
     if kind in (fmt.ZIP, fmt.TORCHSCRIPT):
         try:
             listing = list_archive(path)

@@ -103,6 +103,25 @@ for _dtype in ("float64", "float32", "float16", "bfloat16", "complex128", "compl
                "per_channel_affine_float_qparams", *(f"int{i}" for i in range(1, 8)), *(f"uint{i}" for i in range(1, 8))):
     ALLOWED[f"torch.{_dtype}"] = _DTYPE
 
+# torch.distributed.checkpoint's .metadata (what dcp.save writes, checked with torch 2.14.1): dataclasses
+# that pickle builds with NEWOBJ (cls.__new__, no __init__) and fills with BUILD (their __dict__ or, for
+# TensorProperties, a __setstate__ that only decodes its fields). torch.distributed is denied as a whole
+# (rpc), so these exact names are allowed here and nothing else under it.
+_DCP_RECORD = "torch.distributed.checkpoint's metadata record: a dataclass of plain fields, built without __init__"
+ALLOWED.update({
+    "torch.distributed.checkpoint.metadata.Metadata": _DCP_RECORD + " (the .metadata root)",
+    "torch.distributed.checkpoint.metadata.TensorStorageMetadata": _DCP_RECORD + " (dtype, size, chunks)",
+    "torch.distributed.checkpoint.metadata.ChunkStorageMetadata": _DCP_RECORD + " (a chunk's offsets and sizes)",
+    "torch.distributed.checkpoint.metadata.BytesStorageMetadata": _DCP_RECORD + " (marks a bytes entry; no fields)",
+    "torch.distributed.checkpoint.metadata.TensorProperties": _DCP_RECORD + " (its __setstate__ only stores the "
+                                                              "dtype, layout and flags it is given)",
+    "torch.distributed.checkpoint.metadata.MetadataIndex": _DCP_RECORD + " (a key and chunk offset)",
+    "torch.distributed.checkpoint.metadata.StorageMeta": _DCP_RECORD + " (checkpoint and save ids)",
+    "torch.distributed.checkpoint.filesystem._StorageInfo": _DCP_RECORD + " (file name, offset and length)",
+    "torch.distributed.checkpoint.metadata._MEM_FORMAT_ENCODING": "an Enum of memory formats, called with an int: "
+                                                                  "a lookup by value",
+})
+
 # TorchScript archives name their compiled classes as __torch__.*; torch.jit.load resolves them in the
 # archive's own compilation unit (TorchScript code, no Python import), so they are trusted there only.
 TORCHSCRIPT_ALLOWED_PREFIXES = {
