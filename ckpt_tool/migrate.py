@@ -355,7 +355,7 @@ class _Hasher:
 
     def __init__(self, ckpt: Checkpoint) -> None:
         # a sharded source is identified by its index; a single file by itself
-        self.path = ckpt.path
+        self.path = ckpt.path if ckpt.format != DCP else os.path.join(ckpt.path, ".metadata")  # a DCP's like an index
         self._digest: str | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
