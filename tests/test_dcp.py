@@ -357,3 +357,26 @@ def test_read_metadata_needs_no_torch_objects(dcp_dirs: dict[str, Path]) -> None
     assert list(meta.tensors) == ["rows", "cols", "rep", "plain"] and list(meta.objects) == ["epoch"]
     assert [os.path.basename(f) for f in meta.files] == sorted(os.path.basename(f) for f in meta.files)
     assert all(type(v).__module__.startswith("ckpt_tool") for v in meta.tensors.values())
+
+
+def test_diff_values_compares_gathered_tensors_element_by_element(dcp_dirs: dict[str, Path], tmp_path: Path) -> None:
+    truth = {k: v for k, v in _truth(dcp_dirs["two"]).items() if isinstance(v, torch.Tensor)}
+    changed = {k: v.clone() for k, v in truth.items()}
+    changed["cols"][2, 7] += 1  # the second rank's half of a tensor split on dim 1
+    save_file(changed, tmp_path / "changed.safetensors")
+    result = _run("diff", dcp_dirs["two"], tmp_path / "changed.safetensors", "--values", "--json")
+    assert result.exit_code == 0, result.output
+    diffs = {k["key"]: k["max_abs_diff"] for k in json.loads(result.output)["keys"]}
+    assert diffs["rows"] == diffs["rep"] == diffs["plain"] == 0.0
+    assert diffs["cols"] == pytest.approx(float((changed["cols"].float() - truth["cols"].float()).abs().max()))
+
+
+def test_browse_shows_the_directory_and_scans_its_metadata(dcp_dirs: dict[str, Path]) -> None:
+    from ckpt_tool.browse.view import ModuleTree, load
+    from ckpt_tool.scan import scan
+
+    data = load(str(dcp_dirs["two"]), arch=None)
+    assert data.summary.format == "dcp" and data.summary.tensors == 4
+    assert [os.path.basename(f) for f in data.files] == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert {f.verdict for f in scan(data.files).files} == {"safe"}
+    assert sorted(ModuleTree(data).keys) == ["cols", "plain", "rep", "rows"]

@@ -7,6 +7,7 @@ children only (one pass), and a module's children are grouped the first time it 
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from typing import Any
 
 from ..diff import AUTO, DTYPE, MATCHED, MISSING, SHAPE, UNEXPECTED, DiffReport, diff
 from ..errors import UsageError
+from ..formats.dcp import FORMAT as DCP
+from ..formats.dcp import METADATA
 from ..model import Candidate, Checkpoint, TensorRef, itemsize, numel
 from ..reader import open_checkpoint
 
@@ -128,7 +131,7 @@ def load(path: str, target: str | None = None, *, arch: str | None = None, arch_
         raise UsageError("--target-key needs a second checkpoint")
     ckpt = open_checkpoint(path, key)
     summary = Summary(
-        path=ckpt.path, format=ckpt.format, file_size=ckpt.file_size, files=ckpt.files or (ckpt.path,),
+        path=ckpt.path, format=ckpt.format, file_size=ckpt.file_size, files=_scanned_files(ckpt),
         state_path=ckpt.state_path, candidates=ckpt.candidates, tensors=len(ckpt.tensors),
         parameters=ckpt.parameters, tensor_bytes=ckpt.tensor_bytes, extras=ckpt.extras, metadata=ckpt.metadata,
         placeholders=ckpt.placeholders,
@@ -140,6 +143,13 @@ def load(path: str, target: str | None = None, *, arch: str | None = None, arch_
         return BrowseData(summary, ckpt, report)
     other = open_checkpoint(target, target_key)  # type: ignore[arg-type]
     return BrowseData(summary, ckpt, diff(ckpt, other), other.files or (other.path,))
+
+
+def _scanned_files(ckpt: Checkpoint) -> tuple[str, ...]:
+    """The files the safety verdict scans: a DCP directory's pickled .metadata beside its shards."""
+    if ckpt.format == DCP:
+        return (os.path.join(ckpt.path, METADATA), *ckpt.files)
+    return ckpt.files or (ckpt.path,)
 
 
 class ModuleTree:

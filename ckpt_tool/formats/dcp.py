@@ -379,10 +379,20 @@ def iter_gathered(ref: TensorRef, files: Any, chunk_bytes: int) -> Iterator[byte
 
     chunks = chunks_of(ref)
     assert chunks is not None
+    # pieces of exactly ``step`` bytes, as iter_raw_chunks gives any contiguous tensor: readers zip
+    # two tensors' pieces together
+    step = max(itemsize(ref.dtype), chunk_bytes - chunk_bytes % itemsize(ref.dtype))
     ordered = sorted(chunks, key=lambda c: c[0])
     if all(o[1:] == (0,) * (len(o) - 1) and r.shape[1:] == ref.shape[1:] for o, r in ordered):
+        pending = b""
         for _, r in ordered:
-            yield from iter_raw_chunks(r, files, chunk_bytes)
+            for data in iter_raw_chunks(r, files, step):
+                pending = pending + data if pending else data
+                while len(pending) >= step:
+                    yield pending[:step]
+                    pending = pending[step:]
+        if pending:
+            yield pending
         return
     import numpy as np
 
@@ -394,5 +404,5 @@ def iter_gathered(ref: TensorRef, files: Any, chunk_bytes: int) -> Iterator[byte
         part = np.frombuffer(data, dtype=out.dtype).reshape(r.shape)
         out[tuple(slice(a, a + n) for a, n in zip(o, r.shape))] = part
     flat = out.reshape(-1).view("u1")
-    for start in range(0, len(flat), chunk_bytes):
-        yield flat[start:start + chunk_bytes].tobytes()
+    for start in range(0, len(flat), step):
+        yield flat[start:start + step].tobytes()
