@@ -11,7 +11,7 @@ from .formats.dcp import chunk_summary
 from .model import DTENSOR_SHARD, QUANTIZED, SPARSE_KINDS, Candidate, Checkpoint, Progress, TensorRef, common_prefix
 from .reader import open_checkpoint, summarize
 from .text import grouped_notes
-from .values import FileCache, TensorStats, tensor_stats
+from .values import FileCache, TensorStats, has_bytes, tensor_stats
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ def inspect_checkpoint(
         total = sum(r.nbytes for r in refs)
         with FileCache() as files:
             for ref in refs:
-                if ref.offset is not None:
+                if has_bytes(ref):
                     stats_by_key[ref.key] = tensor_stats(ref, files)
                 if progress is not None:
                     progress(ref.nbytes, total)

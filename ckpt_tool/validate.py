@@ -220,13 +220,13 @@ def _policy_checks(path: str, kind: str, size: int, ckpt: Checkpoint | None, rul
 
 
 def _values_check(ckpt: Checkpoint) -> Check:
-    from .values import FileCache, tensor_stats
+    from .values import FileCache, has_bytes, tensor_stats
 
     bad: list[str] = []
     checked = 0
     with FileCache() as files:
         for ref in ckpt.tensors.values():
-            if not is_floating(ref.dtype) or ref.offset is None:
+            if not is_floating(ref.dtype) or not has_bytes(ref):
                 continue
             try:
                 stats = tensor_stats(ref, files)

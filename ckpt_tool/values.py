@@ -68,9 +68,14 @@ def _read_exact(f: IO[bytes], offset: int, n: int, ref: TensorRef) -> bytes:
     return data
 
 
+def has_bytes(ref: TensorRef) -> bool:
+    """Whether the tensor's values can be read: a byte range of its file, or a DCP tensor's chunks."""
+    return ref.offset is not None or (bool(ref.attrs) and ref.attrs[0][0] == "dcp_chunks")
+
+
 def iter_raw_chunks(ref: TensorRef, files: FileCache, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
     """The tensor's bytes in C order, in chunks of about ``chunk_bytes``; contiguous views are copied as is."""
-    if ref.offset is None and ref.attrs and ref.attrs[0][0] == "dcp_chunks":
+    if ref.offset is None and has_bytes(ref):
         from .formats.dcp import iter_gathered  # a DCP tensor of several chunks
 
         yield from iter_gathered(ref, files, chunk_bytes)

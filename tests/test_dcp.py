@@ -148,9 +148,9 @@ def test_two_ranks_chunks_are_listed_with_their_files(dcp_dirs: dict[str, Path])
     rows = chunks_of(ckpt.tensors["rows"])
     cols = chunks_of(ckpt.tensors["cols"])
     assert rows is not None and cols is not None
-    assert [(o, r.shape, os.path.basename(r.file)) for o, r in rows] == \
+    assert [(c.offsets, c.sizes, os.path.basename(c.item.file)) for c in rows] == \
         [((0, 0), (3, 4), "__0_0.distcp"), ((3, 0), (3, 4), "__1_0.distcp")]
-    assert [(o, r.shape, os.path.basename(r.file)) for o, r in cols] == \
+    assert [(c.offsets, c.sizes, os.path.basename(c.item.file)) for c in cols] == \
         [((0, 0), (3, 4), "__0_0.distcp"), ((0, 4), (3, 4), "__1_0.distcp")]
     assert ckpt.objects == {"epoch": 3}
     table = _run("inspect", dcp_dirs["two"])
@@ -380,3 +380,23 @@ def test_browse_shows_the_directory_and_scans_its_metadata(dcp_dirs: dict[str, P
     assert [os.path.basename(f) for f in data.files] == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     assert {f.verdict for f in scan(data.files).files} == {"safe"}
     assert sorted(ModuleTree(data).keys) == ["cols", "plain", "rep", "rows"]
+
+
+def test_a_corrupt_chunk_is_found_when_read_and_by_scan(dcp_dirs: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(dcp_dirs["two"], bad)
+    item = next(i for _, i in read_metadata(str(bad)).items() if i.file.endswith("__1_0.distcp"))
+    with open(item.file, "r+b") as f:  # the chunk's zip directory at its end, zeroed
+        f.seek(item.offset + item.length - 100)
+        f.write(b"\0" * 100)
+    assert _run("inspect", bad).exit_code == 0  # describing reads .metadata only
+    converted = _run("convert", bad, tmp_path / "out.pth")  # the plan's notes come first, then one error line
+    errors = [line for line in converted.output.splitlines() if line.startswith("ckpt: error:")]
+    assert converted.exit_code == 2 and "Traceback" not in converted.output
+    assert len(errors) == 1 and "chunk [3, 0] of tensor 'rows'" in errors[0] and "not a torch.save archive" in errors[0]
+    assert not (tmp_path / "out.pth").exists()
+    scanned = _run("scan", bad)
+    assert scanned.exit_code == 1 and "broken" in scanned.output
+    assert _run("validate", bad).exit_code == 1

@@ -305,7 +305,9 @@ class BrowseApp(App[str]):
         entry = self._selected()
         if entry is None:
             return
-        if entry.ref is None or entry.ref.offset is None:
+        from ..values import has_bytes
+
+        if entry.ref is None or not has_bytes(entry.ref):
             self.notify(f"{entry.key}: no stored values to read", severity="warning")
             return
         if entry.key in self.stats:

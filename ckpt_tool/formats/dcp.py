@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import IO, Any
 
 from ..errors import FormatError, InputError
@@ -256,12 +256,7 @@ class _Files:
                 raise InputError(f"{item.file}: cannot be read ({exc.strerror or exc})") from None
             self.open[item.file] = (opened, os.fstat(opened.fileno()).st_size)
         f, size = self.open[item.file]
-        if item.offset + item.length > size:
-            raise FormatError(f"{item.file}: {what} is recorded at bytes {item.offset}-{item.offset + item.length}, "
-                              f"past the end of the file ({size} bytes; truncated?)")
-        if item.transforms:
-            raise FormatError(f"{item.file}: {what} is stored through {', '.join(item.transforms)}, which ckpt "
-                              "does not read")
+        _check_item(item, size, what)
         return f
 
     def close(self) -> None:
@@ -269,11 +264,19 @@ class _Files:
             f.close()
 
 
-def read_item(item: StoredItem, files: _Files, what: str, trace: Trace | None = None) -> Any:
-    """Decode one item's archive (its data.pkl) into inert data; storages placed at absolute offsets."""
+def _check_item(item: StoredItem, size: int, what: str) -> None:
+    if item.offset + item.length > size:
+        raise FormatError(f"{item.file}: {what} is recorded at bytes {item.offset}-{item.offset + item.length}, "
+                          f"past the end of the file ({size} bytes; truncated?)")
+    if item.transforms:
+        raise FormatError(f"{item.file}: {what} is stored through {', '.join(item.transforms)}, which ckpt "
+                          "does not read")
+
+
+def read_item(f: IO[bytes], item: StoredItem, what: str, trace: Trace | None = None) -> Any:
+    """Decode one item's archive (its data.pkl) from ``f`` into inert data; storages at absolute offsets."""
     from .torchfile import read_pickle_entry, storage_loader
 
-    f = files.get(item, what)
     label = f"{item.file}@{item.offset}"
     window = Window(f, item.offset, item.length)
     try:
@@ -296,17 +299,20 @@ def read_item(item: StoredItem, files: _Files, what: str, trace: Trace | None = 
         return StorageRef(f"{item.offset}/{key}", dtype, location, count, item.offset + start, nbytes, item.file)
 
     vm = PickleVM(storage_loader({}, resolve), trace if trace is not None else Trace())
-    return read_pickle_entry(window, pkl, vm, label)  # type: ignore[arg-type]
+    try:
+        return read_pickle_entry(window, pkl, vm, label)  # type: ignore[arg-type]
+    except FormatError as exc:
+        raise FormatError(f"{item.file}: {what}: {str(exc).removeprefix(label + ': ')}") from None
 
 
 def open_dcp(directory: str) -> Checkpoint:
-    """Describe a DCP directory: each tensor at its global shape, a tensor of several chunks gathered.
+    """Describe a DCP directory from its ``.metadata``: each tensor at its global shape, with its chunks.
 
-    A tensor stored as one whole chunk is a plain reference into its ``.distcp`` file; one of several
-    chunks has no single byte range (``data_offset`` is None) and keeps its chunks in ``attrs``,
-    which :func:`iter_gathered` streams in C order.
+    Only ``.metadata`` is decoded (and each bytes entry's small pickle); a chunk's archive is read
+    when its bytes are (:func:`iter_gathered`), so describing costs no read per tensor. Every
+    chunk is checked to lie inside an existing file.
     """
-    from ..reader import _known_global, tensor_ref
+    from ..reader import _known_global
 
     meta = read_metadata(directory)
     files = _Files()
@@ -314,20 +320,13 @@ def open_dcp(directory: str) -> Checkpoint:
     objects: dict[str, Any] = {}
     trace = Trace()
     try:
+        for what, item in meta.items():
+            files.get(item, what)
         for key, t in meta.tensors.items():
-            chunk_refs = []
-            for c in t.chunks:
-                what = f"chunk {list(c.offsets)} of tensor {key!r}"
-                value = read_item(c.item, files, what)
-                if not isinstance(value, PickledTensor) or value.storage is None:
-                    raise FormatError(f"{c.item.file}: {what} is not a tensor")
-                if value.dtype != t.dtype or value.shape != c.sizes:
-                    raise FormatError(f"{c.item.file}: {what} holds a {value.dtype}{list(value.shape)} tensor, "
-                                      f"{METADATA} says {t.dtype}{list(c.sizes)}")
-                chunk_refs.append((c.offsets, tensor_ref(key, value, c.item.file)))
-            tensors[key] = _gathered(t, chunk_refs, directory)
+            tensors[key] = _described(t, directory)
         for key, item in meta.objects.items():
-            objects[key] = read_item(item, files, f"bytes entry {key!r}", trace)
+            what = f"bytes entry {key!r}"
+            objects[key] = read_item(files.get(item, what), item, what, trace)
     finally:
         files.close()
     size = sum(os.path.getsize(f) for f in meta.files) + os.path.getsize(os.path.join(directory, METADATA))
@@ -339,25 +338,22 @@ def open_dcp(directory: str) -> Checkpoint:
     )
 
 
-def _gathered(t: DcpTensor, chunks: list[tuple[tuple[int, ...], TensorRef]], directory: str) -> TensorRef:
-    if len(chunks) == 1 and chunks[0][1].shape == t.shape:
-        return replace(chunks[0][1], attrs=((CHUNKS_ATTR, tuple(chunks)),))  # one whole chunk: read in place
-    first = chunks[0][1] if chunks else None
-    where = sorted({os.path.basename(r.file) for _, r in chunks})
+def _described(t: DcpTensor, directory: str) -> TensorRef:
+    where = sorted({os.path.basename(c.item.file) for c in t.chunks})
     return TensorRef(
         key=t.key, dtype=t.dtype, shape=t.shape, stride=contiguous_strides(t.shape), storage=f"{directory}#dcp:{t.key}",
         storage_offset=0, storage_nbytes=numel(t.shape) * itemsize(t.dtype), data_offset=None,
-        file=first.file if first else directory, requires_grad=t.requires_grad, kind=DENSE,
-        attrs=((CHUNKS_ATTR, tuple(chunks)),),
-        note=f"gathered from {len(chunks)} DCP chunks ({', '.join(where)})",
+        file=t.chunks[0].item.file if t.chunks else directory, requires_grad=t.requires_grad, kind=DENSE,
+        attrs=((CHUNKS_ATTR, t.chunks),),
+        note=f"gathered from {len(t.chunks)} DCP chunks ({', '.join(where)})" if len(t.chunks) > 1 else "",
     )
 
 
-def chunks_of(ref: TensorRef) -> tuple[tuple[tuple[int, ...], TensorRef], ...] | None:
-    """The chunks of a gathered DCP tensor, or None for any other tensor."""
-    if not ref.attrs or ref.attrs[0][0] != CHUNKS_ATTR:
+def chunks_of(ref: TensorRef) -> tuple[DcpChunk, ...] | None:
+    """The chunks of a DCP tensor, or None for any other tensor."""
+    if ref.data_offset is not None or not ref.attrs or ref.attrs[0][0] != CHUNKS_ATTR:
         return None
-    chunks: tuple[tuple[tuple[int, ...], TensorRef], ...] = ref.attrs[0][1]
+    chunks: tuple[DcpChunk, ...] = ref.attrs[0][1]
     return chunks
 
 
@@ -366,14 +362,29 @@ def chunk_summary(ref: TensorRef) -> str:
     chunks = chunks_of(ref)
     if chunks is None:
         return ""
-    return "; ".join(f"{list(o)}+{list(r.shape)} in {os.path.basename(r.file)}" for o, r in chunks)
+    return "; ".join(f"{list(c.offsets)}+{list(c.sizes)} in {os.path.basename(c.item.file)}" for c in chunks)
+
+
+def chunk_ref(ref: TensorRef, chunk: DcpChunk, f: IO[bytes]) -> TensorRef:
+    """A chunk as a plain tensor reference into its file, read from its archive and checked against ``.metadata``."""
+    from ..reader import tensor_ref
+
+    what = f"chunk {list(chunk.offsets)} of tensor {ref.key!r}"
+    _check_item(chunk.item, os.fstat(f.fileno()).st_size, what)
+    value = read_item(f, chunk.item, what)
+    if not isinstance(value, PickledTensor) or value.storage is None:
+        raise FormatError(f"{chunk.item.file}: {what} is not a tensor")
+    if value.dtype != ref.dtype or value.shape != chunk.sizes:
+        raise FormatError(f"{chunk.item.file}: {what} holds a {value.dtype}{list(value.shape)} tensor, "
+                          f"{METADATA} says {ref.dtype}{list(chunk.sizes)}")
+    return tensor_ref(ref.key, value, chunk.item.file)
 
 
 def iter_gathered(ref: TensorRef, files: Any, chunk_bytes: int) -> Iterator[bytes]:
-    """A gathered tensor's bytes in C order, one tensor in memory at most.
+    """A DCP tensor's bytes in C order, one tensor in memory at most.
 
-    Chunks that split only the first dimension are streamed in order, chunk by chunk; any other
-    split is assembled into one buffer of the tensor's size.
+    A whole chunk, or chunks that split only the first dimension, are streamed in order, chunk by
+    chunk; any other split is assembled into one buffer of the tensor's size.
     """
     from ..values import iter_raw_chunks
 
@@ -382,11 +393,14 @@ def iter_gathered(ref: TensorRef, files: Any, chunk_bytes: int) -> Iterator[byte
     # pieces of exactly ``step`` bytes, as iter_raw_chunks gives any contiguous tensor: readers zip
     # two tensors' pieces together
     step = max(itemsize(ref.dtype), chunk_bytes - chunk_bytes % itemsize(ref.dtype))
-    ordered = sorted(chunks, key=lambda c: c[0])
-    if all(o[1:] == (0,) * (len(o) - 1) and r.shape[1:] == ref.shape[1:] for o, r in ordered):
+    ordered = sorted(chunks, key=lambda c: c.offsets)
+    if len(ordered) == 1:
+        yield from iter_raw_chunks(chunk_ref(ref, ordered[0], files.get(ordered[0].item.file)), files, step)
+        return
+    if all(c.offsets[1:] == (0,) * (len(c.offsets) - 1) and c.sizes[1:] == ref.shape[1:] for c in ordered):
         pending = b""
-        for _, r in ordered:
-            for data in iter_raw_chunks(r, files, step):
+        for c in ordered:
+            for data in iter_raw_chunks(chunk_ref(ref, c, files.get(c.item.file)), files, step):
                 pending = pending + data if pending else data
                 while len(pending) >= step:
                     yield pending[:step]
@@ -397,12 +411,13 @@ def iter_gathered(ref: TensorRef, files: Any, chunk_bytes: int) -> Iterator[byte
     import numpy as np
 
     out = np.zeros(ref.shape, dtype=np.dtype(f"V{itemsize(ref.dtype)}") if ref.numel else "u1")
-    for o, r in ordered:
-        if not r.numel:
+    for c in ordered:
+        if not numel(c.sizes):
             continue
+        r = chunk_ref(ref, c, files.get(c.item.file))
         data = b"".join(iter_raw_chunks(r, files, chunk_bytes))
         part = np.frombuffer(data, dtype=out.dtype).reshape(r.shape)
-        out[tuple(slice(a, a + n) for a, n in zip(o, r.shape))] = part
+        out[tuple(slice(a, a + n) for a, n in zip(c.offsets, r.shape))] = part
     flat = out.reshape(-1).view("u1")
     for start in range(0, len(flat), step):
         yield flat[start:start + step].tobytes()
