@@ -136,9 +136,7 @@ def open_checkpoint(path: str, key: str | None = None, *, optimizer: bool = Fals
     if kind == fmt.DCP:
         from .formats.dcp import open_dcp
 
-        if key not in (None, ""):
-            raise KeyPathError(f"{path}: --key {key!r} given, but a DCP directory holds one flat state dict")
-        return open_dcp(path)
+        return open_dcp(path, key)
     if kind == fmt.SHARDED:
         found = _find_index(path)
         if not found.endswith(".index.json"):

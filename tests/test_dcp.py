@@ -93,11 +93,15 @@ def dcp_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
              "i": torch.arange(6, dtype=torch.int64), "nested": {"x": torch.ones(2)}, "step": 7, "name": "run-1"}
     dcp.save(mixed, checkpoint_id=str(root / "mixed"))
     dcp.save({"w": torch.ones(2), "evil": Payload()}, checkpoint_id=str(root / "evil"))
+    optim = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    optim.step()
+    dcp.save({"model": model.state_dict(), "optim": optim.state_dict(), "epoch": 2}, checkpoint_id=str(root / "app"))
     (root / "two.py").write_text(TWO_RANKS)
     subprocess.run([sys.executable, str(root / "two.py"), str(root / "two"), _free_port()], check=True,
                    capture_output=True, timeout=300)
     return {"root": root, "model": root / "model", "mixed": root / "mixed", "two": root / "two",
-            "evil": root / "evil", "arch": root / "arch.py"}
+            "evil": root / "evil", "app": root / "app", "arch": root / "arch.py"}
 
 
 def _truth(directory: Path) -> dict[str, Any]:
@@ -400,3 +404,24 @@ def test_a_corrupt_chunk_is_found_when_read_and_by_scan(dcp_dirs: dict[str, Path
     scanned = _run("scan", bad)
     assert scanned.exit_code == 1 and "broken" in scanned.output
     assert _run("validate", bad).exit_code == 1
+
+
+def test_a_nested_save_opens_at_its_model_and_key_picks_another_part(dcp_dirs: dict[str, Path],
+                                                                      tmp_path: Path) -> None:
+    ckpt = open_checkpoint(str(dcp_dirs["app"]))
+    assert ckpt.state_path == "model" and [c.path for c in ckpt.candidates] == ["model", "optim"]
+    assert list(ckpt.tensors) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert ckpt.extras == {"optim": "<optimizer state: 12 tensors, 552 bytes>", "epoch": 2}
+    result = _run("diff", dcp_dirs["app"], "--arch", f"{dcp_dirs['arch']}:tiny", "--json")
+    assert result.exit_code == 0 and json.loads(result.output)["loads_strictly"] is True
+    optim = open_checkpoint(str(dcp_dirs["app"]), "optim")
+    assert "state.0.exp_avg" in optim.tensors and optim.objects["param_groups.0.lr"] == 0.001
+    assert "candidates: 'model', 'optim'" in _one_line_error(_run("inspect", dcp_dirs["app"], "--key", "nope"))
+    # converting writes the model: the optimizer state is dropped by name, the epoch kept on request
+    result = _run("migrate", dcp_dirs["app"], "--keep-extras", "-o", tmp_path / "m.pth", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["plan"]["extras_dropped"] == {"optim": "optimizer state"}
+    out = torch.load(tmp_path / "m.pth", weights_only=True)
+    truth = _truth(dcp_dirs["app"])
+    assert out["epoch"] == 2 and set(out["model"]) == set(ckpt.tensors)
+    assert all(torch.equal(out["model"][k], truth[f"model.{k}"]) for k in ckpt.tensors)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO, Any
 
 from ..errors import FormatError, InputError
@@ -67,6 +67,9 @@ class DcpMetadata:
     files: tuple[str, ...]
     version: str
     trace: Trace
+    # each key's place in the nested state dict that was saved (planner_data): "model.0.weight" ->
+    # ("model", "0", "weight")
+    paths: dict[str, tuple[str, ...]]
 
 
     def items(self) -> Iterator[tuple[str, StoredItem]]:
@@ -130,7 +133,14 @@ def read_metadata(directory: str) -> DcpMetadata:
             raise FormatError(f"{path}: entry {key!r} is a {name or type(entry).__name__}, not a DCP storage record")
     files = tuple(dict.fromkeys(i.file for i in [*items.values()]))
     version = state.get("version")
-    return DcpMetadata(directory, tensors, objects, files, str(version) if version else "", trace)
+    planned = state.get("planner_data")
+    planned = planned if isinstance(planned, dict) else {}
+    paths: dict[str, tuple[str, ...]] = {}
+    for key in [*tensors, *objects]:
+        saved = planned.get(key)
+        # without planner data (another planner wrote it), DCP's own flattening joined the path with dots
+        paths[key] = tuple(str(p) for p in saved) if isinstance(saved, (tuple, list)) and saved else tuple(key.split("."))
+    return DcpMetadata(directory, tensors, objects, files, str(version) if version else "", trace, paths)
 
 
 def _state(obj: Any, cls: str, path: str) -> dict[Any, Any]:
@@ -305,14 +315,19 @@ def read_item(f: IO[bytes], item: StoredItem, what: str, trace: Trace | None = N
         raise FormatError(f"{item.file}: {what}: {str(exc).removeprefix(label + ': ')}") from None
 
 
-def open_dcp(directory: str) -> Checkpoint:
+def open_dcp(directory: str, key: str | None = None) -> Checkpoint:
     """Describe a DCP directory from its ``.metadata``: each tensor at its global shape, with its chunks.
 
     Only ``.metadata`` is decoded (and each bytes entry's small pickle); a chunk's archive is read
     when its bytes are (:func:`iter_gathered`), so describing costs no read per tensor. Every
     chunk is checked to lie inside an existing file.
+
+    DCP flattens the nested state dict it saves (``{"model": ..., "optim": ...}``); ``key``
+    (``model``, ``app/model``) picks the part under that path, named from there on, as ``--key``
+    does for a torch file. By default the whole dict, unless every tensor lies under a top-level
+    entry: then the one that looks like the model's (``model``, ``state_dict``...).
     """
-    from ..reader import _known_global
+    from ..reader import _known_global, summarize_extras
 
     meta = read_metadata(directory)
     files = _Files()
@@ -322,20 +337,75 @@ def open_dcp(directory: str) -> Checkpoint:
     try:
         for what, item in meta.items():
             files.get(item, what)
-        for key, t in meta.tensors.items():
-            tensors[key] = _described(t, directory)
-        for key, item in meta.objects.items():
-            what = f"bytes entry {key!r}"
-            objects[key] = read_item(files.get(item, what), item, what, trace)
+        for fqn, t in meta.tensors.items():
+            tensors[fqn] = _described(t, directory)
+        for fqn, item in meta.objects.items():
+            what = f"bytes entry {fqn!r}"
+            objects[fqn] = read_item(files.get(item, what), item, what, trace)
     finally:
         files.close()
     size = sum(os.path.getsize(f) for f in meta.files) + os.path.getsize(os.path.join(directory, METADATA))
+    candidates = _candidates(meta.paths, tensors)
+    chosen = _choose(directory, key, candidates, meta.paths, tensors)
+    depth = len(chosen.path.split("/")) if chosen.path else 0
+    prefix = tuple(chosen.path.split("/")) if chosen.path else ()
+    inside = [k for k, p in meta.paths.items() if p[:depth] == prefix and len(p) > depth]
+    root: dict[str, Any] = {}
+    for k, p in meta.paths.items():
+        # the nested dict that was saved, tensors as inert descriptions: what the entries beside the
+        # chosen one are (an optimizer's state, an epoch), as for a torch file
+        node = root
+        for part in p[:-1]:
+            node = node.setdefault(part, {}) if isinstance(node.get(part, {}), dict) else {}
+        dt = meta.tensors.get(k)
+        node[p[-1]] = PickledTensor(None, 0, dt.shape, contiguous_strides(dt.shape), dt.dtype) if dt else objects[k]
+
+    def renamed(k: str) -> str:
+        return ".".join(meta.paths[k][depth:])
+
+    chosen_tensors = {renamed(k): replace(tensors[k], key=renamed(k)) for k in inside if k in tensors}
+    extras = summarize_extras(root, chosen.path) if chosen.path else {}
     return Checkpoint(
-        path=directory, format=FORMAT, file_size=size, tensors=tensors, state_path="",
-        candidates=(Candidate("", len(tensors), sum(r.numel for r in tensors.values())),),
-        metadata={"dcp.version": meta.version} if meta.version else {}, files=meta.files, objects=objects,
+        path=directory, format=FORMAT, file_size=size, tensors=chosen_tensors, state_path=chosen.path,
+        candidates=candidates, extras=extras,
+        metadata={"dcp.version": meta.version} if meta.version else {}, files=meta.files, root=root,
+        objects={renamed(k): objects[k] for k in inside if k in objects},
         placeholders=tuple(sorted({e.name for e in trace.globals if not _known_global(e.name)})),
     )
+
+
+def _candidates(paths: dict[str, tuple[str, ...]], tensors: dict[str, TensorRef]) -> tuple[Candidate, ...]:
+    """The whole dict when a tensor lies at its top level, and each top-level entry holding tensors."""
+    groups: dict[str, list[TensorRef]] = {}
+    for k, ref in tensors.items():
+        p = paths[k]
+        groups.setdefault(p[0] if len(p) > 1 else "", []).append(ref)
+    out = [Candidate(name, len(refs), sum(r.numel for r in refs)) for name, refs in groups.items() if name]
+    if "" in groups or not out:
+        out.insert(0, Candidate("", len(tensors), sum(r.numel for r in tensors.values())))
+    return tuple(out)
+
+
+def _choose(directory: str, key: str | None, candidates: tuple[Candidate, ...], paths: dict[str, tuple[str, ...]],
+            tensors: dict[str, TensorRef]) -> Candidate:
+    from ..errors import KeyPathError
+    from ..reader import PREFERRED_KEYS
+
+    if key:
+        parts = tuple(key.split("/" if "/" in key else "."))
+        under = [tensors[k] for k, p in paths.items() if k in tensors and p[:len(parts)] == parts and len(p) > len(parts)]
+        found = Candidate("/".join(parts), len(under), sum(r.numel for r in under)) if under else None
+        if found is None:
+            choices = ", ".join(repr(c.path or "<top level>") for c in candidates)
+            raise KeyPathError(f"{directory}: no state dict at --key {key!r} (candidates: {choices})")
+        return found
+    if candidates[0].path == "" or len(candidates) == 1:
+        return candidates[0]
+    by_path = {c.path: c for c in candidates}
+    for name in PREFERRED_KEYS:
+        if name in by_path:
+            return by_path[name]
+    return max(candidates, key=lambda c: c.tensors)
 
 
 def _described(t: DcpTensor, directory: str) -> TensorRef:
