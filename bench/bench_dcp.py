@@ -12,12 +12,11 @@ is measured against ``load_file`` + ``dcp.save``. Each command runs 3 times as a
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import CKPT, OUT, PYTHON, Run, measure, report  # noqa: E402
+from _common import CKPT, OUT, PYTHON, fresh, measure, report  # noqa: E402
 
 MAKE = """
 import os, sys
@@ -67,19 +66,6 @@ def dcp_dir() -> str:
         subprocess.run([PYTHON, script, path + ".tmp"], check=True, capture_output=True)
         os.replace(path + ".tmp", path)
     return path
-
-
-def fresh(label: str, cmd: list[str], output: str) -> Run:
-    best: Run | None = None
-    for _ in range(3):
-        if os.path.isdir(output):
-            shutil.rmtree(output)
-        elif os.path.exists(output):
-            os.unlink(output)
-        run = measure(label, cmd, repeat=1)
-        best = run if best is None or run.wall_s < best.wall_s else best
-    assert best is not None
-    return best
 
 
 def main() -> None:

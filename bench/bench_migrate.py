@@ -12,7 +12,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import CKPT, OUT, PYTHON, Run, measure, report, vgg16_pth  # noqa: E402
+from _common import CKPT, OUT, PYTHON, fresh, measure, report, vgg16_pth  # noqa: E402
 
 NAIVE = """
 import sys, torch
@@ -22,19 +22,6 @@ for k in [k for k in sd if k == "classifier.6" or k.startswith("classifier.6.")]
     del sd[k]
 save_file(sd, sys.argv[2])
 """
-
-
-def fresh(label: str, cmd: list[str], output: str, repeat: int = 3) -> Run:
-    """Like ``measure``, but the output is deleted before each run (untimed): replacing an existing
-    550 MB file costs its unlink, which would be charged to whichever command ran second."""
-    best: Run | None = None
-    for _ in range(repeat):
-        if os.path.exists(output):
-            os.unlink(output)
-        run = measure(label, cmd, repeat=1)
-        best = run if best is None or run.wall_s < best.wall_s else best
-    assert best is not None
-    return best
 
 
 def main() -> None:

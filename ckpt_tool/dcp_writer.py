@@ -9,7 +9,6 @@ The directory is written under a temporary name beside the output, fsynced, then
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
@@ -19,7 +18,7 @@ from typing import Any
 from .errors import OutputError, UsageError
 from .formats.dcp import FORMAT, METADATA
 from .model import DENSE, Progress, contiguous_strides
-from .writer import Layout, Written
+from .writer import Layout, Written, _fsync_dir  # the one directory fsync
 
 SHARD_FILE = "__0_0.distcp"
 
@@ -95,7 +94,7 @@ def write_dcp(path: str, layout: Layout, *, progress: Progress | None = None, **
             pickle.dump(meta, f)
             f.flush()
             os.fsync(f.fileno())
-        _fsync(tmp)
+        _fsync_dir(tmp)
         _replace(tmp, path)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -115,15 +114,6 @@ def _replace(tmp: str, path: str) -> None:
         os.rmdir(old)
         os.replace(path, old)
     os.replace(tmp, path)
-    _fsync(os.path.dirname(os.path.abspath(path)))
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync(directory: str) -> None:
-    with contextlib.suppress(OSError):  # some file systems cannot fsync a directory
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

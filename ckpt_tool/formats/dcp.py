@@ -250,30 +250,6 @@ class Window:
         return data
 
 
-class _Files:
-    """Open .distcp files and their sizes, shared while one directory is read."""
-
-    def __init__(self) -> None:
-        self.open: dict[str, tuple[IO[bytes], int]] = {}
-
-    def get(self, item: StoredItem, what: str) -> IO[bytes]:
-        if item.file not in self.open:
-            try:
-                opened: IO[bytes] = open(item.file, "rb")
-            except FileNotFoundError:
-                raise InputError(f"{item.file}: shard file named in {METADATA} does not exist") from None
-            except OSError as exc:
-                raise InputError(f"{item.file}: cannot be read ({exc.strerror or exc})") from None
-            self.open[item.file] = (opened, os.fstat(opened.fileno()).st_size)
-        f, size = self.open[item.file]
-        _check_item(item, size, what)
-        return f
-
-    def close(self) -> None:
-        for f, _ in self.open.values():
-            f.close()
-
-
 def _check_item(item: StoredItem, size: int, what: str) -> None:
     if item.offset + item.length > size:
         raise FormatError(f"{item.file}: {what} is recorded at bytes {item.offset}-{item.offset + item.length}, "
@@ -328,23 +304,26 @@ def open_dcp(directory: str, key: str | None = None) -> Checkpoint:
     entry: then the one that looks like the model's (``model``, ``state_dict``...).
     """
     from ..reader import _known_global, summarize_extras
+    from ..values import FileCache
 
     meta = read_metadata(directory)
-    files = _Files()
-    tensors: dict[str, TensorRef] = {}
+    sizes: dict[str, int] = {}
+    for name in meta.files:
+        try:
+            sizes[name] = os.path.getsize(name)
+        except FileNotFoundError:
+            raise InputError(f"{name}: shard file named in {METADATA} does not exist") from None
+        except OSError as exc:
+            raise InputError(f"{name}: cannot be read ({exc.strerror or exc})") from None
+    for what, item in meta.items():
+        _check_item(item, sizes[item.file], what)
+    tensors = {fqn: _described(t, directory) for fqn, t in meta.tensors.items()}
     objects: dict[str, Any] = {}
     trace = Trace()
-    try:
-        for what, item in meta.items():
-            files.get(item, what)
-        for fqn, t in meta.tensors.items():
-            tensors[fqn] = _described(t, directory)
+    with FileCache() as files:
         for fqn, item in meta.objects.items():
-            what = f"bytes entry {fqn!r}"
-            objects[fqn] = read_item(files.get(item, what), item, what, trace)
-    finally:
-        files.close()
-    size = sum(os.path.getsize(f) for f in meta.files) + os.path.getsize(os.path.join(directory, METADATA))
+            objects[fqn] = read_item(files.get(item.file), item, f"bytes entry {fqn!r}", trace)
+    size = sum(sizes.values()) + os.path.getsize(os.path.join(directory, METADATA))
     candidates = _candidates(meta.paths, tensors)
     chosen = _choose(directory, key, candidates, meta.paths, tensors)
     depth = len(chosen.path.split("/")) if chosen.path else 0
