@@ -425,3 +425,20 @@ def test_a_nested_save_opens_at_its_model_and_key_picks_another_part(dcp_dirs: d
     truth = _truth(dcp_dirs["app"])
     assert out["epoch"] == 2 and set(out["model"]) == set(ckpt.tensors)
     assert all(torch.equal(out["model"][k], truth[f"model.{k}"]) for k in ckpt.tensors)
+
+
+def test_describing_and_converting_a_dcp_directory_never_imports_torch(dcp_dirs: dict[str, Path],
+                                                                       tmp_path: Path) -> None:
+    code = textwrap.dedent(f"""
+        import sys
+        from ckpt_tool.describe import inspect_checkpoint
+        from ckpt_tool.migrate import migrate
+        from ckpt_tool.plan import Plan, operation
+        report = inspect_checkpoint({str(dcp_dirs["two"])!r})
+        done = migrate(Plan({str(dcp_dirs["two"])!r}, operations=(operation("exclude", pattern="^epoch$"),)),
+                       {str(tmp_path / "out.safetensors")!r})
+        assert report.tensors == 4 and done.ok, done
+        assert "torch" not in sys.modules, "torch was imported"
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
