@@ -16,7 +16,8 @@ stages whose numbers have gaps (``features.0``, ``features.3`` of a VGG) are not
   ``bn3`` of a Bottleneck), and the weight and bias of a transformer block's output projections
   (:data:`OUTPUT_PROJECTIONS`). In a ResNet (ReLU after the sum) and a pre-norm transformer (timm
   ViT, Llama, GPT-2) the new block then computes the identity; in a post-norm one (BERT) it computes
-  its output LayerNorm of its input.
+  its two LayerNorms of its input (``LN2(LN1(x))``: about the identity for an input that a LayerNorm
+  of unit scale and zero shift produced, not in general).
 
 ``--shrink-blocks`` (fewer blocks in the target, ``m`` of the checkpoint's ``n``):
 
