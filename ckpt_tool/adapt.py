@@ -108,7 +108,7 @@ def resample_pos_embed(state: State, target: Target | None, key: str, grid: tupl
     shape = (1, prefix_tokens + grid[0] * grid[1], dim)
     return {**state, key: replace(e, shape=shape, transform=(RESAMPLE_POS_EMBED, (old, old), tuple(grid), prefix_tokens),
                                   reason=f"resample_pos_embed {old}x{old} -> {grid[0]}x{grid[1]} grid, "
-                                         f"{prefix_tokens} prefix tokens")}
+                                         f"{prefix_tokens} prefix token{'s' * (prefix_tokens != 1)}")}
 
 
 def infer_prefix_tokens(have: int, want: int) -> int | None:

@@ -152,7 +152,7 @@ def test_finetune_inline_adapt(resnet):
 def test_diff_proposes_resample_and_migrate_equals_timm(vit, tmp_path):
     report = diff_paths(vit, arch=VIT, arch_args={"img_size": 48, "depth": 2, "num_classes": 10})
     assert [s.operation for s in report.plan.steps] == [{"op": "resample_pos_embed", "key": "pos_embed"}]
-    assert "2x2 grid, the target a 3x3 one (1 prefix tokens)" in report.plan.steps[0].reason
+    assert "2x2 grid, the target a 3x3 one (1 prefix token)" in report.plan.steps[0].reason
     out = str(tmp_path / "vit48.pth")
     result = migrate(report.plan.plan, out)
     assert result.ok, result.verification

@@ -49,7 +49,7 @@ def adaptation_steps(current: Shapes, target: TargetSignature, arch: str | None)
         params = {"key": key} if arch else {"key": key, "grid": [side, side], "prefix_tokens": prefix}
         old = round((have_s[1] - prefix) ** 0.5)
         current = _try(steps, current, target, "resample_pos_embed", params,
-                       f"{key} holds a {old}x{old} grid, the target a {side}x{side} one ({prefix} prefix tokens): "
+                       f"{key} holds a {old}x{old} grid, the target a {side}x{side} one ({prefix} prefix token{'s' * (prefix != 1)}): "
                        "resample it bicubically (timm's resample_abs_pos_embed)", 1)
 
     changes = depth_changes(current, tgt)
