@@ -122,7 +122,8 @@ def _square(n: int) -> bool:
 
 def _target_shape(target: Target | None, key: str, what: str) -> tuple[int, ...]:
     if target is None:
-        raise UsageError(f"{what}: give the target (--arch) or the size ({what}=N)")
+        size = "N" if what.startswith("--adapt-input-conv") else "HxW"
+        raise UsageError(f"{what}: give the target (--arch) or the size ({what}={size})")
     t = _tensors(target).get(key)
     if t is None:
         raise UsageError(f"{what}: the target has no {key}")
