@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from . import __version__
+from .adapt import computed_chunks, needs_torch
 from .arch import target_signature
 from .compat import ALL_CURRENT, MOSTLY_NEW_SHARE, Compatibility, check, module_versions, parameter_share
 from .dcp_writer import check_dcp_output, write_dcp
@@ -31,7 +32,7 @@ from .plan import CHECKPOINT, Applied, Entry, Plan, State, Step, apply, initial_
 from .reader import open_checkpoint, sibling_entries
 from .torch_extra import require_torch
 from .values import CHUNK_BYTES, FileCache, iter_raw_chunks, to_numpy
-from .verify import Verification, verify_output
+from .verify import VERIFY_CHUNK_BYTES, Verification, verify_output
 from .writer import (
     PTH,
     SAFETENSORS,
@@ -75,6 +76,22 @@ class Initialised:
 
 
 @dataclass(frozen=True)
+class Adapted:
+    """A tensor written with values computed from ``origin`` (``how``): an adapted conv, a copied block."""
+
+    key: str
+    origin: str
+    origin_shape: tuple[int, ...]
+    shape: tuple[int, ...]
+    how: str
+
+
+def adapted_entries(state: State) -> tuple[Adapted, ...]:
+    return tuple(Adapted(k, e.origin, e.ref.shape if e.ref is not None else e.shape, e.shape, e.reason)
+                 for k, e in state.items() if e.transform and e.ref is not None)
+
+
+@dataclass(frozen=True)
 class MigrationPlan:
     """Everything decided before a byte is written: shown first, and all a ``--dry-run`` does."""
 
@@ -97,6 +114,7 @@ class MigrationPlan:
     streamed: bool  # bytes only move: no value changes, no torch
     notes: tuple[str, ...] = ()  # how input objects were converted or why something is not carried
     checkpoint_share: float | None = None  # of the target's parameter elements, with an architecture
+    adapted: tuple[Adapted, ...] = ()  # tensors whose values are computed from a source tensor
 
 
 @dataclass(frozen=True)
@@ -194,8 +212,9 @@ def migrate(
     # the digest goes into safetensors headers and shard indexes (a single .pth has no place for
     # it); started now, it runs while the plan is made and the bytes are copied
     hasher = _Hasher(ckpt) if not dry_run and (fmt == SAFETENSORS or max_shard_size) else None
-    if any(op.needs_target for op in plan.operations) and plan.arch is None:
-        raise UsageError("--fill-missing, --drop-unexpected and --reinit-mismatched need the target (--arch)")
+    needy = [op.describe() for op in plan.operations if op.needs_target]
+    if needy and plan.arch is None:
+        raise UsageError(f"{', '.join(dict.fromkeys(needy))}: these operations need the target (--arch)")
     signature = target_signature(plan.arch, plan.arch_args) if plan.arch else None
     applied = apply(plan.operations, initial_state(ckpt.tensors), signature, objects=tuple(ckpt.objects))
     if not applied.state:
@@ -234,12 +253,16 @@ def migrate(
         diff=check({**applied.state, **dict(accounted.objects)}, signature,
                    versions=_output_versions(ckpt, applied.state, fmt),
                    objects=[k for k, _ in accounted.objects]) if signature else None,
-        streamed=all(e.source == CHECKPOINT and e.dtype == e.source_dtype for e in applied.state.values()),
+        streamed=all(e.source == CHECKPOINT and e.dtype == e.source_dtype and not e.transform
+                     for e in applied.state.values()),
         notes=tuple(accounted.notes),
         checkpoint_share=round(share, 6) if share is not None else None,
+        adapted=adapted_entries(applied.state),
     )
     if planned.initialised and not dry_run:
         require_torch(f"initialising {len(planned.initialised)} keys from --arch {plan.arch}")
+    if any(needs_torch(e) for e in applied.state.values()) and not dry_run:
+        require_torch("computing adapted tensors (--adapt-input-conv, --resample-pos-embed)")
     if on_plan is not None:
         on_plan(planned)
     if share is not None and share < MOSTLY_NEW_SHARE and not allow_mostly_new:
@@ -259,7 +282,8 @@ def migrate(
         written = (write_dcp if fmt == DCP else _write)(output, built.layout, metadata=metadata, nesting=nesting, max_shard_size=max_shard_size,
                          backup=backup, staging=Staging(), progress=progress)
         verification = verify_output(written, applied.state, target_chunks=values.chunks, cast=cast_bytes,
-                                     aliases=built.aliases, state_path=nesting.path, signature=signature, seed=seed)
+                                     aliases=built.aliases, state_path=nesting.path, signature=signature, seed=seed,
+                                     computed=lambda e: computed_chunks(e, built.files, VERIFY_CHUNK_BYTES))
     finally:
         values.release()
         built.files.close()
@@ -507,16 +531,19 @@ def _layout(state: State, fmt: str, values: _TargetValues, check_all: bool) -> _
     def blob_of(entries: list[Entry], span: TensorRef | None) -> int:
         e = entries[0]
         keys = tuple(x.key for x in entries)
-        check = is_floating(e.dtype) and (check_all or e.source != CHECKPOINT or e.dtype != e.source_dtype)
+        check = is_floating(e.dtype) and (check_all or e.source != CHECKPOINT or e.dtype != e.source_dtype
+                                          or bool(e.transform))
         nbytes = (span.nbytes if span is not None else numel(e.shape) * itemsize(e.source_dtype))
         nbytes = nbytes // itemsize(e.source_dtype) * itemsize(e.dtype)
 
         def chunks() -> Iterator[bytes]:
             if nbytes == 0:
                 return iter(())
-            if span is not None:
+            if e.transform:
+                raw: Iterable[bytes] = computed_chunks(e, files, CHUNK_BYTES)
+            elif span is not None:
                 # a cast holds a few copies of each chunk: smaller chunks keep that small
-                raw: Iterable[bytes] = iter_raw_chunks(span, files, CAST_CHUNK_BYTES if e.dtype != e.source_dtype
+                raw = iter_raw_chunks(span, files, CAST_CHUNK_BYTES if e.dtype != e.source_dtype
                                                        else CHUNK_BYTES)
             else:
                 raw = values.chunks(e.origin)
@@ -539,8 +566,8 @@ def _layout(state: State, fmt: str, values: _TargetValues, check_all: bool) -> _
     for entries in groups.values():
         first = entries[0]
         same_view = len({_view_key(x) for x in entries}) == 1
-        if first.ref is None or same_view:
-            index = blob_of(entries, first.ref)
+        if first.ref is None or same_view or first.transform:
+            index = blob_of(entries, None if first.transform else first.ref)
             for x in entries:
                 views.append(View(x.key, index, x.dtype, x.shape, contiguous_strides(x.shape)))
             if len(entries) > 1:
@@ -579,6 +606,8 @@ def _view_key(e: Entry) -> tuple[Any, ...]:
 
 
 def _group_key(e: Entry, fmt: str) -> tuple[Any, ...]:
+    if e.transform:  # computed values: a storage of their own
+        return ("computed", e.key)
     if e.ref is None:
         return ("target", e.origin)
     storage = (e.ref.storage, e.source_dtype, e.dtype)

@@ -180,7 +180,7 @@ def _carry_entries(ckpt: Checkpoint, operations: Sequence[Operation], out: Objec
 
 def _moves(state: State) -> dict[str, str]:
     """Source key -> output key for every tensor the checkpoint supplied."""
-    return {e.origin: k for k, e in state.items() if e.source == CHECKPOINT}
+    return {e.origin: k for k, e in state.items() if e.source == CHECKPOINT and e.transform != ("copy",)}
 
 
 def _rename_key(operations: Sequence[Operation], key: str, moved: dict[str, str]) -> str | None:

@@ -50,6 +50,8 @@ class Entry:
     ref: TensorRef | None = None
     reason: str = ""
     tied_to: str = ""  # an alias filled from its present tie partner: that partner's key
+    # values computed from the source when written, not its bytes as they are (see ckpt_tool.adapt)
+    transform: tuple[Any, ...] = ()
 
     @property
     def from_checkpoint(self) -> bool:
@@ -198,7 +200,7 @@ class Operation:
 
     @property
     def needs_target(self) -> bool:
-        return self.op in _POLICIES
+        return self.op in _POLICIES or self.op in _DEPTH_OPS or (self.op in _VALUE_OPS and not _explicit(self))
 
     def describe(self) -> str:
         """The command-line spelling, as shown in the plan (a ``--map`` table by its size)."""
@@ -218,6 +220,8 @@ class Operation:
             raise UsageError("a --map table has no command-line form: save the plan and apply it with --plan")
         if self.op == "rename":
             return [flag, f"{p['pattern']}={p['replacement']}"]
+        if self.op in _VALUE_OPS:
+            return [flag, _value_op(self.op)[1](p)]
         value = next(iter(p.values()), None)
         return [flag] if value is None else [flag, str(value)]
 
@@ -226,6 +230,8 @@ class Operation:
 
     def apply(self, state: State, target: Target | None) -> State:
         p = self.params
+        if self.op in _VALUE_OPS or self.op in _DEPTH_OPS:
+            return _value_op(self.op)[2](state, target, p)
         if self.op in _POLICIES:
             if target is None:
                 raise UsageError(f"{self.describe()} needs the target architecture (--arch)")
@@ -250,7 +256,39 @@ _FIELDS: dict[str, tuple[tuple[str, type], ...]] = {
     "keep": (("pattern", str),), "exclude": (("pattern", str),), "cast": (("dtype", str),),
     "rename": (("pattern", str), ("replacement", str)), "map": (("mapping", dict),),
     "fill_missing": (), "drop_unexpected": (), "reinit_mismatched": (),
+    "adapt_input_conv": (("module", str),), "resample_pos_embed": (("key", str),),
+    "grow_blocks": (("policy", str),), "shrink_blocks": (("policy", str),),
 }
+# operations that change tensor values (ckpt_tool.adapt) or the number of blocks (ckpt_tool.depth),
+# their optional fields, and their command-line values
+_VALUE_OPS = ("adapt_input_conv", "resample_pos_embed")
+_DEPTH_OPS = ("grow_blocks", "shrink_blocks")
+_OPTIONAL: dict[str, tuple[tuple[str, type], ...]] = {
+    "adapt_input_conv": (("in_chans", int),), "resample_pos_embed": (("grid", list), ("prefix_tokens", int)),
+}
+
+
+def _value_op(op: str) -> tuple[Callable[[str], dict[str, Any]], Callable[[dict[str, Any]], str],
+                                Callable[[State, Target | None, dict[str, Any]], State]]:
+    """(parse the flag's value, write it back, apply) of a value or depth operation."""
+    from . import adapt, depth
+
+    def policy(value: str) -> dict[str, Any]:
+        return {"policy": value}
+
+    table = {
+        "adapt_input_conv": (adapt.parse_adapt_value, adapt.adapt_argv_value, adapt.apply_adapt),
+        "resample_pos_embed": (adapt.parse_resample_value, adapt.resample_argv_value, adapt.apply_resample),
+        "grow_blocks": (policy, lambda p: str(p["policy"]), depth.apply_grow),
+        "shrink_blocks": (policy, lambda p: str(p["policy"]), depth.apply_shrink),
+    }
+    return table[op]
+
+
+def _explicit(op: Operation) -> bool:
+    """Whether a value operation names its size itself (``conv1=4``), so that it needs no target."""
+    p = op.params
+    return p.get("in_chans") is not None or p.get("grid") is not None
 
 
 # --- argv: the one table between migrate's flags and operations ----------------------------------
@@ -261,6 +299,8 @@ FLAGS: dict[str, str] = {
     "--strip-prefix": "strip_prefix", "--add-prefix": "add_prefix", "--map": "map", "--dtype": "cast",
     "--fill-missing": "fill_missing", "--drop-unexpected": "drop_unexpected",
     "--reinit-mismatched": "reinit_mismatched",
+    "--adapt-input-conv": "adapt_input_conv", "--resample-pos-embed": "resample_pos_embed",
+    "--grow-blocks": "grow_blocks", "--shrink-blocks": "shrink_blocks",
 }
 _FLAG_OF = {op: flag for flag, op in FLAGS.items()}
 
@@ -284,6 +324,8 @@ def operation_from_flag(flag: str, value: str | None = None) -> Operation:
         return parse_rename(value)
     if op == "map":
         return load_mapping(value)
+    if op in _VALUE_OPS or op in _DEPTH_OPS:
+        return operation(op, **_value_op(op)[0](value))
     return operation(op, **{fields[0][0]: value})
 
 
@@ -305,6 +347,24 @@ def operation(op: str, **params: Any) -> Operation:
         if kind is str and name != "replacement" and not value:
             raise UsageError(f"operation {op!r} needs a non-empty {name!r}")
         args.append((name, value))
+    for name, kind in _OPTIONAL.get(op, ()):
+        value = params.get(name)
+        if value is not None:
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise UsageError(f"operation {op!r} needs {name!r} as a {kind.__name__}, got {value!r}")
+            args.append((name, value))
+    if op == "resample_pos_embed":
+        from .adapt import check_resample
+
+        check_resample(params)
+    if op == "adapt_input_conv" and params.get("in_chans") is not None and params["in_chans"] < 1:
+        raise UsageError(f"operation 'adapt_input_conv' needs 'in_chans' >= 1, got {params['in_chans']!r}")
+    if op in _DEPTH_OPS:
+        from .depth import GROW_POLICIES, SHRINK_POLICIES
+
+        choices = GROW_POLICIES if op == "grow_blocks" else SHRINK_POLICIES
+        if params["policy"] not in choices:
+            raise UsageError(f"{_FLAG_OF[op]} {params['policy']}: choose one of {', '.join(choices)}")
     if op == "map" and not all(isinstance(k, str) and isinstance(v, str) for k, v in params["mapping"].items()):
         raise UsageError("operation 'map' needs a mapping of key strings to key strings")
     if op in ("keep", "exclude", "rename"):
@@ -477,7 +537,8 @@ def _read_json(path: str, option: str) -> Any:
 
 @dataclass(frozen=True)
 class Step:
-    """What one operation did: the keys it dropped, renamed (``old -> new``), added, reinitialised or cast."""
+    """What one operation did: the keys it dropped, renamed (``old -> new``), added, reinitialised or cast,
+    and those whose values it changed in place (``adapted``: an input conv, a position embedding)."""
 
     operation: str
     dropped: tuple[str, ...] = ()
@@ -485,10 +546,12 @@ class Step:
     added: tuple[str, ...] = ()
     reinitialised: tuple[str, ...] = ()
     cast: tuple[str, ...] = ()
+    adapted: tuple[str, ...] = ()
 
     @property
     def affected(self) -> int:
-        return len(self.dropped) + len(self.renamed) + len(self.added) + len(self.reinitialised) + len(self.cast)
+        return (len(self.dropped) + len(self.renamed) + len(self.added) + len(self.reinitialised) + len(self.cast)
+                + len(self.adapted))
 
 
 @dataclass(frozen=True)
@@ -546,6 +609,9 @@ def _refuse_if_unmatched(op: Operation, state: State) -> None:
     elif op.op == "map":
         hit = any(k in p["mapping"] for k in keys)
         what, candidates = next(iter(p["mapping"]), ""), keys
+    elif op.op in _VALUE_OPS:
+        what = f"{p['module']}.weight" if op.op == "adapt_input_conv" else p["key"]
+        hit, candidates = what in keys, keys
     else:
         return
     if hit:
@@ -567,12 +633,12 @@ def _modules(keys: list[str]) -> list[str]:
 
 def _step(name: str, before: State, after: State) -> Step:
     # entries are matched by where their values come from, so a rename is told from a drop + add
-    where_after = {(e.source, e.origin): k for k, e in after.items() if not e.tied_to}
+    where_after = {(e.source, e.origin, e.transform): k for k, e in after.items() if not e.tied_to}
     dropped, renamed, cast_keys = [], [], []
     for key, e in before.items():
         if e.tied_to:
             continue  # an alias follows its partner
-        new = where_after.get((e.source, e.origin))
+        new = where_after.get((e.source, e.origin, e.transform))
         if new is None:
             dropped.append(key)
             continue
@@ -580,11 +646,13 @@ def _step(name: str, before: State, after: State) -> Step:
             renamed.append((key, new))
         if after[new].dtype != e.dtype:
             cast_keys.append(new)
-    where_before = {(e.source, e.origin) for e in before.values() if not e.tied_to}
+    where_before = {(e.source, e.origin, e.transform) for e in before.values() if not e.tied_to}
     fresh = [k for k, e in after.items()
-             if (e.source, e.origin) not in where_before or (e.tied_to and k not in before)]
+             if (e.source, e.origin, e.transform) not in where_before or (e.tied_to and k not in before)]
+    # a key whose values an operation computed anew, under its old name
+    adapted = [k for k in fresh if after[k].transform and k in before]
     reinit = [k for k in fresh if after[k].reason == "reinit_mismatched"]
-    added = [k for k in fresh if after[k].reason != "reinit_mismatched"]
-    # a reinitialised key replaces the checkpoint's tensor of the same name: not a drop
-    dropped = [k for k in dropped if k not in reinit]
-    return Step(name, tuple(dropped), tuple(renamed), tuple(added), tuple(reinit), tuple(cast_keys))
+    added = [k for k in fresh if after[k].reason != "reinit_mismatched" and k not in adapted]
+    # a reinitialised or adapted key replaces the checkpoint's tensor of the same name: not a drop
+    dropped = [k for k in dropped if k not in reinit and k not in adapted]
+    return Step(name, tuple(dropped), tuple(renamed), tuple(added), tuple(reinit), tuple(cast_keys), tuple(adapted))

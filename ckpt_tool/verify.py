@@ -4,6 +4,7 @@ Two checks, both on the files as written:
 
 1. *Re-read* (always, torch-free, streamed): the output is opened with ckpt's reader and every
    planned tensor is compared with its source byte for byte: the input's bytes (cast as planned),
+   the values an adaptation computes from them (``ckpt_tool.adapt``: an input conv, a position embedding),
    or the target's initial values for filled and re-initialised keys. A tied alias is compared
    with its partner's source.
 2. *Load* (with an architecture): the output is loaded the way users load it (``torch.load`` /
@@ -25,7 +26,7 @@ from typing import Any
 from .arch import TargetSignature
 from .compat import Compatibility, check, parameter_share
 from .model import DENSE, SPARSE_KINDS, TensorRef
-from .plan import State
+from .plan import Entry, State
 from .torch_extra import buildable
 from .values import FileCache, iter_raw_chunks
 from .writer import SAFETENSORS, Written
@@ -84,9 +85,11 @@ def origins(state: State) -> dict[str, int]:
 
 def verify_output(written: Written, state: State, *, target_chunks: Callable[[str], Iterable[bytes]],
                   cast: Callable[[bytes, str, str], bytes], aliases: Mapping[str, str], state_path: str | None,
-                  signature: TargetSignature | None = None, seed: int = 0) -> Verification:
-    """Both checks of the module docstring; ``target_chunks(key)`` gives the target's initial bytes of a key."""
-    differ, checked, written_tensors = _reread(written, state, target_chunks, cast, aliases, state_path)
+                  signature: TargetSignature | None = None, seed: int = 0,
+                  computed: Callable[[Entry], Iterable[bytes]] | None = None) -> Verification:
+    """Both checks of the module docstring; ``target_chunks(key)`` gives the target's initial bytes of a key,
+    ``computed(entry)`` the bytes an adapted or copied entry's values must have (before a cast)."""
+    differ, checked, written_tensors = _reread(written, state, target_chunks, cast, aliases, state_path, computed)
     counts: dict[str, Any] = dict(origins(state))
     if signature is None:
         return Verification(None, True, None, None, checked, tuple(differ), **counts)
@@ -106,7 +109,8 @@ def verify_output(written: Written, state: State, *, target_chunks: Callable[[st
 
 def _reread(written: Written, state: State, target_chunks: Callable[[str], Iterable[bytes]],
             cast: Callable[[bytes, str, str], bytes], aliases: Mapping[str, str],
-            state_path: str | None) -> tuple[list[str], int, Mapping[str, TensorRef]]:
+            state_path: str | None, computed: Callable[[Entry], Iterable[bytes]] | None = None,
+            ) -> tuple[list[str], int, Mapping[str, TensorRef]]:
     from .reader import open_checkpoint
 
     out = open_checkpoint(written.path, state_path if written.format != SAFETENSORS else None)
@@ -118,7 +122,15 @@ def _reread(written: Written, state: State, target_chunks: Callable[[str], Itera
             if ref is None or ref.shape != e.shape or ref.dtype != e.dtype:
                 differ.append(key)
                 continue
-            if e.ref is not None:
+            want: Iterable[bytes]
+            if e.transform:
+                assert computed is not None, "a computed entry needs its values to verify"
+                if e.ref is not None and written.backup and _same_file(e.ref.file, written.path):
+                    e = replace(e, ref=replace(e.ref, file=written.backup))
+                want = computed(e)
+                if e.dtype != e.source_dtype:
+                    want = (cast(c, e.source_dtype, e.dtype) for c in want)
+            elif e.ref is not None:
                 # rewritten in place: the input's bytes now live in the backup
                 source = replace(e.ref, file=written.backup) if written.backup and _same_file(e.ref.file, written.path) \
                     else e.ref
@@ -127,7 +139,7 @@ def _reread(written: Written, state: State, target_chunks: Callable[[str], Itera
                     if not _same_composite(source, ref, files):
                         differ.append(key)
                     continue
-                want: Iterable[bytes] = iter_raw_chunks(source, files, VERIFY_CHUNK_BYTES)
+                want = iter_raw_chunks(source, files, VERIFY_CHUNK_BYTES)
                 if e.dtype != e.source_dtype:
                     want = (cast(c, e.source_dtype, e.dtype) for c in want)
             else:

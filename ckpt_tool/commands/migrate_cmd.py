@@ -128,7 +128,7 @@ def _render_plan(plan: Any) -> None:
         rows = []
         for i, s in enumerate(plan.steps, 1):
             examples = [f"{a} -> {b}" for a, b in s.renamed] + list(s.dropped) + list(s.added) + list(s.reinitialised)
-            examples += list(s.cast)
+            examples += list(s.cast) + list(s.adapted)
             rows.append((i, s.operation, len(s.dropped), len(s.renamed), len(s.added), len(s.reinitialised),
                          len(s.cast), some(examples, 2) or "(no keys matched)"))
         echo(table(rows, ["#", "operation", "dropped", "renamed", "added", "reinit", "cast", "keys"],
@@ -141,6 +141,12 @@ def _render_plan(plan: Any) -> None:
         echo(f"  initialised from {plan.arch}: {t.key} {shape_str(t.shape)} ({t.reason})")
     if len(plan.initialised) > _LIST_LIMIT:
         echo(f"  ... and {len(plan.initialised) - _LIST_LIMIT} more initialised (--json lists them all)")
+    for a in plan.adapted[:_LIST_LIMIT]:
+        source = (f" from {a.origin} {shape_str(a.origin_shape)}" if a.origin != a.key
+                  else f" from {shape_str(a.origin_shape)}" if a.origin_shape != a.shape else "")
+        echo(f"  computed: {a.key} {shape_str(a.shape)}{source} ({a.how})")
+    if len(plan.adapted) > _LIST_LIMIT:
+        echo(f"  ... and {len(plan.adapted) - _LIST_LIMIT} more computed (--json lists them all)")
     for s in plan.shared[:_LIST_LIMIT]:
         words = {"one storage": "written once, one storage", "alias": f"written once as {s.written_as}, the others "
                  "recorded as aliases in the metadata", "copies": "different views of one storage, written as copies"}

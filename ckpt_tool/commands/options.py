@@ -43,6 +43,15 @@ _OPERATION_OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
     ("drop_unexpected", "--drop-unexpected", None, "Drop keys the target has no place for."),
     ("reinit_mismatched", "--reinit-mismatched", None, "Keys whose shape would not load take the target's "
      "initialisation."),
+    ("adapt_input_conv", "--adapt-input-conv", "MODULE[=N]", "Adapt MODULE.weight to the target's input channels "
+     "(or N) as timm's adapt_input_conv does: summed over RGB for 1, repeated and scaled by 3/N for N."),
+    ("resample_pos_embed", "--resample-pos-embed", "KEY[=[P+]HxW]", "Resample the position embedding KEY to the "
+     "target's grid (or HxW, after P prefix tokens) as timm's resample_abs_pos_embed does (bicubic, antialiased)."),
+    ("grow_blocks", "--grow-blocks", "nearest|identity", "Blocks the target has beyond the checkpoint's (layer1.N, "
+     "encoder.layer.N, blocks.N): copies of the nearest trained block, or identity blocks (last norm or output "
+     "projections zeroed)."),
+    ("shrink_blocks", "--shrink-blocks", "first|every-k", "Fewer blocks in the target: keep the first N, or every "
+     "k-th (k = checkpoint's / target's), renumbered."),
 )
 OPERATION_PARAMS = tuple(name for name, *_ in _OPERATION_OPTIONS)
 

@@ -11,6 +11,7 @@ from ..model import Checkpoint, common_prefix, in_module
 from ..plan import Plan
 from ..plan import operation as plan_operation
 from ..text import some
+from .adapt import adaptation_steps
 from .report import FixPlan, PlanStep
 from .rows import is_index
 
@@ -48,6 +49,9 @@ def suggest_plan(source: Checkpoint, target: TargetSignature, *, arch: str | Non
         steps.append(PlanStep({"op": "rename", "pattern": pattern, "replacement": replacement},
                               _rename_reason(pairs, current), sum(len(_module_keys(current, o)) for o, _ in pairs)))
     current = _apply_renames(current, [(p, r) for p, r, _ in renames])
+    adapt_steps, current, adapt_notes = adaptation_steps(current, target, arch)
+    steps += adapt_steps
+    notes += adapt_notes
 
     unexpected = [k for k in current if k not in tgt]
     if unexpected:

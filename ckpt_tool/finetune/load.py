@@ -32,13 +32,24 @@ def _migrated_state(ckpt: Checkpoint, opts: FinetuneOptions, model: Any) -> tupl
     state = plan_mod.initial_state(ckpt.tensors)
     if ops:
         state = plan_mod.apply(ops, state, signature_of(model)[0]).state
-    refs = {k: e.ref for k, e in state.items() if e.source == plan_mod.CHECKPOINT and e.ref is not None}
+    refs = {k: e.ref for k, e in state.items()
+            if e.source == plan_mod.CHECKPOINT and e.ref is not None and not e.transform}
     tensors = torch_state_dict(refs)
+    tensors.update(_computed(state))
     for key, entry in state.items():
         if key in tensors and entry.dtype != entry.source_dtype:
             tensors[key] = tensors[key].to(getattr(torch, entry.dtype))
-    initialised = tuple(k for k in state if k not in refs)
+    initialised = tuple(k for k in state if k not in tensors)
     return tensors, tuple(op.describe() for op in ops), initialised
+
+
+def _computed(state: dict[str, Any]) -> dict[str, Any]:
+    """Adapted, copied and zeroed tensors (--adapt-input-conv, --grow-blocks...), computed as migrate writes them."""
+    from ..adapt import computed_tensor
+    from ..values import FileCache, to_torch
+
+    with FileCache() as files:
+        return {k: computed_tensor(e, lambda ref: to_torch(ref, files)) for k, e in state.items() if e.transform}
 
 
 def _load_into(model: Any, state: dict[str, Any], heads: tuple[str, ...], operations: tuple[str, ...],
