@@ -407,7 +407,8 @@ def _metadata(ckpt: Checkpoint, plan: Plan, applied: Applied, aliases: dict[str,
     if hasher is not None:
         meta["ckpt.source_sha256"] = Deferred(64, hasher.hexdigest)
         if hasher.shards:  # a sharded source: each shard's digest too, not only the index's
-            meta["ckpt.source_shards_sha256"] = Deferred(len(hasher.shards_json(placeholder=True)), hasher.shards_json)
+            placeholder = hasher.shards_json(placeholder=True)
+            meta["ckpt.source_shards_sha256"] = Deferred(len(placeholder), hasher.shards_json, placeholder)
     if ckpt.state_path:
         meta["ckpt.key"] = ckpt.state_path
     if plan.arch:

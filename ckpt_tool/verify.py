@@ -30,8 +30,9 @@ from .torch_extra import buildable
 from .values import FileCache, iter_raw_chunks
 from .writer import SAFETENSORS, Written
 
-# bytes compared per step on each side: what the re-read holds at a time
-VERIFY_CHUNK_BYTES = 4 * 1024 * 1024
+# bytes compared per step on each side: what the re-read holds at a time. 1 MiB pairs stay in the
+# CPU's cache between the read and the compare; 4 MiB and more run measurably slower
+VERIFY_CHUNK_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)

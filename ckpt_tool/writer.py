@@ -91,6 +91,9 @@ class Deferred:
 
     length: int
     produce: Callable[[], str] = field(compare=False)
+    # what stands in for it meanwhile: zeros by default; a value with quotes (JSON) needs a stand-in
+    # with the same quotes, so that the escaped header keeps its length
+    placeholder: str | None = None
 
 
 Metadata = dict[str, "str | Deferred"]
@@ -100,7 +103,7 @@ def resolve_metadata(metadata: Metadata, final: bool = True) -> dict[str, str]:
     out = {}
     for key, value in metadata.items():
         if isinstance(value, Deferred):
-            text = value.produce() if final else "0" * value.length
+            text = value.produce() if final else value.placeholder or "0" * value.length
             if len(text) != value.length:
                 raise AssertionError(f"metadata {key!r}: {len(text)} characters, {value.length} reserved")
             out[key] = text
