@@ -223,3 +223,18 @@ def test_tied_weights_survive_a_sharded_write(tmp_path):
     assert report.ok and report.verification is not None and report.verification.loads
     index = json.load(open(report.written.path))
     assert json.loads(index["metadata"]["ckpt.aliases"]) == {"lm_head.weight": "transformer.wte.weight"}
+
+
+def test_a_target_too_large_to_build_is_checked_by_headers(llama, tmp_path, monkeypatch):
+    """A 70B target cannot be built on the CPU to load the output into: every value is still compared,
+    and the keys and shapes are checked against the signature instead of a load (said so)."""
+    from ckpt_tool import verify
+
+    src, state = llama  # save_pretrained wrote the config.json beside the shards
+    monkeypatch.setattr(verify, "_memory_available", lambda: 1000)
+    result = CliRunner().invoke(main, ["migrate", src, "--arch", f"hf:{src}", "-o", str(tmp_path / "m.safetensors")])
+    assert result.exit_code == 0, result.output
+    assert "too large to build here: not loaded" in result.output
+    report = migrate(Plan(src, arch=f"hf:{src}"), str(tmp_path / "j.safetensors"))
+    assert report.verification is not None and report.verification.method == "headers_memory"
+    assert report.verification.checked == len(state) and report.ok
