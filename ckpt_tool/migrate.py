@@ -319,11 +319,16 @@ def _why_not_plain(value: Any) -> str:
     return "holds tensors or objects" if isinstance(value, (dict, list, tuple)) else "not plain data"
 
 
+def _string_metadata(ckpt: Checkpoint) -> bool:
+    """Whether the source's extras are string metadata: a safetensors header's, or a sharded index's."""
+    return ckpt.format == SAFETENSORS or ckpt.format.startswith("sharded")
+
+
 def _extras(ckpt: Checkpoint, keep: bool) -> tuple[dict[str, Any], dict[str, str]]:
     """Entries beside the state dict (at every level of its path): (kept as plain data, dropped -> why)."""
-    if ckpt.format == SAFETENSORS:
-        # our own provenance is written afresh; "format" is always written
-        meta = {k: v for k, v in ckpt.metadata.items() if not k.startswith("ckpt.") and k != "format"}
+    if _string_metadata(ckpt):
+        # our own provenance is written afresh; "format" is always written, a set's "total_size" recounted
+        meta = {k: v for k, v in ckpt.metadata.items() if not k.startswith("ckpt.") and k not in ("format", "total_size")}
         return (meta, {}) if keep else ({}, {k: "--keep-extras keeps it" for k in meta})
     kept: dict[str, Any] = {}
     dropped: dict[str, str] = {}
@@ -394,7 +399,7 @@ class _Hasher:
 def _metadata(ckpt: Checkpoint, plan: Plan, applied: Applied, aliases: dict[str, str], kept: dict[str, Any],
               hasher: _Hasher | None) -> Metadata:
     meta: Metadata = {}
-    if ckpt.format == SAFETENSORS:
+    if _string_metadata(ckpt):
         meta.update({k: v for k, v in kept.items()})
     else:
         meta.update({k: json.dumps(v) for k, v in kept.items()})

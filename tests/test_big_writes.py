@@ -238,3 +238,13 @@ def test_a_target_too_large_to_build_is_checked_by_headers(llama, tmp_path, monk
     report = migrate(Plan(src, arch=f"hf:{src}"), str(tmp_path / "j.safetensors"))
     assert report.verification is not None and report.verification.method == "headers_memory"
     assert report.verification.checked == len(state) and report.ok
+
+
+def test_a_sharded_sources_index_metadata_is_kept_or_reported(llama, tmp_path):
+    src, _ = llama
+    assert "total_parameters" in json.load(open(os.path.join(src, "model.safetensors.index.json")))["metadata"]
+    dropped = migrate(Plan(src), str(tmp_path / "a.safetensors"), max_shard_size=30_000)
+    assert dropped.plan.extras_dropped == {"total_parameters": "--keep-extras keeps it"}
+    kept = migrate(Plan(src), str(tmp_path / "b.safetensors"), max_shard_size=30_000, keep_extras=True)
+    index = json.load(open(kept.written.path))["metadata"]
+    assert index["total_parameters"] == "24992" and index["total_size"] == kept.written.tensor_bytes
