@@ -25,6 +25,7 @@ from typing import Any
 
 from .arch import TargetSignature
 from .compat import Compatibility, check, parameter_share
+from .errors import FormatError, InputError
 from .model import DENSE, DTYPES, SPARSE_KINDS, TensorRef
 from .plan import State
 from .torch_extra import buildable
@@ -140,7 +141,7 @@ def _reread(written: Written, state: State, target_chunks: Callable[[str], Itera
     out = open_checkpoint(written.path, state_path if written.format != SAFETENSORS else None)
     differ: list[str] = []
     checked = 0
-    with FileCache() as files:
+    with FileCache() as files, _Ranges() as ranges:
         for key, e in state.items():
             ref = out.tensors.get(key) or out.tensors.get(aliases.get(key, ""))
             if ref is None or ref.shape != e.shape or ref.dtype != e.dtype:
@@ -155,6 +156,12 @@ def _reread(written: Written, state: State, target_chunks: Callable[[str], Itera
                     if not _same_composite(source, ref, files):
                         differ.append(key)
                     continue
+                if e.dtype == e.source_dtype and _plain_range(source) and _plain_range(ref):
+                    # the usual case, bytes carried as they are: compared in place, range against range
+                    checked += 1
+                    if not ranges.same(source, ref):
+                        differ.append(key)
+                    continue
                 want: Iterable[bytes] = iter_raw_chunks(source, files, VERIFY_CHUNK_BYTES)
                 if e.dtype != e.source_dtype:
                     want = (cast(c, e.source_dtype, e.dtype) for c in want)
@@ -164,6 +171,61 @@ def _reread(written: Written, state: State, target_chunks: Callable[[str], Itera
             if ref.nbytes and not _same_bytes(iter_raw_chunks(ref, files, VERIFY_CHUNK_BYTES), want):
                 differ.append(key)
     return differ, checked, out.tensors
+
+
+def _plain_range(ref: TensorRef) -> bool:
+    return ref.kind == DENSE and ref.is_contiguous and ref.offset is not None
+
+
+class _Ranges:
+    """Compares two files' byte ranges through two reused buffers.
+
+    A fresh 1 MiB ``bytes`` per chunk costs 256 page faults, each time: over a 553 MB tensor set
+    that was half the re-read's time. Reading into the same two buffers costs none.
+    """
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+        self._a = bytearray(VERIFY_CHUNK_BYTES)
+        self._b = bytearray(VERIFY_CHUNK_BYTES)
+
+    def __enter__(self) -> _Ranges:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def _fd(self, path: str) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            try:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            except OSError as exc:
+                raise InputError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+        return fd
+
+    def same(self, a: TensorRef, b: TensorRef) -> bool:
+        """Whether ``a``'s and ``b``'s bytes are equal (both dense and contiguous)."""
+        if a.nbytes != b.nbytes:
+            return False
+        assert a.offset is not None and b.offset is not None
+        fa, fb = self._fd(a.file), self._fd(b.file)
+        ma, mb = memoryview(self._a), memoryview(self._b)
+        done = 0
+        while done < a.nbytes:
+            n = min(len(self._a), a.nbytes - done)
+            for fd, view, ref in ((fa, ma, a), (fb, mb, b)):
+                assert ref.offset is not None
+                if os.preadv(fd, [view[:n]], ref.offset + done) != n:
+                    raise FormatError(f"{ref.file}: tensor {ref.key!r} is truncated (ends before byte "
+                                      f"{ref.offset + ref.nbytes})")
+            # whole buffers compare with one memcmp; a short tail through a small copy
+            if not (self._a == self._b if n == len(self._a) else ma[:n].tobytes() == mb[:n].tobytes()):
+                return False
+            done += n
+        return True
 
 
 def _same_composite(a: TensorRef, b: TensorRef, files: FileCache) -> bool:
