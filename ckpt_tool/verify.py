@@ -18,6 +18,7 @@ shapes against the target's signature, reported as ``method="headers"``, never a
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, fields, replace
@@ -185,7 +186,7 @@ class _Ranges:
     """
 
     def __init__(self) -> None:
-        self._fds: dict[str, int] = {}
+        self._files: dict[str, io.FileIO] = {}
         self._a = bytearray(VERIFY_CHUNK_BYTES)
         self._b = bytearray(VERIFY_CHUNK_BYTES)
 
@@ -193,32 +194,32 @@ class _Ranges:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
 
-    def _fd(self, path: str) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
+    def _file(self, path: str) -> io.FileIO:
+        f = self._files.get(path)
+        if f is None:
             try:
-                fd = self._fds[path] = os.open(path, os.O_RDONLY)
+                f = self._files[path] = io.FileIO(path, "r")
             except OSError as exc:
                 raise InputError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-        return fd
+        return f
 
     def same(self, a: TensorRef, b: TensorRef) -> bool:
         """Whether ``a``'s and ``b``'s bytes are equal (both dense and contiguous)."""
         if a.nbytes != b.nbytes:
             return False
-        assert a.offset is not None and b.offset is not None
-        fa, fb = self._fd(a.file), self._fd(b.file)
         ma, mb = memoryview(self._a), memoryview(self._b)
         done = 0
         while done < a.nbytes:
             n = min(len(self._a), a.nbytes - done)
-            for fd, view, ref in ((fa, ma, a), (fb, mb, b)):
+            for view, ref in ((ma, a), (mb, b)):
                 assert ref.offset is not None
-                if os.preadv(fd, [view[:n]], ref.offset + done) != n:
+                f = self._file(ref.file)
+                f.seek(ref.offset + done)
+                if f.readinto(view[:n]) != n:
                     raise FormatError(f"{ref.file}: tensor {ref.key!r} is truncated (ends before byte "
                                       f"{ref.offset + ref.nbytes})")
             # whole buffers compare with one memcmp; a short tail through a small copy
