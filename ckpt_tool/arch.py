@@ -1,6 +1,8 @@
-"""Target architectures: torchvision names, ``package.module:factory``, ``file.py:factory``, ``timm:NAME``.
+"""Target architectures: torchvision names, ``package.module:factory``, ``file.py:factory``, ``timm:NAME``,
+``hf:PATH`` (a Hugging Face ``config.json``, or a directory holding one).
 
-torch and torchvision are imported here only, and only when a model must be built.
+torch and torchvision are imported here only, and only when a model must be built. ``hf:`` reads local
+files only: nothing is downloaded and no remote code is run.
 """
 
 from __future__ import annotations
@@ -43,9 +45,9 @@ def build_model(spec: str, arch_args: dict[str, Any] | None = None, device: str 
     """Build the ``nn.Module`` a spec names, with random weights (never downloads any).
 
     Args:
-        spec: ``"vgg16"`` (torchvision), ``"pkg.module:factory"``, ``"path/to/file.py:factory"``
-            or ``"timm:NAME"``.
-        arch_args: keyword arguments for the factory.
+        spec: ``"vgg16"`` (torchvision), ``"pkg.module:factory"``, ``"path/to/file.py:factory"``,
+            ``"timm:NAME"`` or ``"hf:path/to/config.json"`` (or ``"hf:DIR"`` holding one).
+        arch_args: keyword arguments for the factory (for ``hf:``, config fields that replace the file's).
         device: ``"meta"`` builds without allocating memory.
         fallback: the device to build on when building on ``device`` fails (user code that calls
             ``torch.from_numpy``, ``torch.Tensor(list)`` or ``.item()`` cannot run on the meta device).
@@ -55,6 +57,8 @@ def build_model(spec: str, arch_args: dict[str, Any] | None = None, device: str 
     from .torch_extra import require_torch
 
     require_torch(f"--arch {spec}: building the model", torchvision=":" not in spec)
+    if spec.startswith(HF_PREFIX):
+        _require_transformers(spec)
     import torch
 
     args = dict(arch_args or {})
@@ -66,7 +70,8 @@ def build_model(spec: str, arch_args: dict[str, Any] | None = None, device: str 
         except ArchError:
             raise
         except Exception as exc:  # noqa: BLE001 - user code can raise anything
-            if fallback is not None and fallback != device:
+            # never for hf: a large language model built for real on the CPU could exhaust the memory
+            if fallback is not None and fallback != device and not spec.startswith(HF_PREFIX):
                 return build_model(spec, arch_args, fallback)
             if isinstance(exc, TypeError):
                 raise ArchError(f"--arch {spec}: cannot build it with {args} ({exc})") from None
@@ -77,6 +82,8 @@ def build_model(spec: str, arch_args: dict[str, Any] | None = None, device: str 
 
 
 def resolve_factory(spec: str, args: dict[str, Any]) -> Any:
+    if spec.startswith(HF_PREFIX):
+        return _hf_factory(spec)
     if spec.startswith("timm:"):
         try:
             timm = importlib.import_module("timm")
@@ -122,6 +129,90 @@ def _load_file(source: str, spec: str) -> Any:
     except Exception as exc:  # noqa: BLE001 - user code
         raise ArchError(f"--arch {spec}: importing {source} failed: {type(exc).__name__}: {exc}") from None
     return module
+
+
+# --- hf:PATH: a Hugging Face config.json, built with transformers from local files only -------------
+
+HF_PREFIX = "hf:"
+HF_EXTRA = "ckpt-tool[hf]"
+
+
+def hf_config_path(spec: str) -> str:
+    """The ``config.json`` an ``hf:`` spec names: the file itself, or ``config.json`` in the directory."""
+    path = spec[len(HF_PREFIX):]
+    if not path:
+        raise ArchError(f"--arch {spec}: give a config.json or a directory holding one (hf:PATH)")
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise ArchError(f"--arch {spec}: no such file {path} (hf: reads a local config.json; nothing is downloaded)")
+    return path
+
+
+def _require_transformers(spec: str) -> None:
+    from .torch_extra import has
+
+    if not has("transformers"):
+        raise ArchError(f"--arch {spec}: needs transformers, which is not installed",
+                        hint=f"pip install '{HF_EXTRA}'")
+
+
+def _hf_config(spec: str) -> dict[str, Any]:
+    path = hf_config_path(spec)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ArchError(f"--arch {spec}: {path} is not a JSON config ({exc})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
+        raise ArchError(f"--arch {spec}: {path} has no \"model_type\": not a Hugging Face config.json")
+    return raw
+
+
+def _hf_factory(spec: str) -> Any:
+    """A factory that builds the config's model class from the file (arguments override its fields).
+
+    Only classes transformers itself defines are built: a config that needs remote code (``auto_map``
+    with an unknown ``model_type``) is refused, since ckpt never runs code a file names.
+    """
+    raw = _hf_config(spec)
+    # no network, whatever the environment says: the hub client reads this when transformers imports it
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        transformers = importlib.import_module("transformers")
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    except ImportError as exc:
+        raise ArchError(f"--arch {spec}: importing transformers failed ({exc})", hint=f"pip install '{HF_EXTRA}'") \
+            from None
+    transformers.logging.set_verbosity_error()  # config warnings are not ours to report
+    model_type = raw["model_type"]
+    if model_type not in CONFIG_MAPPING:
+        why = ("its model is remote code (auto_map), which ckpt never runs" if "auto_map" in raw
+               else f"transformers {transformers.__version__} does not know this model type")
+        raise ArchError(f"--arch {spec}: model_type {model_type!r}: {why}")
+    names = [n for n in raw.get("architectures") or [] if isinstance(n, str)]
+    cls: Any
+    if names:
+        cls = getattr(transformers, names[0], None)
+        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+            raise ArchError(f"--arch {spec}: architectures[0] {names[0]!r} is not a transformers model class "
+                            f"(transformers {transformers.__version__})")
+    else:  # no class named: the base model of the type, as AutoModel picks it
+        from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+        try:
+            cls = MODEL_MAPPING[CONFIG_MAPPING[model_type]]
+        except KeyError:
+            raise ArchError(f"--arch {spec}: model_type {model_type!r} has no base model class; "
+                            "name one in the config's \"architectures\"") from None
+
+    def build(**overrides: Any) -> Any:
+        fields = {k: v for k, v in raw.items() if k not in ("auto_map", "architectures")}
+        config = CONFIG_MAPPING[model_type].from_dict({**fields, **overrides})
+        # eager attention needs no kernel lookup; the config's dtype is kept, as from_pretrained keeps it
+        return cls._from_config(config, attn_implementation="eager")
+
+    return build
 
 
 # --- target signatures: key -> (shape, dtype) of a model's state dict, cached on disk ----------------------
@@ -275,6 +366,12 @@ def _cache_key(spec: str, args: dict[str, Any]) -> dict[str, Any] | None:
     }
     if spec.startswith("timm:"):
         key["timm"] = _version("timm")
+    elif spec.startswith(HF_PREFIX):
+        path = hf_config_path(spec)
+        key["spec"] = HF_PREFIX + os.path.abspath(path)
+        key["transformers"] = _version("transformers")
+        with open(path, "rb") as f:
+            key["source_sha256"] = hashlib.sha256(f.read()).hexdigest()
     elif ":" in spec:
         source, _, attr = spec.rpartition(":")
         file = source if source.endswith(".py") else _module_file(source)

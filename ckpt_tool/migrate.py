@@ -278,12 +278,22 @@ def migrate(
     metadata = _metadata(ckpt, plan, applied, built.aliases, kept, hasher)
     # a .pth keeps extras beside the state dict, under its original key (or "state_dict")
     nesting = Nesting(ckpt.state_path or "state_dict", kept) if fmt == PTH and kept else Nesting()
+    verified: list[Verification] = []
+
+    def verify(staged: Written) -> None:
+        # the staged files are verified while their fsyncs and the source's sha256 run; only then
+        # are they renamed into place
+        verified.append(verify_output(staged, applied.state, target_chunks=values.chunks, cast=cast_bytes,
+                                      aliases=built.aliases, state_path=nesting.path, signature=signature, seed=seed,
+                                      computed=lambda e: computed_chunks(e, built.files, VERIFY_CHUNK_BYTES)))
+
     try:
-        written = (write_dcp if fmt == DCP else _write)(output, built.layout, metadata=metadata, nesting=nesting, max_shard_size=max_shard_size,
-                         backup=backup, staging=Staging(), progress=progress)
-        verification = verify_output(written, applied.state, target_chunks=values.chunks, cast=cast_bytes,
-                                     aliases=built.aliases, state_path=nesting.path, signature=signature, seed=seed,
-                                     computed=lambda e: computed_chunks(e, built.files, VERIFY_CHUNK_BYTES))
+        written = (write_dcp if fmt == DCP else _write)(output, built.layout, metadata=metadata, nesting=nesting,
+                                                        max_shard_size=max_shard_size, backup=backup, staging=Staging(),
+                                                        progress=progress, before_commit=verify)
+        if not verified:  # the DCP writer renames its directory itself: verified once in place
+            verify(written)
+        verification = verified[0]
     finally:
         values.release()
         built.files.close()
@@ -348,11 +358,16 @@ def _why_not_plain(value: Any) -> str:
     return "holds tensors or objects" if isinstance(value, (dict, list, tuple)) else "not plain data"
 
 
+def _string_metadata(ckpt: Checkpoint) -> bool:
+    """Whether the source's extras are string metadata: a safetensors header's, or a sharded index's."""
+    return ckpt.format == SAFETENSORS or ckpt.format.startswith("sharded")
+
+
 def _extras(ckpt: Checkpoint, keep: bool) -> tuple[dict[str, Any], dict[str, str]]:
     """Entries beside the state dict (at every level of its path): (kept as plain data, dropped -> why)."""
-    if ckpt.format == SAFETENSORS:
-        # our own provenance is written afresh; "format" is always written
-        meta = {k: v for k, v in ckpt.metadata.items() if not k.startswith("ckpt.") and k != "format"}
+    if _string_metadata(ckpt):
+        # our own provenance is written afresh; "format" is always written, a set's "total_size" recounted
+        meta = {k: v for k, v in ckpt.metadata.items() if not k.startswith("ckpt.") and k not in ("format", "total_size")}
         return (meta, {}) if keep else ({}, {k: "--keep-extras keeps it" for k in meta})
     kept: dict[str, Any] = {}
     dropped: dict[str, str] = {}
@@ -375,35 +390,55 @@ def _extras(ckpt: Checkpoint, keep: bool) -> tuple[dict[str, Any], dict[str, str
 
 
 class _Hasher:
-    """The source's sha256, computed in a thread while tensors stream (hashlib releases the GIL)."""
+    """The sha256 of the source and of each of its files (a sharded set's shards), computed in daemon
+    threads while tensors stream (hashlib releases the GIL; a refused migration does not wait for them)."""
 
     def __init__(self, ckpt: Checkpoint) -> None:
         # a sharded source is identified by its index; a single file by itself
         self.path = ckpt.path if ckpt.format != DCP else os.path.join(ckpt.path, ".metadata")  # a DCP's like an index
-        self._digest: str | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self.shards = tuple(f for f in ckpt.files if f != ckpt.path)
+        self._todo = [self.path, *self.shards]
+        self._digests: dict[str, str | BaseException] = {}
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True, name="ckpt-sha256")
+                         for _ in range(max(1, min(len(self._todo), 4, os.cpu_count() or 1)))]
+        for t in self._threads:
+            t.start()
 
     def _run(self) -> None:
-        try:
-            with open(self.path, "rb", buffering=0) as f:
-                self._digest = hashlib.file_digest(f, "sha256").hexdigest()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            self._error = exc
+        while True:
+            with self._lock:
+                if not self._todo:
+                    return
+                path = self._todo.pop(0)
+            try:
+                with open(path, "rb", buffering=0) as f:
+                    digest: str | BaseException = hashlib.file_digest(f, "sha256").hexdigest()
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                digest = exc
+            self._digests[path] = digest
+
+    def _result(self, path: str) -> str:
+        for t in self._threads:
+            t.join()
+        digest = self._digests[path]
+        if isinstance(digest, BaseException):
+            raise digest
+        return digest
 
     def hexdigest(self) -> str:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        assert self._digest is not None
-        return self._digest
+        return self._result(self.path)
+
+    def shards_json(self, placeholder: bool = False) -> str:
+        """``{"model-00001-of-00002.safetensors": "<sha256>", ...}``, sorted, of a fixed length."""
+        by_name = {os.path.basename(p): "0" * 64 if placeholder else self._result(p) for p in self.shards}
+        return json.dumps(dict(sorted(by_name.items())), separators=(",", ":"))
 
 
 def _metadata(ckpt: Checkpoint, plan: Plan, applied: Applied, aliases: dict[str, str], kept: dict[str, Any],
               hasher: _Hasher | None) -> Metadata:
     meta: Metadata = {}
-    if ckpt.format == SAFETENSORS:
+    if _string_metadata(ckpt):
         meta.update({k: v for k, v in kept.items()})
     else:
         meta.update({k: json.dumps(v) for k, v in kept.items()})
@@ -415,6 +450,9 @@ def _metadata(ckpt: Checkpoint, plan: Plan, applied: Applied, aliases: dict[str,
     })
     if hasher is not None:
         meta["ckpt.source_sha256"] = Deferred(64, hasher.hexdigest)
+        if hasher.shards:  # a sharded source: each shard's digest too, not only the index's
+            placeholder = hasher.shards_json(placeholder=True)
+            meta["ckpt.source_shards_sha256"] = Deferred(len(placeholder), hasher.shards_json, placeholder)
     if ckpt.state_path:
         meta["ckpt.key"] = ckpt.state_path
     if plan.arch:

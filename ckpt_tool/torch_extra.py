@@ -34,9 +34,12 @@ def require_torch(what: str, *, torchvision: bool = False) -> None:
 
 
 def buildable(spec: str) -> bool:
-    """Whether ``--arch spec`` can be built here: torch, plus torchvision for a torchvision name, timm for ``timm:``."""
+    """Whether ``--arch spec`` can be built here: torch, plus torchvision for a torchvision name, timm for ``timm:``,
+    transformers for ``hf:``."""
     if not has("torch"):
         return False
     if spec.startswith("timm:"):
         return has("timm")
+    if spec.startswith("hf:"):
+        return has("transformers")
     return ":" in spec or has("torchvision")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import re
@@ -18,7 +17,8 @@ import struct
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
 from .errors import OutputError, UsageError
@@ -91,6 +91,9 @@ class Deferred:
 
     length: int
     produce: Callable[[], str] = field(compare=False)
+    # what stands in for it meanwhile: zeros by default; a value with quotes (JSON) needs a stand-in
+    # with the same quotes, so that the escaped header keeps its length
+    placeholder: str | None = None
 
 
 Metadata = dict[str, "str | Deferred"]
@@ -100,7 +103,7 @@ def resolve_metadata(metadata: Metadata, final: bool = True) -> dict[str, str]:
     out = {}
     for key, value in metadata.items():
         if isinstance(value, Deferred):
-            text = value.produce() if final else "0" * value.length
+            text = value.produce() if final else value.placeholder or "0" * value.length
             if len(text) != value.length:
                 raise AssertionError(f"metadata {key!r}: {len(text)} characters, {value.length} reserved")
             out[key] = text
@@ -203,46 +206,135 @@ def _same_file(a: str, b: str) -> bool:
 
 
 class Staging:
-    """Files written under temporary names in their final directory, renamed into place together.
+    """Files written into a hidden staging directory beside their final names, renamed into place together.
 
-    An interrupted write (an exception, Ctrl-C, a full disk) removes the temporary files and leaves
-    the final names untouched: each holds the old file or the new one, never half of one.
+    Every file is fsynced before any is renamed; the last file staged (an index after its shards) is
+    renamed last, and an old file under that name is removed first, so no index ever names a shard
+    that is not there yet, or a mix of old and new shards. An interrupted write (an exception,
+    Ctrl-C, a full disk) removes the staging directory and leaves the final names untouched; a
+    killed process leaves only the hidden ``.NAME.*.tmp`` directory, never a partial output under a
+    final name. Files are staged under their final base names, so a staged set can be opened (and
+    verified) as it will be read. The fsync of a finished file runs in the background while the
+    next is written; :meth:`commit` waits for all of them.
     """
 
     def __init__(self) -> None:
         self._staged: list[tuple[str, str]] = []
+        self._dirs: dict[str, str] = {}  # final directory -> its staging directory
+        self._syncs: list[Future[None]] = []
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _directory(self, final: str) -> str:
+        directory = os.path.dirname(os.path.abspath(final))
+        staged = self._dirs.get(directory)
+        if staged is None:
+            try:
+                staged = tempfile.mkdtemp(dir=directory, prefix=f".{os.path.basename(final)}.", suffix=".tmp")
+            except OSError as exc:
+                raise OutputError(f"{final}: cannot create a file in {directory} ({exc.strerror or exc})") from None
+            self._dirs[directory] = staged
+        return staged
+
+    def staged_path(self, final: str) -> str:
+        """Where ``final`` is while staged (before :meth:`commit`)."""
+        for tmp, name in self._staged:
+            if name == final:
+                return tmp
+        raise KeyError(final)
 
     @contextlib.contextmanager
     def open(self, final: str) -> Iterator[IO[bytes]]:
-        """A temporary file next to ``final``, flushed and fsynced when the block ends."""
-        directory = os.path.dirname(os.path.abspath(final))
+        """A staged file for ``final``, flushed and fsynced (in the background) when the block ends."""
+        tmp = os.path.join(self._directory(final), os.path.basename(final))
         try:
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(final)}.", suffix=".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as exc:
-            raise OutputError(f"{final}: cannot create a file in {directory} ({exc.strerror or exc})") from None
+            raise OutputError(f"{final}: cannot create a file in {os.path.dirname(tmp)} ({exc.strerror or exc})") \
+                from None
         self._staged.append((tmp, final))
         try:
             with os.fdopen(fd, "wb", buffering=0) as f:
                 yield f
-                os.fsync(f.fileno())
+                self._sync_later(os.dup(f.fileno()))
         except OSError as exc:
             raise OutputError(f"{final}: cannot be written ({exc.strerror or exc})") from None
 
+    def patch(self, final: str, data: bytes, *, truncate: bool = False) -> None:
+        """Overwrite the start of a staged file (a header completed at the end), fsync it and read it back."""
+        tmp = self.staged_path(final)
+        try:
+            with open(tmp, "r+b", buffering=0) as f:
+                f.write(data)
+                if truncate:
+                    f.truncate()
+                os.fsync(f.fileno())
+                f.seek(0)
+                back = f.read(len(data))
+        except OSError as exc:
+            raise OutputError(f"{final}: cannot be written ({exc.strerror or exc})") from None
+        if back != data:
+            raise OutputError(f"{final}: the rewritten header does not read back as written")
+
+    def _sync_later(self, fd: int) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckpt-fsync")
+        self._syncs.append(self._pool.submit(_fsync_close, fd))
+
+    def _wait(self) -> None:
+        syncs, self._syncs = self._syncs, []
+        errors = [f.exception() for f in syncs]
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        for exc in errors:
+            if exc is not None:
+                strerror = getattr(exc, "strerror", None)
+                raise OutputError(f"cannot write the output to disk ({strerror or exc})")
+
     def commit(self, backup: str | None = None) -> None:
-        """Rename every staged file into place (the last one last: an index after its shards)."""
-        for tmp, final in self._staged:
-            _set_mode(tmp, final)
-            if backup is not None and os.path.exists(final):
-                _keep_backup(final, backup)
-            os.replace(tmp, final)
-            _fsync_dir(os.path.dirname(os.path.abspath(final)))
+        """Rename every staged file into place once all are on disk; the last one last."""
+        self._wait()
+        if not self._staged:
+            return
+        *first, last = self._staged
+        if first and os.path.exists(last[1]):
+            # an old index must not name the new shards while they replace the old ones one by one
+            os.unlink(last[1])
+            _fsync_dir(os.path.dirname(os.path.abspath(last[1])))
+        for group in (first, [last]):
+            directories = set()
+            for tmp, final in group:
+                _set_mode(tmp, final)
+                if backup is not None and os.path.exists(final):
+                    _keep_backup(final, backup)
+                os.replace(tmp, final)
+                directories.add(os.path.dirname(os.path.abspath(final)))
+            for directory in directories:
+                _fsync_dir(directory)
         self._staged.clear()
+        self._remove_dirs()
 
     def abort(self) -> None:
+        with contextlib.suppress(OutputError):
+            self._wait()
         for tmp, _ in self._staged:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         self._staged.clear()
+        self._remove_dirs()
+
+    def _remove_dirs(self) -> None:
+        for staged in self._dirs.values():
+            with contextlib.suppress(OSError):
+                os.rmdir(staged)
+        self._dirs.clear()
+
+
+def _fsync_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _set_mode(tmp: str, final: str) -> None:
@@ -265,14 +357,6 @@ def _keep_backup(final: str, backup: str) -> None:
         import shutil
 
         shutil.copy2(final, backup)
-
-
-def _flush_to_disk(out: IO[bytes]) -> None:
-    try:
-        out.flush()
-        os.fsync(out.fileno())
-    except (OSError, AttributeError, io.UnsupportedOperation):
-        pass  # not a file (a buffer in memory): nothing to flush early
 
 
 def _fsync_dir(directory: str) -> None:
@@ -364,6 +448,8 @@ def refuse_for_safetensors(key: str, dtype: str, kind: str = DENSE) -> None:
 
 
 def _write_safetensors(out: IO[bytes], layout: Layout, metadata: Metadata, tick: Callable[[int], None]) -> None:
+    """Header and data; deferred metadata values are written as placeholders of their final length
+    (:func:`write_checkpoint` rewrites the header once they are known)."""
     if layout.objects:
         key = layout.objects[0][0]
         raise UsageError(f"state-dict entry {key!r} is not a tensor; safetensors holds only tensors: write a .pth, "
@@ -372,19 +458,9 @@ def _write_safetensors(out: IO[bytes], layout: Layout, metadata: Metadata, tick:
         blob = layout.blobs[v.blob]
         if v.offset or blob.nbytes != v.nbytes or v.stride != contiguous_strides(v.shape):
             raise AssertionError(f"safetensors view {v.key!r} must cover its whole blob contiguously")
-    header = safetensors_header(layout.views, resolve_metadata(metadata, final=False))
-    out.write(header)
+    out.write(safetensors_header(layout.views, resolve_metadata(metadata, final=False)))
     for v in layout.views:
         _stream(out, layout.blobs[v.blob], tick)
-    if any(isinstance(v, Deferred) for v in metadata.values()):
-        # the data goes to disk while the deferred values (the source's sha256) are still being
-        # computed, so that the final fsync only has the rewritten header left to write
-        _flush_to_disk(out)
-        final = safetensors_header(layout.views, resolve_metadata(metadata))
-        if len(final) != len(header):
-            raise AssertionError("safetensors header changed length when its metadata was completed")
-        out.seek(0)
-        out.write(final)
 
 
 # --- torch zip (.pth) -----------------------------------------------------------------------------
@@ -636,6 +712,7 @@ def write_checkpoint(
     backup: str | None = None,
     staging: Staging | None = None,
     progress: Progress | None = None,
+    before_commit: Callable[[Written], None] | None = None,
 ) -> Written:
     """Write ``layout`` to ``path`` in the format its extension names, atomically.
 
@@ -646,6 +723,9 @@ def write_checkpoint(
             (a storage is never split) with an ``index.json``; one file when everything fits.
         backup: keep the file being replaced under this name (``--in-place``).
         progress: called with ``(bytes written now, tensor bytes in all)`` as tensors stream.
+        before_commit: called with the staged files (a :class:`Written` naming them) once every byte
+            is written and before anything is renamed into place: ``migrate`` verifies them there while
+            their fsyncs run. An exception from it leaves nothing under the final names.
     """
     fmt = output_format(path)
     metadata = dict(metadata or {})
@@ -661,7 +741,11 @@ def write_checkpoint(
         if progress is not None:
             progress(n, total)
 
+    deferred = any(isinstance(v, Deferred) for v in metadata.values())
+    written = Written(path if len(shards) == 1 else files[-1], fmt, tuple(files), len(layout.views),
+                      sum(v.nbytes for v in layout.views), backup)
     try:
+        # shard by shard: each is fsynced in the background while the next one is written
         for name, shard in zip(files, shards):
             with staging.open(name) as out:
                 if fmt == SAFETENSORS:
@@ -670,18 +754,35 @@ def write_checkpoint(
                     # shards are plain state dicts (as Hugging Face writes them)
                     _write_pth(out, shard, nesting if len(shards) == 1 else Nesting(), tick)
         if len(shards) > 1:
-            index = {
-                "metadata": {**resolve_metadata(metadata), "total_size": sum(v.nbytes for v in layout.views)},
-                "weight_map": {v.key: os.path.basename(f) for f, s in zip(files, shards) for v in s.views},
-            }
             with staging.open(files[-1]) as out:
-                out.write(json.dumps(index, indent=2).encode("utf-8") + b"\n")
+                out.write(_index(layout, files, shards, metadata, final=not deferred))
+        if before_commit is not None:
+            # the staged files hold every byte the final ones will, bar the deferred metadata values
+            before_commit(replace(written, path=staging.staged_path(written.path),
+                                  files=tuple(staging.staged_path(f) for f in files), backup=None))
+        if deferred:
+            final = resolve_metadata(metadata)
+            if fmt == SAFETENSORS:
+                for name, shard in zip(files, shards):
+                    header = safetensors_header(shard.views, final)
+                    if len(header) != len(safetensors_header(shard.views, resolve_metadata(metadata, final=False))):
+                        raise AssertionError("safetensors header changed length when its metadata was completed")
+                    staging.patch(name, header)
+            if len(shards) > 1:
+                staging.patch(files[-1], _index(layout, files, shards, metadata, final=True), truncate=True)
         staging.commit(backup)
     except BaseException:
         staging.abort()
         raise
-    return Written(path if len(shards) == 1 else files[-1], fmt, tuple(files), len(layout.views),
-                   sum(v.nbytes for v in layout.views), backup)
+    return written
+
+
+def _index(layout: Layout, files: list[str], shards: list[Layout], metadata: Metadata, final: bool) -> bytes:
+    index = {
+        "metadata": {**resolve_metadata(metadata, final), "total_size": sum(v.nbytes for v in layout.views)},
+        "weight_map": {v.key: os.path.basename(f) for f, s in zip(files, shards) for v in s.views},
+    }
+    return json.dumps(index, indent=2).encode("utf-8") + b"\n"
 
 
 def shard_plan(path: str, layout: Layout, max_shard_size: int | None) -> tuple[list[Layout], list[str]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..arch import build_model
+from ..arch import HF_PREFIX, build_model
 from ..errors import UsageError
 from ..reader import open_checkpoint
 from ..render import human_bytes, shape_str
@@ -72,6 +72,9 @@ def finetune_check(path: str, arch: str, options: FinetuneOptions | None = None,
         >>> report.passed
         True
     """
+    if arch.startswith(HF_PREFIX):
+        raise UsageError(f"--arch {arch}: finetune-check trains image classifiers on images; a transformers model "
+                         "is not one (use diff, migrate or validate with hf: targets)")
     require_torch("finetune-check", torchvision=True)
     opts = options or FinetuneOptions()
     _validate(opts)
