@@ -20,6 +20,7 @@ from typing import Any
 from . import __version__
 from .arch import target_signature
 from .compat import ALL_CURRENT, MOSTLY_NEW_SHARE, Compatibility, check, module_versions, parameter_share
+from .diff.shapeflow import ShapeFlow, shape_flow
 from .errors import FormatError, UsageError
 from .formats.pickle_vm import GlobalRef, PickledTensor, Placeholder
 from .model import Checkpoint, Progress, TensorRef, contiguous_strides, is_floating, itemsize, numel
@@ -94,6 +95,7 @@ class MigrationPlan:
     streamed: bool  # bytes only move: no value changes, no torch
     notes: tuple[str, ...] = ()  # how input objects were converted or why something is not carried
     checkpoint_share: float | None = None  # of the target's parameter elements, with an architecture
+    shape_flow: ShapeFlow | None = None  # --dry-run with an architecture: its forward on the meta device
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,8 @@ class MigrateReport:
             return False
         if self.verification is not None:
             return self.verification.ok
+        if self.plan.shape_flow is not None and self.plan.shape_flow.fails:
+            return False
         return self.plan.diff is None or self.plan.diff.loads
 
     def to_json(self) -> dict[str, Any]:
@@ -137,6 +141,7 @@ def migrate(
     progress: Progress | None = None,
     dequantize: bool = False,
     densify: bool = False,
+    input_shape: tuple[int, ...] | None = None,
 ) -> MigrateReport:
     """Apply ``plan`` to its source checkpoint and write the result to ``output``.
 
@@ -156,6 +161,8 @@ def migrate(
         progress: called with ``(bytes written now, tensor bytes in all)`` as tensors stream.
         dequantize: write quantized tensors as float32; densify: write sparse tensors dense (else
             a .safetensors output refuses them; a .pth carries them as they are).
+        input_shape: with ``dry_run`` and an architecture, the dummy input of the shape flow (the
+            target's forward on the meta device with the planned shapes); its default input without it.
 
     Returns:
         A :class:`MigrateReport`; ``report.ok`` is False when the result does not load strictly into
@@ -226,6 +233,8 @@ def migrate(
         streamed=all(e.source == CHECKPOINT and e.dtype == e.source_dtype for e in applied.state.values()),
         notes=tuple(accounted.notes),
         checkpoint_share=round(share, 6) if share is not None else None,
+        shape_flow=shape_flow(signature, state={k: e.shape for k, e in applied.state.items()},
+                              input_shape=input_shape) if signature is not None and dry_run else None,
     )
     if planned.initialised and not dry_run:
         require_torch(f"initialising {len(planned.initialised)} keys from --arch {plan.arch}")

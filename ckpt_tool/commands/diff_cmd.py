@@ -62,7 +62,7 @@ def diff(checkpoint: str, target: str | None, arch: str | None, arch_args: tuple
         report = diff_paths(checkpoint, target, arch=arch, arch_args=arch_args, key=key, target_key=target_key,
                             values=values, depth=depth, show_all=show_all, use_cache=not no_cache,
                             plan_out=plan_out, progress=progress, map_out=map_out,
-                            input_shape=parse_input_shape(input_shape) if input_shape else None)
+                            input_shape=parse_input_shape(input_shape) if input_shape is not None else None)
     if as_json:
         echo(dumps(report))
     else:

@@ -16,6 +16,7 @@ from typing import Any
 
 POSITION, SEQUENCE_DIFF = "position", "sequence diff"
 MIN_PAIRS = 2  # one lone pair of equal shapes is a coincidence more often than a port
+MIN_COVERAGE = 0.5  # a partial alignment pairs at least this share of the longer side, or is no alignment
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,8 @@ class Alignment:
 def align(source: Sequence[tuple[str, tuple[int, ...]]], target: Sequence[tuple[str, tuple[int, ...]]]) -> \
         Alignment | None:
     """Pair ``(key, shape)`` sequences (state-dict order): whole by position when the shapes agree in sequence,
-    else what a sequence diff over (shape, leaf name) aligns; ``None`` when fewer than two pairs align.
+    else the runs of two or more that a sequence diff over (shape, leaf name) aligns; ``None`` when fewer
+    than two pairs align, or a sequence diff pairs under half of the longer side.
 
     Example:
         >>> a = align([("stem.w", (8, 3)), ("stem.b", (8,))], [("conv1.weight", (8, 3)), ("conv1.bias", (8,))])
@@ -73,8 +75,12 @@ def align(source: Sequence[tuple[str, tuple[int, ...]]], target: Sequence[tuple[
         a = [(tuple(s), _leaf(k)) for k, s in source]
         b = [(tuple(s), _leaf(k)) for k, s in target]
         matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
-        indices = [(block.a + j, block.b + j) for block in matcher.get_matching_blocks() for j in range(block.size)]
+        # runs only: one equal (shape, name) between unrelated layers is a coincidence, not an alignment
+        indices = [(block.a + j, block.b + j) for block in matcher.get_matching_blocks() if block.size >= MIN_PAIRS
+                   for j in range(block.size)]
         method = SEQUENCE_DIFF
+        if len(indices) < MIN_COVERAGE * max(len(source), len(target)):
+            return None
     if len(indices) < MIN_PAIRS:
         return None
     pairs = tuple(Pair(source[i][0], target[j][0], tuple(source[i][1]), _leaf(source[i][0]) == _leaf(target[j][0]))
