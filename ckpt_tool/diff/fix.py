@@ -26,6 +26,8 @@ from .shapeflow import ShapeFlow
 
 # more drop prefixes than this and the plan says --drop-unexpected instead
 MAX_DROP_PREFIXES = 4
+# more module renames than this, and a map by position that agrees with each of them, and the map is proposed
+MAX_RENAME_RULES = 4
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -205,11 +207,23 @@ def _renames_exactly(pattern: str, replacement: str, wanted: dict[str, str], cur
 
 def propose_module_renames(work: Proposal) -> None:
     renames, notes = _renames(work.current, work.tgt)
+    if len(renames) > MAX_RENAME_RULES and _position_map_agrees(work, renames):
+        return  # a re-implementation: one map by position says the same as rule after rule
     work.notes += notes
     for pattern, replacement, pairs in renames:
         work.add({"op": "rename", "pattern": pattern, "replacement": replacement}, _rename_reason(pairs),
                  sum(len(_module_keys(work.current, o)) for o, _ in pairs))
     work.current = _apply_renames(work.current, [(p, r) for p, r, _ in renames])
+
+
+def _position_map_agrees(work: Proposal, renames: list[tuple[str, str, list[tuple[str, str]]]]) -> bool:
+    """Whether the alignment by position pairs every key the module renames move, each where they put it."""
+    current, tgt = work.current, work.tgt
+    alignment = align([(k, current[k]) for k in work.unexpected()], [(k, tgt[k]) for k in work.absent()])
+    if alignment is None:
+        return False
+    renamed = _apply_renames(current, [(p, r) for p, r, _ in renames])
+    return all(alignment.mapping.get(old, old) == new for old, new in zip(current, renamed) if old != new)
 
 
 def propose_position_map(work: Proposal) -> None:
