@@ -179,6 +179,8 @@ def migrate(
     """
     if plan.source is None:
         raise UsageError("no checkpoint given (pass it, or use a --plan whose 'source' names one)")
+    if input_shape is not None and not (dry_run and plan.arch):
+        raise UsageError("--input-shape sets the shape flow's input: it needs --dry-run and --arch")
     ckpt = open_checkpoint(plan.source, plan.key)
     if not ckpt.tensors:
         raise UsageError(f"{plan.source}: holds no tensors to migrate (try --key; candidates: "

@@ -179,3 +179,28 @@ def test_bad_input_shape_is_one_line_exit_2(env: Path, text: str) -> None:
 def test_input_shape_needs_an_architecture(env: Path) -> None:
     result = run("diff", env / "linear.pth", env / "linear.pth", "--input-shape", "1,4")
     assert result.exit_code == 2 and "--input-shape needs --arch" in result.output
+
+
+def test_migrate_input_shape_needs_a_dry_run_with_an_architecture(env: Path, tmp_path: Path) -> None:
+    result = run("migrate", env / "linear.pth", "--input-shape", "1,4", "-o", tmp_path / "out.pth")
+    assert result.exit_code == 2 and "--input-shape sets the shape flow's input: it needs --dry-run and --arch" \
+        in result.output, result.output
+    assert not (tmp_path / "out.pth").exists()
+
+
+def test_a_model_that_prints_in_forward_keeps_stdout_for_the_report(env: Path, tmp_path: Path) -> None:
+    (tmp_path / "noisy.py").write_text(textwrap.dedent('''
+        from torch import nn
+
+        class Noisy(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(4, 4)
+
+            def forward(self, x):
+                print("hello from forward")
+                return self.fc(x)
+    '''))
+    result = run("diff", env / "linear.pth", "--arch", f"{tmp_path}/noisy.py:Noisy", "--json", "--no-cache")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["shape_flow"]["status"] == PASSES

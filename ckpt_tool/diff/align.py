@@ -16,6 +16,8 @@ from typing import Any
 
 POSITION, SEQUENCE_DIFF = "position", "sequence diff"
 MIN_PAIRS = 2  # one lone pair of equal shapes is a coincidence more often than a port
+# a sequence diff is quadratic at worst (repeated layers repeat their shapes): past this, equal sequences only
+MAX_DIFF_KEYS = 5000
 MIN_COVERAGE = 0.5  # a partial alignment pairs at least this share of the longer side, or is no alignment
 
 
@@ -71,6 +73,8 @@ def align(source: Sequence[tuple[str, tuple[int, ...]]], target: Sequence[tuple[
     if [tuple(s) for _, s in source] == [tuple(s) for _, s in target]:
         indices = [(i, i) for i in range(len(source))]
         method = POSITION
+    elif max(len(source), len(target)) > MAX_DIFF_KEYS:
+        return None
     else:
         a = [(tuple(s), _leaf(k)) for k, s in source]
         b = [(tuple(s), _leaf(k)) for k, s in target]

@@ -14,13 +14,15 @@ target's signature, so a warm ``ckpt diff`` imports no torch.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from ..arch import TargetSignature, cache_slot, read_cached, write_cached
-from ..errors import UsageError
+from ..errors import CkptError, UsageError
 
 PASSES, FAILS, NOT_CHECKED, TRUSTED = "passes", "fails", "not_checked", "trusted"
 SCHEMA = 1
@@ -124,7 +126,10 @@ def run_flow(spec: str, arch_args: dict[str, Any], overrides: Mapping[str, tuple
 
     from ..arch import build_model
 
-    model = build_model(spec, arch_args, device="meta", fallback="cpu").to("meta").eval()
+    try:
+        model = build_model(spec, arch_args, device="meta", fallback="cpu").to("meta").eval()
+    except CkptError as exc:
+        return ShapeFlow(NOT_CHECKED, f"the target cannot be built ({exc})")
     for key, size in (overrides or {}).items():
         _set_shape(model, key, size)
     default = default_input(model)
@@ -137,7 +142,8 @@ def run_flow(spec: str, arch_args: dict[str, Any], overrides: Mapping[str, tuple
     x = torch.zeros(shape, dtype=torch.long, device="meta") if ids else torch.empty(shape, device="meta")
     tracer = _Tracer(model)
     try:
-        with torch.no_grad():
+        # whatever the model prints goes to stderr: stdout is the report's
+        with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
             out = model(x)
     except Exception as exc:  # noqa: BLE001 - the model's own code can raise anything
         return tracer.explain(exc, tuple(shape))
@@ -225,8 +231,8 @@ class _Tracer:
         return hook
 
     def _leave(self, module: Any, args: tuple[Any, ...], output: Any) -> None:
-        call = self.stack.pop()
-        self.last = (call.name, _first_shape(output))
+        if self.stack:
+            self.last = (self.stack.pop().name, _first_shape(output))
 
     def remove(self) -> None:
         for h in self.handles:
