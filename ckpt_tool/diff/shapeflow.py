@@ -82,9 +82,10 @@ def shape_flow(target: TargetSignature, *, state: Mapping[str, tuple[int, ...]] 
     """Run ``target``'s forward pass on the meta device with the shapes of ``state`` (the planned state).
 
     Example:
-        >>> flow = shape_flow(target_signature("my_models.py:densenet_800"))
-        >>> flow.status, flow.message
-        ('fails', 'features outputs 1024 channels, but classifier.fc1 (Linear) expects 800 ...')
+        >>> from ckpt_tool.arch import target_signature
+        >>> flow = shape_flow(target_signature("my_models.py:broken"))
+        >>> flow.status, flow.producer, flow.consumer, flow.actual, flow.expected
+        ('fails', 'features', 'classifier.fc1', 16, 32)
     """
     from ..torch_extra import buildable
 
