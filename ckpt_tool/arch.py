@@ -404,6 +404,41 @@ def _checksum(key: dict[str, Any], body: dict[str, Any]) -> str:
 
 def _read_entry(path: str, key: dict[str, Any]) -> tuple[TargetSignature | None, str]:
     """``(signature, "hit")``, or ``(None, "missing" | "corrupt")``; a bad entry is reported, never used."""
+    body, status = read_cached(path, key)
+    if body is None:
+        return None, status
+    try:
+        tensors = {str(k): TargetTensor(tuple(int(d) for d in shape), str(dtype), str(kind))
+                   for k, shape, dtype, kind in body["tensors"]}
+        return TargetSignature("", {}, tensors, tuple(str(a) for a in body["auto_filled"]), "hit",
+                               tuple(tuple(str(k) for k in g) for g in body["ties"]),
+                               tuple(str(k) for k in body["extra_state"])), "hit"
+    except (KeyError, TypeError, ValueError):
+        return None, "corrupt"
+
+
+def _write_entry(path: str, key: dict[str, Any], sig: TargetSignature) -> bool:
+    body = {"tensors": [[k, list(t.shape), t.dtype, t.kind] for k, t in sig.tensors.items()],
+            "auto_filled": list(sig.auto_filled), "ties": [list(g) for g in sig.ties],
+            "extra_state": list(sig.extra_state)}
+    return write_cached(path, key, body)
+
+
+# --- the cache itself: other facts about an architecture (its shape flow) live beside its signature ----
+
+
+def cache_slot(kind: str, spec: str, args: dict[str, Any], extra: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """``(path, key)`` of a cache entry of ``kind`` about ``spec(**args)``, or ``None`` for code that cannot be
+    fingerprinted. ``extra`` is what else the entry depends on; the key holds every version a signature's does."""
+    key = _cache_key(spec, args)
+    if key is None:
+        return None
+    key = {**key, "kind": kind, **extra}
+    return os.path.join(os.path.dirname(default_cache_dir()), kind, _entry_name(key)), key
+
+
+def read_cached(path: str, key: dict[str, Any]) -> tuple[Any, str]:
+    """``(body, "hit")``, or ``(None, "missing" | "corrupt")`` when the entry's key or checksum does not match."""
     try:
         with open(path, encoding="utf-8") as f:
             entry = json.load(f)
@@ -415,20 +450,13 @@ def _read_entry(path: str, key: dict[str, Any]) -> tuple[TargetSignature | None,
         body = entry["body"]
         if entry["key"] != key or entry["checksum"] != _checksum(key, body):
             return None, "corrupt"
-        tensors = {str(k): TargetTensor(tuple(int(d) for d in shape), str(dtype), str(kind))
-                   for k, shape, dtype, kind in body["tensors"]}
-        return TargetSignature("", {}, tensors, tuple(str(a) for a in body["auto_filled"]), "hit",
-                               tuple(tuple(str(k) for k in g) for g in body["ties"]),
-                               tuple(str(k) for k in body["extra_state"])), "hit"
     except (KeyError, TypeError, ValueError):
         return None, "corrupt"
+    return body, "hit"
 
 
-def _write_entry(path: str, key: dict[str, Any], sig: TargetSignature) -> bool:
+def write_cached(path: str, key: dict[str, Any], body: Any) -> bool:
     """Store an entry atomically (temp file + rename), so a reader never sees half of one."""
-    body = {"tensors": [[k, list(t.shape), t.dtype, t.kind] for k, t in sig.tensors.items()],
-            "auto_filled": list(sig.auto_filled), "ties": [list(g) for g in sig.ties],
-            "extra_state": list(sig.extra_state)}
     entry = {"key": key, "body": body, "checksum": _checksum(key, body)}
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -22,6 +22,7 @@ from .adapt import computed_chunks, needs_torch
 from .arch import target_signature
 from .compat import ALL_CURRENT, MOSTLY_NEW_SHARE, Compatibility, check, module_versions, parameter_share
 from .dcp_writer import check_dcp_output, write_dcp
+from .diff.shapeflow import ShapeFlow, shape_flow
 from .errors import FormatError, UsageError
 from .formats.dcp import FORMAT as DCP
 from .formats.dcp import chunks_of
@@ -115,6 +116,7 @@ class MigrationPlan:
     notes: tuple[str, ...] = ()  # how input objects were converted or why something is not carried
     checkpoint_share: float | None = None  # of the target's parameter elements, with an architecture
     adapted: tuple[Adapted, ...] = ()  # tensors whose values are computed from a source tensor
+    shape_flow: ShapeFlow | None = None  # --dry-run with an architecture: its forward on the meta device
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,8 @@ class MigrateReport:
             return False
         if self.verification is not None:
             return self.verification.ok
+        if self.plan.shape_flow is not None and self.plan.shape_flow.fails:
+            return False
         return self.plan.diff is None or self.plan.diff.loads
 
     def to_json(self) -> dict[str, Any]:
@@ -159,6 +163,7 @@ def migrate(
     dequantize: bool = False,
     densify: bool = False,
     to: str | None = None,
+    input_shape: tuple[int, ...] | None = None,
 ) -> MigrateReport:
     """Apply ``plan`` to its source checkpoint and write the result to ``output``.
 
@@ -180,6 +185,8 @@ def migrate(
             a .safetensors output refuses them; a .pth carries them as they are).
         to: ``"dcp"`` writes ``output`` as a torch.distributed.checkpoint directory (imports torch);
             by default the format follows the output's extension.
+        input_shape: with ``dry_run`` and an architecture, the dummy input of the shape flow (the
+            target's forward on the meta device with the planned shapes); its default input without it.
 
     Returns:
         A :class:`MigrateReport`; ``report.ok`` is False when the result does not load strictly into
@@ -196,6 +203,8 @@ def migrate(
     """
     if plan.source is None:
         raise UsageError("no checkpoint given (pass it, or use a --plan whose 'source' names one)")
+    if input_shape is not None and not (dry_run and plan.arch):
+        raise UsageError("--input-shape sets the shape flow's input: it needs --dry-run and --arch")
     ckpt = open_checkpoint(plan.source, plan.key)
     if not ckpt.tensors:
         raise UsageError(f"{plan.source}: holds no tensors to migrate (try --key; candidates: "
@@ -258,6 +267,8 @@ def migrate(
         notes=tuple(accounted.notes),
         checkpoint_share=round(share, 6) if share is not None else None,
         adapted=adapted_entries(applied.state),
+        shape_flow=shape_flow(signature, state={k: e.shape for k, e in applied.state.items()},
+                              input_shape=input_shape) if signature is not None and dry_run else None,
     )
     if planned.initialised and not dry_run:
         require_torch(f"initialising {len(planned.initialised)} keys from --arch {plan.arch}")

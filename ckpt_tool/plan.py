@@ -217,6 +217,8 @@ class Operation:
         p = self.params
         flag = _FLAG_OF[self.op]
         if self.op == "map":
+            if "file" in p:  # the file the table was read from, or is to be written to (ckpt diff --map-out)
+                return [flag, p["file"]]
             raise UsageError("a --map table has no command-line form: save the plan and apply it with --plan")
         if self.op == "rename":
             return [flag, f"{p['pattern']}={p['replacement']}"]
@@ -367,6 +369,8 @@ def operation(op: str, **params: Any) -> Operation:
             raise UsageError(f"{_FLAG_OF[op]} {params['policy']}: choose one of {', '.join(choices)}")
     if op == "map" and not all(isinstance(k, str) and isinstance(v, str) for k, v in params["mapping"].items()):
         raise UsageError("operation 'map' needs a mapping of key strings to key strings")
+    if op == "map" and isinstance(params.get("file"), str) and params["file"]:
+        args.append(("file", params["file"]))  # optional: where the table lives, for the command-line form
     if op in ("keep", "exclude", "rename"):
         _regex(params["pattern"], op)
     if op == "cast" and params["dtype"] not in CAST_DTYPES:
@@ -387,7 +391,12 @@ def load_mapping(path: str) -> Operation:
     data = _read_json(path, "--map")
     if not isinstance(data, dict):
         raise InputError(f"{path}: --map file must hold a JSON object of old key -> new key")
-    return operation("map", mapping=data)
+    return operation("map", mapping=data, file=path)
+
+
+def save_mapping(mapping: Mapping[str, str], path: str) -> None:
+    """Write a ``--map`` file (a JSON object of old key -> new key), atomically."""
+    _save_json(dict(mapping), path)
 
 
 # --- plans ---------------------------------------------------------------------------------------
@@ -429,15 +438,7 @@ class Plan:
 
     def save(self, path: str) -> None:
         """Write the plan as JSON, atomically: ``path`` holds the old file or the new one, never half of one."""
-        from .writer import Staging
-
-        staging = Staging()
-        try:
-            with staging.open(path) as f:
-                f.write((json.dumps(self.to_json(), indent=2) + "\n").encode("utf-8"))
-            staging.commit()
-        finally:
-            staging.abort()
+        _save_json(self.to_json(), path)
 
     def to_argv(self, output: str | None = None) -> list[str]:
         """The ``ckpt migrate`` command line (as a list) that applies this plan, flag for flag."""
@@ -518,6 +519,18 @@ def load_plan(path: str) -> Plan:
 def save_plan(plan: Plan, path: str) -> None:
     """:meth:`Plan.save`."""
     plan.save(path)
+
+
+def _save_json(data: Any, path: str) -> None:
+    from .writer import Staging
+
+    staging = Staging()
+    try:
+        with staging.open(path) as f:
+            f.write((json.dumps(data, indent=2) + "\n").encode("utf-8"))
+        staging.commit()
+    finally:
+        staging.abort()
 
 
 def _read_json(path: str, option: str) -> Any:

@@ -11,6 +11,9 @@ every ``$ ckpt`` example in the pages can be followed by hand (``cd DIR``) and i
   version of it fine-tuned for a few steps (values differ in the head);
 - ``checkpoint.pth``: a training checkpoint as a DataParallel run saves it
   (``model_state_dict`` with ``module.`` keys, ``optimizer_state_dict``, ``epoch``);
+- ``ported.pth``: ``tiny_cnn_10.pth`` as a re-implementation saves it (every module under another
+  name, in the same order); ``tiny_cnn_tf.pth``: with TF/Keras names for the norm layers
+  (``gamma``, ``beta``, ``moving_mean``, ``moving_variance``);
 - ``cut.pth`` (a truncated file), ``pointer.safetensors`` (a git-lfs pointer), ``tied.pth``
   (an embedding tied to an output projection);
 - ``models/``: a directory to scan and validate: clean files, a torch file with ``os.system``
@@ -125,6 +128,17 @@ def make(dest: str) -> None:
     torch.manual_seed(0)
     embed = nn.Embedding(20, 8)
     torch.save(OrderedDict([("embed.weight", embed.weight.data), ("proj.weight", embed.weight.data)]), at("tied.pth"))
+
+    # the tiny CNN as a port from elsewhere would save it: every module under another name, in the same
+    # order (ported.pth), and with TF/Keras names for the norm layers' tensors (tiny_cnn_tf.pth)
+    ported = {"features.0": "body.conv_a", "features.1": "body.norm_a", "features.3": "body.conv_b",
+              "features.4": "body.norm_b", "classifier.fc1": "head.hidden", "classifier.fc2": "head.logits"}
+    torch.save(OrderedDict((ported[k.rpartition(".")[0]] + "." + k.rpartition(".")[2], v)
+                           for k, v in model.state_dict().items()), at("ported.pth"))
+    keras = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"}
+    torch.save(OrderedDict((m + "." + keras.get(leaf, leaf) if m in ("features.1", "features.4") else k, v)
+                           for k, v in model.state_dict().items() for m, _, leaf in [k.rpartition(".")]),
+               at("tiny_cnn_tf.pth"))
 
     models = at("models")
     os.makedirs(models, exist_ok=True)

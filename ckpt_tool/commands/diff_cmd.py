@@ -24,12 +24,16 @@ from .options import arch_arg_option, arch_option, key_option
 @click.option("--all", "show_all", is_flag=True, help="Show matched rows too.")
 @click.option("--plan-out", metavar="FILE", type=click.Path(dir_okay=False), help="Save the fix plan as JSON "
               "(ckpt migrate --plan FILE applies it).")
+@click.option("--map-out", metavar="FILE", type=click.Path(dir_okay=False), help="Write the --map file a "
+              "suggested command reads (keys paired by position: a re-implementation, a port).")
+@click.option("--input-shape", metavar="N,C,H,W", help="Dummy input of the shape flow, batch included "
+              "(default: the architecture's, 1,3,224,224 for torchvision classifiers).")
 @click.option("--no-cache", is_flag=True, help="Build the target's signature afresh (needs torch); neither read "
               "the shipped table or the cache nor write the cache.")
 @json_option
 def diff(checkpoint: str, target: str | None, arch: str | None, arch_args: tuple[str, ...], key: str | None,
          target_key: str | None, values: bool, depth: int | None, show_all: bool, plan_out: str | None,
-         no_cache: bool, as_json: bool) -> None:
+         map_out: str | None, input_shape: str | None, no_cache: bool, as_json: bool) -> None:
     """Compare CHECKPOINT's keys, shapes and dtypes with --arch or a TARGET checkpoint, and suggest a fix.
 
     Reads headers only (no tensor bytes unless --values). The report matches what
@@ -42,25 +46,32 @@ def diff(checkpoint: str, target: str | None, arch: str | None, arch_args: tuple
     key/shape table is cached on disk ($CKPT_CACHE_DIR, default ~/.cache/ckpt), so a repeat run
     imports neither torch nor torchvision.
 
+    With --arch, the target's forward pass runs on the meta device (no weights, no compute) with
+    a dummy input: a layer that cannot take what the one before it gives is named, with both sizes.
+
     \b
     Exit codes:
-      0  the checkpoint would load strictly into the target
-      1  it would not (missing, unexpected or shape-mismatched keys)
+      0  the checkpoint would load strictly into the target (and the target runs)
+      1  it would not (missing, unexpected or shape-mismatched keys), or the target's forward fails
       2  usage or input errors (bad file, bad --key, unknown architecture)
     """
     from ..diff import diff_paths
+    from ..diff.shapeflow import parse_input_shape
 
     with progress_bar("comparing values", enabled=values) as progress:
         report = diff_paths(checkpoint, target, arch=arch, arch_args=arch_args, key=key, target_key=target_key,
                             values=values, depth=depth, show_all=show_all, use_cache=not no_cache,
-                            plan_out=plan_out, progress=progress)
+                            plan_out=plan_out, progress=progress, map_out=map_out,
+                            input_shape=parse_input_shape(input_shape) if input_shape is not None else None)
     if as_json:
         echo(dumps(report))
     else:
         _render(report)
     if report.plan_path:
         note(f"plan written to {report.plan_path}")
-    raise click.exceptions.Exit(EXIT_OK if report.loads_strictly else EXIT_FINDINGS)
+    if report.map_path:
+        note(f"map written to {report.map_path}")
+    raise click.exceptions.Exit(EXIT_OK if report.ok else EXIT_FINDINGS)
 
 
 def _render(report: Any) -> None:
@@ -79,6 +90,11 @@ def _render(report: Any) -> None:
     echo(f"fills {_share(c.filled_numel, c.target_numel)} of the target's {human_count(c.target_numel)} elements")
     if c.changed is not None:
         echo(f"values: {c.changed} tensors changed, {c.unchanged} unchanged")
+    flow = report.shape_flow
+    if flow is not None and flow.status == "fails":
+        echo(paint("shape flow fails", "fail") + f" (input {shape_str(flow.input_shape)}, meta device): {flow.message}")
+    elif flow is not None and flow.status == "not_checked":
+        echo(f"shape flow not checked: {flow.message}")
     if report.plan.mostly_new:
         echo(f"WRONG ARCHITECTURE? only {_share_of(report.plan.checkpoint_share)} of {report.target}'s parameters "
              "would come from this checkpoint, whatever the fix")
@@ -92,10 +108,14 @@ def _render(report: Any) -> None:
     for text in report.notes:
         note(f"note: {text}")
     echo()
+    plan = report.plan
+    if report.loads_strictly and plan.cannot_run:
+        echo("loads strictly, but " + paint("the target cannot run", "fail") + ": no key operation can fix it; "
+             "change the architecture")
+        return
     if report.loads_strictly:
         echo(paint("loads strictly: load_state_dict(strict=True) would succeed", "pass"))
         return
-    plan = report.plan
     if plan.mostly_new:
         echo(paint("would not load strictly", "fail") + f", and only {_share_of(plan.checkpoint_share)} of {report.target}'s parameters "
              "would come from this checkpoint: it is probably not a checkpoint of this architecture.")
@@ -113,6 +133,8 @@ def _render(report: Any) -> None:
         echo(f"  {plan.command}")
         if not plan.resolves:
             echo("  (this leaves differences that only an --arch target can fill)")
+        if plan.map_file and not report.map_path:
+            echo(f"  (--map-out {plan.map_file} writes the map it reads; --plan-out holds it too)")
 
 
 _CACHE_WORDS = {"table": "from ckpt's torchvision table",

@@ -38,6 +38,8 @@ def _conversion_options(f: Any) -> Any:
 @click.option("--force", is_flag=True, help="Replace an existing output (never the input: see --in-place).")
 @click.option("--in-place", is_flag=True, help="Replace SOURCE itself (keeps SOURCE.bak).")
 @click.option("--dry-run", is_flag=True, help="Show the plan and the resulting diff; write nothing.")
+@click.option("--input-shape", metavar="N,C,H,W", help="With --dry-run and --arch: the dummy input of the shape "
+              "flow (default: the architecture's).")
 @click.option("--allow-mostly-new", is_flag=True, help="Write even when under half of the target's parameters "
               "come from the checkpoint (refused otherwise: it is probably the wrong --arch).")
 @_conversion_options
@@ -45,7 +47,7 @@ def _conversion_options(f: Any) -> Any:
 def migrate(source: str | None, key: str | None, keep_extras: bool, arch: str | None, arch_args: tuple[str, ...],
             seed: int, output: str | None, max_shard_size: str | None, force: bool, in_place: bool, dry_run: bool,
             allow_mostly_new: bool, dequantize: bool, densify: bool, as_json: bool, operations: tuple[Any, ...],
-            plan_base: Any) -> None:
+            plan_base: Any, input_shape: str | None = None) -> None:
     """Rename, filter, drop, cast and re-head SOURCE into a checkpoint that loads into a target.
 
     Operations apply in the order given and are shown as a plan before anything is written.
@@ -63,6 +65,7 @@ def migrate(source: str | None, key: str | None, keep_extras: bool, arch: str | 
          target's parameters from the checkpoint without --allow-mostly-new (nothing is written)
     """
     from ..arch import parse_arch_args
+    from ..diff.shapeflow import parse_input_shape
     from ..migrate import migrate as run
     from ..plan import Plan
     from ..writer import parse_size
@@ -78,7 +81,8 @@ def migrate(source: str | None, key: str | None, keep_extras: bool, arch: str | 
                      max_shard_size=parse_size(max_shard_size) if max_shard_size else None, force=force,
                      in_place=in_place, dry_run=dry_run, allow_mostly_new=allow_mostly_new,
                      on_plan=None if as_json else _render_plan,
-                     progress=progress, dequantize=dequantize, densify=densify)
+                     progress=progress, dequantize=dequantize, densify=densify,
+                     input_shape=parse_input_shape(input_shape) if input_shape is not None else None)
     _finish(report, as_json)
 
 
@@ -163,6 +167,9 @@ def _render_plan(plan: Any) -> None:
         echo(f"  ... and {len(plan.notes) - _LIST_LIMIT} more notes (--json lists them all)")
     if plan.diff is not None:
         echo(f"against {plan.arch}: " + _diff_words(plan.diff))
+    flow = plan.shape_flow
+    if flow is not None and flow.status in ("fails", "not_checked"):
+        echo(f"shape flow {'fails' if flow.fails else 'not checked'}: {flow.message}")
     echo()
 
 

@@ -19,10 +19,12 @@ from ..arch import TargetSignature, TargetTensor, parse_arch_args, target_signat
 from ..compat import Compatibility, check_checkpoint, signature_of_state
 from ..errors import InputError, OutputError, UsageError
 from ..model import Checkpoint, Progress, TensorRef, numel
+from ..plan import Plan, apply, initial_state, save_mapping
 from ..text import some
-from .fix import suggest_plan
+from .fix import suggest_plan, with_shape_flow
 from .report import AUTO, DTYPE, MATCHED, MISSING, SHAPE, TIED, UNEXPECTED, DiffCounts, DiffReport, KeyDiff, Target
 from .rows import rows_of
+from .shapeflow import shape_flow as target_flow
 from .valuediff import with_values
 
 
@@ -30,7 +32,8 @@ def diff_paths(path: str, target_path: str | None = None, *, arch: str | None = 
                arch_args: Iterable[str] | dict[str, Any] = (), key: str | None = None,
                target_key: str | None = None, values: bool = False, depth: int | None = None,
                show_all: bool = False, use_cache: bool = True, plan_out: str | None = None,
-               progress: Progress | None = None) -> DiffReport:
+               progress: Progress | None = None, input_shape: tuple[int, ...] | None = None,
+               map_out: str | None = None) -> DiffReport:
     """Open both sides, diff them and, with ``plan_out``, save the fix plan as JSON.
 
     Args:
@@ -44,6 +47,8 @@ def diff_paths(path: str, target_path: str | None = None, *, arch: str | None = 
         show_all: keep matched rows in the table.
         use_cache: read and write the on-disk signature cache.
         plan_out: file to write the JSON plan to.
+        input_shape: the dummy input of the shape flow (batch included); the architecture's default without it.
+        map_out: file to write a proposed ``--map`` (keys paired by position) to; the command reads it.
         progress: with ``values``, called with ``(bytes compared now, bytes to compare)`` per tensor.
 
     Example:
@@ -62,8 +67,11 @@ def diff_paths(path: str, target_path: str | None = None, *, arch: str | None = 
         raise UsageError("--values compares two checkpoints; an --arch target has no values")
     if depth is not None and depth < 1:
         raise UsageError(f"--depth {depth}: must be 1 or more")
-    if plan_out is not None and os.path.abspath(plan_out) == os.path.abspath(path):
-        raise OutputError(f"{plan_out}: --plan-out would overwrite the checkpoint")
+    for option, out in (("--plan-out", plan_out), ("--map-out", map_out)):
+        if out is not None and os.path.abspath(out) == os.path.abspath(path):
+            raise OutputError(f"{out}: {option} would overwrite the checkpoint")
+    if input_shape is not None and arch is None:
+        raise UsageError("--input-shape needs --arch (the shape flow runs the target architecture)")
     from ..reader import open_checkpoint
 
     source = open_checkpoint(path, key)
@@ -73,16 +81,26 @@ def diff_paths(path: str, target_path: str | None = None, *, arch: str | None = 
     else:
         assert target_path is not None
         target = open_checkpoint(target_path, target_key)
-    report = diff(source, target, values=values, depth=depth, show_all=show_all, progress=progress)
+    report = diff(source, target, values=values, depth=depth, show_all=show_all, progress=progress,
+                  input_shape=input_shape, map_file=map_out)
     if plan_out is not None:
         report.plan.plan.save(plan_out)
         report = replace(report, plan_path=plan_out)
+    if map_out is not None and report.plan.alignment is not None:
+        save_mapping(report.plan.alignment.mapping, map_out)
+        report = replace(report, map_path=map_out)
     return report
 
 
 def diff(source: Checkpoint, target: Target, *, values: bool = False, depth: int | None = None,
-         show_all: bool = False, progress: Progress | None = None) -> DiffReport:
-    """Compare a checkpoint's state dict with a target's, key by key, and suggest a fix plan."""
+         show_all: bool = False, progress: Progress | None = None, input_shape: tuple[int, ...] | None = None,
+         map_file: str | None = None, flow: bool = True) -> DiffReport:
+    """Compare a checkpoint's state dict with a target's, key by key, and suggest a fix plan.
+
+    With an architecture as the target (and ``flow``), its forward pass runs on the meta device with
+    the planned state's shapes (:func:`~ckpt_tool.diff.shapeflow.shape_flow`, ``input_shape`` or the
+    architecture's default input).
+    """
     if not source.tensors:
         raise InputError(f"{source.path}: holds no tensors to compare (no state dict found)")
     signature = target if isinstance(target, TargetSignature) else _checkpoint_signature(target)
@@ -102,7 +120,12 @@ def diff(source: Checkpoint, target: Target, *, values: bool = False, depth: int
         arch, arch_args, cache, name, kind, target_key = None, {}, None, target.path, "checkpoint", \
             target.state_path or None
     plan = suggest_plan(source, signature, arch=arch, arch_args=arch_args,
-                        optional=set(compat.auto_filled) | {a for a, _ in compat.tied})
+                        optional=set(compat.auto_filled) | {a for a, _ in compat.tied}, map_file=map_file)
+    shape_flow = None
+    if flow and isinstance(target, TargetSignature):
+        shape_flow = target_flow(target, state=_planned_shapes(source, plan.plan, target), input_shape=input_shape,
+                                 use_cache=target.cache != "off")
+        plan = with_shape_flow(plan, shape_flow)
     notes = []
     if compat.auto_filled:
         notes.append(f"{len(compat.auto_filled)} num_batches_tracked buffers are not in the checkpoint under their "
@@ -117,7 +140,17 @@ def diff(source: Checkpoint, target: Target, *, values: bool = False, depth: int
         source=source.path, source_format=source.format, source_key=source.state_path or None,
         target=name, target_kind=kind, target_key=target_key, arch_args=arch_args, cache=cache, counts=counts, loads_strictly=loads, keys=tuple(keys),
         rows=tuple(rows), hidden_rows=hidden, depth=depth, values=values, plan=plan, notes=tuple(notes),
+        shape_flow=shape_flow,
     )
+
+
+def _planned_shapes(source: Checkpoint, plan: Plan, target: TargetSignature) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the state the plan writes (the checkpoint's own shapes where it leaves a mismatch)."""
+    try:
+        applied = apply(plan.operations, initial_state(source.tensors), target)
+    except UsageError:  # a plan that cannot apply as it stands: the target's own shapes
+        return {}
+    return {k: e.shape for k, e in applied.state.items()}
 
 
 def _checkpoint_signature(target: Checkpoint) -> TargetSignature:

@@ -1,8 +1,16 @@
-"""The fix plan: ``ckpt migrate`` operations that make a checkpoint load strictly, with a reason for each."""
+"""The fix plan: ``ckpt migrate`` operations that make a checkpoint load strictly, with a reason for each.
+
+The plan grows through :data:`PROPOSERS`, in order: each reads what is still unmatched in a
+:class:`Proposal` and adds steps (prefixes, leaf renames, module renames, a map by position, drops,
+fills). A new kind of fix is one more proposer in that list.
+"""
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..arch import TargetSignature
@@ -12,84 +20,283 @@ from ..plan import Plan
 from ..plan import operation as plan_operation
 from ..text import some
 from .adapt import adaptation_steps
+from .align import Alignment, align
 from .report import FixPlan, PlanStep
 from .rows import is_index
+from .shapeflow import ShapeFlow
 
 # more drop prefixes than this and the plan says --drop-unexpected instead
 MAX_DROP_PREFIXES = 4
+# more module renames than this, and a map by position that agrees with each of them, and the map is proposed
+MAX_RENAME_RULES = 4
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+@dataclass
+class Proposal:
+    """The plan as it grows. ``current`` is the checkpoint's key -> shape after the steps so far."""
+
+    source: Checkpoint
+    target: TargetSignature
+    arch: str | None
+    optional: frozenset[str]
+    current: Shapes
+    map_file: str
+    steps: list[PlanStep] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    alignment: Alignment | None = None
+
+    @property
+    def tgt(self) -> Shapes:
+        return {k: t.shape for k, t in self.target.tensors.items()}
+
+    def unexpected(self) -> list[str]:
+        """Checkpoint keys (as renamed so far) the target has no place for, in the checkpoint's order."""
+        return [k for k in self.current if k not in self.target.tensors]
+
+    def absent(self) -> list[str]:
+        """Target keys no checkpoint key has yet, in the target's order (torch's fill-ins included)."""
+        return [k for k in self.target.tensors if k not in self.current]
+
+    def add(self, operation: dict[str, Any], reason: str, keys: int, current: Shapes | None = None) -> None:
+        self.steps.append(PlanStep(operation, reason, keys))
+        if current is not None:
+            self.current = current
+
+
+Proposer = Callable[[Proposal], None]
 
 
 def suggest_plan(source: Checkpoint, target: TargetSignature, *, arch: str | None,
-                 arch_args: dict[str, Any], optional: set[str] | frozenset[str] = frozenset()) -> FixPlan:
+                 arch_args: dict[str, Any], optional: set[str] | frozenset[str] = frozenset(),
+                 map_file: str | None = None) -> FixPlan:
     """The ``ckpt migrate`` operations that make ``source`` load strictly into ``target``, with reasons.
 
-    Prefixes first (``module.``, ``_orig_mod.``, ``backbone.``...), then renames of whole modules whose
-    keys and shapes match one to one in order, then drops, then (with an architecture to take values
-    from) ``fill_missing`` and ``reinit_mismatched``. ``optional`` target keys may stay absent (torch fills them);
-    so may a tied key whose partner loads. When under half of an architecture's parameters would come from the
-    checkpoint, no command is proposed (``mostly_new``): the checkpoint is likely not of this architecture.
+    Prefixes first (``module.``, ``_orig_mod.``, ``backbone.``...), then leaf renames of known
+    equivalences (``LayerNorm.gamma`` -> ``LayerNorm.weight``), then renames of whole modules whose
+    keys and shapes match one to one in order, then a ``--map`` pairing the rest by position (written
+    to ``map_file`` by ``ckpt diff --map-out``), then drops, then (with an architecture to take values
+    from) ``fill_missing`` and ``reinit_mismatched``. ``optional`` target keys may stay absent (torch
+    fills them); so may a tied key whose partner loads. When under half of an architecture's
+    parameters would come from the checkpoint, no command is proposed (``mostly_new``): the
+    checkpoint is likely not of this architecture.
     """
-    shapes = {k: t.shape for k, t in source.tensors.items()}
-    tgt = {k: t.shape for k, t in target.tensors.items()}
-    partners = target.partners()
-    steps: list[PlanStep] = []
-    notes: list[str] = []
+    work = Proposal(source, target, arch, frozenset(optional), {k: t.shape for k, t in source.tensors.items()},
+                    map_file or map_name(source.path))
+    for propose in PROPOSERS:
+        propose(work)
+    return _finish(work, arch_args)
 
-    strip, add = _best_prefixes(list(shapes), tgt)
-    if strip:
-        steps.append(PlanStep({"op": "strip_prefix", "prefix": strip},
-                              f"every checkpoint key starts with {strip!r}{_prefix_origin(strip)}", len(shapes)))
-    if add:
-        steps.append(PlanStep({"op": "add_prefix", "prefix": add}, f"every target key starts with {add!r}", len(shapes)))
-    current = _apply_prefixes(shapes, strip, add)
 
-    renames, rename_notes = _renames(current, tgt)
-    notes += rename_notes
-    for pattern, replacement, pairs in renames:
-        steps.append(PlanStep({"op": "rename", "pattern": pattern, "replacement": replacement},
-                              _rename_reason(pairs, current), sum(len(_module_keys(current, o)) for o, _ in pairs)))
-    current = _apply_renames(current, [(p, r) for p, r, _ in renames])
-    adapt_steps, current, adapt_notes = adaptation_steps(current, target, arch)
-    steps += adapt_steps
-    notes += adapt_notes
-
-    unexpected = [k for k in current if k not in tgt]
-    if unexpected:
-        prefixes = _drop_prefixes(unexpected, current)
-        if len(prefixes) <= MAX_DROP_PREFIXES:
-            for p in prefixes:
-                n = sum(1 for k in unexpected if in_module(k, p))
-                steps.append(PlanStep({"op": "drop", "prefix": p},
-                                      f"the target has no {p} ({n} key{'s' * (n != 1)} the checkpoint has)", n))
-        else:
-            steps.append(PlanStep({"op": "drop_unexpected"},
-                                  f"{len(unexpected)} checkpoint keys have no place in the target", len(unexpected)))
-    mismatched = [k for k in tgt if k in current and not shapes_load(current[k], tgt[k])]
+def _finish(work: Proposal, arch_args: dict[str, Any]) -> FixPlan:
+    tgt, current, partners = work.tgt, work.current, work.target.partners()
     loaded = {k for k in tgt if k in current and shapes_load(current[k], tgt[k])}
-    missing = [k for k in tgt if k not in current and k not in optional
+    missing = [k for k in tgt if k not in current and k not in work.optional
                and not any(p in loaded for p in partners.get(k, ()))]
-    if missing:
-        if arch is not None:
-            steps.append(PlanStep({"op": "fill_missing"}, f"{len(missing)} target keys the checkpoint lacks keep the "
-                                  f"target's initialisation ({some(missing)})", len(missing)))
-        else:
-            notes.append(f"{len(missing)} target keys are not in the checkpoint ({some(missing)}); with a checkpoint "
-                         "as the target there is no initialisation to fill them from (use --arch)")
-    if mismatched:
-        if arch is not None:
-            steps.append(PlanStep({"op": "reinit_mismatched"}, "shapes differ for " + some(
-                [f"{k} {list(current[k])} -> {list(tgt[k])}" for k in mismatched]) + ": re-initialise them", len(mismatched)))
-        else:
-            notes.append(f"{len(mismatched)} keys differ in shape ({some(mismatched)}); only --arch can re-initialise them")
+    mismatched = [k for k in tgt if k in current and not shapes_load(current[k], tgt[k])]
     # drops cover every unexpected key; what is missing or mismatched needs a model to take values from
-    resolves = arch is not None or not (missing or mismatched)
-    operations = [s.operation for s in steps]
-    plan = Plan(source.path, source.state_path or None, arch, dict(arch_args),
+    resolves = work.arch is not None or not (missing or mismatched)
+    operations = [s.operation for s in work.steps]
+    plan = Plan(work.source.path, work.source.state_path or None, work.arch, dict(arch_args),
                 tuple(plan_operation(op["op"], **{k: v for k, v in op.items() if k != "op"}) for op in operations))
-    share = parameter_share(target, loaded) if arch is not None else 1.0
+    share = parameter_share(work.target, loaded) if work.arch is not None else 1.0
     mostly_new = share < MOSTLY_NEW_SHARE
     command = plan.command() if operations and not mostly_new else None
-    return FixPlan(tuple(steps), plan.to_json(), command, resolves, tuple(notes), plan, round(share, 6), mostly_new)
+    return FixPlan(tuple(work.steps), plan.to_json(), command, resolves, tuple(work.notes), plan, round(share, 6),
+                   mostly_new, work.alignment, work.map_file if work.alignment is not None else None)
+
+
+def map_name(source: str) -> str:
+    """The ``--map`` file a suggested command reads: ``a.pth`` -> ``a.map.json``."""
+    base = source[: -len(".index.json")] if source.endswith(".index.json") else source.rstrip("/")
+    return os.path.splitext(base)[0] + ".map.json"
+
+
+def with_shape_flow(plan: FixPlan, flow: ShapeFlow | None) -> FixPlan:
+    """A plan for a target whose forward fails: no key operation can fix it, so no command is offered."""
+    if flow is None or not flow.fails:
+        return plan
+    where = f" at {flow.consumer}" if flow.consumer else ""
+    why = f"no key operation can fix this: the target's own forward fails{where}; change the architecture, then diff again"
+    return replace(plan, command=None, resolves=False, notes=(*plan.notes, why), cannot_run=flow.message)
+
+
+# --- the proposers, in the order they run ---------------------------------------------------------
+
+
+def propose_prefixes(work: Proposal) -> None:
+    strip, add = _best_prefixes(list(work.current), work.tgt)
+    n = len(work.current)
+    if strip:
+        work.add({"op": "strip_prefix", "prefix": strip}, f"every checkpoint key starts with {strip!r}"
+                 f"{_prefix_origin(strip)}", n)
+    if add:
+        work.add({"op": "add_prefix", "prefix": add}, f"every target key starts with {add!r}", n)
+    work.current = _apply_prefixes(work.current, strip, add)
+
+
+# one spelling, the other, and where both are found: proposed either way, when module path and shape agree
+LEAF_EQUIVALENCES: tuple[tuple[str, str, str], ...] = (
+    ("gamma", "weight", "gamma/beta are a norm layer's weight/bias in TF ports and BERT checkpoints from before "
+     "PyTorch names (transformers renames LayerNorm.gamma/beta on load)"),
+    ("beta", "bias", "gamma/beta are a norm layer's weight/bias in TF ports and BERT checkpoints from before "
+     "PyTorch names (transformers renames LayerNorm.gamma/beta on load)"),
+    ("moving_mean", "running_mean", "moving_mean/moving_variance are BatchNorm's running statistics in "
+     "TF/Keras ports"),
+    ("moving_variance", "running_var", "moving_mean/moving_variance are BatchNorm's running statistics in "
+     "TF/Keras ports"),
+    ("weight_g", "parametrizations.weight.original0", "torch.nn.utils.weight_norm stores weight_g/weight_v, its "
+     "parametrizations successor parametrizations.weight.original0/original1"),
+    ("weight_v", "parametrizations.weight.original1", "torch.nn.utils.weight_norm stores weight_g/weight_v, its "
+     "parametrizations successor parametrizations.weight.original0/original1"),
+    ("scale", "weight", "Flax calls a norm layer's weight 'scale'"),
+    ("embedding", "weight", "Flax calls an embedding's table 'embedding'"),
+)
+
+
+def propose_leaf_renames(work: Proposal) -> None:
+    """Unexpected keys whose module path has, on the target's side, the same tensor under an equivalent leaf name."""
+    absent = set(work.absent())
+    tgt = work.tgt
+    found: dict[tuple[str, str, str], list[tuple[str, str]]] = {}
+    claimed: set[str] = set()
+    for key in work.unexpected():
+        for a, b, why in LEAF_EQUIVALENCES:
+            hit = next(((old, new) for old, new in ((a, b), (b, a)) if key == old or key.endswith("." + old)), None)
+            if hit is None:
+                continue
+            old, new = hit
+            candidate = key[: len(key) - len(old)] + new
+            if candidate in absent and candidate not in claimed and tgt[candidate] == work.current[key]:
+                claimed.add(candidate)
+                found.setdefault((old, new, why), []).append((key, candidate))
+                break
+    for (old, new, why), pairs in found.items():
+        for pattern, replacement, members in _leaf_rules(old, new, pairs, work.current):
+            shown = some(f"{o} -> {n} {list(work.current[o])}" for o, n in members)
+            work.add({"op": "rename", "pattern": pattern, "replacement": replacement},
+                     f"{len(members)} key{'s' * (len(members) != 1)} spelled {old!r} where the target has "
+                     f"{new!r}, same module path and shape ({shown}): {why}", len(members),
+                     _apply_renames(work.current, [(pattern, replacement)]))
+
+
+def _leaf_rules(old: str, new: str, pairs: list[tuple[str, str]], current: Shapes) -> list[
+        tuple[str, str, list[tuple[str, str]]]]:
+    """The most general exact rule: every ``.gamma``; else every ``LayerNorm.gamma``; else key by key."""
+    wanted = dict(pairs)
+    everywhere = (r"(^|\.)" + re.escape(old) + "$", r"\g<1>" + new)
+    if _renames_exactly(*everywhere, wanted, current):
+        return [(*everywhere, pairs)]
+    rules: list[tuple[str, str, list[tuple[str, str]]]] = []
+    by_parent: dict[str, list[tuple[str, str]]] = {}
+    for o, n in pairs:
+        by_parent.setdefault(o.split(".")[-2] if o.count(".") >= 1 else "", []).append((o, n))
+    for parent, members in by_parent.items():
+        scoped = (r"(^|\.)" + re.escape(f"{parent}.{old}") + "$", r"\g<1>" + f"{parent}.{new}")
+        if parent and _renames_exactly(*scoped, dict(members), current):
+            rules.append((*scoped, members))
+        else:
+            rules.extend(("^" + re.escape(o) + "$", n, [(o, n)]) for o, n in members)
+    return rules
+
+
+def _renames_exactly(pattern: str, replacement: str, wanted: dict[str, str], current: Shapes) -> bool:
+    rx = re.compile(pattern)
+    return all(rx.sub(replacement, k, count=1) == wanted.get(k, k) for k in current)
+
+
+def propose_module_renames(work: Proposal) -> None:
+    renames, notes = _renames(work.current, work.tgt)
+    if len(renames) > MAX_RENAME_RULES and _position_map_agrees(work, renames):
+        return  # a re-implementation: one map by position says the same as rule after rule
+    work.notes += notes
+    for pattern, replacement, pairs in renames:
+        work.add({"op": "rename", "pattern": pattern, "replacement": replacement}, _rename_reason(pairs),
+                 sum(len(_module_keys(work.current, o)) for o, _ in pairs))
+    work.current = _apply_renames(work.current, [(p, r) for p, r, _ in renames])
+
+
+def _position_map_agrees(work: Proposal, renames: list[tuple[str, str, list[tuple[str, str]]]]) -> bool:
+    """Whether the alignment by position pairs every key the module renames move, each where they put it."""
+    current, tgt = work.current, work.tgt
+    alignment = align([(k, current[k]) for k in work.unexpected()], [(k, tgt[k]) for k in work.absent()])
+    if alignment is None:
+        return False
+    renamed = _apply_renames(current, [(p, r) for p, r, _ in renames])
+    return all(alignment.mapping.get(old, old) == new for old, new in zip(current, renamed) if old != new)
+
+
+def propose_adaptations(work: Proposal) -> None:
+    """Value and depth changes (input conv, position embedding, repeated blocks) that are the whole difference."""
+    steps, work.current, notes = adaptation_steps(work.current, work.target, work.arch)
+    work.steps += steps
+    work.notes += notes
+
+
+def propose_position_map(work: Proposal) -> None:
+    """What is still unmatched on both sides, paired by position (``--map``), when the shapes line up."""
+    current, tgt = work.current, work.tgt
+    alignment = align([(k, current[k]) for k in work.unexpected()], [(k, tgt[k]) for k in work.absent()])
+    if alignment is None:
+        return
+    work.alignment = alignment
+    n = len(alignment.pairs)
+    reason = (f"{n} unmatched keys pair up by {alignment.method} in state-dict order, same shapes"
+              f"{', same leaf names' if all(p.same_leaf for p in alignment.pairs) else ''} (confidence "
+              f"{alignment.confidence:.2f}): " + some(f"{p.source} -> {p.target}" for p in alignment.pairs))
+    left = len(alignment.unaligned_source) + len(alignment.unaligned_target)
+    if left:
+        reason += f"; {left} keys do not align ({some([*alignment.unaligned_source, *alignment.unaligned_target])})"
+        work.notes.append(f"{len(alignment.unaligned_source)} checkpoint keys and {len(alignment.unaligned_target)} "
+                          f"target keys did not align by position; pair them by hand in {work.map_file} if they "
+                          "are the same tensors")
+    mapping = alignment.mapping
+    work.add({"op": "map", "mapping": mapping, "file": work.map_file}, reason, n,
+             {mapping.get(k, k): s for k, s in current.items()})
+
+
+def propose_drops(work: Proposal) -> None:
+    unexpected = work.unexpected()
+    if not unexpected:
+        return
+    prefixes = _drop_prefixes(unexpected, work.current)
+    if len(prefixes) <= MAX_DROP_PREFIXES:
+        for p in prefixes:
+            n = sum(1 for k in unexpected if in_module(k, p))
+            work.add({"op": "drop", "prefix": p}, f"the target has no {p} ({n} key{'s' * (n != 1)} the checkpoint has)",
+                     n)
+    else:
+        work.add({"op": "drop_unexpected"}, f"{len(unexpected)} checkpoint keys have no place in the target",
+                 len(unexpected))
+    work.current = {k: s for k, s in work.current.items() if k in work.target.tensors}
+
+
+def propose_fills(work: Proposal) -> None:
+    tgt, current, partners = work.tgt, work.current, work.target.partners()
+    loaded = {k for k in tgt if k in current and shapes_load(current[k], tgt[k])}
+    missing = [k for k in tgt if k not in current and k not in work.optional
+               and not any(p in loaded for p in partners.get(k, ()))]
+    mismatched = [k for k in tgt if k in current and not shapes_load(current[k], tgt[k])]
+    if missing:
+        if work.arch is not None:
+            work.add({"op": "fill_missing"}, f"{len(missing)} target keys the checkpoint lacks keep the "
+                     f"target's initialisation ({some(missing)})", len(missing))
+        else:
+            work.notes.append(f"{len(missing)} target keys are not in the checkpoint ({some(missing)}); with a "
+                              "checkpoint as the target there is no initialisation to fill them from (use --arch)")
+    if mismatched:
+        if work.arch is not None:
+            work.add({"op": "reinit_mismatched"}, "shapes differ for " + some(
+                [f"{k} {list(current[k])} -> {list(tgt[k])}" for k in mismatched]) + ": re-initialise them",
+                len(mismatched))
+        else:
+            work.notes.append(f"{len(mismatched)} keys differ in shape ({some(mismatched)}); only --arch can "
+                              "re-initialise them")
+
+
+PROPOSERS: list[Proposer] = [propose_prefixes, propose_leaf_renames, propose_module_renames, propose_adaptations,
+                             propose_position_map, propose_drops, propose_fills]
 
 
 _PREFIX_ORIGINS = {"module.": " (saved from nn.DataParallel / DistributedDataParallel)",
@@ -220,7 +427,7 @@ def _apply_renames(current: dict[str, tuple[int, ...]], rules: list[tuple[str, s
     return current
 
 
-def _rename_reason(pairs: list[tuple[str, str]], current: dict[str, tuple[int, ...]]) -> str:
+def _rename_reason(pairs: list[tuple[str, str]]) -> str:
     shown = some(f"{o} -> {n}" for o, n in pairs)
     return f"same parameter names and shapes under another module name: {shown}"
 

@@ -8,6 +8,8 @@ from typing import Any
 from ..arch import TargetSignature
 from ..model import Checkpoint
 from ..plan import Plan
+from .align import Alignment
+from .shapeflow import ShapeFlow
 
 MATCHED, DTYPE, SHAPE, MISSING, UNEXPECTED, MIXED = "matched", "dtype", "shape", "missing", "unexpected", "mixed"
 # not in the checkpoint, but torch fills it in itself (BatchNorm's num_batches_tracked without version metadata)
@@ -91,7 +93,8 @@ class FixPlan:
     ``resolves`` is whether the operations, simulated on the keys, leave nothing that would fail a strict
     load; ``checkpoint_share`` is the share of an architecture's parameters the checkpoint would give
     after them, and ``mostly_new`` says it is under half (then ``command`` is ``None``: a fix would
-    keep mostly fresh initialisation, which is no fix); ``notes`` says what the plan cannot decide (ambiguous renames, values it has no source for).
+    keep mostly fresh initialisation, which is no fix, nor when ``cannot_run`` says the target's forward
+    fails); ``notes`` says what the plan cannot decide (ambiguous renames, values it has no source for).
     """
 
     steps: tuple[PlanStep, ...]
@@ -102,6 +105,9 @@ class FixPlan:
     plan: Plan = field(default_factory=Plan, repr=False)
     checkpoint_share: float = 1.0  # of the target's parameter elements, after the operations
     mostly_new: bool = False
+    alignment: Alignment | None = None  # the keys a proposed --map pairs by position, and its confidence
+    map_file: str | None = None  # the --map file the command reads (ckpt diff --map-out writes it)
+    cannot_run: str = ""  # the target's forward fails (shape flow): why no command is offered
 
 
 @dataclass(frozen=True)
@@ -124,6 +130,13 @@ class DiffReport:
     plan: FixPlan
     plan_path: str | None = None
     notes: tuple[str, ...] = ()
+    shape_flow: ShapeFlow | None = None  # the target's forward on the meta device (--arch targets)
+    map_path: str | None = None  # where --map-out wrote the proposed map
+
+    @property
+    def ok(self) -> bool:
+        """Loads strictly, and the target's forward does not fail (exit 0)."""
+        return self.loads_strictly and not (self.shape_flow is not None and self.shape_flow.fails)
 
 
 Target = TargetSignature | Checkpoint
