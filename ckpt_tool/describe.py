@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import functools
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import UsageError
-from .model import DTENSOR_SHARD, QUANTIZED, SPARSE_KINDS, Candidate, Checkpoint, Progress, TensorRef, common_prefix
+from .model import (
+    DENSE,
+    DTENSOR_SHARD,
+    DTYPES,
+    QUANTIZED,
+    SPARSE_KINDS,
+    Candidate,
+    Checkpoint,
+    Progress,
+    TensorRef,
+    common_prefix,
+    contiguous_strides,
+)
 from .reader import open_checkpoint, summarize
 from .text import grouped_notes
 from .values import FileCache, TensorStats, tensor_stats
@@ -111,19 +125,22 @@ def inspect_checkpoint(
                     stats_by_key[ref.key] = tensor_stats(ref, files)
                 if progress is not None:
                     progress(ref.nbytes, total)
-    rows = tuple(_row(r, shared, stats_by_key.get(r.key)) for r in refs)
+    rows = tuple(_row(r, shared, stats_by_key.get(r.key)) for r in refs) if depth is None else ()
     attributes = tuple(_row(r, {}, None) for r in ckpt.attributes.values())
     by_dtype: dict[str, int] = {}
+    parameters = 0
     for ref in ckpt.tensors.values():
-        by_dtype[ref.dtype] = by_dtype.get(ref.dtype, 0) + ref.nbytes
+        n = ref.nbytes
+        by_dtype[ref.dtype] = by_dtype.get(ref.dtype, 0) + n
+        parameters += ref.numel
     notes = _notes(ckpt) + (STD_NOTE,) * bool(stats)
     return InspectReport(
         path=ckpt.path, format=ckpt.format, file_size=ckpt.file_size, tensors=len(ckpt.tensors),
-        parameters=ckpt.parameters, tensor_bytes=ckpt.tensor_bytes, bytes_by_dtype=dict(sorted(by_dtype.items())),
+        parameters=parameters, tensor_bytes=sum(by_dtype.values()), bytes_by_dtype=dict(sorted(by_dtype.items())),
         state_path=ckpt.state_path, candidates=ckpt.candidates, common_prefix=common_prefix(list(ckpt.tensors)),
         shared_storages=tuple(tuple(keys) for keys in shared.values()), extras=ckpt.extras,
         placeholders=ckpt.placeholders, metadata=ckpt.metadata, files=ckpt.files,
-        rows=rows if depth is None else (), modules=rollup(refs, depth) if depth is not None else (),
+        rows=rows, modules=rollup(refs, depth) if depth is not None else (),
         nonfinite=sum(s.nan + s.inf for s in stats_by_key.values()), filter=filter, depth=depth, notes=notes,
         attributes=attributes, objects={k: summarize(v) for k, v in ckpt.objects.items()},
     )
@@ -138,10 +155,27 @@ def _compile(filter: str | None) -> re.Pattern[str] | None:
         raise UsageError(f"--filter {filter!r} is not a regular expression ({exc})") from None
 
 
+_strides = functools.lru_cache(maxsize=4096)(contiguous_strides)  # a checkpoint repeats a few shapes
+
+
 def _row(ref: TensorRef, shared: dict[str, list[str]], stats: TensorStats | None) -> TensorRow:
-    others = tuple(k for k in shared.get(ref.storage, ()) if k != ref.key)
-    return TensorRow(ref.key, ref.shape, ref.dtype, ref.numel, ref.nbytes, ref.stride, ref.storage, ref.offset,
-                     ref.is_contiguous, others, stats, ref.kind, composite_detail(ref), ref.note)
+    others = tuple(k for k in shared[ref.storage] if k != ref.key) if ref.storage in shared else ()
+    # a contiguous layout is the common case and the cheap one to recognise (strides are cached by shape)
+    contiguous = ref.stride == _strides(ref.shape) or ref.is_contiguous
+    dense = ref.kind == DENSE
+    numel = math.prod(ref.shape)
+    # TensorRow(...) without the frozen dataclass's per-field object.__setattr__ (a third of the cost)
+    row = _new(TensorRow)
+    _set(row, "__dict__", {
+        "name": ref.key, "shape": ref.shape, "dtype": ref.dtype, "parameters": numel,
+        "nbytes": numel * DTYPES[ref.dtype][0] if dense else ref.nbytes, "stride": ref.stride,
+        "storage": ref.storage, "offset": ref.offset, "contiguous": contiguous, "shared_with": others,
+        "stats": stats, "kind": ref.kind, "detail": "" if dense else composite_detail(ref), "note": ref.note,
+    })
+    return row
+
+
+_new, _set = object.__new__, object.__setattr__
 
 
 def composite_detail(ref: TensorRef) -> str:

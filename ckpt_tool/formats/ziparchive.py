@@ -13,6 +13,7 @@ Nothing here reads tensor bytes: only headers, and the entries a caller asks for
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import zlib
@@ -229,7 +230,8 @@ def _list(f: IO[bytes], path: str, size: int) -> ZipListing:
     if len(distinct) > 1:
         ambiguities.append("torch and Python's zipfile read different central directories")
     names = [e.name for e in torch_entries]
-    dupes = sorted({n for n in names if names.count(n) > 1})
+    counts = collections.Counter(names)
+    dupes = sorted(n for n, c in counts.items() if c > 1)
     if dupes:
         ambiguities.append(f"duplicate entry names ({', '.join(dupes[:3])}): readers choose differently among "
                            "them (zipfile takes the last)")
