@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -203,14 +204,62 @@ def module_of(key: str, depth: int) -> str:
     return ".".join(module[:depth])
 
 
-def rollup(refs: list[TensorRef], depth: int) -> tuple[ModuleRow, ...]:
-    groups: dict[str, list[TensorRef]] = {}
-    for ref in refs:
-        groups.setdefault(module_of(ref.key, depth), []).append(ref)
-    return tuple(
-        ModuleRow(name, len(g), sum(r.numel for r in g), sum(r.nbytes for r in g), tuple(sorted({r.dtype for r in g})))
-        for name, g in groups.items()
-    )
+def rollup(refs: Sequence[TensorRef | TensorRow], depth: int) -> tuple[ModuleRow, ...]:
+    """Tensors (refs or rows) grouped by module prefix of ``depth`` components, in first-seen order."""
+    return _group(refs, lambda name: module_of(name, depth))
+
+
+def _group(refs: Sequence[TensorRef | TensorRow], module: Callable[[str], str]) -> tuple[ModuleRow, ...]:
+    groups: dict[str, list[Any]] = {}  # module -> [tensors, parameters, bytes, dtypes]
+    for r in refs:
+        name, numel = (r.key, r.numel) if isinstance(r, TensorRef) else (r.name, r.parameters)
+        g = groups.get(m := module(name))
+        if g is None:
+            g = groups[m] = [0, 0, 0, set()]
+        g[0] += 1
+        g[1] += numel
+        g[2] += r.nbytes
+        g[3].add(r.dtype)
+    return tuple(ModuleRow(name, n, p, b, tuple(sorted(d))) for name, (n, p, b, d) in groups.items())
+
+
+FOLD_ROWS = 1000  # above this many rows the table shows modules (``--all`` shows every row)
+_NUMBERED = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)")
+
+
+def numbered_module(key: str) -> str:
+    """A key's module with its numbered components as ``*``: ``model.layers.7.mlp.experts.12.up.weight``
+    -> ``model.layers.*.mlp.experts.*.up``."""
+    module = key.rpartition(".")[0] if "." in key else key
+    return _NUMBERED.sub("*", module)
+
+
+def fold(rows: Sequence[TensorRow], limit: int = FOLD_ROWS) -> tuple[str, tuple[ModuleRow, ...]]:
+    """A long table's rows grouped into at most ``limit`` modules: ``(how, groups)``.
+
+    By module (the key less its last component) when that is few enough groups; else with the
+    numbered components of a module as ``*`` (``model.layers.*.mlp``: every layer's ``mlp`` in one
+    row); else by the deepest module prefix that gives few enough.
+
+    Example:
+        >>> rows = inspect_checkpoint("fixtures/tiny_cnn.pth").rows
+        >>> how, modules = fold(rows, limit=4)
+        >>> how, [m.name for m in modules]
+        ('numbered components as *', ['features.*', 'classifier.fc1', 'classifier.fc2'])
+    """
+    modules = _group(rows, lambda name: name.rpartition(".")[0])
+    if len(modules) <= limit:
+        return "by module", modules
+    modules = _group(rows, numbered_module)
+    if len(modules) <= limit:
+        return "numbered components as *", modules
+    best = rollup(rows, 1)
+    for depth in range(2, max((r.name.count(".") for r in rows), default=0) + 1):
+        modules = rollup(rows, depth)
+        if len(modules) > limit:
+            break
+        best = modules
+    return f"by prefixes of {max(m.name.count('.') for m in best) + 1} components", best
 
 
 STD_NOTE = "std is torch's default, the unbiased (n - 1) standard deviation; a one-element tensor gives nan"

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from .model import Progress
 from .text import some
 
-__all__ = ["dumps", "echo", "human_bytes", "human_count", "json_option", "note", "plain_table", "progress_bar",
+__all__ = ["dumps", "echo", "human_bytes", "human_count", "json_option", "note", "page", "plain_table", "progress_bar",
            "shape_str", "some", "table", "to_jsonable"]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -217,6 +217,36 @@ def plain_table(rows: Iterable[Sequence[Any]], headers: Sequence[str]) -> str:
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c + " " * (w - visible_len(c)) for c, w in zip(r, widths)) for r in rows]
     return "\n".join(line.rstrip() for line in lines)
+
+
+# --- paging ------------------------------------------------------------------------------------------
+
+def page(text: str, enabled: bool = True) -> None:
+    """Print ``text``, through ``$PAGER`` (``less`` by default) when stdout is a terminal the text overflows.
+
+    Never pages when stdout is not a terminal (pipes, files, tests), with ``enabled`` false
+    (``--no-pager``), or with ``PAGER`` set empty or to ``cat``. ``less`` gets ``LESS=FRX`` unless
+    ``LESS`` is set: it quits when the text fits, keeps colour codes and leaves the text on screen.
+    """
+    pager = os.environ.get("PAGER", "less")
+    if not enabled or not _stdout_is_terminal() or pager.strip() in ("", "cat"):
+        echo(text)
+        return
+    import shutil
+
+    if text.count("\n") + 1 < shutil.get_terminal_size().lines:
+        echo(text)
+        return
+    import shlex
+    import subprocess
+
+    env = dict(os.environ)
+    env.setdefault("LESS", "FRX")
+    sys.stdout.flush()
+    try:
+        subprocess.run(shlex.split(pager), input=(text + "\n").encode("utf-8", "replace"), env=env, check=False)
+    except (OSError, ValueError):  # no such pager, or PAGER unparsable: print as if there were none
+        echo(text)
 
 
 # --- colour ------------------------------------------------------------------------------------------
