@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .bulk import paused
 from .errors import UsageError
 from .model import (
     DENSE,
@@ -87,6 +88,7 @@ class InspectReport:
     objects: dict[str, Any] = field(default_factory=dict)
 
 
+@paused
 def inspect_checkpoint(
     path: str,
     key: str | None = None,

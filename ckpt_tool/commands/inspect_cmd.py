@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ..describe import FOLD_ROWS
-from ..render import dumps, echo, human_bytes, human_count, json_option, page, progress_bar, shape_str, table
+from ..render import echo_json, human_bytes, human_count, json_option, page, progress_bar, shape_str, table
 from .options import key_option, pager_option
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ def inspect(path: str, key: str | None, depth: int | None, filter_: str | None, 
     with progress_bar("reading values", enabled=stats) as progress:
         report = inspect_checkpoint(path, key, depth=depth, filter=filter_, stats=stats, progress=progress)
     if as_json:
-        echo(dumps(report))
+        echo_json(report)
     else:
         page(_render(report, all_rows), enabled=not no_pager)
     if report.nonfinite:

@@ -117,7 +117,8 @@ def header_defects(path: str, check_loadable: bool = True) -> tuple[SafetensorsH
     spans: list[tuple[int, int, str]] = []
     strides: dict[tuple[int, ...], tuple[int, ...]] = {}
     storage = path + "#"
-    for key, entry in header.items():
+    for key in list(header):
+        entry = header.pop(key)  # each entry freed once read: the parsed header and the refs are not both held
         # the checks of _entry_defect, inlined for the well-formed entry (100,000 of them take
         # a fraction of a second); any doubt and _entry_defect says what is wrong
         try:
