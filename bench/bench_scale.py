@@ -59,7 +59,9 @@ def main() -> None:
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
     def m(label: str, cmd: list[str]) -> Run:
-        return measure(label, cmd, repeat=args.repeat)
+        run = measure(label, cmd, repeat=args.repeat)
+        print(f"  measured {label}: {run.wall_s:.3f} s, {run.peak_rss_mb:.1f} MB", flush=True)
+        return run
 
     st = paths["flat.safetensors"]
     keys = m("safe_open(flat.safetensors).keys()", [PYTHON, "-c", "import sys; from safetensors import safe_open; "

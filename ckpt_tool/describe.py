@@ -225,6 +225,16 @@ def _group(refs: Sequence[TensorRef | TensorRow], module: Callable[[str], str]) 
     return tuple(ModuleRow(name, n, p, b, tuple(sorted(d))) for name, (n, p, b, d) in groups.items())
 
 
+def _fits(rows: Sequence[TensorRow], module: Callable[[str], str], limit: int) -> bool:
+    """Whether ``rows`` fall in at most ``limit`` modules (stops counting at the first one too many)."""
+    seen: set[str] = set()
+    for r in rows:
+        seen.add(module(r.name))
+        if len(seen) > limit:
+            return False
+    return True
+
+
 FOLD_ROWS = 1000  # above this many rows the table shows modules (``--all`` shows every row)
 _NUMBERED = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)")
 
@@ -249,12 +259,10 @@ def fold(rows: Sequence[TensorRow], limit: int = FOLD_ROWS) -> tuple[str, tuple[
         >>> how, [m.name for m in modules]
         ('numbered components as *', ['features.*', 'classifier.fc1', 'classifier.fc2'])
     """
-    modules = _group(rows, lambda name: name.rpartition(".")[0])
-    if len(modules) <= limit:
-        return "by module", modules
-    modules = _group(rows, numbered_module)
-    if len(modules) <= limit:
-        return "numbered components as *", modules
+    for how, module in (("by module", lambda name: name.rpartition(".")[0]),
+                        ("numbered components as *", numbered_module)):
+        if _fits(rows, module, limit):
+            return how, _group(rows, module)
     best = rollup(rows, 1)
     for depth in range(2, max((r.name.count(".") for r in rows), default=0) + 1):
         modules = rollup(rows, depth)

@@ -95,7 +95,7 @@ _RAW = (str, int, bool, type(None))
 # float, Any or dict, is walked by to_jsonable
 _RAW_WORDS = frozenset({"str", "int", "bool", "None", "tuple", "list", "..."})
 _WORD = re.compile(r"[A-Za-z_][A-Za-z_0-9.]*|\.\.\.")
-_WALKED = frozenset({"Any", "Mapping", "Sequence", "Iterable", "MutableMapping", "TensorRef"})
+_WALKED = frozenset({"Any", "Mapping", "Sequence", "Iterable", "MutableMapping"})
 _converters: dict[type, Callable[[Any], Any]] = {}
 
 
@@ -173,10 +173,10 @@ def _fast_dumps(obj: Any, text: bool = True) -> str | bytes:
     try:
         out = orjson.dumps(data, default=_default,
                            option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATACLASS)
-    except orjson.JSONEncodeError as exc:
-        if isinstance(exc.__cause__, _Differs) or isinstance(exc.__context__, _Differs):
-            raise _Differs from None
-        raise _Differs from None  # the standard encoder says what it cannot encode, as before
+    except orjson.JSONEncodeError:
+        # a float or text orjson writes differently, or what neither encoder can write: the
+        # standard encoder writes it, or raises as it always has
+        raise _Differs from None
     if not out.isascii():
         raise _Differs
     return out.decode("ascii") if text else out
