@@ -18,27 +18,18 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import layouts  # noqa: E402
 from _common import CKPT, HERE, OUT, PYTHON, measure  # noqa: E402
 
 TENSORS = 100_000
-MODULES = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down", "norm1", "norm2", "ada.lin", "ada.mod")
 
 
 def big_safetensors() -> str:
-    """5,000 layers x 10 modules x (weight, bias): 100,000 tiny tensors, made once in bench/out/."""
-    path = os.path.join(OUT, "browse_100k.safetensors")
+    """5,000 layers x 10 modules x (weight, bias): 100,000 tiny tensors (``layouts.flat_specs``), made once."""
+    path = os.path.join(OUT, "scale", "flat.safetensors")
     if not os.path.exists(path):
-        import numpy as np
-        from safetensors.numpy import save_file
-
-        os.makedirs(OUT, exist_ok=True)
-        tensors = {}
-        for i in range(TENSORS // (2 * len(MODULES))):
-            for m in MODULES:
-                tensors[f"model.layers.{i}.{m}.weight"] = np.zeros((4, 2), np.float32)
-                tensors[f"model.layers.{i}.{m}.bias"] = np.zeros((4,), np.float16)
-        save_file(tensors, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        layouts.write_safetensors(path, layouts.flat_specs(TENSORS))
     return path
 
 

@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import functools
+import math
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .bulk import paused
 from .errors import UsageError
 from .formats.dcp import chunk_summary
-from .model import DTENSOR_SHARD, QUANTIZED, SPARSE_KINDS, Candidate, Checkpoint, Progress, TensorRef, common_prefix
+from .model import (
+    DENSE,
+    DTENSOR_SHARD,
+    DTYPES,
+    QUANTIZED,
+    SPARSE_KINDS,
+    Candidate,
+    Checkpoint,
+    Progress,
+    TensorRef,
+    common_prefix,
+    contiguous_strides,
+)
 from .reader import open_checkpoint, summarize
 from .text import grouped_notes
 from .values import FileCache, TensorStats, has_bytes, tensor_stats
@@ -73,6 +89,7 @@ class InspectReport:
     objects: dict[str, Any] = field(default_factory=dict)
 
 
+@paused
 def inspect_checkpoint(
     path: str,
     key: str | None = None,
@@ -112,19 +129,22 @@ def inspect_checkpoint(
                     stats_by_key[ref.key] = tensor_stats(ref, files)
                 if progress is not None:
                     progress(ref.nbytes, total)
-    rows = tuple(_row(r, shared, stats_by_key.get(r.key)) for r in refs)
+    rows = tuple(_row(r, shared, stats_by_key.get(r.key)) for r in refs) if depth is None else ()
     attributes = tuple(_row(r, {}, None) for r in ckpt.attributes.values())
     by_dtype: dict[str, int] = {}
+    parameters = 0
     for ref in ckpt.tensors.values():
-        by_dtype[ref.dtype] = by_dtype.get(ref.dtype, 0) + ref.nbytes
+        n = ref.nbytes
+        by_dtype[ref.dtype] = by_dtype.get(ref.dtype, 0) + n
+        parameters += ref.numel
     notes = _notes(ckpt) + (STD_NOTE,) * bool(stats)
     return InspectReport(
         path=ckpt.path, format=ckpt.format, file_size=ckpt.file_size, tensors=len(ckpt.tensors),
-        parameters=ckpt.parameters, tensor_bytes=ckpt.tensor_bytes, bytes_by_dtype=dict(sorted(by_dtype.items())),
+        parameters=parameters, tensor_bytes=sum(by_dtype.values()), bytes_by_dtype=dict(sorted(by_dtype.items())),
         state_path=ckpt.state_path, candidates=ckpt.candidates, common_prefix=common_prefix(list(ckpt.tensors)),
         shared_storages=tuple(tuple(keys) for keys in shared.values()), extras=ckpt.extras,
         placeholders=ckpt.placeholders, metadata=ckpt.metadata, files=ckpt.files,
-        rows=rows if depth is None else (), modules=rollup(refs, depth) if depth is not None else (),
+        rows=rows, modules=rollup(refs, depth) if depth is not None else (),
         nonfinite=sum(s.nan + s.inf for s in stats_by_key.values()), filter=filter, depth=depth, notes=notes,
         attributes=attributes, objects={k: summarize(v) for k, v in ckpt.objects.items()},
     )
@@ -139,11 +159,28 @@ def _compile(filter: str | None) -> re.Pattern[str] | None:
         raise UsageError(f"--filter {filter!r} is not a regular expression ({exc})") from None
 
 
+_strides = functools.lru_cache(maxsize=4096)(contiguous_strides)  # a checkpoint repeats a few shapes
+
+
 def _row(ref: TensorRef, shared: dict[str, list[str]], stats: TensorStats | None) -> TensorRow:
-    others = tuple(k for k in shared.get(ref.storage, ()) if k != ref.key)
-    return TensorRow(ref.key, ref.shape, ref.dtype, ref.numel, ref.nbytes, ref.stride, ref.storage, ref.offset,
-                     ref.is_contiguous, others, stats, ref.kind, composite_detail(ref) or chunk_summary(ref),
-                     ref.note)
+    others = tuple(k for k in shared[ref.storage] if k != ref.key) if ref.storage in shared else ()
+    # a contiguous layout is the common case and the cheap one to recognise (strides are cached by shape)
+    contiguous = ref.stride == _strides(ref.shape) or ref.is_contiguous
+    dense = ref.kind == DENSE
+    numel = math.prod(ref.shape)
+    # TensorRow(...) without the frozen dataclass's per-field object.__setattr__ (a third of the cost)
+    row = _new(TensorRow)
+    _set(row, "__dict__", {
+        "name": ref.key, "shape": ref.shape, "dtype": ref.dtype, "parameters": numel,
+        "nbytes": numel * DTYPES[ref.dtype][0] if dense else ref.nbytes, "stride": ref.stride,
+        "storage": ref.storage, "offset": ref.offset, "contiguous": contiguous, "shared_with": others,
+        "stats": stats, "kind": ref.kind, "detail": ("" if dense else composite_detail(ref)) or (chunk_summary(ref) if ref.attrs else ""),
+         "note": ref.note,
+    })
+    return row
+
+
+_new, _set = object.__new__, object.__setattr__
 
 
 def composite_detail(ref: TensorRef) -> str:
@@ -171,14 +208,70 @@ def module_of(key: str, depth: int) -> str:
     return ".".join(module[:depth])
 
 
-def rollup(refs: list[TensorRef], depth: int) -> tuple[ModuleRow, ...]:
-    groups: dict[str, list[TensorRef]] = {}
-    for ref in refs:
-        groups.setdefault(module_of(ref.key, depth), []).append(ref)
-    return tuple(
-        ModuleRow(name, len(g), sum(r.numel for r in g), sum(r.nbytes for r in g), tuple(sorted({r.dtype for r in g})))
-        for name, g in groups.items()
-    )
+def rollup(refs: Sequence[TensorRef | TensorRow], depth: int) -> tuple[ModuleRow, ...]:
+    """Tensors (refs or rows) grouped by module prefix of ``depth`` components, in first-seen order."""
+    return _group(refs, lambda name: module_of(name, depth))
+
+
+def _group(refs: Sequence[TensorRef | TensorRow], module: Callable[[str], str]) -> tuple[ModuleRow, ...]:
+    groups: dict[str, list[Any]] = {}  # module -> [tensors, parameters, bytes, dtypes]
+    for r in refs:
+        name, numel = (r.key, r.numel) if isinstance(r, TensorRef) else (r.name, r.parameters)
+        g = groups.get(m := module(name))
+        if g is None:
+            g = groups[m] = [0, 0, 0, set()]
+        g[0] += 1
+        g[1] += numel
+        g[2] += r.nbytes
+        g[3].add(r.dtype)
+    return tuple(ModuleRow(name, n, p, b, tuple(sorted(d))) for name, (n, p, b, d) in groups.items())
+
+
+def _fits(rows: Sequence[TensorRow], module: Callable[[str], str], limit: int) -> bool:
+    """Whether ``rows`` fall in at most ``limit`` modules (stops counting at the first one too many)."""
+    seen: set[str] = set()
+    for r in rows:
+        seen.add(module(r.name))
+        if len(seen) > limit:
+            return False
+    return True
+
+
+FOLD_ROWS = 1000  # above this many rows the table shows modules (``--all`` shows every row)
+_NUMBERED = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)")
+
+
+def numbered_module(key: str) -> str:
+    """A key's module with its numbered components as ``*``: ``model.layers.7.mlp.experts.12.up.weight``
+    -> ``model.layers.*.mlp.experts.*.up``."""
+    module = key.rpartition(".")[0] if "." in key else key
+    return _NUMBERED.sub("*", module)
+
+
+def fold(rows: Sequence[TensorRow], limit: int = FOLD_ROWS) -> tuple[str, tuple[ModuleRow, ...]]:
+    """A long table's rows grouped into at most ``limit`` modules: ``(how, groups)``.
+
+    By module (the key less its last component) when that is few enough groups; else with the
+    numbered components of a module as ``*`` (``model.layers.*.mlp``: every layer's ``mlp`` in one
+    row); else by the deepest module prefix that gives few enough.
+
+    Example:
+        >>> rows = inspect_checkpoint("fixtures/tiny_cnn.pth").rows
+        >>> how, modules = fold(rows, limit=4)
+        >>> how, [m.name for m in modules]
+        ('numbered components as *', ['features.*', 'classifier.fc1', 'classifier.fc2'])
+    """
+    for how, module in (("by module", lambda name: name.rpartition(".")[0]),
+                        ("numbered components as *", numbered_module)):
+        if _fits(rows, module, limit):
+            return how, _group(rows, module)
+    best = rollup(rows, 1)
+    for depth in range(2, max((r.name.count(".") for r in rows), default=0) + 1):
+        modules = rollup(rows, depth)
+        if len(modules) > limit:
+            break
+        best = modules
+    return f"by prefixes of {max(m.name.count('.') for m in best) + 1} components", best
 
 
 STD_NOTE = "std is torch's default, the unbiased (n - 1) standard deviation; a one-element tensor gives nan"

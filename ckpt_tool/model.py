@@ -156,6 +156,24 @@ class TensorRef:
         }
 
 
+_new, _set = object.__new__, object.__setattr__
+
+
+def dense_ref(key: str, dtype: str, shape: tuple[int, ...], stride: tuple[int, ...], storage: str,
+              storage_nbytes: int, data_offset: int | None, file: str) -> TensorRef:
+    """``TensorRef(key, dtype, shape, stride, storage, 0, storage_nbytes, data_offset, file)``, built in a
+    third of the time: a frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``,
+    which is most of the cost of reading a 100,000-tensor header. Equal to the ordinary construction
+    (tests/test_reader.py checks it field by field)."""
+    ref = _new(TensorRef)
+    _set(ref, "__dict__", {
+        "key": key, "dtype": dtype, "shape": shape, "stride": stride, "storage": storage, "storage_offset": 0,
+        "storage_nbytes": storage_nbytes, "data_offset": data_offset, "file": file, "requires_grad": False,
+        "kind": DENSE, "parts": (), "attrs": (), "note": "",
+    })
+    return ref
+
+
 @dataclass(frozen=True)
 class Candidate:
     """A place in a checkpoint's object tree that holds a state dict."""
@@ -227,11 +245,12 @@ def common_prefix(keys: list[str]) -> str:
     """
     if len(keys) == 0:
         return ""
-    parts = [k.split(".")[:-1] for k in keys]
-    prefix: list[str] = []
-    for column in zip(*parts):
-        if all(c == column[0] for c in column):
-            prefix.append(column[0])
-        else:
+    # the text every key starts with is the common start of the smallest and the largest key; its
+    # dotted components are shared by every key, and none is a key's last component (a dot follows)
+    first, last = min(keys), max(keys)
+    n = 0
+    for a, b in zip(first, last):
+        if a != b:
             break
-    return ".".join(prefix) + "." if prefix else ""
+        n += 1
+    return first[:first.rfind(".", 0, n) + 1]

@@ -6,6 +6,7 @@ import json
 import os
 from typing import Any
 
+from .bulk import paused
 from .errors import FormatError, InputError, KeyPathError
 from .formats import sniff as fmt
 from .formats.pickle_vm import (
@@ -116,6 +117,7 @@ def parse_lfs_pointer(path: str) -> dict[str, str]:
     return out
 
 
+@paused
 def open_checkpoint(path: str, key: str | None = None, *, optimizer: bool = False) -> Checkpoint:
     """Describe the checkpoint at ``path`` without reading tensor bytes or importing torch.
 

@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from .bulk import paused
 from .errors import CkptError, TorchMissingError, UsageError
 from .formats import sniff as fmt
 from .model import Checkpoint, is_floating
@@ -152,6 +153,7 @@ def validate(paths: Iterable[str], allow: Iterable[str] = (), config_dir: str | 
     return ValidateReport(files, config.path)
 
 
+@paused
 def validate_file(path: str, rules: Rules) -> FileValidation:
     """Every check that applies to one file or one sharded index."""
     if path.endswith(".index.json"):

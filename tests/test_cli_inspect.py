@@ -177,7 +177,7 @@ print(sorted(m for m in sys.modules if m.startswith("ckpt_tool.commands.") or m 
 """
     out = subprocess.run([sys.executable, "-c", code, TINY], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "['ckpt_tool.commands.inspect_cmd', 'tabulate']"
+    assert out.stdout.strip() == "['ckpt_tool.commands.inspect_cmd', 'ckpt_tool.commands.options', 'tabulate']"
     assert run("--help").output.count("\n  ") >= 7  # every command listed in --help
     assert "No such command 'nope'" in run("nope").output and run("nope").exit_code == 2
 

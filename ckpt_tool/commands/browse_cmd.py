@@ -10,6 +10,7 @@ import click
 
 from ..errors import CkptError, UsageError
 from ..render import echo
+from .options import arch_arg_option, arch_option, key_option, no_cache_option, target_key_option
 
 TUI_MISSING = "ckpt browse needs Textual: pip install 'ckpt-tool[tui]'"
 
@@ -17,13 +18,11 @@ TUI_MISSING = "ckpt browse needs Textual: pip install 'ckpt-tool[tui]'"
 @click.command()
 @click.argument("path", type=click.Path(dir_okay=True))
 @click.argument("target", required=False, type=click.Path(dir_okay=True))
-@click.option("--arch", metavar="SPEC", help="Diff against an architecture, as for `ckpt diff` (vgg16, "
-              "pkg.module:factory, file.py:factory, timm:NAME).")
-@click.option("--arch-arg", "arch_args", multiple=True, metavar="NAME=VALUE",
-              help="Keyword argument for the architecture (repeatable; values are Python literals).")
-@click.option("--key", metavar="PATH", help="Nested state dict of PATH to show (model, state_dict, ckpt/ema).")
-@click.option("--target-key", metavar="PATH", help="Nested state dict of TARGET to compare with.")
-@click.option("--no-cache", is_flag=True, help="Build the --arch signature afresh; neither read nor write the cache.")
+@arch_option
+@arch_arg_option
+@key_option(help="Nested state dict of PATH to show (model, state_dict, ckpt/ema).")
+@target_key_option
+@no_cache_option
 def browse(path: str, target: str | None, arch: str | None, arch_args: tuple[str, ...], key: str | None,
            target_key: str | None, no_cache: bool) -> None:
     """Browse a checkpoint interactively: module tree, tensors, layout, values, safety verdict.

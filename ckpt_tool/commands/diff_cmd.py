@@ -8,7 +8,7 @@ import click
 
 from ..errors import EXIT_FINDINGS, EXIT_OK
 from ..render import dumps, echo, human_count, json_option, note, paint, progress_bar, shape_str, table
-from .options import arch_arg_option, arch_option, key_option
+from .options import arch_arg_option, arch_option, key_option, no_cache_option, target_key_option
 
 
 @click.command()
@@ -17,7 +17,7 @@ from .options import arch_arg_option, arch_option, key_option
 @arch_option
 @arch_arg_option
 @key_option
-@click.option("--target-key", metavar="PATH", help="Nested state dict of TARGET to use.")
+@target_key_option
 @click.option("--values", is_flag=True, help="Also compare tensor values (TARGET checkpoint only): max |a-b| and "
               "relative change ||a-b||/||a|| per tensor, streamed.")
 @click.option("--depth", type=int, metavar="N", help="One row per module prefix of N components instead of per key.")
@@ -28,8 +28,7 @@ from .options import arch_arg_option, arch_option, key_option
               "suggested command reads (keys paired by position: a re-implementation, a port).")
 @click.option("--input-shape", metavar="N,C,H,W", help="Dummy input of the shape flow, batch included "
               "(default: the architecture's, 1,3,224,224 for torchvision classifiers).")
-@click.option("--no-cache", is_flag=True, help="Build the target's signature afresh (needs torch); neither read "
-              "the shipped table or the cache nor write the cache.")
+@no_cache_option
 @json_option
 def diff(checkpoint: str, target: str | None, arch: str | None, arch_args: tuple[str, ...], key: str | None,
          target_key: str | None, values: bool, depth: int | None, show_all: bool, plan_out: str | None,

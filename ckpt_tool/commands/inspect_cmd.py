@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ..render import dumps, echo, human_bytes, human_count, json_option, progress_bar, shape_str, table
+from ..describe import FOLD_ROWS
+from ..render import echo_json, human_bytes, human_count, json_option, page, progress_bar, shape_str, table
+from .options import key_option, pager_option
 
 if TYPE_CHECKING:
     from ..describe import InspectReport, TensorRow
@@ -16,12 +18,17 @@ if TYPE_CHECKING:
 
 @click.command()
 @click.argument("path", type=click.Path(dir_okay=True))
-@click.option("--key", help="Key path of the nested state dict to show (e.g. model, state_dict, ckpt/ema).")
+@key_option(help="Nested state dict to show (model, state_dict, ckpt/ema; components split by / or .); by "
+            "default the obvious one.")
 @click.option("--depth", type=int, help="Roll tensors up by module prefix of N components.")
 @click.option("--filter", "filter_", metavar="REGEX", help="Only keys matching this regular expression.")
 @click.option("--stats", is_flag=True, help="Read values (streamed) and add min/max/mean/std, NaN/Inf counts.")
+@click.option("--all", "all_rows", is_flag=True, help=f"Print every tensor's row; above {FOLD_ROWS:,} rows the table "
+              "is folded by module unless this is given.")
+@pager_option
 @json_option
-def inspect(path: str, key: str | None, depth: int | None, filter_: str | None, stats: bool, as_json: bool) -> None:
+def inspect(path: str, key: str | None, depth: int | None, filter_: str | None, stats: bool, all_rows: bool,
+            no_pager: bool, as_json: bool) -> None:
     """Describe a checkpoint without loading it: format, tensors, where the weights are.
 
     Reads .pth/.pt/.bin/.ckpt (torch zip and legacy), TorchScript, .safetensors, sharded
@@ -35,14 +42,17 @@ def inspect(path: str, key: str | None, depth: int | None, filter_: str | None, 
     with progress_bar("reading values", enabled=stats) as progress:
         report = inspect_checkpoint(path, key, depth=depth, filter=filter_, stats=stats, progress=progress)
     if as_json:
-        echo(dumps(report))
+        echo_json(report)
     else:
-        _render(report)
+        page(_render(report, all_rows), enabled=not no_pager)
     if report.nonfinite:
         sys.exit(1)
 
 
-def _render(r: InspectReport) -> None:
+def _render(r: InspectReport, all_rows: bool = False) -> str:
+    """The summary and the table, as one text (paged as a whole on a terminal)."""
+    from ..describe import fold
+
     summary = [
         ("file", r.path if len(r.files) <= 1 else f"{r.path} ({len(r.files)} shards)"),
         ("format", r.format),
@@ -64,22 +74,26 @@ def _render(r: InspectReport) -> None:
     for name, value in r.objects.items():
         summary.append((f"entry: {name}", _short(value)))
     width = max(len(k) for k, _ in summary)
-    for k, v in summary:
-        echo(f"{k:<{width}}  {v}")
-    for n in r.notes:
-        echo(f"note: {n}")
-    echo()
-    if r.depth is not None:
-        echo(table(
-            ((m.name or "(top)", m.tensors, f"{m.parameters:,}", human_bytes(m.nbytes), ",".join(m.dtypes)) for m in r.modules),
+    out = [f"{k:<{width}}  {v}" for k, v in summary]
+    out += [f"note: {n}" for n in r.notes]
+    modules = r.modules
+    if r.depth is None and len(r.rows) > FOLD_ROWS and not all_rows:
+        how, modules = fold(r.rows)
+        out.append(f"note: {len(r.rows):,} tensors folded into {len(modules):,} rows ({how}); --all prints every "
+                   "tensor, --depth N rolls up by N components")
+    out.append("")
+    if modules or r.depth is not None:
+        out.append(table(
+            ((m.name or "(top)", m.tensors, f"{m.parameters:,}", human_bytes(m.nbytes), ",".join(m.dtypes)) for m in modules),
             ["module", "tensors", "params", "size", "dtypes"], ["left", "right", "right", "right", "left"],
         ))
-        return
-    echo(_tensor_table(r.rows))
+        return "\n".join(out)
+    out.append(_tensor_table(r.rows))
     if r.attributes:
-        echo()
-        echo("TorchScript attributes (tensors that are neither parameters nor buffers; not in state_dict()):")
-        echo(_tensor_table(r.attributes))
+        out.append("")
+        out.append("TorchScript attributes (tensors that are neither parameters nor buffers; not in state_dict()):")
+        out.append(_tensor_table(r.attributes))
+    return "\n".join(out)
 
 
 def _tensor_table(rows_in: tuple[TensorRow, ...]) -> str:

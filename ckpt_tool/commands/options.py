@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import click
 
@@ -56,9 +56,29 @@ _OPERATION_OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
 OPERATION_PARAMS = tuple(name for name, *_ in _OPERATION_OPTIONS)
 
 
-def key_option(func: F) -> F:
-    """``--key PATH``: the nested state dict to use."""
-    return click.option("--key", metavar="PATH", help=KEY_HELP)(func)
+@overload
+def key_option(func: F) -> F: ...
+@overload
+def key_option(*, help: str) -> Callable[[F], F]: ...
+
+
+def key_option(func: F | None = None, *, help: str = KEY_HELP) -> F | Callable[[F], F]:
+    """``--key PATH``: the nested state dict to use; ``@key_option(help=...)`` where a command says it its own way."""
+    def decorate(f: F) -> F:
+        return click.option("--key", metavar="PATH", help=help)(f)
+
+    return decorate(func) if func is not None else decorate
+
+
+def target_key_option(func: F) -> F:
+    """``--target-key PATH``: the nested state dict of a TARGET checkpoint."""
+    return click.option("--target-key", metavar="PATH", help="Nested state dict of TARGET to use.")(func)
+
+
+def no_cache_option(func: F) -> F:
+    """``--no-cache``: build an ``--arch`` signature afresh."""
+    return click.option("--no-cache", is_flag=True, help="Build the target's signature afresh (needs torch); neither "
+                        "read the shipped table or the cache nor write the cache.")(func)
 
 
 def arch_option(func: F | None = None, *, required: bool = False) -> Any:
@@ -72,6 +92,12 @@ def arch_option(func: F | None = None, *, required: bool = False) -> Any:
 def arch_arg_option(func: F) -> F:
     """``--arch-arg NAME=VALUE`` (repeatable), passed as ``arch_args``."""
     return click.option("--arch-arg", "arch_args", multiple=True, metavar="NAME=VALUE", help=ARCH_ARG_HELP)(func)
+
+
+def pager_option(func: F) -> F:
+    """``--no-pager``: print a long table straight to the terminal (pipes are never paged)."""
+    return click.option("--no-pager", is_flag=True, help="Never page the output (it is paged with $PAGER only on a "
+                        "terminal it overflows).")(func)
 
 
 class OrderedCommand(click.Command):

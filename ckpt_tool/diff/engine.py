@@ -16,6 +16,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..arch import TargetSignature, TargetTensor, parse_arch_args, target_signature
+from ..bulk import paused
 from ..compat import Compatibility, check_checkpoint, signature_of_state
 from ..errors import InputError, OutputError, UsageError
 from ..model import Checkpoint, Progress, TensorRef, numel
@@ -28,6 +29,7 @@ from .shapeflow import shape_flow as target_flow
 from .valuediff import with_values
 
 
+@paused
 def diff_paths(path: str, target_path: str | None = None, *, arch: str | None = None,
                arch_args: Iterable[str] | dict[str, Any] = (), key: str | None = None,
                target_key: str | None = None, values: bool = False, depth: int | None = None,

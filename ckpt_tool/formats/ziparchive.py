@@ -13,8 +13,11 @@ Nothing here reads tensor bytes: only headers, and the entries a caller asks for
 
 from __future__ import annotations
 
+import collections
 import functools
+import mmap
 import os
+import struct
 import zlib
 from dataclasses import dataclass, field
 from typing import IO, NamedTuple
@@ -159,6 +162,8 @@ def _end_records(f: IO[bytes], size: int) -> list[_EndRecord]:
 def _read_at(f: IO[bytes], offset: int, n: int) -> bytes:
     if offset < 0:
         return b""
+    if isinstance(f, mmap.mmap):  # a mapped file cannot seek past its end; a slice there is empty
+        return f[offset:offset + n]
     f.seek(offset)
     return f.read(n)
 
@@ -172,19 +177,29 @@ def _central_directory(f: IO[bytes], offset: int, size: int, shift: int, file_si
     if not data.startswith(CD_SIG):
         return [] if count == 0 and size == 0 else None
     entries: list[ZipEntry] = []
+    source = f"central directory at {offset}"
+    unpack, end = _CD_HEADER.unpack_from, len(data)
     i = 0
-    while i + 46 <= len(data) and data[i:i + 4] == CD_SIG and len(entries) < MAX_ENTRIES:
-        flags, method, crc = _u16(data, i + 8), _u16(data, i + 10), _u32(data, i + 16)
-        csize, usize = _u32(data, i + 20), _u32(data, i + 24)
-        nlen, xlen, clen = _u16(data, i + 28), _u16(data, i + 30), _u16(data, i + 32)
-        local = _u32(data, i + 42)
-        name = _decode_name(data[i + 46:i + 46 + nlen], flags)
-        extra = data[i + 46 + nlen:i + 46 + nlen + xlen]
-        usize, csize, local = _zip64_extra(extra, [usize, csize, local])
-        entries.append(ZipEntry(name, local + shift, method, flags, crc, csize, usize, _u16(data, i + 6),
-                                f"central directory at {offset}"))
+    while i + 46 <= end and len(entries) < MAX_ENTRIES:
+        sig, _, needed, flags, method, _, _, crc, csize, usize, nlen, xlen, clen, _, _, _, local = unpack(data, i)
+        if sig != CD_SIG:
+            break
+        raw_name = data[i + 46:i + 46 + nlen]
+        # names are nearly always ASCII, which both encodings read alike
+        name = raw_name.decode("ascii") if raw_name.isascii() else _decode_name(raw_name, flags)
+        if xlen:
+            extra = data[i + 46 + nlen:i + 46 + nlen + xlen]
+            usize, csize, local = _zip64_extra(extra, [usize, csize, local])
+        entries.append(ZipEntry(name, local + shift, method, flags, crc, csize, usize, needed, source))
         i += 46 + nlen + xlen + clen
     return entries
+
+
+# a central directory header: signature, versions made by and needed, flags, method, time, date, crc,
+# sizes, name/extra/comment lengths, disk, attributes, local header offset (46 bytes)
+_CD_HEADER = struct.Struct("<4sHHHHHHIIIHHHHHII")
+# a local header: signature, version needed, flags, method, time, date, crc, sizes, name/extra lengths
+_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 
 
 def list_archive(path: str) -> ZipListing:
@@ -206,7 +221,11 @@ def _list_cached(path: str, size: int, mtime_ns: int) -> ZipListing:
     # sniffing and reading one file list it twice; the size and time stamp tell a changed file apart
     del mtime_ns
     with open(path, "rb") as f:
-        return _list(f, path, size)
+        if size == 0:
+            return _list(f, path, size)
+        # mapped, the tens of thousands of small header reads are slices rather than system calls
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return _list(mapped, path, size)  # type: ignore[arg-type]
 
 
 def _list(f: IO[bytes], path: str, size: int) -> ZipListing:
@@ -220,8 +239,11 @@ def _list(f: IO[bytes], path: str, size: int) -> ZipListing:
         before = len(views)
         # miniz: the offset as written; zipfile: the directory right before the end record, every offset shifted
         zipfile_at = (end.zip64_before if end.zip64_before is not None else end.position) - end.cd_size
+        read: dict[tuple[int, int], list[ZipEntry] | None] = {}
         for who, offset, shift in (("torch", end.cd_offset, 0), ("zipfile", zipfile_at, zipfile_at - end.cd_offset)):
-            entries = _central_directory(f, offset, end.cd_size, shift, size, end.entries)
+            if (offset, shift) not in read:  # the two readers agree on a well-formed archive: read it once
+                read[offset, shift] = _central_directory(f, offset, end.cd_size, shift, size, end.entries)
+            entries = read[offset, shift]
             if entries is not None:
                 views.append((f"{who}{'' if k == 0 else f' (end record at {end.position})'}", entries))
         valid_ends += len(views) > before  # a signature in tensor bytes or a comment leads to no directory
@@ -234,7 +256,8 @@ def _list(f: IO[bytes], path: str, size: int) -> ZipListing:
     if len(distinct) > 1:
         ambiguities.append("torch and Python's zipfile read different central directories")
     names = [e.name for e in torch_entries]
-    dupes = sorted({n for n in names if names.count(n) > 1})
+    counts = collections.Counter(names)
+    dupes = sorted(n for n, c in counts.items() if c > 1)
     if dupes:
         ambiguities.append(f"duplicate entry names ({', '.join(dupes[:3])}): readers choose differently among "
                            "them (zipfile takes the last)")
@@ -291,19 +314,21 @@ def _local_chain(f: IO[bytes], size: int, listed: list[ZipEntry]) -> list[ZipEnt
     pos = 0
     while len(out) < MAX_ENTRIES:
         head = _read_at(f, pos, 30)
-        if len(head) != 30 or head[:4] != LOCAL_SIG:
+        if len(head) != 30:
             return out
-        flags, method, crc = _u16(head, 6), _u16(head, 8), _u32(head, 14)
-        csize, usize, nlen, xlen = _u32(head, 18), _u32(head, 22), _u16(head, 26), _u16(head, 28)
+        sig, needed, flags, method, _, _, crc, csize, usize, nlen, xlen = _LOCAL_HEADER.unpack(head)
+        if sig != LOCAL_SIG:
+            return out
         rest = _read_at(f, pos + 30, nlen + xlen)
-        usize, csize = _zip64_extra(rest[nlen:], [usize, csize])
+        if xlen:
+            usize, csize = _zip64_extra(rest[nlen:], [usize, csize])
         known = by_offset.get(pos)
         if known is not None:
             csize = known.compressed_size
         elif flags & 8 and csize == 0:
             return out  # size deferred to a data descriptor and no directory entry: cannot step over it
-        out.append(ZipEntry(_decode_name(rest[:nlen], flags), pos, method, flags, crc, csize, usize,
-                            _u16(head, 4), "local header"))
+        out.append(ZipEntry(_decode_name(rest[:nlen], flags), pos, method, flags, crc, csize, usize, needed,
+                            "local header"))
         nxt = pos + 30 + nlen + xlen + csize
         if flags & 8:  # a data descriptor follows: crc and sizes, 4 bytes each or zip64's 8
             base = nxt + (4 if _read_at(f, nxt, 4) == DESCRIPTOR_SIG else 0)

@@ -15,6 +15,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator
 
+from ..bulk import paused
 from ..errors import FormatError, InputError, UsageError
 from ..formats import sniff as fmt
 from ..formats.pickle_vm import PickleVM, Trace
@@ -92,6 +93,7 @@ def _verdict(findings: Iterable[Finding]) -> str:
     return SAFE
 
 
+@paused
 def scan_file(path: str, policy: Policy | None = None) -> FileScan:
     """Scan one file statically and judge it.
 

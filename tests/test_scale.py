@@ -1,0 +1,169 @@
+"""Many-tensor checkpoints: the bench/ generators scaled down, read header-only, rendered the same.
+
+The benchmarks (bench/bench_scale.py) run the same generators at full size; here a few thousand
+tensors keep the suite fast. The layouts are checked against safetensors and torch themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from ckpt_tool.cli import main
+from ckpt_tool.describe import FOLD_ROWS, fold, inspect_checkpoint, numbered_module
+from ckpt_tool.model import TensorRef, dense_ref
+from ckpt_tool.reader import open_checkpoint
+from ckpt_tool.render import dumps, to_jsonable
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import layouts  # noqa: E402
+
+TENSORS = 3000  # above FOLD_ROWS, small enough to build in a second
+
+
+def _stdlib(obj):
+    """What dumps wrote before orjson: the standard encoder's text."""
+    data = to_jsonable(obj)
+    if isinstance(data, dict):
+        data = {"schema_version": 1, **data}
+    return json.dumps(data, indent=2, sort_keys=True)
+
+
+@pytest.fixture(scope="session")
+def scale(tmp_path_factory):
+    out = tmp_path_factory.mktemp("scale")
+    specs = layouts.flat_specs(TENSORS)
+    paths = {
+        "flat.safetensors": str(out / "flat.safetensors"),
+        "flat.pth": str(out / "flat.pth"),
+    }
+    layouts.write_safetensors(paths["flat.safetensors"], specs)
+    layouts.write_pth(paths["flat.pth"], specs)
+    paths["sharded_st"] = layouts.write_sharded(str(out / "sharded_st"), specs, 4)
+    paths["sharded_pth"] = layouts.write_sharded(str(out / "sharded_pth"), specs, 4, fmt="pth")
+    deepseek = layouts.deepseek_specs(layers=3, dense_layers=1, experts=8)
+    paths["deepseek"] = layouts.write_sharded(str(out / "deepseek"), deepseek, 5)
+    paths["llama"] = layouts.write_sharded(str(out / "llama"), layouts.llama_specs(layers=2), 3)
+    return paths, specs, deepseek
+
+
+def test_sparse_safetensors_layouts_are_what_safetensors_reads(scale):
+    from safetensors import safe_open
+
+    paths, specs, deepseek = scale
+    with safe_open(paths["flat.safetensors"], framework="np") as f:
+        assert list(f.keys()) == sorted(k for k, _, _ in specs)
+        assert f.get_slice("model.layers.0.attn.q.weight").get_shape() == [4, 2]
+    shard = os.path.join(os.path.dirname(paths["deepseek"]), "model-00003-of-00005.safetensors")
+    with safe_open(shard, framework="pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert "F8_E4M3" in dtypes
+    ckpt = open_checkpoint(paths["deepseek"])
+    assert len(ckpt.tensors) == len(deepseek)
+    weight = "model.layers.1.mlp.experts.7.down_proj.weight"
+    assert ckpt.tensors[weight].dtype == "float8_e4m3fn"
+    assert ckpt.tensors[weight.replace(".weight", ".weight_scale_inv")].shape == (56, 16)
+
+
+def test_pth_and_safetensors_and_sharded_describe_the_same_tensors(scale, torch):
+    paths, specs, _ = scale
+    loaded = torch.load(paths["flat.pth"], weights_only=True)
+    want = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in loaded.items()}
+    for name in ("flat.pth", "flat.safetensors", "sharded_st", "sharded_pth"):
+        ckpt = open_checkpoint(paths[name])
+        assert {k: (r.shape, r.dtype) for k, r in ckpt.tensors.items()} == want, name
+    assert len(open_checkpoint(paths["sharded_st"]).files) == 4
+
+
+def test_dense_ref_is_the_ordinary_tensor_ref():
+    args = ("a.weight", "bfloat16", (3, 2), (2, 1), "f#a.weight", 12, 8, "f")
+    fast = dense_ref(*args)
+    slow = TensorRef(*args[:5], 0, *args[5:])
+    assert fast == slow and repr(fast) == repr(slow) and vars(fast) == vars(slow)
+
+
+def test_json_is_the_standard_encoders_text(scale):
+    paths, _, _ = scale
+    for name in ("flat.safetensors", "deepseek", "flat.pth"):
+        report = inspect_checkpoint(paths[name])
+        assert dumps(report) == _stdlib(report), name
+
+
+@pytest.mark.torchfree
+@pytest.mark.parametrize("value", [
+    {"loss": float("nan"), "lr": 1e-05, "inf": float("inf")},  # orjson: null, 0.00001
+    {"naïve": "é"},  # the standard encoder escapes non-ASCII
+    {"big": 2**70},  # beyond orjson's 64-bit integers
+    {3: [1, 2.5, (1, 2)], "nested": {"set": {3, 1}}},
+])
+def test_json_falls_back_where_orjson_would_differ(value):
+    from ckpt_tool.model import Candidate
+
+    for obj in (value, [value], Candidate(str(value), 1, 2)):
+        assert dumps(obj) == _stdlib(obj)
+
+
+def test_long_tables_fold_by_module_and_all_prints_every_row(scale):
+    paths, specs, _ = scale
+    folded = CliRunner().invoke(main, ["inspect", paths["flat.safetensors"]])
+    assert folded.exit_code == 0, folded.output
+    assert f"{TENSORS:,} tensors folded into 10 rows (numbered components as *)" in folded.output
+    assert "model.layers.*.attn.q" in folded.output and "model.layers.0.attn.q.weight" not in folded.output
+    assert len(folded.output.splitlines()) < 40
+    flat = CliRunner().invoke(main, ["inspect", paths["flat.safetensors"], "--all"])
+    assert flat.exit_code == 0 and "folded" not in flat.output
+    assert sum(k in flat.output for k, _, _ in specs) == TENSORS
+    as_json = json.loads(CliRunner().invoke(main, ["inspect", paths["flat.safetensors"], "--json"]).output)
+    assert len(as_json["rows"]) == TENSORS
+
+
+@pytest.mark.torchfree
+def test_fold_groups_numbered_modules_then_prefixes():
+    assert numbered_module("model.layers.7.mlp.experts.12.up.weight") == "model.layers.*.mlp.experts.*.up"
+    assert numbered_module("0.weight") == "*" and numbered_module("bias") == "bias"
+    report = inspect_checkpoint("fixtures/tiny_cnn.pth")
+    how, modules = fold(report.rows, limit=100)
+    assert how == "by module" and len(modules) == 6
+    how, modules = fold(report.rows, limit=1)
+    assert how.startswith("by prefixes") and [m.name for m in modules] == ["features", "classifier"]
+    assert sum(m.tensors for m in modules) == len(report.rows) and FOLD_ROWS == 1000
+
+
+@pytest.mark.torchfree
+def test_pager_only_on_a_terminal_and_never_with_no_pager(tmp_path, monkeypatch):
+    from ckpt_tool import render
+
+    marker = tmp_path / "paged.txt"
+    monkeypatch.setenv("PAGER", f"{sys.executable} -c \"import sys; open({str(marker)!r}, 'w').write(sys.stdin.read())\"")
+    monkeypatch.setattr("shutil.get_terminal_size", lambda *a: os.terminal_size((80, 24)))
+    long_text = "\n".join(f"row {i}" for i in range(100))
+
+    render.page(long_text)  # stdout is not a terminal here
+    assert not marker.exists()
+    monkeypatch.setattr(render, "_stdout_is_terminal", lambda: True)
+    render.page(long_text, enabled=False)
+    assert not marker.exists()
+    render.page("one line")  # fits the screen
+    assert not marker.exists()
+    render.page(long_text)
+    assert marker.read_text() == long_text + "\n"
+    monkeypatch.setenv("PAGER", "no-such-pager-anywhere")
+    render.page(long_text)  # an unusable pager: printed instead, no traceback
+
+
+def test_scan_validate_diff_of_many_tensors(scale):
+    paths, _, _ = scale
+    run = CliRunner().invoke
+    for name in ("flat.safetensors", "flat.pth"):
+        assert run(main, ["scan", paths[name]]).exit_code == 0
+        assert run(main, ["validate", paths[name]]).exit_code == 0, run(main, ["validate", paths[name]]).output
+    assert run(main, ["scan", os.path.dirname(paths["sharded_pth"])]).exit_code == 0
+    assert run(main, ["validate", paths["sharded_st"]]).exit_code == 0
+    same = run(main, ["diff", paths["flat.safetensors"], paths["sharded_pth"], "--json"])
+    assert same.exit_code == 0, same.output
+    report = json.loads(same.output)
+    assert report["loads_strictly"] is True and len(report["keys"]) == TENSORS
