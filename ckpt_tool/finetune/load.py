@@ -125,7 +125,7 @@ def _load_into(model: Any, state: dict[str, Any], heads: tuple[str, ...], operat
                       head_keys=head_keys, operations=operations, initialised=initialised,
                       missing_shapes={k: tuple(model_state[k].shape) for k in missing
                                       if k in model_state and hasattr(model_state[k], "shape")},
-                      unexpected_shapes={k: shapes[k] for k in result.unexpected_keys if k in shapes},
+                      unexpected_shapes={k: shapes[k] for k in result.unexpected_keys if k in shapes and k not in objects},
                       auto_filled=compat.auto_filled, tied=compat.tied)
 
 
