@@ -13,7 +13,11 @@ one-process run is timed with 1 and with 2 torch threads, so the 2-process run i
 the same cores used either way. CUDA: on a machine with GPUs, ``--ddp --device cuda`` runs the same
 with nccl (one GPU per process); it is not run here (no GPU).
 
-Run: ``python bench/bench_finetune.py [--repeat N]`` or ``python bench/bench_finetune.py --ddp [--repeat N]``.
+With ``--default``: the README's default invocation (``ckpt finetune-check resnet18.pth --arch resnet18
+--num-classes 10``), whole-process wall time, against the same at ``--image-size 224``.
+
+Run: ``python bench/bench_finetune.py [--repeat N]``, ``python bench/bench_finetune.py --ddp [--repeat N]``
+or ``python bench/bench_finetune.py --default [--repeat N]``.
 """
 
 from __future__ import annotations
@@ -107,6 +111,36 @@ def ddp(repeat: int, device: str) -> None:
     print(f"all runs images/s: { {k: [round(r[0], 1) for r in v] for k, v in runs.items()} }")
 
 
+def default_cost(repeat: int) -> None:
+    """What the README's default invocation costs: whole-process wall time, medians of alternating runs.
+
+    ``ckpt finetune-check resnet18.pth --arch resnet18 --num-classes 10`` as a user types it (all CPU
+    threads, synthetic data: trained at 112 px on the CPU, forward pass at 224 px), against the same
+    run at 224 px (``--image-size 224``, what the default trained at before), with the load average
+    before and after each run (the machine is shared: the figures are only as steady as it is).
+    """
+    ckpt = torchvision_pth("resnet18")
+    base = CKPT + ["finetune-check", ckpt, "--arch", "resnet18", "--num-classes", "10", "--json", "--quiet"]
+    setups = [("default (112 px training, 224 px forward)", []), ("--image-size 224", ["--image-size", "224"])]
+    runs: dict[str, list[tuple[float, float, float, bool]]] = {}
+    loads = [os.getloadavg()[0]]
+    for _ in range(repeat):
+        for label, extra in setups:
+            report, wall, rss = run(base + extra, bench_env())
+            runs.setdefault(label, []).append((wall, rss, report["images_per_s"], report["passed"]))
+            loads.append(os.getloadavg()[0])
+    print(f"resnet18 --num-classes 10, defaults otherwise (synthetic data, 8 batches of 16, Adam 1e-3, "
+          f"20 overfit steps), CPU, {os.cpu_count()} cores; {repeat} alternating runs each, medians")
+    print(f"{'setup':<44} {'wall s':>8} {'images/s':>9} {'peak RSS MB':>12} {'passed':>7}")
+    for label, _ in setups:
+        r = runs[label]
+        print(f"{label:<44} {statistics.median(x[0] for x in r):>8.1f} {statistics.median(x[2] for x in r):>9.1f} "
+              f"{statistics.median(x[1] for x in r):>12.0f} {all(x[3] for x in r)!s:>7}")
+    print(f"all runs wall s: { {k: [round(x[0], 1) for x in v] for k, v in runs.items()} }")
+    print(f"1-minute load average around the runs: median {statistics.median(loads):.1f}, "
+          f"min {min(loads):.1f}, max {max(loads):.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=5)
@@ -114,7 +148,11 @@ def main() -> None:
                         help="torch CPU threads for both (1 keeps the comparison steady on a shared machine)")
     parser.add_argument("--ddp", action="store_true", help="1 vs 2 processes (torch.distributed) instead")
     parser.add_argument("--device", default="cpu", help="with --ddp: cpu (gloo) or cuda (nccl)")
+    parser.add_argument("--default", action="store_true", help="the default invocation's cost instead")
     args = parser.parse_args()
+    if args.default:
+        default_cost(args.repeat)
+        return
     if args.ddp:
         ddp(args.repeat, args.device)
         return

@@ -50,25 +50,45 @@ def tiny(**kw):
     return Tiny(**kw)
 
 
+def vgg16_detached(**kw):
+    """torchvision's vgg16 whose logits are cut from the graph (a spare parameter keeps backward() working)."""
+    import torchvision
+
+    model = torchvision.models.vgg16(weights=None, **kw)
+    model.spare = nn.Parameter(torch.zeros(()))
+    forward = model.forward
+    model.forward = lambda x: forward(x).detach() + 0 * model.spare
+    return model
+
+
 def detached(**kw):
     return Detached(**kw)
 '''
 
-# name -> (arch, FinetuneOptions fields, shuffled labels)
+# name -> (arch, FinetuneOptions fields, how it is broken: None, "shuffled" labels at every step, or
+# "frozen": every parameter frozen). No --image-size: the command's default (on the CPU, 112 px for
+# synthetic data; see finetune/data.py)
+FF10 = dict(num_classes=10, freeze_first=10)  # the README's vgg16 recipe, with the command's defaults
 SETUPS = {
-    "tiny": ("tiny", dict(image_size=32, batch_size=16, lr=0.01), False),
-    "tiny-shuffled": ("tiny", dict(image_size=32, batch_size=16, lr=0.01), True),
-    "tiny-lr1e6": ("tiny", dict(image_size=32, batch_size=16, lr=1e6, optimizer="sgd"), False),
-    "tiny-detached": ("detached", dict(image_size=32, batch_size=16, lr=0.01), False),
-    "resnet18-fc-64": ("resnet18", dict(num_classes=10, trainable=("fc",), image_size=64), False),
-    "resnet18-fc-64-shuffled": ("resnet18", dict(num_classes=10, trainable=("fc",), image_size=64), True),
-    "resnet18-32": ("resnet18", dict(num_classes=10, image_size=32), False),
-    "resnet18-32-lr1e6": ("resnet18", dict(num_classes=10, image_size=32, lr=1e6, optimizer="sgd"), False),
-    "resnet18-32-shuffled": ("resnet18", dict(num_classes=10, image_size=32), True),
-    "resnet18-224": ("resnet18", dict(num_classes=10), False),
+    "tiny": ("tiny", dict(image_size=32, batch_size=16, lr=0.01), None),
+    "tiny-shuffled": ("tiny", dict(image_size=32, batch_size=16, lr=0.01), "shuffled"),
+    "tiny-lr1e6": ("tiny", dict(image_size=32, batch_size=16, lr=1e6, optimizer="sgd"), None),
+    "tiny-detached": ("detached", dict(image_size=32, batch_size=16, lr=0.01), None),
+    "resnet18-fc-64": ("resnet18", dict(num_classes=10, trainable=("fc",), image_size=64), None),
+    "resnet18-fc-64-shuffled": ("resnet18", dict(num_classes=10, trainable=("fc",), image_size=64), "shuffled"),
+    "resnet18-32": ("resnet18", dict(num_classes=10, image_size=32), None),
+    "resnet18-32-lr1e6": ("resnet18", dict(num_classes=10, image_size=32, lr=1e6, optimizer="sgd"), None),
+    "resnet18-32-shuffled": ("resnet18", dict(num_classes=10, image_size=32), "shuffled"),
+    "resnet18-224": ("resnet18", dict(num_classes=10, image_size=224), None),
+    "resnet18-default": ("resnet18", dict(num_classes=10), None),
     "vgg16-ff10-64": ("vgg16", dict(num_classes=10, freeze_first=10, image_size=64, batch_size=8, optimizer="sgd",
-                                    lr=0.01), False),
-    "vgg16-ff10-224": ("vgg16", dict(num_classes=10, freeze_first=10), False),
+                                    lr=0.01), None),
+    "vgg16-ff10-224": ("vgg16", dict(FF10, image_size=224), None),
+    "vgg16-ff10": ("vgg16", FF10, None),
+    "vgg16-ff10-frozen": ("vgg16", FF10, "frozen"),
+    "vgg16-ff10-lr1e6": ("vgg16", dict(FF10, lr=1e6, optimizer="sgd"), None),
+    "vgg16-ff10-shuffled": ("vgg16", FF10, "shuffled"),
+    "vgg16-ff10-detached": ("vgg16_detached", FF10, None),
 }
 
 
@@ -77,8 +97,8 @@ def prepare(arch: str, ckpt: str, opts: object) -> tuple[object, tuple[object, o
     import torch
 
     from ckpt_tool.arch import build_model
-    from ckpt_tool.finetune.data import _input_channels, _input_spec, _make_data
-    from ckpt_tool.finetune.freeze import _apply_trainable, _phase_plan
+    from ckpt_tool.finetune.data import _input_channels, _input_spec, make_datasets, make_loaders, training_size
+    from ckpt_tool.finetune.freeze import apply_trainable, model_frozen, phase_plan
     from ckpt_tool.finetune.head import find_head, replace_head
     from ckpt_tool.finetune.load import _load_into, _migrated_state
     from ckpt_tool.reader import open_checkpoint
@@ -86,19 +106,26 @@ def prepare(arch: str, ckpt: str, opts: object) -> tuple[object, tuple[object, o
     torch.manual_seed(opts.seed)
     model = build_model(arch, {}, device="cpu")
     head = replace_head(model, opts.num_classes) if opts.num_classes else None
+    by_model = model_frozen(model)
     state, ops, init = _migrated_state(open_checkpoint(ckpt), opts, model)
     _load_into(model, state, (head.module,) if head else (), ops, init)
-    _apply_trainable(model, _phase_plan(model, opts, (head.module if head else find_head(model, None),))[0][1])
+    heads = (head.module,) if head else (find_head(model, None),)
+    apply_trainable(model, phase_plan(model, opts, heads, by_model)[0].trainable)
+    device = torch.device("cpu")
+    channels = _input_channels(model)
     size, mean, std = _input_spec(arch, opts.image_size)
+    size = training_size(model, opts, device, size, channels)
     logits = 10 if opts.num_classes is None else opts.num_classes
-    train, _, _ = _make_data(opts, size, _input_channels(model), logits, mean, std)
-    return model, next(iter(train)), torch.device("cpu")
+    train, _ = make_loaders(make_datasets(opts, size, channels, logits, mean, std), opts.batch_size, opts.seed,
+                            shuffle=False)
+    return model, next(iter(train)), device
 
 
 def main() -> None:
     import torch
 
     from ckpt_tool.finetune import FinetuneOptions
+    from ckpt_tool.finetune.checks import overfit_verdict
     from ckpt_tool.finetune.train import overfit_one_batch
 
     parser = argparse.ArgumentParser()
@@ -118,29 +145,40 @@ def main() -> None:
     files = {"tiny": os.path.join(tmp, "tiny.pth"), "detached": os.path.join(tmp, "detached.pth")}
     torch.save(tiny_models.Tiny().state_dict(), files["tiny"])
     torch.save(tiny_models.Detached().state_dict(), files["detached"])
-    arches = {"tiny": f"{tmp}/tiny_models.py:tiny", "detached": f"{tmp}/tiny_models.py:detached"}
-    for name, (arch, fields, shuffled) in SETUPS.items():
+    arches = {"tiny": f"{tmp}/tiny_models.py:tiny", "detached": f"{tmp}/tiny_models.py:detached",
+              "vgg16_detached": f"{tmp}/tiny_models.py:vgg16_detached"}
+    for name, (arch, fields, broken) in SETUPS.items():
         if args.only and name not in args.only.split(","):
             continue
-        ckpt = files.get(arch) or torchvision_pth(arch)
+        ckpt = files.get(arch) or torchvision_pth(arch.removesuffix("_detached"))
         rows = []
+        verdicts = []
         for seed in seeds:
             opts = FinetuneOptions(seed=seed, **fields)
             model, batch, device = prepare(arches.get(arch, arch), ckpt, opts)
+            if broken == "frozen":
+                model.requires_grad_(False)
             gen = torch.Generator().manual_seed(seed)
-            relabel = (lambda step, y, gen=gen: y[torch.randperm(len(y), generator=gen)]) if shuffled else None
+            relabel = ((lambda step, y, gen=gen: y[torch.randperm(len(y), generator=gen)]) if broken == "shuffled"
+                       else None)
             start = time.perf_counter()
             run = overfit_one_batch(model, batch, args.steps, opts.optimizer, opts.lr, device, relabel=relabel)
             rows.append(run)
+            verdict = overfit_verdict(run, 10 if opts.num_classes is None else opts.num_classes)
+            verdicts.append(verdict.status)
             print(json.dumps({"setup": name, "seed": seed, "s": round(time.perf_counter() - start, 1),
+                              "px": int(batch[0].shape[-1]), "verdict": verdict.status,
                               "losses": [round(v, 4) for v in run.losses], "acc": [round(a, 3) for a in run.accuracies],
                               "final": [run.final_loss, run.final_accuracy], "error": run.error}), flush=True)
+        peaks = [max(r.losses) / r.losses[0] for r in rows if r.losses and r.losses[0]]
+        print(f"# {name}: verdicts {' '.join(verdicts)}; highest step loss over the first: worst "
+              f"{max(peaks, default=float('nan')):.3g}", flush=True)
         for n in (5, 10, 15, 20, 30):
             if n > args.steps:
                 break
             # after n steps: the loss/accuracy measured at the start of step n (or the final pass)
             def at(run, n=n):
-                if run.error or not run.losses:
+                if run.error or not run.losses or run.final_loss is None:
                     return float("nan"), 0.0
                 if n < len(run.losses):
                     return run.losses[n] / run.losses[0], run.accuracies[n]

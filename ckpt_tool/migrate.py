@@ -352,7 +352,9 @@ def _plain(value: Any) -> Any:
         if value != value or value in (float("inf"), float("-inf")):
             raise _NotPlain("not finite")
         return value
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, tuple):  # kept a tuple: torch.load gives set_extra_state the tuple it was saved with
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, list):
         return [_plain(v) for v in value]
     if isinstance(value, dict) and all(isinstance(k, str) for k in value):
         return {k: _plain(v) for k, v in value.items()}

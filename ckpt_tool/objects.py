@@ -153,10 +153,10 @@ def _carry_entries(ckpt: Checkpoint, operations: Sequence[Operation], out: Objec
                    sharded: bool) -> None:
     from .migrate import _NotPlain, _plain, _why_not_plain
 
-    moved = _moves(out.state)
+    keys, metadata = carried_entries(ckpt, operations, out.state)
     objects: list[tuple[str, Any]] = []
     for key, value in ckpt.objects.items():
-        new = _rename_key(operations, key, moved)
+        new = keys.get(key)
         if new is None:
             continue  # dropped by the operations, as a tensor of that name would be
         try:
@@ -169,13 +169,27 @@ def _carry_entries(ckpt: Checkpoint, operations: Sequence[Operation], out: Objec
                              f" hold tensors only: write one .pth, or leave it out with --exclude '^{key}$'")
         objects.append((new, plain))
     out.objects = tuple(objects)
-    if ckpt.module_metadata is not None:
+    if metadata is not None:
         if fmt == PTH and not sharded:
-            out.module_metadata = rename_metadata(ckpt.module_metadata, operations, moved)
+            out.module_metadata = metadata
         else:
-            out.notes.append(f"_metadata (module versions of {len(ckpt.module_metadata)} modules) is not kept: "
+            out.notes.append(f"_metadata (module versions of {len(ckpt.module_metadata or {})} modules) is not kept: "
                              f"{'safetensors' if fmt == SAFETENSORS else 'shards'} have no place for it (load_state_dict "
                              "then sees no module versions, as for any safetensors file)")
+
+
+def carried_entries(ckpt: Checkpoint, operations: Sequence[Operation], state: State
+                    ) -> tuple[dict[str, str], dict[str, Any] | None]:
+    """Where the operations put the state dict's non-tensor entries and its ``_metadata``.
+
+    Returns source key -> new key for each entry they keep (an entry follows its module's
+    tensors), and ``_metadata`` renamed along (``None`` when the state dict has none). migrate
+    writes them; finetune-check loads them, as ``load_state_dict`` of the written file would.
+    """
+    moved = _moves(state)
+    keys = {key: new for key in ckpt.objects if (new := _rename_key(operations, key, moved)) is not None}
+    metadata = rename_metadata(ckpt.module_metadata, operations, moved) if ckpt.module_metadata is not None else None
+    return keys, metadata
 
 
 def _moves(state: State) -> dict[str, str]:

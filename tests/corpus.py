@@ -400,7 +400,7 @@ def _torch_save(factory: str, *, seed: int, wrap: str | None = None) -> Callable
                     buffer.copy_(buffer.view(torch.uint8) % 2 == 1)
             objects = ("t_complex128",) if factory == "complex128" else ()
         elif factory == "extra_state":
-            model.block.calls = {"calls": 7, "scale": 0.5}
+            model.block.calls = {"calls": 7, "scale": 0.5, "shape": (2, 3)}  # a tuple stays a tuple
             objects = ("block._extra_state",)
         prefix = None
         if wrap == "dp":

@@ -79,6 +79,7 @@ def test_healthy_run_exits_0_with_tables(files):
     result = run(files["resnet"], "--arch", "resnet18", "--num-classes", "10", "--trainable", "fc", *FAST)
     assert result.exit_code == 0, result.output
     out = result.output
+    assert out.splitlines()[0] == f"{files['resnet']} -> resnet18 on cpu, data synthetic, 32px, 10 classes"
     assert "PASS: every check passed" in out
     assert "mismatched (head)  fc.weight  [1000, 512]   [10, 512]" in out
     assert "head: fc Linear(in_features=512, out_features=1000, bias=True) -> Linear(in_features=512, out_features=10" in out

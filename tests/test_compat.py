@@ -5,6 +5,7 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -149,15 +150,19 @@ def _torch_loads(archs: Path, name: str, path: Path) -> bool:
     return True
 
 
-def _finetune_loads(archs: Path, name: str, path: Path) -> bool:
-    """finetune-check's load: every key of the model met, nothing unexpected or mismatched."""
-    from ckpt_tool.finetune.load import _load_into
+def _finetune_load(archs: Path, name: str, path: Path) -> tuple[nn.Module, Any]:
+    """finetune-check's load of the file into a fresh model: (the model, its LoadReport)."""
+    from ckpt_tool.finetune import FinetuneOptions
+    from ckpt_tool.finetune.load import _load_into, _migrated_state
 
     model = _model(archs, name)
-    ckpt = open_checkpoint(str(path))
-    state = {k: torch.empty(t.shape) for k, t in ckpt.tensors.items()}
-    report = _load_into(model, state, (), ())
-    return report.clean
+    state, operations, initialised = _migrated_state(open_checkpoint(str(path)), FinetuneOptions(), model)
+    return model, _load_into(model, state, (), operations, initialised)
+
+
+def _finetune_loads(archs: Path, name: str, path: Path) -> bool:
+    """finetune-check's load: every key of the model met, nothing unexpected or mismatched."""
+    return bool(_finetune_load(archs, name, path)[1].clean)
 
 
 @pytest.mark.parametrize(("name", "write", "file", "expected"), CASES, ids=[c[2] for c in CASES])
@@ -182,23 +187,75 @@ def test_migrate_plans_torchs_answer(archs: Path, tmp_path: Path, name: str, wri
     assert planned is not None and planned.loads is expected
 
 
-# where finetune-check's own load differs from a strict load of the file (its known limits, not the engine's)
-FINETUNE_DIFFERS = {
-    "no_nbt_v2.pth": "finetune-check loads a plain dict without _metadata, so torch fills in the "
-                     "num_batches_tracked that a strict load of the file calls missing",
-    "extra.pth": "finetune-check loads tensors only: _extra_state objects do not reach set_extra_state",
-}
-
-
-@pytest.mark.parametrize(("name", "write", "file", "expected"), [
-    pytest.param(*c, marks=pytest.mark.xfail(strict=True, reason=FINETUNE_DIFFERS[c[2]]))
-    if c[2] in FINETUNE_DIFFERS else c for c in CASES], ids=[c[2] for c in CASES])
+@pytest.mark.parametrize(("name", "write", "file", "expected"), CASES, ids=[c[2] for c in CASES])
 def test_finetune_load_check_gives_the_same_answer(archs: Path, tmp_path: Path, name: str,
                                                    write: Callable[[nn.Module, Path], None], file: str,
                                                    expected: bool) -> None:
     path = tmp_path / file
     write(_model(archs, name), path)
     assert _finetune_loads(archs, name, path) is expected
+
+
+def _extra_steps(m: nn.Module, path: Path) -> None:
+    m.steps = 5  # type: ignore[assignment]
+    torch.save(m.state_dict(), path)
+
+
+def _bn_version_1(m: nn.Module, path: Path) -> None:
+    sd = m.state_dict()  # a BatchNorm saved before num_batches_tracked existed: torch fills it in
+    del sd["bn.num_batches_tracked"]
+    sd._metadata["bn"]["version"] = 1  # type: ignore[attr-defined]
+    torch.save(sd, path)
+
+
+def _wrapped(write: Callable[[nn.Module, Path], None]) -> Callable[[nn.Module, Path], None]:
+    """The same file under DataParallel's ``module.`` prefix (its ``_metadata`` prefixed too)."""
+    def wrapped(m: nn.Module, path: Path) -> None:
+        write(m, path)
+        sd = torch.load(path, weights_only=True)
+        out = type(sd)((f"module.{k}", v) for k, v in sd.items())
+        out._metadata = type(sd._metadata)((f"module.{k}" if k else "module", v) for k, v in sd._metadata.items())
+        out._metadata[""] = {"version": 1}
+        torch.save(out, path)
+    return wrapped
+
+
+@pytest.mark.parametrize(("name", "write", "prefix"), [
+    ("Extra", _extra_steps, None), ("Extra", _extra_dropped, None), ("Norm", _bn_version_1, None),
+    ("Norm", _no_nbt_pth_with_metadata, None), ("Scalar", _scalar_as_vector, None),
+    ("Extra", _wrapped(_extra_steps), "module."), ("Norm", _wrapped(_no_nbt_pth_with_metadata), "module."),
+], ids=["extra", "extra-dropped", "bn-v1", "bn-v2", "scalar", "extra-prefixed", "bn-v2-prefixed"])
+def test_finetune_loads_the_model_torch_loads(archs: Path, tmp_path: Path, name: str,
+                                              write: Callable[[nn.Module, Path], None], prefix: str | None) -> None:
+    """The same model and the same missing/unexpected keys as torch's load of the file (prefix stripped by torch)."""
+    from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+
+    from ckpt_tool.finetune import FinetuneOptions
+    from ckpt_tool.finetune.load import _load_into, _migrated_state
+
+    path = tmp_path / "c.pth"
+    torch.manual_seed(1)
+    write(_model(archs, name).apply(_randomize), path)
+    source = torch.load(path, weights_only=True)
+    if prefix:
+        consume_prefix_in_state_dict_if_present(source, prefix)
+    want = _model(archs, name)
+    result = want.load_state_dict(source, strict=False)
+    got = _model(archs, name)
+    opts = FinetuneOptions(strip_prefix=(prefix,) if prefix else ())
+    state, operations, initialised = _migrated_state(open_checkpoint(str(path)), opts, got)
+    report = _load_into(got, state, (), operations, initialised)
+    assert (report.missing, report.unexpected) == (tuple(result.missing_keys), tuple(result.unexpected_keys))
+    for key, value in want.state_dict().items():
+        other = got.state_dict()[key]
+        assert (torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other), key
+    assert getattr(got, "steps", None) == getattr(want, "steps", None)
+
+
+def _randomize(m: nn.Module) -> None:
+    for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
+        with torch.no_grad():
+            t.copy_(torch.rand(t.shape) + 0.5) if t.is_floating_point() else t.fill_(7)
 
 
 def test_shape_rule_is_torchs() -> None:

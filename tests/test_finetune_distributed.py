@@ -102,3 +102,28 @@ def test_nproc_launches_torchrun_and_returns_rank_0s_verdict(files):
 def test_nproc_argument_errors_are_one_line_before_launching(files):
     result = ckpt("tiny.pth", "--arch", "ddp_models.py:tiny", "--nproc", "2", "--epochs", "0", cwd=files)
     assert result.returncode == 2 and result.stderr.strip() == "ckpt: error: --epochs must be at least 1, got 0"
+
+
+@pytest.mark.parametrize(("device", "cuda", "backend"), [("cuda", True, "nccl"), ("auto", True, "nccl"),
+                                                         ("auto", False, "gloo"), ("cpu", True, "gloo")])
+def test_the_backend_is_nccl_on_cuda_and_gloo_on_the_cpu(monkeypatch, device, cuda, backend):
+    """No GPU here: the process group and CUDA are stubbed, so only the choice torchrun's rank makes is tested."""
+    import torch
+    import torch.distributed as dist
+
+    from ckpt_tool.finetune.distributed import device_for, from_environment
+
+    calls: list[tuple[str, object]] = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda name, **kw: calls.append(("init", name)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.append(("set_device", index)))
+    ranks = from_environment(device)
+    assert (ranks.rank, ranks.world, ranks.backend, ranks.owned) == (1, 2, backend, True)
+    assert calls == ([("set_device", 1)] if backend == "nccl" else []) + [("init", backend)]
+    if backend == "nccl":
+        assert device_for(ranks, torch.device("cuda")) == torch.device("cuda", 1)
+    ranks.owned = False  # nothing to destroy: the group was never made

@@ -176,33 +176,51 @@ def test_nan_logits_fail_the_forward_pass_naming_the_first_module(tiny):
 
 
 def _overfit(tiny, seed: int, factory: str = "tiny", lr: float = 0.01, optimizer: str = "adam",
-             shuffled: bool = False):
-    """The verdict on one seed: the model built and the batch drawn as finetune_check does."""
+             shuffled: bool = False, frozen: bool = False, **fields):
+    """The verdict on one seed: the model built, frozen as the recipe says and the batch drawn as finetune_check does."""
     import torch
 
     from ckpt_tool.finetune.checks import overfit_verdict
     from ckpt_tool.finetune.data import make_datasets, make_loaders
+    from ckpt_tool.finetune.freeze import apply_trainable, model_frozen, phase_plan
     from ckpt_tool.finetune.train import overfit_one_batch
 
     torch.manual_seed(seed)
     model = getattr(tiny["module"], factory)()
-    opts = replace(TINY, seed=seed)
+    opts = replace(TINY, seed=seed, lr=lr, optimizer=optimizer, **fields)
+    apply_trainable(model, phase_plan(model, opts, ("classifier.1",), model_frozen(model))[0].trainable)
+    if frozen:
+        model.requires_grad_(False)
     train, _ = make_loaders(make_datasets(opts, 16, 3, 10, (0,) * 3, (1,) * 3), 16, seed, shuffle=False)
     gen = torch.Generator().manual_seed(seed)
     relabel = (lambda step, y: y[torch.randperm(len(y), generator=gen)]) if shuffled else None
-    run = overfit_one_batch(model, next(iter(train)), 20, optimizer, lr, torch.device("cpu"), relabel=relabel)
+    run = overfit_one_batch(model, next(iter(train)), opts.overfit_steps, optimizer, lr, torch.device("cpu"),
+                            relabel=relabel)
     return overfit_verdict(run, 10)
 
 
-@pytest.mark.parametrize("setup", ["healthy", "lr 1e6", "head detached", "head under no_grad", "labels shuffled"])
-def test_overfit_verdict_holds_for_seeds_0_to_9(tiny, setup):
-    kwargs = {"healthy": {}, "lr 1e6": {"lr": 1e6, "optimizer": "sgd"}, "head detached": {"factory": "detached"},
-              "head under no_grad": {"factory": "cut_head"}, "labels shuffled": {"shuffled": True}}[setup]
+# The recipes of the worked examples and recipes in docs/commands/finetune-check.md, on the tiny model:
+# everything trainable (the default), the head alone with the first example's --lr 0.03 --overfit-steps 30
+# (--trainable classifier; resnet50 --trainable fc; the first phase of --freeze-epochs), and the first
+# layers of features frozen (vgg16 --freeze-first 10). bench/measure_overfit.py runs them on the real models.
+RECIPES = {"all trainable": {}, "head only": {"trainable": ("classifier",), "lr": 0.03, "overfit_steps": 30},
+           "freeze first 2": {"freeze_first": 2}}
+BROKEN = {"lr 1e6": {"lr": 1e6, "optimizer": "sgd"}, "everything frozen": {"frozen": True},
+          "head detached": {"factory": "detached"}, "head under no_grad": {"factory": "cut_head"},
+          "labels shuffled": {"shuffled": True}}
+
+
+@pytest.mark.parametrize("broken", [None, *BROKEN])
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_overfit_verdict_holds_for_seeds_0_to_9(tiny, recipe, broken):
+    kwargs = {**RECIPES[recipe], **BROKEN.get(broken or "", {})}
     verdicts = [_overfit(tiny, seed, **kwargs) for seed in range(10)]
-    want = PASS if setup == "healthy" else FAIL
+    want = FAIL if broken else PASS
     assert [v.status for v in verdicts] == [want] * 10, [v.detail for v in verdicts]
-    if setup == "head under no_grad":
+    if broken == "head under no_grad":
         assert "does not require grad" in verdicts[0].detail
+    if broken == "everything frozen":
+        assert "no parameter is trainable" in verdicts[0].detail
 
 
 def test_broken_setups_fail_end_to_end(tiny):
@@ -316,6 +334,7 @@ def test_setup_is_reported_before_training_and_progress_has_eta(tiny):
     finetune_check(tiny["tiny"], arch(tiny, "tiny"), replace(TINY, epochs=2), progress=events.append,
                    on_setup=lambda setup: events.append(setup))
     assert type(events[0]).__name__ == "Setup" and events[0].params[0].module == "features"
+    assert events[0].num_classes == 10  # the model's own head (classifier.1: Linear(256, 10))
     steps = events[1:]
     assert [(e.epoch, e.epochs, e.step) for e in steps] == [(1, 2, 1), (1, 2, 2), (2, 2, 1), (2, 2, 2)]
     assert all(e.eta_s is not None for e in steps) and steps[-1].eta_s == 0
@@ -341,3 +360,31 @@ def test_inline_operations_apply_in_the_order_given(tiny):
         operation("fill_missing"), operation("drop", prefix="classifier"))))
     assert set(fill_then_drop.load.missing) == {"classifier.1.weight", "classifier.1.bias"}
     assert check(fill_then_drop, "weights loaded").status == FAIL
+
+
+# ---- the default invocation's cost: synthetic data on the CPU trains at 112 px ---------------------------------
+
+
+def test_default_cpu_run_trains_synthetic_data_at_112px_and_checks_the_forward_pass_at_224(tiny):
+    from ckpt_tool.commands.finetune_cmd import render
+
+    report = finetune_check(tiny["tiny"], arch(tiny, "tiny"), replace(TINY, image_size=None))
+    assert (report.image_size, report.forward_size) == (112, 224)
+    assert check(report, "forward pass").detail == "[2, 3, 224, 224] -> [2, 10]"
+    assert render(report).splitlines()[0].endswith("data synthetic, 112px (forward pass at 224px), 10 classes")
+    assert finetune_check(tiny["tiny"], arch(tiny, "tiny"), TINY).forward_size is None  # --image-size: as asked
+
+
+def test_a_model_that_needs_its_own_size_trains_at_it(torch):
+    from torch import nn
+
+    from ckpt_tool.finetune.data import training_size
+
+    fixed = nn.Sequential(nn.Conv2d(3, 2, 3, stride=8), nn.Flatten(), nn.Linear(2 * 28 * 28, 10))  # 224 px only
+    pooled = nn.Sequential(nn.Conv2d(3, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 10))
+    cpu, opts = torch.device("cpu"), FinetuneOptions()
+    assert training_size(fixed, opts, cpu, 224, 3) == 224
+    assert training_size(pooled, opts, cpu, 224, 3) == 112
+    assert training_size(pooled, opts, torch.device("cuda"), 224, 3) == 224
+    assert training_size(pooled, replace(opts, data="imagefolder:x"), cpu, 224, 3) == 224
+    assert training_size(pooled, replace(opts, image_size=224), cpu, 224, 3) == 224

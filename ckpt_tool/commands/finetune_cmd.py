@@ -177,7 +177,9 @@ def render_setup(setup: Any) -> str:
     """What is known before training: the run, the load table, the head, the freeze table."""
     load = setup.load
     ranks = f" x {setup.world_size} processes" if setup.world_size > 1 else ""
-    lines = [f"{setup.checkpoint} -> {setup.arch} on {setup.device}{ranks}, data {setup.data}, {setup.image_size}px"]
+    size = f"{setup.image_size}px" + (f" (forward pass at {setup.forward_size}px)" if setup.forward_size else "")
+    lines = [f"{setup.checkpoint} -> {setup.arch} on {setup.device}{ranks}, data {setup.data}, {size}, "
+             f"{setup.num_classes or '?'} classes"]
     if load.operations:
         lines.append("operations: " + ", ".join(load.operations))
     lines.append(f"load: {load.loaded}/{load.model_keys} model tensors loaded from {load.checkpoint_keys}; "

@@ -13,6 +13,7 @@ from .train import Tracker
 
 OVERFIT_ACCURACY = 0.5  # batch accuracy after the run; see overfit_verdict
 OVERFIT_RATIO = 0.7  # the final loss over the first
+OVERFIT_DIVERGED = 10.0  # a step's loss over the first: the run diverged, wherever it ended
 
 
 
@@ -25,10 +26,17 @@ def overfit_verdict(run: OverfitRun, classes: int) -> Check:
     docs' tiny_cnn, head only, 30 steps), with batch accuracy 1.0, 1.0 and >= 0.62; labels shuffled at
     every step end at >= 0.77 and <= 0.44; lr 1e6 and a detached head never go below 1.0.
     The thresholds sit between the worst healthy run and the best broken one.
+
+    A run whose loss rose above 10x the first at any step diverged, and fails even when it ends
+    on a memorised batch: with only the head trainable, lr 1e6 (SGD) drives the logits so far that
+    the batch is "learnt" (loss 0.0000) after a peak of 5e6x the first loss. Healthy runs of the
+    test recipes peak at 1.06x the first (tests/test_finetune_gate.py, seeds 0-9).
     """
     name = "overfit one batch"
     if run.error:
         return Check(name, FAIL, f"training on one batch failed: {run.error}")
+    if not run.trainable:
+        return Check(name, FAIL, "no parameter is trainable: nothing can learn the batch")
     if not run.losses or run.final_loss is None or run.final_accuracy is None:
         return Check(name, SKIP, "no step ran")
     first, last = run.losses[0], run.final_loss
@@ -36,6 +44,10 @@ def overfit_verdict(run: OverfitRun, classes: int) -> Check:
             f"in {len(run.losses)} steps")
     if not all(math.isfinite(v) for v in (*run.losses, last)):
         return Check(name, FAIL, text + " (not finite)")
+    peak = max(run.losses)
+    if peak > first * OVERFIT_DIVERGED:
+        return Check(name, FAIL, text + f" (diverged: the loss reached {peak:.4g}, over {OVERFIT_DIVERGED:g}x the "
+                                        "first; try a lower --lr)")
     if run.final_accuracy < OVERFIT_ACCURACY or last > first * OVERFIT_RATIO:
         return Check(name, FAIL, text + f" (needs batch accuracy >= {OVERFIT_ACCURACY:.0%} and the loss below "
                                         f"{OVERFIT_RATIO:.0%} of the first; try another --lr or more --overfit-steps)")

@@ -11,6 +11,15 @@ from .report import HeadChange
 HEAD_NAMES = ("fc", "classifier", "heads", "head")
 
 
+def head_outputs(model: Any, head: str) -> int | None:
+    """How many outputs the head layer ``head`` has (a Linear's out_features, a Conv2d's out_channels)."""
+    if not head:
+        return None
+    layer = model.get_submodule(head)
+    outputs = getattr(layer, "out_features", getattr(layer, "out_channels", None))
+    return outputs if isinstance(outputs, int) else None
+
+
 def find_head(model: Any, name: str | None) -> str:
     """The dotted path of the final layer of the classification head ("fc", "classifier.6", "heads.head")."""
     from torch import nn

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
+from ..compat import ALL_CURRENT, module_versions
 from ..model import Checkpoint, common_prefix, in_module
 from ..render import shape_str
 from ..values import torch_state_dict
@@ -13,15 +15,19 @@ from .report import FAIL, PASS, Check, LoadReport, _some
 
 def _migrated_state(ckpt: Checkpoint, opts: FinetuneOptions, model: Any) -> tuple[dict[str, Any], tuple[str, ...],
                                                                            tuple[str, ...]]:
-    """The checkpoint's tensors after the migrate operations (a --plan file first, then the inline ones).
+    """What ``torch.load`` of the file migrate would write gives: the state dict after the operations.
 
-    Returns the state, the operations' descriptions, and the keys the plan leaves to the model's
-    own initialisation (fill_missing, reinit_mismatched).
+    The operations (a --plan file first, then the inline ones) rename and drop ``_extra_state``
+    entries and ``_metadata`` along with the tensors, as ``ckpt migrate`` writes them. Returns the
+    state (tensors and objects, ``_metadata`` on it as torch pickles it), the operations'
+    descriptions, and the keys the plan leaves to the model's own initialisation (fill_missing,
+    reinit_mismatched).
     """
     import torch
 
     from .. import plan as plan_mod
     from ..arch import signature_of
+    from ..objects import carried_entries
 
     ops = list(plan_mod.load_plan(opts.plan).operations) if opts.plan else []
     ops += [plan_mod.operation("strip_prefix", prefix=p) for p in opts.strip_prefix]
@@ -31,7 +37,7 @@ def _migrated_state(ckpt: Checkpoint, opts: FinetuneOptions, model: Any) -> tupl
     ops += list(opts.operations)
     state = plan_mod.initial_state(ckpt.tensors)
     if ops:
-        state = plan_mod.apply(ops, state, signature_of(model)[0]).state
+        state = plan_mod.apply(ops, state, signature_of(model)[0], objects=tuple(ckpt.objects)).state
     refs = {k: e.ref for k, e in state.items()
             if e.source == plan_mod.CHECKPOINT and e.ref is not None and not e.transform}
     tensors = torch_state_dict(refs)
@@ -40,7 +46,42 @@ def _migrated_state(ckpt: Checkpoint, opts: FinetuneOptions, model: Any) -> tupl
         if key in tensors and entry.dtype != entry.source_dtype:
             tensors[key] = tensors[key].to(getattr(torch, entry.dtype))
     initialised = tuple(k for k in state if k not in tensors)
-    return tensors, tuple(op.describe() for op in ops), initialised
+    keys, metadata = carried_entries(ckpt, ops, state)
+    out = _StateDict(tensors)
+    out.update((keys[k], _torch_value(k, v, ckpt.path)) for k, v in ckpt.objects.items() if k in keys)
+    if metadata is not None:
+        out._metadata = OrderedDict((m, dict(v) if isinstance(v, dict) else v) for m, v in metadata.items())
+    elif module_versions(ckpt) is ALL_CURRENT:
+        # a pickled module: ``state_dict()`` of it records its classes' current versions, as the model's does
+        out._metadata = OrderedDict(getattr(model.state_dict(), "_metadata", {}))
+    return out, tuple(op.describe() for op in ops), initialised
+
+
+class _StateDict(OrderedDict[str, Any]):
+    """An ``OrderedDict`` that can carry ``_metadata``, as the one ``torch.load`` returns does."""
+
+    _metadata: OrderedDict[str, Any]
+
+
+def _torch_value(key: str, value: Any, path: str) -> Any:
+    """A non-tensor entry (``_extra_state``) as ``torch.load(weights_only=True)`` gives it; tensors inside read too."""
+    from ..errors import UsageError
+    from ..formats.pickle_vm import PickledOrderedDict, PickledTensor
+    from ..reader import tensor_ref
+
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return value
+    if isinstance(value, PickledTensor):
+        return torch_state_dict({key: tensor_ref(key, value, path)})[key]
+    if isinstance(value, tuple):
+        return tuple(_torch_value(key, v, path) for v in value)
+    if isinstance(value, list):
+        return [_torch_value(key, v, path) for v in value]
+    if isinstance(value, dict):
+        items = ((_torch_value(key, k, path), _torch_value(key, v, path)) for k, v in value.items())
+        return OrderedDict(items) if isinstance(value, PickledOrderedDict) else dict(items)
+    raise UsageError(f"state-dict entry {key!r} holds {type(value).__name__}, which ckpt does not build; leave it "
+                     f"out with --drop {key}")
 
 
 def _computed(state: dict[str, Any]) -> dict[str, Any]:
@@ -54,31 +95,48 @@ def _computed(state: dict[str, Any]) -> dict[str, Any]:
 
 def _load_into(model: Any, state: dict[str, Any], heads: tuple[str, ...], operations: tuple[str, ...],
                initialised: tuple[str, ...] = ()) -> LoadReport:
-    """Load what would load; report the rest as the compat engine (torch's strict-load rules) sees it.
+    """``model.load_state_dict(state, strict=False)`` of all that torch accepts; the report is torch's answer.
 
-    The state loaded is a plain dict with no ``_metadata``, so torch fills in every absent
-    ``num_batches_tracked`` itself; keys the plan left to the model's initialisation count as present.
+    ``state`` is a state dict as ``torch.load`` returns it: tensors, ``_extra_state`` objects (they
+    reach ``set_extra_state``) and ``_metadata`` (module versions decide torch's
+    ``num_batches_tracked`` fill-ins; a plain dict without it gets them all). Only the keys whose
+    shape torch would reject (the compat engine, torch's shape rule) are held back, because torch
+    raises on them even when not strict; an absent alias of a tied weight takes its partner's
+    tensor, as safetensors' ``load_model`` re-ties it; keys the plan left to the model's
+    initialisation keep the model's own values.
     """
+    import torch
+
     from ..arch import signature_from_model
     from ..compat import check
 
     model_state = model.state_dict()
     target = signature_from_model(model)
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    objects = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    shapes: dict[str, Any] = {k: (() if k in objects else tuple(v.shape)) for k, v in state.items()}
     shapes.update({k: tuple(model_state[k].shape) for k in initialised
                    if k in model_state and k not in shapes and hasattr(model_state[k], "shape")})
-    compat = check(shapes, target, versions=None)
+    metadata = getattr(state, "_metadata", None)
+    versions = None if metadata is None else {m: v.get("version") if isinstance(v, dict) else None
+                                              for m, v in metadata.items()}
+    compat = check(shapes, target, versions=versions, objects=objects)
     bad = {m.key for m in compat.mismatched}
-    usable = {k: v for k, v in state.items() if k in model_state and k not in bad}
-    # filtered first, so torch reports nothing we have not already counted and raises no size mismatch
-    model.load_state_dict(usable, strict=False)
+    usable = _StateDict((k, v) for k, v in state.items() if k not in bad)
+    usable.update({k: model_state[k] for k in initialised if k in model_state and k not in usable})
+    usable.update({alias: usable[partner] for alias, partner in compat.tied})
+    if metadata is not None:
+        usable._metadata = metadata
+    # torch raises no size mismatch: the keys it would reject were held back (and are reported as mismatched)
+    result = model.load_state_dict(usable, strict=False)
+    missing = tuple(k for k in result.missing_keys if k not in bad)
+    from_checkpoint = [k for k in state if k in model_state and k not in bad]
     head_keys = tuple(k for k in model_state if any(in_module(k, h) for h in heads))
-    return LoadReport(loaded=len(usable), model_keys=len(model_state), checkpoint_keys=len(state),
-                      missing=compat.missing, unexpected=compat.unexpected, mismatched=compat.mismatched,
+    return LoadReport(loaded=len(from_checkpoint), model_keys=len(model_state), checkpoint_keys=len(state),
+                      missing=missing, unexpected=tuple(result.unexpected_keys), mismatched=compat.mismatched,
                       head_keys=head_keys, operations=operations, initialised=initialised,
-                      missing_shapes={k: tuple(model_state[k].shape) for k in compat.missing
+                      missing_shapes={k: tuple(model_state[k].shape) for k in missing
                                       if k in model_state and hasattr(model_state[k], "shape")},
-                      unexpected_shapes={k: shapes[k] for k in compat.unexpected if k in shapes},
+                      unexpected_shapes={k: shapes[k] for k in result.unexpected_keys if k in shapes and k not in objects},
                       auto_filled=compat.auto_filled, tied=compat.tied)
 
 

@@ -129,6 +129,8 @@ class Setup:
     head: HeadChange | None
     params: tuple[ModuleParams, ...]
     world_size: int = 1
+    num_classes: int | None = None  # the head's outputs (--num-classes, or the model's own head); None: not known
+    forward_size: int | None = None  # the forward pass's image size when training uses a smaller one
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,7 @@ class FinetuneReport:
     epochs: tuple[Epoch, ...] = ()  # epoch 0 is the held-out evaluation before training
     overfit: OverfitRun | None = None
     world_size: int = 1
+    forward_size: int | None = None  # the forward pass's image size when training uses a smaller one
 
     @property
     def passed(self) -> bool:
@@ -172,7 +175,7 @@ class FinetuneReport:
     @property
     def setup(self) -> Setup:
         return Setup(self.checkpoint, self.arch, self.device, self.data, self.image_size, self.load, self.head,
-                     self.params, self.world_size)
+                     self.params, self.world_size, self.num_classes, self.forward_size)
 
     def to_json(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -19,10 +19,10 @@ from .checks import (
     peak_rss,
     throughput,
 )
-from .data import _input_channels, _input_spec, make_datasets, make_loaders
+from .data import _input_channels, _input_spec, make_datasets, make_loaders, training_size
 from .distributed import Ranks, device_for, from_environment, wrap
 from .freeze import apply_trainable, model_frozen, param_table, phase_plan
-from .head import find_head, replace_head
+from .head import find_head, head_outputs, replace_head
 from .load import _load_check, _load_into, _migrated_state
 from .options import FinetuneOptions, _pick_device, _validate
 from .output import _plot, _save
@@ -104,23 +104,26 @@ def _run(path: str, arch: str, opts: FinetuneOptions, device: Any, ranks: Ranks,
     specs = phase_plan(model, opts, (head_path, *head.aux) if head else (head_path,), by_model)
     apply_trainable(model, specs[0].trainable)
     params = param_table(model, by_model)
-    size, mean, std = _input_spec(arch, opts.image_size)
+    forward_size, mean, std = _input_spec(arch, opts.image_size)
     channels = _input_channels(model)
-    setup = Setup(path, arch, str(device), opts.data, size, load, head, params, ranks.world)
+    size = training_size(model, opts, device, forward_size, channels)
+    shown = dict(forward_size=forward_size if forward_size != size else None)
+    setup = Setup(path, arch, str(device), opts.data, size, load, head, params, ranks.world,
+                  opts.num_classes or head_outputs(model, head_path), **shown)
     if on_setup is not None:
         on_setup(setup)
     base = dict(checkpoint=path, arch=arch, device=str(device), data=opts.data, image_size=size, load=load, head=head,
-                params=params, world_size=ranks.world)
+                params=params, world_size=ranks.world, **shown)
 
     checks: dict[str, Check] = {}
     checks["weights loaded"] = _load_check(load, opts.strict, ckpt)
-    probe = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(opts.seed))
+    probe = torch.randn(2, channels, forward_size, forward_size, generator=torch.Generator().manual_seed(opts.seed))
     forward_error, out_classes = _probe_forward(model, probe.to(device))
     if forward_error is not None:
         checks["forward pass"] = Check("forward pass", FAIL, forward_error)
         return _finish(base, checks, ranks, rss=peak_rss(), cuda=peak_cuda(device),
                        num_classes=out_classes or None)
-    checks["forward pass"] = Check("forward pass", PASS, f"{shape_str((2, channels, size, size))} -> [2, {out_classes}]")
+    checks["forward pass"] = Check("forward pass", PASS, f"{shape_str(probe.shape)} -> [2, {out_classes}]")
     data = make_datasets(opts, size, channels, out_classes, mean, std)
     if data.classes > out_classes:
         raise UsageError(f"--data {opts.data} has {data.classes} classes but the model outputs {out_classes} logits",
