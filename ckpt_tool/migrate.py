@@ -24,6 +24,7 @@ from .errors import FormatError, UsageError
 from .formats.pickle_vm import GlobalRef, PickledTensor, Placeholder
 from .model import Checkpoint, Progress, TensorRef, contiguous_strides, is_floating, itemsize, numel
 from .objects import account, composite_views, is_composite
+from .optim_state import CARRIED, AlsoPlan, Carried, OptimizerPlan, training_state, verify_carried
 from .plan import CHECKPOINT, Applied, Entry, Plan, State, Step, apply, initial_state
 from .reader import open_checkpoint, sibling_entries
 from .torch_extra import require_torch
@@ -94,6 +95,8 @@ class MigrationPlan:
     streamed: bool  # bytes only move: no value changes, no torch
     notes: tuple[str, ...] = ()  # how input objects were converted or why something is not carried
     checkpoint_share: float | None = None  # of the target's parameter elements, with an architecture
+    optimizers: tuple[OptimizerPlan, ...] = ()  # what happens to each optimizer state (optim_state)
+    also: tuple[AlsoPlan, ...] = ()  # sibling state dicts (--also-key) given the same operations
 
 
 @dataclass(frozen=True)
@@ -201,10 +204,13 @@ def migrate(
             raise FormatError(f"{plan.source}: tensor {e.origin!r} has no stored bytes (a meta tensor or a compressed "
                               "entry); leave it out with --drop or --exclude")
 
-    kept, dropped = _extras(ckpt, keep_extras)
+    carried = training_state(ckpt, plan, applied.state, signature, fmt or PTH,
+                             sharded=max_shard_size is not None)
+    kept, dropped = _extras(ckpt, keep_extras, plan.drop_optimizer) if carried is None else \
+        (carried.extras, carried.dropped)
     values = _TargetValues(plan, seed)
     check_all = plan.arch is not None
-    built = _layout(applied.state, fmt or SAFETENSORS, values, check_all)
+    built = _layout({**applied.state, **(carried.state if carried else {})}, fmt or SAFETENSORS, values, check_all)
     built.layout = replace(built.layout, objects=accounted.objects, module_metadata=accounted.module_metadata)
     files: tuple[str, ...] = ()
     backup = None
@@ -226,6 +232,7 @@ def migrate(
         streamed=all(e.source == CHECKPOINT and e.dtype == e.source_dtype for e in applied.state.values()),
         notes=tuple(accounted.notes),
         checkpoint_share=round(share, 6) if share is not None else None,
+        optimizers=carried.optimizers if carried else (), also=carried.also if carried else (),
     )
     if planned.initialised and not dry_run:
         require_torch(f"initialising {len(planned.initialised)} keys from --arch {plan.arch}")
@@ -241,20 +248,30 @@ def migrate(
         accounted.close()
         return MigrateReport(planned, dry_run=True)
 
-    metadata = _metadata(ckpt, plan, applied, built.aliases, kept, hasher)
+    metadata = _metadata(ckpt, plan, applied, built.aliases, kept if carried is None else {}, hasher)
     # a .pth keeps extras beside the state dict, under its original key (or "state_dict")
-    nesting = Nesting(ckpt.state_path or "state_dict", kept) if fmt == PTH and kept else Nesting()
+    nesting = Nesting(ckpt.state_path or "state_dict", kept, frozenset(carried.state) if carried else frozenset()) \
+        if fmt == PTH and kept else Nesting()
     try:
         written = _write(output, built.layout, metadata=metadata, nesting=nesting, max_shard_size=max_shard_size,
                          backup=backup, staging=Staging(), progress=progress)
         verification = verify_output(written, applied.state, target_chunks=values.chunks, cast=cast_bytes,
                                      aliases=built.aliases, state_path=nesting.path, signature=signature, seed=seed)
+        if carried is not None:
+            verification = _with_carried(verification, written, carried, values)
     finally:
         values.release()
         built.files.close()
         accounted.close()  # converted values stay readable until the output is verified
     return MigrateReport(planned, False, written, verification, tuple(built.nonfinite),
                          hasher.hexdigest() if hasher else None)
+
+
+def _with_carried(verification: Verification, written: Written, carried: Carried,
+                  values: _TargetValues) -> Verification:
+    """The re-read of the training state beside the state dict, folded into the verification."""
+    differ, checked = verify_carried(written, carried, target_chunks=values.chunks, cast=cast_bytes)
+    return replace(verification, differ=verification.differ + tuple(differ), checked=verification.checked + checked)
 
 
 def convert(source: str, output: str, *, force: bool = False, max_shard_size: int | None = None,
@@ -312,7 +329,7 @@ def _why_not_plain(value: Any) -> str:
     return "holds tensors or objects" if isinstance(value, (dict, list, tuple)) else "not plain data"
 
 
-def _extras(ckpt: Checkpoint, keep: bool) -> tuple[dict[str, Any], dict[str, str]]:
+def _extras(ckpt: Checkpoint, keep: bool, drop_optimizer: bool = False) -> tuple[dict[str, Any], dict[str, str]]:
     """Entries beside the state dict (at every level of its path): (kept as plain data, dropped -> why)."""
     if ckpt.format == SAFETENSORS:
         # our own provenance is written afresh; "format" is always written
@@ -323,8 +340,9 @@ def _extras(ckpt: Checkpoint, keep: bool) -> tuple[dict[str, Any], dict[str, str
     # siblings at every level of the state dict's path: chgnet's model/model_args beside model/state_dict
     for name, value in sibling_entries(ckpt.root, ckpt.state_path):
         if isinstance(value, dict) and "param_groups" in value and "state" in value:
-            # optimizer state indexes the old model's parameters: never carried into a changed one
-            dropped[str(name)] = "optimizer state"
+            # carried by optim_state into a single .pth; here the output has no place for it
+            dropped[str(name)] = "optimizer state (--drop-optimizer)" if drop_optimizer else \
+                "optimizer state: only a single .pth output carries it"
             continue
         try:
             plain = _plain(value)
@@ -495,7 +513,9 @@ def _layout(state: State, fmt: str, values: _TargetValues, check_all: bool) -> _
     def blob_of(entries: list[Entry], span: TensorRef | None) -> int:
         e = entries[0]
         keys = tuple(x.key for x in entries)
-        check = is_floating(e.dtype) and (check_all or e.source != CHECKPOINT or e.dtype != e.source_dtype)
+        # training state beside the state dict (moments, scheduler values) is carried, not judged
+        check = is_floating(e.dtype) and not e.key.startswith(CARRIED) and (
+            check_all or e.source != CHECKPOINT or e.dtype != e.source_dtype)
         nbytes = (span.nbytes if span is not None else numel(e.shape) * itemsize(e.source_dtype))
         nbytes = nbytes // itemsize(e.source_dtype) * itemsize(e.dtype)
 
