@@ -158,14 +158,15 @@ def map_ids(opt: OptimizerState, ckpt: Checkpoint, operations: Sequence[Operatio
     """
     ids = opt.ids
     if opt.names:
-        order = [n for _, n in opt.names]
+        # names of the model as trained; a checkpoint saved from its wrapper prefixes them (module.)
+        order = [_checkpoint_key(n, ckpt) for _, n in opt.names]
         _check(opt, order, ckpt, opt.mapped_by)
-        return opt
+        return replace(opt, names=tuple(zip(ids, order)))
     if len(set(ids)) != len(ids):
         raise MappingError(f"{ckpt.path}: {opt.path}: a parameter id appears in two param groups")
     if source is not None:
         by = f"--source-arch {source.spec}"
-        order = parameter_order(source)
+        order = [_checkpoint_key(k, ckpt) for k in parameter_order(source)]
     elif target is not None and all(op.op in _RENAMES for op in operations):
         by = f"--arch {target.spec} (the plan only renames)"
         back = {k: e.origin for k, e in final.items() if e.from_checkpoint}
@@ -175,6 +176,14 @@ def map_ids(opt: OptimizerState, ckpt: Checkpoint, operations: Sequence[Operatio
         order = _state_dict_parameters(ckpt, final, target)
     _check(opt, order, ckpt, by)
     return replace(opt, names=tuple(zip(ids, order)), mapped_by=by)
+
+
+def _checkpoint_key(name: str, ckpt: Checkpoint) -> str:
+    """The checkpoint's key for a parameter name: itself, or the one key that ends with ``.name``."""
+    if name in ckpt.tensors:
+        return name
+    found = [k for k in ckpt.tensors if k.endswith("." + name)]
+    return found[0] if len(found) == 1 else name
 
 
 def parameter_order(signature: TargetSignature) -> list[str]:
