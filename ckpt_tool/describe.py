@@ -8,6 +8,7 @@ from typing import Any
 
 from .errors import UsageError
 from .model import DTENSOR_SHARD, QUANTIZED, SPARSE_KINDS, Candidate, Checkpoint, Progress, TensorRef, common_prefix
+from .optim_state import OptimizerSummary, summarize_optimizers
 from .reader import open_checkpoint, summarize
 from .text import grouped_notes
 from .values import FileCache, TensorStats, tensor_stats
@@ -70,6 +71,8 @@ class InspectReport:
     attributes: tuple[TensorRow, ...] = ()
     # entries of the state dict that are not tensors (``_extra_state``), summarized
     objects: dict[str, Any] = field(default_factory=dict)
+    # optimizer states beside the state dict (ckpt_tool.optim_state), header-only
+    optimizers: tuple[OptimizerSummary, ...] = ()
 
 
 def inspect_checkpoint(
@@ -126,6 +129,7 @@ def inspect_checkpoint(
         rows=rows if depth is None else (), modules=rollup(refs, depth) if depth is not None else (),
         nonfinite=sum(s.nan + s.inf for s in stats_by_key.values()), filter=filter, depth=depth, notes=notes,
         attributes=attributes, objects={k: summarize(v) for k, v in ckpt.objects.items()},
+        optimizers=summarize_optimizers(ckpt),
     )
 
 

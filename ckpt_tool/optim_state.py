@@ -514,3 +514,62 @@ def _same_tree(planned: Any, got: Any) -> bool:
         return (type(got) is type(planned) and len(got) == len(planned)
                 and all(_same_tree(a, b) for a, b in zip(planned, got)))
     return type(planned) is type(got) and (planned == got or planned != planned and got != got)
+
+
+# --- describing (inspect) -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GroupRow:
+    """One param group as ``inspect`` shows it: its size and hyper-parameters (summarized)."""
+
+    index: int
+    params: int
+    hyper: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StateRow:
+    """One parameter id's state: the parameter it is (when known) and its tensors (name, shape, dtype)."""
+
+    id: str
+    parameter: str
+    group: int
+    tensors: tuple[tuple[str, tuple[int, ...], str], ...]
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OptimizerSummary:
+    path: str
+    kind: str
+    groups: tuple[GroupRow, ...]
+    state: tuple[StateRow, ...]
+    tensors: int
+    tensor_bytes: int
+    mapped_by: str = ""  # how ids were tied to parameter names; empty when they could not be
+    unmapped: str = ""  # why not
+
+
+def summarize_optimizers(ckpt: Checkpoint) -> tuple[OptimizerSummary, ...]:
+    """The optimizer states beside ``ckpt``'s state dict, described header-only (no tensor bytes)."""
+    from .reader import summarize
+
+    out = []
+    for opt in find_optimizers(ckpt):
+        unmapped = ""
+        try:
+            opt = map_ids(opt, ckpt, (), initial_state(ckpt.tensors))
+        except UsageError as exc:
+            unmapped = str(exc).partition(": ")[2].partition(" (pass")[0]
+        names = opt.name_of()
+        group_of = {i: g for g, group in enumerate(opt.groups) for i in group.params}
+        rows = tuple(StateRow(str(s.id), names.get(s.id, ""), group_of.get(s.id, -1),
+                              tuple((n, r.shape, r.dtype) for n, r in s.tensors),
+                              {n: summarize(v) for n, v in s.values}) for s in opt.state)
+        groups = tuple(GroupRow(i, len(g.params), {k: summarize(v) for k, v in g.hyper if k != "param_names"})
+                       for i, g in enumerate(opt.groups))
+        refs = [r for s in opt.state for _, r in s.tensors]
+        out.append(OptimizerSummary(opt.path, opt.kind, groups, rows, len(refs), sum(r.nbytes for r in refs),
+                                    opt.mapped_by, unmapped))
+    return tuple(out)

@@ -333,3 +333,29 @@ def test_lightning_checkpoint_resumes_in_a_real_trainer(torch, tmp_path):
     saved = torch.load(out, weights_only=True)
     assert saved["lr_schedulers"] and saved["global_step"] == 4 and saved["callbacks"]
     L.Trainer(max_epochs=2, **kw).fit(Module(), data(), ckpt_path=out)  # Lightning restores it all
+
+
+def test_inspect_shows_groups_hyper_parameters_and_mapped_names(torch, models, tmp_path):
+    src = _train(torch, models, tmp_path, "adamw")
+    r = _run("inspect", src)
+    assert r.exit_code == 0, r.output
+    assert "optimizer optimizer: AdamW, 2 param groups, 8 parameters with state" in r.output
+    assert "ids mapped by the state dict" in r.output
+    line = next(x for x in r.output.splitlines() if x.strip().startswith("0  module.a.weight"))
+    assert "exp_avg [4, 4] float32" in line and "step [] float32" in line
+    data = json.loads(_run("inspect", src, "--json").output)["optimizers"][0]
+    assert [g["params"] for g in data["groups"]] == [6, 4] and data["groups"][1]["hyper"]["lr"] == 0.05
+    assert {s["parameter"] for s in data["state"] if s["group"] == 1} == {"module.head.weight", "module.head.bias",
+                                                                           "module.gone.weight", "module.gone.bias"}
+
+
+def test_inspect_says_why_ids_are_not_mapped(torch, models, tmp_path):
+    m = models[1].old()
+    opt = torch.optim.SGD(m.head.parameters(), lr=0.1, momentum=0.9)
+    m(torch.randn(3, 4)).backward()
+    opt.step()
+    src = tmp_path / "subset.pth"
+    torch.save({"model": m.state_dict(), "optimizer": opt.state_dict()}, src)
+    data = json.loads(_run("inspect", str(src), "--json").output)["optimizers"][0]
+    assert data["mapped_by"] == "" and "2 parameter ids, but" in data["unmapped"]
+    assert {s["parameter"] for s in data["state"]} == {""}

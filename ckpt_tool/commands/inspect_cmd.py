@@ -76,10 +76,26 @@ def _render(r: InspectReport) -> None:
         ))
         return
     echo(_tensor_table(r.rows))
+    _render_optimizers(r)
     if r.attributes:
         echo()
         echo("TorchScript attributes (tensors that are neither parameters nor buffers; not in state_dict()):")
         echo(_tensor_table(r.attributes))
+
+
+def _render_optimizers(r: InspectReport) -> None:
+    """Each optimizer state: its param groups with hyper-parameters, then the state per parameter id."""
+    for o in r.optimizers:
+        echo()
+        mapped = f"ids mapped by {o.mapped_by}" if o.mapped_by else f"ids not mapped to parameters: {o.unmapped}"
+        echo(f"optimizer {o.path}: {o.kind}, {len(o.groups)} param group{'s' * (len(o.groups) != 1)}, "
+             f"{len(o.state)} parameters with state, {o.tensors} tensors ({human_bytes(o.tensor_bytes)}); {mapped}")
+        names = sorted({k for g in o.groups for k in g.hyper})
+        echo(table(([g.index, g.params, *(_short(g.hyper.get(k, "-")) for k in names)] for g in o.groups),
+                   ["group", "params", *names], ["right", "right", *(["left"] * len(names))]))
+        rows = [(s.id, s.parameter or "?", s.group, ", ".join(f"{n} {shape_str(sh)} {dt}" for n, sh, dt in s.tensors)
+                 + "".join(f", {n}={_short(v)}" for n, v in s.values.items())) for s in o.state]
+        echo(table(rows, ["id", "parameter", "group", "state"], ["right", "left", "right", "left"]))
 
 
 def _tensor_table(rows_in: tuple[TensorRow, ...]) -> str:
