@@ -339,7 +339,7 @@ def test_inspect_shows_groups_hyper_parameters_and_mapped_names(torch, models, t
     src = _train(torch, models, tmp_path, "adamw")
     r = _run("inspect", src)
     assert r.exit_code == 0, r.output
-    assert "optimizer optimizer: AdamW, 2 param groups, 8 parameters with state" in r.output
+    assert "optimizer optimizer: AdamW, 2 param groups, 10 parameters with state" in r.output
     assert "ids mapped by the state dict" in r.output
     line = next(x for x in r.output.splitlines() if x.strip().startswith("0  module.a.weight"))
     assert "exp_avg [4, 4] float32" in line and "step [] float32" in line
