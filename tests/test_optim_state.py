@@ -359,3 +359,29 @@ def test_inspect_says_why_ids_are_not_mapped(torch, models, tmp_path):
     data = json.loads(_run("inspect", str(src), "--json").output)["optimizers"][0]
     assert data["mapped_by"] == "" and "2 parameter ids, but" in data["unmapped"]
     assert {s["parameter"] for s in data["state"]} == {""}
+
+
+def test_finetune_check_resumes_the_carried_optimizer_state(torch, tmp_path):
+    from make_fixtures import tiny_cnn
+
+    torch.manual_seed(0)
+    model = tiny_cnn()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 3, 16, 16)).sum().backward()
+    opt.step()
+    src = tmp_path / "train.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}, "optimizer": opt.state_dict()},
+               src)
+    out = str(tmp_path / "resumable.pth")
+    arch = os.path.join(os.path.dirname(__file__), "..", "fixtures", "make_fixtures.py") + ":tiny_cnn"
+    r = _run("migrate", str(src), "--strip-prefix", "module.", "--arch", arch, "-o", out)
+    assert r.exit_code == 0, r.output
+    common = ["finetune-check", out, "--arch", arch, "--image-size", "16", "--max-steps", "2", "--lr", "0.01",
+              "--json"]
+    r = _run(*common, "--resume-optimizer")
+    assert r.exit_code == 0, r.output
+    checks = {c["name"]: c for c in json.loads(r.output)["checks"]}
+    assert checks["optimizer resumed"]["status"] == "pass"
+    assert checks["optimizer resumed"]["detail"].startswith(f"Adam state of {len(list(model.parameters()))} parameters")
+    r = _run(*common, "--resume-optimizer", "--optimizer", "sgd")
+    assert r.exit_code == 2 and "holds Adam state" in r.output, r.output
