@@ -385,3 +385,28 @@ def test_finetune_check_resumes_the_carried_optimizer_state(torch, tmp_path):
     assert checks["optimizer resumed"]["detail"].startswith(f"Adam state of {len(list(model.parameters()))} parameters")
     r = _run(*common, "--resume-optimizer", "--optimizer", "sgd")
     assert r.exit_code == 2 and "holds Adam state" in r.output, r.output
+
+
+def test_diff_of_two_training_checkpoints_reports_optimizer_differences(torch, models, tmp_path):
+    src = _train(torch, models, tmp_path, "adamw")
+    same = str(tmp_path / "same.pth")
+    assert _run("migrate", src, "-o", same).exit_code == 0
+    r = _run("diff", src, same)
+    assert "optimizer state: the same parameters with state, shapes and hyper-parameters" in r.output, r.output
+    # a moment of the wrong shape, a parameter without state, another learning rate
+    saved = torch.load(src, weights_only=True)
+    state = saved["optimizer"]["state"]
+    state[0]["exp_avg"] = torch.zeros(2, 2)
+    del state[9]
+    saved["optimizer"]["param_groups"][1]["lr"] = 0.5
+    bad = str(tmp_path / "bad.pth")
+    torch.save(saved, bad)
+    data = json.loads(_run("diff", src, bad, "--json").output)["optimizer"]
+    assert any("exp_avg is [2, 2]" in line for line in data["target"]), data
+    assert "group 1: lr 0.05 -> 0.5" in " ".join(data["differences"])
+    saved = torch.load(src, weights_only=True)
+    del saved["optimizer"]["state"][9]
+    torch.save(saved, bad)
+    data = json.loads(_run("diff", src, bad, "--json").output)["optimizer"]
+    assert data["target"] == ["optimizer: 1 parameters without state (module.head.bias)"]
+    assert data["differences"] == ["optimizer: state only in the checkpoint for module.head.bias"]

@@ -7,6 +7,7 @@ from typing import Any
 
 from ..arch import TargetSignature
 from ..model import Checkpoint
+from ..optim_state import OptimizerDiff
 from ..plan import Plan
 
 MATCHED, DTYPE, SHAPE, MISSING, UNEXPECTED, MIXED = "matched", "dtype", "shape", "missing", "unexpected", "mixed"
@@ -124,6 +125,8 @@ class DiffReport:
     plan: FixPlan
     plan_path: str | None = None
     notes: tuple[str, ...] = ()
+    # two training checkpoints: their optimizer states (ckpt_tool.optim_state)
+    optimizer: OptimizerDiff | None = None
 
 
 Target = TargetSignature | Checkpoint
