@@ -259,6 +259,9 @@ def migrate(
                                      aliases=built.aliases, state_path=nesting.path, signature=signature, seed=seed)
         if carried is not None:
             verification = _with_carried(verification, written, carried, values)
+            # Written counts the state dict's tensors; the training state beside it is the plan's
+            written = replace(written, tensors=written.tensors - len(carried.state),
+                              tensor_bytes=written.tensor_bytes - sum(_nbytes(e) for e in carried.state.values()))
     finally:
         values.release()
         built.files.close()
