@@ -410,3 +410,37 @@ def test_diff_of_two_training_checkpoints_reports_optimizer_differences(torch, m
     data = json.loads(_run("diff", src, bad, "--json").output)["optimizer"]
     assert data["target"] == ["optimizer: 1 parameters without state (module.head.bias)"]
     assert data["differences"] == ["optimizer: state only in the checkpoint for module.head.bias"]
+
+
+def test_verification_compares_every_carried_tensor_by_value(torch, models, tmp_path):
+    from dataclasses import replace
+
+    from ckpt_tool.optim_state import training_state, verify_carried
+    from ckpt_tool.plan import apply, initial_state
+    from ckpt_tool.reader import open_checkpoint
+    from ckpt_tool.writer import Written
+
+    src = _train(torch, models, tmp_path, "adam")
+    out = str(tmp_path / "out.pth")
+    plan = Plan(src, operations=(operation("strip_prefix", prefix="module."),))
+    report = migrate(plan, out)
+    assert report.ok and report.verification.checked == 13 + 30  # the state dict, then 10 x (step, exp_avg, exp_avg_sq)
+    ckpt = open_checkpoint(src)
+    final = apply(plan.operations, initial_state(ckpt.tensors)).state
+    carried = training_state(ckpt, plan, final, None, "pth")
+    written = Written(out, "pth", (out,), 0, 0)
+    cast = lambda data, source, dtype: data  # noqa: E731 - nothing is cast here
+    assert verify_carried(written, carried, target_chunks=iter, cast=cast) == ([], 30)
+    # the planned source of one moment swapped for another of the same shape: caught by value
+    a, b = "@optimizer/state/0/exp_avg", "@optimizer/state/0/exp_avg_sq"
+    carried.state[a], carried.state[b] = replace(carried.state[b], key=a), replace(carried.state[a], key=b)
+    differ, _ = verify_carried(written, carried, target_chunks=iter, cast=cast)
+    assert sorted(differ) == [a, b]
+
+
+def test_also_key_errors_are_one_line(torch, models, tmp_path):
+    src = _train(torch, models, tmp_path, "sgd")
+    r = _run("migrate", src, "--also-key", "model", "-o", str(tmp_path / "o.pth"))
+    assert r.exit_code == 2 and "is the state dict itself" in r.output, r.output
+    r = _run("migrate", src, "--also-key", "nowhere", "-o", str(tmp_path / "o.pth"))
+    assert r.exit_code == 2 and "no state dict at --key 'nowhere'" in r.output, r.output
