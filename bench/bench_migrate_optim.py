@@ -15,7 +15,8 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import CKPT, OUT, PYTHON, Run, measure, report  # noqa: E402
+from _common import CKPT, OUT, PYTHON, measure, report  # noqa: E402
+from bench_migrate import fresh  # noqa: E402 - the output removed before each timed run
 
 MAKE = """
 import sys, torch, torchvision
@@ -40,20 +41,6 @@ def inputs() -> tuple[str, str]:
         os.replace(with_optim + ".tmp", with_optim)
         os.replace(without + ".tmp", without)
     return with_optim, without
-
-
-def fresh(label: str, cmd: list[str], output: str, repeat: int = 3) -> Run:
-    """``measure``, with the output removed before each run (untimed)."""
-    best: Run | None = None
-    for _ in range(repeat):
-        if os.path.exists(output):
-            os.unlink(output)
-        run = measure(label, cmd, repeat=1)
-        if run.returncode != 0:
-            raise SystemExit(f"{label}: exit {run.returncode}")
-        best = run if best is None or run.wall_s < best.wall_s else best
-    assert best is not None
-    return best
 
 
 def main() -> None:
