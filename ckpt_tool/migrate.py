@@ -149,7 +149,8 @@ def migrate(
             or ``dry_run``.
         seed: seeds ``torch.manual_seed`` before the target is built for initial values.
         keep_extras: keep plain-data top-level entries (``epoch``): in the ``.pth`` beside the state
-            dict, in the safetensors metadata as JSON. Optimizer state is never carried.
+            dict, in the safetensors metadata as JSON. A training checkpoint written to one
+            ``.pth`` is carried whole, its optimizer state re-keyed (see :mod:`ckpt_tool.optim_state`).
         max_shard_size: write Hugging Face style shards of at most this many bytes.
         force: replace an existing output. ``in_place``: replace the source, keeping ``SOURCE.bak``.
         dry_run: plan only; nothing is written.
