@@ -25,6 +25,7 @@ from .model import (
     common_prefix,
     contiguous_strides,
 )
+from .optim_state import OptimizerSummary, summarize_optimizers
 from .reader import open_checkpoint, summarize
 from .text import grouped_notes
 from .values import FileCache, TensorStats, has_bytes, tensor_stats
@@ -87,6 +88,8 @@ class InspectReport:
     attributes: tuple[TensorRow, ...] = ()
     # entries of the state dict that are not tensors (``_extra_state``), summarized
     objects: dict[str, Any] = field(default_factory=dict)
+    # optimizer states beside the state dict (ckpt_tool.optim_state), header-only
+    optimizers: tuple[OptimizerSummary, ...] = ()
 
 
 @paused
@@ -147,6 +150,7 @@ def inspect_checkpoint(
         rows=rows, modules=rollup(refs, depth) if depth is not None else (),
         nonfinite=sum(s.nan + s.inf for s in stats_by_key.values()), filter=filter, depth=depth, notes=notes,
         attributes=attributes, objects={k: summarize(v) for k, v in ckpt.objects.items()},
+        optimizers=summarize_optimizers(ckpt),
     )
 
 

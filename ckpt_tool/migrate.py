@@ -29,6 +29,7 @@ from .formats.dcp import chunks_of
 from .formats.pickle_vm import GlobalRef, PickledTensor, Placeholder
 from .model import Checkpoint, Progress, TensorRef, contiguous_strides, is_floating, itemsize, numel
 from .objects import account, composite_views, is_composite
+from .optim_state import CARRIED, AlsoPlan, Carried, OptimizerPlan, training_state, verify_carried
 from .plan import CHECKPOINT, Applied, Entry, Plan, State, Step, apply, initial_state
 from .reader import open_checkpoint, sibling_entries
 from .torch_extra import require_torch
@@ -117,6 +118,8 @@ class MigrationPlan:
     checkpoint_share: float | None = None  # of the target's parameter elements, with an architecture
     adapted: tuple[Adapted, ...] = ()  # tensors whose values are computed from a source tensor
     shape_flow: ShapeFlow | None = None  # --dry-run with an architecture: its forward on the meta device
+    optimizers: tuple[OptimizerPlan, ...] = ()  # what happens to each optimizer state (optim_state)
+    also: tuple[AlsoPlan, ...] = ()  # sibling state dicts (--also-key) given the same operations
 
 
 @dataclass(frozen=True)
@@ -173,7 +176,8 @@ def migrate(
             or ``dry_run``.
         seed: seeds ``torch.manual_seed`` before the target is built for initial values.
         keep_extras: keep plain-data top-level entries (``epoch``): in the ``.pth`` beside the state
-            dict, in the safetensors metadata as JSON. Optimizer state is never carried.
+            dict, in the safetensors metadata as JSON. A training checkpoint written to one
+            ``.pth`` is carried whole, its optimizer state re-keyed (see :mod:`ckpt_tool.optim_state`).
         max_shard_size: write Hugging Face style shards of at most this many bytes.
         force: replace an existing output. ``in_place``: replace the source, keeping ``SOURCE.bak``.
         dry_run: plan only; nothing is written.
@@ -238,10 +242,13 @@ def migrate(
             raise FormatError(f"{plan.source}: tensor {e.origin!r} has no stored bytes (a meta tensor or a compressed "
                               "entry); leave it out with --drop or --exclude")
 
-    kept, dropped = _extras(ckpt, keep_extras)
+    carried = training_state(ckpt, plan, applied.state, signature, fmt or PTH,
+                             sharded=max_shard_size is not None)
+    kept, dropped = _extras(ckpt, keep_extras, plan.drop_optimizer) if carried is None else \
+        (carried.extras, carried.dropped)
     values = _TargetValues(plan, seed)
     check_all = plan.arch is not None
-    built = _layout(applied.state, fmt or SAFETENSORS, values, check_all)
+    built = _layout({**applied.state, **(carried.state if carried else {})}, fmt or SAFETENSORS, values, check_all)
     built.layout = replace(built.layout, objects=accounted.objects, module_metadata=accounted.module_metadata)
     files: tuple[str, ...] = ()
     backup = None
@@ -269,6 +276,7 @@ def migrate(
         adapted=adapted_entries(applied.state),
         shape_flow=shape_flow(signature, state={k: e.shape for k, e in applied.state.items()},
                               input_shape=input_shape) if signature is not None and dry_run else None,
+        optimizers=carried.optimizers if carried else (), also=carried.also if carried else (),
     )
     if planned.initialised and not dry_run:
         require_torch(f"initialising {len(planned.initialised)} keys from --arch {plan.arch}")
@@ -286,17 +294,19 @@ def migrate(
         accounted.close()
         return MigrateReport(planned, dry_run=True)
 
-    metadata = _metadata(ckpt, plan, applied, built.aliases, kept, hasher)
+    metadata = _metadata(ckpt, plan, applied, built.aliases, kept if carried is None else {}, hasher)
     # a .pth keeps extras beside the state dict, under its original key (or "state_dict")
-    nesting = Nesting(ckpt.state_path or "state_dict", kept) if fmt == PTH and kept else Nesting()
+    nesting = Nesting(ckpt.state_path or "state_dict", kept, frozenset(carried.state) if carried else frozenset()) \
+        if fmt == PTH and kept else Nesting()
     verified: list[Verification] = []
 
     def verify(staged: Written) -> None:
         # the staged files are verified while their fsyncs and the source's sha256 run; only then
         # are they renamed into place
-        verified.append(verify_output(staged, applied.state, target_chunks=values.chunks, cast=cast_bytes,
-                                      aliases=built.aliases, state_path=nesting.path, signature=signature, seed=seed,
-                                      computed=lambda e: computed_chunks(e, built.files, VERIFY_CHUNK_BYTES)))
+        v = verify_output(staged, applied.state, target_chunks=values.chunks, cast=cast_bytes, aliases=built.aliases,
+                          state_path=nesting.path, signature=signature, seed=seed,
+                          computed=lambda e: computed_chunks(e, built.files, VERIFY_CHUNK_BYTES))
+        verified.append(_with_carried(v, staged, carried, values) if carried is not None else v)
 
     try:
         written = (write_dcp if fmt == DCP else _write)(output, built.layout, metadata=metadata, nesting=nesting,
@@ -305,12 +315,23 @@ def migrate(
         if not verified:  # the DCP writer renames its directory itself: verified once in place
             verify(written)
         verification = verified[0]
+        if carried is not None:
+            # Written counts the state dict's tensors; the training state beside it is the plan's
+            written = replace(written, tensors=written.tensors - len(carried.state),
+                              tensor_bytes=written.tensor_bytes - sum(_nbytes(e) for e in carried.state.values()))
     finally:
         values.release()
         built.files.close()
         accounted.close()  # converted values stay readable until the output is verified
     return MigrateReport(planned, False, written, verification, tuple(built.nonfinite),
                          hasher.hexdigest() if hasher else None)
+
+
+def _with_carried(verification: Verification, written: Written, carried: Carried,
+                  values: _TargetValues) -> Verification:
+    """The re-read of the training state beside the state dict, folded into the verification."""
+    differ, checked = verify_carried(written, carried, target_chunks=values.chunks, cast=cast_bytes)
+    return replace(verification, differ=verification.differ + tuple(differ), checked=verification.checked + checked)
 
 
 def convert(source: str, output: str, *, force: bool = False, max_shard_size: int | None = None,
@@ -376,7 +397,7 @@ def _string_metadata(ckpt: Checkpoint) -> bool:
     return ckpt.format == SAFETENSORS or ckpt.format.startswith("sharded")
 
 
-def _extras(ckpt: Checkpoint, keep: bool) -> tuple[dict[str, Any], dict[str, str]]:
+def _extras(ckpt: Checkpoint, keep: bool, drop_optimizer: bool = False) -> tuple[dict[str, Any], dict[str, str]]:
     """Entries beside the state dict (at every level of its path): (kept as plain data, dropped -> why)."""
     if _string_metadata(ckpt):
         # our own provenance is written afresh; "format" is always written, a set's "total_size" recounted
@@ -387,8 +408,9 @@ def _extras(ckpt: Checkpoint, keep: bool) -> tuple[dict[str, Any], dict[str, str
     # siblings at every level of the state dict's path: chgnet's model/model_args beside model/state_dict
     for name, value in sibling_entries(ckpt.root, ckpt.state_path):
         if isinstance(value, dict) and "param_groups" in value and "state" in value:
-            # optimizer state indexes the old model's parameters: never carried into a changed one
-            dropped[str(name)] = "optimizer state"
+            # carried by optim_state into a single .pth; here the output has no place for it
+            dropped[str(name)] = "optimizer state (--drop-optimizer)" if drop_optimizer else \
+                "optimizer state: only a single .pth output carries it"
             continue
         try:
             plain = _plain(value)
@@ -582,8 +604,9 @@ def _layout(state: State, fmt: str, values: _TargetValues, check_all: bool) -> _
     def blob_of(entries: list[Entry], span: TensorRef | None) -> int:
         e = entries[0]
         keys = tuple(x.key for x in entries)
-        check = is_floating(e.dtype) and (check_all or e.source != CHECKPOINT or e.dtype != e.source_dtype
-                                          or bool(e.transform))
+        # training state beside the state dict (moments, scheduler values) is carried, not judged
+        check = is_floating(e.dtype) and not e.key.startswith(CARRIED) and (
+            check_all or e.source != CHECKPOINT or e.dtype != e.source_dtype or bool(e.transform))
         nbytes = (span.nbytes if span is not None else numel(e.shape) * itemsize(e.source_dtype))
         nbytes = nbytes // itemsize(e.source_dtype) * itemsize(e.dtype)
 

@@ -50,6 +50,7 @@ class Entry:
     ref: TensorRef | None = None
     reason: str = ""
     tied_to: str = ""  # an alias filled from its present tie partner: that partner's key
+    replaces: str = ""  # re-initialised: the origin of the checkpoint tensor it replaces (its optimizer group)
     # values computed from the source when written, not its bytes as they are (see ckpt_tool.adapt)
     transform: tuple[Any, ...] = ()
 
@@ -158,7 +159,7 @@ def reinit_mismatched(state: State, target: Target) -> State:
     """Replace the keys whose shape would not load into the target's by the target's initialisation."""
     tensors = _tensors(target)
     return {
-        k: Entry.from_target(k, tensors[k], "reinit_mismatched")
+        k: replace(Entry.from_target(k, tensors[k], "reinit_mismatched"), replaces=e.origin)
         if k in tensors and not shapes_load(e.shape, tensors[k].shape) else e
         for k, e in state.items()
     }
@@ -419,12 +420,28 @@ class Plan:
     arch: str | None = None
     arch_args: dict[str, Any] = field(default_factory=dict)
     operations: tuple[Operation, ...] = ()
+    # training state (ckpt_tool.optim_state): the trained model, for the optimizer's parameter ids;
+    # leave optimizer state out; sibling state dicts (EMA) given the same operations
+    source_arch: str | None = None
+    drop_optimizer: bool = False
+    also_keys: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
             "version": PLAN_VERSION, "source": self.source, "key": self.key, "arch": self.arch,
             "arch_args": dict(self.arch_args), "operations": [op.to_json() for op in self.operations],
+            **self._training_json(),
         }
+
+    def _training_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.source_arch:
+            out["source_arch"] = self.source_arch
+        if self.drop_optimizer:
+            out["drop_optimizer"] = True
+        if self.also_keys:
+            out["also_keys"] = list(self.also_keys)
+        return out
 
     @classmethod
     def from_json(cls, data: Any, where: str = "plan") -> Plan:
@@ -453,6 +470,10 @@ class Plan:
                 argv += ["--arch-arg", f"{name}={_arch_value(value)}"]
         for op in self.operations:
             argv += op.to_argv()
+        argv += ["--source-arch", self.source_arch] if self.source_arch else []
+        argv += ["--drop-optimizer"] if self.drop_optimizer else []
+        for k in self.also_keys:
+            argv += ["--also-key", k]
         return [*argv, "-o", output or fixed_name(self.source)]
 
     def command(self, output: str | None = None) -> str:
@@ -500,7 +521,20 @@ def plan_from_json(data: Any, where: str = "plan") -> Plan:
             raise InputError(f"{where}: {name!r} must be a string or null")
     if not isinstance(arch_args, dict):
         raise InputError(f"{where}: 'arch_args' must be an object")
-    return Plan(data.get("source"), data.get("key"), data.get("arch"), arch_args, tuple(operations))
+    return Plan(data.get("source"), data.get("key"), data.get("arch"), arch_args, tuple(operations),
+                **_training_from_json(data, where))
+
+
+def _training_from_json(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """The plan's optional training-state fields (``source_arch``, ``drop_optimizer``, ``also_keys``)."""
+    source_arch, drop, also = data.get("source_arch"), data.get("drop_optimizer", False), data.get("also_keys", [])
+    if source_arch is not None and not isinstance(source_arch, str):
+        raise InputError(f"{where}: 'source_arch' must be a string or null")
+    if not isinstance(drop, bool):
+        raise InputError(f"{where}: 'drop_optimizer' must be true or false")
+    if not isinstance(also, list) or not all(isinstance(k, str) and k for k in also):
+        raise InputError(f"{where}: 'also_keys' must be a list of key paths")
+    return {"source_arch": source_arch, "drop_optimizer": drop, "also_keys": tuple(also)}
 
 
 def load_plan(path: str) -> Plan:

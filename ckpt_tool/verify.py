@@ -144,11 +144,23 @@ def _reread(written: Written, state: State, target_chunks: Callable[[str], Itera
     from .reader import open_checkpoint
 
     out = open_checkpoint(written.path, state_path if written.format != SAFETENSORS else None)
+    differ, checked = compare_values(out.tensors, state, written, target_chunks=target_chunks, cast=cast,
+                                     aliases=aliases, computed=computed)
+    return differ, checked, out.tensors
+
+
+def compare_values(found: Mapping[str, TensorRef], state: State, written: Written, *,
+                   target_chunks: Callable[[str], Iterable[bytes]], cast: Callable[[bytes, str, str], bytes],
+                   aliases: Mapping[str, str] | None = None,
+                   computed: Callable[[Entry], Iterable[bytes]] | None = None) -> tuple[list[str], int]:
+    """Each planned entry against the written tensor ``found`` holds under its key, byte for byte:
+    (the keys that differ or are missing, how many were compared)."""
+    aliases = aliases or {}
     differ: list[str] = []
     checked = 0
     with FileCache() as files, _Ranges() as ranges:
         for key, e in state.items():
-            ref = out.tensors.get(key) or out.tensors.get(aliases.get(key, ""))
+            ref = found.get(key) or found.get(aliases.get(key, ""))
             if ref is None or ref.shape != e.shape or ref.dtype != e.dtype:
                 differ.append(key)
                 continue
@@ -183,7 +195,7 @@ def _reread(written: Written, state: State, target_chunks: Callable[[str], Itera
             checked += 1
             if ref.nbytes and not _same_bytes(iter_raw_chunks(ref, files, VERIFY_CHUNK_BYTES), want):
                 differ.append(key)
-    return differ, checked, out.tensors
+    return differ, checked
 
 
 def _plain_range(ref: TensorRef) -> bool:

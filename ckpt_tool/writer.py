@@ -471,6 +471,7 @@ class _Pickler:
 
     def __init__(self) -> None:
         self.out = bytearray(b"\x80\x02")
+        self.slots: dict[str, _TensorPickle] = {}
 
     def global_(self, module: str, name: str) -> None:
         self.out += f"c{module}\n{name}\n".encode()
@@ -516,6 +517,8 @@ class _Pickler:
             self._tensor(v)
         elif isinstance(v, _StateDict):
             self.ordered_dict(v.items, v.attributes)
+        elif isinstance(v, TensorSlot):
+            self._tensor(self.slots[v.key])
         else:
             raise TypeError(f"cannot write a {type(v).__name__} into a .pth")
 
@@ -620,12 +623,23 @@ class Nesting:
 
     path: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    slots: frozenset[str] = frozenset()  # keys of views that extras hold as TensorSlot
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """In a kept entry (optimizer state, an EMA state dict): the tensor of the layout's view ``key``,
+    written there instead of into the state dict."""
+
+    key: str
 
 
 def _pth_pickle(layout: Layout, nesting: Nesting) -> bytes:
-    state: dict[str, Any] = {v.key: _tensor_pickle(v, layout) for v in layout.views}
+    slots = {v.key: _tensor_pickle(v, layout) for v in layout.views if v.key in nesting.slots}
+    state: dict[str, Any] = {v.key: _tensor_pickle(v, layout) for v in layout.views if v.key not in slots}
     state.update(layout.objects)
     p = _Pickler()
+    p.slots = slots
     meta = {"_metadata": layout.module_metadata} if layout.module_metadata is not None else None
     if nesting.path is None and not nesting.extras:
         p.ordered_dict(state, meta)
@@ -648,6 +662,9 @@ class _StateDict:
 
     items: dict[str, Any]
     attributes: dict[str, Any] | None
+
+
+StateDictValue = _StateDict  # a state dict kept beside the main one (an EMA copy), in extras
 
 
 def _merge_extras(tree: dict[str, Any], extras: dict[str, Any]) -> None:

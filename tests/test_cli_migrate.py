@@ -69,7 +69,7 @@ def test_table_output_shows_plan_then_result(dp, tmp_path):
     text = result.stdout
     assert text.index("--strip-prefix module.") < text.index("wrote ")  # the plan comes first
     assert "initialised from resnet18: fc.weight [10, 512] (reinit_mismatched)" in text
-    assert "extra dropped: optimizer_state_dict (optimizer state)" in text
+    assert "optimizer optimizer_state_dict (SGD, 1 param group of 62" in text and "62 start fresh" in text
     assert "against resnet18: loads with strict=True" in text
     assert "verified: loads into resnet18 with strict=True" in text
 
@@ -111,8 +111,9 @@ def test_plan_written_by_diff_applies_as_is(dp, tmp_path, torch):
     assert "verified: loads into resnet18 with strict=True" in result.stdout
     import torchvision
 
+    # the training state is carried: the state dict stays under its key, beside the optimizer's
     torchvision.models.resnet18(weights=None, num_classes=10).load_state_dict(
-        torch.load(out, weights_only=True), strict=True)
+        torch.load(out, weights_only=True)["model_state_dict"], strict=True)
 
 
 def test_handwritten_plan_and_more_operations_after_it(resnet, tmp_path):

@@ -216,7 +216,7 @@ def check_cell(layout: Layout, command: str, cell: Written) -> str:
         check_loads(layout, cell.out, want)
     else:
         aliases = stored_aliases(want) if cell.out.endswith(".safetensors") else {}
-        check_same_state(read_output(cell.out), want, aliases)
+        check_same_state(read_output(cell.out, layout.key), want, aliases)
     return OK
 
 
@@ -243,7 +243,7 @@ def renamed(state: dict[str, Any], prefix: str | None) -> dict[str, Any]:
     return copy
 
 
-def read_output(path: str) -> dict[str, Any]:
+def read_output(path: str, key: str | None = None) -> dict[str, Any]:
     """The output as its users read it; a file they cannot read fails the cell."""
     import torch
     from safetensors.torch import load_file
@@ -255,9 +255,24 @@ def read_output(path: str) -> dict[str, Any]:
             return {k: v for name in files for k, v in load_file(os.path.join(os.path.dirname(path), name)).items()}
         if path.endswith(".safetensors"):
             return load_file(path)
-        return torch.load(path, weights_only=True)
+        return _state_dict_of(torch.load(path, weights_only=True), key)
     except Exception as exc:  # noqa: BLE001 - any reason the reader gives is the finding
         raise AssertionError(f"{path}: the written file does not load: {type(exc).__name__}: {exc}") from None
+
+
+def _state_dict_of(loaded: Any, key: str | None = None) -> Any:
+    """A training checkpoint is written nested (its optimizer state carried beside the state dict, as
+    migrate does for a .pth): the state dict, under the key the source used."""
+    import torch
+
+    from ckpt_tool.reader import PREFERRED_KEYS
+
+    if isinstance(loaded, dict) and not any(isinstance(v, torch.Tensor) for v in loaded.values()):
+        for name in (key, *PREFERRED_KEYS) if key else PREFERRED_KEYS:
+            value = loaded.get(name)
+            if isinstance(value, dict) and any(isinstance(v, torch.Tensor) for v in value.values()):
+                return value
+    return loaded
 
 
 def check_same_state(got: dict[str, Any], want: dict[str, Any], aliases: dict[str, str]) -> None:
@@ -299,7 +314,7 @@ def check_loads(layout: Layout, out: str, want: dict[str, Any]) -> None:
     aliases = tie_partners(model)
     try:
         try:
-            model.load_state_dict(read_output(out), strict=True)
+            model.load_state_dict(read_output(out, layout.key), strict=True)
         except RuntimeError:
             if not out.endswith(".safetensors"):
                 raise
@@ -387,7 +402,7 @@ def test_pth_output_keeps_module_versions(corpus, layout, command, tags, tmp_pat
     cell = written(corpus, layout, command, tmp_path_factory)
     assert cell.exit_code == 0, cell.output
     want = renamed(source_state(corpus.get(layout)), ops_prefix(corpus.get(layout), command))
-    got = read_output(cell.out)
+    got = read_output(cell.out, corpus.get(layout).key)
     with failing_for(tags):
         assert dict(getattr(got, "_metadata", {})) == dict(want._metadata), (  # type: ignore[attr-defined]
             f"module versions (_metadata) lost: {dict(getattr(got, '_metadata', {}))}")

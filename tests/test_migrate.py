@@ -156,11 +156,14 @@ def test_nested_checkpoint_with_key(tmp_path, torch):
     out = str(tmp_path / "flat.pth")
     report = migrate(Plan(src, key="model_state_dict", arch="resnet18"), out)
     assert report.ok
-    assert report.plan.extras_dropped == {"optimizer_state_dict": "optimizer state", "epoch": "--keep-extras keeps it",
-                                          "config": "--keep-extras keeps it"}
+    # a training checkpoint into a .pth is carried whole: optimizer state (its ids following the
+    # parameters), epoch and config beside the state dict
+    assert report.plan.extras_dropped == {}
+    assert report.plan.optimizers[0].kind == "SGD" and len(report.plan.optimizers[0].carried) == 62
     state = torch.load(out, weights_only=True)
-    assert list(state) == list(sd)  # a flat state dict: no optimizer, no epoch
-    strict_load(build("resnet18"), state)
+    assert list(state["model_state_dict"]) == list(sd) and state["epoch"] == 5
+    assert state["config"] == {"lr": 0.1, "tags": ["a"]} and len(state["optimizer_state_dict"]["state"]) == 62
+    strict_load(build("resnet18"), state["model_state_dict"])
 
 
 def test_keep_extras_pth_and_safetensors(tmp_path, torch):
@@ -170,10 +173,10 @@ def test_keep_extras_pth_and_safetensors(tmp_path, torch):
     sd = save_resnet(src, wrap="nested")
     out = str(tmp_path / "kept.pth")
     report = migrate(Plan(src, key="model_state_dict"), out, keep_extras=True)
-    assert report.plan.extras_kept == ("epoch", "config")
-    assert report.plan.extras_dropped == {"optimizer_state_dict": "optimizer state"}
+    assert report.plan.extras_kept == ("optimizer_state_dict", "epoch", "config")
+    assert report.plan.extras_dropped == {}
     loaded = torch.load(out, weights_only=True)
-    assert sorted(loaded) == ["config", "epoch", "model_state_dict"]
+    assert sorted(loaded) == ["config", "epoch", "model_state_dict", "optimizer_state_dict"]
     assert loaded["epoch"] == 5 and loaded["config"] == {"lr": 0.1, "tags": ["a"]}
     assert all(same_bytes(loaded["model_state_dict"][k], v) for k, v in sd.items())
     out2 = str(tmp_path / "kept.safetensors")

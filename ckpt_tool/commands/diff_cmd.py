@@ -73,6 +73,19 @@ def diff(checkpoint: str, target: str | None, arch: str | None, arch_args: tuple
     raise click.exceptions.Exit(EXIT_OK if report.ok else EXIT_FINDINGS)
 
 
+def _render_optimizer(o: Any) -> None:
+    """Two training checkpoints: each side's optimizer-state defects, then their differences."""
+    if o is None:
+        return
+    if not o.found:
+        echo("optimizer state: the same parameters with state, shapes and hyper-parameters")
+    for side, lines in (("checkpoint", o.source), ("target", o.target)):
+        for line in lines:
+            echo(f"optimizer state ({side}): {line}")
+    for line in o.differences:
+        echo(f"optimizer state differs: {line}")
+
+
 def _render(report: Any) -> None:
     c = report.counts
     where = f", state dict at {report.source_key}" if report.source_key else ""
@@ -106,6 +119,7 @@ def _render(report: Any) -> None:
         echo(f"({report.hidden_rows} {what} {'modules' if report.depth else 'keys'} hidden; --all shows them)")
     for text in report.notes:
         note(f"note: {text}")
+    _render_optimizer(report.optimizer)
     echo()
     plan = report.plan
     if report.loads_strictly and plan.cannot_run:

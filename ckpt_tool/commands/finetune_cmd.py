@@ -71,6 +71,8 @@ class _FinetuneCommand(OrderedCommand):
               "epoch and the learning rate (needs matplotlib: the plot extra).")
 @click.option("--save", default=None, metavar="OUT.safetensors", help="Write the fine-tuned weights.")
 @click.option("--force", is_flag=True, help="Overwrite --save's file.")
+@click.option("--resume-optimizer", is_flag=True, help="Start from the optimizer state beside the state dict "
+              "(as ckpt migrate carries it): each parameter with saved state resumes it; the others start fresh.")
 @click.option("--nproc", type=int, default=None, metavar="N",
               help="Run on N processes with torch.distributed: launches torchrun (DDP; gloo on CPU, nccl on CUDA).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")

@@ -87,13 +87,30 @@ def _render(r: InspectReport, all_rows: bool = False) -> str:
             ((m.name or "(top)", m.tensors, f"{m.parameters:,}", human_bytes(m.nbytes), ",".join(m.dtypes)) for m in modules),
             ["module", "tensors", "params", "size", "dtypes"], ["left", "right", "right", "right", "left"],
         ))
-        return "\n".join(out)
+        return "\n".join(out + _optimizer_lines(r))
     out.append(_tensor_table(r.rows))
+    out += _optimizer_lines(r)
     if r.attributes:
         out.append("")
         out.append("TorchScript attributes (tensors that are neither parameters nor buffers; not in state_dict()):")
         out.append(_tensor_table(r.attributes))
     return "\n".join(out)
+
+
+def _optimizer_lines(r: InspectReport) -> list[str]:
+    """Each optimizer state: its param groups with hyper-parameters, then the state per parameter id."""
+    out: list[str] = []
+    for o in r.optimizers:
+        mapped = f"ids mapped by {o.mapped_by}" if o.mapped_by else f"ids not mapped to parameters: {o.unmapped}"
+        out += ["", f"optimizer {o.path}: {o.kind}, {len(o.groups)} param group{'s' * (len(o.groups) != 1)}, "
+                f"{len(o.state)} parameters with state, {o.tensors} tensors ({human_bytes(o.tensor_bytes)}); {mapped}"]
+        names = sorted({k for g in o.groups for k in g.hyper})
+        out.append(table(([g.index, g.params, *(_short(g.hyper.get(k, "-")) for k in names)] for g in o.groups),
+                         ["group", "params", *names], ["right", "right", *(["left"] * len(names))]))
+        rows = [(s.id, s.parameter or "?", s.group, ", ".join(f"{n} {shape_str(sh)} {dt}" for n, sh, dt in s.tensors)
+                 + "".join(f", {n}={_short(v)}" for n, v in s.values.items())) for s in o.state]
+        out.append(table(rows, ["id", "parameter", "group", "state"], ["right", "left", "right", "left"]))
+    return out
 
 
 def _tensor_table(rows_in: tuple[TensorRow, ...]) -> str:

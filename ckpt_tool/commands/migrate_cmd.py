@@ -21,12 +21,23 @@ def _conversion_options(f: Any) -> Any:
                         "float32 (.safetensors refuses them otherwise; a .pth keeps them quantized).")(f)
 
 
+def _training_options(f: Any) -> Any:
+    """--source-arch, --drop-optimizer, --also-key: what happens to a training checkpoint's state."""
+    f = click.option("--also-key", "also_keys", multiple=True, metavar="KEY", help="Give this sibling state dict "
+                     "(an EMA copy: state_dict_ema) the same operations and keep it beside the state dict "
+                     "(repeatable; .pth output).")(f)
+    f = click.option("--drop-optimizer", is_flag=True, help="Leave the optimizer state out (it is carried into a "
+                     ".pth otherwise, each parameter's state following the parameter).")(f)
+    return click.option("--source-arch", metavar="SPEC", help="The architecture that was trained (forms as --arch): "
+                        "its parameter order tells which optimizer id is which parameter.")(f)
+
+
 @click.command(cls=OrderedCommand)
 @click.argument("source", required=False, type=click.Path(dir_okay=True))
 @key_option
 @click.option("--keep-extras", is_flag=True, help="Keep plain-data top-level entries beside the state dict "
               "(epoch, config): in a .pth, as JSON in the safetensors metadata. Without it they are dropped "
-              "(and listed); optimizer state is never kept.")
+              "(and listed). A training checkpoint (one with optimizer state) written to a .pth is carried whole.")
 @plan_operation_options
 @arch_option
 @arch_arg_option
@@ -43,11 +54,13 @@ def _conversion_options(f: Any) -> Any:
 @click.option("--allow-mostly-new", is_flag=True, help="Write even when under half of the target's parameters "
               "come from the checkpoint (refused otherwise: it is probably the wrong --arch).")
 @_conversion_options
+@_training_options
 @json_option
 def migrate(source: str | None, key: str | None, keep_extras: bool, arch: str | None, arch_args: tuple[str, ...],
             seed: int, output: str | None, max_shard_size: str | None, force: bool, in_place: bool, dry_run: bool,
             allow_mostly_new: bool, dequantize: bool, densify: bool, as_json: bool, operations: tuple[Any, ...],
-            plan_base: Any, input_shape: str | None = None) -> None:
+            plan_base: Any, source_arch: str | None, drop_optimizer: bool, also_keys: tuple[str, ...],
+            input_shape: str | None = None) -> None:
     """Rename, filter, drop, cast and re-head SOURCE into a checkpoint that loads into a target.
 
     Operations apply in the order given and are shown as a plan before anything is written.
@@ -74,7 +87,8 @@ def migrate(source: str | None, key: str | None, keep_extras: bool, arch: str | 
     plan = Plan(
         source=source or base.source, key=key if key is not None else base.key, arch=arch or base.arch,
         arch_args=parse_arch_args(arch_args) if arch_args else (base.arch_args if arch in (None, base.arch) else {}),
-        operations=tuple(operations),
+        operations=tuple(operations), source_arch=source_arch or base.source_arch,
+        drop_optimizer=drop_optimizer or base.drop_optimizer, also_keys=tuple(also_keys) or base.also_keys,
     )
     with progress_bar("writing", enabled=not dry_run) as progress:
         report = run(plan, output, seed=seed, keep_extras=keep_extras,
@@ -165,12 +179,30 @@ def _render_plan(plan: Any) -> None:
         echo(f"  note: {note}")
     if len(plan.notes) > _LIST_LIMIT:
         echo(f"  ... and {len(plan.notes) - _LIST_LIMIT} more notes (--json lists them all)")
+    _render_training(plan)
     if plan.diff is not None:
         echo(f"against {plan.arch}: " + _diff_words(plan.diff))
     flow = plan.shape_flow
     if flow is not None and flow.status in ("fails", "not_checked"):
         echo(f"shape flow {'fails' if flow.fails else 'not checked'}: {flow.message}")
     echo()
+
+
+def _render_training(plan: Any) -> None:
+    """What happens to the optimizer state and the --also-key state dicts."""
+    for o in plan.optimizers:
+        groups = ", ".join(str(n) for n in o.groups)
+        echo(f"  optimizer {o.path} ({o.kind}, {len(o.groups)} param group{'s' * (len(o.groups) != 1)} of {groups}; "
+             f"ids from {o.mapped_by}): state of {len(o.carried)} parameters carried"
+             + (f", {len(o.dropped)} dropped ({some(list(o.dropped), 2)})" if o.dropped else "")
+             + (f", {len(o.fresh)} start fresh ({some(list(o.fresh), 2)})" if o.fresh else "")
+             + (f", {len(o.cast)} cast with their parameter" if o.cast else ""))
+        moved = [f"{a} -> {b}" for a, b in o.carried if a != b]
+        if moved:
+            echo(f"    follows its parameter: {some(moved, 2)}")
+    for a in plan.also:
+        changed = sum(s.affected for s in a.steps)
+        echo(f"  also {a.key}: the same operations, {a.tensors} tensors ({changed} keys changed)")
 
 
 def _render_notes(plan: Any) -> None:
@@ -220,6 +252,8 @@ def _render_result(report: Any) -> None:
     where = f"{v.from_checkpoint} from the checkpoint" + "".join(
         f", {n} {what}" for n, what in ((v.tied, "tied to their partner"), (v.filled, "filled from the target"),
                                         (v.reinitialised, "re-initialised")) if n)
+    beside = v.checked - (v.from_checkpoint + v.filled + v.reinitialised + v.tied)  # optimizer, EMA: carried
+    where += f", {beside} of the training state beside it" if beside > 0 else ""
     if v.arch is None:
         echo(paint("verified:", "pass") + f" re-read, {v.checked} tensors identical to their sources ({where})")
     else:

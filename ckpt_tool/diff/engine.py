@@ -85,6 +85,10 @@ def diff_paths(path: str, target_path: str | None = None, *, arch: str | None = 
         target = open_checkpoint(target_path, target_key)
     report = diff(source, target, values=values, depth=depth, show_all=show_all, progress=progress,
                   input_shape=input_shape, map_file=map_out)
+    if isinstance(target, Checkpoint):
+        from ..optim_state import compare_optimizers
+
+        report = replace(report, optimizer=compare_optimizers(source, target))
     if plan_out is not None:
         report.plan.plan.save(plan_out)
         report = replace(report, plan_path=plan_out)

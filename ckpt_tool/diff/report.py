@@ -7,6 +7,7 @@ from typing import Any
 
 from ..arch import TargetSignature
 from ..model import Checkpoint
+from ..optim_state import OptimizerDiff
 from ..plan import Plan
 from .align import Alignment
 from .shapeflow import ShapeFlow
@@ -132,6 +133,8 @@ class DiffReport:
     notes: tuple[str, ...] = ()
     shape_flow: ShapeFlow | None = None  # the target's forward on the meta device (--arch targets)
     map_path: str | None = None  # where --map-out wrote the proposed map
+    # two training checkpoints: their optimizer states (ckpt_tool.optim_state)
+    optimizer: OptimizerDiff | None = None
 
     @property
     def ok(self) -> bool:

@@ -57,6 +57,7 @@ class FinetuneOptions:
     plot: str | None = None
     save: str | None = None
     force: bool = False
+    resume_optimizer: bool = False  # start from the checkpoint's optimizer state (finetune.resume)
 
 
 

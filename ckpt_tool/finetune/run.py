@@ -44,6 +44,7 @@ from .report import (
     _first_line,
     _pct,
 )
+from .resume import read_resume, resume_check
 from .train import Tracker, autocast, evaluate, overfit_one_batch, train_phase
 
 
@@ -100,6 +101,7 @@ def _run(path: str, arch: str, opts: FinetuneOptions, device: Any, ranks: Ranks,
     state, operations, initialised = _migrated_state(ckpt, opts, model)
     load = _load_into(model, state, (head.module, *head.aux) if head else (), operations, initialised)
     del state
+    resume = read_resume(ckpt, opts.optimizer) if opts.resume_optimizer else None
     model.to(device)
     specs = phase_plan(model, opts, (head_path, *head.aux) if head else (head_path,), by_model)
     apply_trainable(model, specs[0].trainable)
@@ -157,7 +159,8 @@ def _run(path: str, arch: str, opts: FinetuneOptions, device: Any, ranks: Ranks,
             net = wrap(model, ranks, device)  # DDP reduces what was trainable when it was built
         try:
             phase, rows = train_phase(model, net, spec, train_data, heldout, opts, device, amp, tracker, losses,
-                                      progress, ranks, epochs[-1].epoch, total_epochs)
+                                      progress, ranks, epochs[-1].epoch, total_epochs,
+                                      resume=resume if i == 0 else None)
         except (RuntimeError, ValueError, IndexError) as exc:
             train_error = f"phase {spec.name}: {type(exc).__name__}: {_first_line(exc)}"
             break
@@ -173,6 +176,8 @@ def _run(path: str, arch: str, opts: FinetuneOptions, device: Any, ranks: Ranks,
     checks["training runs"] = Check("training runs", FAIL, train_error) if train_error else Check(
         "training runs", PASS, f"{len(losses)} steps in {len(phases)} phase(s)"
         + (f" on each of {ranks.world} ranks" if ranks.distributed else ""))
+    if resume is not None:
+        checks["optimizer resumed"] = resume_check(resume, tracker)
     checks["loss finite"] = finite_check(tracker, losses)
     checks["overfit one batch"] = overfit_verdict(overfit, out_classes)
     checks.update(param_checks(tracker, bool(phases)))
@@ -206,6 +211,8 @@ def _finish(base: dict[str, Any], checks: dict[str, Check], ranks: Ranks, *, rss
     if ranks.distributed:
         at = names.index("gradients") + 1
         names[at:at] = DISTRIBUTED_CHECKS
+    at = names.index("peak memory")
+    names[at:at] = [n for n in checks if n not in names]  # asked-for checks (--resume-optimizer), before memory
     for name in names:
         checks.setdefault(name, Check(name, SKIP, "not reached"))
     checks["peak memory"] = Check("peak memory", INFO, f"RSS {human_bytes(rss)}" + (

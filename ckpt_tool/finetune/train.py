@@ -36,6 +36,7 @@ class Tracker:
         self.total_steps = total_steps
         self.steps_done = 0
         self.train_seconds = 0.0
+        self.resumed: tuple[int, int] | None = None  # --resume-optimizer: (parameters resumed, starting fresh)
 
 
 def autocast(device: Any, amp: bool) -> Any:
@@ -70,7 +71,7 @@ def _scheduler(opts: FinetuneOptions, optimizer: Any, epochs: int) -> Any:
 
 def train_phase(model: Any, net: Any, spec: PhaseSpec, data: Any, heldout: Any, opts: FinetuneOptions, device: Any,
                 amp: Any, tracker: Tracker, losses: list[float], progress: Progress | None, ranks: Ranks,
-                first_epoch: int, total_epochs: int) -> tuple[Phase, list[Epoch]]:
+                first_epoch: int, total_epochs: int, resume: Any = None) -> tuple[Phase, list[Epoch]]:
     """One phase: ``spec.epochs`` epochs of ``net`` (``model``, or its DDP wrapper) with a fresh optimizer
     and scheduler; held-out loss and accuracy after each epoch; the parameter snapshots for the checks."""
     import torch
@@ -81,6 +82,10 @@ def train_phase(model: Any, net: Any, spec: PhaseSpec, data: Any, heldout: Any, 
     frozen_named = [(n, p) for n, p in named if n not in trainable]
     before = {n: p.detach().to("cpu", copy=True) for n, p in named}
     optimizer = _optimizer(opts.optimizer, train_params, spec.lr)
+    if resume is not None:  # --resume-optimizer: the first phase starts from the saved state
+        from .resume import apply_resume
+
+        tracker.resumed = apply_resume(optimizer, named, resume)
     scheduler = _scheduler(opts, optimizer, spec.epochs)
     scaler = torch.amp.GradScaler(device.type) if opts.amp else None
     steps_per_epoch = min(len(data), opts.max_steps) if opts.max_steps else len(data)
