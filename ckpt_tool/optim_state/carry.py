@@ -167,7 +167,10 @@ def _assign(opt: OptimizerState, final: State, target: TargetSignature | None
     """Output parameters per group (model order within a group), and each kept one's old id.
 
     A kept parameter stays in its group, a re-initialised one takes the group of the one it replaces,
-    an added one joins the group of the parameter before it (the first group's, if none).
+    an added one joins the group of the parameter before it (the first group's, if none). A parameter
+    whose values the plan computes (an adapted input conv, a resampled position embedding, a grown
+    block's copy) keeps its source's group but starts without state, as a new parameter does: its
+    moments belong to other values, and often to another shape.
     """
     old_id = {name: i for i, name in opt.name_of().items()}
     group_of = {i: g for g, group in enumerate(opt.groups) for i in group.params}
@@ -179,7 +182,7 @@ def _assign(opt: OptimizerState, final: State, target: TargetSignature | None
         origin = e.origin if e.from_checkpoint and not e.tied_to else e.replaces
         if origin in old_id:
             last = group_of[old_id[origin]]
-            if e.from_checkpoint:
+            if e.from_checkpoint and not e.transform:
                 kept[key] = old_id[origin]
         if groups:
             groups[last].append(key)
