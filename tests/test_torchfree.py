@@ -169,7 +169,8 @@ def test_validate_arch_policy_from_the_table(no_torch, tmp_path):
     ["diff", TINY, "--arch", "resnet18", "--no-cache"],  # asks for a build
     ["migrate", TINY, "--arch", "fixtures/make_fixtures.py:tiny_cnn", "-o", "OUT"],
 ])
-def test_paths_that_need_torch_stop_with_one_line(no_torch, tmp_path, args):
+def test_paths_that_need_torch_stop_with_one_line(no_torch, tmp_path, monkeypatch, args):
+    monkeypatch.setenv("CKPT_CACHE_DIR", str(tmp_path / "cache"))  # a cached signature would need no build
     args = [str(tmp_path / "out.pth") if a == "OUT" else a for a in args]
     result = run(*args)
     assert result.exit_code == 2, result.output
