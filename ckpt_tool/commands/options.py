@@ -17,8 +17,9 @@ import click
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-ARCH_HELP = ("Target architecture: a torchvision name (vgg16), pkg.module:factory, path/to/file.py:factory "
-             "or timm:NAME. Built with random weights, never downloaded.")
+ARCH_HELP = ("Target architecture: a torchvision name (vgg16), pkg.module:factory, path/to/file.py:factory, "
+             "timm:NAME or hf:PATH (a Hugging Face config.json or its directory). Built with random weights, "
+             "never downloaded.")
 ARCH_ARG_HELP = "Keyword argument for --arch (repeatable; values are Python literals: num_classes=10)."
 KEY_HELP = "Nested state dict to use (model_state_dict, state_dict/ema; see `ckpt inspect`)."
 
