@@ -29,14 +29,20 @@ def bench_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_process(cmd: list[str], env: dict[str, str] | None = None, capture: bool = False) -> tuple[int, float, float, bytes]:
+def run_process(
+    cmd: list[str], env: dict[str, str] | None = None, capture: bool = False
+) -> tuple[int, float, float, bytes]:
     """One whole process: (exit code, wall seconds, peak RSS in MB, stdout if captured).
 
     Peak RSS comes from ``wait4``'s rusage of that one child (kilobytes on Linux).
     """
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env=env if env is not None else bench_env())
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env if env is not None else bench_env(),
+    )
     out = proc.stdout.read() if proc.stdout else b""
     err = proc.stderr.read() if proc.stderr else b""
     _, status, usage = os.wait4(proc.pid, 0)
@@ -80,8 +86,10 @@ def fresh(label: str, cmd: list[str], output: str, repeat: int = 3) -> Run:
 def report(runs: list[Run], baseline: Run) -> None:
     print(f"{'command':<44} {'wall s':>8} {'peak RSS MB':>12} {'wall ratio':>11} {'RSS ratio':>10}")
     for r in runs:
-        print(f"{r.label:<44} {r.wall_s:>8.3f} {r.peak_rss_mb:>12.1f} {r.wall_s / baseline.wall_s:>11.3f} "
-              f"{r.peak_rss_mb / baseline.peak_rss_mb:>10.3f}")
+        print(
+            f"{r.label:<44} {r.wall_s:>8.3f} {r.peak_rss_mb:>12.1f} {r.wall_s / baseline.wall_s:>11.3f} "
+            f"{r.peak_rss_mb / baseline.peak_rss_mb:>10.3f}"
+        )
 
 
 def torchvision_pth(name: str) -> str:

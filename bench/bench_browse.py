@@ -37,15 +37,32 @@ class Terminal:
     def __init__(self) -> None:
         self.socket = f"ckpt-bench-{os.getpid()}"
         env = {**os.environ, "TERM": "xterm-256color"}
-        subprocess.run(["tmux", "-L", self.socket, "-f", "/dev/null", "new-session", "-d", "-x", "80", "-y", "24",
-                        "bash --norc --noprofile"], check=True, env=env)
+        subprocess.run(
+            [
+                "tmux",
+                "-L",
+                self.socket,
+                "-f",
+                "/dev/null",
+                "new-session",
+                "-d",
+                "-x",
+                "80",
+                "-y",
+                "24",
+                "bash --norc --noprofile",
+            ],
+            check=True,
+            env=env,
+        )
 
     def send(self, *keys: str) -> None:
         subprocess.run(["tmux", "-L", self.socket, "send-keys", *keys], check=True)
 
     def pane(self) -> str:
-        return subprocess.run(["tmux", "-L", self.socket, "capture-pane", "-p"], check=True, capture_output=True,
-                              text=True).stdout
+        return subprocess.run(
+            ["tmux", "-L", self.socket, "capture-pane", "-p"], check=True, capture_output=True, text=True
+        ).stdout
 
     def wait_for(self, *texts: str, timeout: float = 120.0) -> float:
         start = time.perf_counter()
@@ -131,16 +148,20 @@ def main() -> None:
     finally:
         term.close()
     inspect = measure("ckpt inspect --json", CKPT + ["inspect", path, "--json"])
-    keys = measure("safe_open().keys()", [PYTHON, "-c", f"from safetensors import safe_open; "
-                                          f"f = safe_open({path!r}, 'np'); len(f.keys())"])
+    keys = measure(
+        "safe_open().keys()",
+        [PYTHON, "-c", f"from safetensors import safe_open; f = safe_open({path!r}, 'np'); len(f.keys())"],
+    )
     best, median = min(runs), statistics.median(runs)
     print(f"{'command':<44} {'wall s':>8} {'ratio to tree':>14}")
     print(f"{'ckpt browse: tree on screen (best of 5)':<44} {best:>8.3f} {1.0:>14.3f}")
     print(f"{'ckpt browse: tree on screen (median of 5)':<44} {median:>8.3f} {median / best:>14.3f}")
     for r in (inspect, keys):
         print(f"{r.label:<44} {r.wall_s:>8.3f} {r.wall_s / best:>14.3f}")
-    print(f"target: tree under 1 s -> best {best:.3f} s, median {median:.3f} s "
-          f"({'met' if median < 1.0 else 'NOT met'}); ckpt inspect --json {inspect.wall_s:.3f} s")
+    print(
+        f"target: tree under 1 s -> best {best:.3f} s, median {median:.3f} s "
+        f"({'met' if median < 1.0 else 'NOT met'}); ckpt inspect --json {inspect.wall_s:.3f} s"
+    )
 
 
 if __name__ == "__main__":

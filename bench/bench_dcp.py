@@ -81,14 +81,19 @@ def main() -> None:
     ours_st = os.path.join(out, "ours.safetensors")
     ours = fresh("ckpt convert DIR out.safetensors", CKPT + ["convert", src, ours_st], ours_st)
     report([baseline, ours], baseline)
-    print(f"throughput: ckpt {size / 1e6 / ours.wall_s:.0f} MB/s, dcp.load + save_file "
-          f"{size / 1e6 / baseline.wall_s:.0f} MB/s")
+    print(
+        f"throughput: ckpt {size / 1e6 / ours.wall_s:.0f} MB/s, dcp.load + save_file "
+        f"{size / 1e6 / baseline.wall_s:.0f} MB/s"
+    )
     print()
     theirs_dir = os.path.join(out, "theirs_dcp")
     back = fresh("load_file + dcp.save", [PYTHON, "-c", BASELINE_BACK, theirs_st, theirs_dir], theirs_dir)
     ours_dir = os.path.join(out, "ours_dcp")
-    ours_back = fresh("ckpt convert x.safetensors DIR --format dcp", CKPT + [
-        "convert", theirs_st, ours_dir, "--format", "dcp"], ours_dir)
+    ours_back = fresh(
+        "ckpt convert x.safetensors DIR --format dcp",
+        CKPT + ["convert", theirs_st, ours_dir, "--format", "dcp"],
+        ours_dir,
+    )
     report([back, ours_back], back)
 
 

@@ -52,17 +52,27 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     ckpt_path = vgg16_pth()
-    print(f"checkpoint: {ckpt_path} ({os.path.getsize(ckpt_path) / 2**20:.0f} MB); {os.cpu_count()} CPUs; "
-          f"load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"checkpoint: {ckpt_path} ({os.path.getsize(ckpt_path) / 2**20:.0f} MB); {os.cpu_count()} CPUs; "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
     env = bench_env(CKPT_CACHE_DIR=CACHE)
     cold_env = bench_env(CKPT_CACHE_DIR=os.path.join(OUT, "empty-cache"))
     shutil.rmtree(cold_env["CKPT_CACHE_DIR"], ignore_errors=True)
     ckpt = ckpt_executable() + ["diff", ckpt_path, "--arch", "vgg16"]
     built = ckpt + ["--arch-arg", "dropout=0.5"]  # vgg16's default, but not a question the table answers
-    naive, table, meta, warm = ("naive (torch.load + load_state_dict)", "ckpt diff, cold, shipped table",
-                                "ckpt diff, built on meta (--no-cache)", "ckpt diff, warm cache")
-    cases = {naive: ([sys.executable, "-c", NAIVE, ckpt_path], env), table: (ckpt, cold_env),
-             meta: (built + ["--no-cache"], env), warm: (built, env)}
+    naive, table, meta, warm = (
+        "naive (torch.load + load_state_dict)",
+        "ckpt diff, cold, shipped table",
+        "ckpt diff, built on meta (--no-cache)",
+        "ckpt diff, warm cache",
+    )
+    cases = {
+        naive: ([sys.executable, "-c", NAIVE, ckpt_path], env),
+        table: (ckpt, cold_env),
+        meta: (built + ["--no-cache"], env),
+        warm: (built, env),
+    }
     measure(built, env)  # fills the cache (and the page cache) before anything is timed
     results: dict[str, tuple[float, float]] = {}
     for name, (argv, case_env) in cases.items():
@@ -78,13 +88,19 @@ def main() -> None:
     meta_wall, meta_rss = results[meta]
     warm_wall, warm_rss = results[warm]
     print("\ntargets:")
-    print(f"  table: >= 15x faster than naive: {naive_wall / table_wall:.1f}x  "
-          f"{'ok' if naive_wall >= 15 * table_wall else 'MISSED'}")
+    print(
+        f"  table: >= 15x faster than naive: {naive_wall / table_wall:.1f}x  "
+        f"{'ok' if naive_wall >= 15 * table_wall else 'MISSED'}"
+    )
     print(f"  table: wall < 0.3 s:             {table_wall:.3f} s  {'ok' if table_wall < 0.3 else 'MISSED'}")
     print(f"  table: peak RSS < 40 MB:         {table_rss:.1f} MB  {'ok' if table_rss < 40 else 'MISSED'}")
-    print(f"  built: wall <= 0.65x naive:      {meta_wall / naive_wall:.2f}x  "
-          f"{'ok' if meta_wall <= 0.65 * naive_wall else 'MISSED'}")
-    print(f"  built: RSS  <= 0.5x naive:       {meta_rss / naive_rss:.2f}x  {'ok' if meta_rss <= 0.5 * naive_rss else 'MISSED'}")
+    print(
+        f"  built: wall <= 0.65x naive:      {meta_wall / naive_wall:.2f}x  "
+        f"{'ok' if meta_wall <= 0.65 * naive_wall else 'MISSED'}"
+    )
+    print(
+        f"  built: RSS  <= 0.5x naive:       {meta_rss / naive_rss:.2f}x  {'ok' if meta_rss <= 0.5 * naive_rss else 'MISSED'}"
+    )
     print(f"  warm:  wall < 0.3 s:             {warm_wall:.3f} s  {'ok' if warm_wall < 0.3 else 'MISSED'}")
     print(f"  warm:  RSS  < 60 MB:             {warm_rss:.1f} MB  {'ok' if warm_rss < 60 else 'MISSED'}")
 

@@ -90,24 +90,54 @@ DDP_IMAGES, DDP_BATCH = 256, 16
 def ddp(repeat: int, device: str) -> None:
     """1 process vs 2 processes (``--nproc 2``): images/s over the same images."""
     ckpt = torchvision_pth("resnet18")
-    base = CKPT + ["finetune-check", ckpt, "--arch", "resnet18", "--num-classes", "10", "--image-size", str(SIZE),
-                   "--batch-size", str(DDP_BATCH), "--data", f"synthetic:{DDP_IMAGES}", "--optimizer", "sgd", "--lr",
-                   str(LR), "--device", device, "--overfit-steps", "1", "--eval-batches", "1", "--json", "--quiet"]
+    base = CKPT + [
+        "finetune-check",
+        ckpt,
+        "--arch",
+        "resnet18",
+        "--num-classes",
+        "10",
+        "--image-size",
+        str(SIZE),
+        "--batch-size",
+        str(DDP_BATCH),
+        "--data",
+        f"synthetic:{DDP_IMAGES}",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        str(LR),
+        "--device",
+        device,
+        "--overfit-steps",
+        "1",
+        "--eval-batches",
+        "1",
+        "--json",
+        "--quiet",
+    ]
     runs: dict[str, list[tuple[float, float, float]]] = {}
-    setups = [("1 process, 1 thread", [], "1"), ("1 process, 2 threads", [], "2"),
-              ("2 processes x 1 thread (gloo)", ["--nproc", "2"], "1")]
+    setups = [
+        ("1 process, 1 thread", [], "1"),
+        ("1 process, 2 threads", [], "2"),
+        ("2 processes x 1 thread (gloo)", ["--nproc", "2"], "1"),
+    ]
     for _ in range(repeat):
         for label, extra, threads in setups:
             report, wall, rss = run(base + extra, bench_env(OMP_NUM_THREADS=threads))
             runs.setdefault(label, []).append((report["images_per_s"], wall, rss))
-    print(f"resnet18, {SIZE}px, batch {DDP_BATCH} per process, SGD, {DDP_IMAGES} images per epoch, {device}; "
-          f"{repeat} alternating runs each, medians")
+    print(
+        f"resnet18, {SIZE}px, batch {DDP_BATCH} per process, SGD, {DDP_IMAGES} images per epoch, {device}; "
+        f"{repeat} alternating runs each, medians"
+    )
     print(f"{'setup':<32} {'images/s':>9} {'wall s':>8} {'peak RSS MB (launcher)':>23}")
     one = statistics.median(r[0] for r in runs[setups[0][0]])
     for label, _, _ in setups:
         ips = statistics.median(r[0] for r in runs[label])
-        print(f"{label:<32} {ips:>9.1f} {statistics.median(r[1] for r in runs[label]):>8.2f} "
-              f"{statistics.median(r[2] for r in runs[label]):>23.0f}   x{ips / one:.2f}")
+        print(
+            f"{label:<32} {ips:>9.1f} {statistics.median(r[1] for r in runs[label]):>8.2f} "
+            f"{statistics.median(r[2] for r in runs[label]):>23.0f}   x{ips / one:.2f}"
+        )
     print(f"all runs images/s: { {k: [round(r[0], 1) for r in v] for k, v in runs.items()} }")
 
 
@@ -129,23 +159,33 @@ def default_cost(repeat: int) -> None:
             report, wall, rss = run(base + extra, bench_env())
             runs.setdefault(label, []).append((wall, rss, report["images_per_s"], report["passed"]))
             loads.append(os.getloadavg()[0])
-    print(f"resnet18 --num-classes 10, defaults otherwise (synthetic data, 8 batches of 16, Adam 1e-3, "
-          f"20 overfit steps), CPU, {os.cpu_count()} cores; {repeat} alternating runs each, medians")
+    print(
+        f"resnet18 --num-classes 10, defaults otherwise (synthetic data, 8 batches of 16, Adam 1e-3, "
+        f"20 overfit steps), CPU, {os.cpu_count()} cores; {repeat} alternating runs each, medians"
+    )
     print(f"{'setup':<44} {'wall s':>8} {'images/s':>9} {'peak RSS MB':>12} {'passed':>7}")
     for label, _ in setups:
         r = runs[label]
-        print(f"{label:<44} {statistics.median(x[0] for x in r):>8.1f} {statistics.median(x[2] for x in r):>9.1f} "
-              f"{statistics.median(x[1] for x in r):>12.0f} {all(x[3] for x in r)!s:>7}")
+        print(
+            f"{label:<44} {statistics.median(x[0] for x in r):>8.1f} {statistics.median(x[2] for x in r):>9.1f} "
+            f"{statistics.median(x[1] for x in r):>12.0f} {all(x[3] for x in r)!s:>7}"
+        )
     print(f"all runs wall s: { {k: [round(x[0], 1) for x in v] for k, v in runs.items()} }")
-    print(f"1-minute load average around the runs: median {statistics.median(loads):.1f}, "
-          f"min {min(loads):.1f}, max {max(loads):.1f}")
+    print(
+        f"1-minute load average around the runs: median {statistics.median(loads):.1f}, "
+        f"min {min(loads):.1f}, max {max(loads):.1f}"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads for both (1 keeps the comparison steady on a shared machine)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads for both (1 keeps the comparison steady on a shared machine)",
+    )
     parser.add_argument("--ddp", action="store_true", help="1 vs 2 processes (torch.distributed) instead")
     parser.add_argument("--device", default="cpu", help="with --ddp: cpu (gloo) or cuda (nccl)")
     parser.add_argument("--default", action="store_true", help="the default invocation's cost instead")
@@ -158,9 +198,30 @@ def main() -> None:
         return
     env = bench_env(OMP_NUM_THREADS=str(args.threads))
     ckpt = torchvision_pth("resnet18")
-    tool_cmd = CKPT + ["finetune-check", ckpt, "--arch", "resnet18", "--num-classes", "10", "--image-size", str(SIZE),
-                       "--batch-size", str(BATCH), "--max-steps", str(STEPS), "--data", f"synthetic:{STEPS * BATCH}",
-                       "--optimizer", "sgd", "--lr", str(LR), "--device", "cpu", "--json", "--quiet"]
+    tool_cmd = CKPT + [
+        "finetune-check",
+        ckpt,
+        "--arch",
+        "resnet18",
+        "--num-classes",
+        "10",
+        "--image-size",
+        str(SIZE),
+        "--batch-size",
+        str(BATCH),
+        "--max-steps",
+        str(STEPS),
+        "--data",
+        f"synthetic:{STEPS * BATCH}",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        str(LR),
+        "--device",
+        "cpu",
+        "--json",
+        "--quiet",
+    ]
     plain_cmd = [PYTHON, "-c", PLAIN_LOOP, ckpt]
     tool, plain = [], []
     for _ in range(args.repeat):
@@ -172,21 +233,32 @@ def main() -> None:
     p_ips = statistics.median(r[0] for r in plain)
     t_step = statistics.median(r[4] for r in tool)
     p_step = statistics.median(r[4] for r in plain)
-    print(f"resnet18, {SIZE}px, batch {BATCH}, SGD, {STEPS} steps, {args.threads} torch thread(s); "
-          f"{args.repeat} alternating runs each, medians")
+    print(
+        f"resnet18, {SIZE}px, batch {BATCH}, SGD, {STEPS} steps, {args.threads} torch thread(s); "
+        f"{args.repeat} alternating runs each, medians"
+    )
     print(f"{'command':<24} {'images/s':>9} {'images/s (median step)':>23} {'wall s':>8} {'peak RSS MB':>12}")
-    for label, ips, step_ips, runs in (("plain PyTorch loop", p_ips, p_step, plain),
-                                       ("ckpt finetune-check", t_ips, t_step, tool)):
-        print(f"{label:<24} {ips:>9.1f} {step_ips:>23.1f} {statistics.median(r[1] for r in runs):>8.2f} "
-              f"{statistics.median(r[2] for r in runs):>12.0f}")
+    for label, ips, step_ips, runs in (
+        ("plain PyTorch loop", p_ips, p_step, plain),
+        ("ckpt finetune-check", t_ips, t_step, tool),
+    ):
+        print(
+            f"{label:<24} {ips:>9.1f} {step_ips:>23.1f} {statistics.median(r[1] for r in runs):>8.2f} "
+            f"{statistics.median(r[2] for r in runs):>12.0f}"
+        )
     checks = {c["name"]: c["status"] for c in tool[-1][3]["checks"]}
-    print(f"images/s ratio finetune-check / plain loop: {t_ips / p_ips:.3f} over the whole loop, "
-          f"{t_step / p_step:.3f} by median step (target >= 0.95)")
+    print(
+        f"images/s ratio finetune-check / plain loop: {t_ips / p_ips:.3f} over the whole loop, "
+        f"{t_step / p_step:.3f} by median step (target >= 0.95)"
+    )
     print(f"all runs images/s: tool {[round(r[0], 1) for r in tool]}, plain {[round(r[0], 1) for r in plain]}")
-    print(f"all runs median-step images/s: tool {[round(r[4], 1) for r in tool]}, "
-          f"plain {[round(r[4], 1) for r in plain]}")
-    print("finetune-check's wall time also covers its checks (overfit-one-batch, held-out accuracy before and "
-          f"after, parameter snapshots); its checks: {checks}")
+    print(
+        f"all runs median-step images/s: tool {[round(r[4], 1) for r in tool]}, plain {[round(r[4], 1) for r in plain]}"
+    )
+    print(
+        "finetune-check's wall time also covers its checks (overfit-one-batch, held-out accuracy before and "
+        f"after, parameter snapshots); its checks: {checks}"
+    )
 
 
 if __name__ == "__main__":

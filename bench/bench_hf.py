@@ -52,14 +52,18 @@ def main() -> None:
             run = measure("ckpt diff --arch hf: (cold cache)", cmd, repeat=1, env=env)
             cold = run if cold is None or run.wall_s < cold.wall_s else cold
         assert cold is not None
-        warm = measure("ckpt diff --arch hf: (warm cache)", cmd, env=bench_env(CKPT_CACHE_DIR=os.path.join(cache, "cold0")))
+        warm = measure(
+            "ckpt diff --arch hf: (warm cache)", cmd, env=bench_env(CKPT_CACHE_DIR=os.path.join(cache, "cold0"))
+        )
         naive = measure("naive: transformers meta build + safe_open", [PYTHON, "-c", NAIVE, directory], env=bench_env())
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     report([naive, cold, warm], naive)
     ok = cold.wall_s < 10 and cold.peak_rss_mb < 1024
-    print(f"\ntarget: cold diff under 10 s and 1 GB: {'met' if ok else 'NOT met'} "
-          f"({cold.wall_s:.2f} s, {cold.peak_rss_mb:.0f} MB)")
+    print(
+        f"\ntarget: cold diff under 10 s and 1 GB: {'met' if ok else 'NOT met'} "
+        f"({cold.wall_s:.2f} s, {cold.peak_rss_mb:.0f} MB)"
+    )
 
 
 if __name__ == "__main__":

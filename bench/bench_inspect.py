@@ -32,15 +32,19 @@ def main() -> None:
     big = vgg16_pth()
     twin = small_twin()
     print(f"file: {big} ({os.path.getsize(big) / 1e6:.0f} MB); twin: {os.path.getsize(twin) / 1e6:.1f} MB")
-    load = measure("torch.load(weights_only=True)", [PYTHON, "-c",
-                   f"import torch; torch.load({big!r}, weights_only=True, map_location='cpu')"])
+    load = measure(
+        "torch.load(weights_only=True)",
+        [PYTHON, "-c", f"import torch; torch.load({big!r}, weights_only=True, map_location='cpu')"],
+    )
     ours = measure("ckpt inspect vgg16.pth", CKPT + ["inspect", big])
     ours_json = measure("ckpt inspect vgg16.pth --json", CKPT + ["inspect", big, "--json"])
     twin_run = measure("ckpt inspect twin (same keys, 1/64 bytes)", CKPT + ["inspect", twin])
     report([load, ours, ours_json, twin_run], load)
-    print(f"speed-up vs torch.load: {load.wall_s / ours.wall_s:.1f}x (target >= 20x); "
-          f"peak RSS {ours.peak_rss_mb:.1f} MB (target < 60 MB); "
-          f"big/twin wall {ours.wall_s / twin_run.wall_s:.2f} (1.0 = cost independent of bytes)")
+    print(
+        f"speed-up vs torch.load: {load.wall_s / ours.wall_s:.1f}x (target >= 20x); "
+        f"peak RSS {ours.peak_rss_mb:.1f} MB (target < 60 MB); "
+        f"big/twin wall {ours.wall_s / twin_run.wall_s:.2f} (1.0 = cost independent of bytes)"
+    )
 
 
 if __name__ == "__main__":

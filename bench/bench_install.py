@@ -35,7 +35,9 @@ def du_mb(path: str) -> float:
     return total / 2**20
 
 
-def timed(cmd: list[str], cwd: str | None = None, env: dict[str, str] | None = None, ok: tuple[int, ...] = (0,)) -> float:
+def timed(
+    cmd: list[str], cwd: str | None = None, env: dict[str, str] | None = None, ok: tuple[int, ...] = (0,)
+) -> float:
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -45,8 +47,12 @@ def timed(cmd: list[str], cwd: str | None = None, env: dict[str, str] | None = N
 
 
 def site_packages(venv: str) -> str:
-    out = subprocess.run([os.path.join(venv, "bin", "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [os.path.join(venv, "bin", "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out.stdout.strip()
 
 
@@ -66,14 +72,21 @@ def main() -> None:
         venv, warm_wall, before, after = install(root, "core")
         _, cold_wall, _, _ = install(root, "core-nocache", "--no-cache-dir")
         sp = site_packages(venv)
-        largest = sorted(((du_mb(os.path.join(sp, d)), d) for d in os.listdir(sp)
-                          if os.path.isdir(os.path.join(sp, d)) and not d.endswith(("-info", "__pycache__"))),
-                         reverse=True)[:5]
+        largest = sorted(
+            (
+                (du_mb(os.path.join(sp, d)), d)
+                for d in os.listdir(sp)
+                if os.path.isdir(os.path.join(sp, d)) and not d.endswith(("-info", "__pycache__"))
+            ),
+            reverse=True,
+        )[:5]
         print("\ncore install (pip install ., no extras), fresh venv:")
         print(f"  wall, pip cache warm:  {warm_wall:6.1f} s   (target < 20 s)")
         print(f"  wall, --no-cache-dir:  {cold_wall:6.1f} s")
-        print(f"  site-packages:         {after:6.1f} MB in all; {after - before:.1f} MB added by the install "
-              f"(a fresh venv holds {before:.1f} MB: pip, setuptools)   (target < 60 MB)")
+        print(
+            f"  site-packages:         {after:6.1f} MB in all; {after - before:.1f} MB added by the install "
+            f"(a fresh venv holds {before:.1f} MB: pip, setuptools)   (target < 60 MB)"
+        )
         print("  largest:               " + ", ".join(f"{d} {mb:.1f} MB" for mb, d in largest))
 
         env = hook_env(os.path.join(root, "pc-home"))
@@ -87,7 +100,9 @@ def main() -> None:
         shutil.copy(os.path.join(ROOT, "fixtures", "tiny_cnn.pth"), os.path.join(work, "model.pth"))
         git(work, "add", "model.pth", env=env)
         pc = [sys.executable, "-m", "pre_commit"]
-        rows = [(f"try-repo ckpt-scan, run {i}", timed(pc + ["try-repo", snap, "ckpt-scan"], work, env)) for i in (1, 2)]
+        rows = [
+            (f"try-repo ckpt-scan, run {i}", timed(pc + ["try-repo", snap, "ckpt-scan"], work, env)) for i in (1, 2)
+        ]
         rows.append(("try-repo ckpt-scan-system", timed(pc + ["try-repo", snap, "ckpt-scan-system"], work, env)))
         for hook in ("ckpt-scan", "ckpt-scan-system"):
             with open(os.path.join(work, ".pre-commit-config.yaml"), "w") as f:

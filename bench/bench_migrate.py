@@ -40,14 +40,23 @@ def main() -> None:
     # ckpt fsyncs what it writes (durability before the rename); cp does not unless asked
     cp_sync = fresh("cp vgg16.pth + sync (fsync) of the copy", ["sh", "-c", f"cp {src} {copy} && sync {copy}"], copy)
     target = os.path.join(out, "ours.safetensors")
-    ours = fresh("ckpt migrate --drop classifier.6 -> .safetensors", CKPT + [
-        "migrate", src, "--drop", "classifier.6", "-o", target], target)
+    ours = fresh(
+        "ckpt migrate --drop classifier.6 -> .safetensors",
+        CKPT + ["migrate", src, "--drop", "classifier.6", "-o", target],
+        target,
+    )
     target = os.path.join(out, "ours.pth")
-    ours_pth = fresh("ckpt migrate --drop classifier.6 -> .pth", CKPT + [
-        "migrate", src, "--drop", "classifier.6", "-o", target], target)
+    ours_pth = fresh(
+        "ckpt migrate --drop classifier.6 -> .pth",
+        CKPT + ["migrate", src, "--drop", "classifier.6", "-o", target],
+        target,
+    )
     target = os.path.join(out, "half.safetensors")
-    cast = fresh("ckpt migrate --dtype float16 -> .safetensors", CKPT + [
-        "migrate", src, "--dtype", "float16", "-o", target], target)
+    cast = fresh(
+        "ckpt migrate --dtype float16 -> .safetensors",
+        CKPT + ["migrate", src, "--dtype", "float16", "-o", target],
+        target,
+    )
     target = os.path.join(out, "naive.safetensors")
     naive = fresh("naive: torch.load + del + save_file", [PYTHON, "-c", NAIVE, src, target], target)
     print("\nratios against cp:")
@@ -58,9 +67,11 @@ def main() -> None:
     report([naive, ours], naive)
     ok_rss = ours.peak_rss_mb < 100
     ok_wall = ours.wall_s <= 1.5 * cp_sync.wall_s
-    print(f"\ntargets: peak RSS < 100 MB: {'met' if ok_rss else 'NOT met'} ({ours.peak_rss_mb:.0f} MB); "
-          f"wall within 1.5x of cp + sync: {'met' if ok_wall else 'NOT met'} ({ours.wall_s / cp_sync.wall_s:.2f}x; "
-          f"{ours.wall_s / cp.wall_s:.2f}x of a plain cp)")
+    print(
+        f"\ntargets: peak RSS < 100 MB: {'met' if ok_rss else 'NOT met'} ({ours.peak_rss_mb:.0f} MB); "
+        f"wall within 1.5x of cp + sync: {'met' if ok_wall else 'NOT met'} ({ours.wall_s / cp_sync.wall_s:.2f}x; "
+        f"{ours.wall_s / cp.wall_s:.2f}x of a plain cp)"
+    )
 
 
 def big() -> None:
@@ -77,10 +88,24 @@ def big() -> None:
     out = os.path.join(OUT, "big_out")
     runs = []
     for label, cmd in [
-        ("cp --sparse=never + sync", ["sh", "-c", f"mkdir -p {out} && cp --sparse=never {src}/* {out}/ && sync {out}/*"]),
-        ("ckpt migrate --drop lm_head, 1GB shards", CKPT + ["migrate", src, "--drop", "lm_head", "-o",
-                                                           os.path.join(out, "model.safetensors"),
-                                                           "--max-shard-size", "1GB"]),
+        (
+            "cp --sparse=never + sync",
+            ["sh", "-c", f"mkdir -p {out} && cp --sparse=never {src}/* {out}/ && sync {out}/*"],
+        ),
+        (
+            "ckpt migrate --drop lm_head, 1GB shards",
+            CKPT
+            + [
+                "migrate",
+                src,
+                "--drop",
+                "lm_head",
+                "-o",
+                os.path.join(out, "model.safetensors"),
+                "--max-shard-size",
+                "1GB",
+            ],
+        ),
         ("ckpt convert -> one .safetensors", CKPT + ["convert", src, os.path.join(out, "one.safetensors")]),
     ]:
         shutil.rmtree(out, ignore_errors=True)
@@ -89,8 +114,10 @@ def big() -> None:
     shutil.rmtree(out, ignore_errors=True)
     report(runs, runs[0])
     peak = max(r.peak_rss_mb for r in runs[1:])
-    print(f"\ntarget: peak RSS under 200 MB on {nbytes / 1e9:.1f} GB: {'met' if peak < 200 else 'NOT met'} "
-          f"({peak:.0f} MB)")
+    print(
+        f"\ntarget: peak RSS under 200 MB on {nbytes / 1e9:.1f} GB: {'met' if peak < 200 else 'NOT met'} "
+        f"({peak:.0f} MB)"
+    )
 
 
 if __name__ == "__main__":

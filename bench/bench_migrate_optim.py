@@ -47,8 +47,10 @@ def main() -> None:
     with_optim, without = inputs()
     out = os.path.join(OUT, "migrate_optim_out")
     os.makedirs(out, exist_ok=True)
-    print(f"file: {with_optim} ({os.path.getsize(with_optim) / 1e6:.0f} MB); "
-          f"without optimizer: {os.path.getsize(without) / 1e6:.0f} MB")
+    print(
+        f"file: {with_optim} ({os.path.getsize(with_optim) / 1e6:.0f} MB); "
+        f"without optimizer: {os.path.getsize(without) / 1e6:.0f} MB"
+    )
     measure("warm-up", ["cat", with_optim, without], repeat=1)
     ops = ["--strip-prefix", "module.", "--arch", "resnet50", "--arch-arg", "num_classes=10", "--reinit-mismatched"]
     target = os.path.join(out, "noopt.pth")
@@ -59,11 +61,13 @@ def main() -> None:
     # torch is never imported (importing torch alone peaks far above 150 MB on a CUDA build)
     light = ["--strip-prefix", "module.", "--drop", "fc"]
     target = os.path.join(out, "noopt_light.pth")
-    base_light = fresh("migrate --drop fc, no optimizer state", CKPT + ["migrate", without, *light, "-o", target],
-                       target)
+    base_light = fresh(
+        "migrate --drop fc, no optimizer state", CKPT + ["migrate", without, *light, "-o", target], target
+    )
     target = os.path.join(out, "optim_light.pth")
-    ours_light = fresh("migrate --drop fc, Adam state carried", CKPT + ["migrate", with_optim, *light, "-o", target],
-                       target)
+    ours_light = fresh(
+        "migrate --drop fc, Adam state carried", CKPT + ["migrate", with_optim, *light, "-o", target], target
+    )
     torch_only = measure("python -c 'import torch'", [PYTHON, "-c", "import torch"], repeat=1)
     print("\nratios against the migration without optimizer state (new head: torch builds resnet50):")
     report([base, ours, torch_only], base)
@@ -72,9 +76,11 @@ def main() -> None:
     for label, run, ref in (("new head", ours, base), ("head dropped", ours_light, base_light)):
         ok_rss = run.peak_rss_mb < 150
         ok_wall = run.wall_s <= 1.5 * ref.wall_s
-        print(f"targets ({label}): peak RSS < 150 MB: {'met' if ok_rss else 'NOT met'} ({run.peak_rss_mb:.0f} MB, "
-              f"+{run.peak_rss_mb - ref.peak_rss_mb:.0f} MB for the optimizer state); wall within 1.5x: "
-              f"{'met' if ok_wall else 'NOT met'} ({run.wall_s / ref.wall_s:.2f}x)")
+        print(
+            f"targets ({label}): peak RSS < 150 MB: {'met' if ok_rss else 'NOT met'} ({run.peak_rss_mb:.0f} MB, "
+            f"+{run.peak_rss_mb - ref.peak_rss_mb:.0f} MB for the optimizer state); wall within 1.5x: "
+            f"{'met' if ok_wall else 'NOT met'} ({run.wall_s / ref.wall_s:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

@@ -64,13 +64,24 @@ def main() -> None:
         return run
 
     st = paths["flat.safetensors"]
-    keys = m("safe_open(flat.safetensors).keys()", [PYTHON, "-c", "import sys; from safetensors import safe_open; "
-                                                    "f = safe_open(sys.argv[1], 'np'); len(f.keys())", st])
+    keys = m(
+        "safe_open(flat.safetensors).keys()",
+        [
+            PYTHON,
+            "-c",
+            "import sys; from safetensors import safe_open; f = safe_open(sys.argv[1], 'np'); len(f.keys())",
+            st,
+        ],
+    )
     runs: list[Run] = [keys]
     cases = [("flat.safetensors", st), ("sharded_st", paths["sharded_st"])]
     if not args.quick:
-        runs.append(m("torch.load(flat.pth, weights_only=True)", [PYTHON, "-c", "import sys, torch; "
-                      "torch.load(sys.argv[1], weights_only=True)", paths["flat.pth"]]))
+        runs.append(
+            m(
+                "torch.load(flat.pth, weights_only=True)",
+                [PYTHON, "-c", "import sys, torch; torch.load(sys.argv[1], weights_only=True)", paths["flat.pth"]],
+            )
+        )
         cases += [("flat.pth", paths["flat.pth"]), ("sharded_pth", paths["sharded_pth"])]
     for name, path in cases:
         scan_target = os.path.dirname(path) if name.startswith("sharded") else path

@@ -36,8 +36,9 @@ def flat_specs(tensors: int = 100_000) -> list[Spec]:
     return out[:tensors]
 
 
-def llama_specs(layers: int = 80, hidden: int = 8192, intermediate: int = 28672, kv: int = 1024,
-                vocab: int = 32000) -> list[Spec]:
+def llama_specs(
+    layers: int = 80, hidden: int = 8192, intermediate: int = 28672, kv: int = 1024, vocab: int = 32000
+) -> list[Spec]:
     """A Llama-2-70B-shaped state dict in bfloat16 (80 layers, grouped-query attention): 723 tensors, 138 GB."""
     out: list[Spec] = [("model.embed_tokens.weight", "BF16", (vocab, hidden))]
     for i in range(layers):
@@ -57,21 +58,33 @@ def llama_specs(layers: int = 80, hidden: int = 8192, intermediate: int = 28672,
     return out
 
 
-def deepseek_specs(layers: int = 61, dense_layers: int = 3, experts: int = 256, hidden: int = 7168,
-                   intermediate: int = 18432, moe_intermediate: int = 2048, vocab: int = 129280) -> list[Spec]:
+def deepseek_specs(
+    layers: int = 61,
+    dense_layers: int = 3,
+    experts: int = 256,
+    hidden: int = 7168,
+    intermediate: int = 18432,
+    moe_intermediate: int = 2048,
+    vocab: int = 129280,
+) -> list[Spec]:
     """A DeepSeek-V3-style MoE state dict: fp8 (``F8_E4M3``) projections, each with its 128x128-block
     ``weight_scale_inv`` (float32) beside it; about 91,000 tensors and 680 GB at the full size."""
+
     def fp8(name: str, rows: int, cols: int) -> list[Spec]:
-        return [(name + ".weight", "F8_E4M3", (rows, cols)),
-                (name + ".weight_scale_inv", "F32", (math.ceil(rows / 128), math.ceil(cols / 128)))]
+        return [
+            (name + ".weight", "F8_E4M3", (rows, cols)),
+            (name + ".weight_scale_inv", "F32", (math.ceil(rows / 128), math.ceil(cols / 128))),
+        ]
 
     out: list[Spec] = [("model.embed_tokens.weight", "BF16", (vocab, hidden))]
     for i in range(layers):
         p = f"model.layers.{i}."
-        out += [(p + "input_layernorm.weight", "BF16", (hidden,)),
-                (p + "post_attention_layernorm.weight", "BF16", (hidden,)),
-                (p + "self_attn.q_a_layernorm.weight", "BF16", (1536,)),
-                (p + "self_attn.kv_a_layernorm.weight", "BF16", (512,))]
+        out += [
+            (p + "input_layernorm.weight", "BF16", (hidden,)),
+            (p + "post_attention_layernorm.weight", "BF16", (hidden,)),
+            (p + "self_attn.q_a_layernorm.weight", "BF16", (1536,)),
+            (p + "self_attn.kv_a_layernorm.weight", "BF16", (512,)),
+        ]
         out += fp8(p + "self_attn.q_a_proj", 1536, hidden) + fp8(p + "self_attn.q_b_proj", 24576, 1536)
         out += fp8(p + "self_attn.kv_a_proj_with_mqa", 576, hidden) + fp8(p + "self_attn.kv_b_proj", 32768, 512)
         out += fp8(p + "self_attn.o_proj", hidden, 16384)
@@ -79,8 +92,10 @@ def deepseek_specs(layers: int = 61, dense_layers: int = 3, experts: int = 256, 
             out += fp8(p + "mlp.gate_proj", intermediate, hidden) + fp8(p + "mlp.up_proj", intermediate, hidden)
             out += fp8(p + "mlp.down_proj", hidden, intermediate)
             continue
-        out += [(p + "mlp.gate.weight", "BF16", (experts, hidden)),
-                (p + "mlp.gate.e_score_correction_bias", "F32", (experts,))]
+        out += [
+            (p + "mlp.gate.weight", "BF16", (experts, hidden)),
+            (p + "mlp.gate.e_score_correction_bias", "F32", (experts,)),
+        ]
         for e in ["shared_experts", *(f"experts.{j}" for j in range(experts))]:
             out += fp8(f"{p}mlp.{e}.gate_proj", moe_intermediate, hidden)
             out += fp8(f"{p}mlp.{e}.up_proj", moe_intermediate, hidden)
@@ -122,15 +137,18 @@ def write_pth(path: str, specs: Iterable[Spec]) -> None:
 def _split(specs: list[Spec], shards: int) -> Iterator[list[Spec]]:
     per = math.ceil(len(specs) / shards)
     for i in range(shards):
-        yield specs[i * per:(i + 1) * per]
+        yield specs[i * per : (i + 1) * per]
 
 
 def write_sharded(directory: str, specs: list[Spec], shards: int, fmt: str = "safetensors") -> str:
     """A Hugging Face sharded set (``model-0000i-of-0000n.safetensors`` or ``pytorch_model-...bin``
     plus the index) in ``directory``. Returns the index's path."""
     os.makedirs(directory, exist_ok=True)
-    stem, ext, index_name = (("model", "safetensors", "model.safetensors.index.json") if fmt == "safetensors"
-                             else ("pytorch_model", "bin", "pytorch_model.bin.index.json"))
+    stem, ext, index_name = (
+        ("model", "safetensors", "model.safetensors.index.json")
+        if fmt == "safetensors"
+        else ("pytorch_model", "bin", "pytorch_model.bin.index.json")
+    )
     weight_map: dict[str, str] = {}
     total = 0
     for i, part in enumerate(_split(specs, shards), 1):
@@ -149,29 +167,68 @@ def write_sharded(directory: str, specs: list[Spec], shards: int, fmt: str = "sa
 
 
 # Llama-2-70B as its config.json gives it (the architecture's shape, not its weights), and a tiny one
-LLAMA2_70B: dict[str, int] = {"layers": 80, "hidden": 8192, "intermediate": 28672, "heads": 64, "kv_heads": 8,
-                              "vocab": 32000, "shards": 29}
-TINY: dict[str, int] = {"layers": 2, "hidden": 32, "intermediate": 64, "heads": 4, "kv_heads": 2, "vocab": 100,
-                        "shards": 3}
+LLAMA2_70B: dict[str, int] = {
+    "layers": 80,
+    "hidden": 8192,
+    "intermediate": 28672,
+    "heads": 64,
+    "kv_heads": 8,
+    "vocab": 32000,
+    "shards": 29,
+}
+TINY: dict[str, int] = {
+    "layers": 2,
+    "hidden": 32,
+    "intermediate": 64,
+    "heads": 4,
+    "kv_heads": 2,
+    "vocab": 100,
+    "shards": 3,
+}
 _CODES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 
 
-def llama_config(layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int,
-                 dtype: str = "float16") -> dict[str, object]:
+def llama_config(
+    layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int, dtype: str = "float16"
+) -> dict[str, object]:
     """A ``config.json`` for the same shape (what ``--arch hf:DIR`` reads)."""
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-            "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
-            "num_key_value_heads": kv_heads, "vocab_size": vocab, "max_position_embeddings": 4096,
-            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "hidden_act": "silu", "dtype": dtype,
-            "bos_token_id": 1, "eos_token_id": 2}
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": vocab,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "dtype": dtype,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
 
 
-def llama_sharded(directory: str, *, layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int,
-                  vocab: int, shards: int, dtype: str = "float16") -> str:
+def llama_sharded(
+    directory: str,
+    *,
+    layers: int,
+    hidden: int,
+    intermediate: int,
+    heads: int,
+    kv_heads: int,
+    vocab: int,
+    shards: int,
+    dtype: str = "float16",
+) -> str:
     """A Llama-layout sharded set (``model-0000i-of-0000n.safetensors`` + index) and its ``config.json``
     in ``directory``; returns the index's path."""
-    specs = [(key, _CODES[dtype], shape)
-             for key, _, shape in llama_specs(layers, hidden, intermediate, hidden // heads * kv_heads, vocab)]
+    specs = [
+        (key, _CODES[dtype], shape)
+        for key, _, shape in llama_specs(layers, hidden, intermediate, hidden // heads * kv_heads, vocab)
+    ]
     index = write_sharded(directory, specs, shards)
     with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
         json.dump(llama_config(layers, hidden, intermediate, heads, kv_heads, vocab, dtype), f, indent=2)

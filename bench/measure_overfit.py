@@ -81,8 +81,11 @@ SETUPS = {
     "resnet18-32-shuffled": ("resnet18", dict(num_classes=10, image_size=32), "shuffled"),
     "resnet18-224": ("resnet18", dict(num_classes=10, image_size=224), None),
     "resnet18-default": ("resnet18", dict(num_classes=10), None),
-    "vgg16-ff10-64": ("vgg16", dict(num_classes=10, freeze_first=10, image_size=64, batch_size=8, optimizer="sgd",
-                                    lr=0.01), None),
+    "vgg16-ff10-64": (
+        "vgg16",
+        dict(num_classes=10, freeze_first=10, image_size=64, batch_size=8, optimizer="sgd", lr=0.01),
+        None,
+    ),
     "vgg16-ff10-224": ("vgg16", dict(FF10, image_size=224), None),
     "vgg16-ff10": ("vgg16", FF10, None),
     "vgg16-ff10-frozen": ("vgg16", FF10, "frozen"),
@@ -116,8 +119,9 @@ def prepare(arch: str, ckpt: str, opts: object) -> tuple[object, tuple[object, o
     size, mean, std = _input_spec(arch, opts.image_size)
     size = training_size(model, opts, device, size, channels)
     logits = 10 if opts.num_classes is None else opts.num_classes
-    train, _ = make_loaders(make_datasets(opts, size, channels, logits, mean, std), opts.batch_size, opts.seed,
-                            shuffle=False)
+    train, _ = make_loaders(
+        make_datasets(opts, size, channels, logits, mean, std), opts.batch_size, opts.seed, shuffle=False
+    )
     return model, next(iter(train)), device
 
 
@@ -145,8 +149,11 @@ def main() -> None:
     files = {"tiny": os.path.join(tmp, "tiny.pth"), "detached": os.path.join(tmp, "detached.pth")}
     torch.save(tiny_models.Tiny().state_dict(), files["tiny"])
     torch.save(tiny_models.Detached().state_dict(), files["detached"])
-    arches = {"tiny": f"{tmp}/tiny_models.py:tiny", "detached": f"{tmp}/tiny_models.py:detached",
-              "vgg16_detached": f"{tmp}/tiny_models.py:vgg16_detached"}
+    arches = {
+        "tiny": f"{tmp}/tiny_models.py:tiny",
+        "detached": f"{tmp}/tiny_models.py:detached",
+        "vgg16_detached": f"{tmp}/tiny_models.py:vgg16_detached",
+    }
     for name, (arch, fields, broken) in SETUPS.items():
         if args.only and name not in args.only.split(","):
             continue
@@ -159,23 +166,40 @@ def main() -> None:
             if broken == "frozen":
                 model.requires_grad_(False)
             gen = torch.Generator().manual_seed(seed)
-            relabel = ((lambda step, y, gen=gen: y[torch.randperm(len(y), generator=gen)]) if broken == "shuffled"
-                       else None)
+            relabel = (
+                (lambda step, y, gen=gen: y[torch.randperm(len(y), generator=gen)]) if broken == "shuffled" else None
+            )
             start = time.perf_counter()
             run = overfit_one_batch(model, batch, args.steps, opts.optimizer, opts.lr, device, relabel=relabel)
             rows.append(run)
             verdict = overfit_verdict(run, 10 if opts.num_classes is None else opts.num_classes)
             verdicts.append(verdict.status)
-            print(json.dumps({"setup": name, "seed": seed, "s": round(time.perf_counter() - start, 1),
-                              "px": int(batch[0].shape[-1]), "verdict": verdict.status,
-                              "losses": [round(v, 4) for v in run.losses], "acc": [round(a, 3) for a in run.accuracies],
-                              "final": [run.final_loss, run.final_accuracy], "error": run.error}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "setup": name,
+                        "seed": seed,
+                        "s": round(time.perf_counter() - start, 1),
+                        "px": int(batch[0].shape[-1]),
+                        "verdict": verdict.status,
+                        "losses": [round(v, 4) for v in run.losses],
+                        "acc": [round(a, 3) for a in run.accuracies],
+                        "final": [run.final_loss, run.final_accuracy],
+                        "error": run.error,
+                    }
+                ),
+                flush=True,
+            )
         peaks = [max(r.losses) / r.losses[0] for r in rows if r.losses and r.losses[0]]
-        print(f"# {name}: verdicts {' '.join(verdicts)}; highest step loss over the first: worst "
-              f"{max(peaks, default=float('nan')):.3g}", flush=True)
+        print(
+            f"# {name}: verdicts {' '.join(verdicts)}; highest step loss over the first: worst "
+            f"{max(peaks, default=float('nan')):.3g}",
+            flush=True,
+        )
         for n in (5, 10, 15, 20, 30):
             if n > args.steps:
                 break
+
             # after n steps: the loss/accuracy measured at the start of step n (or the final pass)
             def at(run, n=n):
                 if run.error or not run.losses or run.final_loss is None:
@@ -183,10 +207,14 @@ def main() -> None:
                 if n < len(run.losses):
                     return run.losses[n] / run.losses[0], run.accuracies[n]
                 return run.final_loss / run.losses[0], run.final_accuracy
+
             values = [at(r) for r in rows]
-            print(f"# {name} after {n:2d} steps: ratio worst {max(v[0] for v in values):.3f} best "
-                  f"{min(v[0] for v in values):.3f}; batch accuracy worst {min(v[1] for v in values):.2f} best "
-                  f"{max(v[1] for v in values):.2f}", flush=True)
+            print(
+                f"# {name} after {n:2d} steps: ratio worst {max(v[0] for v in values):.3f} best "
+                f"{min(v[0] for v in values):.3f}; batch accuracy worst {min(v[1] for v in values):.2f} best "
+                f"{max(v[1] for v in values):.2f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -66,16 +66,23 @@ def adapt_input_conv(state: State, target: Target | None, module: str, in_chans:
     if in_chans < 1:
         raise UsageError(f"{what}: {in_chans} input channels")
     if not (have == 3 or (in_chans == 1 and have % 3 == 0)):
-        raise UsageError(f"{what}: {key} has {have} input channels; only 3 (RGB) filters are adapted "
-                         "(or 3k of a space-to-depth stem to 1)")
+        raise UsageError(
+            f"{what}: {key} has {have} input channels; only 3 (RGB) filters are adapted "
+            "(or 3k of a space-to-depth stem to 1)"
+        )
     _refuse_twice(e, what)
     shape = (e.shape[0], in_chans, *e.shape[2:])
-    return {**state, key: replace(e, shape=shape, transform=(ADAPT_INPUT_CONV,),
-                                  reason=f"adapt_input_conv {have} -> {in_chans} channels")}
+    return {
+        **state,
+        key: replace(
+            e, shape=shape, transform=(ADAPT_INPUT_CONV,), reason=f"adapt_input_conv {have} -> {in_chans} channels"
+        ),
+    }
 
 
-def resample_pos_embed(state: State, target: Target | None, key: str, grid: tuple[int, int] | None = None,
-                       prefix_tokens: int | None = None) -> State:
+def resample_pos_embed(
+    state: State, target: Target | None, key: str, grid: tuple[int, int] | None = None, prefix_tokens: int | None = None
+) -> State:
     """Resample the position embedding ``key`` (``[1, prefix + h * w, dim]``) to the target's grid (or ``grid``)."""
     e = state.get(key)
     if e is None:
@@ -91,8 +98,10 @@ def resample_pos_embed(state: State, target: Target | None, key: str, grid: tupl
         if prefix_tokens is None:
             prefix_tokens = infer_prefix_tokens(have, want[1])
             if prefix_tokens is None:
-                raise UsageError(f"{what}: {have} and {want[1]} tokens are not square grids after the same number "
-                                 "of prefix tokens; give the grid: --resample-pos-embed KEY=P+HxW")
+                raise UsageError(
+                    f"{what}: {have} and {want[1]} tokens are not square grids after the same number "
+                    "of prefix tokens; give the grid: --resample-pos-embed KEY=P+HxW"
+                )
         side = math.isqrt(want[1] - prefix_tokens)
         grid = (side, side)
     if prefix_tokens is None:
@@ -106,9 +115,16 @@ def resample_pos_embed(state: State, target: Target | None, key: str, grid: tupl
         return state
     _refuse_twice(e, what)
     shape = (1, prefix_tokens + grid[0] * grid[1], dim)
-    return {**state, key: replace(e, shape=shape, transform=(RESAMPLE_POS_EMBED, (old, old), tuple(grid), prefix_tokens),
-                                  reason=f"resample_pos_embed {old}x{old} -> {grid[0]}x{grid[1]} grid, "
-                                         f"{prefix_tokens} prefix token{'s' * (prefix_tokens != 1)}")}
+    return {
+        **state,
+        key: replace(
+            e,
+            shape=shape,
+            transform=(RESAMPLE_POS_EMBED, (old, old), tuple(grid), prefix_tokens),
+            reason=f"resample_pos_embed {old}x{old} -> {grid[0]}x{grid[1]} grid, "
+            f"{prefix_tokens} prefix token{'s' * (prefix_tokens != 1)}",
+        ),
+    }
 
 
 def infer_prefix_tokens(have: int, want: int) -> int | None:
@@ -183,8 +199,9 @@ def apply_adapt(state: State, target: Target | None, params: dict[str, Any]) -> 
 
 def check_resample(params: dict[str, Any]) -> None:
     grid = params.get("grid")
-    if grid is not None and not (isinstance(grid, list) and len(grid) == 2
-                                 and all(isinstance(n, int) and n > 0 for n in grid)):
+    if grid is not None and not (
+        isinstance(grid, list) and len(grid) == 2 and all(isinstance(n, int) and n > 0 for n in grid)
+    ):
         raise UsageError(f"operation 'resample_pos_embed' needs 'grid' as [h, w], got {grid!r}")
     if grid is None and params.get("prefix_tokens") is not None:
         raise UsageError("operation 'resample_pos_embed': 'prefix_tokens' needs a 'grid'")
@@ -192,8 +209,9 @@ def check_resample(params: dict[str, Any]) -> None:
 
 def apply_resample(state: State, target: Target | None, params: dict[str, Any]) -> State:
     grid = params.get("grid")
-    return resample_pos_embed(state, target, params["key"], tuple(grid) if grid is not None else None,
-                              params.get("prefix_tokens"))
+    return resample_pos_embed(
+        state, target, params["key"], tuple(grid) if grid is not None else None, params.get("prefix_tokens")
+    )
 
 
 # --- values ---------------------------------------------------------------------------------------
@@ -236,7 +254,7 @@ def computed_chunks(e: Entry, files: Any, chunk_bytes: int = 4 * 1024 * 1024) ->
     if t.numel():
         data = memoryview(t.view(torch.uint8).numpy())
         for i in range(0, len(data), chunk_bytes):
-            yield bytes(data[i:i + chunk_bytes])
+            yield bytes(data[i : i + chunk_bytes])
 
 
 def _adapt_conv(weight: Any, in_chans: int) -> Any:
@@ -260,4 +278,3 @@ def _resample(posemb: Any, old: tuple[int, int], new: tuple[int, int], prefix: i
     grid = F.interpolate(grid, size=list(new), mode="bicubic", antialias=True)
     grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim).to(posemb.dtype)
     return torch.cat([head, grid], dim=1) if prefix else grid
-

@@ -40,8 +40,9 @@ def parse_arch_args(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def build_model(spec: str, arch_args: dict[str, Any] | None = None, device: str = "cpu",
-                fallback: str | None = None) -> Any:
+def build_model(
+    spec: str, arch_args: dict[str, Any] | None = None, device: str = "cpu", fallback: str | None = None
+) -> Any:
     """Build the ``nn.Module`` a spec names, with random weights (never downloads any).
 
     Args:
@@ -89,7 +90,7 @@ def resolve_factory(spec: str, args: dict[str, Any]) -> Any:
             timm = importlib.import_module("timm")
         except ImportError:
             raise ArchError(f"--arch {spec}: timm is not installed (pip install timm)") from None
-        name = spec[len("timm:"):]
+        name = spec[len("timm:") :]
         args.setdefault("pretrained", False)
         return lambda **kw: timm.create_model(name, **kw)
     if ":" in spec:
@@ -139,7 +140,7 @@ HF_EXTRA = "ckpt-tool[hf]"
 
 def hf_config_path(spec: str) -> str:
     """The ``config.json`` an ``hf:`` spec names: the file itself, or ``config.json`` in the directory."""
-    path = spec[len(HF_PREFIX):]
+    path = spec[len(HF_PREFIX) :]
     if not path:
         raise ArchError(f"--arch {spec}: give a config.json or a directory holding one (hf:PATH)")
     if os.path.isdir(path):
@@ -153,8 +154,7 @@ def _require_transformers(spec: str) -> None:
     from .torch_extra import has
 
     if not has("transformers"):
-        raise ArchError(f"--arch {spec}: needs transformers, which is not installed",
-                        hint=f"pip install '{HF_EXTRA}'")
+        raise ArchError(f"--arch {spec}: needs transformers, which is not installed", hint=f"pip install '{HF_EXTRA}'")
 
 
 def _hf_config(spec: str) -> dict[str, Any]:
@@ -165,7 +165,7 @@ def _hf_config(spec: str) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ArchError(f"--arch {spec}: {path} is not a JSON config ({exc})") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
-        raise ArchError(f"--arch {spec}: {path} has no \"model_type\": not a Hugging Face config.json")
+        raise ArchError(f'--arch {spec}: {path} has no "model_type": not a Hugging Face config.json')
     return raw
 
 
@@ -182,29 +182,37 @@ def _hf_factory(spec: str) -> Any:
         transformers = importlib.import_module("transformers")
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     except ImportError as exc:
-        raise ArchError(f"--arch {spec}: importing transformers failed ({exc})", hint=f"pip install '{HF_EXTRA}'") \
-            from None
+        raise ArchError(
+            f"--arch {spec}: importing transformers failed ({exc})", hint=f"pip install '{HF_EXTRA}'"
+        ) from None
     transformers.logging.set_verbosity_error()  # config warnings are not ours to report
     model_type = raw["model_type"]
     if model_type not in CONFIG_MAPPING:
-        why = ("its model is remote code (auto_map), which ckpt never runs" if "auto_map" in raw
-               else f"transformers {transformers.__version__} does not know this model type")
+        why = (
+            "its model is remote code (auto_map), which ckpt never runs"
+            if "auto_map" in raw
+            else f"transformers {transformers.__version__} does not know this model type"
+        )
         raise ArchError(f"--arch {spec}: model_type {model_type!r}: {why}")
     names = [n for n in raw.get("architectures") or [] if isinstance(n, str)]
     cls: Any
     if names:
         cls = getattr(transformers, names[0], None)
         if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-            raise ArchError(f"--arch {spec}: architectures[0] {names[0]!r} is not a transformers model class "
-                            f"(transformers {transformers.__version__})")
+            raise ArchError(
+                f"--arch {spec}: architectures[0] {names[0]!r} is not a transformers model class "
+                f"(transformers {transformers.__version__})"
+            )
     else:  # no class named: the base model of the type, as AutoModel picks it
         from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
         try:
             cls = MODEL_MAPPING[CONFIG_MAPPING[model_type]]
         except KeyError:
-            raise ArchError(f"--arch {spec}: model_type {model_type!r} has no base model class; "
-                            "name one in the config's \"architectures\"") from None
+            raise ArchError(
+                f"--arch {spec}: model_type {model_type!r} has no base model class; "
+                'name one in the config\'s "architectures"'
+            ) from None
 
     def build(**overrides: Any) -> Any:
         fields = {k: v for k, v in raw.items() if k not in ("auto_map", "architectures")}
@@ -265,8 +273,11 @@ def signature_of(model: Any) -> tuple[dict[str, TargetTensor], tuple[str, ...]]:
 
     params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     tensors = {
-        key: TargetTensor(tuple(int(d) for d in value.shape), str(value.dtype).removeprefix("torch."),
-                          "parameter" if key in params else "buffer")
+        key: TargetTensor(
+            tuple(int(d) for d in value.shape),
+            str(value.dtype).removeprefix("torch."),
+            "parameter" if key in params else "buffer",
+        )
         for key, value in model.state_dict().items()
         if isinstance(value, torch.Tensor)
     }
@@ -297,8 +308,11 @@ def extra_state_of(model: Any) -> tuple[str, ...]:
     import torch
 
     base = torch.nn.Module.set_extra_state
-    return tuple(f"{name}._extra_state" if name else "_extra_state" for name, module in model.named_modules()
-                 if getattr(type(module), "set_extra_state", base) is not base)
+    return tuple(
+        f"{name}._extra_state" if name else "_extra_state"
+        for name, module in model.named_modules()
+        if getattr(type(module), "set_extra_state", base) is not base
+    )
 
 
 def signature_from_model(model: Any, spec: str = "model", arch_args: dict[str, Any] | None = None) -> TargetSignature:
@@ -307,8 +321,9 @@ def signature_from_model(model: Any, spec: str = "model", arch_args: dict[str, A
     return TargetSignature(spec, dict(arch_args or {}), tensors, auto, "off", ties_of(model), extra_state_of(model))
 
 
-def target_signature(spec: str, arch_args: dict[str, Any] | None = None, *, use_cache: bool = True,
-                     cache_dir: str | None = None) -> TargetSignature:
+def target_signature(
+    spec: str, arch_args: dict[str, Any] | None = None, *, use_cache: bool = True, cache_dir: str | None = None
+) -> TargetSignature:
     """The key/shape/dtype table of ``spec``'s model, from the cache when a valid entry exists.
 
     A cache hit imports neither torch nor torchvision. Entries are keyed by the spec, its
@@ -345,7 +360,8 @@ def target_signature(spec: str, arch_args: dict[str, Any] | None = None, *, use_
 def default_cache_dir() -> str:
     """``$CKPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/ckpt``, else ``~/.cache/ckpt``; signatures live in ``signatures/``."""
     base = os.environ.get("CKPT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "ckpt")
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "ckpt"
+    )
     return os.path.join(base, "signatures")
 
 
@@ -361,8 +377,11 @@ def _version(dist: str) -> str | None:
 def _cache_key(spec: str, args: dict[str, Any]) -> dict[str, Any] | None:
     """What a cached signature depends on, or ``None`` when user code cannot be fingerprinted."""
     key: dict[str, Any] = {
-        "schema": SIGNATURE_SCHEMA, "spec": spec, "args": repr(sorted(args.items())),
-        "torch": _version("torch"), "torchvision": _version("torchvision"),
+        "schema": SIGNATURE_SCHEMA,
+        "spec": spec,
+        "args": repr(sorted(args.items())),
+        "torch": _version("torch"),
+        "torchvision": _version("torchvision"),
     }
     if spec.startswith("timm:"):
         key["timm"] = _version("timm")
@@ -408,19 +427,30 @@ def _read_entry(path: str, key: dict[str, Any]) -> tuple[TargetSignature | None,
     if body is None:
         return None, status
     try:
-        tensors = {str(k): TargetTensor(tuple(int(d) for d in shape), str(dtype), str(kind))
-                   for k, shape, dtype, kind in body["tensors"]}
-        return TargetSignature("", {}, tensors, tuple(str(a) for a in body["auto_filled"]), "hit",
-                               tuple(tuple(str(k) for k in g) for g in body["ties"]),
-                               tuple(str(k) for k in body["extra_state"])), "hit"
+        tensors = {
+            str(k): TargetTensor(tuple(int(d) for d in shape), str(dtype), str(kind))
+            for k, shape, dtype, kind in body["tensors"]
+        }
+        return TargetSignature(
+            "",
+            {},
+            tensors,
+            tuple(str(a) for a in body["auto_filled"]),
+            "hit",
+            tuple(tuple(str(k) for k in g) for g in body["ties"]),
+            tuple(str(k) for k in body["extra_state"]),
+        ), "hit"
     except (KeyError, TypeError, ValueError):
         return None, "corrupt"
 
 
 def _write_entry(path: str, key: dict[str, Any], sig: TargetSignature) -> bool:
-    body = {"tensors": [[k, list(t.shape), t.dtype, t.kind] for k, t in sig.tensors.items()],
-            "auto_filled": list(sig.auto_filled), "ties": [list(g) for g in sig.ties],
-            "extra_state": list(sig.extra_state)}
+    body = {
+        "tensors": [[k, list(t.shape), t.dtype, t.kind] for k, t in sig.tensors.items()],
+        "auto_filled": list(sig.auto_filled),
+        "ties": [list(g) for g in sig.ties],
+        "extra_state": list(sig.extra_state),
+    }
     return write_cached(path, key, body)
 
 

@@ -45,8 +45,10 @@ class ShippedSignature:
 
 def encode_rows(tensors: dict[str, TargetTensor]) -> list[list[Any]]:
     """``[key, shape]`` for float32 parameters, ``[key, shape, dtype, kind]`` for the rest."""
-    return [[k, list(t.shape)] if (t.dtype, t.kind) == _FLOAT_PARAMETER else [k, list(t.shape), t.dtype, t.kind]
-            for k, t in tensors.items()]
+    return [
+        [k, list(t.shape)] if (t.dtype, t.kind) == _FLOAT_PARAMETER else [k, list(t.shape), t.dtype, t.kind]
+        for k, t in tensors.items()
+    ]
 
 
 def tie_groups(model: Any) -> tuple[tuple[str, ...], ...]:
@@ -75,8 +77,11 @@ def build_for_signature(name: str, args: dict[str, Any]) -> Any:
     except ArchError:
         pass
     init = torch.nn.init
-    noops = [mock.patch.object(init, fn, lambda tensor, *a, **k: tensor)
-             for fn in dir(init) if fn.endswith("_") and not fn.startswith("_")]
+    noops = [
+        mock.patch.object(init, fn, lambda tensor, *a, **k: tensor)
+        for fn in dir(init)
+        if fn.endswith("_") and not fn.startswith("_")
+    ]
     for patch in noops:
         patch.start()
     try:
@@ -171,9 +176,10 @@ def lookup(spec: str, args: dict[str, Any]) -> ShippedSignature | None:
     if classes is not None:
         for key, dim in rule["head"].items():
             t = tensors[key]
-            tensors[key] = TargetTensor(t.shape[:dim] + (classes,) + t.shape[dim + 1:], t.dtype, t.kind)
-    return ShippedSignature(spec, tensors, tuple(entry["auto_filled"]), tuple(tuple(g) for g in entry["ties"]),
-                            table["torchvision"])
+            tensors[key] = TargetTensor(t.shape[:dim] + (classes,) + t.shape[dim + 1 :], t.dtype, t.kind)
+    return ShippedSignature(
+        spec, tensors, tuple(entry["auto_filled"]), tuple(tuple(g) for g in entry["ties"]), table["torchvision"]
+    )
 
 
 def _refuse_unknown(spec: str) -> None:

@@ -32,6 +32,7 @@ def gc_paused() -> Iterator[None]:
 
 def paused(func: F) -> F:
     """Run ``func`` with :func:`gc_paused`."""
+
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         with gc_paused():

@@ -76,8 +76,11 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="ckpt")
-@click.option("--no-color", is_flag=True, help="Plain text even on a terminal (as NO_COLOR=1 does). Colour is never "
-              "used in pipes or in JSON.")
+@click.option(
+    "--no-color",
+    is_flag=True,
+    help="Plain text even on a terminal (as NO_COLOR=1 does). Colour is never used in pipes or in JSON.",
+)
 def main(no_color: bool) -> None:
     """Inspect, diff, migrate, fine-tune-check and scan PyTorch checkpoints, safely.
 

@@ -63,10 +63,16 @@ class Compatibility:
         return not (self.missing or self.unexpected or self.mismatched)
 
     def to_json(self) -> dict[str, Any]:
-        return {"loads": self.loads, "missing": list(self.missing), "unexpected": list(self.unexpected),
-                "mismatched": [{"key": m.key, "shape": list(m.shape), "target_shape": list(m.target_shape)}
-                               for m in self.mismatched],
-                "auto_filled": list(self.auto_filled), "tied": [list(t) for t in self.tied]}
+        return {
+            "loads": self.loads,
+            "missing": list(self.missing),
+            "unexpected": list(self.unexpected),
+            "mismatched": [
+                {"key": m.key, "shape": list(m.shape), "target_shape": list(m.target_shape)} for m in self.mismatched
+            ],
+            "auto_filled": list(self.auto_filled),
+            "tied": [list(t) for t in self.tied],
+        }
 
 
 class _AllCurrent(Mapping[str, int]):
@@ -98,8 +104,13 @@ def shapes_load(shape: tuple[int, ...], target_shape: tuple[int, ...]) -> bool:
     return tuple(shape) == tuple(target_shape) or (tuple(target_shape) == () and tuple(shape) == (1,))
 
 
-def check(state: Mapping[str, Any], target: TargetSignature, *,
-          versions: Mapping[str, int | None] | None = None, objects: Collection[str] = ()) -> Compatibility:
+def check(
+    state: Mapping[str, Any],
+    target: TargetSignature,
+    *,
+    versions: Mapping[str, int | None] | None = None,
+    objects: Collection[str] = (),
+) -> Compatibility:
     """Compare a state (key -> shape tuple, or anything with ``.shape``) with a target, as torch's strict load would.
 
     Args:
@@ -147,12 +158,23 @@ def check(state: Mapping[str, Any], target: TargetSignature, *,
             missing.append(key)
     missing += [k for k in target.extra_state if k not in present]
     unexpected = [k for k in state if k not in tgt and k not in extra]
-    return Compatibility(tuple(missing), tuple(unexpected), tuple(mismatched), tuple(loaded),
-                         tuple(k for k in absent if k in fills), tuple(tied))
+    return Compatibility(
+        tuple(missing),
+        tuple(unexpected),
+        tuple(mismatched),
+        tuple(loaded),
+        tuple(k for k in absent if k in fills),
+        tuple(tied),
+    )
 
 
-def check_module(model: Any, state: Mapping[str, Any], *,
-                 versions: Mapping[str, int | None] | None = None, objects: Collection[str] = ()) -> Compatibility:
+def check_module(
+    model: Any,
+    state: Mapping[str, Any],
+    *,
+    versions: Mapping[str, int | None] | None = None,
+    objects: Collection[str] = (),
+) -> Compatibility:
     """:func:`check` against a built ``nn.Module`` (finetune-check's load): ``state`` may hold tensors.
 
     Load exactly what it says loads: ``model.load_state_dict({k: state[k] for k in result.loaded}, strict=False)``.
@@ -162,8 +184,9 @@ def check_module(model: Any, state: Mapping[str, Any], *,
     return check(state, signature_from_model(model), versions=versions, objects=objects)
 
 
-def auto_filled(target: TargetSignature, present: Collection[str],
-                versions: Mapping[str, int | None] | None = None) -> tuple[str, ...]:
+def auto_filled(
+    target: TargetSignature, present: Collection[str], versions: Mapping[str, int | None] | None = None
+) -> tuple[str, ...]:
     """Target keys absent from ``present`` that ``load_state_dict`` adds itself, so does not call missing.
 
     ``_NormBase._load_from_state_dict`` inserts ``num_batches_tracked`` when the state dict's
@@ -198,8 +221,9 @@ def parameter_share(target: TargetSignature, from_checkpoint: Collection[str]) -
 
 def signature_of_state(state: Mapping[str, Any], spec: str = "checkpoint") -> TargetSignature:
     """A checkpoint's own tensors as a target (diff of two checkpoints): no fill-ins, no ties."""
-    return TargetSignature(spec, {}, {k: TargetTensor(_shape(v), str(getattr(v, "dtype", "")), "tensor")
-                                      for k, v in state.items()})
+    return TargetSignature(
+        spec, {}, {k: TargetTensor(_shape(v), str(getattr(v, "dtype", "")), "tensor") for k, v in state.items()}
+    )
 
 
 # --- a checkpoint as the state: its _metadata, its aliases, its objects ---------------------------
@@ -262,8 +286,10 @@ def module_versions(ckpt: Checkpoint) -> Mapping[str, int | None] | None:
     metadata = (obj.attributes or {}).get("_metadata")
     if not isinstance(metadata, dict):
         return None
-    return {str(m): v.get("version") if isinstance(v, dict) and isinstance(v.get("version"), int) else None
-            for m, v in metadata.items()}
+    return {
+        str(m): v.get("version") if isinstance(v, dict) and isinstance(v.get("version"), int) else None
+        for m, v in metadata.items()
+    }
 
 
 def _state_object(ckpt: Checkpoint) -> Any:

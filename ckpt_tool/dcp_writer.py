@@ -43,8 +43,10 @@ def write_dcp(path: str, layout: Layout, *, progress: Progress | None = None, **
     """Write ``layout`` (plain tensors and plain-data entries) as a DCP directory at ``path``, atomically."""
     for v in layout.views:
         if v.kind != DENSE or v.parts:
-            raise UsageError(f"tensor {v.key!r} is {v.kind.replace('_', ' ')}; a DCP output holds plain tensors "
-                             "only: pass --dequantize or --densify")
+            raise UsageError(
+                f"tensor {v.key!r} is {v.kind.replace('_', ' ')}; a DCP output holds plain tensors "
+                "only: pass --dequantize or --densify"
+            )
     import torch
     from torch.distributed.checkpoint import filesystem as fs
     from torch.distributed.checkpoint import metadata as md
@@ -73,8 +75,10 @@ def write_dcp(path: str, layout: Layout, *, progress: Progress | None = None, **
                 start = out.tell()
                 torch.save(tensor, out)
                 entries[v.key] = md.TensorStorageMetadata(
-                    md.TensorProperties(dtype=dtype), torch.Size(v.shape),
-                    [md.ChunkStorageMetadata(offsets=zeros, sizes=torch.Size(v.shape))])
+                    md.TensorProperties(dtype=dtype),
+                    torch.Size(v.shape),
+                    [md.ChunkStorageMetadata(offsets=zeros, sizes=torch.Size(v.shape))],
+                )
                 storage[md.MetadataIndex(v.key, zeros, 0)] = fs._StorageInfo(SHARD_FILE, start, out.tell() - start)
                 del tensor, flat, data
                 if progress is not None:
@@ -86,8 +90,7 @@ def write_dcp(path: str, layout: Layout, *, progress: Progress | None = None, **
                 storage[md.MetadataIndex(key)] = fs._StorageInfo(SHARD_FILE, start, out.tell() - start)
             out.flush()
             os.fsync(out.fileno())
-        meta = md.Metadata(state_dict_metadata=entries, planner_data={k: (k,) for k in entries},
-                           storage_data=storage)
+        meta = md.Metadata(state_dict_metadata=entries, planner_data={k: (k,) for k in entries}, storage_data=storage)
         with open(os.path.join(tmp, METADATA), "wb") as f:
             import pickle
 
@@ -109,8 +112,9 @@ def _replace(tmp: str, path: str) -> None:
     """Put the new directory in place; an old one is moved aside first and removed only after."""
     old = None
     if os.path.lexists(path):
-        old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.",
-                               suffix=".old")
+        old = tempfile.mkdtemp(
+            dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.", suffix=".old"
+        )
         os.rmdir(old)
         os.replace(path, old)
     os.replace(tmp, path)

@@ -43,11 +43,16 @@ SHRINK_POLICIES = ("first", "every-k")
 
 # leaf module paths, inside a block, of a transformer block's output projections (zeroed by identity)
 OUTPUT_PROJECTIONS = (
-    "attn.proj", "mlp.fc2",  # timm ViT
-    "attention.output.dense", "output.dense",  # BERT, RoBERTa
-    "self_attn.o_proj", "mlp.down_proj",  # Llama, Mistral, Qwen
-    "attn.c_proj", "mlp.c_proj",  # GPT-2
-    "self_attn.out_proj", "linear2",  # torch.nn.TransformerEncoderLayer
+    "attn.proj",
+    "mlp.fc2",  # timm ViT
+    "attention.output.dense",
+    "output.dense",  # BERT, RoBERTa
+    "self_attn.o_proj",
+    "mlp.down_proj",  # Llama, Mistral, Qwen
+    "attn.c_proj",
+    "mlp.c_proj",  # GPT-2
+    "self_attn.out_proj",
+    "linear2",  # torch.nn.TransformerEncoderLayer
 )
 _BLOCK = re.compile(r"^(?P<stage>.+?)\.(?P<index>\d+)\.(?P<rest>.+)$")
 _NORM = re.compile(r"^bn(\d+)\.(weight|bias)$")
@@ -111,14 +116,22 @@ def shrink_blocks(state: State, target: Target, policy: str) -> State:
     return out
 
 
-def _copy_nearest(state: State, trained: dict[int, dict[str, str]], stage: str, j: int, new: dict[str, str],
-                  tensors: Mapping[str, TargetTensor]) -> State:
+def _copy_nearest(
+    state: State,
+    trained: dict[int, dict[str, str]],
+    stage: str,
+    j: int,
+    new: dict[str, str],
+    tensors: Mapping[str, TargetTensor],
+) -> State:
     for i in sorted(trained, key=lambda i: (abs(i - j), i)):
         src = trained[i]
         if all(rest in src and shapes_load(state[src[rest]].shape, tensors[key].shape) for rest, key in new.items()):
             return {key: _copy(state[src[rest]], key) for rest, key in new.items()}
-    raise UsageError(f"--grow-blocks nearest: no trained block of {stage} has the keys and shapes of {stage}.{j} "
-                     "(try --grow-blocks identity, or --fill-missing)")
+    raise UsageError(
+        f"--grow-blocks nearest: no trained block of {stage} has the keys and shapes of {stage}.{j} "
+        "(try --grow-blocks identity, or --fill-missing)"
+    )
 
 
 def _copy(e: Entry, key: str) -> Entry:
@@ -130,8 +143,10 @@ def _copy(e: Entry, key: str) -> Entry:
 def _identity(stage: str, j: int, new: dict[str, str], tensors: Mapping[str, TargetTensor]) -> State:
     zero = set(identity_keys(new))
     if not zero:
-        raise UsageError(f"--grow-blocks identity: {stage}.{j} has no last norm (bnN) or output projection "
-                         f"({', '.join(OUTPUT_PROJECTIONS)}) to zero; try --grow-blocks nearest")
+        raise UsageError(
+            f"--grow-blocks identity: {stage}.{j} has no last norm (bnN) or output projection "
+            f"({', '.join(OUTPUT_PROJECTIONS)}) to zero; try --grow-blocks nearest"
+        )
     out: State = {}
     for rest, key in new.items():
         e = Entry.from_target(key, tensors[key], "grow_blocks identity")
@@ -145,7 +160,9 @@ def identity_keys(rests: Mapping[str, str] | Any) -> list[str]:
     if norms:
         last = max(n for n, _ in norms)
         return [r for n, r in norms if n == last]
-    return [r for r in rests if r.rpartition(".")[0] in OUTPUT_PROJECTIONS and r.rpartition(".")[2] in ("weight", "bias")]
+    return [
+        r for r in rests if r.rpartition(".")[0] in OUTPUT_PROJECTIONS and r.rpartition(".")[2] in ("weight", "bias")
+    ]
 
 
 def apply_grow(state: State, target: Target | None, params: dict[str, Any]) -> State:

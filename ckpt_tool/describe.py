@@ -142,14 +142,29 @@ def inspect_checkpoint(
         parameters += ref.numel
     notes = _notes(ckpt) + (STD_NOTE,) * bool(stats)
     return InspectReport(
-        path=ckpt.path, format=ckpt.format, file_size=ckpt.file_size, tensors=len(ckpt.tensors),
-        parameters=parameters, tensor_bytes=sum(by_dtype.values()), bytes_by_dtype=dict(sorted(by_dtype.items())),
-        state_path=ckpt.state_path, candidates=ckpt.candidates, common_prefix=common_prefix(list(ckpt.tensors)),
-        shared_storages=tuple(tuple(keys) for keys in shared.values()), extras=ckpt.extras,
-        placeholders=ckpt.placeholders, metadata=ckpt.metadata, files=ckpt.files,
-        rows=rows, modules=rollup(refs, depth) if depth is not None else (),
-        nonfinite=sum(s.nan + s.inf for s in stats_by_key.values()), filter=filter, depth=depth, notes=notes,
-        attributes=attributes, objects={k: summarize(v) for k, v in ckpt.objects.items()},
+        path=ckpt.path,
+        format=ckpt.format,
+        file_size=ckpt.file_size,
+        tensors=len(ckpt.tensors),
+        parameters=parameters,
+        tensor_bytes=sum(by_dtype.values()),
+        bytes_by_dtype=dict(sorted(by_dtype.items())),
+        state_path=ckpt.state_path,
+        candidates=ckpt.candidates,
+        common_prefix=common_prefix(list(ckpt.tensors)),
+        shared_storages=tuple(tuple(keys) for keys in shared.values()),
+        extras=ckpt.extras,
+        placeholders=ckpt.placeholders,
+        metadata=ckpt.metadata,
+        files=ckpt.files,
+        rows=rows,
+        modules=rollup(refs, depth) if depth is not None else (),
+        nonfinite=sum(s.nan + s.inf for s in stats_by_key.values()),
+        filter=filter,
+        depth=depth,
+        notes=notes,
+        attributes=attributes,
+        objects={k: summarize(v) for k, v in ckpt.objects.items()},
         optimizers=summarize_optimizers(ckpt),
     )
 
@@ -174,13 +189,26 @@ def _row(ref: TensorRef, shared: dict[str, list[str]], stats: TensorStats | None
     numel = math.prod(ref.shape)
     # TensorRow(...) without the frozen dataclass's per-field object.__setattr__ (a third of the cost)
     row = _new(TensorRow)
-    _set(row, "__dict__", {
-        "name": ref.key, "shape": ref.shape, "dtype": ref.dtype, "parameters": numel,
-        "nbytes": numel * DTYPES[ref.dtype][0] if dense else ref.nbytes, "stride": ref.stride,
-        "storage": ref.storage, "offset": ref.offset, "contiguous": contiguous, "shared_with": others,
-        "stats": stats, "kind": ref.kind, "detail": ("" if dense else composite_detail(ref)) or (chunk_summary(ref) if ref.attrs else ""),
-         "note": ref.note,
-    })
+    _set(
+        row,
+        "__dict__",
+        {
+            "name": ref.key,
+            "shape": ref.shape,
+            "dtype": ref.dtype,
+            "parameters": numel,
+            "nbytes": numel * DTYPES[ref.dtype][0] if dense else ref.nbytes,
+            "stride": ref.stride,
+            "storage": ref.storage,
+            "offset": ref.offset,
+            "contiguous": contiguous,
+            "shared_with": others,
+            "stats": stats,
+            "kind": ref.kind,
+            "detail": ("" if dense else composite_detail(ref)) or (chunk_summary(ref) if ref.attrs else ""),
+            "note": ref.note,
+        },
+    )
     return row
 
 
@@ -265,8 +293,10 @@ def fold(rows: Sequence[TensorRow], limit: int = FOLD_ROWS) -> tuple[str, tuple[
         >>> how, [m.name for m in modules]
         ('numbered components as *', ['features.*', 'classifier.fc1', 'classifier.fc2'])
     """
-    for how, module in (("by module", lambda name: name.rpartition(".")[0]),
-                        ("numbered components as *", numbered_module)):
+    for how, module in (
+        ("by module", lambda name: name.rpartition(".")[0]),
+        ("numbered components as *", numbered_module),
+    ):
         if _fits(rows, module, limit):
             return how, _group(rows, module)
     best = rollup(rows, 1)
@@ -285,21 +315,32 @@ def _notes(ckpt: Checkpoint) -> tuple[str, ...]:
     notes = _object_notes(ckpt)
     dangerous = _dangerous(ckpt.placeholders)
     if dangerous:
-        notes.append(f"the pickle names {', '.join(dangerous[:5])}{' ...' if len(dangerous) > 5 else ''}, which "
-                     "would run when loaded with torch.load(weights_only=False); ckpt ran nothing (see `ckpt scan`)")
+        notes.append(
+            f"the pickle names {', '.join(dangerous[:5])}{' ...' if len(dangerous) > 5 else ''}, which "
+            "would run when loaded with torch.load(weights_only=False); ckpt ran nothing (see `ckpt scan`)"
+        )
     if len(ckpt.candidates) > 1:
         others = [c.path or "<top level>" for c in ckpt.candidates if c.path != ckpt.state_path]
-        notes.append(f"{len(ckpt.candidates)} state dicts found; showing {ckpt.state_path or '<top level>'!r}, "
-                     f"pick another with --key ({', '.join(others)})")
+        notes.append(
+            f"{len(ckpt.candidates)} state dicts found; showing {ckpt.state_path or '<top level>'!r}, "
+            f"pick another with --key ({', '.join(others)})"
+        )
     if not ckpt.tensors:
         notes.append("no state dict found in this file")
     if ckpt.format == "torchscript":
-        notes.append("TorchScript archive: parameters and buffers recovered from its module attributes"
-                     + (f"; {len(ckpt.attributes)} other tensor attributes listed apart (not in state_dict())"
-                        if ckpt.attributes else ""))
+        notes.append(
+            "TorchScript archive: parameters and buffers recovered from its module attributes"
+            + (
+                f"; {len(ckpt.attributes)} other tensor attributes listed apart (not in state_dict())"
+                if ckpt.attributes
+                else ""
+            )
+        )
     elif any(c.path == ckpt.state_path for c in ckpt.candidates) and _is_module_tree(ckpt):
-        notes.append("a whole pickled model (torch.save(model)): state dict recovered from its module tree; "
-                     "its classes were not imported")
+        notes.append(
+            "a whole pickled model (torch.save(model)): state dict recovered from its module tree; "
+            "its classes were not imported"
+        )
     return tuple(notes)
 
 
@@ -316,11 +357,16 @@ def _object_notes(ckpt: Checkpoint) -> list[str]:
         if r.kind in SPARSE_KINDS or r.kind == QUANTIZED:
             kinds[r.kind] = kinds.get(r.kind, 0) + 1
     if kinds:
-        notes.append("composite tensors: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in kinds.items())
-                     + " (see kind and detail)")
+        notes.append(
+            "composite tensors: "
+            + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in kinds.items())
+            + " (see kind and detail)"
+        )
     if ckpt.objects:
-        notes.append(f"{len(ckpt.objects)} state-dict entries are not tensors: {', '.join(list(ckpt.objects)[:5])}"
-                     + (" ..." if len(ckpt.objects) > 5 else ""))
+        notes.append(
+            f"{len(ckpt.objects)} state-dict entries are not tensors: {', '.join(list(ckpt.objects)[:5])}"
+            + (" ..." if len(ckpt.objects) > 5 else "")
+        )
     if _optimizer_path(ckpt) is not None:
         notes.append(_optimizer_note(ckpt))
     return notes
@@ -340,9 +386,11 @@ def _optimizer_note(ckpt: Checkpoint) -> str:
     groups = opt.get("param_groups") if isinstance(opt.get("param_groups"), list) else []
     state = opt.get("state") if isinstance(opt.get("state"), dict) else {}
     hyper = sorted({k for g in groups if isinstance(g, dict) for k in g if k != "params"})
-    return (f"optimizer state: {len(state)} parameters with state in {len(groups)} param groups "
-            f"(hyperparameters: {', '.join(hyper[:8]) or 'none'}); keys are state.<parameter index>.<name>, "
-            f"and --key {ckpt.state_path}/state/<index> shows one parameter")
+    return (
+        f"optimizer state: {len(state)} parameters with state in {len(groups)} param groups "
+        f"(hyperparameters: {', '.join(hyper[:8]) or 'none'}); keys are state.<parameter index>.<name>, "
+        f"and --key {ckpt.state_path}/state/<index> shows one parameter"
+    )
 
 
 def _dangerous(names: tuple[str, ...]) -> list[str]:

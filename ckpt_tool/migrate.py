@@ -89,8 +89,11 @@ class Adapted:
 
 
 def adapted_entries(state: State) -> tuple[Adapted, ...]:
-    return tuple(Adapted(k, e.origin, e.ref.shape if e.ref is not None else e.shape, e.shape, e.reason)
-                 for k, e in state.items() if e.transform and e.ref is not None)
+    return tuple(
+        Adapted(k, e.origin, e.ref.shape if e.ref is not None else e.shape, e.shape, e.reason)
+        for k, e in state.items()
+        if e.transform and e.ref is not None
+    )
 
 
 @dataclass(frozen=True)
@@ -211,8 +214,10 @@ def migrate(
         raise UsageError("--input-shape sets the shape flow's input: it needs --dry-run and --arch")
     ckpt = open_checkpoint(plan.source, plan.key)
     if not ckpt.tensors:
-        raise UsageError(f"{plan.source}: holds no tensors to migrate (try --key; candidates: "
-                         f"{', '.join(repr(c.path) for c in ckpt.candidates) or 'none'})")
+        raise UsageError(
+            f"{plan.source}: holds no tensors to migrate (try --key; candidates: "
+            f"{', '.join(repr(c.path) for c in ckpt.candidates) or 'none'})"
+        )
     if in_place:
         if len(ckpt.files) != 1 or output not in (None, plan.source):
             raise UsageError("--in-place rewrites a single-file input and takes no other -o")
@@ -233,19 +238,33 @@ def migrate(
     if not applied.state:
         raise UsageError(f"{plan.source}: the operations leave no tensors to write")
     # every input object: carried, converted with a note, or refused here, before anything is written
-    accounted = account(ckpt, plan.operations, applied.state, fmt or PTH, dequantize=dequantize, densify=densify,
-                        sharded=max_shard_size is not None and fmt == PTH)
+    accounted = account(
+        ckpt,
+        plan.operations,
+        applied.state,
+        fmt or PTH,
+        dequantize=dequantize,
+        densify=densify,
+        sharded=max_shard_size is not None and fmt == PTH,
+    )
     applied = replace(applied, state=accounted.state)
     for e in applied.state.values():
-        if e.ref is not None and e.ref.offset is None and e.ref.numel and not is_composite(e) \
-                and chunks_of(e.ref) is None:  # a DCP tensor of several chunks is read chunk by chunk
-            raise FormatError(f"{plan.source}: tensor {e.origin!r} has no stored bytes (a meta tensor or a compressed "
-                              "entry); leave it out with --drop or --exclude")
+        if (
+            e.ref is not None
+            and e.ref.offset is None
+            and e.ref.numel
+            and not is_composite(e)
+            and chunks_of(e.ref) is None
+        ):  # a DCP tensor of several chunks is read chunk by chunk
+            raise FormatError(
+                f"{plan.source}: tensor {e.origin!r} has no stored bytes (a meta tensor or a compressed "
+                "entry); leave it out with --drop or --exclude"
+            )
 
-    carried = training_state(ckpt, plan, applied.state, signature, fmt or PTH,
-                             sharded=max_shard_size is not None)
-    kept, dropped = _extras(ckpt, keep_extras, plan.drop_optimizer) if carried is None else \
-        (carried.extras, carried.dropped)
+    carried = training_state(ckpt, plan, applied.state, signature, fmt or PTH, sharded=max_shard_size is not None)
+    kept, dropped = (
+        _extras(ckpt, keep_extras, plan.drop_optimizer) if carried is None else (carried.extras, carried.dropped)
+    )
     values = _TargetValues(plan, seed)
     check_all = plan.arch is not None
     built = _layout({**applied.state, **(carried.state if carried else {})}, fmt or SAFETENSORS, values, check_all)
@@ -258,25 +277,46 @@ def migrate(
             backup = check_output(name, list(ckpt.files) + [ckpt.path], force=force, in_place=in_place) or backup
         if fmt == DCP:
             check_dcp_output(output, list(ckpt.files) + [ckpt.path], force=force)
-    share = parameter_share(signature, [k for k, e in applied.state.items() if e.from_checkpoint]) \
-        if signature else None
+    share = (
+        parameter_share(signature, [k for k, e in applied.state.items() if e.from_checkpoint]) if signature else None
+    )
     planned = MigrationPlan(
-        source=plan.source, source_format=ckpt.format, state_path=ckpt.state_path, output=output, output_format=fmt,
-        files=files, arch=plan.arch, operations=tuple(op.to_json() for op in plan.operations), steps=applied.steps,
-        tensors=len(applied.state), tensor_bytes=sum(_nbytes(e) for e in applied.state.values()),
-        initialised=tuple(Initialised(k, e.reason, e.shape) for k, e in applied.state.items() if e.source != CHECKPOINT),
-        shared=built.shared, extras_kept=tuple(kept), extras_dropped=dropped,
-        diff=check({**applied.state, **dict(accounted.objects)}, signature,
-                   versions=_output_versions(ckpt, applied.state, fmt),
-                   objects=[k for k, _ in accounted.objects]) if signature else None,
-        streamed=all(e.source == CHECKPOINT and e.dtype == e.source_dtype and not e.transform
-                     for e in applied.state.values()),
+        source=plan.source,
+        source_format=ckpt.format,
+        state_path=ckpt.state_path,
+        output=output,
+        output_format=fmt,
+        files=files,
+        arch=plan.arch,
+        operations=tuple(op.to_json() for op in plan.operations),
+        steps=applied.steps,
+        tensors=len(applied.state),
+        tensor_bytes=sum(_nbytes(e) for e in applied.state.values()),
+        initialised=tuple(
+            Initialised(k, e.reason, e.shape) for k, e in applied.state.items() if e.source != CHECKPOINT
+        ),
+        shared=built.shared,
+        extras_kept=tuple(kept),
+        extras_dropped=dropped,
+        diff=check(
+            {**applied.state, **dict(accounted.objects)},
+            signature,
+            versions=_output_versions(ckpt, applied.state, fmt),
+            objects=[k for k, _ in accounted.objects],
+        )
+        if signature
+        else None,
+        streamed=all(
+            e.source == CHECKPOINT and e.dtype == e.source_dtype and not e.transform for e in applied.state.values()
+        ),
         notes=tuple(accounted.notes),
         checkpoint_share=round(share, 6) if share is not None else None,
         adapted=adapted_entries(applied.state),
-        shape_flow=shape_flow(signature, state={k: e.shape for k, e in applied.state.items()},
-                              input_shape=input_shape) if signature is not None and dry_run else None,
-        optimizers=carried.optimizers if carried else (), also=carried.also if carried else (),
+        shape_flow=shape_flow(signature, state={k: e.shape for k, e in applied.state.items()}, input_shape=input_shape)
+        if signature is not None and dry_run
+        else None,
+        optimizers=carried.optimizers if carried else (),
+        also=carried.also if carried else (),
     )
     if planned.initialised and not dry_run:
         require_torch(f"initialising {len(planned.initialised)} keys from --arch {plan.arch}")
@@ -287,60 +327,104 @@ def migrate(
     if share is not None and share < MOSTLY_NEW_SHARE and not allow_mostly_new:
         values.release()
         built.files.close()
-        raise UsageError(f"only {share:.0%} of {plan.arch}'s parameters would come from {plan.source}: it is "
-                         "probably not a checkpoint of this architecture (check --arch; --allow-mostly-new "
-                         "writes it anyway)")
+        raise UsageError(
+            f"only {share:.0%} of {plan.arch}'s parameters would come from {plan.source}: it is "
+            "probably not a checkpoint of this architecture (check --arch; --allow-mostly-new "
+            "writes it anyway)"
+        )
     if dry_run or output is None:
         accounted.close()
         return MigrateReport(planned, dry_run=True)
 
     metadata = _metadata(ckpt, plan, applied, built.aliases, kept if carried is None else {}, hasher)
     # a .pth keeps extras beside the state dict, under its original key (or "state_dict")
-    nesting = Nesting(ckpt.state_path or "state_dict", kept, frozenset(carried.state) if carried else frozenset()) \
-        if fmt == PTH and kept else Nesting()
+    nesting = (
+        Nesting(ckpt.state_path or "state_dict", kept, frozenset(carried.state) if carried else frozenset())
+        if fmt == PTH and kept
+        else Nesting()
+    )
     verified: list[Verification] = []
 
     def verify(staged: Written) -> None:
         # the staged files are verified while their fsyncs and the source's sha256 run; only then
         # are they renamed into place
-        v = verify_output(staged, applied.state, target_chunks=values.chunks, cast=cast_bytes, aliases=built.aliases,
-                          state_path=nesting.path, signature=signature, seed=seed,
-                          computed=lambda e: computed_chunks(e, built.files, VERIFY_CHUNK_BYTES))
+        v = verify_output(
+            staged,
+            applied.state,
+            target_chunks=values.chunks,
+            cast=cast_bytes,
+            aliases=built.aliases,
+            state_path=nesting.path,
+            signature=signature,
+            seed=seed,
+            computed=lambda e: computed_chunks(e, built.files, VERIFY_CHUNK_BYTES),
+        )
         verified.append(_with_carried(v, staged, carried, values) if carried is not None else v)
 
     try:
-        written = (write_dcp if fmt == DCP else _write)(output, built.layout, metadata=metadata, nesting=nesting,
-                                                        max_shard_size=max_shard_size, backup=backup, staging=Staging(),
-                                                        progress=progress, before_commit=verify)
+        written = (write_dcp if fmt == DCP else _write)(
+            output,
+            built.layout,
+            metadata=metadata,
+            nesting=nesting,
+            max_shard_size=max_shard_size,
+            backup=backup,
+            staging=Staging(),
+            progress=progress,
+            before_commit=verify,
+        )
         if not verified:  # the DCP writer renames its directory itself: verified once in place
             verify(written)
         verification = verified[0]
         if carried is not None:
             # Written counts the state dict's tensors; the training state beside it is the plan's
-            written = replace(written, tensors=written.tensors - len(carried.state),
-                              tensor_bytes=written.tensor_bytes - sum(_nbytes(e) for e in carried.state.values()))
+            written = replace(
+                written,
+                tensors=written.tensors - len(carried.state),
+                tensor_bytes=written.tensor_bytes - sum(_nbytes(e) for e in carried.state.values()),
+            )
     finally:
         values.release()
         built.files.close()
         accounted.close()  # converted values stay readable until the output is verified
-    return MigrateReport(planned, False, written, verification, tuple(built.nonfinite),
-                         hasher.hexdigest() if hasher else None)
+    return MigrateReport(
+        planned, False, written, verification, tuple(built.nonfinite), hasher.hexdigest() if hasher else None
+    )
 
 
-def _with_carried(verification: Verification, written: Written, carried: Carried,
-                  values: _TargetValues) -> Verification:
+def _with_carried(
+    verification: Verification, written: Written, carried: Carried, values: _TargetValues
+) -> Verification:
     """The re-read of the training state beside the state dict, folded into the verification."""
     differ, checked = verify_carried(written, carried, target_chunks=values.chunks, cast=cast_bytes)
     return replace(verification, differ=verification.differ + tuple(differ), checked=verification.checked + checked)
 
 
-def convert(source: str, output: str, *, force: bool = False, max_shard_size: int | None = None,
-            key: str | None = None, progress: Progress | None = None, dequantize: bool = False,
-            densify: bool = False, on_plan: Callable[[MigrationPlan], None] | None = None,
-            to: str | None = None) -> MigrateReport:
+def convert(
+    source: str,
+    output: str,
+    *,
+    force: bool = False,
+    max_shard_size: int | None = None,
+    key: str | None = None,
+    progress: Progress | None = None,
+    dequantize: bool = False,
+    densify: bool = False,
+    on_plan: Callable[[MigrationPlan], None] | None = None,
+    to: str | None = None,
+) -> MigrateReport:
     """Rewrite a checkpoint in another format (``.pth`` -> ``.safetensors``, ...) with identical tensors."""
-    return migrate(Plan(source, key), output, force=force, max_shard_size=max_shard_size, progress=progress,
-                   dequantize=dequantize, densify=densify, on_plan=on_plan, to=to)
+    return migrate(
+        Plan(source, key),
+        output,
+        force=force,
+        max_shard_size=max_shard_size,
+        progress=progress,
+        dequantize=dequantize,
+        densify=densify,
+        on_plan=on_plan,
+        to=to,
+    )
 
 
 def _output_versions(ckpt: Checkpoint, state: State, fmt: str | None) -> Mapping[str, int | None] | None:
@@ -354,8 +438,9 @@ def _output_versions(ckpt: Checkpoint, state: State, fmt: str | None) -> Mapping
     versions = module_versions(ckpt)
     if versions is None or versions is ALL_CURRENT:
         return versions
-    return {k.rpartition(".")[0]: versions.get(e.origin.rpartition(".")[0])
-            for k, e in state.items() if e.from_checkpoint}
+    return {
+        k.rpartition(".")[0]: versions.get(e.origin.rpartition(".")[0]) for k, e in state.items() if e.from_checkpoint
+    }
 
 
 # --- extras and metadata --------------------------------------------------------------------------
@@ -401,7 +486,9 @@ def _extras(ckpt: Checkpoint, keep: bool, drop_optimizer: bool = False) -> tuple
     """Entries beside the state dict (at every level of its path): (kept as plain data, dropped -> why)."""
     if _string_metadata(ckpt):
         # our own provenance is written afresh; "format" is always written, a set's "total_size" recounted
-        meta = {k: v for k, v in ckpt.metadata.items() if not k.startswith("ckpt.") and k not in ("format", "total_size")}
+        meta = {
+            k: v for k, v in ckpt.metadata.items() if not k.startswith("ckpt.") and k not in ("format", "total_size")
+        }
         return (meta, {}) if keep else ({}, {k: "--keep-extras keeps it" for k in meta})
     kept: dict[str, Any] = {}
     dropped: dict[str, str] = {}
@@ -409,8 +496,11 @@ def _extras(ckpt: Checkpoint, keep: bool, drop_optimizer: bool = False) -> tuple
     for name, value in sibling_entries(ckpt.root, ckpt.state_path):
         if isinstance(value, dict) and "param_groups" in value and "state" in value:
             # carried by optim_state into a single .pth; here the output has no place for it
-            dropped[str(name)] = "optimizer state (--drop-optimizer)" if drop_optimizer else \
-                "optimizer state: only a single .pth output carries it"
+            dropped[str(name)] = (
+                "optimizer state (--drop-optimizer)"
+                if drop_optimizer
+                else "optimizer state: only a single .pth output carries it"
+            )
             continue
         try:
             plain = _plain(value)
@@ -435,8 +525,10 @@ class _Hasher:
         self._todo = [self.path, *self.shards]
         self._digests: dict[str, str | BaseException] = {}
         self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, daemon=True, name="ckpt-sha256")
-                         for _ in range(max(1, min(len(self._todo), 4, os.cpu_count() or 1)))]
+        self._threads = [
+            threading.Thread(target=self._run, daemon=True, name="ckpt-sha256")
+            for _ in range(max(1, min(len(self._todo), 4, os.cpu_count() or 1)))
+        ]
         for t in self._threads:
             t.start()
 
@@ -470,19 +562,27 @@ class _Hasher:
         return json.dumps(dict(sorted(by_name.items())), separators=(",", ":"))
 
 
-def _metadata(ckpt: Checkpoint, plan: Plan, applied: Applied, aliases: dict[str, str], kept: dict[str, Any],
-              hasher: _Hasher | None) -> Metadata:
+def _metadata(
+    ckpt: Checkpoint,
+    plan: Plan,
+    applied: Applied,
+    aliases: dict[str, str],
+    kept: dict[str, Any],
+    hasher: _Hasher | None,
+) -> Metadata:
     meta: Metadata = {}
     if _string_metadata(ckpt):
         meta.update({k: v for k, v in kept.items()})
     else:
         meta.update({k: json.dumps(v) for k, v in kept.items()})
-    meta.update({
-        "format": "pt",  # transformers refuses safetensors files without it
-        "ckpt.version": __version__,
-        "ckpt.source": os.path.basename(ckpt.path),
-        "ckpt.operations": json.dumps([op.to_json() for op in plan.operations]),
-    })
+    meta.update(
+        {
+            "format": "pt",  # transformers refuses safetensors files without it
+            "ckpt.version": __version__,
+            "ckpt.source": os.path.basename(ckpt.path),
+            "ckpt.operations": json.dumps([op.to_json() for op in plan.operations]),
+        }
+    )
     if hasher is not None:
         meta["ckpt.source_sha256"] = Deferred(64, hasher.hexdigest)
         if hasher.shards:  # a sharded source: each shard's digest too, not only the index's
@@ -528,7 +628,7 @@ class _TargetValues:
             return
         data = memoryview(t.view(torch.uint8).numpy())
         for i in range(0, len(data), CHUNK_BYTES):
-            yield bytes(data[i:i + CHUNK_BYTES])
+            yield bytes(data[i : i + CHUNK_BYTES])
 
     def release(self) -> None:
         self._state = None
@@ -605,9 +705,12 @@ def _layout(state: State, fmt: str, values: _TargetValues, check_all: bool) -> _
         e = entries[0]
         keys = tuple(x.key for x in entries)
         # training state beside the state dict (moments, scheduler values) is carried, not judged
-        check = is_floating(e.dtype) and not e.key.startswith(CARRIED) and (
-            check_all or e.source != CHECKPOINT or e.dtype != e.source_dtype or bool(e.transform))
-        nbytes = (span.nbytes if span is not None else numel(e.shape) * itemsize(e.source_dtype))
+        check = (
+            is_floating(e.dtype)
+            and not e.key.startswith(CARRIED)
+            and (check_all or e.source != CHECKPOINT or e.dtype != e.source_dtype or bool(e.transform))
+        )
+        nbytes = span.nbytes if span is not None else numel(e.shape) * itemsize(e.source_dtype)
         nbytes = nbytes // itemsize(e.source_dtype) * itemsize(e.dtype)
 
         def chunks() -> Iterator[bytes]:
@@ -617,8 +720,7 @@ def _layout(state: State, fmt: str, values: _TargetValues, check_all: bool) -> _
                 raw: Iterable[bytes] = computed_chunks(e, files, CHUNK_BYTES)
             elif span is not None:
                 # a cast holds a few copies of each chunk: smaller chunks keep that small
-                raw = iter_raw_chunks(span, files, CAST_CHUNK_BYTES if e.dtype != e.source_dtype
-                                                       else CHUNK_BYTES)
+                raw = iter_raw_chunks(span, files, CAST_CHUNK_BYTES if e.dtype != e.source_dtype else CHUNK_BYTES)
             else:
                 raw = values.chunks(e.origin)
             if e.dtype != e.source_dtype:
@@ -635,8 +737,9 @@ def _layout(state: State, fmt: str, values: _TargetValues, check_all: bool) -> _
         if not is_composite(e):
             groups.setdefault(_group_key(e, fmt), []).append(e)
     # sparse and quantized tensors (.pth): each part its own blob, carried as it is
-    views.extend(composite_views((e for e in state.values() if is_composite(e)),
-                                 lambda ref: blob_of([Entry.from_ref(ref)], ref)))
+    views.extend(
+        composite_views((e for e in state.values() if is_composite(e)), lambda ref: blob_of([Entry.from_ref(ref)], ref))
+    )
     for entries in groups.values():
         first = entries[0]
         same_view = len({_view_key(x) for x in entries}) == 1
@@ -652,8 +755,17 @@ def _layout(state: State, fmt: str, values: _TargetValues, check_all: bool) -> _
         refs = [x.ref for x in entries if x.ref is not None]
         lo = min(r.storage_offset for r in refs)
         hi = max(r.storage_offset + r.span_elements for r in refs)
-        span = TensorRef(f"{first.key} (storage)", first.source_dtype, (hi - lo,), (1,), first.ref.storage, lo,
-                         first.ref.storage_nbytes, first.ref.data_offset, first.ref.file)
+        span = TensorRef(
+            f"{first.key} (storage)",
+            first.source_dtype,
+            (hi - lo,),
+            (1,),
+            first.ref.storage,
+            lo,
+            first.ref.storage_nbytes,
+            first.ref.data_offset,
+            first.ref.file,
+        )
         index = blob_of(entries, span)
         for x in entries:
             assert x.ref is not None

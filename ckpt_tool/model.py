@@ -159,18 +159,41 @@ class TensorRef:
 _new, _set = object.__new__, object.__setattr__
 
 
-def dense_ref(key: str, dtype: str, shape: tuple[int, ...], stride: tuple[int, ...], storage: str,
-              storage_nbytes: int, data_offset: int | None, file: str) -> TensorRef:
+def dense_ref(
+    key: str,
+    dtype: str,
+    shape: tuple[int, ...],
+    stride: tuple[int, ...],
+    storage: str,
+    storage_nbytes: int,
+    data_offset: int | None,
+    file: str,
+) -> TensorRef:
     """``TensorRef(key, dtype, shape, stride, storage, 0, storage_nbytes, data_offset, file)``, built in a
     third of the time: a frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``,
     which is most of the cost of reading a 100,000-tensor header. Equal to the ordinary construction
     (tests/test_reader.py checks it field by field)."""
     ref = _new(TensorRef)
-    _set(ref, "__dict__", {
-        "key": key, "dtype": dtype, "shape": shape, "stride": stride, "storage": storage, "storage_offset": 0,
-        "storage_nbytes": storage_nbytes, "data_offset": data_offset, "file": file, "requires_grad": False,
-        "kind": DENSE, "parts": (), "attrs": (), "note": "",
-    })
+    _set(
+        ref,
+        "__dict__",
+        {
+            "key": key,
+            "dtype": dtype,
+            "shape": shape,
+            "stride": stride,
+            "storage": storage,
+            "storage_offset": 0,
+            "storage_nbytes": storage_nbytes,
+            "data_offset": data_offset,
+            "file": file,
+            "requires_grad": False,
+            "kind": DENSE,
+            "parts": (),
+            "attrs": (),
+            "note": "",
+        },
+    )
     return ref
 
 
@@ -253,4 +276,4 @@ def common_prefix(keys: list[str]) -> str:
         if a != b:
             break
         n += 1
-    return first[:first.rfind(".", 0, n) + 1]
+    return first[: first.rfind(".", 0, n) + 1]

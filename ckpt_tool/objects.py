@@ -54,8 +54,16 @@ def _unlink(path: str) -> None:
         os.unlink(path)
 
 
-def account(ckpt: Checkpoint, operations: Sequence[Operation], state: State, fmt: str, *,
-            dequantize: bool = False, densify: bool = False, sharded: bool = False) -> ObjectPlan:
+def account(
+    ckpt: Checkpoint,
+    operations: Sequence[Operation],
+    state: State,
+    fmt: str,
+    *,
+    dequantize: bool = False,
+    densify: bool = False,
+    sharded: bool = False,
+) -> ObjectPlan:
     """Decide for every input object how the output keeps it; raise :class:`UsageError` for what it cannot.
 
     Args:
@@ -75,8 +83,10 @@ def account(ckpt: Checkpoint, operations: Sequence[Operation], state: State, fmt
         if ref is None:
             continue
         if ref.kind == DTENSOR_SHARD:
-            raise UsageError(f"tensor {e.origin!r}: {ref.note}; ckpt cannot gather the other ranks' shards: save a "
-                             "full state dict (get_model_state_dict with StateDictOptions(full_state_dict=True))")
+            raise UsageError(
+                f"tensor {e.origin!r}: {ref.note}; ckpt cannot gather the other ranks' shards: save a "
+                "full state dict (get_model_state_dict with StateDictOptions(full_state_dict=True))"
+            )
         if ref.kind == QUANTIZED and dequantize:
             converted[key] = _dequantized(ref)
         elif ref.kind in SPARSE_KINDS and densify:
@@ -85,12 +95,16 @@ def account(ckpt: Checkpoint, operations: Sequence[Operation], state: State, fmt
             if fmt == SAFETENSORS:
                 refuse_for_safetensors(e.origin, ref.dtype, ref.kind)
             if sharded:
-                raise UsageError(f"tensor {e.origin!r} is {ref.kind.replace('_', ' ')}; sharded outputs hold plain "
-                                 f"tensors only: pass --{'dequantize' if ref.kind == QUANTIZED else 'densify'} "
-                                 "or write one file")
+                raise UsageError(
+                    f"tensor {e.origin!r} is {ref.kind.replace('_', ' ')}; sharded outputs hold plain "
+                    f"tensors only: pass --{'dequantize' if ref.kind == QUANTIZED else 'densify'} "
+                    "or write one file"
+                )
             if e.dtype != e.source_dtype:
-                raise UsageError(f"tensor {e.origin!r} is {ref.kind.replace('_', ' ')} and cannot be cast in place; "
-                                 f"pass --{'dequantize' if ref.kind == QUANTIZED else 'densify'} to cast its values")
+                raise UsageError(
+                    f"tensor {e.origin!r} is {ref.kind.replace('_', ' ')} and cannot be cast in place; "
+                    f"pass --{'dequantize' if ref.kind == QUANTIZED else 'densify'} to cast its values"
+                )
         elif fmt == SAFETENSORS:
             refuse_for_safetensors(e.origin, e.dtype)
         if ref.note and ref.kind == DENSE:
@@ -100,8 +114,10 @@ def account(ckpt: Checkpoint, operations: Sequence[Operation], state: State, fmt
         _store(out, converted)
     _carry_entries(ckpt, operations, out, fmt, sharded)
     if ckpt.attributes:
-        out.notes.append(f"{len(ckpt.attributes)} TorchScript tensor attributes are not part of state_dict() and are "
-                         f"not written: {', '.join(list(ckpt.attributes)[:5])}")
+        out.notes.append(
+            f"{len(ckpt.attributes)} TorchScript tensor attributes are not part of state_dict() and are "
+            f"not written: {', '.join(list(ckpt.attributes)[:5])}"
+        )
     return out
 
 
@@ -149,8 +165,7 @@ def _store(out: ObjectPlan, tensors: dict[str, Any]) -> None:
 # --- entries that are not tensors, and _metadata -------------------------------------------------
 
 
-def _carry_entries(ckpt: Checkpoint, operations: Sequence[Operation], out: ObjectPlan, fmt: str,
-                   sharded: bool) -> None:
+def _carry_entries(ckpt: Checkpoint, operations: Sequence[Operation], out: ObjectPlan, fmt: str, sharded: bool) -> None:
     from .migrate import _NotPlain, _plain, _why_not_plain
 
     keys, metadata = carried_entries(ckpt, operations, out.state)
@@ -162,24 +177,31 @@ def _carry_entries(ckpt: Checkpoint, operations: Sequence[Operation], out: Objec
         try:
             plain = _plain(value)
         except _NotPlain:
-            raise UsageError(f"state-dict entry {key!r} ({_why_not_plain(value)}) is neither a tensor nor plain data, "
-                             f"which ckpt cannot write back; leave it out with --exclude '^{key}$'") from None
+            raise UsageError(
+                f"state-dict entry {key!r} ({_why_not_plain(value)}) is neither a tensor nor plain data, "
+                f"which ckpt cannot write back; leave it out with --exclude '^{key}$'"
+            ) from None
         if fmt == SAFETENSORS or sharded:
-            raise UsageError(f"state-dict entry {key!r} is not a tensor; {'safetensors' if fmt == SAFETENSORS else 'shards'}"
-                             f" hold tensors only: write one .pth, or leave it out with --exclude '^{key}$'")
+            raise UsageError(
+                f"state-dict entry {key!r} is not a tensor; {'safetensors' if fmt == SAFETENSORS else 'shards'}"
+                f" hold tensors only: write one .pth, or leave it out with --exclude '^{key}$'"
+            )
         objects.append((new, plain))
     out.objects = tuple(objects)
     if metadata is not None:
         if fmt == PTH and not sharded:
             out.module_metadata = metadata
         else:
-            out.notes.append(f"_metadata (module versions of {len(ckpt.module_metadata or {})} modules) is not kept: "
-                             f"{'safetensors' if fmt == SAFETENSORS else 'shards'} have no place for it (load_state_dict "
-                             "then sees no module versions, as for any safetensors file)")
+            out.notes.append(
+                f"_metadata (module versions of {len(ckpt.module_metadata or {})} modules) is not kept: "
+                f"{'safetensors' if fmt == SAFETENSORS else 'shards'} have no place for it (load_state_dict "
+                "then sees no module versions, as for any safetensors file)"
+            )
 
 
-def carried_entries(ckpt: Checkpoint, operations: Sequence[Operation], state: State
-                    ) -> tuple[dict[str, str], dict[str, Any] | None]:
+def carried_entries(
+    ckpt: Checkpoint, operations: Sequence[Operation], state: State
+) -> tuple[dict[str, str], dict[str, Any] | None]:
     """Where the operations put the state dict's non-tensor entries and its ``_metadata``.
 
     Returns source key -> new key for each entry they keep (an entry follows its module's
@@ -219,7 +241,7 @@ def _rename_module(module: str, moved: dict[str, str]) -> str | None:
         if not in_module(origin, module) or origin == module:
             continue
         had = True
-        suffix = origin[len(module) + 1:] if module else origin
+        suffix = origin[len(module) + 1 :] if module else origin
         if new == suffix:
             return ""
         if new.endswith("." + suffix):
@@ -260,8 +282,9 @@ def composite_views(entries: Iterable[Entry], blob_of: Callable[[TensorRef], int
             values = dict(parts)["values"]
             yield View(e.key, values.blob, e.dtype, e.shape, (), 0, ref.kind, parts, ref.attrs)
         else:
-            yield View(e.key, blob_of(ref), e.dtype, e.shape, contiguous_strides(e.shape), 0, ref.kind, parts,
-                       ref.attrs)
+            yield View(
+                e.key, blob_of(ref), e.dtype, e.shape, contiguous_strides(e.shape), 0, ref.kind, parts, ref.attrs
+            )
 
 
 def _part_view(key: str, ref: TensorRef, blob_of: Callable[[TensorRef], int]) -> View:

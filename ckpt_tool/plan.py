@@ -111,7 +111,7 @@ def rename(state: State, pattern: str, replacement: str) -> State:
 
 def strip_prefix(state: State, prefix: str) -> State:
     """Remove ``prefix`` from the keys that start with it (``module.`` of DataParallel)."""
-    return _rekey(state, lambda k: k[len(prefix):] if k.startswith(prefix) else k, f"--strip-prefix {prefix}")
+    return _rekey(state, lambda k: k[len(prefix) :] if k.startswith(prefix) else k, f"--strip-prefix {prefix}")
 
 
 def add_prefix(state: State, prefix: str) -> State:
@@ -160,7 +160,8 @@ def reinit_mismatched(state: State, target: Target) -> State:
     tensors = _tensors(target)
     return {
         k: replace(Entry.from_target(k, tensors[k], "reinit_mismatched"), replaces=e.origin)
-        if k in tensors and not shapes_load(e.shape, tensors[k].shape) else e
+        if k in tensors and not shapes_load(e.shape, tensors[k].shape)
+        else e
         for k, e in state.items()
     }
 
@@ -247,32 +248,53 @@ class Operation:
 
 
 _SIMPLE: dict[str, Callable[[State, str], State]] = {
-    "strip_prefix": strip_prefix, "add_prefix": add_prefix, "drop": drop, "keep": keep, "exclude": exclude,
+    "strip_prefix": strip_prefix,
+    "add_prefix": add_prefix,
+    "drop": drop,
+    "keep": keep,
+    "exclude": exclude,
     "cast": cast,
 }
 _POLICIES: dict[str, Callable[[State, Target], State]] = {
-    "fill_missing": fill_missing, "drop_unexpected": drop_unexpected, "reinit_mismatched": reinit_mismatched,
+    "fill_missing": fill_missing,
+    "drop_unexpected": drop_unexpected,
+    "reinit_mismatched": reinit_mismatched,
 }
 # op -> (field, type) it requires
 _FIELDS: dict[str, tuple[tuple[str, type], ...]] = {
-    "strip_prefix": (("prefix", str),), "add_prefix": (("prefix", str),), "drop": (("prefix", str),),
-    "keep": (("pattern", str),), "exclude": (("pattern", str),), "cast": (("dtype", str),),
-    "rename": (("pattern", str), ("replacement", str)), "map": (("mapping", dict),),
-    "fill_missing": (), "drop_unexpected": (), "reinit_mismatched": (),
-    "adapt_input_conv": (("module", str),), "resample_pos_embed": (("key", str),),
-    "grow_blocks": (("policy", str),), "shrink_blocks": (("policy", str),),
+    "strip_prefix": (("prefix", str),),
+    "add_prefix": (("prefix", str),),
+    "drop": (("prefix", str),),
+    "keep": (("pattern", str),),
+    "exclude": (("pattern", str),),
+    "cast": (("dtype", str),),
+    "rename": (("pattern", str), ("replacement", str)),
+    "map": (("mapping", dict),),
+    "fill_missing": (),
+    "drop_unexpected": (),
+    "reinit_mismatched": (),
+    "adapt_input_conv": (("module", str),),
+    "resample_pos_embed": (("key", str),),
+    "grow_blocks": (("policy", str),),
+    "shrink_blocks": (("policy", str),),
 }
 # operations that change tensor values (ckpt_tool.adapt) or the number of blocks (ckpt_tool.depth),
 # their optional fields, and their command-line values
 _VALUE_OPS = ("adapt_input_conv", "resample_pos_embed")
 _DEPTH_OPS = ("grow_blocks", "shrink_blocks")
 _OPTIONAL: dict[str, tuple[tuple[str, type], ...]] = {
-    "adapt_input_conv": (("in_chans", int),), "resample_pos_embed": (("grid", list), ("prefix_tokens", int)),
+    "adapt_input_conv": (("in_chans", int),),
+    "resample_pos_embed": (("grid", list), ("prefix_tokens", int)),
 }
 
 
-def _value_op(op: str) -> tuple[Callable[[str], dict[str, Any]], Callable[[dict[str, Any]], str],
-                                Callable[[State, Target | None, dict[str, Any]], State]]:
+def _value_op(
+    op: str,
+) -> tuple[
+    Callable[[str], dict[str, Any]],
+    Callable[[dict[str, Any]], str],
+    Callable[[State, Target | None, dict[str, Any]], State],
+]:
     """(parse the flag's value, write it back, apply) of a value or depth operation."""
     from . import adapt, depth
 
@@ -298,12 +320,21 @@ def _explicit(op: Operation) -> bool:
 
 # flag -> operation; each flag takes one value except the three policies
 FLAGS: dict[str, str] = {
-    "--drop": "drop", "--keep": "keep", "--exclude": "exclude", "--rename": "rename",
-    "--strip-prefix": "strip_prefix", "--add-prefix": "add_prefix", "--map": "map", "--dtype": "cast",
-    "--fill-missing": "fill_missing", "--drop-unexpected": "drop_unexpected",
+    "--drop": "drop",
+    "--keep": "keep",
+    "--exclude": "exclude",
+    "--rename": "rename",
+    "--strip-prefix": "strip_prefix",
+    "--add-prefix": "add_prefix",
+    "--map": "map",
+    "--dtype": "cast",
+    "--fill-missing": "fill_missing",
+    "--drop-unexpected": "drop_unexpected",
     "--reinit-mismatched": "reinit_mismatched",
-    "--adapt-input-conv": "adapt_input_conv", "--resample-pos-embed": "resample_pos_embed",
-    "--grow-blocks": "grow_blocks", "--shrink-blocks": "shrink_blocks",
+    "--adapt-input-conv": "adapt_input_conv",
+    "--resample-pos-embed": "resample_pos_embed",
+    "--grow-blocks": "grow_blocks",
+    "--shrink-blocks": "shrink_blocks",
 }
 _FLAG_OF = {op: flag for flag, op in FLAGS.items()}
 
@@ -428,8 +459,12 @@ class Plan:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "version": PLAN_VERSION, "source": self.source, "key": self.key, "arch": self.arch,
-            "arch_args": dict(self.arch_args), "operations": [op.to_json() for op in self.operations],
+            "version": PLAN_VERSION,
+            "source": self.source,
+            "key": self.key,
+            "arch": self.arch,
+            "arch_args": dict(self.arch_args),
+            "operations": [op.to_json() for op in self.operations],
             **self._training_json(),
         }
 
@@ -521,8 +556,14 @@ def plan_from_json(data: Any, where: str = "plan") -> Plan:
             raise InputError(f"{where}: {name!r} must be a string or null")
     if not isinstance(arch_args, dict):
         raise InputError(f"{where}: 'arch_args' must be an object")
-    return Plan(data.get("source"), data.get("key"), data.get("arch"), arch_args, tuple(operations),
-                **_training_from_json(data, where))
+    return Plan(
+        data.get("source"),
+        data.get("key"),
+        data.get("arch"),
+        arch_args,
+        tuple(operations),
+        **_training_from_json(data, where),
+    )
 
 
 def _training_from_json(data: dict[str, Any], where: str) -> dict[str, Any]:
@@ -597,8 +638,14 @@ class Step:
 
     @property
     def affected(self) -> int:
-        return (len(self.dropped) + len(self.renamed) + len(self.added) + len(self.reinitialised) + len(self.cast)
-                + len(self.adapted))
+        return (
+            len(self.dropped)
+            + len(self.renamed)
+            + len(self.added)
+            + len(self.reinitialised)
+            + len(self.cast)
+            + len(self.adapted)
+        )
 
 
 @dataclass(frozen=True)
@@ -612,8 +659,12 @@ def initial_state(tensors: Mapping[str, TensorRef]) -> State:
     return {k: Entry.from_ref(ref) for k, ref in tensors.items()}
 
 
-def apply(operations: tuple[Operation, ...] | list[Operation], state: State, target: Target | None = None,
-          objects: tuple[str, ...] = ()) -> Applied:
+def apply(
+    operations: tuple[Operation, ...] | list[Operation],
+    state: State,
+    target: Target | None = None,
+    objects: tuple[str, ...] = (),
+) -> Applied:
     """Run the operations in order. Returns the final state and, per operation, what it changed.
 
     Example:
@@ -694,8 +745,11 @@ def _step(name: str, before: State, after: State) -> Step:
         if after[new].dtype != e.dtype:
             cast_keys.append(new)
     where_before = {(e.source, e.origin, e.transform) for e in before.values() if not e.tied_to}
-    fresh = [k for k, e in after.items()
-             if (e.source, e.origin, e.transform) not in where_before or (e.tied_to and k not in before)]
+    fresh = [
+        k
+        for k, e in after.items()
+        if (e.source, e.origin, e.transform) not in where_before or (e.tied_to and k not in before)
+    ]
     # a key whose values an operation computed anew, under its old name
     adapted = [k for k in fresh if after[k].transform and k in before]
     reinit = [k for k in fresh if after[k].reason == "reinit_mismatched"]

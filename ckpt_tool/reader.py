@@ -38,8 +38,20 @@ from .model import (
 
 # where weights usually live, most likely first
 PREFERRED_KEYS = (
-    "state_dict", "model_state_dict", "model", "module", "net", "network", "model_ema", "ema",
-    "state_dict_ema", "params", "weights", "generator", "teacher", "student",
+    "state_dict",
+    "model_state_dict",
+    "model",
+    "module",
+    "net",
+    "network",
+    "model_ema",
+    "ema",
+    "state_dict_ema",
+    "params",
+    "weights",
+    "generator",
+    "teacher",
+    "student",
 )
 MODULE_TREE = "module tree"
 
@@ -77,8 +89,9 @@ def _refuse(path: str, kind: str, size: int) -> None:
     if kind == fmt.LEGACY_TAR:
         raise InputError(f"{path}: torch tar format from before 0.4 is not supported; re-save it with a newer torch")
     if looks_like_onnx(path):
-        raise InputError(f"{path}: is an ONNX model; ckpt reads PyTorch (.pth/.pt/.bin/.ckpt, TorchScript) and "
-                         "safetensors files")
+        raise InputError(
+            f"{path}: is an ONNX model; ckpt reads PyTorch (.pth/.pt/.bin/.ckpt, TorchScript) and safetensors files"
+        )
     raise InputError(f"{path}: not a recognised checkpoint (no torch zip, safetensors, pickle or legacy torch header)")
 
 
@@ -150,9 +163,14 @@ def open_checkpoint(path: str, key: str | None = None, *, optimizer: bool = Fals
         if key not in (None, ""):
             raise KeyPathError(f"{path}: --key {key!r} given, but a safetensors file holds one flat state dict")
         return Checkpoint(
-            path=path, format=kind, file_size=size, tensors=header.tensors, state_path="",
+            path=path,
+            format=kind,
+            file_size=size,
+            tensors=header.tensors,
+            state_path="",
             candidates=(Candidate("", len(header.tensors), sum(t.numel for t in header.tensors.values())),),
-            metadata=header.metadata, files=(path,),
+            metadata=header.metadata,
+            files=(path,),
         )
     raw = read_raw(path)
     return describe_raw(raw, key, optimizer=optimizer)
@@ -177,9 +195,18 @@ def describe_raw(raw: RawFile, key: str | None = None, *, optimizer: bool = Fals
     if isinstance(obj, Placeholder) and raw.script_classes:
         tensors, attributes = split_script_attributes(tensors, obj, raw.script_classes)
     return Checkpoint(
-        path=raw.path, format=raw.format, file_size=raw.file_size, tensors=tensors,
-        state_path=chosen_path, candidates=cands, extras=extras, placeholders=tuple(placeholders),
-        files=(raw.path,), root=raw.root, objects=state_objects(obj), module_metadata=module_metadata(obj),
+        path=raw.path,
+        format=raw.format,
+        file_size=raw.file_size,
+        tensors=tensors,
+        state_path=chosen_path,
+        candidates=cands,
+        extras=extras,
+        placeholders=tuple(placeholders),
+        files=(raw.path,),
+        root=raw.root,
+        objects=state_objects(obj),
+        module_metadata=module_metadata(obj),
         attributes=attributes,
     )
 
@@ -200,8 +227,9 @@ def module_metadata(obj: Any) -> dict[str, Any] | None:
     return {str(k): dict(v) if isinstance(v, dict) else v for k, v in meta.items()}
 
 
-def split_script_attributes(tensors: dict[str, TensorRef], root: Placeholder, classes: dict[str, tuple[set[str], set[str]]]
-                            ) -> tuple[dict[str, TensorRef], dict[str, TensorRef]]:
+def split_script_attributes(
+    tensors: dict[str, TensorRef], root: Placeholder, classes: dict[str, tuple[set[str], set[str]]]
+) -> tuple[dict[str, TensorRef], dict[str, TensorRef]]:
     """TorchScript: (parameters and buffers, other tensor attributes), as ``torch.jit.load(f).state_dict()`` splits them.
 
     The archive's ``code/`` declares each class's ``__parameters__`` and ``__buffers__``; a class
@@ -225,14 +253,11 @@ def split_script_attributes(tensors: dict[str, TensorRef], root: Placeholder, cl
     return kept, {k: r for k, r in tensors.items() if not members.get(k, True)}
 
 
-
 def _known_global(name: str) -> bool:
     if name in REBUILT_AS_DATA or name in READ_AS_DATA:
         return True
     module, _, attr = name.rpartition(".")
     return module in ("torch", "torch.storage") and (attr.endswith("Storage") or attr in TORCH_DTYPE_NAMES)
-
-
 
 
 def _is_optimizer_state(obj: dict[Any, Any]) -> bool:
@@ -302,8 +327,9 @@ def _default_candidate(root: Any, candidates: list[tuple[str, Any]]) -> tuple[st
     return max(candidates, key=lambda c: len(to_state_dict(c[1], "")))
 
 
-def resolve_key(root: Any, key: str, path: str, candidates: list[tuple[str, Any]], *, optimizer: bool = False
-                ) -> tuple[str, Any]:
+def resolve_key(
+    root: Any, key: str, path: str, candidates: list[tuple[str, Any]], *, optimizer: bool = False
+) -> tuple[str, Any]:
     """Follow a key path (``model``, ``ckpt/ema`` or ``ckpt.ema``) to a state dict."""
     obj, walked = walk_key(root, key)
     if obj is None:
@@ -315,8 +341,10 @@ def resolve_key(root: Any, key: str, path: str, candidates: list[tuple[str, Any]
         obj = obj.dictitems
     if isinstance(obj, dict) and not any(isinstance(v, PickledTensor) for v in obj.values()) and _nested_tensors(obj):
         if not optimizer:
-            raise KeyPathError(f"{path}: --key {key!r} holds nested state such as an optimizer's, not a model state "
-                               "dict (`ckpt inspect --key` describes it)")
+            raise KeyPathError(
+                f"{path}: --key {key!r} holds nested state such as an optimizer's, not a model state "
+                "dict (`ckpt inspect --key` describes it)"
+            )
         # optimizer state (``state`` -> parameter index -> ``exp_avg``...): described flattened
         return walked, _flatten_nested(obj)
     if not isinstance(obj, dict) or not any(isinstance(v, PickledTensor) for v in obj.values()):
@@ -423,17 +451,28 @@ def tensor_ref(key: str, t: PickledTensor, path: str) -> TensorRef:
     parts = tuple((name, tensor_ref(f"{key}#{name}", p, path)) for name, p in t.parts.items())
     extra: dict[str, Any] = {"attrs": tuple(sorted(t.attrs.items())), "note": t.note, "parts": parts}
     if t.kind in SPARSE_KINDS:
-        return TensorRef(key, t.dtype, t.shape, (), f"{path}#{t.kind}:{key}", 0, 0, None, path, t.requires_grad,
-                         kind=t.kind, **extra)
+        return TensorRef(
+            key, t.dtype, t.shape, (), f"{path}#{t.kind}:{key}", 0, 0, None, path, t.requires_grad, kind=t.kind, **extra
+        )
     kind = t.kind if t.kind in (QUANTIZED, DTENSOR_SHARD) else DENSE
     s: StorageRef | None = t.storage
     if s is None:
-        return TensorRef(key, t.dtype, t.shape, t.stride, f"{path}#meta:{key}", 0, 0, None, path, t.requires_grad,
-                         kind=kind, **extra)
+        return TensorRef(
+            key, t.dtype, t.shape, t.stride, f"{path}#meta:{key}", 0, 0, None, path, t.requires_grad, kind=kind, **extra
+        )
     ref = TensorRef(
-        key=key, dtype=t.dtype, shape=t.shape, stride=t.stride, storage=f"{path}#{s.key}",
-        storage_offset=t.storage_offset, storage_nbytes=s.nbytes, data_offset=s.data_offset,
-        file=s.file or path, requires_grad=t.requires_grad, kind=kind, **extra,
+        key=key,
+        dtype=t.dtype,
+        shape=t.shape,
+        stride=t.stride,
+        storage=f"{path}#{s.key}",
+        storage_offset=t.storage_offset,
+        storage_nbytes=s.nbytes,
+        data_offset=s.data_offset,
+        file=s.file or path,
+        requires_grad=t.requires_grad,
+        kind=kind,
+        **extra,
     )
     if any(d < 0 for d in t.shape) or any(st < 0 for st in t.stride) or t.storage_offset < 0:
         raise FormatError(f"{path}: tensor {key!r} has a negative size, stride or offset")
@@ -461,7 +500,10 @@ def summarize(value: Any, depth: int = 0) -> Any:
         return f"<global {value.qualname}>"
     if isinstance(value, Placeholder):
         if value.dictitems and depth < 2:
-            return {"<object>": value.name, **{str(k): summarize(v, depth + 1) for k, v in list(value.dictitems.items())[:50]}}
+            return {
+                "<object>": value.name,
+                **{str(k): summarize(v, depth + 1) for k, v in list(value.dictitems.items())[:50]},
+            }
         return f"<object {value.name}>"
     if isinstance(value, dict):
         tensors = _count_tensors(value)
@@ -537,10 +579,14 @@ def _open_sharded(index_path: str, key: str | None) -> Checkpoint:
     files = tuple(s.path for s in shards.values())
     first = next(iter(shards.values()), None)
     return Checkpoint(
-        path=index_path, format=f"{fmt.SHARDED} ({first.format if first else 'empty'})",
-        file_size=sum(s.file_size for s in shards.values()), tensors=tensors, state_path="",
+        path=index_path,
+        format=f"{fmt.SHARDED} ({first.format if first else 'empty'})",
+        file_size=sum(s.file_size for s in shards.values()),
+        tensors=tensors,
+        state_path="",
         candidates=(Candidate("", len(tensors), sum(t.numel for t in tensors.values())),),
-        metadata={str(k): str(v) for k, v in metadata.items()}, files=files,
+        metadata={str(k): str(v) for k, v in metadata.items()},
+        files=files,
         placeholders=tuple(sorted({p for s in shards.values() for p in s.placeholders})),
     )
 
@@ -568,8 +614,10 @@ def _find_index(path: str) -> str:
         for name in SINGLE_FILE_NAMES:
             if name in names:
                 return os.path.join(path, name)
-        raise InputError(f"{path}: directory holds no *.index.json and none of {', '.join(SINGLE_FILE_NAMES)} "
-                         "(pass a checkpoint file instead)")
+        raise InputError(
+            f"{path}: directory holds no *.index.json and none of {', '.join(SINGLE_FILE_NAMES)} "
+            "(pass a checkpoint file instead)"
+        )
     safetensors_first = [n for n in indexes if "safetensors" in n] or indexes
     if len(safetensors_first) > 1:
         raise InputError(f"{path}: several indexes ({', '.join(indexes)}); pass one of them")

@@ -14,8 +14,22 @@ from typing import Any, Literal, TypeVar, overload
 from .model import Progress
 from .text import some
 
-__all__ = ["dumps", "echo", "echo_json", "human_bytes", "human_count", "json_option", "note", "page", "plain_table", "progress_bar",
-           "shape_str", "some", "table", "to_jsonable"]
+__all__ = [
+    "dumps",
+    "echo",
+    "echo_json",
+    "human_bytes",
+    "human_count",
+    "json_option",
+    "note",
+    "page",
+    "plain_table",
+    "progress_bar",
+    "shape_str",
+    "some",
+    "table",
+    "to_jsonable",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -171,8 +185,9 @@ def _fast_dumps(obj: Any, text: bool = True) -> str | bytes:
     if isinstance(data, dict):
         data = {"schema_version": SCHEMA_VERSION, **data}
     try:
-        out = orjson.dumps(data, default=_default,
-                           option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATACLASS)
+        out = orjson.dumps(
+            data, default=_default, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATACLASS
+        )
     except orjson.JSONEncodeError:
         # a float or text orjson writes differently, or what neither encoder can write: the
         # standard encoder writes it, or raises as it always has
@@ -197,8 +212,15 @@ def table(rows: Iterable[Sequence[Any]], headers: Sequence[str], align: Sequence
     rows = list(rows)
     if not rows:
         return "(none)"
-    return str(tabulate(rows, headers=list(headers), tablefmt="simple", disable_numparse=True,
-                        colalign=list(align) if align else None))
+    return str(
+        tabulate(
+            rows,
+            headers=list(headers),
+            tablefmt="simple",
+            disable_numparse=True,
+            colalign=list(align) if align else None,
+        )
+    )
 
 
 def human_bytes(n: float | None) -> str:
@@ -250,6 +272,7 @@ def plain_table(rows: Iterable[Sequence[Any]], headers: Sequence[str]) -> str:
 
 # --- paging ------------------------------------------------------------------------------------------
 
+
 def page(text: str, enabled: bool = True) -> None:
     """Print ``text``, through ``$PAGER`` (``less`` by default) when stdout is a terminal the text overflows.
 
@@ -282,10 +305,23 @@ def page(text: str, enabled: bool = True) -> None:
 
 # ANSI codes of the words worth a colour: verdicts, check results and diff statuses
 STATUS_COLORS = {
-    "pass": "32", "safe": "32", "matched": "32", "loads": "32",
-    "fail": "1;31", "unsafe": "1;31", "broken": "1;31", "missing": "31", "shape": "35", "mismatched": "35",
-    "unexpected": "33", "suspicious": "33", "mixed": "33", "skipped": "33", "note": "33",
-    "dtype": "36", "auto": "36",
+    "pass": "32",
+    "safe": "32",
+    "matched": "32",
+    "loads": "32",
+    "fail": "1;31",
+    "unsafe": "1;31",
+    "broken": "1;31",
+    "missing": "31",
+    "shape": "35",
+    "mismatched": "35",
+    "unexpected": "33",
+    "suspicious": "33",
+    "mixed": "33",
+    "skipped": "33",
+    "note": "33",
+    "dtype": "36",
+    "auto": "36",
 }
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _no_color_flag = False

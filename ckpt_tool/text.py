@@ -16,5 +16,7 @@ def grouped_notes(pairs: Iterable[tuple[str, str]]) -> list[str]:
     by_note: dict[str, list[str]] = {}
     for key, note in pairs:
         by_note.setdefault(note, []).append(key)
-    return [f"{len(keys)} tensors: {note} ({some(keys)})" if len(keys) > 1 else f"{keys[0]}: {note}"
-            for note, keys in by_note.items()]
+    return [
+        f"{len(keys)} tensors: {note} ({some(keys)})" if len(keys) > 1 else f"{keys[0]}: {note}"
+        for note, keys in by_note.items()
+    ]

@@ -29,8 +29,9 @@ def require_torch(what: str, *, torchvision: bool = False) -> None:
     """
     missing = [m for m in ("torch", "torchvision") if (m == "torch" or torchvision) and not has(m)]
     if missing:
-        raise TorchMissingError(f"{what} needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
-                                "not installed")
+        raise TorchMissingError(
+            f"{what} needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed"
+        )
 
 
 def buildable(spec: str) -> bool:

@@ -68,8 +68,7 @@ class FileValidation:
         return all(c.status != FAIL for c in self.checks)
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "format": self.format, "ok": self.ok, "checks": list(self.checks),
-                "scan": self.scan}
+        return {"path": self.path, "format": self.format, "ok": self.ok, "checks": list(self.checks), "scan": self.scan}
 
 
 @dataclass(frozen=True)
@@ -104,11 +103,15 @@ def rules_from_config(config: ProjectConfig, allow: Iterable[str] = ()) -> Rules
     where = config.path or "[tool.ckpt]"
     unknown = sorted(set(values) - _KNOWN_KEYS)
     if unknown:
-        raise UsageError(f"{where}: unknown [tool.ckpt] keys {', '.join(unknown)} (known: {', '.join(sorted(_KNOWN_KEYS))})")
+        raise UsageError(
+            f"{where}: unknown [tool.ckpt] keys {', '.join(unknown)} (known: {', '.join(sorted(_KNOWN_KEYS))})"
+        )
     formats = values.get("require-format", [])
     formats = [formats] if isinstance(formats, str) else formats
     if not isinstance(formats, list) or any(f not in FORMATS for f in formats):
-        raise UsageError(f"{where}: require-format {values.get('require-format')!r}: use one or more of {', '.join(FORMATS)}")
+        raise UsageError(
+            f"{where}: require-format {values.get('require-format')!r}: use one or more of {', '.join(FORMATS)}"
+        )
     size = values.get("max-size-mb")
     if size is not None and (isinstance(size, bool) or not isinstance(size, (int, float)) or size <= 0):
         raise UsageError(f"{where}: max-size-mb must be a positive number")
@@ -117,11 +120,15 @@ def rules_from_config(config: ProjectConfig, allow: Iterable[str] = ()) -> Rules
     if not isinstance(nan, bool):
         raise UsageError(f"{where}: no-nan-inf must be true or false")
     if lfs not in ("pass", "fail"):
-        raise UsageError(f"{where}: lfs-pointers must be \"pass\" or \"fail\"")
+        raise UsageError(f'{where}: lfs-pointers must be "pass" or "fail"')
     return Rules(
-        policy=policy_for(config, allow), formats=tuple(formats),
-        max_bytes=int(size * 1024 * 1024) if size is not None else None, no_nan_inf=nan, lfs_fails=lfs == "fail",
-        arch=_arch_rules(values.get("arch", {}), where), root=config.root,
+        policy=policy_for(config, allow),
+        formats=tuple(formats),
+        max_bytes=int(size * 1024 * 1024) if size is not None else None,
+        no_nan_inf=nan,
+        lfs_fails=lfs == "fail",
+        arch=_arch_rules(values.get("arch", {}), where),
+        root=config.root,
     )
 
 
@@ -132,11 +139,18 @@ def _arch_rules(table: Any, where: str) -> tuple[tuple[str, str, dict[str, Any],
     for pattern, entry in table.items():
         if isinstance(entry, str):
             out.append((pattern, entry, {}, None))
-        elif isinstance(entry, dict) and isinstance(entry.get("arch"), str) and isinstance(entry.get("args", {}), dict) \
-                and isinstance(entry.get("key", ""), str) and not set(entry) - {"arch", "args", "key"}:
+        elif (
+            isinstance(entry, dict)
+            and isinstance(entry.get("arch"), str)
+            and isinstance(entry.get("args", {}), dict)
+            and isinstance(entry.get("key", ""), str)
+            and not set(entry) - {"arch", "args", "key"}
+        ):
             out.append((pattern, entry["arch"], dict(entry.get("args", {})), entry.get("key")))
         else:
-            raise UsageError(f"{where}: [tool.ckpt.arch] {pattern!r} must be \"ARCH\" or {{ arch = ..., args = {{...}}, key = ... }}")
+            raise UsageError(
+                f'{where}: [tool.ckpt.arch] {pattern!r} must be "ARCH" or {{ arch = ..., args = {{...}}, key = ... }}'
+            )
     return tuple(out)
 
 
@@ -166,8 +180,15 @@ def validate_file(path: str, rules: Rules) -> FileValidation:
     result = scan_file(path, rules.policy)
     checks = [_scan_check(result)]
     if kind == fmt.DCP_SHARD:  # loaded with its directory, on the row of its .metadata
-        return FileValidation(path, result.format, (*checks, Check("loads", NOTE, "one shard of a DCP directory: "
-                                                                  "loaded with the directory (see its .metadata)")), result)
+        return FileValidation(
+            path,
+            result.format,
+            (
+                *checks,
+                Check("loads", NOTE, "one shard of a DCP directory: loaded with the directory (see its .metadata)"),
+            ),
+            result,
+        )
     loaded = path
     if os.path.basename(path) == ".metadata" and fmt.sniff(os.path.dirname(path) or ".") == fmt.DCP:
         loaded = os.path.dirname(path) or "."  # a DCP directory's .metadata: the directory is what loads
@@ -180,13 +201,19 @@ def validate_file(path: str, rules: Rules) -> FileValidation:
 
 def _scan_check(result: FileScan) -> Check:
     if result.verdict == SAFE:
-        return Check("scan", PASS, "safe: " + (", ".join(result.notes) if result.notes else f"{len(result.globals)} globals, all allowed"))
+        return Check(
+            "scan",
+            PASS,
+            "safe: " + (", ".join(result.notes) if result.notes else f"{len(result.globals)} globals, all allowed"),
+        )
     by_reason: dict[str, list[str]] = {}
     for f in result.findings:
         if f.severity == result.verdict and f.name not in by_reason.setdefault(f.reason, []):
             by_reason[f.reason].append(f.name)
-    parts = [", ".join(names[:3]) + (f" +{len(names) - 3} more" if len(names) > 3 else "") + f": {reason}"
-             for reason, names in by_reason.items()]
+    parts = [
+        ", ".join(names[:3]) + (f" +{len(names) - 3} more" if len(names) > 3 else "") + f": {reason}"
+        for reason, names in by_reason.items()
+    ]
     return Check("scan", FAIL, f"{result.verdict}: " + "; ".join(parts))
 
 
@@ -207,12 +234,22 @@ def _policy_checks(path: str, kind: str, size: int, ckpt: Checkpoint | None, rul
     if rules.formats:
         inner = kind.partition("(")[2].rstrip(")") if kind.startswith(fmt.SHARDED) else kind
         ok = inner in rules.formats
-        checks.append(Check("format", PASS if ok else FAIL,
-                            f"{kind}" + ("" if ok else f", the project requires {' or '.join(rules.formats)}")))
+        checks.append(
+            Check(
+                "format",
+                PASS if ok else FAIL,
+                f"{kind}" + ("" if ok else f", the project requires {' or '.join(rules.formats)}"),
+            )
+        )
     if rules.max_bytes is not None:
         ok = size <= rules.max_bytes
-        checks.append(Check("size", PASS if ok else FAIL, f"{size / 2**20:.1f} MB "
-                            f"{'within' if ok else 'over'} the {rules.max_bytes / 2**20:g} MB limit"))
+        checks.append(
+            Check(
+                "size",
+                PASS if ok else FAIL,
+                f"{size / 2**20:.1f} MB {'within' if ok else 'over'} the {rules.max_bytes / 2**20:g} MB limit",
+            )
+        )
     if rules.no_nan_inf and ckpt is not None and ckpt.tensors:
         checks.append(_values_check(ckpt))
     for pattern, spec, args, key in rules.arch:
@@ -262,8 +299,12 @@ def _arch_check(path: str, ckpt: Checkpoint | None, spec: str, args: dict[str, A
     if result.loads:
         return Check("arch", PASS, f"{label}: all {len(signature.tensors)} keys match")
     wrong = [*result.missing, *result.unexpected, *(m.key for m in result.mismatched)][:_SHOWN]
-    return Check("arch", FAIL, f"{label}: {len(result.missing)} missing, {len(result.unexpected)} unexpected, "
-                 f"{len(result.mismatched)} shape mismatches (e.g. {', '.join(wrong)}); see `ckpt diff {path} --arch {spec}`")
+    return Check(
+        "arch",
+        FAIL,
+        f"{label}: {len(result.missing)} missing, {len(result.unexpected)} unexpected, "
+        f"{len(result.mismatched)} shape mismatches (e.g. {', '.join(wrong)}); see `ckpt diff {path} --arch {spec}`",
+    )
 
 
 def _validate_sharded(path: str, rules: Rules) -> FileValidation:
@@ -293,8 +334,9 @@ def _validate_sharded(path: str, rules: Rules) -> FileValidation:
     base = os.path.dirname(os.path.abspath(index_path))
     checks: list[Check] = []
     if doubled:
-        checks.append(Check("keys", FAIL, f"{len(doubled)} keys are listed twice in the index: "
-                            + ", ".join(doubled[:_SHOWN])))
+        checks.append(
+            Check("keys", FAIL, f"{len(doubled)} keys are listed twice in the index: " + ", ".join(doubled[:_SHOWN]))
+        )
     shards: dict[str, Checkpoint] = {}
     for shard in dict.fromkeys(weight_map.values()):
         try:
@@ -318,8 +360,13 @@ def _validate_sharded(path: str, rules: Rules) -> FileValidation:
     total = (index.get("metadata") or {}).get("total_size") if isinstance(index.get("metadata"), dict) else None
     if total is not None and len(shards) == len(set(weight_map.values())):
         ok = total == nbytes
-        checks.append(Check("total_size", PASS if ok else FAIL, f"index says {total} bytes"
-                            + ("" if ok else f", the shards' tensors hold {nbytes}")))
+        checks.append(
+            Check(
+                "total_size",
+                PASS if ok else FAIL,
+                f"index says {total} bytes" + ("" if ok else f", the shards' tensors hold {nbytes}"),
+            )
+        )
     if not any(c.status == FAIL for c in checks):
         checks.insert(0, Check("shards", PASS, f"{len(shards)} shards, {len(weight_map)} keys, all scanned safe"))
     first = next(iter(shards.values()), None)
@@ -342,14 +389,31 @@ def _key_checks(weight_map: dict[str, str], shards: dict[str, Checkpoint]) -> li
             holders.setdefault(key, []).append(shard)
     doubled = sorted(k for k, where in holders.items() if len(where) > 1)
     if doubled:
-        checks.append(Check("keys", FAIL, f"{len(doubled)} keys are in two shards: "
-                            + ", ".join(f"{k} ({' and '.join(holders[k])})" for k in doubled[:_SHOWN])))
+        checks.append(
+            Check(
+                "keys",
+                FAIL,
+                f"{len(doubled)} keys are in two shards: "
+                + ", ".join(f"{k} ({' and '.join(holders[k])})" for k in doubled[:_SHOWN]),
+            )
+        )
     absent = sorted(k for k, shard in weight_map.items() if shard in shards and k not in shards[shard].tensors)
     if absent:
-        checks.append(Check("keys", FAIL, f"{len(absent)} keys the index places in a shard that lacks them: "
-                            + ", ".join(f"{k} ({weight_map[k]})" for k in absent[:_SHOWN])))
+        checks.append(
+            Check(
+                "keys",
+                FAIL,
+                f"{len(absent)} keys the index places in a shard that lacks them: "
+                + ", ".join(f"{k} ({weight_map[k]})" for k in absent[:_SHOWN]),
+            )
+        )
     unindexed = sorted(k for k in holders if k not in weight_map)
     if unindexed:
-        checks.append(Check("keys", FAIL, f"{len(unindexed)} keys in the shards are missing from the index: "
-                            + ", ".join(unindexed[:_SHOWN])))
+        checks.append(
+            Check(
+                "keys",
+                FAIL,
+                f"{len(unindexed)} keys in the shards are missing from the index: " + ", ".join(unindexed[:_SHOWN]),
+            )
+        )
     return checks

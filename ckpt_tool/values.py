@@ -19,16 +19,37 @@ CHUNK_BYTES = 16 * 1024 * 1024
 MAX_EXPANSION = 1 << 30
 
 _NUMPY_DTYPES = {
-    "float64": "<f8", "float32": "<f4", "float16": "<f2", "int64": "<i8", "int32": "<i4", "int16": "<i2",
-    "int8": "i1", "uint64": "<u8", "uint32": "<u4", "uint16": "<u2", "uint8": "u1", "bool": "?",
-    "complex64": "<c8", "complex128": "<c16", "bfloat16": "<u2", "qint8": "i1", "quint8": "u1", "qint32": "<i4",
-    "float8_e4m3fn": "u1", "float8_e5m2": "u1", "float8_e4m3fnuz": "u1", "float8_e5m2fnuz": "u1",
+    "float64": "<f8",
+    "float32": "<f4",
+    "float16": "<f2",
+    "int64": "<i8",
+    "int32": "<i4",
+    "int16": "<i2",
+    "int8": "i1",
+    "uint64": "<u8",
+    "uint32": "<u4",
+    "uint16": "<u2",
+    "uint8": "u1",
+    "bool": "?",
+    "complex64": "<c8",
+    "complex128": "<c16",
+    "bfloat16": "<u2",
+    "qint8": "i1",
+    "quint8": "u1",
+    "qint32": "<i4",
+    "float8_e4m3fn": "u1",
+    "float8_e5m2": "u1",
+    "float8_e4m3fnuz": "u1",
+    "float8_e5m2fnuz": "u1",
     "float8_e8m0fnu": "u1",
 }
 # float8 dtypes -> (exponent bits, mantissa bits, bias, variant); widened to float32 through a table
 _FLOAT8 = {
-    "float8_e4m3fn": (4, 3, 7, "fn"), "float8_e5m2": (5, 2, 15, "ieee"), "float8_e4m3fnuz": (4, 3, 8, "fnuz"),
-    "float8_e5m2fnuz": (5, 2, 16, "fnuz"), "float8_e8m0fnu": (8, 0, 127, "e8m0"),
+    "float8_e4m3fn": (4, 3, 7, "fn"),
+    "float8_e5m2": (5, 2, 15, "ieee"),
+    "float8_e4m3fnuz": (4, 3, 8, "fnuz"),
+    "float8_e5m2fnuz": (5, 2, 16, "fnuz"),
+    "float8_e8m0fnu": (8, 0, 127, "e8m0"),
 }
 
 
@@ -100,14 +121,16 @@ def iter_raw_chunks(ref: TensorRef, files: FileCache, chunk_bytes: int = CHUNK_B
     span_bytes = ref.span_elements * size
     if ref.nbytes > span_bytes + MAX_EXPANSION:
         # a broadcast (stride 0) view may repeat a few stored bytes without bound: refuse, not hang
-        raise FormatError(f"{ref.file}: tensor {ref.key!r} expands {span_bytes} stored bytes to {ref.nbytes} "
-                          "(a broadcast view); refusing to materialise it")
+        raise FormatError(
+            f"{ref.file}: tensor {ref.key!r} expands {span_bytes} stored bytes to {ref.nbytes} "
+            "(a broadcast view); refusing to materialise it"
+        )
     span = _read_exact(f, ref.offset, span_bytes, ref)
     raw = np.frombuffer(span, dtype=np.dtype(f"V{size}"))
     view = np.lib.stride_tricks.as_strided(raw, shape=ref.shape, strides=tuple(s * size for s in ref.stride))
     rows = max(1, chunk_bytes // max(1, ref.nbytes // ref.shape[0])) if ref.shape else 1
     for start in range(0, ref.shape[0] if ref.shape else 1, rows):
-        block = view[start:start + rows] if ref.shape else view
+        block = view[start : start + rows] if ref.shape else view
         yield np.ascontiguousarray(block).tobytes()
 
 
@@ -271,8 +294,9 @@ def composite_to_torch(ref: TensorRef, files: FileCache) -> Any:
         indices = list(parts.values())
         if ref.kind == "sparse_coo":
             return torch.sparse_coo_tensor(indices[0], values, ref.shape)
-        return torch.sparse_compressed_tensor(indices[0], indices[1], values, ref.shape,
-                                              layout=getattr(torch, ref.kind))
+        return torch.sparse_compressed_tensor(
+            indices[0], indices[1], values, ref.shape, layout=getattr(torch, ref.kind)
+        )
 
 
 def compare_composite(a: TensorRef, b: TensorRef, files: FileCache) -> tuple[float, float]:

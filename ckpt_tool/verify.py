@@ -88,10 +88,18 @@ def origins(state: State) -> dict[str, int]:
     return counts
 
 
-def verify_output(written: Written, state: State, *, target_chunks: Callable[[str], Iterable[bytes]],
-                  cast: Callable[[bytes, str, str], bytes], aliases: Mapping[str, str], state_path: str | None,
-                  signature: TargetSignature | None = None, seed: int = 0,
-                  computed: Callable[[Entry], Iterable[bytes]] | None = None) -> Verification:
+def verify_output(
+    written: Written,
+    state: State,
+    *,
+    target_chunks: Callable[[str], Iterable[bytes]],
+    cast: Callable[[bytes, str, str], bytes],
+    aliases: Mapping[str, str],
+    state_path: str | None,
+    signature: TargetSignature | None = None,
+    seed: int = 0,
+    computed: Callable[[Entry], Iterable[bytes]] | None = None,
+) -> Verification:
     """Both checks of the module docstring; ``target_chunks(key)`` gives the target's initial bytes of a key,
     ``computed(entry)`` the bytes an adapted or copied entry's values must have (before a cast)."""
     differ, checked, written_tensors = _reread(written, state, target_chunks, cast, aliases, state_path, computed)
@@ -103,13 +111,22 @@ def verify_output(written: Written, state: State, *, target_chunks: Callable[[st
     if not buildable(signature.spec) or too_large:
         # every value was compared above; only the load into a model built for real is left out
         diff = _header_check(written_tensors, signature, aliases)
-        return Verification(signature.spec, diff.loads, diff, None, checked, tuple(differ),
-                            checkpoint_share=round(share, 6), method="headers_memory" if too_large else "headers",
-                            **counts)
+        return Verification(
+            signature.spec,
+            diff.loads,
+            diff,
+            None,
+            checked,
+            tuple(differ),
+            checkpoint_share=round(share, 6),
+            method="headers_memory" if too_large else "headers",
+            **counts,
+        )
     loads, diff, error, after = _load(written, signature, aliases, state_path, seed)
     differ += [k for k in after if k not in differ]
-    return Verification(signature.spec, loads, diff, error, checked, tuple(differ), checkpoint_share=round(share, 6),
-                        **counts)
+    return Verification(
+        signature.spec, loads, diff, error, checked, tuple(differ), checkpoint_share=round(share, 6), **counts
+    )
 
 
 def _target_bytes(signature: TargetSignature) -> int:
@@ -137,22 +154,34 @@ def _memory_available() -> int:
 # --- 1. re-read -----------------------------------------------------------------------------------
 
 
-def _reread(written: Written, state: State, target_chunks: Callable[[str], Iterable[bytes]],
-            cast: Callable[[bytes, str, str], bytes], aliases: Mapping[str, str],
-            state_path: str | None, computed: Callable[[Entry], Iterable[bytes]] | None = None,
-            ) -> tuple[list[str], int, Mapping[str, TensorRef]]:
+def _reread(
+    written: Written,
+    state: State,
+    target_chunks: Callable[[str], Iterable[bytes]],
+    cast: Callable[[bytes, str, str], bytes],
+    aliases: Mapping[str, str],
+    state_path: str | None,
+    computed: Callable[[Entry], Iterable[bytes]] | None = None,
+) -> tuple[list[str], int, Mapping[str, TensorRef]]:
     from .reader import open_checkpoint
 
     out = open_checkpoint(written.path, state_path if written.format != SAFETENSORS else None)
-    differ, checked = compare_values(out.tensors, state, written, target_chunks=target_chunks, cast=cast,
-                                     aliases=aliases, computed=computed)
+    differ, checked = compare_values(
+        out.tensors, state, written, target_chunks=target_chunks, cast=cast, aliases=aliases, computed=computed
+    )
     return differ, checked, out.tensors
 
 
-def compare_values(found: Mapping[str, TensorRef], state: State, written: Written, *,
-                   target_chunks: Callable[[str], Iterable[bytes]], cast: Callable[[bytes, str, str], bytes],
-                   aliases: Mapping[str, str] | None = None,
-                   computed: Callable[[Entry], Iterable[bytes]] | None = None) -> tuple[list[str], int]:
+def compare_values(
+    found: Mapping[str, TensorRef],
+    state: State,
+    written: Written,
+    *,
+    target_chunks: Callable[[str], Iterable[bytes]],
+    cast: Callable[[bytes, str, str], bytes],
+    aliases: Mapping[str, str] | None = None,
+    computed: Callable[[Entry], Iterable[bytes]] | None = None,
+) -> tuple[list[str], int]:
     """Each planned entry against the written tensor ``found`` holds under its key, byte for byte:
     (the keys that differ or are missing, how many were compared)."""
     aliases = aliases or {}
@@ -174,8 +203,11 @@ def compare_values(found: Mapping[str, TensorRef], state: State, written: Writte
                     want = (cast(c, e.source_dtype, e.dtype) for c in want)
             elif e.ref is not None:
                 # rewritten in place: the input's bytes now live in the backup
-                source = replace(e.ref, file=written.backup) if written.backup and _same_file(e.ref.file, written.path) \
+                source = (
+                    replace(e.ref, file=written.backup)
+                    if written.backup and _same_file(e.ref.file, written.path)
                     else e.ref
+                )
                 if source.kind != DENSE or ref.kind != DENSE:
                     checked += 1
                     if not _same_composite(source, ref, files):
@@ -244,8 +276,9 @@ class _Ranges:
                 f = self._file(ref.file)
                 f.seek(ref.offset + done)
                 if f.readinto(view[:n]) != n:
-                    raise FormatError(f"{ref.file}: tensor {ref.key!r} is truncated (ends before byte "
-                                      f"{ref.offset + ref.nbytes})")
+                    raise FormatError(
+                        f"{ref.file}: tensor {ref.key!r} is truncated (ends before byte {ref.offset + ref.nbytes})"
+                    )
             # whole buffers compare with one memcmp; a short tail through a small copy
             if not (self._a == self._b if n == len(self._a) else ma[:n].tobytes() == mb[:n].tobytes()):
                 return False
@@ -264,8 +297,9 @@ def _same_composite(a: TensorRef, b: TensorRef, files: FileCache) -> bool:
         x, y = replace(x, kind=DENSE, parts=()), replace(y, kind=DENSE, parts=())
         if x.shape != y.shape or x.dtype != y.dtype:
             return False
-        if x.nbytes and not _same_bytes(iter_raw_chunks(x, files, VERIFY_CHUNK_BYTES),
-                                        iter_raw_chunks(y, files, VERIFY_CHUNK_BYTES)):
+        if x.nbytes and not _same_bytes(
+            iter_raw_chunks(x, files, VERIFY_CHUNK_BYTES), iter_raw_chunks(y, files, VERIFY_CHUNK_BYTES)
+        ):
             return False
     return True
 
@@ -301,8 +335,9 @@ def _same_bytes(a: Iterable[bytes], b: Iterable[bytes]) -> bool:
 # --- 2. load into the target ----------------------------------------------------------------------
 
 
-def _header_check(written_tensors: Mapping[str, TensorRef], signature: TargetSignature,
-                  aliases: Mapping[str, str]) -> Compatibility:
+def _header_check(
+    written_tensors: Mapping[str, TensorRef], signature: TargetSignature, aliases: Mapping[str, str]
+) -> Compatibility:
     """Without torch: the written headers, as the re-read found them, against the target."""
     state: dict[str, Any] = dict(written_tensors)
     for alias, name in aliases.items():
@@ -311,8 +346,9 @@ def _header_check(written_tensors: Mapping[str, TensorRef], signature: TargetSig
     return check(state, signature)
 
 
-def _load(written: Written, signature: TargetSignature, aliases: Mapping[str, str], state_path: str | None,
-          seed: int) -> tuple[bool, Compatibility, str | None, list[str]]:
+def _load(
+    written: Written, signature: TargetSignature, aliases: Mapping[str, str], state_path: str | None, seed: int
+) -> tuple[bool, Compatibility, str | None, list[str]]:
     import torch
 
     from .arch import build_model
@@ -336,8 +372,7 @@ def _load(written: Written, signature: TargetSignature, aliases: Mapping[str, st
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
         return False, diff, " ".join(lines[:2]), []
     loaded = model.state_dict()
-    differ = [k for k, v in state.items() if isinstance(v, torch.Tensor) and k in loaded
-              and not _equal(loaded[k], v)]
+    differ = [k for k, v in state.items() if isinstance(v, torch.Tensor) and k in loaded and not _equal(loaded[k], v)]
     return True, diff, None, differ
 
 
@@ -351,9 +386,11 @@ def _equal(got: Any, want: Any) -> bool:
         if got.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
             same_params = got.q_scale() == want.q_scale() and got.q_zero_point() == want.q_zero_point()
         else:
-            same_params = (got.q_per_channel_axis() == want.q_per_channel_axis()
-                           and _equal(got.q_per_channel_scales(), want.q_per_channel_scales())
-                           and _equal(got.q_per_channel_zero_points(), want.q_per_channel_zero_points()))
+            same_params = (
+                got.q_per_channel_axis() == want.q_per_channel_axis()
+                and _equal(got.q_per_channel_scales(), want.q_per_channel_scales())
+                and _equal(got.q_per_channel_zero_points(), want.q_per_channel_zero_points())
+            )
         return same_params and _equal(got.int_repr(), want.int_repr())
     if got.layout != torch.strided or want.layout != torch.strided:
         return got.layout == want.layout and _equal(got.to_dense(), want.to_dense())
@@ -385,4 +422,3 @@ def _written_state(written: Written, state_path: str | None) -> Iterator[tuple[s
                 for part in state_path.split("/"):
                     loaded = loaded[part]
             yield from loaded.items()
-

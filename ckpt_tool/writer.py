@@ -146,7 +146,9 @@ def output_format(path: str) -> str:
     """``.safetensors`` -> safetensors; ``.pth``/``.pt``/``.bin``/``.ckpt`` -> a torch zip."""
     ext = os.path.splitext(path)[1].lower()
     if ext not in _EXTENSIONS:
-        raise UsageError(f"-o {path}: unknown output extension {ext or '(none)'!r}; use .safetensors, .pth, .pt or .bin")
+        raise UsageError(
+            f"-o {path}: unknown output extension {ext or '(none)'!r}; use .safetensors, .pth, .pt or .bin"
+        )
     return _EXTENSIONS[ext]
 
 
@@ -179,7 +181,9 @@ def check_output(path: str, inputs: Iterable[str], *, force: bool = False, in_pl
     if not os.path.isdir(directory):
         raise OutputError(f"-o {path}: directory {directory} does not exist")
     if os.path.isdir(path):
-        raise OutputError(f"-o {path}: is a directory; give a file name such as {os.path.join(path, 'model.safetensors')}")
+        raise OutputError(
+            f"-o {path}: is a directory; give a file name such as {os.path.join(path, 'model.safetensors')}"
+        )
     same = [p for p in inputs if _same_file(p, path)]
     if in_place and not same:
         raise UsageError(f"--in-place: -o {path} is not the input; leave out -o or --in-place")
@@ -249,8 +253,9 @@ class Staging:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as exc:
-            raise OutputError(f"{final}: cannot create a file in {os.path.dirname(tmp)} ({exc.strerror or exc})") \
-                from None
+            raise OutputError(
+                f"{final}: cannot create a file in {os.path.dirname(tmp)} ({exc.strerror or exc})"
+            ) from None
         self._staged.append((tmp, final))
         try:
             with os.fdopen(fd, "wb", buffering=0) as f:
@@ -436,11 +441,15 @@ def refuse_for_safetensors(key: str, dtype: str, kind: str = DENSE) -> None:
     """Raise :class:`UsageError` for a tensor a ``.safetensors`` file cannot hold or the installed
     safetensors cannot load; the one rule for every command that writes safetensors."""
     if kind in SPARSE_KINDS:
-        raise UsageError(f"tensor {key!r} is a {kind.replace('_', ' ')} tensor, which safetensors cannot hold; "
-                         "pass --densify to write it dense, or write a .pth")
+        raise UsageError(
+            f"tensor {key!r} is a {kind.replace('_', ' ')} tensor, which safetensors cannot hold; "
+            "pass --densify to write it dense, or write a .pth"
+        )
     if kind == QUANTIZED or dtype in QUANTIZED_DTYPES:
-        raise UsageError(f"tensor {key!r} is quantized ({dtype}), which safetensors cannot hold with its scale and "
-                         "zero point; pass --dequantize to write it as float32, or write a .pth")
+        raise UsageError(
+            f"tensor {key!r} is quantized ({dtype}), which safetensors cannot hold with its scale and "
+            "zero point; pass --dequantize to write it as float32, or write a .pth"
+        )
     code = DTYPES[dtype][1]
     if code is None or not loadable(code):
         why = "has no safetensors dtype" if code is None else unloadable_reason(code)
@@ -452,8 +461,10 @@ def _write_safetensors(out: IO[bytes], layout: Layout, metadata: Metadata, tick:
     (:func:`write_checkpoint` rewrites the header once they are known)."""
     if layout.objects:
         key = layout.objects[0][0]
-        raise UsageError(f"state-dict entry {key!r} is not a tensor; safetensors holds only tensors: write a .pth, "
-                         "or leave it out with --drop/--exclude")
+        raise UsageError(
+            f"state-dict entry {key!r} is not a tensor; safetensors holds only tensors: write a .pth, "
+            "or leave it out with --drop/--exclude"
+        )
     for v in layout.views:
         blob = layout.blobs[v.blob]
         if v.offset or blob.nbytes != v.nbytes or v.stride != contiguous_strides(v.shape):
@@ -570,7 +581,6 @@ class _Pickler:
             self.global_("torch", t.view.dtype)
         self.out += b"tR"
 
-
     def _quantizer(self, t: _TensorPickle) -> None:
         """``(qscheme, scale, zero_point)`` or ``(qscheme, scales, zero_points, axis)``, as torch pickles them."""
         a = dict(t.view.attrs)
@@ -685,8 +695,12 @@ def _write_pth(out: IO[bytes], layout: Layout, nesting: Nesting, tick: Callable[
     prefix = "archive/"
     data_pkl = _pth_pickle(layout, nesting)
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as zf:
-        small = [("data.pkl", data_pkl), (".format_version", b"1"), (".storage_alignment", str(ALIGNMENT).encode()),
-                 ("byteorder", b"little")]
+        small = [
+            ("data.pkl", data_pkl),
+            (".format_version", b"1"),
+            (".storage_alignment", str(ALIGNMENT).encode()),
+            ("byteorder", b"little"),
+        ]
         for name, data in small:
             _zip_entry(zf, prefix + name, data, tick)
         for index in layout.blob_indexes():
@@ -751,16 +765,24 @@ def write_checkpoint(
     shards, files = shard_plan(path, layout, max_shard_size)
     total = sum(layout.blobs[i].nbytes for i in layout.blob_indexes())
     if len(shards) > 1 and (layout.objects or any(v.parts for v in layout.views)):
-        raise UsageError("sharded outputs hold plain tensors only: this state dict has composite tensors or entries "
-                         "that are not tensors; write one file (leave out --max-shard-size)")
+        raise UsageError(
+            "sharded outputs hold plain tensors only: this state dict has composite tensors or entries "
+            "that are not tensors; write one file (leave out --max-shard-size)"
+        )
 
     def tick(n: int) -> None:
         if progress is not None:
             progress(n, total)
 
     deferred = any(isinstance(v, Deferred) for v in metadata.values())
-    written = Written(path if len(shards) == 1 else files[-1], fmt, tuple(files), len(layout.views),
-                      sum(v.nbytes for v in layout.views), backup)
+    written = Written(
+        path if len(shards) == 1 else files[-1],
+        fmt,
+        tuple(files),
+        len(layout.views),
+        sum(v.nbytes for v in layout.views),
+        backup,
+    )
     try:
         # shard by shard: each is fsynced in the background while the next one is written
         for name, shard in zip(files, shards):
@@ -775,8 +797,14 @@ def write_checkpoint(
                 out.write(_index(layout, files, shards, metadata, final=not deferred))
         if before_commit is not None:
             # the staged files hold every byte the final ones will, bar the deferred metadata values
-            before_commit(replace(written, path=staging.staged_path(written.path),
-                                  files=tuple(staging.staged_path(f) for f in files), backup=None))
+            before_commit(
+                replace(
+                    written,
+                    path=staging.staged_path(written.path),
+                    files=tuple(staging.staged_path(f) for f in files),
+                    backup=None,
+                )
+            )
         if deferred:
             final = resolve_metadata(metadata)
             if fmt == SAFETENSORS:
@@ -829,7 +857,8 @@ def _split(layout: Layout, max_size: int) -> list[Layout]:
     for group in groups:
         remap = {old: new for new, (old, _) in enumerate(group)}
         blobs = tuple(layout.blobs[old] for old, _ in group)
-        shard_views = tuple(View(v.key, remap[v.blob], v.dtype, v.shape, v.stride, v.offset)
-                            for _, vs in group for v in vs)
+        shard_views = tuple(
+            View(v.key, remap[v.blob], v.dtype, v.shape, v.stride, v.offset) for _, vs in group for v in vs
+        )
         shards.append(Layout(blobs, shard_views))
     return shards

@@ -184,7 +184,9 @@ def check_page(page: str, inputs: str, update: bool = False) -> list[str]:
                 if code != cmd.code:
                     problems.append(f"{name}: `{cmd.text}` exits {code}, the page says {cmd.code}")
                 if masked(output) != masked(cmd.output):
-                    diff = difflib.unified_diff(cmd.output.splitlines(), output.splitlines(), "page", "run", lineterm="")
+                    diff = difflib.unified_diff(
+                        cmd.output.splitlines(), output.splitlines(), "page", "run", lineterm=""
+                    )
                     problems.append(f"{name}: `{cmd.text}` prints something else:\n" + "\n".join(diff))
             return "```console\n" + _render(results) + "```"
 
@@ -199,8 +201,11 @@ def stray_examples(page: str) -> list[str]:
     """``$ ckpt`` lines outside console blocks would never be run: each one is a problem."""
     with open(page, encoding="utf-8") as f:
         text = BLOCK.sub("", f.read())
-    return [f"{os.path.relpath(page, ROOT)}: `{line.strip()}` is not in a ```console block"
-            for line in text.splitlines() if line.lstrip().startswith("$ ckpt")]
+    return [
+        f"{os.path.relpath(page, ROOT)}: `{line.strip()}` is not in a ```console block"
+        for line in text.splitlines()
+        if line.lstrip().startswith("$ ckpt")
+    ]
 
 
 def build_inputs(dest: str) -> str:

@@ -86,8 +86,9 @@ def make(dest: str) -> None:
     from torch import nn
 
     os.makedirs(dest, exist_ok=True)
-    shutil.copytree(FIXTURES, os.path.join(dest, "fixtures"), dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        FIXTURES, os.path.join(dest, "fixtures"), dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__")
+    )
     with open(os.path.join(dest, "my_models.py"), "w", encoding="utf-8") as f:
         f.write(MY_MODELS)
     sys.path.insert(0, FIXTURES)
@@ -115,8 +116,14 @@ def make(dest: str) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.randn(2, 3, 8, 8)).sum().backward()
     opt.step()
-    torch.save({"model_state_dict": OrderedDict(("module." + k, v) for k, v in model.state_dict().items()),
-                "optimizer_state_dict": opt.state_dict(), "epoch": 3}, at("checkpoint.pth"))
+    torch.save(
+        {
+            "model_state_dict": OrderedDict(("module." + k, v) for k, v in model.state_dict().items()),
+            "optimizer_state_dict": opt.state_dict(),
+            "epoch": 3,
+        },
+        at("checkpoint.pth"),
+    )
 
     with open(os.path.join(FIXTURES, "tiny_cnn.pth"), "rb") as f:
         head = f.read(5000)
@@ -131,14 +138,29 @@ def make(dest: str) -> None:
 
     # the tiny CNN as a port from elsewhere would save it: every module under another name, in the same
     # order (ported.pth), and with TF/Keras names for the norm layers' tensors (tiny_cnn_tf.pth)
-    ported = {"features.0": "body.conv_a", "features.1": "body.norm_a", "features.3": "body.conv_b",
-              "features.4": "body.norm_b", "classifier.fc1": "head.hidden", "classifier.fc2": "head.logits"}
-    torch.save(OrderedDict((ported[k.rpartition(".")[0]] + "." + k.rpartition(".")[2], v)
-                           for k, v in model.state_dict().items()), at("ported.pth"))
+    ported = {
+        "features.0": "body.conv_a",
+        "features.1": "body.norm_a",
+        "features.3": "body.conv_b",
+        "features.4": "body.norm_b",
+        "classifier.fc1": "head.hidden",
+        "classifier.fc2": "head.logits",
+    }
+    torch.save(
+        OrderedDict(
+            (ported[k.rpartition(".")[0]] + "." + k.rpartition(".")[2], v) for k, v in model.state_dict().items()
+        ),
+        at("ported.pth"),
+    )
     keras = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"}
-    torch.save(OrderedDict((m + "." + keras.get(leaf, leaf) if m in ("features.1", "features.4") else k, v)
-                           for k, v in model.state_dict().items() for m, _, leaf in [k.rpartition(".")]),
-               at("tiny_cnn_tf.pth"))
+    torch.save(
+        OrderedDict(
+            (m + "." + keras.get(leaf, leaf) if m in ("features.1", "features.4") else k, v)
+            for k, v in model.state_dict().items()
+            for m, _, leaf in [k.rpartition(".")]
+        ),
+        at("tiny_cnn_tf.pth"),
+    )
 
     models = at("models")
     os.makedirs(models, exist_ok=True)

@@ -70,6 +70,7 @@ def _signature(name: str, obj: Any) -> str:
     except (TypeError, ValueError):
         sig = ""
     else:
+
         def plain(a: Any) -> Any:
             return _Annotation(a) if isinstance(a, str) else a
 

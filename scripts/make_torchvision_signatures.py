@@ -52,8 +52,13 @@ def head_rule(name: str, default: dict[str, Any]) -> dict[str, int] | None:
             if o.shape == t.shape and o.dtype == t.dtype:
                 continue
             changed = [i for i, (a, b) in enumerate(zip(t.shape, o.shape)) if a != b]
-            if len(t.shape) != len(o.shape) or o.dtype != t.dtype or len(changed) != 1 \
-                    or t.shape[changed[0]] != 1000 or o.shape[changed[0]] != n:
+            if (
+                len(t.shape) != len(o.shape)
+                or o.dtype != t.dtype
+                or len(changed) != 1
+                or t.shape[changed[0]] != 1000
+                or o.shape[changed[0]] != n
+            ):
                 return None
             found[key] = changed[0]
         if rule is not None and found != rule:
@@ -68,13 +73,21 @@ def main() -> None:
     for name in sorted(torchvision.models.list_models(module=torchvision.models)):
         default = describe(name)
         rule = head_rule(name, default)
-        entry = {"tensors": default["rows"], "auto_filled": default["auto_filled"], "ties": default["ties"],
-                 "num_classes": {"default": 1000, "head": rule} if rule else None}
+        entry = {
+            "tensors": default["rows"],
+            "auto_filled": default["auto_filled"],
+            "ties": default["ties"],
+            "num_classes": {"default": 1000, "head": rule} if rule else None,
+        }
         # each entry is a JSON string of its own: a lookup parses the one model it needs
         models[name] = json.dumps(entry, sort_keys=True, separators=(",", ":"))
         print(f"{name}: {len(default['rows'])} keys, head {rule}", file=sys.stderr)
-    table = {"schema": SCHEMA, "torchvision": torchvision.__version__.split("+")[0], "torch": torch.__version__,
-             "models": models}
+    table = {
+        "schema": SCHEMA,
+        "torchvision": torchvision.__version__.split("+")[0],
+        "torch": torch.__version__,
+        "models": models,
+    }
     data = json.dumps(table, sort_keys=True, separators=(",", ":")).encode()
     with gzip.GzipFile(TABLE_PATH, "wb", compresslevel=9, mtime=0) as f:  # mtime 0: same input, same bytes
         f.write(data)

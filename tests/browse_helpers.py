@@ -38,8 +38,10 @@ def write_checkpoints(out: str) -> dict[str, str]:
 
     os.makedirs(out, exist_ok=True)
     sd = build_net().state_dict()
-    paths = {name: os.path.join(out, file) for name, file in
-             (("source", "train.pth"), ("target", "target.pth"), ("safetensors", "model.safetensors"))}
+    paths = {
+        name: os.path.join(out, file)
+        for name, file in (("source", "train.pth"), ("target", "target.pth"), ("safetensors", "model.safetensors"))
+    }
     ema = OrderedDict((k, v.clone()) for k, v in sd.items() if k.startswith("blocks.0."))
     torch.save({"model": sd, "ema": ema, "epoch": 7, "run": "baseline"}, paths["source"])
     target = OrderedDict((k, v.clone()) for k, v in sd.items() if k != "blocks.0.norm.bias")  # unexpected
@@ -47,6 +49,9 @@ def write_checkpoints(out: str) -> dict[str, str]:
     target["blocks.1.fc.bias"] = target["blocks.1.fc.bias"].half()  # dtype
     target["blocks.12.fc.weight"] = torch.zeros(8, 8)  # missing
     torch.save(target, paths["target"])
-    save_file({k: v.contiguous() for k, v in sd.items() if k != "head.weight"}, paths["safetensors"],
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in sd.items() if k != "head.weight"},
+        paths["safetensors"],
+        metadata={"format": "pt"},
+    )
     return paths

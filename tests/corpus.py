@@ -243,7 +243,7 @@ def build_model(layout: Layout) -> Any:
     if layout.arch.startswith("timm:"):
         import timm
 
-        return timm.create_model(layout.arch[len("timm:"):], **kwargs)
+        return timm.create_model(layout.arch[len("timm:") :], **kwargs)
     if ":" in layout.arch:
         path, factory = layout.arch.rsplit(":", 1)
         return getattr(factories_module(path), factory)(**kwargs)
@@ -303,7 +303,10 @@ def _torchscript_truth(layout: Layout) -> dict[str, Any]:
 
 
 _TRUTH: dict[str, Callable[[Layout], dict[str, Any]]] = {
-    TORCH: _torch_truth, HF_DIR: _hf_truth, FSDP_FULL: _fsdp_truth, TORCHSCRIPT: _torchscript_truth,
+    TORCH: _torch_truth,
+    HF_DIR: _hf_truth,
+    FSDP_FULL: _fsdp_truth,
+    TORCHSCRIPT: _torchscript_truth,
 }
 
 
@@ -346,6 +349,7 @@ def _quiet_transformers() -> None:
 
 # ---- builders: (corpus, directory) -> Layout ---------------------------------------------------------
 
+
 def _hf(factory: str, *, shard: bool = False, torch_bin: bool = False) -> Callable[[Corpus, str], Layout]:
     def build(corpus: Corpus, directory: str) -> Layout:
         _quiet_transformers()
@@ -361,8 +365,9 @@ def _hf(factory: str, *, shard: bool = False, torch_bin: bool = False) -> Callab
             model.save_pretrained(out)
             kept = set(load_file(os.path.join(out, "model.safetensors")))
             os.remove(os.path.join(out, "model.safetensors"))
-            torch.save({k: v for k, v in model.state_dict().items() if k in kept},
-                       os.path.join(out, "pytorch_model.bin"))
+            torch.save(
+                {k: v for k, v in model.state_dict().items() if k in kept}, os.path.join(out, "pytorch_model.bin")
+            )
         else:
             model.save_pretrained(out, **({"max_shard_size": "20KB"} if shard else {}))
         return Layout(name="", source=out, arch=corpus.spec(factory), arch_options=("--fill-missing",), truth=HF_DIR)
@@ -387,15 +392,17 @@ def _torch_save(factory: str, *, seed: int, wrap: str | None = None) -> Callable
             model.q8 = torch.quantize_per_tensor(torch.randn(4), 0.05, 2, torch.qint8)
             model.qu8 = torch.quantize_per_tensor(torch.randn(4), 0.07, 9, torch.quint8)
             model.q32 = torch.quantize_per_tensor(torch.randn(4), 0.01, 0, torch.qint32)
-            model.qch = torch.quantize_per_channel(torch.randn(2, 3), torch.tensor([0.3, 0.4]),
-                                                   torch.tensor([3, 4]), 0, torch.qint8)
+            model.qch = torch.quantize_per_channel(
+                torch.randn(2, 3), torch.tensor([0.3, 0.4]), torch.tensor([3, 4]), 0, torch.qint8
+            )
             objects = ("q8", "qu8", "q32", "qch")
         elif factory in ("dtypes", "complex128"):
             gen = torch.Generator().manual_seed(seed)
             for buffer in model.buffers():
                 # random bytes: every bit pattern of each dtype, NaNs included, must come through
-                buffer.view(torch.uint8).copy_(torch.randint(0, 256, buffer.view(torch.uint8).shape,
-                                                             dtype=torch.uint8, generator=gen))
+                buffer.view(torch.uint8).copy_(
+                    torch.randint(0, 256, buffer.view(torch.uint8).shape, dtype=torch.uint8, generator=gen)
+                )
                 if buffer.dtype == torch.bool:
                     buffer.copy_(buffer.view(torch.uint8) % 2 == 1)
             objects = ("t_complex128",) if factory == "complex128" else ()
@@ -435,8 +442,15 @@ def _torchvision_dp_nested(corpus: Corpus, directory: str) -> Layout:
     _step(model, opt, seed=3)
     path = os.path.join(directory, "checkpoint.pth")
     torch.save({"model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(), "epoch": 4}, path)
-    return Layout(name="", source=path, key="model_state_dict", arch="mobilenet_v3_small", strip_prefix="module.",
-                  arch_options=("--arch-arg", "num_classes=10"), arch_args=(("num_classes", 10),))
+    return Layout(
+        name="",
+        source=path,
+        key="model_state_dict",
+        arch="mobilenet_v3_small",
+        strip_prefix="module.",
+        arch_options=("--arch-arg", "num_classes=10"),
+        arch_args=(("num_classes", 10),),
+    )
 
 
 def _lightning(corpus: Corpus, directory: str) -> Layout:
@@ -466,8 +480,16 @@ def _lightning(corpus: Corpus, directory: str) -> Layout:
 
     gen = torch.Generator().manual_seed(13)
     data = torch.utils.data.TensorDataset(torch.randn(8, 4, generator=gen), torch.randint(0, 2, (8,), generator=gen))
-    trainer = lightning.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                                enable_checkpointing=False, enable_model_summary=False, default_root_dir=directory)
+    trainer = lightning.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=directory,
+    )
     trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=4))
     path = os.path.join(directory, "last.ckpt")
     trainer.save_checkpoint(path)
@@ -495,8 +517,14 @@ def _timm_saver(directory: str) -> str:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     _step(model, opt, seed=17)
     ema.update(model, step=1)  # the EMA now differs from the model
-    saver = CheckpointSaver(model, opt, args=argparse.Namespace(model="test_resnet"), model_ema=ema,
-                            checkpoint_dir=directory, recovery_dir=directory)
+    saver = CheckpointSaver(
+        model,
+        opt,
+        args=argparse.Namespace(model="test_resnet"),
+        model_ema=ema,
+        checkpoint_dir=directory,
+        recovery_dir=directory,
+    )
     saver.save_checkpoint(epoch=0, metric=0.5)
     return os.path.join(directory, "last.pth.tar")
 
@@ -505,8 +533,12 @@ def _fsdp2(corpus: Corpus, directory: str) -> Layout:
     """FSDP2 ``fully_shard`` (gloo, world size 1) in a subprocess: DTensor parameters, plain buffers."""
     path = os.path.join(directory, "fsdp2.pth")
     full = os.path.join(directory, "fsdp2-full.pth")
-    done = subprocess.run([sys.executable, os.path.abspath(__file__), "fsdp2", corpus.factories, path, full],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "fsdp2", corpus.factories, path, full],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"the FSDP2 worker exited {done.returncode}:\n{done.stderr[-3000:]}")
     params = tuple(k for k, _ in factories_module(corpus.factories).mlp().named_parameters())

@@ -74,8 +74,12 @@ def save_resnet(path: str, *, wrap: str | None = None, **kwargs):
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         model(torch.randn(2, 3, 32, 32)).sum().backward()
         opt.step()
-        obj = {"model_state_dict": sd, "optimizer_state_dict": opt.state_dict(), "epoch": 5,
-               "config": {"lr": 0.1, "tags": ["a"]}}
+        obj = {
+            "model_state_dict": sd,
+            "optimizer_state_dict": opt.state_dict(),
+            "epoch": 5,
+            "config": {"lr": 0.1, "tags": ["a"]},
+        }
     else:
         sd = model.state_dict()
         obj = sd

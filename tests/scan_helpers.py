@@ -49,11 +49,21 @@ def write_benign(out: str) -> dict[str, str]:
     opt.step()
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1)
     paths["nested_optimizer"] = os.path.join(out, "mobilenet_train.ckpt")
-    torch.save({"model": mobile.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "epoch": 4, "args": argparse.Namespace(lr=0.1, arch="mobilenet_v3_small"),
-                "best_acc": np.float64(0.91), "history": np.arange(5, dtype=np.float32),
-                "dtype": np.dtype("float32"), "seen": {1, 2}, "shape": torch.Size([3, 4])},
-               paths["nested_optimizer"])
+    torch.save(
+        {
+            "model": mobile.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "epoch": 4,
+            "args": argparse.Namespace(lr=0.1, arch="mobilenet_v3_small"),
+            "best_acc": np.float64(0.91),
+            "history": np.arange(5, dtype=np.float32),
+            "dtype": np.dtype("float32"),
+            "seen": {1, 2},
+            "shape": torch.Size([3, 4]),
+        },
+        paths["nested_optimizer"],
+    )
 
     paths["lightning"] = os.path.join(out, "lightning.ckpt")
     _save_lightning(mobile, opt, paths["lightning"], out)
@@ -86,16 +96,26 @@ def _save_lightning(model: Any, opt: Any, path: str, out: str) -> None:
     try:
         from pytorch_lightning.utilities.parsing import AttributeDict
 
-        torch.save({
-            "epoch": 3, "global_step": 120, "pytorch-lightning_version": "1.9.5",
-            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-            "optimizer_states": [opt.state_dict()], "lr_schedulers": [],
-            "callbacks": {"ModelCheckpoint{'monitor': 'val_loss'}": {"best_model_score": torch.tensor(0.25),
-                                                                      "best_model_path": "epoch=3.ckpt"}},
-            "loops": {"fit_loop": {"epoch_progress": {"total": {"ready": 4, "completed": 3}}}},
-            "hyper_parameters": AttributeDict(lr=0.01, batch_size=32, layers=[64, 128]),
-            "hparams_name": "kwargs",
-        }, path)
+        torch.save(
+            {
+                "epoch": 3,
+                "global_step": 120,
+                "pytorch-lightning_version": "1.9.5",
+                "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "optimizer_states": [opt.state_dict()],
+                "lr_schedulers": [],
+                "callbacks": {
+                    "ModelCheckpoint{'monitor': 'val_loss'}": {
+                        "best_model_score": torch.tensor(0.25),
+                        "best_model_path": "epoch=3.ckpt",
+                    }
+                },
+                "loops": {"fit_loop": {"epoch_progress": {"total": {"ready": 4, "completed": 3}}}},
+                "hyper_parameters": AttributeDict(lr=0.01, batch_size=32, layers=[64, 128]),
+                "hparams_name": "kwargs",
+            },
+            path,
+        )
     finally:
         sys.path.remove(os.path.join(out, "_fake_lightning"))
         for name in [m for m in sys.modules if m.startswith("pytorch_lightning")]:
@@ -113,7 +133,7 @@ def write_sharded(directory: str, state: dict[str, Any], parts: int = 2) -> str:
     total = 0
     for i in range(parts):
         name = f"model-{i + 1:05d}-of-{parts:05d}.safetensors"
-        chunk = {k: state[k].contiguous() for k in keys[i * step:(i + 1) * step]}
+        chunk = {k: state[k].contiguous() for k in keys[i * step : (i + 1) * step]}
         save_file(chunk, os.path.join(directory, name))
         weight_map.update({k: name for k in chunk})
         total += sum(t.numel() * t.element_size() for t in chunk.values())
@@ -167,8 +187,9 @@ _LOAD = textwrap.dedent("""
 def load_for_real(path: str, cwd: str) -> subprocess.CompletedProcess[str]:
     """What a victim does: torch.load(weights_only=False), torch.jit.load, numpy.load(allow_pickle=True),
     joblib.load or pickle.load, by the file's kind. Runs in a child process."""
-    return subprocess.run([PYTHON, "-c", _LOAD + f"\nload({path!r})\n"], cwd=cwd, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [PYTHON, "-c", _LOAD + f"\nload({path!r})\n"], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
 def live_payloads(paths: dict[str, str], marker: str, cwd: str) -> set[str]:

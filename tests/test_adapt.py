@@ -58,7 +58,8 @@ def test_diff_proposes_adapt_and_migrate_equals_timm(resnet, tmp_path, in_chans)
     assert result.ok and result.verification.loads and not result.verification.differ
     assert result.plan.steps[0].adapted == ("conv1.weight",)
     assert [(a.key, a.origin_shape, a.shape) for a in result.plan.adapted] == [
-        ("conv1.weight", (64, 3, 7, 7), (64, in_chans, 7, 7))]
+        ("conv1.weight", (64, 3, 7, 7), (64, in_chans, 7, 7))
+    ]
     src, got = torch.load(resnet, weights_only=True), load(out)
     assert same_bytes(got["conv1.weight"], timm.models.adapt_input_conv(in_chans, src["conv1.weight"]))
     assert not same_bytes(got["conv1.weight"][:, :1], src["conv1.weight"][:, :1])
@@ -97,8 +98,12 @@ def test_verification_catches_a_wrong_adapted_value(resnet, tmp_path, monkeypatc
         return iter(chunks)
 
     monkeypatch.setattr(migrate_mod, "computed_chunks", corrupt_first_write)
-    plan = Plan(resnet, arch="timm:resnet18", arch_args={"in_chans": 1},
-                operations=(operation("adapt_input_conv", module="conv1"),))
+    plan = Plan(
+        resnet,
+        arch="timm:resnet18",
+        arch_args={"in_chans": 1},
+        operations=(operation("adapt_input_conv", module="conv1"),),
+    )
     result = migrate(plan, str(tmp_path / "bad.safetensors"))
     assert result.verification.differ == ("conv1.weight",)
     assert not result.ok
@@ -186,30 +191,40 @@ def test_resample_explicit_grid_keeps_the_dtype(tmp_path, dtype):
 
 
 def test_plan_json_and_argv_round_trip():
-    for flag, value in (("--adapt-input-conv", "conv1"), ("--adapt-input-conv", "stem.conv=4"),
-                        ("--resample-pos-embed", "pos_embed"), ("--resample-pos-embed", "pos_embed=2x3"),
-                        ("--resample-pos-embed", "pos_embed=1+3x3")):
+    for flag, value in (
+        ("--adapt-input-conv", "conv1"),
+        ("--adapt-input-conv", "stem.conv=4"),
+        ("--resample-pos-embed", "pos_embed"),
+        ("--resample-pos-embed", "pos_embed=2x3"),
+        ("--resample-pos-embed", "pos_embed=1+3x3"),
+    ):
         op = operation_from_flag(flag, value)
         assert op.to_argv() == [flag, value]
         again = plan_from_json(Plan("a.pth", operations=(op,)).to_json())
         assert again.operations == (op,)
     assert operation_from_flag("--resample-pos-embed", "pos_embed=1+3x3").params == {
-        "key": "pos_embed", "grid": [3, 3], "prefix_tokens": 1}
+        "key": "pos_embed",
+        "grid": [3, 3],
+        "prefix_tokens": 1,
+    }
 
 
 # --- bad input --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--adapt-input-conv", "stem=1"], "matches no key"),
-    (["--adapt-input-conv", "conv1"], "need the target (--arch)"),
-    (["--adapt-input-conv", "conv1=x"], "give MODULE or MODULE=N"),
-    (["--adapt-input-conv", "conv1=0"], "give MODULE or MODULE=N"),
-    (["--adapt-input-conv", "fc=2"], "is not a convolution weight"),
-    (["--resample-pos-embed", "pos=3"], "give KEY, KEY=HxW or KEY=P+HxW"),
-    (["--resample-pos-embed", "fc.weight=2x2"], "is not a [1, tokens, dim] position embedding"),
-    (["--adapt-input-conv", "conv1=2", "--adapt-input-conv", "conv1=4"], "only 3 (RGB) filters"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--adapt-input-conv", "stem=1"], "matches no key"),
+        (["--adapt-input-conv", "conv1"], "need the target (--arch)"),
+        (["--adapt-input-conv", "conv1=x"], "give MODULE or MODULE=N"),
+        (["--adapt-input-conv", "conv1=0"], "give MODULE or MODULE=N"),
+        (["--adapt-input-conv", "fc=2"], "is not a convolution weight"),
+        (["--resample-pos-embed", "pos=3"], "give KEY, KEY=HxW or KEY=P+HxW"),
+        (["--resample-pos-embed", "fc.weight=2x2"], "is not a [1, tokens, dim] position embedding"),
+        (["--adapt-input-conv", "conv1=2", "--adapt-input-conv", "conv1=4"], "only 3 (RGB) filters"),
+    ],
+)
 def test_bad_adaptations_are_one_line_exit_2(resnet, tmp_path, args, message):
     result = invoke("migrate", resnet, *args, "-o", str(tmp_path / "o.pth"))
     assert result.exit_code == 2, result.output
@@ -234,5 +249,6 @@ def test_a_one_channel_conv_is_not_adapted_to_three(tmp_path):
     gray = str(tmp_path / "g.pth")
     torch.save(timm.create_model("resnet18", in_chans=1).state_dict(), gray)
     with pytest.raises(UsageError, match="only 3 \\(RGB\\) filters"):
-        migrate(Plan(gray, arch="timm:resnet18", operations=(operation("adapt_input_conv", module="conv1"),)),
-                dry_run=True)
+        migrate(
+            Plan(gray, arch="timm:resnet18", operations=(operation("adapt_input_conv", module="conv1"),)), dry_run=True
+        )

@@ -17,7 +17,7 @@ from ckpt_tool import arch, arch_table
 from ckpt_tool.arch import TargetTensor, build_model, default_cache_dir, parse_arch_args, target_signature
 from ckpt_tool.errors import ArchError, UsageError
 
-USER_MODEL = textwrap.dedent('''
+USER_MODEL = textwrap.dedent("""
     import torch
     from torch import nn
 
@@ -37,7 +37,7 @@ USER_MODEL = textwrap.dedent('''
 
     def not_a_module():
         return 42
-''')
+""")
 
 
 @pytest.fixture
@@ -61,7 +61,11 @@ def entries(cache: Path) -> list[Path]:
 
 def test_parse_arch_args() -> None:
     assert parse_arch_args(["num_classes=10", "dropout=0.2", "name=abc", "t=(1, 2)"]) == {
-        "num_classes": 10, "dropout": 0.2, "name": "abc", "t": (1, 2)}
+        "num_classes": 10,
+        "dropout": 0.2,
+        "name": "abc",
+        "t": (1, 2),
+    }
     with pytest.raises(UsageError, match="NAME=VALUE"):
         parse_arch_args(["num_classes"])
     with pytest.raises(UsageError):
@@ -183,13 +187,16 @@ def test_meta_build_falls_back_to_cpu(cache: Path, user_file: Path) -> None:
     assert sig.tensors["fc.weight"].shape == (4, 3)
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("resnet1800", r"not a torchvision model \(did you mean resnet18, resnet101"),
-    ("nosuchpkg_xyz.mod:f", "cannot import nosuchpkg_xyz.mod"),
-    ("{file}:missing", "has no callable 'missing'"),
-    ("{file}:not_a_module", "not an nn.Module"),
-    ("{dir}/nofile.py:f", "no such file"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("resnet1800", r"not a torchvision model \(did you mean resnet18, resnet101"),
+        ("nosuchpkg_xyz.mod:f", "cannot import nosuchpkg_xyz.mod"),
+        ("{file}:missing", "has no callable 'missing'"),
+        ("{file}:not_a_module", "not an nn.Module"),
+        ("{dir}/nofile.py:f", "no such file"),
+    ],
+)
 def test_arch_errors(cache: Path, user_file: Path, spec: str, message: str) -> None:
     with pytest.raises(ArchError, match=message):
         target_signature(spec.format(file=user_file, dir=user_file.parent))
@@ -210,12 +217,12 @@ def test_timm_missing_says_how_to_get_it(cache: Path, monkeypatch: pytest.Monkey
 def test_warm_cache_imports_neither_torch_nor_torchvision(cache: Path, tmp_path: Path) -> None:
     """A real process: the cached path must not import torch (checked in the child's sys.modules)."""
     torch.save(torchvision.models.squeezenet1_0(weights=None).state_dict(), tmp_path / "sq.pth")
-    code = textwrap.dedent('''
+    code = textwrap.dedent("""
         import sys
         from ckpt_tool.arch import target_signature
         sig = target_signature("squeezenet1_0", {"dropout": 0.3})  # an argument the shipped table cannot state
         print(sig.cache, sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision")))
-    ''')
+    """)
     env = dict(os.environ, CKPT_CACHE_DIR=str(cache.parent))
     cold = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert cold.stdout.startswith("built [") and "'torch'" in cold.stdout

@@ -32,13 +32,18 @@ def test_every_classification_model_is_in_the_table():
 
 
 @pytest.mark.torchfree
-@pytest.mark.parametrize(("name", "heads"), [
-    ("resnet18", {"fc.weight": (10, 512), "fc.bias": (10,)}),
-    ("squeezenet1_1", {"classifier.1.weight": (10, 512, 1, 1), "classifier.1.bias": (10,)}),
-    ("inception_v3", {"fc.weight": (10, 2048), "fc.bias": (10,), "AuxLogits.fc.weight": (10, 768),
-                      "AuxLogits.fc.bias": (10,)}),
-    ("maxvit_t", {"classifier.5.weight": (10, 512)}),
-])
+@pytest.mark.parametrize(
+    ("name", "heads"),
+    [
+        ("resnet18", {"fc.weight": (10, 512), "fc.bias": (10,)}),
+        ("squeezenet1_1", {"classifier.1.weight": (10, 512, 1, 1), "classifier.1.bias": (10,)}),
+        (
+            "inception_v3",
+            {"fc.weight": (10, 2048), "fc.bias": (10,), "AuxLogits.fc.weight": (10, 768), "AuxLogits.fc.bias": (10,)},
+        ),
+        ("maxvit_t", {"classifier.5.weight": (10, 512)}),
+    ],
+)
 def test_num_classes_follows_the_head_rule(name, heads):
     default, ten = lookup(name, {}), lookup(name, {"num_classes": 10, "weights": None})
     assert default is not None and ten is not None and list(ten.tensors) == list(default.tensors)
@@ -49,8 +54,17 @@ def test_num_classes_follows_the_head_rule(name, heads):
 
 
 @pytest.mark.torchfree
-@pytest.mark.parametrize("args", [{"num_classes": 0}, {"num_classes": True}, {"num_classes": "10"},
-                                  {"dropout": 0.2}, {"num_classes": 10, "aux_logits": False}, {"weights": "DEFAULT"}])
+@pytest.mark.parametrize(
+    "args",
+    [
+        {"num_classes": 0},
+        {"num_classes": True},
+        {"num_classes": "10"},
+        {"dropout": 0.2},
+        {"num_classes": 10, "aux_logits": False},
+        {"weights": "DEFAULT"},
+    ],
+)
 def test_arguments_the_table_cannot_state_are_left_to_a_build(args):
     assert lookup("inception_v3", args) is None
 
@@ -97,8 +111,9 @@ def test_the_table_matches_every_model_of_the_installed_torchvision():
 
 
 @pytest.mark.slow  # six more builds on the meta device
-@pytest.mark.parametrize("name", ["resnet18", "googlenet", "inception_v3", "vit_b_16", "mobilenet_v3_small",
-                                  "densenet121"])
+@pytest.mark.parametrize(
+    "name", ["resnet18", "googlenet", "inception_v3", "vit_b_16", "mobilenet_v3_small", "densenet121"]
+)
 def test_the_head_rule_matches_a_build(name):
     from ckpt_tool.arch import build_model, signature_of
 
@@ -114,7 +129,9 @@ def test_the_installed_release_is_read_without_importing_torchvision():
 
     import torchvision
 
-    code = ("import sys; from ckpt_tool.arch_table import _installed_torchvision; "
-            "print(_installed_torchvision(), 'torchvision' in sys.modules)")
+    code = (
+        "import sys; from ckpt_tool.arch_table import _installed_torchvision; "
+        "print(_installed_torchvision(), 'torchvision' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == [torchvision.__version__.split("+")[0], "False"], out.stdout + out.stderr

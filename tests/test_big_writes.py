@@ -38,9 +38,17 @@ def llama(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("sharded") / "llama"
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=100, tie_word_embeddings=False))
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=100,
+            tie_word_embeddings=False,
+        )
+    )
     model.save_pretrained(str(out), max_shard_size="20KB")
     assert os.path.exists(out / "model.safetensors.index.json")
     return str(out), {k: v.clone() for k, v in model.state_dict().items()}
@@ -123,8 +131,9 @@ def test_replacing_a_set_removes_the_old_index_first(llama, tmp_path, monkeypatc
         real(a, b)
 
     monkeypatch.setattr(writer.os, "replace", spy)
-    report = migrate(Plan(src, operations=(operation("drop", prefix="lm_head"),)), out, max_shard_size=30_000,
-                     force=True)
+    report = migrate(
+        Plan(src, operations=(operation("drop", prefix="lm_head"),)), out, max_shard_size=30_000, force=True
+    )
     assert report.ok and index_present and not any(index_present)  # no old index over a mix of shards
     assert "lm_head.weight" not in json.load(open(old_index))["weight_map"]
 
@@ -133,11 +142,13 @@ def failing_after(shards_ok: int) -> Layout:
     """Shards of 1000 bytes; the blob of shard ``shards_ok + 1`` fails midway."""
     blobs, views = [], []
     for i in range(4):
+
         def chunks(i=i):
             yield b"\1" * 500
             if i == shards_ok:
                 raise RuntimeError("source vanished")
             yield b"\1" * 500
+
         blobs.append(Blob("float32", 1000, chunks))
         views.append(View(f"w{i}", i, "float32", (250,), (1,)))
     return Layout(tuple(blobs), tuple(views))
@@ -174,8 +185,11 @@ def test_a_killed_write_leaves_nothing_under_the_final_names(llama, tmp_path):
     src, _ = llama
     out = tmp_path / "out"
     out.mkdir()
-    proc = subprocess.run([sys.executable, "-c", KILLER, src, str(out / "model.safetensors")], capture_output=True,
-                          env={**os.environ, "CKPT_CACHE_DIR": str(tmp_path / "cache")})
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLER, src, str(out / "model.safetensors")],
+        capture_output=True,
+        env={**os.environ, "CKPT_CACHE_DIR": str(tmp_path / "cache")},
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
     names = os.listdir(out)
     # only the hidden staging directory, holding what was written so far
@@ -196,8 +210,9 @@ def test_verification_covers_every_shard(llama, tmp_path, monkeypatch):
             out.write(b"\x55")
 
     monkeypatch.setattr(writer, "_copy_range", corrupt_the_last)
-    result = CliRunner().invoke(main, ["migrate", src, "-o", str(tmp_path / "m.safetensors"), "--max-shard-size",
-                                       "30000", "--json"])
+    result = CliRunner().invoke(
+        main, ["migrate", src, "-o", str(tmp_path / "m.safetensors"), "--max-shard-size", "30000", "--json"]
+    )
     assert result.exit_code == 1, result.output
     report = json.loads(result.stdout)
     (bad,) = report["verification"]["differ"]
@@ -211,15 +226,19 @@ def test_tied_weights_survive_a_sharded_write(tmp_path):
     import transformers
 
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0))
+    model = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0
+        )
+    )
     model.config.architectures = ["GPT2LMHeadModel"]
     model.config.save_pretrained(str(tmp_path / "cfg"))
     src = str(tmp_path / "gpt2.pth")
     torch.save(model.state_dict(), src)  # both names, one storage
     os.makedirs(tmp_path / "out")
-    report = migrate(Plan(src, arch=f"hf:{tmp_path / 'cfg'}"), str(tmp_path / "out" / "model.safetensors"),
-                     max_shard_size=20_000)
+    report = migrate(
+        Plan(src, arch=f"hf:{tmp_path / 'cfg'}"), str(tmp_path / "out" / "model.safetensors"), max_shard_size=20_000
+    )
     assert report.ok and report.verification is not None and report.verification.loads
     index = json.load(open(report.written.path))
     assert json.loads(index["metadata"]["ckpt.aliases"]) == {"lm_head.weight": "transformer.wte.weight"}

@@ -29,9 +29,11 @@ def paths(tmp_path_factory, torch):
 
 def sync(test):
     """Run an async pilot test in its own event loop (no asyncio plugin needed)."""
+
     @functools.wraps(test)
     def run(*args, **kwargs):
         return asyncio.run(test(*args, **kwargs))
+
     return run
 
 
@@ -156,8 +158,9 @@ async def test_plan_screen_returns_the_migrate_command(paths, tmp_path):
     from safetensors.torch import save_file
 
     prefixed = str(tmp_path / "dp.safetensors")
-    save_file({"module." + k: v.contiguous() for k, v in build_net().state_dict().items() if k != "head.weight"},
-              prefixed)
+    save_file(
+        {"module." + k: v.contiguous() for k, v in build_net().state_dict().items() if k != "head.weight"}, prefixed
+    )
     data = load(prefixed, paths["safetensors"])
     app = BrowseApp(data, scan=False)
     async with app.run_test(size=(80, 24)) as pilot:

@@ -16,8 +16,9 @@ pytest.importorskip("pytest_textual_snapshot")
 from ckpt_tool.browse.app import BrowseApp  # noqa: E402
 from ckpt_tool.browse.view import load  # noqa: E402
 
-UNSAFE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "malicious",
-                      "torch_zip_payload.pth")
+UNSAFE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "malicious", "torch_zip_payload.pth"
+)
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +38,7 @@ def _steps(*keys):
             await pilot.press(key)
             await pilot.app.workers.wait_for_complete()
             await pilot.pause()
+
     return run
 
 

@@ -25,15 +25,34 @@ class Tmux:
         self.socket = f"ckpt-browse-{os.getpid()}"
         env = {**os.environ, "TERM": "xterm-256color", "PS1": "$ "}
         env.pop("NO_COLOR", None)
-        subprocess.run(["tmux", "-L", self.socket, "-f", "/dev/null", "new-session", "-d", "-x", "80", "-y", "24",
-                        "-c", cwd, "bash --norc --noprofile"], check=True, env=env)
+        subprocess.run(
+            [
+                "tmux",
+                "-L",
+                self.socket,
+                "-f",
+                "/dev/null",
+                "new-session",
+                "-d",
+                "-x",
+                "80",
+                "-y",
+                "24",
+                "-c",
+                cwd,
+                "bash --norc --noprofile",
+            ],
+            check=True,
+            env=env,
+        )
 
     def send(self, *keys: str, literal: bool = False) -> None:
         subprocess.run(["tmux", "-L", self.socket, "send-keys", *(["-l"] if literal else []), *keys], check=True)
 
     def pane(self) -> str:
-        return subprocess.run(["tmux", "-L", self.socket, "capture-pane", "-p"], check=True, capture_output=True,
-                              text=True).stdout
+        return subprocess.run(
+            ["tmux", "-L", self.socket, "capture-pane", "-p"], check=True, capture_output=True, text=True
+        ).stdout
 
     def wait_for(self, *texts: str, timeout: float = 60.0) -> str:
         deadline = time.monotonic() + timeout
@@ -69,8 +88,10 @@ def test_browse_in_a_real_terminal_and_the_terminal_is_restored(tmux):
     term, cwd = tmux
     term.send("stty -g > before.txt; clear; echo READY-BEFORE", "Enter")
     term.wait_for("READY-BEFORE")
-    term.send(f"{sys.executable} -m ckpt_tool.cli browse train.pth target.pth; echo EXIT=$?; stty -g > after.txt",
-              literal=True)
+    term.send(
+        f"{sys.executable} -m ckpt_tool.cli browse train.pth target.pth; echo EXIT=$?; stty -g > after.txt",
+        literal=True,
+    )
     term.send("Enter")
     screen = term.wait_for("train.pth", "sort: file", "scan: safe", "blocks")
     lines = screen.splitlines()

@@ -104,7 +104,8 @@ def test_diff_mode_statuses_come_from_the_diff_engine(paths):
     assert (missing.ref, missing.shape, missing.target_shape) == (None, (8, 8), (8, 8))
     only = tree.with_selection(tree.select(differences_only=True))
     assert sorted(only.keys[i] for i in only.selection) == sorted(
-        ["blocks.12.fc.weight", "embed.weight", "blocks.0.norm.bias", "blocks.1.fc.bias"])
+        ["blocks.12.fc.weight", "embed.weight", "blocks.0.norm.bias", "blocks.1.fc.bias"]
+    )
     assert data.files == (paths["source"], paths["target"])
 
 

@@ -59,11 +59,14 @@ def test_head_mismatch_exit_1_with_plan(files: Path) -> None:
     assert result.exit_code == 1, result.output
     lines = result.stdout.splitlines()
     assert "target:     resnet18(num_classes=10) (122 tensors; signature " in result.stdout
-    assert any(line.split() == ["shape", "fc.weight", "[1000,", "512]", "float32", "[10,", "512]", "float32"]
-               for line in lines)
+    assert any(
+        line.split() == ["shape", "fc.weight", "[1000,", "512]", "float32", "[10,", "512]", "float32"] for line in lines
+    )
     assert "would not load strictly. Suggested fix:" in result.stdout
-    assert (f"ckpt migrate {files}/r18.pth --arch resnet18 --arch-arg num_classes=10 --reinit-mismatched "
-            f"-o {files}/r18.fixed.pth") in result.stdout
+    assert (
+        f"ckpt migrate {files}/r18.pth --arch resnet18 --arch-arg num_classes=10 --reinit-mismatched "
+        f"-o {files}/r18.fixed.pth"
+    ) in result.stdout
 
 
 def test_json_report(files: Path) -> None:
@@ -87,8 +90,13 @@ def test_plan_out_and_dataparallel_nested(files: Path, tmp_path: Path) -> None:
     assert f"--key model_state_dict --arch resnet18 --strip-prefix module. -o {files}/r18_dp.fixed.pth" in result.stdout
     assert result.stderr.strip().endswith(f"plan written to {out}")
     assert json.loads(out.read_text()) == {
-        "version": 1, "source": str(files / "r18_dp.pth"), "key": "model_state_dict", "arch": "resnet18",
-        "arch_args": {}, "operations": [{"op": "strip_prefix", "prefix": "module."}]}
+        "version": 1,
+        "source": str(files / "r18_dp.pth"),
+        "key": "model_state_dict",
+        "arch": "resnet18",
+        "arch_args": {},
+        "operations": [{"op": "strip_prefix", "prefix": "module."}],
+    }
 
 
 def test_checkpoint_vs_checkpoint_values_and_target_key(files: Path) -> None:
@@ -122,26 +130,37 @@ def test_depth_and_all(files: Path) -> None:
 def test_help_documents_exit_codes() -> None:
     result = CliRunner().invoke(main, ["diff", "--help"])
     assert result.exit_code == 0
-    for text in ("0  the checkpoint would load strictly", "1  it would not", "2  usage or input errors",
-                 "--plan-out", "--no-cache", "--values", "--depth", "--target-key"):
+    for text in (
+        "0  the checkpoint would load strictly",
+        "1  it would not",
+        "2  usage or input errors",
+        "--plan-out",
+        "--no-cache",
+        "--values",
+        "--depth",
+        "--target-key",
+    ):
         assert text in result.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["{d}/empty.pth", "--arch", "resnet18"], "file is empty"),
-    (["{d}/garbage.pth", "--arch", "resnet18"], "not a recognised checkpoint"),
-    (["{d}/truncated.pth", "--arch", "resnet18"], "{d}/truncated.pth"),
-    (["{d}/nope.pth", "--arch", "resnet18"], "nope.pth"),
-    (["{d}/r18.pth", "--arch", "resnet18", "--key", "nokey"], "no state dict at --key 'nokey'"),
-    (["{d}/r18.pth", "--arch", "resnet1800"], "not a torchvision model"),
-    (["{d}/r18.pth", "--arch", "resnet18", "--arch-arg", "num_classes"], "is not NAME=VALUE"),
-    (["{d}/r18.pth", "--arch", "resnet18", "--arch-arg", "bogus=1"], "cannot build it"),
-    (["{d}/r18.pth", "{d}/r18.pth", "--arch", "resnet18"], "not both"),
-    (["{d}/r18.pth"], "give a second checkpoint or --arch"),
-    (["{d}/r18.pth", "--arch", "resnet18", "--values"], "--values compares two checkpoints"),
-    (["{d}/r18.pth", "{d}/r18.pth", "--depth", "0"], "--depth 0"),
-    (["{d}/r18.pth", "{d}/r18.pth", "--plan-out", "{d}/r18.pth"], "would overwrite the checkpoint"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{d}/empty.pth", "--arch", "resnet18"], "file is empty"),
+        (["{d}/garbage.pth", "--arch", "resnet18"], "not a recognised checkpoint"),
+        (["{d}/truncated.pth", "--arch", "resnet18"], "{d}/truncated.pth"),
+        (["{d}/nope.pth", "--arch", "resnet18"], "nope.pth"),
+        (["{d}/r18.pth", "--arch", "resnet18", "--key", "nokey"], "no state dict at --key 'nokey'"),
+        (["{d}/r18.pth", "--arch", "resnet1800"], "not a torchvision model"),
+        (["{d}/r18.pth", "--arch", "resnet18", "--arch-arg", "num_classes"], "is not NAME=VALUE"),
+        (["{d}/r18.pth", "--arch", "resnet18", "--arch-arg", "bogus=1"], "cannot build it"),
+        (["{d}/r18.pth", "{d}/r18.pth", "--arch", "resnet18"], "not both"),
+        (["{d}/r18.pth"], "give a second checkpoint or --arch"),
+        (["{d}/r18.pth", "--arch", "resnet18", "--values"], "--values compares two checkpoints"),
+        (["{d}/r18.pth", "{d}/r18.pth", "--depth", "0"], "--depth 0"),
+        (["{d}/r18.pth", "{d}/r18.pth", "--plan-out", "{d}/r18.pth"], "would overwrite the checkpoint"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(files: Path, args: list[str], message: str) -> None:
     result = run(*[a.format(d=files) for a in args])
     assert result.exit_code == 2, result.output
@@ -157,17 +176,28 @@ def test_click_usage_error_is_exit_2(files: Path) -> None:
 
 def test_real_process_with_warm_cache_imports_no_torch(files: Path, tmp_path: Path) -> None:
     """The installed entry point, twice: the second run reads the signature from the cache, without torch."""
-    wrapper = textwrap.dedent('''
+    wrapper = textwrap.dedent("""
         import atexit, sys
         atexit.register(lambda: sys.stderr.write(
             "IMPORTED " + repr(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision"))) + "\\n"))
         from ckpt_tool.cli import main
         sys.argv = ["ckpt", *sys.argv[1:]]
         main()
-    ''')
+    """)
     env = dict(os.environ, CKPT_CACHE_DIR=str(tmp_path / "cache"))
-    argv = [sys.executable, "-c", wrapper, "diff", str(files / "r18.pth"), "--arch", "resnet18", "--arch-arg",
-            "num_classes=10", "--arch-arg", "zero_init_residual=True"]  # an argument the shipped table cannot state
+    argv = [
+        sys.executable,
+        "-c",
+        wrapper,
+        "diff",
+        str(files / "r18.pth"),
+        "--arch",
+        "resnet18",
+        "--arch-arg",
+        "num_classes=10",
+        "--arch-arg",
+        "zero_init_residual=True",
+    ]  # an argument the shipped table cannot state
     cold = subprocess.run(argv, env=env, capture_output=True, text=True)
     assert cold.returncode == 1 and "signature built, cached" in cold.stdout and "'torch'" in cold.stderr
     warm = subprocess.run(argv, env=env, capture_output=True, text=True)

@@ -52,6 +52,7 @@ def files(tmp_path_factory):
     sys.path.insert(0, str(root))
     try:
         import user_model  # noqa: F401 - the same module the CLI will load by path
+
         net = user_model.Net(hidden=800)
     finally:
         sys.path.remove(str(root))
@@ -82,10 +83,20 @@ def test_healthy_run_exits_0_with_tables(files):
     assert out.splitlines()[0] == f"{files['resnet']} -> resnet18 on cpu, data synthetic, 32px, 10 classes"
     assert "PASS: every check passed" in out
     assert "mismatched (head)  fc.weight  [1000, 512]   [10, 512]" in out
-    assert "head: fc Linear(in_features=512, out_features=1000, bias=True) -> Linear(in_features=512, out_features=10" in out
+    assert (
+        "head: fc Linear(in_features=512, out_features=1000, bias=True) -> Linear(in_features=512, out_features=10"
+        in out
+    )
     assert "layer4              0     8.39M" in out and "fc               5130         0" in out
-    for name in ("weights loaded", "forward pass", "loss finite", "overfit one batch", "frozen unchanged",
-                 "trainable changed", "gradients"):
+    for name in (
+        "weights loaded",
+        "forward pass",
+        "loss finite",
+        "overfit one batch",
+        "frozen unchanged",
+        "trainable changed",
+        "gradients",
+    ):
         assert any(line.startswith(name) and " PASS " in line for line in out.splitlines()), name
 
 
@@ -102,9 +113,27 @@ def test_json_report(files):
 
 
 def test_failed_check_exits_1(files):
-    result = run(files["resnet"], "--arch", "resnet18", "--num-classes", "3", "--lr", "1e8", "--optimizer", "sgd",
-                 "--image-size", "32", "--batch-size", "4", "--max-steps", "3", "--overfit-steps", "3",
-                 "--eval-batches", "1")
+    result = run(
+        files["resnet"],
+        "--arch",
+        "resnet18",
+        "--num-classes",
+        "3",
+        "--lr",
+        "1e8",
+        "--optimizer",
+        "sgd",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "3",
+        "--overfit-steps",
+        "3",
+        "--eval-batches",
+        "1",
+    )
     assert result.exit_code == 1, result.output
     assert "FAIL: 2 check(s) failed: loss finite, overfit one batch" in result.output
 
@@ -112,8 +141,9 @@ def test_failed_check_exits_1(files):
 def test_shape_error_names_both_modules(files):
     result = run(files["net"], "--arch", files["user"] + ":net", *FAST)
     assert result.exit_code == 1, result.output
-    assert ("features outputs [2, 50, 4, 4], but classifier.0 (Linear) expects 1024 input features and receives "
-            "[2, 800]") in result.output
+    assert (
+        "features outputs [2, 50, 4, 4], but classifier.0 (Linear) expects 1024 input features and receives [2, 800]"
+    ) in result.output
     assert "Traceback" not in result.output
 
 
@@ -121,8 +151,18 @@ def test_imagefolder_and_save(files, tmp_path, torch):
     from safetensors.torch import load_file
 
     out = tmp_path / "tuned.safetensors"
-    result = run(files["resnet"], "--arch", "resnet18", "--num-classes", "3", "--data", "imagefolder:" + IMAGEFOLDER,
-                 "--save", str(out), *FAST)
+    result = run(
+        files["resnet"],
+        "--arch",
+        "resnet18",
+        "--num-classes",
+        "3",
+        "--data",
+        "imagefolder:" + IMAGEFOLDER,
+        "--save",
+        str(out),
+        *FAST,
+    )
     assert result.exit_code == 0, result.output
     assert f"saved fine-tuned weights to {out}" in result.output
     assert load_file(str(out))["fc.weight"].shape == (3, 512)
@@ -130,17 +170,20 @@ def test_imagefolder_and_save(files, tmp_path, torch):
     assert_one_line_error(again, 2, "exists", "--force")
 
 
-@pytest.mark.parametrize("args, fragments", [
-    (["--epochs", "0"], ["--epochs must be at least 1"]),
-    (["--freeze", "layr1"], ["--freeze 'layr1' matches no parameter"]),
-    (["--data", "cifar10:/nonexistent"], ["CIFAR-10 not found", "never downloads"]),
-    (["--data", "mnist"], ["expected synthetic"]),
-    (["--amp", "--device", "cpu"], ["--amp needs a CUDA device"]),
-    (["--arch-arg", "oops"], ["--arch-arg 'oops' is not NAME=VALUE"]),
-    (["--key", "nope"], ["nope"]),
-    (["--head", "nowhere", "--num-classes", "3"], ["--head nowhere: the model has no such module"]),
-    (["--freeze-epochs", "1"], ["leaves no epoch", "--epochs 2"]),
-])
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--epochs", "0"], ["--epochs must be at least 1"]),
+        (["--freeze", "layr1"], ["--freeze 'layr1' matches no parameter"]),
+        (["--data", "cifar10:/nonexistent"], ["CIFAR-10 not found", "never downloads"]),
+        (["--data", "mnist"], ["expected synthetic"]),
+        (["--amp", "--device", "cpu"], ["--amp needs a CUDA device"]),
+        (["--arch-arg", "oops"], ["--arch-arg 'oops' is not NAME=VALUE"]),
+        (["--key", "nope"], ["nope"]),
+        (["--head", "nowhere", "--num-classes", "3"], ["--head nowhere: the model has no such module"]),
+        (["--freeze-epochs", "1"], ["leaves no epoch", "--epochs 2"]),
+    ],
+)
 def test_bad_arguments_exit_2(files, args, fragments):
     assert_one_line_error(run(files["resnet"], "--arch", "resnet18", *FAST, *args), 2, *fragments)
 
@@ -148,8 +191,9 @@ def test_bad_arguments_exit_2(files, args, fragments):
 def test_cuda_request_without_gpu(files, torch):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
-    assert_one_line_error(run(files["resnet"], "--arch", "resnet18", "--device", "cuda", *FAST), 2,
-                          "no CUDA device is available")
+    assert_one_line_error(
+        run(files["resnet"], "--arch", "resnet18", "--device", "cuda", *FAST), 2, "no CUDA device is available"
+    )
 
 
 def test_bad_files_exit_2(files, tmp_path):
@@ -171,15 +215,31 @@ def test_plot_missing_matplotlib_message(files, monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
-    assert_one_line_error(run(files["resnet"], "--arch", "resnet18", "--plot", "x.png", *FAST), 2,
-                          "--plot needs matplotlib", "pip install 'ckpt-tool[plot]'")
+    assert_one_line_error(
+        run(files["resnet"], "--arch", "resnet18", "--plot", "x.png", *FAST),
+        2,
+        "--plot needs matplotlib",
+        "pip install 'ckpt-tool[plot]'",
+    )
 
 
 def test_help_lists_options_and_stays_torch_free():
     result = CliRunner().invoke(main, ["finetune-check", "--help"])
     assert result.exit_code == 0
-    for option in ("--num-classes", "--freeze-first", "--freeze-epochs", "--unfreeze-lr", "--trainable", "--plan",
-                   "--strip-prefix", "--data", "--amp", "--plot", "--save", "--json"):
+    for option in (
+        "--num-classes",
+        "--freeze-first",
+        "--freeze-epochs",
+        "--unfreeze-lr",
+        "--trainable",
+        "--plan",
+        "--strip-prefix",
+        "--data",
+        "--amp",
+        "--plot",
+        "--save",
+        "--json",
+    ):
         assert option in result.output, option
     code = "import sys, ckpt_tool.cli; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
@@ -221,23 +281,42 @@ def test_inline_operations_in_command_line_order_and_load_table_shapes(files, tm
     assert "missing     classifier.2.weight  -             [10, 64]" in fill_drop.output
     cleaned = run(path, *net, "--num-classes", "3", "--reinit-mismatched", "--drop-unexpected", "--strict", *FAST)
     assert cleaned.exit_code == 0, cleaned.output
-    assert "load: 4/6 model tensors loaded from 4; 0 missing, 0 unexpected, 0 mismatched" in cleaned.output, cleaned.output
+    assert "load: 4/6 model tensors loaded from 4; 0 missing, 0 unexpected, 0 mismatched" in cleaned.output, (
+        cleaned.output
+    )
 
 
 def test_epoch_rows_schedulers_and_the_setup_tables_first(files, tmp_path):
     out = tmp_path / "curves.png"
     net = ["--arch", files["user"] + ":net", "--arch-arg", "hidden=800"]
-    result = run(files["net"], *net, "--epochs", "3", "--freeze-epochs", "1", "--scheduler", "step",
-                 "--step-gamma", "0.5", "--plot", str(out), *FAST)
+    result = run(
+        files["net"],
+        *net,
+        "--epochs",
+        "3",
+        "--freeze-epochs",
+        "1",
+        "--scheduler",
+        "step",
+        "--step-gamma",
+        "0.5",
+        "--plot",
+        str(out),
+        *FAST,
+    )
     assert result.exit_code == 0, result.output
     text = result.output
     assert text.index("module        trainable") < text.index("train loss")  # freeze table, then training
     assert "frozen    1         0.01   step" in text and "unfrozen  2         0.001  step" in text
     header = next(line for line in text.splitlines() if "train loss" in line)
-    epochs = text[text.index(header):text.index("check  ")]
+    epochs = text[text.index(header) : text.index("check  ")]
     labelled = [line.split()[:3] for line in epochs.splitlines()[2:] if line.strip()]
-    assert labelled == [["before", "0", "-"], ["frozen", "1", "0.01"], ["unfrozen", "2", "0.001"],
-                        ["unfrozen", "3", "0.0005"]]
+    assert labelled == [
+        ["before", "0", "-"],
+        ["frozen", "1", "0.01"],
+        ["unfrozen", "2", "0.001"],
+        ["unfrozen", "3", "0.0005"],
+    ]
     assert f"curves drawn to {out}" in text and out.stat().st_size > 10_000
     data = json.loads(run(files["net"], *net, "--epochs", "2", "--json", *FAST).output)
     assert [(e["phase"], e["epoch"]) for e in data["epochs"]] == [("before", 0), ("train", 1), ("train", 2)]

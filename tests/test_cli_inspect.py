@@ -46,8 +46,15 @@ def test_nested_dataparallel_summary():
 def test_depth_rolls_up_by_module():
     result = run("inspect", TINY, "--depth", "1")
     assert result.exit_code == 0
-    rows = {line.split()[0]: line.split()[1:] for line in result.output.splitlines() if line.startswith(("features", "classifier"))}
-    assert rows == {"features": ["14", "1,490", "5.8", "KB", "float32,int64"], "classifier": ["4", "874", "3.4", "KB", "float32"]}
+    rows = {
+        line.split()[0]: line.split()[1:]
+        for line in result.output.splitlines()
+        if line.startswith(("features", "classifier"))
+    }
+    assert rows == {
+        "features": ["14", "1,490", "5.8", "KB", "float32,int64"],
+        "classifier": ["4", "874", "3.4", "KB", "float32"],
+    }
 
 
 @pytest.mark.torchfree
@@ -120,7 +127,9 @@ def test_lfs_pointer_message(tmp_path):
     path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 99\n")
     result = run("inspect", str(path))
     assert result.exit_code == 2
-    assert "git-lfs pointer (oid sha256:abc, 99 bytes); the real file was not fetched (run `git lfs pull`" in result.output
+    assert (
+        "git-lfs pointer (oid sha256:abc, 99 bytes); the real file was not fetched (run `git lfs pull`" in result.output
+    )
 
 
 @pytest.mark.torchfree

@@ -26,8 +26,14 @@ def dp(tmp_path_factory):
     torch.manual_seed(0)
     model = torch.nn.DataParallel(torchvision.models.resnet18(weights=None))
     path = str(tmp_path_factory.mktemp("dp") / "dp.pth")
-    torch.save({"model_state_dict": model.state_dict(), "epoch": 4,
-                "optimizer_state_dict": torch.optim.SGD(model.parameters(), lr=0.1).state_dict()}, path)
+    torch.save(
+        {
+            "model_state_dict": model.state_dict(),
+            "epoch": 4,
+            "optimizer_state_dict": torch.optim.SGD(model.parameters(), lr=0.1).state_dict(),
+        },
+        path,
+    )
     return path
 
 
@@ -45,13 +51,33 @@ def error_line(result) -> str:
 
 def test_operations_apply_in_command_line_order(resnet, tmp_path):
     out = str(tmp_path / "o.safetensors")
-    result = invoke("migrate", resnet, "--rename", r"^layer(\d)=block\1", "--drop", "fc", "--add-prefix", "net.",
-                    "--rename", r"^net\.block1\.=net.first.", "--exclude", "num_batches", "-o", out, "--json")
+    result = invoke(
+        "migrate",
+        resnet,
+        "--rename",
+        r"^layer(\d)=block\1",
+        "--drop",
+        "fc",
+        "--add-prefix",
+        "net.",
+        "--rename",
+        r"^net\.block1\.=net.first.",
+        "--exclude",
+        "num_batches",
+        "-o",
+        out,
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     ops = [s["operation"] for s in report["plan"]["steps"]]
-    assert ops == [r"--rename ^layer(\d)=block\1", "--drop fc", "--add-prefix net.",
-                   r"--rename ^net\.block1\.=net.first.", "--exclude num_batches"]
+    assert ops == [
+        r"--rename ^layer(\d)=block\1",
+        "--drop fc",
+        "--add-prefix net.",
+        r"--rename ^net\.block1\.=net.first.",
+        "--exclude num_batches",
+    ]
     assert report["plan"]["operations"][1] == {"op": "drop", "prefix": "fc"}
     from safetensors import safe_open
 
@@ -63,8 +89,23 @@ def test_operations_apply_in_command_line_order(resnet, tmp_path):
 
 def test_table_output_shows_plan_then_result(dp, tmp_path):
     out = str(tmp_path / "o.pth")
-    result = invoke("migrate", dp, "--key", "model_state_dict", "--strip-prefix", "module.", "--arch", "resnet18",
-                    "--arch-arg", "num_classes=10", "--reinit-mismatched", "--seed", "1", "-o", out)
+    result = invoke(
+        "migrate",
+        dp,
+        "--key",
+        "model_state_dict",
+        "--strip-prefix",
+        "module.",
+        "--arch",
+        "resnet18",
+        "--arch-arg",
+        "num_classes=10",
+        "--reinit-mismatched",
+        "--seed",
+        "1",
+        "-o",
+        out,
+    )
     assert result.exit_code == 0, result.output
     text = result.stdout
     assert text.index("--strip-prefix module.") < text.index("wrote ")  # the plan comes first
@@ -78,32 +119,73 @@ def test_failed_verification_exits_1(resnet, tmp_path):
     out = str(tmp_path / "o.safetensors")
     result = invoke("migrate", resnet, "--arch", "resnet18", "--arch-arg", "num_classes=10", "-o", out)
     assert result.exit_code == 1
-    assert "verification failed: resnet18 does NOT load strictly: 2 shape mismatches (fc.weight [1000, 512] vs " \
-           "[10, 512], fc.bias [1000] vs [10])" in result.stdout
+    assert (
+        "verification failed: resnet18 does NOT load strictly: 2 shape mismatches (fc.weight [1000, 512] vs "
+        "[10, 512], fc.bias [1000] vs [10])" in result.stdout
+    )
     assert os.path.exists(out)
 
 
 def test_dry_run_writes_nothing(dp, tmp_path):
     out = str(tmp_path / "o.safetensors")
-    result = invoke("migrate", dp, "--key", "model_state_dict", "--arch", "resnet18", "--strip-prefix", "module.",
-                    "--drop", "fc", "--dry-run", "-o", out)
+    result = invoke(
+        "migrate",
+        dp,
+        "--key",
+        "model_state_dict",
+        "--arch",
+        "resnet18",
+        "--strip-prefix",
+        "module.",
+        "--drop",
+        "fc",
+        "--dry-run",
+        "-o",
+        out,
+    )
     assert result.exit_code == 1  # the planned result would not load: said, and nothing written
     assert "does NOT load strictly: 2 missing (fc.weight, fc.bias)" in result.stdout
     assert "dry run: nothing written" in result.stdout
     assert not os.path.exists(out)
-    ok = invoke("migrate", dp, "--key", "model_state_dict", "--arch", "resnet18", "--strip-prefix", "module.",
-                "--dry-run", "--json")
+    ok = invoke(
+        "migrate",
+        dp,
+        "--key",
+        "model_state_dict",
+        "--arch",
+        "resnet18",
+        "--strip-prefix",
+        "module.",
+        "--dry-run",
+        "--json",
+    )
     assert ok.exit_code == 0
     report = json.loads(ok.stdout)
     assert report["dry_run"] is True and report["written"] is None and report["ok"] is True
-    assert report["plan"]["diff"] == {"loads": True, "missing": [], "unexpected": [], "mismatched": [],
-                                          "auto_filled": [], "tied": []}
+    assert report["plan"]["diff"] == {
+        "loads": True,
+        "missing": [],
+        "unexpected": [],
+        "mismatched": [],
+        "auto_filled": [],
+        "tied": [],
+    }
 
 
 def test_plan_written_by_diff_applies_as_is(dp, tmp_path, torch):
     plan = str(tmp_path / "plan.json")
-    diff = invoke("diff", dp, "--key", "model_state_dict", "--arch", "resnet18", "--arch-arg", "num_classes=10",
-                  "--plan-out", plan)
+    diff = invoke(
+        "diff",
+        dp,
+        "--key",
+        "model_state_dict",
+        "--arch",
+        "resnet18",
+        "--arch-arg",
+        "num_classes=10",
+        "--plan-out",
+        plan,
+    )
     assert diff.exit_code == 1 and os.path.exists(plan)
     out = str(tmp_path / "fixed.pth")
     result = invoke("migrate", "--plan", plan, "-o", out)  # the source, key and arch come from the plan
@@ -113,13 +195,24 @@ def test_plan_written_by_diff_applies_as_is(dp, tmp_path, torch):
 
     # the training state is carried: the state dict stays under its key, beside the optimizer's
     torchvision.models.resnet18(weights=None, num_classes=10).load_state_dict(
-        torch.load(out, weights_only=True)["model_state_dict"], strict=True)
+        torch.load(out, weights_only=True)["model_state_dict"], strict=True
+    )
 
 
 def test_handwritten_plan_and_more_operations_after_it(resnet, tmp_path):
     plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"version": 1, "source": resnet, "key": None, "arch": None, "arch_args": {},
-                                "operations": [{"op": "drop", "prefix": "fc"}]}))
+    plan.write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "source": resnet,
+                "key": None,
+                "arch": None,
+                "arch_args": {},
+                "operations": [{"op": "drop", "prefix": "fc"}],
+            }
+        )
+    )
     out = str(tmp_path / "o.safetensors")
     result = invoke("migrate", "--plan", str(plan), "--add-prefix", "backbone.", "-o", out, "--json")
     assert result.exit_code == 0, result.output
@@ -134,8 +227,10 @@ def test_map_file(resnet, tmp_path):
     out = str(tmp_path / "o.pth")
     result = invoke("migrate", resnet, "--map", str(mapping), "-o", out, "--json")
     assert result.exit_code == 0
-    assert json.loads(result.stdout)["plan"]["steps"][0]["renamed"] == [["fc.weight", "head.weight"],
-                                                                        ["fc.bias", "head.bias"]]
+    assert json.loads(result.stdout)["plan"]["steps"][0]["renamed"] == [
+        ["fc.weight", "head.weight"],
+        ["fc.bias", "head.bias"],
+    ]
 
 
 def test_dtype_cast(resnet, tmp_path, torch):
@@ -166,9 +261,12 @@ def test_convert_to_shards(resnet, tmp_path):
     result = invoke("convert", resnet, out, "--max-shard-size", "20MB", "--json")
     assert result.exit_code == 0
     files = json.loads(result.stdout)["written"]["files"]
-    assert [os.path.basename(f) for f in files] == ["model-00001-of-00003.safetensors",
-                                                    "model-00002-of-00003.safetensors",
-                                                    "model-00003-of-00003.safetensors", "model.safetensors.index.json"]
+    assert [os.path.basename(f) for f in files] == [
+        "model-00001-of-00003.safetensors",
+        "model-00002-of-00003.safetensors",
+        "model-00003-of-00003.safetensors",
+        "model.safetensors.index.json",
+    ]
     from ckpt_tool.reader import open_checkpoint
 
     assert len(open_checkpoint(files[-1]).tensors) == len(open_checkpoint(resnet).tensors)
@@ -191,18 +289,21 @@ def test_force_and_in_place(resnet, tmp_path):
     assert os.path.exists(src + ".bak") and temp_files(str(tmp_path)) == []
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--fill-missing"], "need the target (--arch)"),
-    (["--rename", "^(a|b).*=x"], "maps both"),
-    (["--rename", "nothing"], "is not REGEX=REPLACEMENT"),
-    (["--keep", "("], "not a valid regular expression"),
-    (["--exclude", "."], "leave no tensors"),
-    (["--key", "nope"], "no state dict at --key 'nope' (candidates: '<top level>')"),
-    (["--max-shard-size", "lots"], "--max-shard-size 'lots'"),
-    (["--arch", "no_such_net"], "not a torchvision model"),
-    (["--plan", "/nonexistent/plan.json"], "no such file"),
-    (["--map", "/nonexistent/map.json"], "no such file"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--fill-missing"], "need the target (--arch)"),
+        (["--rename", "^(a|b).*=x"], "maps both"),
+        (["--rename", "nothing"], "is not REGEX=REPLACEMENT"),
+        (["--keep", "("], "not a valid regular expression"),
+        (["--exclude", "."], "leave no tensors"),
+        (["--key", "nope"], "no state dict at --key 'nope' (candidates: '<top level>')"),
+        (["--max-shard-size", "lots"], "--max-shard-size 'lots'"),
+        (["--arch", "no_such_net"], "not a torchvision model"),
+        (["--plan", "/nonexistent/plan.json"], "no such file"),
+        (["--map", "/nonexistent/map.json"], "no such file"),
+    ],
+)
 def test_usage_errors_are_one_line_exit_2(resnet, tmp_path, args, message):
     result = invoke("migrate", resnet, *args, "-o", str(tmp_path / "o.safetensors"))
     assert result.exit_code == 2, result.output
@@ -227,8 +328,10 @@ def test_no_source_and_no_output(resnet):
     assert result.exit_code == 2 and "no output given" in error_line(result)
 
 
-@pytest.mark.parametrize("content, message", [(b"", "file is empty"), (b"PK\x03\x04garbage", "corrupt zip"),
-                                              (b"\x80\x02}q\x00.", "holds no tensors")])
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"", "file is empty"), (b"PK\x03\x04garbage", "corrupt zip"), (b"\x80\x02}q\x00.", "holds no tensors")],
+)
 def test_bad_input_files(tmp_path, content, message):
     src = tmp_path / "bad.pth"
     src.write_bytes(content)
@@ -256,9 +359,30 @@ def test_bad_dtype_choice(resnet, tmp_path):
 def test_help_lists_every_option():
     result = invoke("migrate", "--help")
     assert result.exit_code == 0
-    for option in ("--drop", "--keep", "--exclude", "--rename", "--strip-prefix", "--add-prefix", "--map", "--key",
-                   "--keep-extras", "--dtype", "--plan", "--arch", "--arch-arg", "--fill-missing", "--drop-unexpected",
-                   "--reinit-mismatched", "--seed", "--output", "--max-shard-size", "--force", "--in-place",
-                   "--dry-run", "--json"):
+    for option in (
+        "--drop",
+        "--keep",
+        "--exclude",
+        "--rename",
+        "--strip-prefix",
+        "--add-prefix",
+        "--map",
+        "--key",
+        "--keep-extras",
+        "--dtype",
+        "--plan",
+        "--arch",
+        "--arch-arg",
+        "--fill-missing",
+        "--drop-unexpected",
+        "--reinit-mismatched",
+        "--seed",
+        "--output",
+        "--max-shard-size",
+        "--force",
+        "--in-place",
+        "--dry-run",
+        "--json",
+    ):
         assert option in result.stdout, option
     assert invoke("convert", "--help").exit_code == 0

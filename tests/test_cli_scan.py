@@ -70,8 +70,14 @@ def test_json_report(files):
     assert code == 1 and data["ok"] is False
     [f] = data["files"]
     assert f["verdict"] == "unsafe" and f["format"] == "pickle" and f["globals"] == ["os.system"]
-    assert f["findings"][0] == {"name": "os.system", "opcode": "STACK_GLOBAL", "position": 14, "reason": f["findings"][0]["reason"],
-                                "severity": "unsafe", "stream": "pickle 1"}
+    assert f["findings"][0] == {
+        "name": "os.system",
+        "opcode": "STACK_GLOBAL",
+        "position": 14,
+        "reason": f["findings"][0]["reason"],
+        "severity": "unsafe",
+        "stream": "pickle 1",
+    }
     assert f["calls"] == ["REDUCE os.system"]
 
 
@@ -95,11 +101,14 @@ def test_allow_never_unblocks_a_denied_name(files):
     assert code == 1
 
 
-@pytest.mark.parametrize("args, message", [
-    (("scan", "/nonexistent/model.pth"), "ckpt: error: /nonexistent/model.pth: no such file or directory"),
-    (("scan", "x.pth", "--json", "--format", "sarif"), "--json and --format are exclusive"),
-    (("validate", "/nonexistent/model.pth"), "no such file or directory"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("scan", "/nonexistent/model.pth"), "ckpt: error: /nonexistent/model.pth: no such file or directory"),
+        (("scan", "x.pth", "--json", "--format", "sarif"), "--json and --format are exclusive"),
+        (("validate", "/nonexistent/model.pth"), "no such file or directory"),
+    ],
+)
 def test_usage_and_input_errors_exit_2_in_one_line(files, args, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "x.pth").write_bytes(b"")
@@ -126,8 +135,10 @@ def test_broken_file_exits_1(tmp_path):
 def test_validate_table_and_policies_from_pyproject(files, monkeypatch):
     root = os.path.dirname(os.path.dirname(files["good_pth"]))
     with open(os.path.join(root, "pyproject.toml"), "w") as f:
-        f.write('[tool.ckpt]\nrequire-format = "safetensors"\n'
-                '[tool.ckpt.arch]\n"models/cls_*" = { arch = "squeezenet1_0", args = { num_classes = 10 } }\n')
+        f.write(
+            '[tool.ckpt]\nrequire-format = "safetensors"\n'
+            '[tool.ckpt.arch]\n"models/cls_*" = { arch = "squeezenet1_0", args = { num_classes = 10 } }\n'
+        )
     monkeypatch.chdir(root)
     code, out, err = run("validate", "models")
     assert code == 1, err

@@ -59,7 +59,9 @@ def test_json_is_never_coloured(terminal):
     terminal(True)
     coloured = _run(["scan", UNSAFE, "--json"])
     assert coloured.output == plain.output and "\x1b[" not in coloured.output
-    assert "\x1b[" not in _run(["diff", SAFE, os.path.join(FIXTURES, "tiny_cnn_dataparallel_nested.pth"), "--json"]).output
+    assert (
+        "\x1b[" not in _run(["diff", SAFE, os.path.join(FIXTURES, "tiny_cnn_dataparallel_nested.pth"), "--json"]).output
+    )
 
 
 def test_diff_statuses_and_verdict_are_coloured(terminal):

@@ -166,9 +166,9 @@ def _finetune_loads(archs: Path, name: str, path: Path) -> bool:
 
 
 @pytest.mark.parametrize(("name", "write", "file", "expected"), CASES, ids=[c[2] for c in CASES])
-def test_every_command_gives_torchs_answer(archs: Path, tmp_path: Path, name: str,
-                                           write: Callable[[nn.Module, Path], None], file: str,
-                                           expected: bool) -> None:
+def test_every_command_gives_torchs_answer(
+    archs: Path, tmp_path: Path, name: str, write: Callable[[nn.Module, Path], None], file: str, expected: bool
+) -> None:
     path = tmp_path / file
     write(_model(archs, name), path)
     spec = f"{archs}:{name}"
@@ -179,8 +179,9 @@ def test_every_command_gives_torchs_answer(archs: Path, tmp_path: Path, name: st
 
 
 @pytest.mark.parametrize(("name", "write", "file", "expected"), CASES, ids=[c[2] for c in CASES])
-def test_migrate_plans_torchs_answer(archs: Path, tmp_path: Path, name: str, write: Callable[[nn.Module, Path], None],
-                                     file: str, expected: bool) -> None:
+def test_migrate_plans_torchs_answer(
+    archs: Path, tmp_path: Path, name: str, write: Callable[[nn.Module, Path], None], file: str, expected: bool
+) -> None:
     path = tmp_path / file
     write(_model(archs, name), path)
     planned = migrate(Plan(str(path), arch=f"{archs}:{name}"), dry_run=True).plan.diff
@@ -188,9 +189,9 @@ def test_migrate_plans_torchs_answer(archs: Path, tmp_path: Path, name: str, wri
 
 
 @pytest.mark.parametrize(("name", "write", "file", "expected"), CASES, ids=[c[2] for c in CASES])
-def test_finetune_load_check_gives_the_same_answer(archs: Path, tmp_path: Path, name: str,
-                                                   write: Callable[[nn.Module, Path], None], file: str,
-                                                   expected: bool) -> None:
+def test_finetune_load_check_gives_the_same_answer(
+    archs: Path, tmp_path: Path, name: str, write: Callable[[nn.Module, Path], None], file: str, expected: bool
+) -> None:
     path = tmp_path / file
     write(_model(archs, name), path)
     assert _finetune_loads(archs, name, path) is expected
@@ -210,6 +211,7 @@ def _bn_version_1(m: nn.Module, path: Path) -> None:
 
 def _wrapped(write: Callable[[nn.Module, Path], None]) -> Callable[[nn.Module, Path], None]:
     """The same file under DataParallel's ``module.`` prefix (its ``_metadata`` prefixed too)."""
+
     def wrapped(m: nn.Module, path: Path) -> None:
         write(m, path)
         sd = torch.load(path, weights_only=True)
@@ -217,16 +219,26 @@ def _wrapped(write: Callable[[nn.Module, Path], None]) -> Callable[[nn.Module, P
         out._metadata = type(sd._metadata)((f"module.{k}" if k else "module", v) for k, v in sd._metadata.items())
         out._metadata[""] = {"version": 1}
         torch.save(out, path)
+
     return wrapped
 
 
-@pytest.mark.parametrize(("name", "write", "prefix"), [
-    ("Extra", _extra_steps, None), ("Extra", _extra_dropped, None), ("Norm", _bn_version_1, None),
-    ("Norm", _no_nbt_pth_with_metadata, None), ("Scalar", _scalar_as_vector, None),
-    ("Extra", _wrapped(_extra_steps), "module."), ("Norm", _wrapped(_no_nbt_pth_with_metadata), "module."),
-], ids=["extra", "extra-dropped", "bn-v1", "bn-v2", "scalar", "extra-prefixed", "bn-v2-prefixed"])
-def test_finetune_loads_the_model_torch_loads(archs: Path, tmp_path: Path, name: str,
-                                              write: Callable[[nn.Module, Path], None], prefix: str | None) -> None:
+@pytest.mark.parametrize(
+    ("name", "write", "prefix"),
+    [
+        ("Extra", _extra_steps, None),
+        ("Extra", _extra_dropped, None),
+        ("Norm", _bn_version_1, None),
+        ("Norm", _no_nbt_pth_with_metadata, None),
+        ("Scalar", _scalar_as_vector, None),
+        ("Extra", _wrapped(_extra_steps), "module."),
+        ("Norm", _wrapped(_no_nbt_pth_with_metadata), "module."),
+    ],
+    ids=["extra", "extra-dropped", "bn-v1", "bn-v2", "scalar", "extra-prefixed", "bn-v2-prefixed"],
+)
+def test_finetune_loads_the_model_torch_loads(
+    archs: Path, tmp_path: Path, name: str, write: Callable[[nn.Module, Path], None], prefix: str | None
+) -> None:
     """The same model and the same missing/unexpected keys as torch's load of the file (prefix stripped by torch)."""
     from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
@@ -248,7 +260,7 @@ def test_finetune_loads_the_model_torch_loads(archs: Path, tmp_path: Path, name:
     assert (report.missing, report.unexpected) == (tuple(result.missing_keys), tuple(result.unexpected_keys))
     for key, value in want.state_dict().items():
         other = got.state_dict()[key]
-        assert (torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other), key
+        assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, key
     assert getattr(got, "steps", None) == getattr(want, "steps", None)
 
 
@@ -315,5 +327,3 @@ def test_meta_build_failure_falls_back_and_prints_to_stderr(archs: Path, capsys:
     assert sig.tensors["table"].shape == (4,)
     captured = capsys.readouterr()
     assert captured.out == "" and "building FromNumpy" in captured.err
-
-

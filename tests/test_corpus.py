@@ -75,27 +75,48 @@ torchscript            ok           ok          ok           ok              ok 
 # the message of a half-fixed cell). A tagged cell that fails for another reason is a real failure (see
 # `failing_for`), so an xfail cannot hide a bug.
 DEFECTS: dict[str, tuple[str, str]] = {
-    "ties": ("defect 1 (ties): --fill-missing fills the tied alias the source left out from the target's random "
-             "init, and torch's load writes it over the trained shared weight",
-             r"changed after torch's strict load: \[.*(wte|word_embeddings)"),
-    "dtensor": ("defect 2 (DTensor): FSDP2's DTensor parameters are dropped with exit 0; only the plain buffers "
-                "are written", r"0\.weight"),
-    "quantized": ("defect 2 (quantized): the .pth output loses the quantizer (scale, zero point) of "
-                  "qint8/quint8/qint32 tensors", r"changed.*'q8'|UnknownQuantizer"),
+    "ties": (
+        "defect 1 (ties): --fill-missing fills the tied alias the source left out from the target's random "
+        "init, and torch's load writes it over the trained shared weight",
+        r"changed after torch's strict load: \[.*(wte|word_embeddings)",
+    ),
+    "dtensor": (
+        "defect 2 (DTensor): FSDP2's DTensor parameters are dropped with exit 0; only the plain buffers are written",
+        r"0\.weight",
+    ),
+    "quantized": (
+        "defect 2 (quantized): the .pth output loses the quantizer (scale, zero point) of qint8/quint8/qint32 tensors",
+        r"changed.*'q8'|UnknownQuantizer",
+    ),
     "sparse": ("defect 2 (sparse): sparse COO/CSR tensors are dropped with exit 0", r"coo.*csr"),
     "extra": ("defect 2 (_extra_state): get_extra_state entries are missing from the output", r"block\._extra_state"),
-    "meta": ("defect 6: --arch builds the target on the meta device, where quantize_per_channel/_to_sparse have "
-             "no kernel, and exits 2 without naming a key", r"building it failed: NotImplementedError"),
-    "attributes": ("defect 7 (TorchScript): tensor attributes (_state, _context) are written as state-dict keys",
-                   r"_state"),
-    "fp8": ("defect 2 (dtypes): float8 fnuz tensors are refused for .safetensors, and --arch cannot read their "
-            "values, although torch and the installed safetensors handle them", r"float8_e\w+"),
-    "complex": ("defect 2 (complex128): written to .safetensors as a dtype the installed safetensors cannot load "
-                "(exit 0; with --arch an internal error)", r"C128|complex128"),
-    "versions": ("defect 2 (_metadata): module versions are dropped from the .pth output",
-                 r"module versions \(_metadata\) lost"),
-    "onnx": ("defect 8: an ONNX model gets 'not a recognised checkpoint' instead of being named",
-             r"not a recognised checkpoint"),
+    "meta": (
+        "defect 6: --arch builds the target on the meta device, where quantize_per_channel/_to_sparse have "
+        "no kernel, and exits 2 without naming a key",
+        r"building it failed: NotImplementedError",
+    ),
+    "attributes": (
+        "defect 7 (TorchScript): tensor attributes (_state, _context) are written as state-dict keys",
+        r"_state",
+    ),
+    "fp8": (
+        "defect 2 (dtypes): float8 fnuz tensors are refused for .safetensors, and --arch cannot read their "
+        "values, although torch and the installed safetensors handle them",
+        r"float8_e\w+",
+    ),
+    "complex": (
+        "defect 2 (complex128): written to .safetensors as a dtype the installed safetensors cannot load "
+        "(exit 0; with --arch an internal error)",
+        r"C128|complex128",
+    ),
+    "versions": (
+        "defect 2 (_metadata): module versions are dropped from the .pth output",
+        r"module versions \(_metadata\) lost",
+    ),
+    "onnx": (
+        "defect 8: an ONNX model gets 'not a recognised checkpoint' instead of being named",
+        r"not a recognised checkpoint",
+    ),
 }
 Tags = tuple[str, ...]
 
@@ -119,8 +140,17 @@ EXPECTED = {cell: outcomes for cell, (outcomes, _) in CELLS.items()}
 
 PTH_COMMANDS = ("convert.pth", "migrate.pth", "arch.pth")
 # layouts whose state dict carries _metadata and whose .pth cells write (see MATRIX)
-METADATA_LAYOUTS = ("resnet18", "torchvision-dp-nested", "lightning", "timm", "timm-ema", "compile", "dataparallel",
-                    "tied", "complex128")
+METADATA_LAYOUTS = (
+    "resnet18",
+    "torchvision-dp-nested",
+    "lightning",
+    "timm",
+    "timm-ema",
+    "compile",
+    "dataparallel",
+    "tied",
+    "complex128",
+)
 METADATA_XFAIL: dict[tuple[str, str], Tags] = {}
 
 
@@ -147,8 +177,9 @@ def expected(layout: str, command: str) -> frozenset[str]:
     return EXPECTED[layout, command]
 
 
-def _cases(xfail: dict[tuple[str, str], Tags], layouts: tuple[str, ...] = LAYOUTS,
-           commands: tuple[str, ...] = COMMANDS) -> list[Any]:
+def _cases(
+    xfail: dict[tuple[str, str], Tags], layouts: tuple[str, ...] = LAYOUTS, commands: tuple[str, ...] = COMMANDS
+) -> list[Any]:
     """(layout, command, tags) cases; a tagged one is a strict xfail that only an AssertionError satisfies."""
     cases = []
     for layout in layouts:
@@ -225,7 +256,7 @@ def check_refusal(layout: Layout, result: Written) -> None:
     assert len(lines) == 1 and lines[0].startswith("ckpt: error: "), result.output
     assert "Traceback" not in result.output
     directory = os.path.dirname(result.out)
-    names = set(layout.objects) | {k[len(layout.strip_prefix):] for k in layout.objects if layout.strip_prefix}
+    names = set(layout.objects) | {k[len(layout.strip_prefix) :] for k in layout.objects if layout.strip_prefix}
     assert names, f"exit 2, but {layout.name} holds nothing a writer may refuse: {lines[0]}"
     assert any(name in lines[0] for name in names), f"refusal names none of {sorted(names)}: {lines[0]}"
     assert os.listdir(directory) == [], f"a refused write left {os.listdir(directory)}"
@@ -295,8 +326,13 @@ def stored_aliases(state: dict[str, Any]) -> dict[str, str]:
     aliases: dict[str, str] = {}
     for key, value in state.items():
         if isinstance(value, torch.Tensor) and value.layout == torch.strided and not value.is_quantized:
-            where = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
-                     value.stride(), value.dtype)
+            where = (
+                value.untyped_storage().data_ptr(),
+                value.storage_offset(),
+                tuple(value.shape),
+                value.stride(),
+                value.dtype,
+            )
             if where in first:
                 aliases[key] = first[where]
             else:
@@ -358,8 +394,14 @@ def same_value(a: Any, b: Any) -> bool:
         a, b = a.coalesce(), b.coalesce()
         return _same_bits(a.indices(), b.indices()) and _same_bits(a.values(), b.values())
     if a.layout == torch.sparse_csr:
-        return all(_same_bits(x, y) for x, y in ((a.crow_indices(), b.crow_indices()),
-                                                  (a.col_indices(), b.col_indices()), (a.values(), b.values())))
+        return all(
+            _same_bits(x, y)
+            for x, y in (
+                (a.crow_indices(), b.crow_indices()),
+                (a.col_indices(), b.col_indices()),
+                (a.values(), b.values()),
+            )
+        )
     return _same_bits(a, b)
 
 
@@ -375,9 +417,11 @@ def _same_quantized(a: Any, b: Any) -> bool:
     if scheme[0] in (torch.per_tensor_affine, torch.per_tensor_symmetric):
         same_q = (a.q_scale(), a.q_zero_point()) == (b.q_scale(), b.q_zero_point())
     else:
-        same_q = (a.q_per_channel_axis() == b.q_per_channel_axis()
-                  and _same_bits(a.q_per_channel_scales(), b.q_per_channel_scales())
-                  and _same_bits(a.q_per_channel_zero_points(), b.q_per_channel_zero_points()))
+        same_q = (
+            a.q_per_channel_axis() == b.q_per_channel_axis()
+            and _same_bits(a.q_per_channel_scales(), b.q_per_channel_scales())
+            and _same_bits(a.q_per_channel_zero_points(), b.q_per_channel_zero_points())
+        )
     return same_q and _same_bits(a.int_repr(), b.int_repr())
 
 
@@ -405,10 +449,12 @@ def test_pth_output_keeps_module_versions(corpus, layout, command, tags, tmp_pat
     got = read_output(cell.out, corpus.get(layout).key)
     with failing_for(tags):
         assert dict(getattr(got, "_metadata", {})) == dict(want._metadata), (  # type: ignore[attr-defined]
-            f"module versions (_metadata) lost: {dict(getattr(got, '_metadata', {}))}")
+            f"module versions (_metadata) lost: {dict(getattr(got, '_metadata', {}))}"
+        )
 
 
 # ---- the oracle itself can fail ---------------------------------------------------------------------
+
 
 def _tampered(cell: Written, directory: Any, edit: Any) -> Written:
     """``cell`` with its output replaced by ``edit(state)``, written as the same format."""
@@ -456,8 +502,13 @@ def test_oracle_sees_an_untied_alias_in_a_pth(corpus, tmp_path_factory, tmp_path
 
 def test_oracle_sees_a_refusal_that_names_nothing(corpus, tmp_path):
     layout = corpus.get("sparse")
-    cell = Written(("convert",), 2, "ckpt: error: cannot write this\n", "ckpt: error: cannot write this\n",
-                   str(tmp_path / "out.pth"))
+    cell = Written(
+        ("convert",),
+        2,
+        "ckpt: error: cannot write this\n",
+        "ckpt: error: cannot write this\n",
+        str(tmp_path / "out.pth"),
+    )
     with pytest.raises(AssertionError, match="names none"):
         check_cell(layout, "convert.pth", cell)
 
@@ -465,8 +516,10 @@ def test_oracle_sees_a_refusal_that_names_nothing(corpus, tmp_path):
 # ---- issue 9, defect 8: a write from an ONNX model is refused with what the file is -------------------
 # (what inspect says about ONNX and TorchScript files is the reader's tests' business)
 
-@pytest.mark.parametrize("args", [["convert", "{src}", "{out}"], ["migrate", "{src}", "-o", "{out}"]],
-                         ids=["convert", "migrate"])
+
+@pytest.mark.parametrize(
+    "args", [["convert", "{src}", "{out}"], ["migrate", "{src}", "-o", "{out}"]], ids=["convert", "migrate"]
+)
 def test_write_from_an_onnx_model_names_it(corpus, args, tmp_path):
     src = corpus.get("onnx").source
     out = str(tmp_path / "out.safetensors")
@@ -479,6 +532,6 @@ def _check_onnx_refusal(result: Any, src: str, out: str) -> None:
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"ckpt: error: {src}"), result.stderr
-    line = lines[0][len(f"ckpt: error: {src}"):].lower()  # the path itself says onnx
+    line = lines[0][len(f"ckpt: error: {src}") :].lower()  # the path itself says onnx
     assert "onnx" in line and "pytorch" in line and "safetensors" in line, lines[0]
     assert not os.path.exists(out)

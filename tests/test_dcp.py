@@ -27,17 +27,17 @@ from ckpt_tool.scan.policy import ALLOWED
 
 pytestmark = [pytest.mark.torch, pytest.mark.filterwarnings("ignore::UserWarning")]
 
-ARCH = textwrap.dedent('''
+ARCH = textwrap.dedent("""
     from torch import nn
 
 
     def tiny():
         return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
-''')
+""")
 
 # each rank of two (gloo) saves its shards: rows split on dim 0, cols on dim 1 (DTensors), a
 # replicated DTensor, a plain tensor and a plain value
-TWO_RANKS = textwrap.dedent('''
+TWO_RANKS = textwrap.dedent("""
     import os, sys
     import torch, torch.distributed as dist, torch.distributed.checkpoint as dcp, torch.multiprocessing as mp
     from torch.distributed.device_mesh import init_device_mesh
@@ -64,7 +64,7 @@ TWO_RANKS = textwrap.dedent('''
 
     if __name__ == "__main__":
         mp.spawn(rank, args=(sys.argv[1], sys.argv[2]), nprocs=2)
-''')
+""")
 
 
 class Payload:
@@ -89,8 +89,15 @@ def dcp_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (root / "arch.py").write_text(ARCH)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     dcp.save(model.state_dict(), checkpoint_id=str(root / "model"))
-    mixed = {"w": torch.randn(4, 3), "t": torch.randn(3, 5).t(), "bf": torch.randn(7).to(torch.bfloat16),
-             "i": torch.arange(6, dtype=torch.int64), "nested": {"x": torch.ones(2)}, "step": 7, "name": "run-1"}
+    mixed = {
+        "w": torch.randn(4, 3),
+        "t": torch.randn(3, 5).t(),
+        "bf": torch.randn(7).to(torch.bfloat16),
+        "i": torch.arange(6, dtype=torch.int64),
+        "nested": {"x": torch.ones(2)},
+        "step": 7,
+        "name": "run-1",
+    }
     dcp.save(mixed, checkpoint_id=str(root / "mixed"))
     dcp.save({"w": torch.ones(2), "evil": Payload()}, checkpoint_id=str(root / "evil"))
     optim = torch.optim.Adam(model.parameters())
@@ -98,10 +105,21 @@ def dcp_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     optim.step()
     dcp.save({"model": model.state_dict(), "optim": optim.state_dict(), "epoch": 2}, checkpoint_id=str(root / "app"))
     (root / "two.py").write_text(TWO_RANKS)
-    subprocess.run([sys.executable, str(root / "two.py"), str(root / "two"), _free_port()], check=True,
-                   capture_output=True, timeout=300)
-    return {"root": root, "model": root / "model", "mixed": root / "mixed", "two": root / "two",
-            "evil": root / "evil", "app": root / "app", "arch": root / "arch.py"}
+    subprocess.run(
+        [sys.executable, str(root / "two.py"), str(root / "two"), _free_port()],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return {
+        "root": root,
+        "model": root / "model",
+        "mixed": root / "mixed",
+        "two": root / "two",
+        "evil": root / "evil",
+        "app": root / "app",
+        "arch": root / "arch.py",
+    }
 
 
 def _truth(directory: Path) -> dict[str, Any]:
@@ -109,8 +127,10 @@ def _truth(directory: Path) -> dict[str, Any]:
     meta = dcp.FileSystemReader(str(directory)).read_metadata()
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    sd: dict[str, Any] = {k: torch.empty(m.size, dtype=m.properties.dtype) if isinstance(m, TensorStorageMetadata)
-                          else None for k, m in meta.state_dict_metadata.items()}
+    sd: dict[str, Any] = {
+        k: torch.empty(m.size, dtype=m.properties.dtype) if isinstance(m, TensorStorageMetadata) else None
+        for k, m in meta.state_dict_metadata.items()
+    }
     dcp.load(sd, checkpoint_id=str(directory))
     return sd
 
@@ -147,15 +167,22 @@ def test_inspect_shows_every_tensor_and_value_as_dcp_load_reads_them(dcp_dirs: d
 def test_two_ranks_chunks_are_listed_with_their_files(dcp_dirs: dict[str, Path]) -> None:
     ckpt = open_checkpoint(str(dcp_dirs["two"]))
     truth = _truth(dcp_dirs["two"])
-    assert {k: (r.shape, r.dtype) for k, r in ckpt.tensors.items()} == \
-        {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in truth.items() if isinstance(v, torch.Tensor)}
+    assert {k: (r.shape, r.dtype) for k, r in ckpt.tensors.items()} == {
+        k: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
+        for k, v in truth.items()
+        if isinstance(v, torch.Tensor)
+    }
     rows = chunks_of(ckpt.tensors["rows"])
     cols = chunks_of(ckpt.tensors["cols"])
     assert rows is not None and cols is not None
-    assert [(c.offsets, c.sizes, os.path.basename(c.item.file)) for c in rows] == \
-        [((0, 0), (3, 4), "__0_0.distcp"), ((3, 0), (3, 4), "__1_0.distcp")]
-    assert [(c.offsets, c.sizes, os.path.basename(c.item.file)) for c in cols] == \
-        [((0, 0), (3, 4), "__0_0.distcp"), ((0, 4), (3, 4), "__1_0.distcp")]
+    assert [(c.offsets, c.sizes, os.path.basename(c.item.file)) for c in rows] == [
+        ((0, 0), (3, 4), "__0_0.distcp"),
+        ((3, 0), (3, 4), "__1_0.distcp"),
+    ]
+    assert [(c.offsets, c.sizes, os.path.basename(c.item.file)) for c in cols] == [
+        ((0, 0), (3, 4), "__0_0.distcp"),
+        ((0, 4), (3, 4), "__1_0.distcp"),
+    ]
     assert ckpt.objects == {"epoch": 3}
     table = _run("inspect", dcp_dirs["two"])
     assert table.exit_code == 0
@@ -170,9 +197,19 @@ def test_metadata_globals_are_exactly_the_allowlisted_dcp_records(dcp_dirs: dict
             PickleVM(None, trace).load(f)
         names |= {e.name for e in trace.globals}
     dcp_names = {n for n in names if n.startswith("torch.distributed.")}
-    assert dcp_names == {f"torch.distributed.checkpoint.metadata.{c}" for c in (
-        "Metadata", "TensorStorageMetadata", "ChunkStorageMetadata", "BytesStorageMetadata", "TensorProperties",
-        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")} | {"torch.distributed.checkpoint.filesystem._StorageInfo"}
+    assert dcp_names == {
+        f"torch.distributed.checkpoint.metadata.{c}"
+        for c in (
+            "Metadata",
+            "TensorStorageMetadata",
+            "ChunkStorageMetadata",
+            "BytesStorageMetadata",
+            "TensorProperties",
+            "MetadataIndex",
+            "StorageMeta",
+            "_MEM_FORMAT_ENCODING",
+        )
+    } | {"torch.distributed.checkpoint.filesystem._StorageInfo"}
     assert all(ALLOWED.get(n) for n in names), sorted(n for n in names if n not in ALLOWED)
 
 
@@ -203,11 +240,17 @@ def _broken_copy(src: Path, dst: Path, how: str) -> Path:
     return dst
 
 
-@pytest.mark.parametrize(("how", "says"), [("truncated metadata", "not a readable DCP metadata pickle"),
-                                          ("missing shard", "shard file named in .metadata does not exist"),
-                                          ("offsets past the end", "past the end of the file")])
-def test_bad_directories_get_one_line_and_exit_2(dcp_dirs: dict[str, Path], tmp_path: Path, how: str,
-                                                 says: str) -> None:
+@pytest.mark.parametrize(
+    ("how", "says"),
+    [
+        ("truncated metadata", "not a readable DCP metadata pickle"),
+        ("missing shard", "shard file named in .metadata does not exist"),
+        ("offsets past the end", "past the end of the file"),
+    ],
+)
+def test_bad_directories_get_one_line_and_exit_2(
+    dcp_dirs: dict[str, Path], tmp_path: Path, how: str, says: str
+) -> None:
     bad = _broken_copy(dcp_dirs["two"], tmp_path / "bad", how)
     for args in (("inspect", bad), ("convert", bad, tmp_path / "out.pth"), ("diff", bad, dcp_dirs["two"])):
         assert says in _one_line_error(_run(*args))
@@ -249,8 +292,9 @@ def test_convert_two_ranks_to_pth_matches_dcp_load(dcp_dirs: dict[str, Path], tm
             assert out[key].dtype == t.dtype and torch.equal(out[key], t), key
 
 
-def test_convert_to_safetensors_refuses_a_bytes_entry_then_writes_without_it(dcp_dirs: dict[str, Path],
-                                                                             tmp_path: Path) -> None:
+def test_convert_to_safetensors_refuses_a_bytes_entry_then_writes_without_it(
+    dcp_dirs: dict[str, Path], tmp_path: Path
+) -> None:
     out = tmp_path / "out.safetensors"
     line = _one_line_error(_run("convert", dcp_dirs["two"], out))
     assert "'epoch'" in line and not out.exists()
@@ -274,8 +318,9 @@ def test_convert_to_sharded_safetensors(dcp_dirs: dict[str, Path], tmp_path: Pat
     assert all(torch.equal(got[k], truth[k]) for k in got)
 
 
-def test_verification_catches_a_chunk_that_changed_under_the_read(dcp_dirs: dict[str, Path], tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_verification_catches_a_chunk_that_changed_under_the_read(
+    dcp_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from ckpt_tool.formats import dcp as dcp_format
 
     real = dcp_format.iter_gathered
@@ -296,8 +341,13 @@ def test_verification_catches_a_chunk_that_changed_under_the_read(dcp_dirs: dict
 
 
 def test_convert_to_dcp_reads_back_bit_identical_with_dcp_load(dcp_dirs: dict[str, Path], tmp_path: Path) -> None:
-    state = {"a": torch.randn(5, 3), "b": torch.randn(4).to(torch.bfloat16), "c": torch.arange(7, dtype=torch.int32),
-             "d": torch.tensor([float("nan"), -0.0, 1.0], dtype=torch.float16), "e": torch.zeros(0, 2)}
+    state = {
+        "a": torch.randn(5, 3),
+        "b": torch.randn(4).to(torch.bfloat16),
+        "c": torch.arange(7, dtype=torch.int32),
+        "d": torch.tensor([float("nan"), -0.0, 1.0], dtype=torch.float16),
+        "e": torch.zeros(0, 2),
+    }
     save_file(state, tmp_path / "in.safetensors")
     out = tmp_path / "out_dcp"
     result = _run("convert", tmp_path / "in.safetensors", out, "--format", "dcp")
@@ -327,8 +377,9 @@ def test_dcp_output_is_never_replaced_without_force(tmp_path: Path) -> None:
     assert (out / "keep").exists()
     assert _run("convert", tmp_path / "in.safetensors", out, "--format", "dcp", "--force").exit_code == 0
     assert sorted(os.listdir(out)) == [".metadata", "__0_0.distcp"]
-    line = _one_line_error(_run("convert", tmp_path / "in.safetensors", tmp_path / "o", "--format", "dcp",
-                                "--max-shard-size", "1KB"))
+    line = _one_line_error(
+        _run("convert", tmp_path / "in.safetensors", tmp_path / "o", "--format", "dcp", "--max-shard-size", "1KB")
+    )
     assert "--max-shard-size" in line
 
 
@@ -406,8 +457,7 @@ def test_a_corrupt_chunk_is_found_when_read_and_by_scan(dcp_dirs: dict[str, Path
     assert _run("validate", bad).exit_code == 1
 
 
-def test_a_nested_save_opens_at_its_model_and_key_picks_another_part(dcp_dirs: dict[str, Path],
-                                                                      tmp_path: Path) -> None:
+def test_a_nested_save_opens_at_its_model_and_key_picks_another_part(dcp_dirs: dict[str, Path], tmp_path: Path) -> None:
     ckpt = open_checkpoint(str(dcp_dirs["app"]))
     assert ckpt.state_path == "model" and [c.path for c in ckpt.candidates] == ["model", "optim"]
     assert list(ckpt.tensors) == ["0.weight", "0.bias", "2.weight", "2.bias"]
@@ -420,15 +470,18 @@ def test_a_nested_save_opens_at_its_model_and_key_picks_another_part(dcp_dirs: d
     # converting writes the model: the optimizer state is dropped by name, the epoch kept on request
     result = _run("migrate", dcp_dirs["app"], "--keep-extras", "-o", tmp_path / "m.pth", "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["plan"]["extras_dropped"] == {"optim": "optimizer state: only a single .pth output carries it"}
+    assert json.loads(result.output)["plan"]["extras_dropped"] == {
+        "optim": "optimizer state: only a single .pth output carries it"
+    }
     out = torch.load(tmp_path / "m.pth", weights_only=True)
     truth = _truth(dcp_dirs["app"])
     assert out["epoch"] == 2 and set(out["model"]) == set(ckpt.tensors)
     assert all(torch.equal(out["model"][k], truth[f"model.{k}"]) for k in ckpt.tensors)
 
 
-def test_describing_and_converting_a_dcp_directory_never_imports_torch(dcp_dirs: dict[str, Path],
-                                                                       tmp_path: Path) -> None:
+def test_describing_and_converting_a_dcp_directory_never_imports_torch(
+    dcp_dirs: dict[str, Path], tmp_path: Path
+) -> None:
     code = textwrap.dedent(f"""
         import sys
         from ckpt_tool.describe import inspect_checkpoint

@@ -20,14 +20,14 @@ from ckpt_tool.plan import Plan, apply, initial_state, operation, operation_from
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 
-BERT_FACTORY = '''
+BERT_FACTORY = """
 def bert(num_hidden_layers=4):
     from transformers import BertConfig, BertModel
 
     config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=num_hidden_layers, num_attention_heads=2,
                         intermediate_size=32, max_position_embeddings=16, type_vocab_size=2)
     return BertModel(config, add_pooling_layer=False).eval()
-'''
+"""
 
 
 def invoke(*args: str):
@@ -166,14 +166,20 @@ def test_bert_4_layers_into_6(bert, tmp_path):
     assert migrate(_plan(path, spec, "grow_blocks", "nearest", num_hidden_layers=6), near).ok
     got = torch.load(near, weights_only=True)
     assert all(same_bytes(got[k], v) for k, v in src.items())
-    assert same_bytes(got["encoder.layer.5.intermediate.dense.weight"], src["encoder.layer.3.intermediate.dense.weight"])
+    assert same_bytes(
+        got["encoder.layer.5.intermediate.dense.weight"], src["encoder.layer.3.intermediate.dense.weight"]
+    )
     ident = str(tmp_path / "ident.pth")
     result = migrate(_plan(path, spec, "grow_blocks", "identity", num_hidden_layers=6), ident)
     assert result.ok
     got = torch.load(ident, weights_only=True)
     for i in (4, 5):
-        for rest in ("attention.output.dense.weight", "attention.output.dense.bias", "output.dense.weight",
-                     "output.dense.bias"):
+        for rest in (
+            "attention.output.dense.weight",
+            "attention.output.dense.bias",
+            "output.dense.weight",
+            "output.dense.bias",
+        ):
             assert not got[f"encoder.layer.{i}.{rest}"].any()
     model = factory(6)
     model.load_state_dict(got, strict=True)
@@ -208,16 +214,28 @@ def test_vit_identity_growth_is_the_identity(tmp_path):
 
 
 def test_repeated_blocks_are_numbered_from_zero():
-    keys = ["layer1.0.conv1.weight", "layer1.1.conv1.weight", "layer1.0.downsample.0.weight",
-            "features.0.weight", "features.3.weight", "model.layers.0.mlp.down_proj.weight"]
+    keys = [
+        "layer1.0.conv1.weight",
+        "layer1.1.conv1.weight",
+        "layer1.0.downsample.0.weight",
+        "features.0.weight",
+        "features.3.weight",
+        "model.layers.0.mlp.down_proj.weight",
+    ]
     found = blocks(keys)
     assert set(found) == {"layer1", "model.layers"}  # features 0, 3: a Sequential with gaps, not blocks
-    assert found["layer1"][0] == {"conv1.weight": "layer1.0.conv1.weight",
-                                  "downsample.0.weight": "layer1.0.downsample.0.weight"}
+    assert found["layer1"][0] == {
+        "conv1.weight": "layer1.0.conv1.weight",
+        "downsample.0.weight": "layer1.0.downsample.0.weight",
+    }
     assert identity_keys(["conv1.weight", "bn1.weight", "bn3.weight", "bn3.bias", "downsample.1.weight"]) == [
-        "bn3.weight", "bn3.bias"]
+        "bn3.weight",
+        "bn3.bias",
+    ]
     assert identity_keys(["self_attn.o_proj.weight", "mlp.down_proj.weight", "mlp.up_proj.weight"]) == [
-        "self_attn.o_proj.weight", "mlp.down_proj.weight"]
+        "self_attn.o_proj.weight",
+        "mlp.down_proj.weight",
+    ]
 
 
 def _tensors(**shapes):
@@ -235,11 +253,14 @@ def test_growth_refuses_what_it_cannot_do(tmp_path):
         apply([operation("grow_blocks", policy="identity")], state, target)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--grow-blocks", "random"], "choose one of nearest, identity"),
-    (["--shrink-blocks", "last"], "choose one of first, every-k"),
-    (["--grow-blocks", "nearest"], "need the target (--arch)"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--grow-blocks", "random"], "choose one of nearest, identity"),
+        (["--shrink-blocks", "last"], "choose one of first, every-k"),
+        (["--grow-blocks", "nearest"], "need the target (--arch)"),
+    ],
+)
 def test_bad_depth_options_are_one_line_exit_2(resnet, tmp_path, args, message):
     result = invoke("migrate", resnet, *args, "-o", str(tmp_path / "o.pth"))
     assert result.exit_code == 2, result.output
@@ -248,8 +269,12 @@ def test_bad_depth_options_are_one_line_exit_2(resnet, tmp_path, args, message):
 
 
 def test_depth_operations_round_trip():
-    for flag, value in (("--grow-blocks", "nearest"), ("--grow-blocks", "identity"), ("--shrink-blocks", "first"),
-                        ("--shrink-blocks", "every-k")):
+    for flag, value in (
+        ("--grow-blocks", "nearest"),
+        ("--grow-blocks", "identity"),
+        ("--shrink-blocks", "first"),
+        ("--shrink-blocks", "every-k"),
+    ):
         op = operation_from_flag(flag, value)
         assert op.to_argv() == [flag, value] and op.needs_target
         assert plan_from_json(Plan("a.pth", operations=(op,)).to_json()).operations == (op,)
@@ -258,6 +283,8 @@ def test_depth_operations_round_trip():
 def test_dry_run_shows_the_copies(resnet):
     result = invoke("migrate", resnet, "--arch", "resnet34", "--grow-blocks", "nearest", "--dry-run")
     assert result.exit_code == 0, result.output
-    assert "computed: layer1.2.conv1.weight [64, 64, 3, 3] from layer1.1.conv1.weight [64, 64, 3, 3] " \
-           "(grow_blocks nearest: copy of layer1.1.conv1.weight)" in result.output
+    assert (
+        "computed: layer1.2.conv1.weight [64, 64, 3, 3] from layer1.1.conv1.weight [64, 64, 3, 3] "
+        "(grow_blocks nearest: copy of layer1.1.conv1.weight)" in result.output
+    )
     assert "against resnet34: loads with strict=True" in result.output

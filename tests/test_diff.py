@@ -35,7 +35,7 @@ from ckpt_tool.plan import plan_from_json
 from ckpt_tool.reader import open_checkpoint
 from ckpt_tool.values import FileCache
 
-MODELS_PY = textwrap.dedent('''
+MODELS_PY = textwrap.dedent("""
     from collections import OrderedDict
 
     import torchvision
@@ -85,7 +85,7 @@ MODELS_PY = textwrap.dedent('''
         m = torchvision.models.squeezenet1_0(weights=None, num_classes=10)
         m.extra = nn.Linear(4, 4)
         return m
-''')
+""")
 
 
 def empty_state_dict(name: str, **kwargs: Any) -> dict[str, torch.Tensor]:
@@ -101,7 +101,8 @@ def torch_says(spec: str, args: dict[str, Any], sd: dict[str, torch.Tensor]) -> 
     seen: dict[str, set[str]] = {}
     # the root's post hook runs last and sees the complete lists, even when size mismatches then raise
     model.register_load_state_dict_post_hook(
-        lambda m, keys: seen.update(missing=set(keys.missing_keys), unexpected=set(keys.unexpected_keys)))
+        lambda m, keys: seen.update(missing=set(keys.missing_keys), unexpected=set(keys.unexpected_keys))
+    )
     mismatched: set[str] = set()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -117,15 +118,14 @@ def statuses(report: Any, status: str) -> set[str]:
     return {k.key for k in report.keys if k.status == status}
 
 
-def apply_plan_in_torch(document: dict[str, Any], sd: dict[str, torch.Tensor], spec: str,
-                        args: dict[str, Any]) -> None:
+def apply_plan_in_torch(document: dict[str, Any], sd: dict[str, torch.Tensor], spec: str, args: dict[str, Any]) -> None:
     """Apply a plan document to a real state dict by hand, then load it strictly: torch judges the plan."""
     target = build_model(spec, args, device="meta").state_dict()
     out = dict(sd)
     for op in document["operations"]:
         name = op["op"]
         if name == "strip_prefix":
-            out = {k[len(op["prefix"]):] if k.startswith(op["prefix"]) else k: v for k, v in out.items()}
+            out = {k[len(op["prefix"]) :] if k.startswith(op["prefix"]) else k: v for k, v in out.items()}
         elif name == "add_prefix":
             out = {op["prefix"] + k: v for k, v in out.items()}
         elif name == "rename":
@@ -137,8 +137,13 @@ def apply_plan_in_torch(document: dict[str, Any], sd: dict[str, torch.Tensor], s
         elif name == "fill_missing":
             out.update({k: torch.empty(t.shape, dtype=t.dtype) for k, t in target.items() if k not in out})
         elif name == "reinit_mismatched":
-            out.update({k: torch.empty(target[k].shape, dtype=target[k].dtype)
-                        for k, v in out.items() if k in target and v.shape != target[k].shape})
+            out.update(
+                {
+                    k: torch.empty(target[k].shape, dtype=target[k].dtype)
+                    for k, v in out.items()
+                    if k in target and v.shape != target[k].shape
+                }
+            )
         else:
             raise AssertionError(f"unexpected op {name}")
     model = build_model(spec, args, device="meta")
@@ -176,8 +181,9 @@ def resnet(env: Path) -> tuple[str, dict[str, torch.Tensor]]:
     return saved(env / "resnet18.pth", torchvision.models.resnet18(weights=None).state_dict())
 
 
-def check_against_torch(path: str, sd: dict[str, torch.Tensor], spec: str, args: dict[str, Any],
-                        key: str | None = None) -> Any:
+def check_against_torch(
+    path: str, sd: dict[str, torch.Tensor], spec: str, args: dict[str, Any], key: str | None = None
+) -> Any:
     report = diff_paths(path, arch=spec, arch_args=args, key=key)
     missing, unexpected, mismatched = torch_says(spec, args, sd)
     assert statuses(report, MISSING) == missing
@@ -307,22 +313,28 @@ def test_compiled_prefix_and_block_renames_fold_into_one_rule(tmp_path: Path) ->
     src = {f"_orig_mod.{k}": v for k, v in Blocks("blocks").state_dict().items()}
     path = tmp_path / "compiled.pth"
     torch.save(src, path)
-    (tmp_path / "m.py").write_text(MODELS_PY + textwrap.dedent('''
+    (tmp_path / "m.py").write_text(
+        MODELS_PY
+        + textwrap.dedent("""
         class Blocks(nn.Module):
             def __init__(self):
                 super().__init__()
                 self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
                 self.head = nn.Linear(4, 2)
-    '''))
+    """)
+    )
     report = check_against_torch(str(path), src, f"{tmp_path}/m.py:Blocks", {})
     ops = [s.operation for s in report.plan.steps]
-    assert ops == [{"op": "strip_prefix", "prefix": "_orig_mod."},
-                   {"op": "rename", "pattern": r"^blocks\.(\d+)\.", "replacement": r"layers.\1."}]
+    assert ops == [
+        {"op": "strip_prefix", "prefix": "_orig_mod."},
+        {"op": "rename", "pattern": r"^blocks\.(\d+)\.", "replacement": r"layers.\1."},
+    ]
     assert "torch.compile" in report.plan.steps[0].reason
 
 
 def test_ambiguous_rename_is_not_guessed(tmp_path: Path) -> None:
-    (tmp_path / "m.py").write_text(textwrap.dedent('''
+    (tmp_path / "m.py").write_text(
+        textwrap.dedent("""
         from torch import nn
         def two():
             m = nn.Module()
@@ -333,7 +345,8 @@ def test_ambiguous_rename_is_not_guessed(tmp_path: Path) -> None:
             m = nn.Module()
             m.c = nn.Linear(4, 4)
             return m
-    '''))
+    """)
+    )
     torch.save(build_model(f"{tmp_path}/m.py:two", {}).state_dict(), tmp_path / "two.pth")
     report = diff_paths(str(tmp_path / "two.pth"), arch=f"{tmp_path}/m.py:one")
     assert all(s.operation["op"] != "rename" for s in report.plan.steps)
@@ -363,15 +376,22 @@ def test_checkpoint_vs_checkpoint_values(tmp_path: Path) -> None:
     after = {k: v.clone() for k, v in before.items()}
     after["fc.weight"] += 0.5
     after["fc.bias"] = after["fc.bias"].half()
-    after["layer4.1.conv2.weight"] = after["layer4.1.conv2.weight"].transpose(0, 1).contiguous().transpose(0, 1)  # same values, strided
+    after["layer4.1.conv2.weight"] = (
+        after["layer4.1.conv2.weight"].transpose(0, 1).contiguous().transpose(0, 1)
+    )  # same values, strided
     torch.save(before, tmp_path / "a.pth")
     torch.save(after, tmp_path / "b.pth")
     ticks: list[tuple[int, int]] = []
-    report = diff_paths(str(tmp_path / "a.pth"), str(tmp_path / "b.pth"), values=True,
-                        progress=lambda n, total: ticks.append((n, total)))
+    report = diff_paths(
+        str(tmp_path / "a.pth"),
+        str(tmp_path / "b.pth"),
+        values=True,
+        progress=lambda n, total: ticks.append((n, total)),
+    )
     assert report.target_kind == "checkpoint" and report.loads_strictly
     both = sum(t.numel() * t.element_size() for t in before.values()) + sum(
-        t.numel() * t.element_size() for t in after.values())
+        t.numel() * t.element_size() for t in after.values()
+    )
     assert len(ticks) == len(before) and sum(n for n, _ in ticks) == both and {t for _, t in ticks} == {both}
     by_key = {k.key: k for k in report.keys}
     assert by_key["fc.weight"].max_abs_diff == pytest.approx(0.5)
@@ -379,7 +399,8 @@ def test_checkpoint_vs_checkpoint_values(tmp_path: Path) -> None:
     assert by_key["fc.weight"].rel_change == pytest.approx(expected_rel, rel=1e-5)
     assert by_key["fc.bias"].status == DTYPE
     assert by_key["fc.bias"].max_abs_diff == pytest.approx(
-        (before["fc.bias"] - before["fc.bias"].half().float()).abs().max().item(), abs=1e-7)
+        (before["fc.bias"] - before["fc.bias"].half().float()).abs().max().item(), abs=1e-7
+    )
     assert by_key["layer4.1.conv2.weight"].max_abs_diff == 0.0
     assert report.counts.changed == 2 and report.counts.unchanged == len(before) - 2
     assert report.counts.dtype_differences == 1
@@ -428,7 +449,10 @@ def test_fold_rows_folds_only_equal_rows() -> None:
     rows.append(Row("layer1.1.conv1.weight", SHAPE, 1, (1,), "float32", (2,), "float32"))
     folded = fold_rows(rows)
     assert [(r.name, r.keys) for r in folded] == [
-        ("features.{0,2,5}.weight", 3), ("features.7.weight", 1), ("layer1.{0..1}.conv1.weight", 2)]
+        ("features.{0,2,5}.weight", 3),
+        ("features.7.weight", 1),
+        ("layer1.{0..1}.conv1.weight", 2),
+    ]
 
 
 def test_depth_rows_and_all(resnet: Any) -> None:
@@ -449,7 +473,8 @@ def test_shapes_load_follows_torch_scalar_rule() -> None:
 
 
 def test_scalar_rule_against_torch(tmp_path: Path) -> None:
-    (tmp_path / "m.py").write_text(textwrap.dedent('''
+    (tmp_path / "m.py").write_text(
+        textwrap.dedent("""
         import torch
         from torch import nn
         def scalar():
@@ -457,7 +482,8 @@ def test_scalar_rule_against_torch(tmp_path: Path) -> None:
             m.register_buffer("s", torch.zeros(()))
             m.register_buffer("t", torch.zeros(()))
             return m
-    '''))
+    """)
+    )
     sd = {"s": torch.zeros(1), "t": torch.zeros(3)}
     torch.save(sd, tmp_path / "s.pth")
     report = check_against_torch(str(tmp_path / "s.pth"), sd, f"{tmp_path}/m.py:scalar", {})
@@ -494,11 +520,30 @@ def test_checkpoint_without_tensors(tmp_path: Path) -> None:
 
 
 def test_migrate_command_quotes_and_round_trips_arch_args() -> None:
-    doc = {"source": "my model.pth", "key": None, "arch": "x.py:f", "arch_args": {"name": "True", "n": 3},
-           "operations": [{"op": "rename", "pattern": r"^a\.", "replacement": "b."}, {"op": "drop_unexpected"}]}
+    doc = {
+        "source": "my model.pth",
+        "key": None,
+        "arch": "x.py:f",
+        "arch_args": {"name": "True", "n": 3},
+        "operations": [{"op": "rename", "pattern": r"^a\.", "replacement": "b."}, {"op": "drop_unexpected"}],
+    }
     argv = shlex.split(plan_from_json(doc).command())
-    assert argv == ["ckpt", "migrate", "my model.pth", "--arch", "x.py:f", "--arch-arg", "n=3", "--arch-arg",
-                    "name='True'", "--rename", r"^a\.=b.", "--drop-unexpected", "-o", "my model.fixed.pth"]
+    assert argv == [
+        "ckpt",
+        "migrate",
+        "my model.pth",
+        "--arch",
+        "x.py:f",
+        "--arch-arg",
+        "n=3",
+        "--arch-arg",
+        "name='True'",
+        "--rename",
+        r"^a\.=b.",
+        "--drop-unexpected",
+        "-o",
+        "my model.fixed.pth",
+    ]
     assert parse_arch_args([argv[6], argv[8]]) == {"n": 3, "name": "True"}
 
 

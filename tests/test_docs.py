@@ -22,8 +22,10 @@ import examples  # noqa: E402  (docs/examples.py)
 
 PAGES = examples.pages()
 # the page documenting each command; convert shares migrate's
-PAGE_OF = {name: os.path.join(ROOT, "docs", "commands", ("migrate" if name == "convert" else name) + ".md")
-           for name in COMMAND_MODULES}
+PAGE_OF = {
+    name: os.path.join(ROOT, "docs", "commands", ("migrate" if name == "convert" else name) + ".md")
+    for name in COMMAND_MODULES
+}
 INTERACTIVE = {"browse"}  # a terminal UI: documented with screenshots, not runnable examples
 
 
@@ -39,8 +41,13 @@ def _command(name: str) -> click.Command:
 
 
 def _options(name: str) -> set[str]:
-    return {opt for p in _command(name).params if isinstance(p, click.Option) for opt in p.opts
-            if opt.startswith("--") and opt != "--help"}
+    return {
+        opt
+        for p in _command(name).params
+        if isinstance(p, click.Option)
+        for opt in p.opts
+        if opt.startswith("--") and opt != "--help"
+    }
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[os.path.relpath(p, ROOT) for p in PAGES])
@@ -51,8 +58,10 @@ def test_examples_print_what_the_page_says(page, example_inputs):
 
 def test_example_checker_catches_a_wrong_output(tmp_path, example_inputs):
     page = tmp_path / "page.md"
-    page.write_text("```console\n$ ckpt inspect fixtures/tiny_cnn.pth --filter fc2.bias\nformat  pickle\n```\n"
-                    "$ ckpt scan outside-a-block\n")
+    page.write_text(
+        "```console\n$ ckpt inspect fixtures/tiny_cnn.pth --filter fc2.bias\nformat  pickle\n```\n"
+        "$ ckpt scan outside-a-block\n"
+    )
     problems = examples.check_page(str(page), example_inputs)
     assert len(problems) == 1 and "prints something else" in problems[0]
     assert len(examples.stray_examples(str(page))) == 1
@@ -85,8 +94,11 @@ PAGE_PENDING: dict[str, set[str]] = {}
 @pytest.mark.parametrize("name", sorted(set(COMMAND_MODULES) - INTERACTIVE))
 def test_every_option_is_explained_on_its_page(name):
     text = _read(PAGE_OF[name])
-    missing = sorted(o for o in _options(name) - PAGE_PENDING.get(name, set())
-                     if not re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", text))
+    missing = sorted(
+        o
+        for o in _options(name) - PAGE_PENDING.get(name, set())
+        if not re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", text)
+    )
     assert missing == [], f"ckpt {name}: options missing from {os.path.relpath(PAGE_OF[name], ROOT)}: {missing}"
 
 
@@ -104,14 +116,24 @@ def test_documented_options_exist(page):
 def test_generated_pages_are_current():
     pages = examples.cog_pages()
     assert {os.path.basename(p) for p in pages} >= {"cli.md", "api.md", "formats.md"}
-    result = subprocess.run([sys.executable, "-m", "cogapp", "-I", os.path.join(ROOT, "docs"), "--check", *pages],
-                            cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr + "\n(python docs/examples.py --update regenerates them)"
+    result = subprocess.run(
+        [sys.executable, "-m", "cogapp", "-I", os.path.join(ROOT, "docs"), "--check", *pages],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, (
+        result.stdout + result.stderr + "\n(python docs/examples.py --update regenerates them)"
+    )
 
 
 def test_site_builds_strictly(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
-                            cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -195,9 +195,18 @@ def test_loaded_values_are_the_checkpoints_and_frozen_ones_survive_training(file
 def test_every_check_passes_on_a_healthy_run(files):
     report = finetune_check(files["resnet"], "resnet18", replace(FAST, num_classes=10, freeze=("layer1-2",)))
     assert statuses(report) == {
-        "weights loaded": PASS, "forward pass": PASS, "training runs": PASS, "loss finite": PASS,
-        "overfit one batch": PASS, "frozen unchanged": PASS, "trainable changed": PASS, "gradients": PASS,
-        "frozen BatchNorm stats": INFO, "epoch loss": INFO, "held-out accuracy": INFO, "throughput": INFO,
+        "weights loaded": PASS,
+        "forward pass": PASS,
+        "training runs": PASS,
+        "loss finite": PASS,
+        "overfit one batch": PASS,
+        "frozen unchanged": PASS,
+        "trainable changed": PASS,
+        "gradients": PASS,
+        "frozen BatchNorm stats": INFO,
+        "epoch loss": INFO,
+        "held-out accuracy": INFO,
+        "throughput": INFO,
         "peak memory": INFO,
     }
     assert report.head.module == "fc" and report.num_classes == 10
@@ -251,12 +260,24 @@ def test_safetensors_input(files, tmp_path, torch):
 # ---- heads ------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch, path", [
-    ("resnet18", "fc"), ("regnet_y_400mf", "fc"), ("shufflenet_v2_x0_5", "fc"), ("googlenet", "fc"),
-    ("vgg11", "classifier.6"), ("alexnet", "classifier.6"), ("densenet121", "classifier"),
-    ("mobilenet_v3_small", "classifier.3"), ("efficientnet_b0", "classifier.1"), ("squeezenet1_0", "classifier.1"),
-    ("vit_b_16", "heads.head"), ("swin_t", "head"), ("inception_v3", "fc"),
-])
+@pytest.mark.parametrize(
+    "arch, path",
+    [
+        ("resnet18", "fc"),
+        ("regnet_y_400mf", "fc"),
+        ("shufflenet_v2_x0_5", "fc"),
+        ("googlenet", "fc"),
+        ("vgg11", "classifier.6"),
+        ("alexnet", "classifier.6"),
+        ("densenet121", "classifier"),
+        ("mobilenet_v3_small", "classifier.3"),
+        ("efficientnet_b0", "classifier.1"),
+        ("squeezenet1_0", "classifier.1"),
+        ("vit_b_16", "heads.head"),
+        ("swin_t", "head"),
+        ("inception_v3", "fc"),
+    ],
+)
 def test_head_replacement_per_family(arch, path):
     from ckpt_tool.arch import build_model
 
@@ -340,7 +361,10 @@ def test_freezing_errors():
 def test_everything_frozen_fails_the_run(files):
     report = finetune_check(files["small"], files["user"] + ":small", replace(FAST, freeze=("*",)))
     assert not report.passed
-    assert check(report, "training runs").status == FAIL and "every parameter is frozen" in check(report, "training runs").detail
+    assert (
+        check(report, "training runs").status == FAIL
+        and "every parameter is frozen" in check(report, "training runs").detail
+    )
     assert check(report, "overfit one batch").status == FAIL
 
 
@@ -348,8 +372,9 @@ def test_freeze_epochs_trains_head_then_everything(files, tmp_path, torch):
     from safetensors.torch import load_file
 
     out = str(tmp_path / "sched.safetensors")
-    report = finetune_check(files["resnet"], "resnet18", replace(FAST, num_classes=4, epochs=2, freeze_epochs=1,
-                                                                  save=out, freeze_bn=True))
+    report = finetune_check(
+        files["resnet"], "resnet18", replace(FAST, num_classes=4, epochs=2, freeze_epochs=1, save=out, freeze_bn=True)
+    )
     assert [p.name for p in report.phases] == ["frozen", "unfrozen"]
     assert report.phases[0].trainable == 2052 and report.phases[1].frozen == 0
     assert report.phases[1].lr == pytest.approx(0.001)
@@ -390,8 +415,9 @@ def test_unused_trainable_layer_fails(files):
 
 
 def test_nan_loss_from_huge_lr_fails(files):
-    report = finetune_check(files["resnet"], "resnet18", replace(FAST, lr=1e8, optimizer="sgd", num_classes=3,
-                                                                  max_steps=4))
+    report = finetune_check(
+        files["resnet"], "resnet18", replace(FAST, lr=1e8, optimizer="sgd", num_classes=3, max_steps=4)
+    )
     finite = check(report, "loss finite")
     assert finite.status == FAIL and "loss is nan" in finite.detail
     assert check(report, "overfit one batch").status == FAIL
@@ -400,15 +426,19 @@ def test_nan_loss_from_huge_lr_fails(files):
 def test_model_that_cannot_learn_fails_overfit(files):
     report = finetune_check(files["small"], files["user"] + ":small", replace(FAST, lr=1e-9))
     overfit = check(report, "overfit one batch")
-    assert overfit.status == FAIL and "needs batch accuracy >= 50% and the loss below 70% of the first" in overfit.detail
+    assert (
+        overfit.status == FAIL and "needs batch accuracy >= 50% and the loss below 70% of the first" in overfit.detail
+    )
 
 
 def test_head_with_wrong_input_size_names_both_modules(files, torch):
     report = finetune_check(files["small"], files["user"] + ":small", replace(FAST, arch_args={"in_features": 50}))
     forward = check(report, "forward pass")
     assert forward.status == FAIL
-    assert ("features outputs [2, 8, 2, 2], but classifier (Linear) expects 50 input features and receives [2, 32]"
-            in forward.detail)
+    assert (
+        "features outputs [2, 8, 2, 2], but classifier (Linear) expects 50 input features and receives [2, 32]"
+        in forward.detail
+    )
     assert check(report, "training runs").status == SKIP and not report.passed
     # the load report sees the head's shape differ too
     assert [m.key for m in report.load.mismatched] == ["classifier.weight"]
@@ -430,8 +460,11 @@ def test_synthetic_data_is_deterministic(files):
 
 
 def test_imagefolder_fixture_learns(files):
-    report = finetune_check(files["resnet"], "resnet18", replace(FAST, data="imagefolder:" + IMAGEFOLDER,
-                                                                  num_classes=3, max_steps=None, epochs=2))
+    report = finetune_check(
+        files["resnet"],
+        "resnet18",
+        replace(FAST, data="imagefolder:" + IMAGEFOLDER, num_classes=3, max_steps=None, epochs=2),
+    )
     assert report.passed, report.failed
     assert report.phases[0].steps == 6  # 12 training images (3 held out) in batches of 4, twice
     assert report.accuracy_after is not None
@@ -453,16 +486,19 @@ def test_data_errors(files, tmp_path):
 # ---- options and inputs ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"epochs": 0}, "--epochs must be at least 1"),
-    ({"lr": -1.0}, "--lr must be a positive number"),
-    ({"optimizer": "rmsprop"}, "--optimizer must be adam or sgd"),
-    ({"freeze_epochs": 1}, "leaves no epoch to train unfrozen"),
-    ({"unfreeze_lr": 0.1}, "--unfreeze-lr only applies with --freeze-epochs"),
-    ({"amp": True, "device": "cpu"}, "--amp needs a CUDA device"),
-    ({"device": "tpu"}, "--device must be auto, cpu or cuda"),
-    ({"save": "out.pth"}, "must be a .safetensors file"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"epochs": 0}, "--epochs must be at least 1"),
+        ({"lr": -1.0}, "--lr must be a positive number"),
+        ({"optimizer": "rmsprop"}, "--optimizer must be adam or sgd"),
+        ({"freeze_epochs": 1}, "leaves no epoch to train unfrozen"),
+        ({"unfreeze_lr": 0.1}, "--unfreeze-lr only applies with --freeze-epochs"),
+        ({"amp": True, "device": "cpu"}, "--amp needs a CUDA device"),
+        ({"device": "tpu"}, "--device must be auto, cpu or cuda"),
+        ({"save": "out.pth"}, "must be a .safetensors file"),
+    ],
+)
 def test_bad_options(files, change, message):
     with pytest.raises(UsageError, match=message):
         finetune_check(files["small"], files["user"] + ":small", replace(FAST, **change))
@@ -517,8 +553,9 @@ def test_cuda_with_amp(files):
 
 
 def test_head_option_names_the_head_for_freeze_epochs(files):
-    report = finetune_check(files["small"], files["user"] + ":small",
-                            replace(FAST, head="classifier", epochs=2, freeze_epochs=1, lr=0.1))
+    report = finetune_check(
+        files["small"], files["user"] + ":small", replace(FAST, head="classifier", epochs=2, freeze_epochs=1, lr=0.1)
+    )
     assert report.head is None and report.load.clean
     assert report.phases[0].trainable == 32 * 4 + 4 and report.phases[0].frozen > 0
     assert report.phases[1].frozen == 0 and report.passed, report.failed

@@ -29,8 +29,11 @@ def test_finetune_loads_every_layout_as_torch_does(corpus: Any, name: str) -> No
     want = build_model(layout)
     result = want.load_state_dict(renamed(source_state(layout), layout.strip_prefix), strict=False)
     # the aliases a safetensors file leaves out share storage with their partner: loaded through it
-    sd = {k: v for k, v in want.state_dict(keep_vars=True).items()
-          if isinstance(v, torch.Tensor) and v.layout == torch.strided and not v.is_quantized}
+    sd = {
+        k: v
+        for k, v in want.state_dict(keep_vars=True).items()
+        if isinstance(v, torch.Tensor) and v.layout == torch.strided and not v.is_quantized
+    }
     # tied names give the same Parameter under both keys: compare storages key by key
     tied = {k for k, v in sd.items() if any(o != k and w.data_ptr() == v.data_ptr() for o, w in sd.items())}
     assert not (set(result.missing_keys) - tied) and not result.unexpected_keys, result  # the truth loads

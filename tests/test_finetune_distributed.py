@@ -44,8 +44,23 @@ def tiny(**kw):
 def rank_drift(**kw):
     return RankDrift(**kw)
 '''
-ARGS = ["--image-size", "16", "--batch-size", "8", "--max-steps", "2", "--eval-batches", "1", "--lr", "0.01",
-        "--device", "cpu", "--data", "synthetic:32", "--quiet"]
+ARGS = [
+    "--image-size",
+    "16",
+    "--batch-size",
+    "8",
+    "--max-steps",
+    "2",
+    "--eval-batches",
+    "1",
+    "--lr",
+    "0.01",
+    "--device",
+    "cpu",
+    "--data",
+    "synthetic:32",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -66,16 +81,44 @@ def files(tmp_path_factory):
 
 def ckpt(*args: str, cwd) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "ckpt_tool", "finetune-check", *args], capture_output=True,
-                          text=True, cwd=cwd, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "ckpt_tool", "finetune-check", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=300,
+    )
 
 
 def test_two_processes_under_torchrun_give_one_passing_report(files):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ckpt_tool",
-         "finetune-check", "tiny.pth", "--arch", "ddp_models.py:tiny", "--json", "--epochs", "2", "--freeze-epochs",
-         "1", *ARGS], capture_output=True, text=True, cwd=files, env=env, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "ckpt_tool",
+            "finetune-check",
+            "tiny.pth",
+            "--arch",
+            "ddp_models.py:tiny",
+            "--json",
+            "--epochs",
+            "2",
+            "--freeze-epochs",
+            "1",
+            *ARGS,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=files,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)  # one JSON document: only rank 0 prints
     assert report["world_size"] == 2 and report["passed"] is True
@@ -89,8 +132,9 @@ def test_two_processes_under_torchrun_give_one_passing_report(files):
 
 
 def test_nproc_launches_torchrun_and_returns_rank_0s_verdict(files):
-    result = ckpt("tiny.pth", "--arch", "ddp_models.py:rank_drift", "--freeze", "features.0", "--nproc", "2", *ARGS,
-                  cwd=files)
+    result = ckpt(
+        "tiny.pth", "--arch", "ddp_models.py:rank_drift", "--freeze", "features.0", "--nproc", "2", *ARGS, cwd=files
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     out = result.stdout
     assert out.count("FAIL: ") == 1 and "x 2 processes" in out
@@ -104,8 +148,10 @@ def test_nproc_argument_errors_are_one_line_before_launching(files):
     assert result.returncode == 2 and result.stderr.strip() == "ckpt: error: --epochs must be at least 1, got 0"
 
 
-@pytest.mark.parametrize(("device", "cuda", "backend"), [("cuda", True, "nccl"), ("auto", True, "nccl"),
-                                                         ("auto", False, "gloo"), ("cpu", True, "gloo")])
+@pytest.mark.parametrize(
+    ("device", "cuda", "backend"),
+    [("cuda", True, "nccl"), ("auto", True, "nccl"), ("auto", False, "gloo"), ("cpu", True, "gloo")],
+)
 def test_the_backend_is_nccl_on_cuda_and_gloo_on_the_cpu(monkeypatch, device, cuda, backend):
     """No GPU here: the process group and CUDA are stubbed, so only the choice torchrun's rank makes is tested."""
     import torch

@@ -94,8 +94,13 @@ def tiny(tmp_path_factory):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     torch.manual_seed(0)
-    files = {"root": root, "models": str(path), "tiny": str(root / "tiny.pth"), "detached": str(root / "det.pth"),
-             "module": mod}
+    files = {
+        "root": root,
+        "models": str(path),
+        "tiny": str(root / "tiny.pth"),
+        "detached": str(root / "det.pth"),
+        "module": mod,
+    }
     torch.save(mod.Tiny().state_dict(), files["tiny"])
     torch.save(mod.Detached().state_dict(), files["detached"])
     nan = mod.Tiny().state_dict()
@@ -175,8 +180,16 @@ def test_nan_logits_fail_the_forward_pass_naming_the_first_module(tiny):
 # ---- defect 4: the overfit verdict, deterministic and stable across seeds -------------------------------------------
 
 
-def _overfit(tiny, seed: int, factory: str = "tiny", lr: float = 0.01, optimizer: str = "adam",
-             shuffled: bool = False, frozen: bool = False, **fields):
+def _overfit(
+    tiny,
+    seed: int,
+    factory: str = "tiny",
+    lr: float = 0.01,
+    optimizer: str = "adam",
+    shuffled: bool = False,
+    frozen: bool = False,
+    **fields,
+):
     """The verdict on one seed: the model built, frozen as the recipe says and the batch drawn as finetune_check does."""
     import torch
 
@@ -194,8 +207,9 @@ def _overfit(tiny, seed: int, factory: str = "tiny", lr: float = 0.01, optimizer
     train, _ = make_loaders(make_datasets(opts, 16, 3, 10, (0,) * 3, (1,) * 3), 16, seed, shuffle=False)
     gen = torch.Generator().manual_seed(seed)
     relabel = (lambda step, y: y[torch.randperm(len(y), generator=gen)]) if shuffled else None
-    run = overfit_one_batch(model, next(iter(train)), opts.overfit_steps, optimizer, lr, torch.device("cpu"),
-                            relabel=relabel)
+    run = overfit_one_batch(
+        model, next(iter(train)), opts.overfit_steps, optimizer, lr, torch.device("cpu"), relabel=relabel
+    )
     return overfit_verdict(run, 10)
 
 
@@ -203,11 +217,18 @@ def _overfit(tiny, seed: int, factory: str = "tiny", lr: float = 0.01, optimizer
 # everything trainable (the default), the head alone with the first example's --lr 0.03 --overfit-steps 30
 # (--trainable classifier; resnet50 --trainable fc; the first phase of --freeze-epochs), and the first
 # layers of features frozen (vgg16 --freeze-first 10). bench/measure_overfit.py runs them on the real models.
-RECIPES = {"all trainable": {}, "head only": {"trainable": ("classifier",), "lr": 0.03, "overfit_steps": 30},
-           "freeze first 2": {"freeze_first": 2}}
-BROKEN = {"lr 1e6": {"lr": 1e6, "optimizer": "sgd"}, "everything frozen": {"frozen": True},
-          "head detached": {"factory": "detached"}, "head under no_grad": {"factory": "cut_head"},
-          "labels shuffled": {"shuffled": True}}
+RECIPES = {
+    "all trainable": {},
+    "head only": {"trainable": ("classifier",), "lr": 0.03, "overfit_steps": 30},
+    "freeze first 2": {"freeze_first": 2},
+}
+BROKEN = {
+    "lr 1e6": {"lr": 1e6, "optimizer": "sgd"},
+    "everything frozen": {"frozen": True},
+    "head detached": {"factory": "detached"},
+    "head under no_grad": {"factory": "cut_head"},
+    "labels shuffled": {"shuffled": True},
+}
 
 
 @pytest.mark.parametrize("broken", [None, *BROKEN])
@@ -224,8 +245,13 @@ def test_overfit_verdict_holds_for_seeds_0_to_9(tiny, recipe, broken):
 
 
 def test_broken_setups_fail_end_to_end(tiny):
-    assert check(finetune_check(tiny["tiny"], arch(tiny, "tiny"), replace(TINY, lr=1e6, optimizer="sgd")),
-                 "overfit one batch").status == FAIL
+    assert (
+        check(
+            finetune_check(tiny["tiny"], arch(tiny, "tiny"), replace(TINY, lr=1e6, optimizer="sgd")),
+            "overfit one batch",
+        ).status
+        == FAIL
+    )
     detached = finetune_check(tiny["detached"], arch(tiny, "detached"), TINY)
     assert check(detached, "overfit one batch").status == FAIL and not detached.passed
 
@@ -248,8 +274,11 @@ def test_readme_example_head_only_resnet18_passes(seed, tmp_path, torch):
 
     path = str(tmp_path / "r.pth")
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
-    report = finetune_check(path, "resnet18", FinetuneOptions(num_classes=10, trainable=("fc",), image_size=64,
-                                                              max_steps=1, eval_batches=1, seed=seed))
+    report = finetune_check(
+        path,
+        "resnet18",
+        FinetuneOptions(num_classes=10, trainable=("fc",), image_size=64, max_steps=1, eval_batches=1, seed=seed),
+    )
     assert check(report, "overfit one batch").status == PASS, check(report, "overfit one batch").detail
     assert report.passed, report.failed
 
@@ -306,8 +335,11 @@ def test_step_and_cosine_schedulers_record_the_lr_of_each_epoch(tiny):
 
 
 def test_plateau_steps_on_the_heldout_loss_per_phase(tiny, torch):
-    report = finetune_check(tiny["tiny"], arch(tiny, "tiny"),
-                            replace(TINY, epochs=4, freeze_epochs=2, scheduler="plateau", plateau_factor=0.5))
+    report = finetune_check(
+        tiny["tiny"],
+        arch(tiny, "tiny"),
+        replace(TINY, epochs=4, freeze_epochs=2, scheduler="plateau", plateau_factor=0.5),
+    )
     # replay the recorded held-out losses into torch's own scheduler, a fresh one per phase
     for phase in report.phases:
         rows = [e for e in report.epochs if e.phase == phase.name]
@@ -331,8 +363,13 @@ def test_heldout_loss_and_accuracy_after_every_epoch(tiny):
 
 def test_setup_is_reported_before_training_and_progress_has_eta(tiny):
     events = []
-    finetune_check(tiny["tiny"], arch(tiny, "tiny"), replace(TINY, epochs=2), progress=events.append,
-                   on_setup=lambda setup: events.append(setup))
+    finetune_check(
+        tiny["tiny"],
+        arch(tiny, "tiny"),
+        replace(TINY, epochs=2),
+        progress=events.append,
+        on_setup=lambda setup: events.append(setup),
+    )
     assert type(events[0]).__name__ == "Setup" and events[0].params[0].module == "features"
     assert events[0].num_classes == 10  # the model's own head (classifier.1: Linear(256, 10))
     steps = events[1:]
@@ -343,21 +380,30 @@ def test_setup_is_reported_before_training_and_progress_has_eta(tiny):
 def test_plot_draws_the_curves(tiny, tmp_path):
     pytest.importorskip("matplotlib")
     out = str(tmp_path / "curves.png")
-    report = finetune_check(tiny["tiny"], arch(tiny, "tiny"), replace(TINY, epochs=3, freeze_epochs=1,
-                                                                        scheduler="step", plot=out))
+    report = finetune_check(
+        tiny["tiny"], arch(tiny, "tiny"), replace(TINY, epochs=3, freeze_epochs=1, scheduler="step", plot=out)
+    )
     assert report.plot == out and os.path.getsize(out) > 10_000
 
 
 def test_inline_operations_apply_in_the_order_given(tiny):
     from ckpt_tool.plan import operation
 
-    drop_then_fill = finetune_check(tiny["tiny"], arch(tiny, "tiny"), replace(TINY, operations=(
-        operation("drop", prefix="classifier"), operation("fill_missing"))))
+    drop_then_fill = finetune_check(
+        tiny["tiny"],
+        arch(tiny, "tiny"),
+        replace(TINY, operations=(operation("drop", prefix="classifier"), operation("fill_missing"))),
+    )
     assert drop_then_fill.load.missing == () and set(drop_then_fill.load.initialised) == {
-        "classifier.1.weight", "classifier.1.bias"}
+        "classifier.1.weight",
+        "classifier.1.bias",
+    }
     assert check(drop_then_fill, "weights loaded").status == PASS
-    fill_then_drop = finetune_check(tiny["tiny"], arch(tiny, "tiny"), replace(TINY, operations=(
-        operation("fill_missing"), operation("drop", prefix="classifier"))))
+    fill_then_drop = finetune_check(
+        tiny["tiny"],
+        arch(tiny, "tiny"),
+        replace(TINY, operations=(operation("fill_missing"), operation("drop", prefix="classifier"))),
+    )
     assert set(fill_then_drop.load.missing) == {"classifier.1.weight", "classifier.1.bias"}
     assert check(fill_then_drop, "weights loaded").status == FAIL
 

@@ -62,8 +62,11 @@ class _Block(nn.Module):
         self.n1 = nn.BatchNorm2d(cout)
         self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.n2 = nn.BatchNorm2d(cout)
-        self.proj = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)) \
-            if stride != 1 or cin != cout else None
+        self.proj = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else None
+        )
 
 
 class ResNet18Port(nn.Module):
@@ -124,23 +127,35 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 def old_bert_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The spelling of BERT checkpoints before PyTorch names: LayerNorm.gamma / LayerNorm.beta."""
-    return {re.sub(r"LayerNorm\.weight$", "LayerNorm.gamma", re.sub(r"LayerNorm\.bias$", "LayerNorm.beta", k)): v
-            for k, v in sd.items()}
+    return {
+        re.sub(r"LayerNorm\.weight$", "LayerNorm.gamma", re.sub(r"LayerNorm\.bias$", "LayerNorm.beta", k)): v
+        for k, v in sd.items()
+    }
 
 
 def test_old_bert_gamma_beta_become_renames_with_evidence_and_load_strictly(env: Path) -> None:
     from transformers import BertConfig, BertModel
 
-    model = BertModel(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                 intermediate_size=24, max_position_embeddings=32))
+    model = BertModel(
+        BertConfig(
+            vocab_size=64,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=24,
+            max_position_embeddings=32,
+        )
+    )
     source = old_bert_keys(random_state(model))
     assert sum(k.endswith("LayerNorm.gamma") for k in source) == 5
     torch.save(source, env / "bert_old.pth")
 
     report = diff_paths(str(env / "bert_old.pth"), arch="models.py:bert_tiny")
     ops = [s.operation for s in report.plan.steps]
-    assert ops == [{"op": "rename", "pattern": r"(^|\.)gamma$", "replacement": r"\g<1>weight"},
-                   {"op": "rename", "pattern": r"(^|\.)beta$", "replacement": r"\g<1>bias"}]
+    assert ops == [
+        {"op": "rename", "pattern": r"(^|\.)gamma$", "replacement": r"\g<1>weight"},
+        {"op": "rename", "pattern": r"(^|\.)beta$", "replacement": r"\g<1>bias"},
+    ]
     reason = report.plan.steps[0].reason
     assert "5 keys spelled 'gamma' where the target has 'weight', same module path and shape" in reason
     assert "embeddings.LayerNorm.gamma -> embeddings.LayerNorm.weight [16]" in reason and "transformers" in reason
@@ -164,8 +179,10 @@ def test_a_gamma_that_stays_a_gamma_scopes_the_rule(env: Path) -> None:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    source = {k.replace("norm.weight", "norm.gamma").replace("norm.bias", "norm.beta"): v
-              for k, v in random_state(module.Scaled()).items()}
+    source = {
+        k.replace("norm.weight", "norm.gamma").replace("norm.bias", "norm.beta"): v
+        for k, v in random_state(module.Scaled()).items()
+    }
     assert "ls.gamma" in source and "norm.gamma" in source
     torch.save(source, env / "scaled.pth")
     report = diff_paths(str(env / "scaled.pth"), arch="models.py:Scaled")
@@ -175,14 +192,16 @@ def test_a_gamma_that_stays_a_gamma_scopes_the_rule(env: Path) -> None:
     result = apply_suggested(report, env / "scaled.fixed.pth")
     assert result.exit_code == 0, result.output
     written = torch.load(env / "scaled.fixed.pth", weights_only=True)
-    assert torch.equal(written["ls.gamma"], source["ls.gamma"]) and torch.equal(written["norm.weight"],
-                                                                              source["norm.gamma"])
+    assert torch.equal(written["ls.gamma"], source["ls.gamma"]) and torch.equal(
+        written["norm.weight"], source["norm.gamma"]
+    )
 
 
 def test_tf_moving_statistics_become_running_statistics(env: Path) -> None:
     sd = random_state(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
-    source = {k.replace("running_mean", "moving_mean").replace("running_var", "moving_variance"): v
-              for k, v in sd.items()}
+    source = {
+        k.replace("running_mean", "moving_mean").replace("running_var", "moving_variance"): v for k, v in sd.items()
+    }
     torch.save(source, env / "tf_bn.pth")
     report = diff_paths(str(env / "tf_bn.pth"), arch="models.py:bn_net")
     ops = [s.operation["replacement"] for s in report.plan.steps]
@@ -213,8 +232,10 @@ def test_align_by_position_and_by_sequence_diff() -> None:
     assert full.mapping == {"a.w": "x.weight", "a.b": "x.bias", "b.w": "y.weight"}
     same = align([("p.weight", (4, 3)), ("p.bias", (4,))], [("q.weight", (4, 3)), ("q.bias", (4,))])
     assert same is not None and same.confidence == 1.0
-    partial = align([("p.weight", (4, 3)), ("p.bias", (4,)), ("h.weight", (9, 4))],
-                    [("q.weight", (4, 3)), ("q.bias", (4,)), ("f.weight", (7, 4))])
+    partial = align(
+        [("p.weight", (4, 3)), ("p.bias", (4,)), ("h.weight", (9, 4))],
+        [("q.weight", (4, 3)), ("q.bias", (4,)), ("f.weight", (7, 4))],
+    )
     assert partial is not None and partial.method == SEQUENCE_DIFF
     assert partial.mapping == {"p.weight": "q.weight", "p.bias": "q.bias"}
     assert partial.unaligned_source == ("h.weight",) and partial.unaligned_target == ("f.weight",)

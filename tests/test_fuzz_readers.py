@@ -16,8 +16,13 @@ from ckpt_tool.reader import open_checkpoint
 from ckpt_tool.scan import SEVERITY_ORDER, scan_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 

@@ -26,18 +26,47 @@ CASES = {
     "inspect_tiny_cnn_pth": (["inspect", "fixtures/tiny_cnn.pth", "--json"], 0),
     "inspect_tiny_cnn_dataparallel_nested_pth": (["inspect", "fixtures/tiny_cnn_dataparallel_nested.pth", "--json"], 0),
     "inspect_tiny_cnn_safetensors": (["inspect", "fixtures/tiny_cnn.safetensors", "--json"], 0),
-    "diff_dataparallel_vs_arch": (["diff", "fixtures/tiny_cnn_dataparallel_nested.pth", "--arch",
-                                   "fixtures/make_fixtures.py:tiny_cnn", "--arch-arg", "num_classes=4",
-                                   "--no-cache", "--json"], 1),
-    "diff_pth_vs_safetensors_values": (["diff", "fixtures/tiny_cnn.pth", "fixtures/tiny_cnn.safetensors",
-                                        "--values", "--all", "--json"], 0),
+    "diff_dataparallel_vs_arch": (
+        [
+            "diff",
+            "fixtures/tiny_cnn_dataparallel_nested.pth",
+            "--arch",
+            "fixtures/make_fixtures.py:tiny_cnn",
+            "--arch-arg",
+            "num_classes=4",
+            "--no-cache",
+            "--json",
+        ],
+        1,
+    ),
+    "diff_pth_vs_safetensors_values": (
+        ["diff", "fixtures/tiny_cnn.pth", "fixtures/tiny_cnn.safetensors", "--values", "--all", "--json"],
+        0,
+    ),
     "scan_malicious": (["scan", "fixtures/malicious", "fixtures/tiny_cnn.pth", "--json"], 1),
     # in the docs' example inputs, whose pyproject.toml holds [tool.ckpt] policies
     "validate_policies": (["validate", "models/tiny_cnn.pth", "models/tiny_cnn.safetensors", "--json"], 1),
-    "migrate_strip_reinit": (["migrate", "fixtures/tiny_cnn_dataparallel_nested.pth", "--key", "model_state_dict",
-                              "--strip-prefix", "module.", "--arch", "fixtures/make_fixtures.py:tiny_cnn",
-                              "--arch-arg", "num_classes=4", "--reinit-mismatched", "--seed", "0",
-                              "-o", "tiny_cnn_4.safetensors", "--json"], 0),
+    "migrate_strip_reinit": (
+        [
+            "migrate",
+            "fixtures/tiny_cnn_dataparallel_nested.pth",
+            "--key",
+            "model_state_dict",
+            "--strip-prefix",
+            "module.",
+            "--arch",
+            "fixtures/make_fixtures.py:tiny_cnn",
+            "--arch-arg",
+            "num_classes=4",
+            "--reinit-mismatched",
+            "--seed",
+            "0",
+            "-o",
+            "tiny_cnn_4.safetensors",
+            "--json",
+        ],
+        0,
+    ),
 }
 
 
@@ -66,8 +95,9 @@ def _masked(value, work: str):
 NEEDS_TORCH = {"diff_dataparallel_vs_arch", "migrate_strip_reinit", "validate_policies"}
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.torch] if n in NEEDS_TORCH else [])
-                                  for n in sorted(CASES)])
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=[pytest.mark.torch] if n in NEEDS_TORCH else []) for n in sorted(CASES)]
+)
 def test_json_report_matches_golden(name, tmp_path, monkeypatch, request):
     args, code = CASES[name]
     work = _workdir(tmp_path, name, request)

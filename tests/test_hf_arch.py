@@ -36,14 +36,32 @@ def models(tmp_path_factory):
     out = tmp_path_factory.mktemp("hf")
     torch.manual_seed(0)
     configs = {
-        "gpt2": transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0)),
-        "bert": transformers.BertForMaskedLM(transformers.BertConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=100,
-            max_position_embeddings=64)),
-        "llama": transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=100, tie_word_embeddings=True)),
+        "gpt2": transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(
+                n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0
+            )
+        ),
+        "bert": transformers.BertForMaskedLM(
+            transformers.BertConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                vocab_size=100,
+                max_position_embeddings=64,
+            )
+        ),
+        "llama": transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=100,
+                tie_word_embeddings=True,
+            )
+        ),
     }
     paths = {}
     for name, model in configs.items():
@@ -96,8 +114,15 @@ def test_diff_of_save_pretrained_output_loads(models, name):
 
 def test_arch_args_override_config_fields(models):
     paths, _ = models
-    result = invoke("diff", os.path.join(paths["gpt2"], "model.safetensors"), "--arch", f"hf:{paths['gpt2']}",
-                    "--arch-arg", "vocab_size=101", "--json")
+    result = invoke(
+        "diff",
+        os.path.join(paths["gpt2"], "model.safetensors"),
+        "--arch",
+        f"hf:{paths['gpt2']}",
+        "--arch-arg",
+        "vocab_size=101",
+        "--json",
+    )
     assert result.exit_code == 1, result.output
     keys = {k["key"] for k in json.loads(result.stdout)["keys"] if k["status"] == "shape"}
     assert "transformer.wte.weight" in keys
@@ -129,7 +154,9 @@ def test_validate_arch_policy(models, tmp_path):
     from ckpt_tool.validate import PASS, rules_from_config, validate_file
 
     paths, _ = models
-    config = ProjectConfig(str(tmp_path / "pyproject.toml"), {"arch": {"*.safetensors": {"arch": f"hf:{paths['bert']}"}}})
+    config = ProjectConfig(
+        str(tmp_path / "pyproject.toml"), {"arch": {"*.safetensors": {"arch": f"hf:{paths['bert']}"}}}
+    )
     from dataclasses import replace
 
     rules = replace(rules_from_config(config), root=paths["bert"])
@@ -144,20 +171,25 @@ def test_llama_70b_layout_scaled_down(tmp_path):
     result = invoke("diff", directory, "--arch", f"hf:{directory}", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["loads_strictly"] is True and report["counts"]["matched"] == 2 * 9 + 3 and report["counts"]["tied"] == 0
+    assert (
+        report["loads_strictly"] is True and report["counts"]["matched"] == 2 * 9 + 3 and report["counts"]["tied"] == 0
+    )
     # the same set against a config with one layer more: every key of layer 2 is missing
     result = invoke("diff", directory, "--arch", f"hf:{directory}", "--arch-arg", "num_hidden_layers=3", "--json")
     assert result.exit_code == 1 and json.loads(result.stdout)["counts"]["missing"] == 9
 
 
-@pytest.mark.parametrize("content, fragment", [
-    (None, "no such file"),
-    ("{not json", "is not a JSON config"),
-    ('{"hidden_size": 3}', "no \"model_type\""),
-    ('{"model_type": "nobody-knows", "auto_map": {"AutoModel": "x.Model"}}', "remote code"),
-    ('{"model_type": "nobody-knows"}', "does not know this model type"),
-    ('{"model_type": "gpt2", "architectures": ["os.system"]}', "not a transformers model class"),
-])
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        (None, "no such file"),
+        ("{not json", "is not a JSON config"),
+        ('{"hidden_size": 3}', 'no "model_type"'),
+        ('{"model_type": "nobody-knows", "auto_map": {"AutoModel": "x.Model"}}', "remote code"),
+        ('{"model_type": "nobody-knows"}', "does not know this model type"),
+        ('{"model_type": "gpt2", "architectures": ["os.system"]}', "not a transformers model class"),
+    ],
+)
 def test_bad_configs_are_one_line_errors(tmp_path, content, fragment):
     if content is not None:
         (tmp_path / "config.json").write_text(content)
@@ -167,7 +199,7 @@ def test_bad_configs_are_one_line_errors(tmp_path, content, fragment):
     line = error_line(result)
     if "x.safetensors" not in line:
         assert fragment in line, line
-    with pytest.raises(ArchError, match=fragment.replace('"', '.')):
+    with pytest.raises(ArchError, match=fragment.replace('"', ".")):
         target_signature(f"hf:{tmp_path}")
 
 

@@ -68,7 +68,9 @@ def test_vgg16_with_added_layer_fill_missing(vgg16, targets, tmp_path, torch):
     report = migrate(Plan(vgg16, arch=spec, operations=(operation("fill_missing"),)), out, seed=3)
     assert report.ok and report.verification.loads
     assert [(t.key, t.reason) for t in report.plan.initialised] == [
-        ("classifier.add_linder.weight", "fill_missing"), ("classifier.add_linder.bias", "fill_missing")]
+        ("classifier.add_linder.weight", "fill_missing"),
+        ("classifier.add_linder.bias", "fill_missing"),
+    ]
     assert report.plan.steps[0].added == ("classifier.add_linder.weight", "classifier.add_linder.bias")
     target = build(spec, seed=3)
     expected_init = {k: v.clone() for k, v in target.state_dict().items() if "add_linder" in k}
@@ -133,7 +135,9 @@ def test_without_reinit_the_verification_fails_and_says_why(resnet, tmp_path):
     assert os.path.exists(out)  # written, but reported
     assert not report.ok and not report.verification.loads
     assert [(m.key, m.shape, m.target_shape) for m in report.verification.diff.mismatched] == [
-        ("fc.weight", (1000, 512), (10, 512)), ("fc.bias", (1000,), (10,))]
+        ("fc.weight", (1000, 512), (10, 512)),
+        ("fc.bias", (1000,), (10,)),
+    ]
     assert "size mismatch" in report.verification.error
 
 
@@ -267,7 +271,8 @@ def test_tied_weights_safetensors_alias(tied, tmp_path, torch):
     report = migrate(Plan(src, arch=spec), out)
     assert report.ok and report.verification.loads
     assert [(s.keys, s.written_as, s.how) for s in report.plan.shared] == [
-        (("embed.weight", "proj.weight"), "embed.weight", "alias")]
+        (("embed.weight", "proj.weight"), "embed.weight", "alias")
+    ]
     with safe_open(out, framework="pt") as f:
         assert list(f.keys()) == ["embed.weight"]
         assert json.loads(f.metadata()["ckpt.aliases"]) == {"proj.weight": "embed.weight"}
@@ -311,7 +316,9 @@ def test_cast_bytes_rounds_to_nearest_even(torch):
 
     values = torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8, 3.4e38, -1.5], dtype=torch.float32)
     got = cast_bytes(values.numpy().tobytes(), "float32", "bfloat16")
-    assert np.frombuffer(got, "<u2").tolist() == values.to(torch.bfloat16).view(torch.int16).numpy().astype("<u2").tolist()
+    assert (
+        np.frombuffer(got, "<u2").tolist() == values.to(torch.bfloat16).view(torch.int16).numpy().astype("<u2").tolist()
+    )
 
 
 def test_nonfinite_values_fail_the_check(targets, tmp_path, torch):
@@ -423,8 +430,9 @@ main()
 def test_killed_process_never_leaves_a_partial_output(resnet, tmp_path, sig):
     out = tmp_path / "o.safetensors"
     out.write_bytes(b"old")
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_MIGRATE, resnet, str(out)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_MIGRATE, resnet, str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.time() + 60
     while not temp_files(str(tmp_path)) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
@@ -441,10 +449,12 @@ def test_killed_process_never_leaves_a_partial_output(resnet, tmp_path, sig):
 
 
 def test_streaming_copy_never_imports_torch(resnet, tmp_path):
-    code = ("import sys\nfrom ckpt_tool.migrate import migrate\nfrom ckpt_tool.plan import Plan, operation\n"
-            f"r = migrate(Plan({resnet!r}, operations=(operation('drop', prefix='fc'),)), {str(tmp_path / 'o.pth')!r})\n"
-            f"migrate(Plan({resnet!r}), {str(tmp_path / 'o.safetensors')!r})\n"
-            "assert r.plan.streamed\nprint(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy')))")
+    code = (
+        "import sys\nfrom ckpt_tool.migrate import migrate\nfrom ckpt_tool.plan import Plan, operation\n"
+        f"r = migrate(Plan({resnet!r}, operations=(operation('drop', prefix='fc'),)), {str(tmp_path / 'o.pth')!r})\n"
+        f"migrate(Plan({resnet!r}), {str(tmp_path / 'o.safetensors')!r})\n"
+        "assert r.plan.streamed\nprint(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -43,8 +43,10 @@ def _args(command: str, path: str, out: str) -> list[list[str]]:
         "validate": [[path]],
         "inspect": [[path]],
         "diff": [[path, path], [path, "--arch", "squeezenet1_0"]],
-        "migrate": [[path, "--strip-prefix", "module.", "--dry-run"],
-                    [path, "--strip-prefix", "module.", "-o", os.path.join(out, "migrated.pth")]],
+        "migrate": [
+            [path, "--strip-prefix", "module.", "--dry-run"],
+            [path, "--strip-prefix", "module.", "-o", os.path.join(out, "migrated.pth")],
+        ],
         "convert": [[path, os.path.join(out, "converted.safetensors")]],
         # loads the tensors into a real model and trains a step: the deepest reader path there is
         "finetune-check": [[path, "--arch", "squeezenet1_0", "--data", "synthetic:2", "--image-size", "32"]],
@@ -89,5 +91,7 @@ def test_validate_without_values_or_arch_does_not_import_torch(payloads, tmp_pat
         f"rc = main(['validate', {paths['torch_zip_payload']!r}, {paths['stack_global']!r}], standalone_mode=False)\n"
         "print('RC', rc, 'TORCH', 'torch' in sys.modules)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=str(tmp_path), capture_output=True, text=True, timeout=120
+    )
     assert "RC 1 TORCH False" in result.stdout, result.stdout + result.stderr

@@ -65,8 +65,9 @@ def fsdp(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
     script = out / "make.py"
     script.write_text(FSDP_SCRIPT)
-    subprocess.run([sys.executable, str(script), str(out), str(out / "store")], check=True, capture_output=True,
-                   timeout=300)
+    subprocess.run(
+        [sys.executable, str(script), str(out), str(out / "store")], check=True, capture_output=True, timeout=300
+    )
     return out
 
 
@@ -76,9 +77,14 @@ def test_fsdp_inspect_shows_every_dtensor(fsdp):
     local = torch.load(fsdp / "local.pth", weights_only=True)
     ckpt = open_checkpoint(str(fsdp / "fsdp.pth"))
     assert list(ckpt.tensors) == list(local)
-    assert all(ref.shape == tuple(local[k].shape) and "full local tensor" in ref.note for k, ref in ckpt.tensors.items())
+    assert all(
+        ref.shape == tuple(local[k].shape) and "full local tensor" in ref.note for k, ref in ckpt.tensors.items()
+    )
     result = invoke("inspect", str(fsdp / "fsdp.pth"))
-    assert result.exit_code == 0 and "4 tensors: DTensor (Shard(0) on a mesh of 1 device(s)) read as its full local tensor" in result.output
+    assert (
+        result.exit_code == 0
+        and "4 tensors: DTensor (Shard(0) on a mesh of 1 device(s)) read as its full local tensor" in result.output
+    )
 
 
 @pytest.mark.parametrize("ext", ["pth", "safetensors"])
@@ -87,8 +93,10 @@ def test_fsdp_convert_writes_the_full_tensors_with_a_note(fsdp, tmp_path, ext):
 
     out = str(tmp_path / f"plain.{ext}")
     result = invoke("convert", str(fsdp / "fsdp.pth"), out)
-    assert result.exit_code == 0 and "DTensor (Shard(0) on a mesh of 1 device(s)) read as its full local tensor" \
-        in result.output
+    assert (
+        result.exit_code == 0
+        and "DTensor (Shard(0) on a mesh of 1 device(s)) read as its full local tensor" in result.output
+    )
     if ext == "pth":
         written = torch.load(out, weights_only=True)
     else:
@@ -134,8 +142,13 @@ def composites(tmp_path_factory):
         "q8": torch.quantize_per_tensor(torch.randn(3, 4), 0.05, 3, torch.qint8),
         "qu8": torch.quantize_per_tensor(torch.randn(6), 0.1, 128, torch.quint8),
         "q32": torch.quantize_per_tensor(torch.randn(2, 2), 0.001, 0, torch.qint32),
-        "qc": torch.quantize_per_channel(torch.randn(3, 2), torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64),
-                                         torch.tensor([0, 1, 2]), 0, torch.qint8),
+        "qc": torch.quantize_per_channel(
+            torch.randn(3, 2),
+            torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64),
+            torch.tensor([0, 1, 2]),
+            0,
+            torch.qint8,
+        ),
         "dense": torch.randn(2),
     }
     path = tmp_path_factory.mktemp("composite") / "composite.pth"
@@ -154,17 +167,25 @@ def same_object(a, b) -> bool:
         if a.qscheme() == torch.per_tensor_affine:
             same_q = a.q_scale() == b.q_scale() and a.q_zero_point() == b.q_zero_point()
         else:
-            same_q = (torch.equal(a.q_per_channel_scales(), b.q_per_channel_scales())
-                      and torch.equal(a.q_per_channel_zero_points(), b.q_per_channel_zero_points())
-                      and a.q_per_channel_axis() == b.q_per_channel_axis())
+            same_q = (
+                torch.equal(a.q_per_channel_scales(), b.q_per_channel_scales())
+                and torch.equal(a.q_per_channel_zero_points(), b.q_per_channel_zero_points())
+                and a.q_per_channel_axis() == b.q_per_channel_axis()
+            )
         return same_q and torch.equal(a.int_repr(), b.int_repr())
     if a.layout != b.layout:
         return False
     if a.layout == torch.sparse_coo:
         return torch.equal(a._indices(), b._indices()) and torch.equal(a._values(), b._values())
     if a.layout == torch.sparse_csr:
-        return all(torch.equal(x, y) for x, y in ((a.crow_indices(), b.crow_indices()),
-                                                   (a.col_indices(), b.col_indices()), (a.values(), b.values())))
+        return all(
+            torch.equal(x, y)
+            for x, y in (
+                (a.crow_indices(), b.crow_indices()),
+                (a.col_indices(), b.col_indices()),
+                (a.values(), b.values()),
+            )
+        )
     return torch.equal(a, b)
 
 
@@ -173,8 +194,15 @@ def test_composites_are_described(composites):
     ckpt = open_checkpoint(path)
     assert list(ckpt.tensors) == list(sd)
     kinds = {k: r.kind for k, r in ckpt.tensors.items()}
-    assert kinds == {"coo": "sparse_coo", "csr": "sparse_csr", "q8": "quantized", "qu8": "quantized",
-                     "q32": "quantized", "qc": "quantized", "dense": "dense"}
+    assert kinds == {
+        "coo": "sparse_coo",
+        "csr": "sparse_csr",
+        "q8": "quantized",
+        "qu8": "quantized",
+        "q32": "quantized",
+        "qc": "quantized",
+        "dense": "dense",
+    }
     assert ckpt.tensors["q8"].attr == {"qscheme": "per_tensor_affine", "scale": 0.05, "zero_point": 3}
     result = invoke("inspect", path)
     assert "sparse_coo:" in result.output and "scale 0.05, zero point 3" in result.output
@@ -195,8 +223,9 @@ def test_pth_output_carries_composites_bit_identical(composites, tmp_path, comma
     assert all(same_object(sd[k], written[prefix + k]) for k in sd)
 
 
-@pytest.mark.parametrize(("key", "option"), [("coo", "--densify"), ("csr", "--densify"), ("q8", "--dequantize"),
-                                             ("qc", "--dequantize")])
+@pytest.mark.parametrize(
+    ("key", "option"), [("coo", "--densify"), ("csr", "--densify"), ("q8", "--dequantize"), ("qc", "--dequantize")]
+)
 def test_safetensors_output_refuses_composites_before_writing(composites, tmp_path, key, option):
     path, _ = composites
     out = tmp_path / "out.safetensors"
@@ -396,8 +425,9 @@ def test_torchscript_attributes_are_reported_apart(tmp_path):
     assert "TorchScript attributes" in result.output and "_context" in result.output
     out = str(tmp_path / "vad.pth")
     converted = invoke("convert", path, out)
-    assert converted.exit_code == 0 and "2 TorchScript tensor attributes are not part of state_dict()" \
-        in converted.output
+    assert (
+        converted.exit_code == 0 and "2 TorchScript tensor attributes are not part of state_dict()" in converted.output
+    )
     assert list(torch.load(out, weights_only=True)) == list(loaded)
 
 
@@ -405,9 +435,12 @@ def test_onnx_file_is_named(tmp_path):
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
     path = tmp_path / "model.bin"  # named like a torch file on purpose
     onnx.save(helper.make_model(graph, producer_name="test"), str(path))
     refused(invoke("inspect", str(path)), "is an ONNX model", "PyTorch", "safetensors")

@@ -47,10 +47,15 @@ MODELS = textwrap.dedent("""
     def new():
         return New()
 """)
-OPS = ["--strip-prefix", "module.", "--rename", r"^a\.=a2.", "--drop", "gone", "--fill-missing",
-       "--reinit-mismatched"]
-KEPT = {"a2.weight": "a.weight", "a2.bias": "a.bias", "b.0.weight": "b.0.weight", "b.0.bias": "b.0.bias",
-        "b.1.weight": "b.1.weight", "b.1.bias": "b.1.bias"}
+OPS = ["--strip-prefix", "module.", "--rename", r"^a\.=a2.", "--drop", "gone", "--fill-missing", "--reinit-mismatched"]
+KEPT = {
+    "a2.weight": "a.weight",
+    "a2.bias": "a.bias",
+    "b.0.weight": "b.0.weight",
+    "b.0.bias": "b.0.bias",
+    "b.1.weight": "b.1.weight",
+    "b.1.bias": "b.1.bias",
+}
 
 
 @pytest.fixture(scope="session")
@@ -77,16 +82,20 @@ def _optimizer(torch, kind, params_groups):
 def _old_groups(m, kind):
     if kind != "adamw":  # one group, model.parameters()
         return [{"params": list(m.parameters())}]
-    return [{"params": [*m.a.parameters(), *m.b.parameters()]},
-            {"params": [*m.gone.parameters(), *m.head.parameters()], "lr": 0.05}]
+    return [
+        {"params": [*m.a.parameters(), *m.b.parameters()]},
+        {"params": [*m.gone.parameters(), *m.head.parameters()], "lr": 0.05},
+    ]
 
 
 def _new_groups(m, kind):
     # an added parameter joins the group of the one before it; a re-initialised one keeps its group
     if kind != "adamw":
         return [{"params": list(m.parameters())}]
-    return [{"params": [*m.a2.parameters(), *m.b.parameters(), *m.added.parameters()]},
-            {"params": [*m.head.parameters()], "lr": 0.05}]
+    return [
+        {"params": [*m.a2.parameters(), *m.b.parameters(), *m.added.parameters()]},
+        {"params": [*m.head.parameters()], "lr": 0.05},
+    ]
 
 
 def _steps(torch, model, opt, n, seed):
@@ -110,8 +119,15 @@ def _train(torch, models, tmp_path, kind, *, fqn=False):
     else:
         optim_sd = opt.state_dict()
     path = tmp_path / f"{kind}.pth"
-    torch.save({"model": {f"module.{k}": v for k, v in m.state_dict().items()}, "optimizer": optim_sd,
-                "epoch": 3, "scheduler": {"last_epoch": 3, "_last_lr": [0.01]}}, path)
+    torch.save(
+        {
+            "model": {f"module.{k}": v for k, v in m.state_dict().items()},
+            "optimizer": optim_sd,
+            "epoch": 3,
+            "scheduler": {"last_epoch": 3, "_last_lr": [0.01]},
+        },
+        path,
+    )
     return str(path)
 
 
@@ -235,8 +251,9 @@ def test_unmappable_ids_stop_with_exit_2_and_drop_optimizer_is_explicit(torch, m
 def test_cast_casts_moments_but_not_step(torch, models, tmp_path):
     src = _train(torch, models, tmp_path, "adam")
     out = str(tmp_path / "bf16.pth")
-    report = migrate(Plan(src, operations=(operation("strip_prefix", prefix="module."),
-                                           operation("cast", dtype="bfloat16"))), out)
+    report = migrate(
+        Plan(src, operations=(operation("strip_prefix", prefix="module."), operation("cast", dtype="bfloat16"))), out
+    )
     assert report.ok and report.plan.optimizers[0].cast
     saved = torch.load(out, weights_only=True)
     before = torch.load(src, weights_only=True)["optimizer"]["state"][0]
@@ -248,8 +265,9 @@ def test_cast_casts_moments_but_not_step(torch, models, tmp_path):
 def test_plan_json_and_argv_keep_the_training_options():
     plan = Plan("a.pth", source_arch="resnet18", drop_optimizer=True, also_keys=("state_dict_ema",))
     assert Plan.from_json(json.loads(json.dumps(plan.to_json()))) == plan
-    assert plan.command("b.pth") == ("ckpt migrate a.pth --source-arch resnet18 --drop-optimizer "
-                                     "--also-key state_dict_ema -o b.pth")
+    assert plan.command("b.pth") == (
+        "ckpt migrate a.pth --source-arch resnet18 --drop-optimizer --also-key state_dict_ema -o b.pth"
+    )
     from ckpt_tool.errors import InputError
 
     with pytest.raises(InputError, match="also_keys"):
@@ -279,8 +297,19 @@ def test_timm_checkpoint_saver_with_ema(torch, tmp_path):
     saver.save_checkpoint(epoch=0, metric=0.5)
     src = str(tmp_path / "checkpoint-0.pth.tar")
     out = str(tmp_path / "head5.pth")
-    r = _run("migrate", src, "--reinit-mismatched", "--also-key", "state_dict_ema", "--arch", "timm:resnet10t",
-             "--arch-arg", "num_classes=5", "-o", out)
+    r = _run(
+        "migrate",
+        src,
+        "--reinit-mismatched",
+        "--also-key",
+        "state_dict_ema",
+        "--arch",
+        "timm:resnet10t",
+        "--arch-arg",
+        "num_classes=5",
+        "-o",
+        out,
+    )
     assert r.exit_code == 0, r.output
     assert "also state_dict_ema: the same operations" in r.output
     saved = torch.load(out, weights_only=True)
@@ -320,8 +349,13 @@ def test_lightning_checkpoint_resumes_in_a_real_trainer(torch, tmp_path):
         ds = torch.utils.data.TensorDataset(torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g))
         return torch.utils.data.DataLoader(ds, batch_size=4)
 
-    kw = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-              default_root_dir=str(tmp_path))
+    kw = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
     trainer = L.Trainer(max_epochs=1, **kw)
     trainer.fit(Module(), data())
     src = str(tmp_path / "lit.ckpt")
@@ -345,8 +379,12 @@ def test_inspect_shows_groups_hyper_parameters_and_mapped_names(torch, models, t
     assert "exp_avg [4, 4] float32" in line and "step [] float32" in line
     data = json.loads(_run("inspect", src, "--json").output)["optimizers"][0]
     assert [g["params"] for g in data["groups"]] == [6, 4] and data["groups"][1]["hyper"]["lr"] == 0.05
-    assert {s["parameter"] for s in data["state"] if s["group"] == 1} == {"module.head.weight", "module.head.bias",
-                                                                           "module.gone.weight", "module.gone.bias"}
+    assert {s["parameter"] for s in data["state"] if s["group"] == 1} == {
+        "module.head.weight",
+        "module.head.bias",
+        "module.gone.weight",
+        "module.gone.bias",
+    }
 
 
 def test_inspect_says_why_ids_are_not_mapped(torch, models, tmp_path):
@@ -370,14 +408,12 @@ def test_finetune_check_resumes_the_carried_optimizer_state(torch, tmp_path):
     model(torch.randn(2, 3, 16, 16)).sum().backward()
     opt.step()
     src = tmp_path / "train.pth"
-    torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}, "optimizer": opt.state_dict()},
-               src)
+    torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}, "optimizer": opt.state_dict()}, src)
     out = str(tmp_path / "resumable.pth")
     arch = os.path.join(os.path.dirname(__file__), "..", "fixtures", "make_fixtures.py") + ":tiny_cnn"
     r = _run("migrate", str(src), "--strip-prefix", "module.", "--arch", arch, "-o", out)
     assert r.exit_code == 0, r.output
-    common = ["finetune-check", out, "--arch", arch, "--image-size", "16", "--max-steps", "2", "--lr", "0.01",
-              "--json"]
+    common = ["finetune-check", out, "--arch", arch, "--image-size", "16", "--max-steps", "2", "--lr", "0.01", "--json"]
     r = _run(*common, "--resume-optimizer")
     assert r.exit_code == 0, r.output
     checks = {c["name"]: c for c in json.loads(r.output)["checks"]}

@@ -81,7 +81,7 @@ def test_objects_keep_their_state_inert():
 
 def test_unresolvable_stack_global_is_flagged():
     # STACK_GLOBAL whose module name is itself the result of a call
-    data = (b"\x80\x04" + b"\x8c\x08builtins\x8c\x03str\x93" + b")R" + b"\x8c\x06system\x93" + b".")
+    data = b"\x80\x04" + b"\x8c\x08builtins\x8c\x03str\x93" + b")R" + b"\x8c\x06system\x93" + b"."
     trace = Trace()
     out = vm_load(data, trace)
     assert isinstance(out, GlobalRef) and out.module == "?"
@@ -163,9 +163,21 @@ def test_honest_frames_read_the_same_both_ways(protocol):
     assert trace.desync == []
 
 
-@pytest.mark.parametrize("line, value", [(b"I0x10\n", 16), (b"I010\n", 8), (b"I-0x1f\n", -31), (b"I0b101\n", 5),
-                                         (b"I1_000\n", 1000), (b"I01\n", True), (b"I 7\n", 7), (b"L0o17L\n", 15),
-                                         (b"L0x10\n", 16), (b"I99999999999999999999\n", 99999999999999999999)])
+@pytest.mark.parametrize(
+    "line, value",
+    [
+        (b"I0x10\n", 16),
+        (b"I010\n", 8),
+        (b"I-0x1f\n", -31),
+        (b"I0b101\n", 5),
+        (b"I1_000\n", 1000),
+        (b"I01\n", True),
+        (b"I 7\n", 7),
+        (b"L0o17L\n", 15),
+        (b"L0x10\n", 16),
+        (b"I99999999999999999999\n", 99999999999999999999),
+    ],
+)
 def test_int_and_long_literals_are_read_as_cpython_reads_them(line, value):
     data = line + b"."
     got = vm_load(data)

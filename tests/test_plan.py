@@ -57,8 +57,11 @@ def test_keep_and_exclude_use_search():
 
 def test_rename_with_groups_and_order_of_operations():
     st = state("layer1.conv.weight", "fc.weight")
-    out = run(st, operation("rename", pattern=r"^layer(\d)\.", replacement=r"block\1."),
-              operation("rename", pattern=r"^fc\.", replacement="head."))
+    out = run(
+        st,
+        operation("rename", pattern=r"^layer(\d)\.", replacement=r"block\1."),
+        operation("rename", pattern=r"^fc\.", replacement="head."),
+    )
     assert list(out.state) == ["block1.conv.weight", "head.weight"]
     assert out.steps[0].renamed == (("layer1.conv.weight", "block1.conv.weight"),)
     assert out.state["head.weight"].origin == "fc.weight"  # values still come from the old key
@@ -92,14 +95,17 @@ def test_strip_and_add_prefix():
     assert len(out.steps[0].renamed) == 2 and len(out.steps[1].renamed) == 3
 
 
-@pytest.mark.parametrize(("op", "closest"), [
-    (operation("strip_prefix", prefix="module."), "keys look like classifier.6.weight"),
-    (operation("drop", prefix="classifer.6"), "closest: classifier.6"),
-    (operation("keep", pattern="^clasifier"), "closest: classifier"),
-    (operation("exclude", pattern="head"), "keys look like"),
-    (operation("rename", pattern="^fc\\.", replacement="head."), "keys look like"),
-    (operation("map", mapping={"classifer.6.weight": "x"}), "closest: classifier.6.weight"),
-])
+@pytest.mark.parametrize(
+    ("op", "closest"),
+    [
+        (operation("strip_prefix", prefix="module."), "keys look like classifier.6.weight"),
+        (operation("drop", prefix="classifer.6"), "closest: classifier.6"),
+        (operation("keep", pattern="^clasifier"), "closest: classifier"),
+        (operation("exclude", pattern="head"), "keys look like"),
+        (operation("rename", pattern="^fc\\.", replacement="head."), "keys look like"),
+        (operation("map", mapping={"classifer.6.weight": "x"}), "closest: classifier.6.weight"),
+    ],
+)
 def test_operation_that_matches_nothing_is_refused_naming_the_closest_keys(op: Operation, closest: str) -> None:
     with pytest.raises(UsageError, match="matches no key") as err:
         run(state("classifier.6.weight", "classifier.6.bias", "features.0.weight"), op)
@@ -113,8 +119,12 @@ def test_policies_and_casts_that_change_nothing_are_fine() -> None:
 
 
 def test_cast_touches_floating_tensors_only():
-    refs = {"w": ref("w"), "n": ref("bn.num_batches_tracked", (), "int64"), "h": ref("h", (4,), "bfloat16"),
-            "b": ref("mask", (4,), "bool")}
+    refs = {
+        "w": ref("w"),
+        "n": ref("bn.num_batches_tracked", (), "int64"),
+        "h": ref("h", (4,), "bfloat16"),
+        "b": ref("mask", (4,), "bool"),
+    }
     out = run(initial_state(refs), operation("cast", dtype="float16"))
     assert {k: e.dtype for k, e in out.state.items()} == {"w": "float16", "n": "int64", "h": "float16", "b": "bool"}
     assert out.state["w"].source_dtype == "float32"
@@ -130,8 +140,9 @@ TARGET = {
 
 def test_policies_against_a_target():
     st = state(fc__weight=(1000, 4), fc__bias=(10,), old__weight=(2,))
-    out = run(st, operation("fill_missing"), operation("drop_unexpected"), operation("reinit_mismatched"),
-              target=TARGET)
+    out = run(
+        st, operation("fill_missing"), operation("drop_unexpected"), operation("reinit_mismatched"), target=TARGET
+    )
     assert list(out.state) == ["fc.weight", "fc.bias", "head.weight"]
     assert out.steps[0].added == ("head.weight",)
     assert out.steps[1].dropped == ("old.weight",)
@@ -145,15 +156,18 @@ def test_policy_without_target_is_a_usage_error():
         run(state("a"), operation("fill_missing"))
 
 
-@pytest.mark.parametrize("op, params, message", [
-    ("explode", {}, "unknown operation"),
-    ("drop", {}, "needs 'prefix'"),
-    ("drop", {"prefix": ""}, "non-empty"),
-    ("keep", {"pattern": "("}, "not a valid regular expression"),
-    ("cast", {"dtype": "int8"}, "choose one of"),
-    ("map", {"mapping": {"a": 1}}, "key strings"),
-    ("rename", {"pattern": "a"}, "needs 'replacement'"),
-])
+@pytest.mark.parametrize(
+    "op, params, message",
+    [
+        ("explode", {}, "unknown operation"),
+        ("drop", {}, "needs 'prefix'"),
+        ("drop", {"prefix": ""}, "non-empty"),
+        ("keep", {"pattern": "("}, "not a valid regular expression"),
+        ("cast", {"dtype": "int8"}, "choose one of"),
+        ("map", {"mapping": {"a": 1}}, "key strings"),
+        ("rename", {"pattern": "a"}, "needs 'replacement'"),
+    ],
+)
 def test_operation_validation(op, params, message):
     with pytest.raises(UsageError, match=message):
         operation(op, **params)
@@ -175,36 +189,54 @@ def test_describe_spells_the_command_line():
 
 
 def test_plan_json_round_trip(tmp_path):
-    plan = Plan("a.pth", "model_state_dict", "resnet18", {"num_classes": 10},
-                (operation("strip_prefix", prefix="module."), operation("reinit_mismatched")))
+    plan = Plan(
+        "a.pth",
+        "model_state_dict",
+        "resnet18",
+        {"num_classes": 10},
+        (operation("strip_prefix", prefix="module."), operation("reinit_mismatched")),
+    )
     path = str(tmp_path / "plan.json")
     save_plan(plan, path)
     with open(path) as f:
         doc = json.load(f)
-    assert doc == {"version": 1, "source": "a.pth", "key": "model_state_dict", "arch": "resnet18",
-                   "arch_args": {"num_classes": 10},
-                   "operations": [{"op": "strip_prefix", "prefix": "module."}, {"op": "reinit_mismatched"}]}
+    assert doc == {
+        "version": 1,
+        "source": "a.pth",
+        "key": "model_state_dict",
+        "arch": "resnet18",
+        "arch_args": {"num_classes": 10},
+        "operations": [{"op": "strip_prefix", "prefix": "module."}, {"op": "reinit_mismatched"}],
+    }
     assert load_plan(path) == plan
 
 
 def test_plan_as_diff_writes_it_with_extra_fields():
-    doc = {"version": 1, "source": "x.pth", "key": None, "arch": None, "arch_args": {},
-           "operations": [{"op": "drop", "prefix": "fc", "reason": "not in the target"},
-                          {"op": "drop_unexpected"}]}
+    doc = {
+        "version": 1,
+        "source": "x.pth",
+        "key": None,
+        "arch": None,
+        "arch_args": {},
+        "operations": [{"op": "drop", "prefix": "fc", "reason": "not in the target"}, {"op": "drop_unexpected"}],
+    }
     plan = plan_from_json(doc)
     assert [op.op for op in plan.operations] == ["drop", "drop_unexpected"]
     assert plan.key is None and plan.arch is None
 
 
-@pytest.mark.parametrize("text, message", [
-    ("not json", "not valid JSON"),
-    ("[]", "must be a JSON object"),
-    ('{"version": 2, "operations": []}', "version 2 is not supported"),
-    ('{"operations": {}}', "must be a list"),
-    ('{"operations": [{"prefix": "a"}]}', "operation 0 is not an object"),
-    ('{"operations": [{"op": "drop"}]}', "operation 0: operation 'drop' needs 'prefix'"),
-    ('{"arch": 3, "operations": []}', "'arch' must be a string"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("not json", "not valid JSON"),
+        ("[]", "must be a JSON object"),
+        ('{"version": 2, "operations": []}', "version 2 is not supported"),
+        ('{"operations": {}}', "must be a list"),
+        ('{"operations": [{"prefix": "a"}]}', "operation 0 is not an object"),
+        ('{"operations": [{"op": "drop"}]}', "operation 0: operation 'drop' needs 'prefix'"),
+        ('{"arch": 3, "operations": []}', "'arch' must be a string"),
+    ],
+)
 def test_bad_plan_files(tmp_path, text, message):
     path = tmp_path / "plan.json"
     path.write_text(text)
@@ -240,9 +272,14 @@ def test_relative_source_found_beside_the_plan(tmp_path, monkeypatch):
 def test_operations_round_trip_through_argv(tmp_path) -> None:
     from ckpt_tool.plan import operation_from_flag, operations_from_argv
 
-    ops = [operation("drop", prefix="fc"), operation("rename", pattern="^a=(?=b)", replacement="c"),
-           operation("strip_prefix", prefix="module."), operation("cast", dtype="bfloat16"),
-           operation("fill_missing"), operation("keep", pattern="x")]
+    ops = [
+        operation("drop", prefix="fc"),
+        operation("rename", pattern="^a=(?=b)", replacement="c"),
+        operation("strip_prefix", prefix="module."),
+        operation("cast", dtype="bfloat16"),
+        operation("fill_missing"),
+        operation("keep", pattern="x"),
+    ]
     argv = [a for op in ops for a in op.to_argv()]
     pairs = []
     for a in argv:
@@ -258,7 +295,9 @@ def test_operations_round_trip_through_argv(tmp_path) -> None:
     with pytest.raises(UsageError, match="no command-line form"):
         operation("map", mapping={"a": "b"}).to_argv()
     plan = Plan("a b.pth", arch="resnet18", arch_args={"num_classes": 10}, operations=tuple(ops[:1]))
-    assert plan.command("o.pth") == "ckpt migrate 'a b.pth' --arch resnet18 --arch-arg num_classes=10 --drop fc -o o.pth"
+    assert (
+        plan.command("o.pth") == "ckpt migrate 'a b.pth' --arch resnet18 --arch-arg num_classes=10 --drop fc -o o.pth"
+    )
     plan.save(str(tmp_path / "p.json"))
     assert Plan.load(str(tmp_path / "p.json")) == plan  # the atomic save leaves no temporary file
     assert os.listdir(tmp_path) == ["p.json"]

@@ -25,8 +25,8 @@ from scan_helpers import ROOT, write_malicious
 pytestmark = [
     pytest.mark.torchfree,
     pytest.mark.skipif(
-        shutil.which("git") is None or subprocess.run([sys.executable, "-m", "pre_commit", "--version"],
-                                                      capture_output=True).returncode != 0,
+        shutil.which("git") is None
+        or subprocess.run([sys.executable, "-m", "pre_commit", "--version"], capture_output=True).returncode != 0,
         reason="needs git and pre-commit",
     ),
 ]
@@ -38,11 +38,15 @@ def git(cwd: str, *args: str, env: dict[str, str] | None = None) -> subprocess.C
 
 def hook_env(home: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env.update({
-        "PRE_COMMIT_HOME": home,
-        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
-    })
+    env.update(
+        {
+            "PRE_COMMIT_HOME": home,
+            "GIT_AUTHOR_NAME": "t",
+            "GIT_AUTHOR_EMAIL": "t@example.com",
+            "GIT_COMMITTER_NAME": "t",
+            "GIT_COMMITTER_EMAIL": "t@example.com",
+        }
+    )
     return env
 
 
@@ -78,8 +82,14 @@ def setup(tmp_path_factory):
 
 
 def _try(setup: dict[str, str], hook: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pre_commit", "try-repo", setup["snap"], hook],
-                          cwd=setup["work"], env=setup["env"], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "pre_commit", "try-repo", setup["snap"], hook],
+        cwd=setup["work"],
+        env=setup["env"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_hooks_file_defines_the_hooks():
@@ -109,7 +119,6 @@ def test_try_repo_passes_a_safe_file_and_refuses_a_malicious_one(setup):
     assert safe.returncode == 0, safe.stdout + safe.stderr
     assert "ckpt scan (unsafe pickles in model files)" in safe.stdout and "Passed" in safe.stdout
 
-
     git(setup["work"], "add", "models/evil.pth", env=setup["env"])
     refused = _try(setup, "ckpt-scan")
     assert refused.returncode == 1, refused.stdout + refused.stderr
@@ -124,10 +133,13 @@ def test_try_repo_passes_a_safe_file_and_refuses_a_malicious_one(setup):
 def test_git_commit_is_refused_for_the_malicious_file(setup):
     work, env = setup["work"], setup["env"]
     with open(os.path.join(work, ".pre-commit-config.yaml"), "w") as f:
-        f.write(f"repos:\n- repo: {setup['snap']}\n  rev: {setup['rev']}\n"
-                "  hooks:\n  - id: ckpt-scan\n  - id: ckpt-validate\n")
-    install = subprocess.run([sys.executable, "-m", "pre_commit", "install"], cwd=work, env=env,
-                             capture_output=True, text=True, timeout=120)
+        f.write(
+            f"repos:\n- repo: {setup['snap']}\n  rev: {setup['rev']}\n"
+            "  hooks:\n  - id: ckpt-scan\n  - id: ckpt-validate\n"
+        )
+    install = subprocess.run(
+        [sys.executable, "-m", "pre_commit", "install"], cwd=work, env=env, capture_output=True, text=True, timeout=120
+    )
     assert install.returncode == 0, install.stderr
 
     git(work, "add", ".pre-commit-config.yaml", "models/good.pth", env=env)
@@ -136,8 +148,9 @@ def test_git_commit_is_refused_for_the_malicious_file(setup):
     assert "ckpt validate (safe, loadable, on policy)" in ok.stdout + ok.stderr
     # the hook's own environment (pre-commit's store): the core and its dependencies, no torch
     (python,) = _hook_pythons(setup)
-    installed = subprocess.run([python, "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True,
-                               timeout=120).stdout.lower()
+    installed = subprocess.run(
+        [python, "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True, timeout=120
+    ).stdout.lower()
     assert "ckpt-tool==" in installed and "click==" in installed and "numpy==" in installed
     assert "torch" not in installed and "safetensors" not in installed
     no_torch = subprocess.run([python, "-c", "import torch"], capture_output=True, text=True, timeout=60)

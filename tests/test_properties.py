@@ -22,15 +22,29 @@ from test_pickle_vm import normalise, vm_load
 from ckpt_tool.errors import FormatError
 from ckpt_tool.formats.safetensors import header_defects, read_safetensors
 
-SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+SETTINGS = settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 
-scalars = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
-           | st.text(max_size=20) | st.binary(max_size=20))
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20)
+    | st.binary(max_size=20)
+)
 plain = st.recursive(
     scalars | st.frozensets(st.integers(), max_size=4) | st.sets(st.integers(), max_size=4),
-    lambda inner: (st.lists(inner, max_size=4) | st.tuples(inner, inner) | st.tuples(inner)
-                   | st.dictionaries(st.text(max_size=8) | st.integers(), inner, max_size=4)),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.tuples(inner, inner)
+        | st.tuples(inner)
+        | st.dictionaries(st.text(max_size=8) | st.integers(), inner, max_size=4)
+    ),
     max_leaves=20,
 )
 
@@ -56,8 +70,13 @@ def test_any_bytes_parse_or_fail_as_a_format_error(data):
 
 
 @SETTINGS
-@given(value=plain, protocol=st.integers(0, pickle.HIGHEST_PROTOCOL), where=st.floats(0, 1),
-       byte=st.integers(0, 255), cut=st.booleans())
+@given(
+    value=plain,
+    protocol=st.integers(0, pickle.HIGHEST_PROTOCOL),
+    where=st.floats(0, 1),
+    byte=st.integers(0, 255),
+    cut=st.booleans(),
+)
 def test_a_damaged_pickle_fails_as_a_format_error(value, protocol, where, byte, cut):
     data = bytearray(pickle.dumps(value, protocol=protocol))
     i = min(int(where * len(data)), len(data) - 1)
@@ -72,7 +91,8 @@ DTYPES = ["float32", "float16", "float64", "int64", "int32", "int8", "uint8", "b
 arrays = st.dictionaries(
     st.text(st.characters(codec="ascii", categories=["L", "N"]), min_size=1, max_size=8),
     st.tuples(st.sampled_from(DTYPES), st.lists(st.integers(0, 4), max_size=3)),
-    min_size=1, max_size=5,
+    min_size=1,
+    max_size=5,
 )
 
 
@@ -92,7 +112,8 @@ def test_every_file_safetensors_writes_is_described_as_written(spec, tmp_path):
     header, defects = header_defects(path)
     assert defects == [] and header is not None
     assert {k: (r.dtype, r.shape) for k, r in header.tensors.items()} == {
-        k: (str(a.dtype), tuple(a.shape)) for k, a in tensors.items()}
+        k: (str(a.dtype), tuple(a.shape)) for k, a in tensors.items()
+    }
     assert header.metadata == {"note": "property test"}
 
 

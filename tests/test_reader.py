@@ -83,7 +83,7 @@ def test_byte_offsets_point_at_the_tensor_bytes(torch, tmp_path):
     raw = path.read_bytes()
     for key, t in sd.items():
         ref = ckpt.tensors[key]
-        assert raw[ref.offset: ref.offset + ref.nbytes] == t.contiguous().numpy().tobytes()
+        assert raw[ref.offset : ref.offset + ref.nbytes] == t.contiguous().numpy().tobytes()
 
 
 def test_float8_and_uint16_use_untyped_storages(torch, tmp_path):
@@ -102,7 +102,10 @@ def test_tied_weights_are_one_storage(torch, tmp_path):
     path = tmp_path / "tied.pth"
     torch.save(model.state_dict(), path)
     ckpt = open_checkpoint(str(path))
-    assert ckpt.shared_storages() and sorted(next(iter(ckpt.shared_storages().values()))) == ["embed.weight", "proj.weight"]
+    assert ckpt.shared_storages() and sorted(next(iter(ckpt.shared_storages().values()))) == [
+        "embed.weight",
+        "proj.weight",
+    ]
     assert_matches(ckpt, torch.load(path, weights_only=True))
 
 
@@ -161,8 +164,16 @@ def test_lightning_style_checkpoint(torch, tmp_path):
 
     sd = tiny_model().state_dict()
     path = tmp_path / "lightning.ckpt"
-    torch.save({"state_dict": OrderedDict(("model." + k, v) for k, v in sd.items()), "epoch": 7, "global_step": 70,
-                "hyper_parameters": {"lr": 0.1, "args": argparse.Namespace(lr=0.1)}, "optimizer_states": [{}]}, path)
+    torch.save(
+        {
+            "state_dict": OrderedDict(("model." + k, v) for k, v in sd.items()),
+            "epoch": 7,
+            "global_step": 70,
+            "hyper_parameters": {"lr": 0.1, "args": argparse.Namespace(lr=0.1)},
+            "optimizer_states": [{}],
+        },
+        path,
+    )
     ckpt = open_checkpoint(str(path))
     assert ckpt.state_path == "state_dict" and len(ckpt.tensors) == len(sd)
     assert "argparse.Namespace" in ckpt.placeholders
@@ -277,7 +288,7 @@ def test_plain_pickle(tmp_path):
         (b"hello world, not a model", "not a recognised checkpoint"),
         (b"PK\x03\x04garbage", "corrupt zip"),
         (b"\x80\x02}q\x00(X\x01\x00\x00\x00aq", "truncated|ends early|past the end"),
-        (b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": 1}", "runs past the end"),
+        (b'\x10\x00\x00\x00\x00\x00\x00\x00{"a": 1}', "runs past the end"),
         ((1 << 60).to_bytes(8, "little") + b"{}", "over the"),
     ],
 )
@@ -310,7 +321,9 @@ def test_storage_size_lies_are_caught(torch, tmp_path):
     torch.save({"w": torch.zeros(4)}, good)
     bad = tmp_path / "lie.pth"
     # size (4,) -> (64,) in data.pkl
-    rewrite_zip(good, bad, lambda name, data: data.replace(b"K\x04\x85", b"K\x40\x85") if name.endswith("data.pkl") else data)
+    rewrite_zip(
+        good, bad, lambda name, data: data.replace(b"K\x04\x85", b"K\x40\x85") if name.endswith("data.pkl") else data
+    )
     with pytest.raises(FormatError, match="past the end of its storage|needs"):
         open_checkpoint(str(bad))
 
@@ -414,7 +427,7 @@ def test_zip_with_undecodable_entry_name(tmp_path):
         zf.writestr("a/data.pkl", b"\x80\x02}.")
     raw = bytearray(path.read_bytes())
     central = raw.rindex(b"PK\x01\x02")
-    raw[central + 8: central + 10] = (0x0800).to_bytes(2, "little")  # "names are UTF-8"
+    raw[central + 8 : central + 10] = (0x0800).to_bytes(2, "little")  # "names are UTF-8"
     name_at = raw.index(b"a/data.pkl", central)
     raw[name_at] = 0xFF  # ... but this one is not
     path.write_bytes(bytes(raw))
@@ -466,8 +479,17 @@ def test_broadcast_views_are_read_within_bounds(torch, tmp_path):
     huge = tmp_path / "huge.pth"
     torch.save({"w": torch.zeros(3)}, huge)
     lie = tmp_path / "lie.pth"
-    rewrite_zip(huge, lie, lambda name, data: data.replace(b"K\x03\x85q", b"\x8a\x06\x00\x00\x00\x00\x00\x01\x85q", 1)
-                .replace(b"K\x01\x85q", b"K\x00\x85q", 1) if name.endswith("data.pkl") else data)
+    rewrite_zip(
+        huge,
+        lie,
+        lambda name, data: (
+            data.replace(b"K\x03\x85q", b"\x8a\x06\x00\x00\x00\x00\x00\x01\x85q", 1).replace(
+                b"K\x01\x85q", b"K\x00\x85q", 1
+            )
+            if name.endswith("data.pkl")
+            else data
+        ),
+    )
     ref = open_checkpoint(str(lie)).tensors["w"]
     assert ref.shape == (2**40,) and ref.stride == (0,)
     with FileCache() as files, pytest.raises(FormatError, match="broadcast view"):

@@ -19,10 +19,15 @@ def write(path, header: dict, data: bytes) -> str:
 
 @pytest.mark.torchfree
 def test_valid_file_has_no_defects(tmp_path):
-    path = write(tmp_path / "ok.safetensors",
-                 {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                  "b": {"dtype": "BF16", "shape": [1, 2], "data_offsets": [8, 12]}, "__metadata__": {"k": "v"}},
-                 bytes(12))
+    path = write(
+        tmp_path / "ok.safetensors",
+        {
+            "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            "b": {"dtype": "BF16", "shape": [1, 2], "data_offsets": [8, 12]},
+            "__metadata__": {"k": "v"},
+        },
+        bytes(12),
+    )
     header, defects = header_defects(path)
     assert defects == [] and header is not None
     assert list(header.tensors) == ["a", "b"] and header.metadata == {"k": "v"}
@@ -33,16 +38,30 @@ def test_valid_file_has_no_defects(tmp_path):
 @pytest.mark.parametrize(
     "header, data, expected",
     [
-        ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8), "needs 12 bytes but data_offsets span 8"),
+        (
+            {"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}},
+            bytes(8),
+            "needs 12 bytes but data_offsets span 8",
+        ),
         ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(4), "past the 4 bytes of data"),
         ({"a": {"dtype": "Q9", "shape": [2], "data_offsets": [0, 8]}}, bytes(8), "unknown dtype 'Q9'"),
         ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, bytes(8), "not a list of non-negative"),
         ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, bytes(8), "out of order"),
-        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-          "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12), "overlaps"),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            bytes(12),
+            "overlaps",
+        ),
         ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12), "4 bytes before tensor 'a'"),
         ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(10), "2 bytes after the last tensor"),
-        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "__metadata__": {"k": 1}}, bytes(8), "__metadata__"),
+        (
+            {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "__metadata__": {"k": 1}},
+            bytes(8),
+            "__metadata__",
+        ),
         ({"a": [1, 2]}, b"", "entry is not an object"),
     ],
 )
@@ -87,8 +106,9 @@ def test_deeply_nested_header_is_a_defect_not_a_crash(tmp_path):
 def test_dtype_the_installed_safetensors_cannot_load_is_a_defect_but_still_described(tmp_path):
     from safetensors import safe_open
 
-    path = write(tmp_path / "c128.safetensors", {"z": {"dtype": "C128", "shape": [1], "data_offsets": [0, 16]}},
-                 bytes(16))
+    path = write(
+        tmp_path / "c128.safetensors", {"z": {"dtype": "C128", "shape": [1], "data_offsets": [0, 16]}}, bytes(16)
+    )
     with pytest.raises(Exception):  # noqa: B017 - the library itself refuses it, whatever it raises
         with safe_open(path, framework="pt") as f:
             f.get_tensor("z")

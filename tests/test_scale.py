@@ -94,12 +94,15 @@ def test_json_is_the_standard_encoders_text(scale):
 
 
 @pytest.mark.torchfree
-@pytest.mark.parametrize("value", [
-    {"loss": float("nan"), "lr": 1e-05, "inf": float("inf")},  # orjson: null, 0.00001
-    {"naïve": "é"},  # the standard encoder escapes non-ASCII
-    {"big": 2**70},  # beyond orjson's 64-bit integers
-    {3: [1, 2.5, (1, 2)], "nested": {"set": {3, 1}}},
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"loss": float("nan"), "lr": 1e-05, "inf": float("inf")},  # orjson: null, 0.00001
+        {"naïve": "é"},  # the standard encoder escapes non-ASCII
+        {"big": 2**70},  # beyond orjson's 64-bit integers
+        {3: [1, 2.5, (1, 2)], "nested": {"set": {3, 1}}},
+    ],
+)
 def test_json_falls_back_where_orjson_would_differ(value):
     from ckpt_tool.model import Candidate
 
@@ -138,7 +141,9 @@ def test_pager_only_on_a_terminal_and_never_with_no_pager(tmp_path, monkeypatch)
     from ckpt_tool import render
 
     marker = tmp_path / "paged.txt"
-    monkeypatch.setenv("PAGER", f"{sys.executable} -c \"import sys; open({str(marker)!r}, 'w').write(sys.stdin.read())\"")
+    monkeypatch.setenv(
+        "PAGER", f"{sys.executable} -c \"import sys; open({str(marker)!r}, 'w').write(sys.stdin.read())\""
+    )
     monkeypatch.setattr("shutil.get_terminal_size", lambda *a: os.terminal_size((80, 24)))
     long_text = "\n".join(f"row {i}" for i in range(100))
 

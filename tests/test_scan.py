@@ -27,11 +27,22 @@ from ckpt_tool.scan import (
 
 # the global each payload must be caught by (the name the scanner reports)
 EXPECTED = {
-    "global_os_system": "os.system", "stack_global": "os.system", "stack_global_memo": "subprocess.call",
-    "builtins_chain": "builtins.getattr", "builtins_exec": "builtins.exec", "nested_loads": "pickle.loads",
-    "inst_opcode": "os.system", "obj_opcode": "os.system", "setstate_build": "os.system", "as_bin": "os.system",
-    "as_ckpt": "os.system", "as_safetensors": "builtins.getattr", "legacy_sys_info": "os.system",
-    "legacy_odd_magic": "os.system", "torch_zip_payload": "posix.system", "torch_legacy_payload": "posix.system",
+    "global_os_system": "os.system",
+    "stack_global": "os.system",
+    "stack_global_memo": "subprocess.call",
+    "builtins_chain": "builtins.getattr",
+    "builtins_exec": "builtins.exec",
+    "nested_loads": "pickle.loads",
+    "inst_opcode": "os.system",
+    "obj_opcode": "os.system",
+    "setstate_build": "os.system",
+    "as_bin": "os.system",
+    "as_ckpt": "os.system",
+    "as_safetensors": "builtins.getattr",
+    "legacy_sys_info": "os.system",
+    "legacy_odd_magic": "os.system",
+    "torch_zip_payload": "posix.system",
+    "torch_legacy_payload": "posix.system",
     "torch_zip_extra_pickle": "os.system",
 }
 
@@ -50,19 +61,51 @@ def malicious(tmp_path_factory):
 # --- the tables -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["collections.OrderedDict", "torch._utils._rebuild_tensor_v2", "torch.FloatStorage",
-                                  "torch.bfloat16", "numpy.core.multiarray._reconstruct", "argparse.Namespace",
-                                  "__builtin__.set", "lightning.fabric.utilities.data.AttributeDict"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "collections.OrderedDict",
+        "torch._utils._rebuild_tensor_v2",
+        "torch.FloatStorage",
+        "torch.bfloat16",
+        "numpy.core.multiarray._reconstruct",
+        "argparse.Namespace",
+        "__builtin__.set",
+        "lightning.fabric.utilities.data.AttributeDict",
+    ],
+)
 def test_allowed_names_are_safe(name):
     assert Policy().judge(name)[0] == SAFE
 
 
-@pytest.mark.parametrize("name", ["os.system", "posix.system", "nt.system", "subprocess.Popen", "builtins.eval",
-                                  "builtins.exec", "builtins.getattr", "__builtin__.__import__", "builtins.open",
-                                  "runpy._run_code", "pickle.loads", "_pickle.loads", "marshal.loads",
-                                  "webbrowser.open", "pip._internal.main", "shutil.rmtree", "socket.socket",
-                                  "importlib.import_module", "sys.modules", "ctypes.CDLL", "torch.hub.load",
-                                  "numpy.testing._private.utils.runstring", "builtins.print"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "os.system",
+        "posix.system",
+        "nt.system",
+        "subprocess.Popen",
+        "builtins.eval",
+        "builtins.exec",
+        "builtins.getattr",
+        "__builtin__.__import__",
+        "builtins.open",
+        "runpy._run_code",
+        "pickle.loads",
+        "_pickle.loads",
+        "marshal.loads",
+        "webbrowser.open",
+        "pip._internal.main",
+        "shutil.rmtree",
+        "socket.socket",
+        "importlib.import_module",
+        "sys.modules",
+        "ctypes.CDLL",
+        "torch.hub.load",
+        "numpy.testing._private.utils.runstring",
+        "builtins.print",
+    ],
+)
 def test_denied_names_are_unsafe(name):
     severity, reason = Policy().judge(name)
     assert severity == UNSAFE
@@ -151,8 +194,10 @@ def test_full_pickled_model_is_suspicious_and_allow_makes_it_safe(benign):
 
 def test_sharded_directory_scans_each_shard(benign):
     report = scan([os.path.dirname(benign["sharded"])])
-    assert [os.path.basename(f.path) for f in report.files] == ["model-00001-of-00002.safetensors",
-                                                                  "model-00002-of-00002.safetensors"]
+    assert [os.path.basename(f.path) for f in report.files] == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
     assert report.ok
 
 
@@ -335,8 +380,9 @@ def _tar(path, members: dict[str, bytes]) -> str:
 
 
 def test_torch_tar_format_is_walked_and_other_tars_are_not_models(tmp_path):
-    evil = _tar(tmp_path / "old.pth.tar", {"sys_info": pickle.dumps({}, protocol=2),
-                                            "pickle": b"cos\nsystem\n(S'x'\ntR."})
+    evil = _tar(
+        tmp_path / "old.pth.tar", {"sys_info": pickle.dumps({}, protocol=2), "pickle": b"cos\nsystem\n(S'x'\ntR."}
+    )
     result = scan_file(evil)
     assert result.format == "torch-legacy-tar" and result.verdict == UNSAFE
     benign = scan_file(_tar(tmp_path / "plain.pth.tar", {"pickle": pickle.dumps({"a": 1}, protocol=2)}))
@@ -370,8 +416,14 @@ def test_plain_pickles_of_plain_data_are_safe(tmp_path):
 
     import numpy as np
 
-    data = {"weights": OrderedDict(w=np.ones((2, 3), dtype=np.float32)), "step": 3, "name": "run",
-            "args": argparse.Namespace(lr=0.1), "ids": {1, 2}, "blob": b"\x00\x01"}
+    data = {
+        "weights": OrderedDict(w=np.ones((2, 3), dtype=np.float32)),
+        "step": 3,
+        "name": "run",
+        "args": argparse.Namespace(lr=0.1),
+        "ids": {1, 2},
+        "blob": b"\x00\x01",
+    }
     for protocol in (0, 2, 4, 5):
         path = tmp_path / f"data_p{protocol}.pkl"
         path.write_bytes(pickle.dumps(data, protocol=protocol))

@@ -79,11 +79,17 @@ def test_frame_desync_is_walked_both_ways(peer):
     assert desync.opcode == "FRAME" and "C unpickler" in desync.reason
 
 
-@pytest.mark.parametrize("name, text", [
-    ("zip_case_clash", "differ only in case"), ("zip_two_directories", "different central directories"),
-    ("zip_duplicate_names", "duplicate entry names"), ("zip_local_name_mismatch", "in its local header"),
-    ("zip_bad_crc", "bad CRC-32"), ("zip_high_version", "above 6.3"),
-])
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("zip_case_clash", "differ only in case"),
+        ("zip_two_directories", "different central directories"),
+        ("zip_duplicate_names", "duplicate entry names"),
+        ("zip_local_name_mismatch", "in its local header"),
+        ("zip_bad_crc", "bad CRC-32"),
+        ("zip_high_version", "above 6.3"),
+    ],
+)
 def test_each_archive_ambiguity_says_what_readers_disagree_on(peer, name, text):
     reasons = [f.reason for f in scan_file(peer[0][name]).findings if f.name == "archive ambiguity"]
     assert any(text in r for r in reasons), reasons
@@ -109,9 +115,14 @@ def test_denied_names_stay_denied_through_attribute_paths_whatever_is_allowed(pe
     code, out = _cli("scan", path, "--allow", "torch.nn.modules.*")
     assert code == 1 and "unsafe" in out
     wide = Policy(("torch.*",))
-    for name in ("torch.storage._load_from_bytes", "torch.from_file", "torch.utils.collect_env.run",
-                 "torch.jit.unsupported_tensor_ops.execWrapper",
-                 "torch.utils.data.datapipes.utils.decoder.basichandlers", "torch.serialization.load"):
+    for name in (
+        "torch.storage._load_from_bytes",
+        "torch.from_file",
+        "torch.utils.collect_env.run",
+        "torch.jit.unsupported_tensor_ops.execWrapper",
+        "torch.utils.data.datapipes.utils.decoder.basichandlers",
+        "torch.serialization.load",
+    ):
         assert wide.judge(name)[0] == UNSAFE, name
     # an alias of os inside an allowed module, and a path ending in a way to run code
     assert Policy(("tempfile.*",)).judge("tempfile._os.system", module="tempfile")[0] == UNSAFE
@@ -122,10 +133,22 @@ def test_denied_names_stay_denied_through_attribute_paths_whatever_is_allowed(pe
     assert Policy(("mypkg.*",)).judge("mypkg.models.Net", module="mypkg.models")[0] == SAFE
 
 
-@pytest.mark.parametrize("name", ["_osx_support._read_output", "imaplib.IMAP4_stream", "test.support.script_helper.run_python_until_end",
-                                  "logging.FileHandler", "logging.handlers.SocketHandler", "numpy.savetxt",
-                                  "numpy.lib.format.open_memmap", "torch.multiprocessing.spawn", "sqlite3.connect",
-                                  "site.addsitedir", "torch.utils.tensorboard.SummaryWriter"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "_osx_support._read_output",
+        "imaplib.IMAP4_stream",
+        "test.support.script_helper.run_python_until_end",
+        "logging.FileHandler",
+        "logging.handlers.SocketHandler",
+        "numpy.savetxt",
+        "numpy.lib.format.open_memmap",
+        "torch.multiprocessing.spawn",
+        "sqlite3.connect",
+        "site.addsitedir",
+        "torch.utils.tensorboard.SummaryWriter",
+    ],
+)
 def test_gadgets_that_write_files_run_processes_open_sockets_or_load_code_are_unsafe(name):
     assert Policy().judge(name)[0] == UNSAFE
 
@@ -165,8 +188,15 @@ def test_benign_joblib_of_numpy_arrays_is_safe(tmp_path):
     import numpy as np
 
     path = tmp_path / "arrays.joblib"
-    joblib.dump({"w": np.random.default_rng(0).normal(size=(50, 20)), "ids": np.arange(7), "names": ["a", "b"],
-                 "objects": np.array([1, "x"], dtype=object)}, path)
+    joblib.dump(
+        {
+            "w": np.random.default_rng(0).normal(size=(50, 20)),
+            "ids": np.arange(7),
+            "names": ["a", "b"],
+            "objects": np.array([1, "x"], dtype=object),
+        },
+        path,
+    )
     result = scan_file(str(path))
     assert result.verdict == SAFE, result.findings
     assert "joblib.numpy_pickle.NumpyArrayWrapper" in result.globals
@@ -179,10 +209,19 @@ def _stored_zip(data: bytes, *, flags: int = 0, method: int = 0, raw: bytes | No
     body = raw if raw is not None else data
     name = b"archive/data.pkl"
     crc = zlib.crc32(data) & 0xFFFFFFFF
-    local = b"PK\x03\x04" + struct.pack("<HHHHHIIIHH", 20, flags, method, 0, 0x21, crc, len(body), len(data),
-                                         len(name), 0) + name + body
-    cd = b"PK\x01\x02" + struct.pack("<HHHHHHIIIHHHHHII", 20, 20, flags, method, 0, 0x21, crc, len(body), len(data),
-                                      len(name), 0, 0, 0, 0, 0, 0) + name
+    local = (
+        b"PK\x03\x04"
+        + struct.pack("<HHHHHIIIHH", 20, flags, method, 0, 0x21, crc, len(body), len(data), len(name), 0)
+        + name
+        + body
+    )
+    cd = (
+        b"PK\x01\x02"
+        + struct.pack(
+            "<HHHHHHIIIHHHHHII", 20, 20, flags, method, 0, 0x21, crc, len(body), len(data), len(name), 0, 0, 0, 0, 0, 0
+        )
+        + name
+    )
     return local + cd + b"PK\x05\x06" + struct.pack("<HHHHIIH", 0, 0, 1, 1, len(cd), len(local), 0)
 
 
@@ -219,11 +258,16 @@ def _shared_list_key() -> bytes:
     return make_malicious.shared_list_key("")
 
 
-@pytest.mark.parametrize("name, text", [
-    ("encrypted.pth", "encrypted"), ("bad_deflate.pth", "corrupt compressed data"),
-    ("bad_lzma.pth", "corrupt compressed data"), ("flood.pth", "stopped after 2,000,000 opcodes"),
-    ("shared_key.pkl", "used as a dict key"),
-])
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("encrypted.pth", "encrypted"),
+        ("bad_deflate.pth", "corrupt compressed data"),
+        ("bad_lzma.pth", "corrupt compressed data"),
+        ("flood.pth", "stopped after 2,000,000 opcodes"),
+        ("shared_key.pkl", "used as a dict key"),
+    ],
+)
 def test_hostile_archives_get_a_verdict_not_a_crash(hostile, name, text):
     result = scan_file(hostile[name])
     assert result.verdict == BROKEN, result.findings
@@ -234,8 +278,11 @@ def test_hostile_archives_get_a_verdict_not_a_crash(hostile, name, text):
 
 @pytest.mark.parametrize("name", ["encrypted.pth", "bad_deflate.pth", "bad_lzma.pth", "flood.pth", "shared_key.pkl"])
 def test_hostile_archives_are_one_line_errors_in_the_readers(hostile, name, tmp_path):
-    for args in (["inspect", hostile[name]], ["diff", hostile[name], hostile[name]],
-                 ["migrate", hostile[name], "--strip-prefix", "module.", "--dry-run"]):
+    for args in (
+        ["inspect", hostile[name]],
+        ["diff", hostile[name], hostile[name]],
+        ["migrate", hostile[name], "--strip-prefix", "module.", "--dry-run"],
+    ):
         code, out = _cli(*args)
         assert code == 2, (args, out)
         assert "Traceback" not in out and len(out.strip().splitlines()) == 1, out

@@ -94,11 +94,12 @@ def test_densenet_head_that_expects_800_names_both_modules_and_sizes(env: Path) 
 
     result = run("diff", env / "densenet121.pth", "--arch", f"{env}/models.py:densenet_800")
     assert result.exit_code == 1, result.output
-    assert "shape flow fails (input [1, 3, 224, 224], meta device): features outputs 1024 channels, but " \
-           "classifier.fc1 (Linear) expects 800" in result.output
+    assert (
+        "shape flow fails (input [1, 3, 224, 224], meta device): features outputs 1024 channels, but "
+        "classifier.fc1 (Linear) expects 800" in result.output
+    )
     assert "ckpt migrate" not in result.output
-    data = json.loads(run("diff", env / "densenet121.pth", "--arch", f"{env}/models.py:densenet_800",
-                          "--json").output)
+    data = json.loads(run("diff", env / "densenet121.pth", "--arch", f"{env}/models.py:densenet_800", "--json").output)
     assert data["shape_flow"]["status"] == "fails" and data["shape_flow"]["cache"] == "hit"
     assert data["plan"]["command"] is None
 
@@ -138,8 +139,16 @@ def test_input_shape_changes_the_dummy_input(env: Path) -> None:
 
 
 def test_the_planned_shapes_are_the_ones_that_flow() -> None:
-    flow = run_flow("resnet18", {}, {"layer1.0.bn1.weight": (32,), "layer1.0.bn1.bias": (32,),
-                                     "layer1.0.bn1.running_mean": (32,), "layer1.0.bn1.running_var": (32,)})
+    flow = run_flow(
+        "resnet18",
+        {},
+        {
+            "layer1.0.bn1.weight": (32,),
+            "layer1.0.bn1.bias": (32,),
+            "layer1.0.bn1.running_mean": (32,),
+            "layer1.0.bn1.running_var": (32,),
+        },
+    )
     assert flow.status == FAILS and (flow.producer, flow.consumer) == ("layer1.0.conv1", "layer1.0.bn1")
     assert flow.message.startswith("layer1.0.conv1 outputs 64 channels, but layer1.0.bn1 (BatchNorm2d) expects 32")
 
@@ -151,8 +160,16 @@ def test_an_error_outside_a_known_layer_keeps_torchs_words(env: Path) -> None:
 
 
 def test_migrate_dry_run_runs_the_flow(env: Path) -> None:
-    args = ["migrate", env / "densenet121.pth", "--arch", f"{env}/models.py:densenet_800", "--drop", "classifier",
-            "--fill-missing", "--dry-run"]
+    args = [
+        "migrate",
+        env / "densenet121.pth",
+        "--arch",
+        f"{env}/models.py:densenet_800",
+        "--drop",
+        "classifier",
+        "--fill-missing",
+        "--dry-run",
+    ]
     result = run(*args)
     assert result.exit_code == 1, result.output
     assert "against" in result.output and "loads with strict=True" in result.output
@@ -183,13 +200,16 @@ def test_input_shape_needs_an_architecture(env: Path) -> None:
 
 def test_migrate_input_shape_needs_a_dry_run_with_an_architecture(env: Path, tmp_path: Path) -> None:
     result = run("migrate", env / "linear.pth", "--input-shape", "1,4", "-o", tmp_path / "out.pth")
-    assert result.exit_code == 2 and "--input-shape sets the shape flow's input: it needs --dry-run and --arch" \
-        in result.output, result.output
+    assert (
+        result.exit_code == 2
+        and "--input-shape sets the shape flow's input: it needs --dry-run and --arch" in result.output
+    ), result.output
     assert not (tmp_path / "out.pth").exists()
 
 
 def test_a_model_that_prints_in_forward_keeps_stdout_for_the_report(env: Path, tmp_path: Path) -> None:
-    (tmp_path / "noisy.py").write_text(textwrap.dedent('''
+    (tmp_path / "noisy.py").write_text(
+        textwrap.dedent("""
         from torch import nn
 
         class Noisy(nn.Module):
@@ -200,7 +220,8 @@ def test_a_model_that_prints_in_forward_keeps_stdout_for_the_report(env: Path, t
             def forward(self, x):
                 print("hello from forward")
                 return self.fc(x)
-    '''))
+    """)
+    )
     result = run("diff", env / "linear.pth", "--arch", f"{tmp_path}/noisy.py:Noisy", "--json", "--no-cache")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["shape_flow"]["status"] == PASSES

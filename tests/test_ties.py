@@ -18,14 +18,14 @@ from ckpt_tool.plan import Entry, Plan, operation
 
 pytest.importorskip("transformers")
 
-FACTORY = textwrap.dedent('''
+FACTORY = textwrap.dedent("""
     from transformers import GPT2Config, GPT2LMHeadModel
 
 
     def gpt2():
         print("a chatty constructor")
         return GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=16, n_embd=8, n_layer=1, n_head=2))
-''')
+""")
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +61,14 @@ def test_save_pretrained_drops_the_alias_and_diff_calls_it_tied(gpt2: tuple[Path
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
-def test_fill_missing_takes_the_alias_from_its_trained_partner(gpt2: tuple[Path, str, torch.Tensor],
-                                                                tmp_path: Path, suffix: str) -> None:
+def test_fill_missing_takes_the_alias_from_its_trained_partner(
+    gpt2: tuple[Path, str, torch.Tensor], tmp_path: Path, suffix: str
+) -> None:
     root, spec, trained = gpt2
     out = tmp_path / f"out{suffix}"
-    result = _invoke("migrate", str(root / "hf" / "model.safetensors"), "--arch", spec, "--fill-missing",
-                     "-o", str(out))
+    result = _invoke(
+        "migrate", str(root / "hf" / "model.safetensors"), "--arch", spec, "--fill-missing", "-o", str(out)
+    )
     assert result.exit_code == 0, result.output
     assert "verified: loads into" in result.stdout and "1 tied to their partner" in result.stdout
     assert "a chatty constructor" not in result.stdout
@@ -86,9 +88,9 @@ def test_fill_missing_takes_the_alias_from_its_trained_partner(gpt2: tuple[Path,
     assert again.exit_code == 0, again.output
 
 
-def test_value_verification_catches_an_alias_filled_from_random_init(gpt2: tuple[Path, str, torch.Tensor],
-                                                                      tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_value_verification_catches_an_alias_filled_from_random_init(
+    gpt2: tuple[Path, str, torch.Tensor], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The old defect: the alias took the target's fresh value, which the load then wrote over the trained one."""
     root, spec, _ = gpt2
 
@@ -97,7 +99,9 @@ def test_value_verification_catches_an_alias_filled_from_random_init(gpt2: tuple
         return {**state, **{k: Entry.from_target(k, t, "fill_missing") for k, t in tensors.items() if k not in state}}
 
     monkeypatch.setitem(plan_mod._POLICIES, "fill_missing", old_fill)
-    report = migrate(Plan(str(root / "hf" / "model.safetensors"), arch=spec,
-                          operations=(operation("fill_missing"),)), str(tmp_path / "bad.pth"))
+    report = migrate(
+        Plan(str(root / "hf" / "model.safetensors"), arch=spec, operations=(operation("fill_missing"),)),
+        str(tmp_path / "bad.pth"),
+    )
     assert report.verification is not None and report.verification.loads  # strict=True alone says all is well
     assert not report.ok and "transformer.wte.weight" in report.verification.differ

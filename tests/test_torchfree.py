@@ -130,21 +130,44 @@ def test_diff_against_a_shipped_signature(no_torch, tmp_path):
 def test_migrate_drop_unexpected_checks_the_written_headers(no_torch, tmp_path):
     src = squeezenet(tmp_path, extra=True)
     out = str(tmp_path / "clean.safetensors")
-    result = run("migrate", src, "--arch", "squeezenet1_1", "--arch-arg", "num_classes=10", "--drop-unexpected",
-                 "-o", out)
+    result = run(
+        "migrate", src, "--arch", "squeezenet1_1", "--arch-arg", "num_classes=10", "--drop-unexpected", "-o", out
+    )
     assert result.exit_code == 0, result.output
-    assert "checked: the written keys and shapes match squeezenet1_1 (torch is not installed: not loaded)" \
-        in result.output
-    report = json.loads(run("migrate", src, "--arch", "squeezenet1_1", "--arch-arg", "num_classes=10",
-                            "--drop-unexpected", "-o", out, "--force", "--json").output)
+    assert (
+        "checked: the written keys and shapes match squeezenet1_1 (torch is not installed: not loaded)" in result.output
+    )
+    report = json.loads(
+        run(
+            "migrate",
+            src,
+            "--arch",
+            "squeezenet1_1",
+            "--arch-arg",
+            "num_classes=10",
+            "--drop-unexpected",
+            "-o",
+            out,
+            "--force",
+            "--json",
+        ).output
+    )
     assert report["ok"] and report["verification"]["method"] == "headers"
     assert report["verification"]["loads"]
 
 
 def test_a_failed_header_check_exits_1(no_torch, tmp_path):
     src = squeezenet(tmp_path, extra=True)
-    result = run("migrate", src, "--arch", "squeezenet1_1", "--arch-arg", "num_classes=10", "-o",
-                 str(tmp_path / "out.safetensors"))
+    result = run(
+        "migrate",
+        src,
+        "--arch",
+        "squeezenet1_1",
+        "--arch-arg",
+        "num_classes=10",
+        "-o",
+        str(tmp_path / "out.safetensors"),
+    )
     assert result.exit_code == 1, result.output
     assert "check failed: squeezenet1_1" in result.output
 
@@ -153,22 +176,27 @@ def test_validate_arch_policy_from_the_table(no_torch, tmp_path):
     squeezenet(tmp_path, name="cls_a.safetensors")
     squeezenet(tmp_path, name="cls_b.safetensors", drop="classifier.1.bias")
     (tmp_path / "pyproject.toml").write_text(
-        '[tool.ckpt.arch]\n"cls_*" = { arch = "squeezenet1_1", args = { num_classes = 10 } }\n')
-    report = validate([str(tmp_path / "cls_a.safetensors"), str(tmp_path / "cls_b.safetensors")],
-                      config_dir=str(tmp_path))
+        '[tool.ckpt.arch]\n"cls_*" = { arch = "squeezenet1_1", args = { num_classes = 10 } }\n'
+    )
+    report = validate(
+        [str(tmp_path / "cls_a.safetensors"), str(tmp_path / "cls_b.safetensors")], config_dir=str(tmp_path)
+    )
     checks = [{c.name: c for c in f.checks}["arch"] for f in report.files]
     assert checks[0].status == "pass" and "all 52 keys match" in checks[0].message
     assert checks[1].status == "fail" and "1 missing" in checks[1].message
 
 
-@pytest.mark.parametrize("args", [
-    ["finetune-check", TINY, "--arch", "resnet18", "--num-classes", "10"],
-    ["diff", TINY, "--arch", "fixtures.make_fixtures:tiny_cnn"],
-    ["diff", TINY, "--arch", "resnet18", "--arch-arg", "dropout=0.2"],  # an argument the table cannot state
-    ["diff", TINY, "--arch", "fasterrcnn_resnet50_fpn"],  # not a classification model: not in the table
-    ["diff", TINY, "--arch", "resnet18", "--no-cache"],  # asks for a build
-    ["migrate", TINY, "--arch", "fixtures/make_fixtures.py:tiny_cnn", "-o", "OUT"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["finetune-check", TINY, "--arch", "resnet18", "--num-classes", "10"],
+        ["diff", TINY, "--arch", "fixtures.make_fixtures:tiny_cnn"],
+        ["diff", TINY, "--arch", "resnet18", "--arch-arg", "dropout=0.2"],  # an argument the table cannot state
+        ["diff", TINY, "--arch", "fasterrcnn_resnet50_fpn"],  # not a classification model: not in the table
+        ["diff", TINY, "--arch", "resnet18", "--no-cache"],  # asks for a build
+        ["migrate", TINY, "--arch", "fixtures/make_fixtures.py:tiny_cnn", "-o", "OUT"],
+    ],
+)
 def test_paths_that_need_torch_stop_with_one_line(no_torch, tmp_path, monkeypatch, args):
     monkeypatch.setenv("CKPT_CACHE_DIR", str(tmp_path / "cache"))  # a cached signature would need no build
     args = [str(tmp_path / "out.pth") if a == "OUT" else a for a in args]
@@ -182,13 +210,15 @@ def test_paths_that_need_torch_stop_with_one_line(no_torch, tmp_path, monkeypatc
 def test_initial_values_from_the_target_need_torch_before_anything_is_written(no_torch, tmp_path):
     src = squeezenet(tmp_path, drop="classifier.1.bias")
     out = tmp_path / "filled.safetensors"
-    result = run("migrate", src, "--arch", "squeezenet1_1", "--arch-arg", "num_classes=10", "--fill-missing",
-                 "-o", str(out))
+    result = run(
+        "migrate", src, "--arch", "squeezenet1_1", "--arch-arg", "num_classes=10", "--fill-missing", "-o", str(out)
+    )
     assert result.exit_code == 2 and result.output.strip().endswith(HINT), result.output
     assert "initialising 1 keys from --arch squeezenet1_1 needs torch" in result.output
     assert not out.exists()
-    planned = run("migrate", src, "--arch", "squeezenet1_1", "--arch-arg", "num_classes=10", "--fill-missing",
-                  "--dry-run")
+    planned = run(
+        "migrate", src, "--arch", "squeezenet1_1", "--arch-arg", "num_classes=10", "--fill-missing", "--dry-run"
+    )
     assert planned.exit_code == 0, planned.output  # a plan needs no values
 
 
@@ -206,8 +236,10 @@ def test_a_typo_is_named_without_torchvision(no_torch):
 
 def test_the_table_answers_without_importing_torch(tmp_path):
     """In a fresh process (torch installed or not): the signature comes from the table, torch stays unimported."""
-    code = ("import sys; from ckpt_tool.arch import target_signature; "
-            "s = target_signature('vgg16'); print(s.cache, len(s.tensors), 'torch' in sys.modules)")
+    code = (
+        "import sys; from ckpt_tool.arch import target_signature; "
+        "s = target_signature('vgg16'); print(s.cache, len(s.tensors), 'torch' in sys.modules)"
+    )
     env = {**os.environ, "CKPT_CACHE_DIR": str(tmp_path)}
     if arch_table._installed_torchvision() not in (None, arch_table.table_version()):
         pytest.skip("the installed torchvision is another release than the table's: it is built instead")
@@ -218,8 +250,7 @@ def test_the_table_answers_without_importing_torch(tmp_path):
 
 def test_validate_stops_when_a_policy_needs_torch(no_torch, tmp_path, monkeypatch):
     model = squeezenet(tmp_path, name="cls.safetensors")
-    (tmp_path / "pyproject.toml").write_text(
-        '[tool.ckpt.arch]\n"cls*" = "fixtures.make_fixtures:tiny_cnn"\n')
+    (tmp_path / "pyproject.toml").write_text('[tool.ckpt.arch]\n"cls*" = "fixtures.make_fixtures:tiny_cnn"\n')
     monkeypatch.chdir(tmp_path)
     result = run("validate", model)
     assert result.exit_code == 2, result.output

@@ -106,9 +106,15 @@ def test_arch_expectations_by_glob(files, tmp_path):
     from ckpt_tool.validate import validate_file
 
     # globs are relative to the directory of the pyproject.toml; here, the one holding models/
-    config = ProjectConfig(str(tmp_path / "pyproject.toml"), {
-        "arch": {"models/cls_*": {"arch": "resnet18", "args": {"num_classes": 10}},
-                 "models/det_*.pth": {"arch": "resnet18", "key": "state_dict"}}})
+    config = ProjectConfig(
+        str(tmp_path / "pyproject.toml"),
+        {
+            "arch": {
+                "models/cls_*": {"arch": "resnet18", "args": {"num_classes": 10}},
+                "models/det_*.pth": {"arch": "resnet18", "key": "state_dict"},
+            }
+        },
+    )
     rules = replace(rules_from_config(config), root=os.path.dirname(os.path.dirname(files["pth"])))
     good = {c.name: c for c in validate_file(files["st"], rules).checks}
     assert good["arch"].status == PASS and "all 122 keys match" in good["arch"].message
@@ -162,8 +168,12 @@ def test_sharded_set_defects(files, tmp_path):
     def moved(d):
         d["weight_map"]["conv1.weight"] = "model-00002-of-00002.safetensors"
 
-    for edit, text in ((escape, "escapes the checkpoint's directory"), (missing, "does not exist"),
-                       (total, "the shards' tensors hold"), (moved, "places in a shard that lacks them")):
+    for edit, text in (
+        (escape, "escapes the checkpoint's directory"),
+        (missing, "does not exist"),
+        (total, "the shards' tensors hold"),
+        (moved, "places in a shard that lacks them"),
+    ):
         checks = _broken_index(files, tmp_path / edit.__name__, edit)
         assert any(text in key for key in checks), (edit.__name__, list(checks))
 
@@ -178,12 +188,14 @@ def test_key_listed_twice_in_the_index_is_a_key_in_two_shards(files, tmp_path):
 
 
 def test_bad_config_is_a_usage_error(tmp_path, files):
-    for text, match in (('[tool.ckpt]\nrequire-format = "onnx"\n', "require-format"),
-                        ("[tool.ckpt]\nmax-size-mb = -1\n", "max-size-mb"),
-                        ("[tool.ckpt]\nno-nan-inf = 1\n", "no-nan-inf"),
-                        ("[tool.ckpt]\nfrobnicate = 1\n", "unknown"),
-                        ('[tool.ckpt.arch]\n"x" = 3\n', "arch"),
-                        ("[tool.ckpt\n", "cannot read")):
+    for text, match in (
+        ('[tool.ckpt]\nrequire-format = "onnx"\n', "require-format"),
+        ("[tool.ckpt]\nmax-size-mb = -1\n", "max-size-mb"),
+        ("[tool.ckpt]\nno-nan-inf = 1\n", "no-nan-inf"),
+        ("[tool.ckpt]\nfrobnicate = 1\n", "unknown"),
+        ('[tool.ckpt.arch]\n"x" = 3\n', "arch"),
+        ("[tool.ckpt\n", "cannot read"),
+    ):
         root = _config(tmp_path, text)
         with pytest.raises(UsageError, match=match):
             validate([files["st"]], config_dir=root)

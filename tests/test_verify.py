@@ -63,21 +63,43 @@ def test_target_that_cannot_build_on_meta_is_verified_not_failed(tagged: tuple[s
 
 
 def test_verified_summary_counts_where_tensors_came_from(resnet: str, tmp_path: Path) -> None:
-    result = invoke("migrate", resnet, "--arch", "resnet18", "--arch-arg", "num_classes=10", "--reinit-mismatched",
-                    "-o", str(tmp_path / "o.pth"), "--json")
+    result = invoke(
+        "migrate",
+        resnet,
+        "--arch",
+        "resnet18",
+        "--arch-arg",
+        "num_classes=10",
+        "--reinit-mismatched",
+        "-o",
+        str(tmp_path / "o.pth"),
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     v = json.loads(result.stdout)["verification"]
     assert (v["from_checkpoint"], v["reinitialised"], v["filled"], v["tied"], v["differ"]) == (120, 2, 0, 0, [])
     assert v["checked"] == 122 and 0.99 < v["checkpoint_share"] < 1
-    text = invoke("migrate", resnet, "--arch", "resnet18", "--arch-arg", "num_classes=10", "--reinit-mismatched",
-                  "-o", str(tmp_path / "o2.pth"))
-    assert "verified: loads into resnet18 with strict=True, 122 tensors as planned (120 from the checkpoint, " \
-           "2 re-initialised); 99.9541% of resnet18's parameters come from the checkpoint" in text.stdout
+    text = invoke(
+        "migrate",
+        resnet,
+        "--arch",
+        "resnet18",
+        "--arch-arg",
+        "num_classes=10",
+        "--reinit-mismatched",
+        "-o",
+        str(tmp_path / "o2.pth"),
+    )
+    assert (
+        "verified: loads into resnet18 with strict=True, 122 tensors as planned (120 from the checkpoint, "
+        "2 re-initialised); 99.9541% of resnet18's parameters come from the checkpoint" in text.stdout
+    )
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
-def test_a_byte_changed_on_the_way_fails_verification(resnet: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                      suffix: str) -> None:
+def test_a_byte_changed_on_the_way_fails_verification(
+    resnet: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str
+) -> None:
     """Without --arch the output is re-read and compared with the source tensor by tensor."""
     real = writer._stream
     calls = []
@@ -109,17 +131,22 @@ def test_wrong_architecture_is_refused_and_diff_leads_with_it(resnet: str, tmp_p
     result = invoke("migrate", resnet, "--arch", "vgg11", "--drop-unexpected", "--fill-missing", "-o", out)
     assert result.exit_code == 2 and not Path(out).exists()
     assert "only 0% of vgg11's parameters would come from" in result.stderr and "--allow-mostly-new" in result.stderr
-    forced = invoke("migrate", resnet, "--arch", "vgg11", "--drop-unexpected", "--fill-missing", "-o", out,
-                    "--allow-mostly-new")
+    forced = invoke(
+        "migrate", resnet, "--arch", "vgg11", "--drop-unexpected", "--fill-missing", "-o", out, "--allow-mostly-new"
+    )
     assert forced.exit_code == 0 and "0.0% of vgg11's parameters come from the checkpoint" in forced.stdout
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (("--drop", "layr1"), "--drop layr1 matches no key (closest: layer1"),
-    (("--strip-prefix", "module."), "--strip-prefix module. matches no key"),
-])
-def test_operation_that_matches_nothing_exits_2(resnet: str, tmp_path: Path, args: tuple[str, ...],
-                                                message: str) -> None:
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--drop", "layr1"), "--drop layr1 matches no key (closest: layer1"),
+        (("--strip-prefix", "module."), "--strip-prefix module. matches no key"),
+    ],
+)
+def test_operation_that_matches_nothing_exits_2(
+    resnet: str, tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
     result = invoke("migrate", resnet, *args, "-o", str(tmp_path / "o.pth"))
     assert result.exit_code == 2 and message in result.stderr
     assert not (tmp_path / "o.pth").exists()

@@ -27,8 +27,21 @@ from ckpt_tool.writer import (
     write_checkpoint,
 )
 
-TORCH_DTYPES = ["float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
-                "float8_e4m3fn", "uint16", "complex64"]
+TORCH_DTYPES = [
+    "float32",
+    "float64",
+    "float16",
+    "bfloat16",
+    "int64",
+    "int32",
+    "int16",
+    "int8",
+    "uint8",
+    "bool",
+    "float8_e4m3fn",
+    "uint16",
+    "complex64",
+]
 
 
 def tensor_layout(tensors: dict) -> Layout:
@@ -39,7 +52,7 @@ def tensor_layout(tensors: dict) -> Layout:
     for i, (key, t) in enumerate(tensors.items()):
         data = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         dtype = str(t.dtype).removeprefix("torch.")
-        blobs.append(Blob(dtype, len(data), lambda d=data: (d[j:j + 7] for j in range(0, len(d), 7))))
+        blobs.append(Blob(dtype, len(data), lambda d=data: (d[j : j + 7] for j in range(0, len(d), 7))))
         views.append(View(key, i, dtype, tuple(t.shape), contiguous_strides(tuple(t.shape))))
     return Layout(tuple(blobs), tuple(views))
 
@@ -75,7 +88,12 @@ def test_pth_opens_with_torch_load_weights_only(tmp_path, torch):
     assert list(ckpt.tensors) == list(tensors)
     assert all(r.data_offset % 64 == 0 for r in ckpt.tensors.values() if r.numel)
     names = zipfile.ZipFile(path).namelist()
-    assert names[:4] == ["archive/data.pkl", "archive/.format_version", "archive/.storage_alignment", "archive/byteorder"]
+    assert names[:4] == [
+        "archive/data.pkl",
+        "archive/.format_version",
+        "archive/.storage_alignment",
+        "archive/byteorder",
+    ]
     assert "archive/version" in names and "archive/.data/serialization_id" in names
 
 
@@ -93,8 +111,11 @@ def test_pth_views_share_one_storage(tmp_path, torch):
     data = base.numpy().tobytes()
     layout = Layout(
         (Blob("float32", len(data), lambda: [data]),),
-        (View("whole", 0, "float32", (3, 4), (4, 1)), View("transposed", 0, "float32", (4, 3), (1, 4)),
-         View("tail", 0, "float32", (2,), (1,), offset=10)),
+        (
+            View("whole", 0, "float32", (3, 4), (4, 1)),
+            View("transposed", 0, "float32", (4, 3), (1, 4)),
+            View("tail", 0, "float32", (2,), (1,), offset=10),
+        ),
     )
     path = str(tmp_path / "tied.pth")
     write_checkpoint(path, layout)
@@ -108,8 +129,15 @@ def test_pth_views_share_one_storage(tmp_path, torch):
 
 
 def test_pth_nesting_and_plain_extras(tmp_path, torch):
-    extras = {"epoch": 7, "big": 2**40, "neg": -(2**35), "lr": 0.125, "name": "rés", "flags": [True, None, 3],
-              "cfg": {"depth": 18, "tags": ["a", "b"]}}
+    extras = {
+        "epoch": 7,
+        "big": 2**40,
+        "neg": -(2**35),
+        "lr": 0.125,
+        "name": "rés",
+        "flags": [True, None, 3],
+        "cfg": {"depth": 18, "tags": ["a", "b"]},
+    }
     path = str(tmp_path / "nested.pth")
     write_checkpoint(path, tensor_layout({"w": torch.ones(2)}), nesting=Nesting("model_state_dict", extras))
     out = torch.load(path, weights_only=True)
@@ -169,8 +197,11 @@ def test_sharded_pth(tmp_path, torch):
     path = str(tmp_path / "pytorch_model.bin")
     written = write_checkpoint(path, tensor_layout(tensors), max_shard_size=400)
     assert [os.path.basename(f) for f in written.files] == [
-        "pytorch_model-00001-of-00003.bin", "pytorch_model-00002-of-00003.bin", "pytorch_model-00003-of-00003.bin",
-        "pytorch_model.bin.index.json"]
+        "pytorch_model-00001-of-00003.bin",
+        "pytorch_model-00002-of-00003.bin",
+        "pytorch_model-00003-of-00003.bin",
+        "pytorch_model.bin.index.json",
+    ]
     merged = {}
     for f in written.files[:-1]:
         merged.update(torch.load(f, weights_only=True))
@@ -236,8 +267,10 @@ def test_interrupted_sharded_write_renames_nothing(tmp_path):
         raise RuntimeError("late failure")
 
     ok = Blob("float32", 400, lambda: [b"\0" * 400])
-    layout = Layout((ok, Blob("float32", 800, chunks)), (View("a", 0, "float32", (100,), (1,)),
-                                                         View("b", 1, "float32", (200,), (1,))))
+    layout = Layout(
+        (ok, Blob("float32", 800, chunks)),
+        (View("a", 0, "float32", (100,), (1,)), View("b", 1, "float32", (200,), (1,))),
+    )
     with pytest.raises(RuntimeError):
         write_checkpoint(str(tmp_path / "m.safetensors"), layout, max_shard_size=500)
     assert os.listdir(tmp_path) == []
@@ -296,8 +329,10 @@ def test_check_output_rules(tmp_path):
         check_output(str(tmp_path), [str(src)])
 
 
-@pytest.mark.parametrize("name, fmt", [("a.safetensors", "safetensors"), ("a.PTH", "pth"), ("a.pt", "pth"),
-                                       ("a.bin", "pth"), ("x/a.ckpt", "pth")])
+@pytest.mark.parametrize(
+    "name, fmt",
+    [("a.safetensors", "safetensors"), ("a.PTH", "pth"), ("a.pt", "pth"), ("a.bin", "pth"), ("x/a.ckpt", "pth")],
+)
 def test_output_format(name, fmt):
     assert output_format(name) == fmt
 
@@ -309,8 +344,10 @@ def test_unknown_extension():
         output_format("model")
 
 
-@pytest.mark.parametrize("text, size", [("2GB", 2 * 10**9), ("500MB", 500 * 10**6), ("1.5GiB", int(1.5 * 2**30)),
-                                        ("1048576", 1048576), ("10kb", 10**4)])
+@pytest.mark.parametrize(
+    "text, size",
+    [("2GB", 2 * 10**9), ("500MB", 500 * 10**6), ("1.5GiB", int(1.5 * 2**30)), ("1048576", 1048576), ("10kb", 10**4)],
+)
 def test_parse_size(text, size):
     assert parse_size(text) == size
 

@@ -25,10 +25,21 @@ from ..render import human_bytes, human_count, shape_str
 from .view import SORTS, BrowseData, Entry, Module, ModuleTree
 
 STATUS_STYLE = {
-    MISSING: "bold red", SHAPE: "bold magenta", UNEXPECTED: "yellow", DTYPE: "cyan", MATCHED: "green", AUTO: "green",
+    MISSING: "bold red",
+    SHAPE: "bold magenta",
+    UNEXPECTED: "yellow",
+    DTYPE: "cyan",
+    MATCHED: "green",
+    AUTO: "green",
 }
-STATUS_WORD = {MISSING: "missing", SHAPE: "shape", UNEXPECTED: "unexpected", DTYPE: "dtype", MATCHED: "equal",
-               AUTO: "torch fills"}
+STATUS_WORD = {
+    MISSING: "missing",
+    SHAPE: "shape",
+    UNEXPECTED: "unexpected",
+    DTYPE: "dtype",
+    MATCHED: "equal",
+    AUTO: "torch fills",
+}
 VERDICT_STYLE = {"safe": "green", "skipped": "yellow", "suspicious": "yellow", "unsafe": "bold", "broken": "bold"}
 # a chain of single children opens by itself down to this depth (model -> layers)
 AUTO_EXPAND_DEPTH = 4
@@ -180,7 +191,7 @@ class BrowseApp(App[str]):
         if not isinstance(node.data, Module) or (start == 0 and node.children):
             return
         children = self.tree_data.children(node.data.path)
-        for child in children[start:start + CHILD_BATCH]:
+        for child in children[start : start + CHILD_BATCH]:
             node.add(self._node_label(child), child, allow_expand=child.has_children)
         rest = len(children) - start - CHILD_BATCH
         if rest > 0:
@@ -230,8 +241,11 @@ class BrowseApp(App[str]):
             table.add_column(header, width=min(MAX_COLUMN, max([len(header), *(len(row[i]) for row in cells)])))
         for e, row in zip(entries, cells):
             table.add_row(*row, key=e.key)
-        shown = f"{len(entries)} of {total} tensors (/ to filter)" if total > len(entries) else \
-            f"{total} tensor{'s' * (total != 1)}"
+        shown = (
+            f"{len(entries)} of {total} tensors (/ to filter)"
+            if total > len(entries)
+            else f"{total} tensor{'s' * (total != 1)}"
+        )
         table.border_title = f"{path or '(all)'} · {shown}"
         if entries:
             self._show_details(entries[0])
@@ -356,17 +370,25 @@ class BrowseApp(App[str]):
         s = self.data.summary
         more = len(s.candidates) - 1
         text = Text.assemble((s.path, "bold"), f" · {s.format} · ", _scan_line(self.scan_result))
-        text.append(f"\n{s.tensors} tensors · {human_count(s.parameters)} parameters · {human_bytes(s.tensor_bytes)}"
-                    f" · state dict {s.state_dict}" + (f" (+{more} more: i)" if more > 0 else ""))
+        text.append(
+            f"\n{s.tensors} tensors · {human_count(s.parameters)} parameters · {human_bytes(s.tensor_bytes)}"
+            f" · state dict {s.state_dict}" + (f" (+{more} more: i)" if more > 0 else "")
+        )
         report = self.data.report
         if report is not None:
             c = report.counts
             text.append(f"\nvs {report.target.rstrip('/').rsplit('/', 1)[-1]}: ")
-            for word, n, status in (("missing", c.missing, MISSING), ("unexpected", c.unexpected, UNEXPECTED),
-                                    ("shape", c.shape_mismatches, SHAPE), ("dtype", c.dtype_differences, DTYPE)):
+            for word, n, status in (
+                ("missing", c.missing, MISSING),
+                ("unexpected", c.unexpected, UNEXPECTED),
+                ("shape", c.shape_mismatches, SHAPE),
+                ("dtype", c.dtype_differences, DTYPE),
+            ):
                 text.append(f"{n} {word} ", STATUS_STYLE[status] if n else "dim")
-            text.append("· loads strictly" if report.loads_strictly else "· fails a strict load (p)",
-                        "green" if report.loads_strictly else "bold red")
+            text.append(
+                "· loads strictly" if report.loads_strictly else "· fails a strict load (p)",
+                "green" if report.loads_strictly else "bold red",
+            )
         return text
 
 
@@ -405,9 +427,12 @@ def _table_row(e: Entry, name: str, diff_mode: bool) -> list[Text]:
         shared = ("= " + ", ".join(e.shared_with)) if e.shared_with else ""
         return [Text(c) for c in (name, shape_str(e.shape), e.dtype, human_bytes(e.nbytes), shared)]
     status = e.status or ""
-    return [Text(STATUS_WORD.get(status, status), STATUS_STYLE.get(status, "")), Text(name),
-            Text(_side(e.ref.shape if e.ref else None, e.ref.dtype if e.ref else None)),
-            Text(_side(e.target_shape, e.target_dtype))]
+    return [
+        Text(STATUS_WORD.get(status, status), STATUS_STYLE.get(status, "")),
+        Text(name),
+        Text(_side(e.ref.shape if e.ref else None, e.ref.dtype if e.ref else None)),
+        Text(_side(e.target_shape, e.target_dtype)),
+    ]
 
 
 def _side(shape: tuple[int, ...] | None, dtype: str | None) -> str:
@@ -424,8 +449,10 @@ def _details_text(e: Entry, stats: Any = None) -> Text:
         text.append(f"\nonly in the target: {_side(e.target_shape, e.target_dtype)}")
         return text
     text.append(f"\n{shape_str(ref.shape)} {ref.dtype} · {ref.numel:,} parameters · {human_bytes(ref.nbytes)}")
-    text.append(f"\nstride {shape_str(ref.stride)}{'' if ref.is_contiguous else ' (not contiguous)'}"
-                f" · storage offset {ref.storage_offset}")
+    text.append(
+        f"\nstride {shape_str(ref.stride)}{'' if ref.is_contiguous else ' (not contiguous)'}"
+        f" · storage offset {ref.storage_offset}"
+    )
     offset = "no stored bytes" if ref.offset is None else f"file offset {ref.offset:,}"
     text.append(f"\nstorage {ref.storage.rpartition('#')[2]} ({human_bytes(ref.storage_nbytes)}) · {offset}")
     if e.shared_with:
@@ -438,7 +465,9 @@ def _details_text(e: Entry, stats: Any = None) -> Text:
         text.append(f"\n{stats}", "dim")
     else:
         bad = stats.nan + stats.inf
-        text.append(f"\nmin {_num(stats.min)} · max {_num(stats.max)} · mean {_num(stats.mean)} · std {_num(stats.std)}")
+        text.append(
+            f"\nmin {_num(stats.min)} · max {_num(stats.max)} · mean {_num(stats.mean)} · std {_num(stats.std)}"
+        )
         text.append(f" · NaN {stats.nan} · Inf {stats.inf}", "bold red" if bad else "")
     return text
 
@@ -450,11 +479,15 @@ def _num(v: float | None) -> str:
 def _summary_text(data: BrowseData, scan_result: Any = None) -> Text:
     s = data.summary
     text = Text("summary\n\n", "bold")
-    rows = [("file", s.path), ("format", s.format), ("size", f"{human_bytes(s.file_size)} ({s.file_size:,} bytes)"),
-            ("tensors", f"{s.tensors} · {s.parameters:,} parameters · {human_bytes(s.tensor_bytes)}"),
-            ("state dict", s.state_dict)]
+    rows = [
+        ("file", s.path),
+        ("format", s.format),
+        ("size", f"{human_bytes(s.file_size)} ({s.file_size:,} bytes)"),
+        ("tensors", f"{s.tensors} · {s.parameters:,} parameters · {human_bytes(s.tensor_bytes)}"),
+        ("state dict", s.state_dict),
+    ]
     if len(s.files) > 1:
-        rows.append(("files", f"{len(s.files)} shards: " + ", ".join(f.rsplit('/', 1)[-1] for f in s.files)))
+        rows.append(("files", f"{len(s.files)} shards: " + ", ".join(f.rsplit("/", 1)[-1] for f in s.files)))
     for c in s.candidates:
         chosen = " (shown)" if c.path == s.state_path else " (--key " + (c.path or "''") + ")"
         rows.append(("candidate", f"{c.path or '<top level>'}: {c.tensors} tensors{chosen}"))
@@ -486,8 +519,10 @@ def _short(value: object) -> str:
 def _plan_text(report: DiffReport) -> Text:
     c = report.counts
     text = Text(f"fix plan: {report.source} -> {report.target}\n\n", "bold")
-    text.append(f"matched {c.matched}, missing {c.missing}, unexpected {c.unexpected}, "
-                f"shape mismatches {c.shape_mismatches}, dtype differences {c.dtype_differences}\n\n")
+    text.append(
+        f"matched {c.matched}, missing {c.missing}, unexpected {c.unexpected}, "
+        f"shape mismatches {c.shape_mismatches}, dtype differences {c.dtype_differences}\n\n"
+    )
     if report.loads_strictly:
         text.append("loads strictly: load_state_dict(strict=True) would succeed; nothing to fix\n", "green")
     plan = report.plan

@@ -112,8 +112,16 @@ class BrowseData:
         return tuple(dict.fromkeys(self.summary.files + self.target_files))
 
 
-def load(path: str, target: str | None = None, *, arch: str | None = None, arch_args: Sequence[str] = (),
-         key: str | None = None, target_key: str | None = None, use_cache: bool = True) -> BrowseData:
+def load(
+    path: str,
+    target: str | None = None,
+    *,
+    arch: str | None = None,
+    arch_args: Sequence[str] = (),
+    key: str | None = None,
+    target_key: str | None = None,
+    use_cache: bool = True,
+) -> BrowseData:
     """Open a checkpoint for browsing and, with ``target`` or ``arch``, diff it with the diff engine.
 
     Example:
@@ -131,9 +139,17 @@ def load(path: str, target: str | None = None, *, arch: str | None = None, arch_
         raise UsageError("--target-key needs a second checkpoint")
     ckpt = open_checkpoint(path, key)
     summary = Summary(
-        path=ckpt.path, format=ckpt.format, file_size=ckpt.file_size, files=_scanned_files(ckpt),
-        state_path=ckpt.state_path, candidates=ckpt.candidates, tensors=len(ckpt.tensors),
-        parameters=ckpt.parameters, tensor_bytes=ckpt.tensor_bytes, extras=ckpt.extras, metadata=ckpt.metadata,
+        path=ckpt.path,
+        format=ckpt.format,
+        file_size=ckpt.file_size,
+        files=_scanned_files(ckpt),
+        state_path=ckpt.state_path,
+        candidates=ckpt.candidates,
+        tensors=len(ckpt.tensors),
+        parameters=ckpt.parameters,
+        tensor_bytes=ckpt.tensor_bytes,
+        extras=ckpt.extras,
+        metadata=ckpt.metadata,
         placeholders=ckpt.placeholders,
     )
     if target is None and arch is None:
@@ -215,8 +231,15 @@ class ModuleTree:
 
     def _make_root(self) -> Module:
         members = self.selection
-        return Module("", "", len(members), sum(self.numel[i] for i in members), sum(self.nbytes[i] for i in members),
-                      bool(self.children("")), self._statuses(members))
+        return Module(
+            "",
+            "",
+            len(members),
+            sum(self.numel[i] for i in members),
+            sum(self.nbytes[i] for i in members),
+            bool(self.children("")),
+            self._statuses(members),
+        )
 
     def children(self, path: str) -> list[Module]:
         """The child modules of ``path``, grouped on first call (cost: the keys under ``path``)."""
@@ -248,8 +271,17 @@ class ModuleTree:
             child = f"{path}.{name}" if depth else name
             self._members[child] = members
             self._depth[child] = depth + 1
-            out.append(Module(child, name, len(members), sum(self.numel[i] for i in members),
-                              sum(self.nbytes[i] for i in members), name in nested, self._statuses(members)))
+            out.append(
+                Module(
+                    child,
+                    name,
+                    len(members),
+                    sum(self.numel[i] for i in members),
+                    sum(self.nbytes[i] for i in members),
+                    name in nested,
+                    self._statuses(members),
+                )
+            )
         return out
 
     def _statuses(self, members: list[int]) -> tuple[tuple[str, int], ...]:
@@ -335,4 +367,3 @@ def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
 
 def _under(key: str, path: str) -> bool:
     return path == "" or key.startswith(path + ".")
-

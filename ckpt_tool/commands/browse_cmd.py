@@ -23,8 +23,15 @@ TUI_MISSING = "ckpt browse needs Textual: pip install 'ckpt-tool[tui]'"
 @key_option(help="Nested state dict of PATH to show (model, state_dict, ckpt/ema).")
 @target_key_option
 @no_cache_option
-def browse(path: str, target: str | None, arch: str | None, arch_args: tuple[str, ...], key: str | None,
-           target_key: str | None, no_cache: bool) -> None:
+def browse(
+    path: str,
+    target: str | None,
+    arch: str | None,
+    arch_args: tuple[str, ...],
+    key: str | None,
+    target_key: str | None,
+    no_cache: bool,
+) -> None:
     """Browse a checkpoint interactively: module tree, tensors, layout, values, safety verdict.
 
     Opens anything `ckpt inspect` reads, header-only; nothing in the file runs and nothing is
@@ -46,8 +53,7 @@ def browse(path: str, target: str | None, arch: str | None, arch_args: tuple[str
     from ..browse.view import load
 
     # the input's errors first, whatever the terminal
-    data = load(path, target, arch=arch, arch_args=arch_args, key=key, target_key=target_key,
-                use_cache=not no_cache)
+    data = load(path, target, arch=arch, arch_args=arch_args, key=key, target_key=target_key, use_cache=not no_cache)
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise UsageError("ckpt browse needs a terminal (for a listing to pipe, use `ckpt inspect` or `ckpt diff`)")
     from ..browse.app import BrowseApp

@@ -18,21 +18,50 @@ from .options import arch_arg_option, arch_option, key_option, no_cache_option, 
 @arch_arg_option
 @key_option
 @target_key_option
-@click.option("--values", is_flag=True, help="Also compare tensor values (TARGET checkpoint only): max |a-b| and "
-              "relative change ||a-b||/||a|| per tensor, streamed.")
+@click.option(
+    "--values",
+    is_flag=True,
+    help="Also compare tensor values (TARGET checkpoint only): max |a-b| and "
+    "relative change ||a-b||/||a|| per tensor, streamed.",
+)
 @click.option("--depth", type=int, metavar="N", help="One row per module prefix of N components instead of per key.")
 @click.option("--all", "show_all", is_flag=True, help="Show matched rows too.")
-@click.option("--plan-out", metavar="FILE", type=click.Path(dir_okay=False), help="Save the fix plan as JSON "
-              "(ckpt migrate --plan FILE applies it).")
-@click.option("--map-out", metavar="FILE", type=click.Path(dir_okay=False), help="Write the --map file a "
-              "suggested command reads (keys paired by position: a re-implementation, a port).")
-@click.option("--input-shape", metavar="N,C,H,W", help="Dummy input of the shape flow, batch included "
-              "(default: the architecture's, 1,3,224,224 for torchvision classifiers).")
+@click.option(
+    "--plan-out",
+    metavar="FILE",
+    type=click.Path(dir_okay=False),
+    help="Save the fix plan as JSON (ckpt migrate --plan FILE applies it).",
+)
+@click.option(
+    "--map-out",
+    metavar="FILE",
+    type=click.Path(dir_okay=False),
+    help="Write the --map file a suggested command reads (keys paired by position: a re-implementation, a port).",
+)
+@click.option(
+    "--input-shape",
+    metavar="N,C,H,W",
+    help="Dummy input of the shape flow, batch included "
+    "(default: the architecture's, 1,3,224,224 for torchvision classifiers).",
+)
 @no_cache_option
 @json_option
-def diff(checkpoint: str, target: str | None, arch: str | None, arch_args: tuple[str, ...], key: str | None,
-         target_key: str | None, values: bool, depth: int | None, show_all: bool, plan_out: str | None,
-         map_out: str | None, input_shape: str | None, no_cache: bool, as_json: bool) -> None:
+def diff(
+    checkpoint: str,
+    target: str | None,
+    arch: str | None,
+    arch_args: tuple[str, ...],
+    key: str | None,
+    target_key: str | None,
+    values: bool,
+    depth: int | None,
+    show_all: bool,
+    plan_out: str | None,
+    map_out: str | None,
+    input_shape: str | None,
+    no_cache: bool,
+    as_json: bool,
+) -> None:
     """Compare CHECKPOINT's keys, shapes and dtypes with --arch or a TARGET checkpoint, and suggest a fix.
 
     Reads headers only (no tensor bytes unless --values). The report matches what
@@ -58,10 +87,22 @@ def diff(checkpoint: str, target: str | None, arch: str | None, arch_args: tuple
     from ..diff.shapeflow import parse_input_shape
 
     with progress_bar("comparing values", enabled=values) as progress:
-        report = diff_paths(checkpoint, target, arch=arch, arch_args=arch_args, key=key, target_key=target_key,
-                            values=values, depth=depth, show_all=show_all, use_cache=not no_cache,
-                            plan_out=plan_out, progress=progress, map_out=map_out,
-                            input_shape=parse_input_shape(input_shape) if input_shape is not None else None)
+        report = diff_paths(
+            checkpoint,
+            target,
+            arch=arch,
+            arch_args=arch_args,
+            key=key,
+            target_key=target_key,
+            values=values,
+            depth=depth,
+            show_all=show_all,
+            use_cache=not no_cache,
+            plan_out=plan_out,
+            progress=progress,
+            map_out=map_out,
+            input_shape=parse_input_shape(input_shape) if input_shape is not None else None,
+        )
     if as_json:
         echo(dumps(report))
     else:
@@ -92,13 +133,17 @@ def _render(report: Any) -> None:
     echo(f"checkpoint: {report.source} ({report.source_format}{where}, {c.source_keys} tensors)")
     if report.target_kind == "arch":
         args = ", ".join(f"{k}={v!r}" for k, v in sorted(report.arch_args.items()))
-        echo(f"target:     {report.target}{f'({args})' if args else ''} ({c.target_keys} tensors; "
-             f"signature {_CACHE_WORDS.get(report.cache, report.cache)})")
+        echo(
+            f"target:     {report.target}{f'({args})' if args else ''} ({c.target_keys} tensors; "
+            f"signature {_CACHE_WORDS.get(report.cache, report.cache)})"
+        )
     else:
         where = f", state dict at {report.target_key}" if report.target_key else ""
         echo(f"target:     {report.target} (checkpoint{where}, {c.target_keys} tensors)")
-    echo(f"matched {c.matched}, missing {c.missing}, unexpected {c.unexpected}, shape mismatches "
-         f"{c.shape_mismatches}, dtype differences {c.dtype_differences}" + (f", tied {c.tied}" if c.tied else ""))
+    echo(
+        f"matched {c.matched}, missing {c.missing}, unexpected {c.unexpected}, shape mismatches "
+        f"{c.shape_mismatches}, dtype differences {c.dtype_differences}" + (f", tied {c.tied}" if c.tied else "")
+    )
     echo(f"fills {_share(c.filled_numel, c.target_numel)} of the target's {human_count(c.target_numel)} elements")
     if c.changed is not None:
         echo(f"values: {c.changed} tensors changed, {c.unchanged} unchanged")
@@ -108,14 +153,19 @@ def _render(report: Any) -> None:
     elif flow is not None and flow.status == "not_checked":
         echo(f"shape flow not checked: {flow.message}")
     if report.plan.mostly_new:
-        echo(f"WRONG ARCHITECTURE? only {_share_of(report.plan.checkpoint_share)} of {report.target}'s parameters "
-             "would come from this checkpoint, whatever the fix")
+        echo(
+            f"WRONG ARCHITECTURE? only {_share_of(report.plan.checkpoint_share)} of {report.target}'s parameters "
+            "would come from this checkpoint, whatever the fix"
+        )
     echo()
     if report.rows:
         echo(_table(report))
     if report.hidden_rows:
-        what = " or ".join(w for w, n in (("matched", 1), ("tied", report.counts.tied),
-                                          ("torch-filled", report.counts.auto_filled)) if n)
+        what = " or ".join(
+            w
+            for w, n in (("matched", 1), ("tied", report.counts.tied), ("torch-filled", report.counts.auto_filled))
+            if n
+        )
         echo(f"({report.hidden_rows} {what} {'modules' if report.depth else 'keys'} hidden; --all shows them)")
     for text in report.notes:
         note(f"note: {text}")
@@ -123,15 +173,20 @@ def _render(report: Any) -> None:
     echo()
     plan = report.plan
     if report.loads_strictly and plan.cannot_run:
-        echo("loads strictly, but " + paint("the target cannot run", "fail") + ": no key operation can fix it; "
-             "change the architecture")
+        echo(
+            "loads strictly, but " + paint("the target cannot run", "fail") + ": no key operation can fix it; "
+            "change the architecture"
+        )
         return
     if report.loads_strictly:
         echo(paint("loads strictly: load_state_dict(strict=True) would succeed", "pass"))
         return
     if plan.mostly_new:
-        echo(paint("would not load strictly", "fail") + f", and only {_share_of(plan.checkpoint_share)} of {report.target}'s parameters "
-             "would come from this checkpoint: it is probably not a checkpoint of this architecture.")
+        echo(
+            paint("would not load strictly", "fail")
+            + f", and only {_share_of(plan.checkpoint_share)} of {report.target}'s parameters "
+            "would come from this checkpoint: it is probably not a checkpoint of this architecture."
+        )
         echo("  Check --arch and --arch-arg. `ckpt migrate` refuses such a plan unless --allow-mostly-new is given.")
         for text in plan.notes:
             echo(f"  ! {text}")
@@ -150,17 +205,28 @@ def _render(report: Any) -> None:
             echo(f"  (--map-out {plan.map_file} writes the map it reads; --plan-out holds it too)")
 
 
-_CACHE_WORDS = {"table": "from ckpt's torchvision table",
-                "hit": "from cache", "built": "built, cached", "rebuilt": "rebuilt (stale cache entry)",
-                "off": "built, --no-cache", "uncacheable": "built, not cacheable", "unwritable": "built, cache unwritable"}
+_CACHE_WORDS = {
+    "table": "from ckpt's torchvision table",
+    "hit": "from cache",
+    "built": "built, cached",
+    "rebuilt": "rebuilt (stale cache entry)",
+    "off": "built, --no-cache",
+    "uncacheable": "built, not cacheable",
+    "unwritable": "built, cache unwritable",
+}
 
 
 def _table(report: Any) -> str:
     if report.depth:
-        modules = [(paint(r.status), r.name, _statuses(r.statuses), human_count(r.source_numel), human_count(r.target_numel))
-                   for r in report.rows]
-        return table(modules, ["status", "module", "keys", "checkpoint elements", "target elements"],
-                     ["left", "left", "left", "right", "right"])
+        modules = [
+            (paint(r.status), r.name, _statuses(r.statuses), human_count(r.source_numel), human_count(r.target_numel))
+            for r in report.rows
+        ]
+        return table(
+            modules,
+            ["status", "module", "keys", "checkpoint elements", "target elements"],
+            ["left", "left", "left", "right", "right"],
+        )
     headers = ["status", "key", "checkpoint", "target"]
     rows: list[list[str]] = []
     for r in report.rows:

@@ -36,29 +36,54 @@ class _FinetuneCommand(OrderedCommand):
 @click.option("--strict", is_flag=True, help="Fail on any missing or unexpected key (besides a replaced head).")
 @click.option("--num-classes", type=int, default=None, help="Replace the classification head with one of N classes.")
 @click.option("--head", default=None, metavar="MODULE", help="The head to replace, when it is not found by name.")
-@click.option("--freeze", multiple=True, metavar="PATTERN",
-              help="Freeze parameters: module path, glob, range (features.0-9) or re:REGEX.")
+@click.option(
+    "--freeze",
+    multiple=True,
+    metavar="PATTERN",
+    help="Freeze parameters: module path, glob, range (features.0-9) or re:REGEX.",
+)
 @click.option("--trainable", multiple=True, metavar="PATTERN", help="Train only these; everything else is frozen.")
 @click.option("--freeze-first", type=int, default=None, metavar="N", help="Freeze the first N layers of features.")
-@click.option("--freeze-epochs", type=int, default=0, metavar="K",
-              help="Train with the freezing for K epochs, then unfreeze everything.")
+@click.option(
+    "--freeze-epochs",
+    type=int,
+    default=0,
+    metavar="K",
+    help="Train with the freezing for K epochs, then unfreeze everything.",
+)
 @click.option("--unfreeze-lr", type=float, default=None, help="Learning rate after unfreezing (default --lr / 10).")
 @click.option("--freeze-bn", is_flag=True, help="Keep frozen BatchNorm layers in eval mode (running stats fixed).")
-@click.option("--train-frozen", is_flag=True,
-              help="Also train parameters the model itself was built with requires_grad=False (kept frozen by default).")
-@click.option("--data", default="synthetic", show_default=True,
-              help="synthetic, synthetic:N, imagefolder:DIR or cifar10:DIR (never downloads).")
+@click.option(
+    "--train-frozen",
+    is_flag=True,
+    help="Also train parameters the model itself was built with requires_grad=False (kept frozen by default).",
+)
+@click.option(
+    "--data",
+    default="synthetic",
+    show_default=True,
+    help="synthetic, synthetic:N, imagefolder:DIR or cifar10:DIR (never downloads).",
+)
 @click.option("--image-size", type=int, default=None, help="Input size (default: the architecture's, usually 224).")
 @click.option("--epochs", type=int, default=1, show_default=True)
 @click.option("--max-steps", type=int, default=None, help="At most N steps per epoch.")
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True)
-@click.option("--scheduler", type=click.Choice(["plateau", "cosine", "step", "none"]), default="none",
-              show_default=True, help="Learning-rate schedule, a fresh one per phase, stepped after each epoch "
-              "(plateau: on the held-out loss).")
-@click.option("--plateau-patience", type=int, default=0, show_default=True,
-              help="plateau: epochs without a better held-out loss before the rate drops.")
+@click.option(
+    "--scheduler",
+    type=click.Choice(["plateau", "cosine", "step", "none"]),
+    default="none",
+    show_default=True,
+    help="Learning-rate schedule, a fresh one per phase, stepped after each epoch (plateau: on the held-out loss).",
+)
+@click.option(
+    "--plateau-patience",
+    type=int,
+    default=0,
+    show_default=True,
+    help="plateau: epochs without a better held-out loss before the rate drops.",
+)
 @click.option("--plateau-factor", type=float, default=0.1, show_default=True, help="plateau: the rate's multiplier.")
 @click.option("--step-size", type=int, default=1, show_default=True, help="step: epochs between drops.")
 @click.option("--step-gamma", type=float, default=0.1, show_default=True, help="step: the rate's multiplier.")
@@ -67,19 +92,44 @@ class _FinetuneCommand(OrderedCommand):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overfit-steps", type=int, default=20, show_default=True, help="Steps of the overfit-one-batch check.")
 @click.option("--eval-batches", type=int, default=2, show_default=True, help="Held-out batches for accuracy.")
-@click.option("--plot", default=None, metavar="FILE.png", help="Draw loss per step, held-out loss and accuracy per "
-              "epoch and the learning rate (needs matplotlib: the plot extra).")
+@click.option(
+    "--plot",
+    default=None,
+    metavar="FILE.png",
+    help="Draw loss per step, held-out loss and accuracy per "
+    "epoch and the learning rate (needs matplotlib: the plot extra).",
+)
 @click.option("--save", default=None, metavar="OUT.safetensors", help="Write the fine-tuned weights.")
 @click.option("--force", is_flag=True, help="Overwrite --save's file.")
-@click.option("--resume-optimizer", is_flag=True, help="Start from the optimizer state beside the state dict "
-              "(as ckpt migrate carries it): each parameter with saved state resumes it; the others start fresh.")
-@click.option("--nproc", type=int, default=None, metavar="N",
-              help="Run on N processes with torch.distributed: launches torchrun (DDP; gloo on CPU, nccl on CUDA).")
+@click.option(
+    "--resume-optimizer",
+    is_flag=True,
+    help="Start from the optimizer state beside the state dict "
+    "(as ckpt migrate carries it): each parameter with saved state resumes it; the others start fresh.",
+)
+@click.option(
+    "--nproc",
+    type=int,
+    default=None,
+    metavar="N",
+    help="Run on N processes with torch.distributed: launches torchrun (DDP; gloo on CPU, nccl on CUDA).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @json_option
 @click.pass_context
-def finetune_check(ctx: click.Context, /, checkpoint: str, arch: str, arch_args: tuple[str, ...], nproc: int | None,
-                   quiet: bool, as_json: bool, operations: tuple[Any, ...], plan_base: Any, **kw: Any) -> None:
+def finetune_check(
+    ctx: click.Context,
+    /,
+    checkpoint: str,
+    arch: str,
+    arch_args: tuple[str, ...],
+    nproc: int | None,
+    quiet: bool,
+    as_json: bool,
+    operations: tuple[Any, ...],
+    plan_base: Any,
+    **kw: Any,
+) -> None:
     """Prove that CHECKPOINT loads into --arch and fine-tunes: load, freeze, train briefly, check.
 
     The migrate operations (--plan, --strip-prefix, --rename, --drop, --fill-missing,
@@ -103,8 +153,7 @@ def finetune_check(ctx: click.Context, /, checkpoint: str, arch: str, arch_args:
         sys.exit(_launch(nproc, ctx.meta[_RAW_ARGS]))
     lead = int(os.environ.get("RANK", "0")) == 0
     bar = None if quiet or not lead or not sys.stderr.isatty() else _ProgressBar()
-    report = run(checkpoint, arch, options, progress=bar,
-                 on_setup=_print_setup if lead and not as_json else None)
+    report = run(checkpoint, arch, options, progress=bar, on_setup=_print_setup if lead and not as_json else None)
     if bar is not None:
         bar.close()
     if lead:
@@ -155,8 +204,10 @@ class _ProgressBar:
         done = int(width * event.step / max(event.steps, 1))
         epochs = f"/{event.epochs}" if event.epochs else ""
         eta = f" ETA {_duration(event.eta_s)}" if event.eta_s is not None else ""
-        sys.stderr.write(f"\r{event.phase} epoch {event.epoch}{epochs} [{'#' * done}{'.' * (width - done)}] "
-                         f"step {event.step}/{event.steps} loss {event.loss:.4f} {event.images_per_s:.1f} img/s{eta} ")
+        sys.stderr.write(
+            f"\r{event.phase} epoch {event.epoch}{epochs} [{'#' * done}{'.' * (width - done)}] "
+            f"step {event.step}/{event.steps} loss {event.loss:.4f} {event.images_per_s:.1f} img/s{eta} "
+        )
         sys.stderr.flush()
         self.drawn = True
 
@@ -180,12 +231,16 @@ def render_setup(setup: Any) -> str:
     load = setup.load
     ranks = f" x {setup.world_size} processes" if setup.world_size > 1 else ""
     size = f"{setup.image_size}px" + (f" (forward pass at {setup.forward_size}px)" if setup.forward_size else "")
-    lines = [f"{setup.checkpoint} -> {setup.arch} on {setup.device}{ranks}, data {setup.data}, {size}, "
-             f"{setup.num_classes or '?'} classes"]
+    lines = [
+        f"{setup.checkpoint} -> {setup.arch} on {setup.device}{ranks}, data {setup.data}, {size}, "
+        f"{setup.num_classes or '?'} classes"
+    ]
     if load.operations:
         lines.append("operations: " + ", ".join(load.operations))
-    lines.append(f"load: {load.loaded}/{load.model_keys} model tensors loaded from {load.checkpoint_keys}; "
-                 f"{len(load.missing)} missing, {len(load.unexpected)} unexpected, {len(load.mismatched)} mismatched")
+    lines.append(
+        f"load: {load.loaded}/{load.model_keys} model tensors loaded from {load.checkpoint_keys}; "
+        f"{len(load.missing)} missing, {len(load.unexpected)} unexpected, {len(load.mismatched)} mismatched"
+    )
     rows = [("missing", k, "-", shape_str(load.missing_shapes.get(k))) for k in load.missing]
     rows += [("unexpected", k, shape_str(load.unexpected_shapes.get(k)), "-") for k in load.unexpected]
     rows += [("mismatched", m.key, shape_str(m.shape), shape_str(m.target_shape)) for m in load.mismatched]
@@ -199,12 +254,20 @@ def render_setup(setup: Any) -> str:
         aux = f" (and the auxiliary {', '.join(setup.head.aux)})" if setup.head.aux else ""
         lines.append(f"head: {setup.head.module} {setup.head.old} -> {setup.head.new}{aux}")
     if any(p.by_model for p in setup.params):
-        params = table([(p.module, human_count(p.trainable), human_count(p.frozen), human_count(p.by_model))
-                        for p in setup.params], ["module", "trainable", "frozen", "frozen by the model"],
-                       ["left", "right", "right", "right"])
+        params = table(
+            [
+                (p.module, human_count(p.trainable), human_count(p.frozen), human_count(p.by_model))
+                for p in setup.params
+            ],
+            ["module", "trainable", "frozen", "frozen by the model"],
+            ["left", "right", "right", "right"],
+        )
     else:
-        params = table([(p.module, human_count(p.trainable), human_count(p.frozen)) for p in setup.params],
-                       ["module", "trainable", "frozen"], ["left", "right", "right"])
+        params = table(
+            [(p.module, human_count(p.trainable), human_count(p.frozen)) for p in setup.params],
+            ["module", "trainable", "frozen"],
+            ["left", "right", "right"],
+        )
     lines += ["", params]
     return "\n".join(lines)
 
@@ -213,25 +276,62 @@ def render_results(report: Any) -> str:
     """What training found: phases, epochs, checks, verdict."""
     lines: list[str] = []
     if report.phases:
-        lines += ["", table([(p.name, p.epochs, f"{p.lr:g}", p.scheduler, p.steps, human_count(p.trainable),
-                              human_count(p.frozen), f"{p.images_per_s:.1f}" if p.images_per_s else "-")
-                             for p in report.phases],
-                            ["phase", "epochs", "lr", "scheduler", "steps", "trainable", "frozen", "images/s"])]
+        lines += [
+            "",
+            table(
+                [
+                    (
+                        p.name,
+                        p.epochs,
+                        f"{p.lr:g}",
+                        p.scheduler,
+                        p.steps,
+                        human_count(p.trainable),
+                        human_count(p.frozen),
+                        f"{p.images_per_s:.1f}" if p.images_per_s else "-",
+                    )
+                    for p in report.phases
+                ],
+                ["phase", "epochs", "lr", "scheduler", "steps", "trainable", "frozen", "images/s"],
+            ),
+        ]
     if report.epochs:
-        lines += ["", table([(e.phase, e.epoch, f"{e.lr:g}" if e.epoch else "-", e.steps if e.epoch else "-",
-                              _num(e.train_loss), _num(e.heldout_loss),
-                              "-" if e.heldout_accuracy is None else f"{e.heldout_accuracy:.1%}",
-                              f"{e.images_per_s:.1f}" if e.images_per_s else "-") for e in report.epochs],
-                            ["phase", "epoch", "lr", "steps", "train loss", "held-out loss", "held-out acc",
-                             "images/s"])]
-    lines += ["", table([(c.name, paint(c.status.upper()), c.detail) for c in report.checks], ["check", "status", "detail"])]
+        lines += [
+            "",
+            table(
+                [
+                    (
+                        e.phase,
+                        e.epoch,
+                        f"{e.lr:g}" if e.epoch else "-",
+                        e.steps if e.epoch else "-",
+                        _num(e.train_loss),
+                        _num(e.heldout_loss),
+                        "-" if e.heldout_accuracy is None else f"{e.heldout_accuracy:.1%}",
+                        f"{e.images_per_s:.1f}" if e.images_per_s else "-",
+                    )
+                    for e in report.epochs
+                ],
+                ["phase", "epoch", "lr", "steps", "train loss", "held-out loss", "held-out acc", "images/s"],
+            ),
+        ]
+    lines += [
+        "",
+        table([(c.name, paint(c.status.upper()), c.detail) for c in report.checks], ["check", "status", "detail"]),
+    ]
     if report.saved:
         lines.append(f"\nsaved fine-tuned weights to {report.saved}")
     if report.plot:
         lines.append(f"curves drawn to {report.plot}")
     failed = report.failed
-    lines.append("\n" + (paint("PASS") + ": every check passed" if not failed else
-                         paint("FAIL") + f": {len(failed)} check(s) failed: " + ", ".join(c.name for c in failed)))
+    lines.append(
+        "\n"
+        + (
+            paint("PASS") + ": every check passed"
+            if not failed
+            else paint("FAIL") + f": {len(failed)} check(s) failed: " + ", ".join(c.name for c in failed)
+        )
+    )
     return "\n".join(lines)
 
 

@@ -18,17 +18,31 @@ if TYPE_CHECKING:
 
 @click.command()
 @click.argument("path", type=click.Path(dir_okay=True))
-@key_option(help="Nested state dict to show (model, state_dict, ckpt/ema; components split by / or .); by "
-            "default the obvious one.")
+@key_option(
+    help="Nested state dict to show (model, state_dict, ckpt/ema; components split by / or .); by "
+    "default the obvious one."
+)
 @click.option("--depth", type=int, help="Roll tensors up by module prefix of N components.")
 @click.option("--filter", "filter_", metavar="REGEX", help="Only keys matching this regular expression.")
 @click.option("--stats", is_flag=True, help="Read values (streamed) and add min/max/mean/std, NaN/Inf counts.")
-@click.option("--all", "all_rows", is_flag=True, help=f"Print every tensor's row; above {FOLD_ROWS:,} rows the table "
-              "is folded by module unless this is given.")
+@click.option(
+    "--all",
+    "all_rows",
+    is_flag=True,
+    help=f"Print every tensor's row; above {FOLD_ROWS:,} rows the table is folded by module unless this is given.",
+)
 @pager_option
 @json_option
-def inspect(path: str, key: str | None, depth: int | None, filter_: str | None, stats: bool, all_rows: bool,
-            no_pager: bool, as_json: bool) -> None:
+def inspect(
+    path: str,
+    key: str | None,
+    depth: int | None,
+    filter_: str | None,
+    stats: bool,
+    all_rows: bool,
+    no_pager: bool,
+    as_json: bool,
+) -> None:
     """Describe a checkpoint without loading it: format, tensors, where the weights are.
 
     Reads .pth/.pt/.bin/.ckpt (torch zip and legacy), TorchScript, .safetensors, sharded
@@ -68,7 +82,9 @@ def _render(r: InspectReport, all_rows: bool = False) -> str:
     for name, value in r.extras.items():
         summary.append((f"extra: {name}", _short(value)))
     if r.placeholders:
-        summary.append(("objects (inert)", ", ".join(r.placeholders[:12]) + (" ..." if len(r.placeholders) > 12 else "")))
+        summary.append(
+            ("objects (inert)", ", ".join(r.placeholders[:12]) + (" ..." if len(r.placeholders) > 12 else ""))
+        )
     for name, value in r.metadata.items():
         summary.append((f"metadata: {name}", _short(value)))
     for name, value in r.objects.items():
@@ -79,14 +95,22 @@ def _render(r: InspectReport, all_rows: bool = False) -> str:
     modules = r.modules
     if r.depth is None and len(r.rows) > FOLD_ROWS and not all_rows:
         how, modules = fold(r.rows)
-        out.append(f"note: {len(r.rows):,} tensors folded into {len(modules):,} rows ({how}); --all prints every "
-                   "tensor, --depth N rolls up by N components")
+        out.append(
+            f"note: {len(r.rows):,} tensors folded into {len(modules):,} rows ({how}); --all prints every "
+            "tensor, --depth N rolls up by N components"
+        )
     out.append("")
     if modules or r.depth is not None:
-        out.append(table(
-            ((m.name or "(top)", m.tensors, f"{m.parameters:,}", human_bytes(m.nbytes), ",".join(m.dtypes)) for m in modules),
-            ["module", "tensors", "params", "size", "dtypes"], ["left", "right", "right", "right", "left"],
-        ))
+        out.append(
+            table(
+                (
+                    (m.name or "(top)", m.tensors, f"{m.parameters:,}", human_bytes(m.nbytes), ",".join(m.dtypes))
+                    for m in modules
+                ),
+                ["module", "tensors", "params", "size", "dtypes"],
+                ["left", "right", "right", "right", "left"],
+            )
+        )
         return "\n".join(out + _optimizer_lines(r))
     out.append(_tensor_table(r.rows))
     out += _optimizer_lines(r)
@@ -102,13 +126,29 @@ def _optimizer_lines(r: InspectReport) -> list[str]:
     out: list[str] = []
     for o in r.optimizers:
         mapped = f"ids mapped by {o.mapped_by}" if o.mapped_by else f"ids not mapped to parameters: {o.unmapped}"
-        out += ["", f"optimizer {o.path}: {o.kind}, {len(o.groups)} param group{'s' * (len(o.groups) != 1)}, "
-                f"{len(o.state)} parameters with state, {o.tensors} tensors ({human_bytes(o.tensor_bytes)}); {mapped}"]
+        out += [
+            "",
+            f"optimizer {o.path}: {o.kind}, {len(o.groups)} param group{'s' * (len(o.groups) != 1)}, "
+            f"{len(o.state)} parameters with state, {o.tensors} tensors ({human_bytes(o.tensor_bytes)}); {mapped}",
+        ]
         names = sorted({k for g in o.groups for k in g.hyper})
-        out.append(table(([g.index, g.params, *(_short(g.hyper.get(k, "-")) for k in names)] for g in o.groups),
-                         ["group", "params", *names], ["right", "right", *(["left"] * len(names))]))
-        rows = [(s.id, s.parameter or "?", s.group, ", ".join(f"{n} {shape_str(sh)} {dt}" for n, sh, dt in s.tensors)
-                 + "".join(f", {n}={_short(v)}" for n, v in s.values.items())) for s in o.state]
+        out.append(
+            table(
+                ([g.index, g.params, *(_short(g.hyper.get(k, "-")) for k in names)] for g in o.groups),
+                ["group", "params", *names],
+                ["right", "right", *(["left"] * len(names))],
+            )
+        )
+        rows = [
+            (
+                s.id,
+                s.parameter or "?",
+                s.group,
+                ", ".join(f"{n} {shape_str(sh)} {dt}" for n, sh, dt in s.tensors)
+                + "".join(f", {n}={_short(v)}" for n, v in s.values.items()),
+            )
+            for s in o.state
+        ]
         out.append(table(rows, ["id", "parameter", "group", "state"], ["right", "left", "right", "left"]))
     return out
 

@@ -15,52 +15,111 @@ _LIST_LIMIT = 10  # lines per list in the table view
 
 def _conversion_options(f: Any) -> Any:
     """--dequantize and --densify: convert what the output format cannot hold (without them it is refused)."""
-    f = click.option("--densify", is_flag=True, help="Write sparse (COO/CSR) tensors dense (.safetensors "
-                     "refuses them otherwise; a .pth keeps them sparse).")(f)
-    return click.option("--dequantize", is_flag=True, help="Write quantized (qint8/quint8/qint32) tensors as "
-                        "float32 (.safetensors refuses them otherwise; a .pth keeps them quantized).")(f)
+    f = click.option(
+        "--densify",
+        is_flag=True,
+        help="Write sparse (COO/CSR) tensors dense (.safetensors refuses them otherwise; a .pth keeps them sparse).",
+    )(f)
+    return click.option(
+        "--dequantize",
+        is_flag=True,
+        help="Write quantized (qint8/quint8/qint32) tensors as "
+        "float32 (.safetensors refuses them otherwise; a .pth keeps them quantized).",
+    )(f)
 
 
 def _training_options(f: Any) -> Any:
     """--source-arch, --drop-optimizer, --also-key: what happens to a training checkpoint's state."""
-    f = click.option("--also-key", "also_keys", multiple=True, metavar="KEY", help="Give this sibling state dict "
-                     "(an EMA copy: state_dict_ema) the same operations and keep it beside the state dict "
-                     "(repeatable; .pth output).")(f)
-    f = click.option("--drop-optimizer", is_flag=True, help="Leave the optimizer state out (it is carried into a "
-                     ".pth otherwise, each parameter's state following the parameter).")(f)
-    return click.option("--source-arch", metavar="SPEC", help="The architecture that was trained (forms as --arch): "
-                        "its parameter order tells which optimizer id is which parameter.")(f)
+    f = click.option(
+        "--also-key",
+        "also_keys",
+        multiple=True,
+        metavar="KEY",
+        help="Give this sibling state dict "
+        "(an EMA copy: state_dict_ema) the same operations and keep it beside the state dict "
+        "(repeatable; .pth output).",
+    )(f)
+    f = click.option(
+        "--drop-optimizer",
+        is_flag=True,
+        help="Leave the optimizer state out (it is carried into a "
+        ".pth otherwise, each parameter's state following the parameter).",
+    )(f)
+    return click.option(
+        "--source-arch",
+        metavar="SPEC",
+        help="The architecture that was trained (forms as --arch): "
+        "its parameter order tells which optimizer id is which parameter.",
+    )(f)
 
 
 @click.command(cls=OrderedCommand)
 @click.argument("source", required=False, type=click.Path(dir_okay=True))
 @key_option
-@click.option("--keep-extras", is_flag=True, help="Keep plain-data top-level entries beside the state dict "
-              "(epoch, config): in a .pth, as JSON in the safetensors metadata. Without it they are dropped "
-              "(and listed). A training checkpoint (one with optimizer state) written to a .pth is carried whole.")
+@click.option(
+    "--keep-extras",
+    is_flag=True,
+    help="Keep plain-data top-level entries beside the state dict "
+    "(epoch, config): in a .pth, as JSON in the safetensors metadata. Without it they are dropped "
+    "(and listed). A training checkpoint (one with optimizer state) written to a .pth is carried whole.",
+)
 @plan_operation_options
 @arch_option
 @arch_arg_option
 @click.option("--seed", type=int, default=0, show_default=True, help="torch.manual_seed before the target is built.")
-@click.option("-o", "--output", metavar="OUT", type=click.Path(dir_okay=False),
-              help="Output file: .safetensors, or .pth/.pt/.bin (a state dict torch.load(weights_only=True) opens).")
-@click.option("--max-shard-size", metavar="SIZE", help="Write Hugging Face style shards of at most SIZE "
-              "(2GB, 500MB; decimal units) with an index.json; one file when everything fits.")
+@click.option(
+    "-o",
+    "--output",
+    metavar="OUT",
+    type=click.Path(dir_okay=False),
+    help="Output file: .safetensors, or .pth/.pt/.bin (a state dict torch.load(weights_only=True) opens).",
+)
+@click.option(
+    "--max-shard-size",
+    metavar="SIZE",
+    help="Write Hugging Face style shards of at most SIZE "
+    "(2GB, 500MB; decimal units) with an index.json; one file when everything fits.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing output (never the input: see --in-place).")
 @click.option("--in-place", is_flag=True, help="Replace SOURCE itself (keeps SOURCE.bak).")
 @click.option("--dry-run", is_flag=True, help="Show the plan and the resulting diff; write nothing.")
-@click.option("--input-shape", metavar="N,C,H,W", help="With --dry-run and --arch: the dummy input of the shape "
-              "flow (default: the architecture's).")
-@click.option("--allow-mostly-new", is_flag=True, help="Write even when under half of the target's parameters "
-              "come from the checkpoint (refused otherwise: it is probably the wrong --arch).")
+@click.option(
+    "--input-shape",
+    metavar="N,C,H,W",
+    help="With --dry-run and --arch: the dummy input of the shape flow (default: the architecture's).",
+)
+@click.option(
+    "--allow-mostly-new",
+    is_flag=True,
+    help="Write even when under half of the target's parameters "
+    "come from the checkpoint (refused otherwise: it is probably the wrong --arch).",
+)
 @_conversion_options
 @_training_options
 @json_option
-def migrate(source: str | None, key: str | None, keep_extras: bool, arch: str | None, arch_args: tuple[str, ...],
-            seed: int, output: str | None, max_shard_size: str | None, force: bool, in_place: bool, dry_run: bool,
-            allow_mostly_new: bool, dequantize: bool, densify: bool, as_json: bool, operations: tuple[Any, ...],
-            plan_base: Any, source_arch: str | None, drop_optimizer: bool, also_keys: tuple[str, ...],
-            input_shape: str | None = None) -> None:
+def migrate(
+    source: str | None,
+    key: str | None,
+    keep_extras: bool,
+    arch: str | None,
+    arch_args: tuple[str, ...],
+    seed: int,
+    output: str | None,
+    max_shard_size: str | None,
+    force: bool,
+    in_place: bool,
+    dry_run: bool,
+    allow_mostly_new: bool,
+    dequantize: bool,
+    densify: bool,
+    as_json: bool,
+    operations: tuple[Any, ...],
+    plan_base: Any,
+    source_arch: str | None,
+    drop_optimizer: bool,
+    also_keys: tuple[str, ...],
+    input_shape: str | None = None,
+) -> None:
     """Rename, filter, drop, cast and re-head SOURCE into a checkpoint that loads into a target.
 
     Operations apply in the order given and are shown as a plan before anything is written.
@@ -85,18 +144,32 @@ def migrate(source: str | None, key: str | None, keep_extras: bool, arch: str | 
 
     base = plan_base
     plan = Plan(
-        source=source or base.source, key=key if key is not None else base.key, arch=arch or base.arch,
+        source=source or base.source,
+        key=key if key is not None else base.key,
+        arch=arch or base.arch,
         arch_args=parse_arch_args(arch_args) if arch_args else (base.arch_args if arch in (None, base.arch) else {}),
-        operations=tuple(operations), source_arch=source_arch or base.source_arch,
-        drop_optimizer=drop_optimizer or base.drop_optimizer, also_keys=tuple(also_keys) or base.also_keys,
+        operations=tuple(operations),
+        source_arch=source_arch or base.source_arch,
+        drop_optimizer=drop_optimizer or base.drop_optimizer,
+        also_keys=tuple(also_keys) or base.also_keys,
     )
     with progress_bar("writing", enabled=not dry_run) as progress:
-        report = run(plan, output, seed=seed, keep_extras=keep_extras,
-                     max_shard_size=parse_size(max_shard_size) if max_shard_size else None, force=force,
-                     in_place=in_place, dry_run=dry_run, allow_mostly_new=allow_mostly_new,
-                     on_plan=None if as_json else _render_plan,
-                     progress=progress, dequantize=dequantize, densify=densify,
-                     input_shape=parse_input_shape(input_shape) if input_shape is not None else None)
+        report = run(
+            plan,
+            output,
+            seed=seed,
+            keep_extras=keep_extras,
+            max_shard_size=parse_size(max_shard_size) if max_shard_size else None,
+            force=force,
+            in_place=in_place,
+            dry_run=dry_run,
+            allow_mostly_new=allow_mostly_new,
+            on_plan=None if as_json else _render_plan,
+            progress=progress,
+            dequantize=dequantize,
+            densify=densify,
+            input_shape=parse_input_shape(input_shape) if input_shape is not None else None,
+        )
     _finish(report, as_json)
 
 
@@ -106,12 +179,26 @@ def migrate(source: str | None, key: str | None, keep_extras: bool, arch: str | 
 @key_option
 @click.option("--max-shard-size", metavar="SIZE", help="Write Hugging Face style shards of at most SIZE (2GB).")
 @click.option("--force", is_flag=True, help="Replace an existing OUTPUT.")
-@click.option("--format", "to", type=click.Choice(["dcp"]), help="Write OUTPUT as a torch.distributed.checkpoint "
-              "directory (.metadata and __0_0.distcp) instead of the format its extension names (needs torch).")
+@click.option(
+    "--format",
+    "to",
+    type=click.Choice(["dcp"]),
+    help="Write OUTPUT as a torch.distributed.checkpoint "
+    "directory (.metadata and __0_0.distcp) instead of the format its extension names (needs torch).",
+)
 @_conversion_options
 @json_option
-def convert(source: str, output: str, key: str | None, max_shard_size: str | None, force: bool, to: str | None,
-            dequantize: bool, densify: bool, as_json: bool) -> None:
+def convert(
+    source: str,
+    output: str,
+    key: str | None,
+    max_shard_size: str | None,
+    force: bool,
+    to: str | None,
+    dequantize: bool,
+    densify: bool,
+    as_json: bool,
+) -> None:
     """Rewrite SOURCE as OUTPUT in the format OUTPUT's extension names, with byte-identical tensors.
 
     `ckpt migrate` with no operations: .pth -> .safetensors, .safetensors -> .pth, one file ->
@@ -124,9 +211,18 @@ def convert(source: str, output: str, key: str | None, max_shard_size: str | Non
     from ..writer import parse_size
 
     with progress_bar("writing") as progress:
-        report = run(source, output, key=key, force=force,
-                     max_shard_size=parse_size(max_shard_size) if max_shard_size else None, progress=progress,
-                     dequantize=dequantize, densify=densify, on_plan=None if as_json else _render_notes, to=to)
+        report = run(
+            source,
+            output,
+            key=key,
+            force=force,
+            max_shard_size=parse_size(max_shard_size) if max_shard_size else None,
+            progress=progress,
+            dequantize=dequantize,
+            densify=densify,
+            on_plan=None if as_json else _render_notes,
+            to=to,
+        )
     _finish(report, as_json)
 
 
@@ -147,27 +243,52 @@ def _render_plan(plan: Any) -> None:
         for i, s in enumerate(plan.steps, 1):
             examples = [f"{a} -> {b}" for a, b in s.renamed] + list(s.dropped) + list(s.added) + list(s.reinitialised)
             examples += list(s.cast) + list(s.adapted)
-            rows.append((i, s.operation, len(s.dropped), len(s.renamed), len(s.added), len(s.reinitialised),
-                         len(s.cast), some(examples, 2) or "(no keys matched)"))
-        echo(table(rows, ["#", "operation", "dropped", "renamed", "added", "reinit", "cast", "keys"],
-                   ["right", "left", "right", "right", "right", "right", "right", "left"]))
+            rows.append(
+                (
+                    i,
+                    s.operation,
+                    len(s.dropped),
+                    len(s.renamed),
+                    len(s.added),
+                    len(s.reinitialised),
+                    len(s.cast),
+                    some(examples, 2) or "(no keys matched)",
+                )
+            )
+        echo(
+            table(
+                rows,
+                ["#", "operation", "dropped", "renamed", "added", "reinit", "cast", "keys"],
+                ["right", "left", "right", "right", "right", "right", "right", "left"],
+            )
+        )
     else:
         echo("no operations: tensors are copied as they are")
-    echo(f"result: {plan.tensors} tensors, {human_bytes(plan.tensor_bytes)}"
-         + (f" in {len(plan.files)} files" if len(plan.files) > 1 else ""))
+    echo(
+        f"result: {plan.tensors} tensors, {human_bytes(plan.tensor_bytes)}"
+        + (f" in {len(plan.files)} files" if len(plan.files) > 1 else "")
+    )
     for t in plan.initialised[:_LIST_LIMIT]:
         echo(f"  initialised from {plan.arch}: {t.key} {shape_str(t.shape)} ({t.reason})")
     if len(plan.initialised) > _LIST_LIMIT:
         echo(f"  ... and {len(plan.initialised) - _LIST_LIMIT} more initialised (--json lists them all)")
     for a in plan.adapted[:_LIST_LIMIT]:
-        source = (f" from {a.origin} {shape_str(a.origin_shape)}" if a.origin != a.key
-                  else f" from {shape_str(a.origin_shape)}" if a.origin_shape != a.shape else "")
+        source = (
+            f" from {a.origin} {shape_str(a.origin_shape)}"
+            if a.origin != a.key
+            else f" from {shape_str(a.origin_shape)}"
+            if a.origin_shape != a.shape
+            else ""
+        )
         echo(f"  computed: {a.key} {shape_str(a.shape)}{source} ({a.how})")
     if len(plan.adapted) > _LIST_LIMIT:
         echo(f"  ... and {len(plan.adapted) - _LIST_LIMIT} more computed (--json lists them all)")
     for s in plan.shared[:_LIST_LIMIT]:
-        words = {"one storage": "written once, one storage", "alias": f"written once as {s.written_as}, the others "
-                 "recorded as aliases in the metadata", "copies": "different views of one storage, written as copies"}
+        words = {
+            "one storage": "written once, one storage",
+            "alias": f"written once as {s.written_as}, the others recorded as aliases in the metadata",
+            "copies": "different views of one storage, written as copies",
+        }
         echo(f"  shared storage: {some(s.keys)}: {words[s.how]}")
     if len(plan.shared) > _LIST_LIMIT:
         echo(f"  ... and {len(plan.shared) - _LIST_LIMIT} more groups of shared tensors (--json lists them all)")
@@ -192,11 +313,13 @@ def _render_training(plan: Any) -> None:
     """What happens to the optimizer state and the --also-key state dicts."""
     for o in plan.optimizers:
         groups = ", ".join(str(n) for n in o.groups)
-        echo(f"  optimizer {o.path} ({o.kind}, {len(o.groups)} param group{'s' * (len(o.groups) != 1)} of {groups}; "
-             f"ids from {o.mapped_by}): state of {len(o.carried)} parameters carried"
-             + (f", {len(o.dropped)} dropped ({some(list(o.dropped), 2)})" if o.dropped else "")
-             + (f", {len(o.fresh)} start fresh ({some(list(o.fresh), 2)})" if o.fresh else "")
-             + (f", {len(o.cast)} cast with their parameter" if o.cast else ""))
+        echo(
+            f"  optimizer {o.path} ({o.kind}, {len(o.groups)} param group{'s' * (len(o.groups) != 1)} of {groups}; "
+            f"ids from {o.mapped_by}): state of {len(o.carried)} parameters carried"
+            + (f", {len(o.dropped)} dropped ({some(list(o.dropped), 2)})" if o.dropped else "")
+            + (f", {len(o.fresh)} start fresh ({some(list(o.fresh), 2)})" if o.fresh else "")
+            + (f", {len(o.cast)} cast with their parameter" if o.cast else "")
+        )
         moved = [f"{a} -> {b}" for a, b in o.carried if a != b]
         if moved:
             echo(f"    follows its parameter: {some(moved, 2)}")
@@ -219,8 +342,11 @@ def _diff_words(diff: Any) -> str:
     if diff.unexpected:
         parts.append(f"{len(diff.unexpected)} unexpected ({some(diff.unexpected)})")
     if diff.mismatched:
-        parts.append(f"{len(diff.mismatched)} shape mismatches (" + some(
-            [f"{m.key} {shape_str(m.shape)} vs {shape_str(m.target_shape)}" for m in diff.mismatched]) + ")")
+        parts.append(
+            f"{len(diff.mismatched)} shape mismatches ("
+            + some([f"{m.key} {shape_str(m.shape)} vs {shape_str(m.target_shape)}" for m in diff.mismatched])
+            + ")"
+        )
     return "does NOT load strictly: " + "; ".join(parts)
 
 
@@ -240,25 +366,45 @@ def _render_result(report: Any) -> None:
         return
     if v.method in ("headers", "headers_memory"):
         why = "torch is not installed" if v.method == "headers" else "too large to build here"
-        echo(f"checked: the written keys and shapes match {v.arch} ({why}: not loaded)" if v.loads
-             else f"check failed: {v.arch} " + _diff_words(v.diff))
+        echo(
+            f"checked: the written keys and shapes match {v.arch} ({why}: not loaded)"
+            if v.loads
+            else f"check failed: {v.arch} " + _diff_words(v.diff)
+        )
         return
     if not v.loads:
-        echo(paint("verification failed:", "fail") + f" {v.arch} " + _diff_words(v.diff) + (f" ({v.error})" if v.error else ""))
+        echo(
+            paint("verification failed:", "fail")
+            + f" {v.arch} "
+            + _diff_words(v.diff)
+            + (f" ({v.error})" if v.error else "")
+        )
         return
     if v.differ:
-        echo(paint("verification failed:", "fail") + f" {len(v.differ)} tensors are not what the plan intended: {some(v.differ)}")
+        echo(
+            paint("verification failed:", "fail")
+            + f" {len(v.differ)} tensors are not what the plan intended: {some(v.differ)}"
+        )
         return
     where = f"{v.from_checkpoint} from the checkpoint" + "".join(
-        f", {n} {what}" for n, what in ((v.tied, "tied to their partner"), (v.filled, "filled from the target"),
-                                        (v.reinitialised, "re-initialised")) if n)
+        f", {n} {what}"
+        for n, what in (
+            (v.tied, "tied to their partner"),
+            (v.filled, "filled from the target"),
+            (v.reinitialised, "re-initialised"),
+        )
+        if n
+    )
     beside = v.checked - (v.from_checkpoint + v.filled + v.reinitialised + v.tied)  # optimizer, EMA: carried
     where += f", {beside} of the training state beside it" if beside > 0 else ""
     if v.arch is None:
         echo(paint("verified:", "pass") + f" re-read, {v.checked} tensors identical to their sources ({where})")
     else:
-        echo(paint("verified:", "pass") + f" loads into {v.arch} with strict=True, {v.checked} tensors as planned ({where}); "
-             f"{_percent(v.checkpoint_share)} of {v.arch}'s parameters come from the checkpoint")
+        echo(
+            paint("verified:", "pass")
+            + f" loads into {v.arch} with strict=True, {v.checked} tensors as planned ({where}); "
+            f"{_percent(v.checkpoint_share)} of {v.arch}'s parameters come from the checkpoint"
+        )
 
 
 def _percent(share: float | None) -> str:

@@ -17,9 +17,11 @@ import click
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-ARCH_HELP = ("Target architecture: a torchvision name (vgg16), pkg.module:factory, path/to/file.py:factory, "
-             "timm:NAME or hf:PATH (a Hugging Face config.json or its directory). Built with random weights, "
-             "never downloaded.")
+ARCH_HELP = (
+    "Target architecture: a torchvision name (vgg16), pkg.module:factory, path/to/file.py:factory, "
+    "timm:NAME or hf:PATH (a Hugging Face config.json or its directory). Built with random weights, "
+    "never downloaded."
+)
 ARCH_ARG_HELP = "Keyword argument for --arch (repeatable; values are Python literals: num_classes=10)."
 KEY_HELP = "Nested state dict to use (model_state_dict, state_dict/ema; see `ckpt inspect`)."
 
@@ -27,32 +29,74 @@ _ORDER_KEY = "ckpt.operation_order"
 
 # parameter name -> the flag plan.py knows it by; declared in this order in --help
 _OPERATION_OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
-    ("drop", "--drop", "PREFIX", "Drop a module and everything under it (classifier.6 drops classifier.6.weight, "
-     "not classifier.60.weight)."),
+    (
+        "drop",
+        "--drop",
+        "PREFIX",
+        "Drop a module and everything under it (classifier.6 drops classifier.6.weight, not classifier.60.weight).",
+    ),
     ("keep", "--keep", "REGEX", "Keep only the keys REGEX matches (re.search)."),
     ("exclude", "--exclude", "REGEX", "Drop the keys REGEX matches (re.search)."),
     ("rename", "--rename", "REGEX=REPL", "Rename keys with re.sub (groups as \\1); split at the last '='."),
     ("strip_prefix", "--strip-prefix", "PREFIX", "Remove PREFIX (module.) where keys start with it."),
     ("add_prefix", "--add-prefix", "PREFIX", "Put PREFIX (backbone.) in front of every key."),
     ("map_file", "--map", "FILE", "Rename by a JSON object of old key -> new key."),
-    ("dtype", "--dtype", "DTYPE", "Cast floating tensors (float16, bfloat16, float32; integer tensors and buffers "
-     "such as num_batches_tracked are untouched)."),
-    ("plan_file", "--plan", "FILE", "Apply a plan saved by `ckpt diff --plan-out`, where it stands among the "
-     "operations (its source, --key and --arch apply unless given)."),
-    ("fill_missing", "--fill-missing", None, "Keys the target has and the checkpoint lacks take the target's "
-     "initialisation (a tied alias takes its partner's tensor)."),
+    (
+        "dtype",
+        "--dtype",
+        "DTYPE",
+        "Cast floating tensors (float16, bfloat16, float32; integer tensors and buffers "
+        "such as num_batches_tracked are untouched).",
+    ),
+    (
+        "plan_file",
+        "--plan",
+        "FILE",
+        "Apply a plan saved by `ckpt diff --plan-out`, where it stands among the "
+        "operations (its source, --key and --arch apply unless given).",
+    ),
+    (
+        "fill_missing",
+        "--fill-missing",
+        None,
+        "Keys the target has and the checkpoint lacks take the target's "
+        "initialisation (a tied alias takes its partner's tensor).",
+    ),
     ("drop_unexpected", "--drop-unexpected", None, "Drop keys the target has no place for."),
-    ("reinit_mismatched", "--reinit-mismatched", None, "Keys whose shape would not load take the target's "
-     "initialisation."),
-    ("adapt_input_conv", "--adapt-input-conv", "MODULE[=N]", "Adapt MODULE.weight to the target's input channels "
-     "(or N) as timm's adapt_input_conv does: summed over RGB for 1, repeated and scaled by 3/N for N."),
-    ("resample_pos_embed", "--resample-pos-embed", "KEY[=[P+]HxW]", "Resample the position embedding KEY to the "
-     "target's grid (or HxW, after P prefix tokens) as timm's resample_abs_pos_embed does (bicubic, antialiased)."),
-    ("grow_blocks", "--grow-blocks", "nearest|identity", "Blocks the target has beyond the checkpoint's (layer1.N, "
-     "encoder.layer.N, blocks.N): copies of the nearest trained block, or identity blocks (last norm or output "
-     "projections zeroed)."),
-    ("shrink_blocks", "--shrink-blocks", "first|every-k", "Fewer blocks in the target: keep the first N, or every "
-     "k-th (k = checkpoint's / target's), renumbered."),
+    (
+        "reinit_mismatched",
+        "--reinit-mismatched",
+        None,
+        "Keys whose shape would not load take the target's initialisation.",
+    ),
+    (
+        "adapt_input_conv",
+        "--adapt-input-conv",
+        "MODULE[=N]",
+        "Adapt MODULE.weight to the target's input channels "
+        "(or N) as timm's adapt_input_conv does: summed over RGB for 1, repeated and scaled by 3/N for N.",
+    ),
+    (
+        "resample_pos_embed",
+        "--resample-pos-embed",
+        "KEY[=[P+]HxW]",
+        "Resample the position embedding KEY to the "
+        "target's grid (or HxW, after P prefix tokens) as timm's resample_abs_pos_embed does (bicubic, antialiased).",
+    ),
+    (
+        "grow_blocks",
+        "--grow-blocks",
+        "nearest|identity",
+        "Blocks the target has beyond the checkpoint's (layer1.N, "
+        "encoder.layer.N, blocks.N): copies of the nearest trained block, or identity blocks (last norm or output "
+        "projections zeroed).",
+    ),
+    (
+        "shrink_blocks",
+        "--shrink-blocks",
+        "first|every-k",
+        "Fewer blocks in the target: keep the first N, or every k-th (k = checkpoint's / target's), renumbered.",
+    ),
 )
 OPERATION_PARAMS = tuple(name for name, *_ in _OPERATION_OPTIONS)
 
@@ -65,6 +109,7 @@ def key_option(*, help: str) -> Callable[[F], F]: ...
 
 def key_option(func: F | None = None, *, help: str = KEY_HELP) -> F | Callable[[F], F]:
     """``--key PATH``: the nested state dict to use; ``@key_option(help=...)`` where a command says it its own way."""
+
     def decorate(f: F) -> F:
         return click.option("--key", metavar="PATH", help=help)(f)
 
@@ -78,12 +123,17 @@ def target_key_option(func: F) -> F:
 
 def no_cache_option(func: F) -> F:
     """``--no-cache``: build an ``--arch`` signature afresh."""
-    return click.option("--no-cache", is_flag=True, help="Build the target's signature afresh (needs torch); neither "
-                        "read the shipped table or the cache nor write the cache.")(func)
+    return click.option(
+        "--no-cache",
+        is_flag=True,
+        help="Build the target's signature afresh (needs torch); neither "
+        "read the shipped table or the cache nor write the cache.",
+    )(func)
 
 
 def arch_option(func: F | None = None, *, required: bool = False) -> Any:
     """``--arch SPEC``; ``@arch_option(required=True)`` where a command cannot work without one."""
+
     def decorate(f: F) -> F:
         return click.option("--arch", metavar="SPEC", required=required, help=ARCH_HELP)(f)
 
@@ -97,8 +147,11 @@ def arch_arg_option(func: F) -> F:
 
 def pager_option(func: F) -> F:
     """``--no-pager``: print a long table straight to the terminal (pipes are never paged)."""
-    return click.option("--no-pager", is_flag=True, help="Never page the output (it is paged with $PAGER only on a "
-                        "terminal it overflows).")(func)
+    return click.option(
+        "--no-pager",
+        is_flag=True,
+        help="Never page the output (it is paged with $PAGER only on a terminal it overflows).",
+    )(func)
 
 
 class OrderedCommand(click.Command):
@@ -117,6 +170,7 @@ def plan_operation_options(func: F) -> F:
 
     The command must be declared with ``@click.command(cls=OrderedCommand)``.
     """
+
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         values = {name: kwargs.pop(name) for name in OPERATION_PARAMS}
@@ -131,11 +185,13 @@ def plan_operation_options(func: F) -> F:
         if metavar is None:
             decorated = click.option(flag, name, is_flag=True, help=help_text)(decorated)
         elif name == "dtype":
-            decorated = click.option(flag, name, multiple=True, type=click.Choice(["float16", "bfloat16", "float32"]),
-                                     help=help_text)(decorated)
+            decorated = click.option(
+                flag, name, multiple=True, type=click.Choice(["float16", "bfloat16", "float32"]), help=help_text
+            )(decorated)
         elif name in ("map_file", "plan_file"):
-            decorated = click.option(flag, name, multiple=True, metavar=metavar, type=click.Path(dir_okay=False),
-                                     help=help_text)(decorated)
+            decorated = click.option(
+                flag, name, multiple=True, metavar=metavar, type=click.Path(dir_okay=False), help=help_text
+            )(decorated)
         else:
             decorated = click.option(flag, name, multiple=True, metavar=metavar, help=help_text)(decorated)
     result: F = decorated

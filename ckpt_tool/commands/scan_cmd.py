@@ -17,13 +17,28 @@ _SHOWN_NAMES = 2
 
 @click.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--allow", "allow", multiple=True, metavar="MODULE.NAME",
-              help="Trust one more global (repeatable): an exact name such as mypkg.models.Net, or mypkg.* for a "
-              "module. Adds to `allow` in [tool.ckpt] of pyproject.toml. Denied names (os, subprocess, ...) stay denied.")
-@click.option("--format", "output", type=click.Choice(["table", "json", "sarif"]), default="table",
-              show_default=True, help="Output format; sarif is SARIF 2.1.0 for code-scanning dashboards.")
-@click.option("--globals", "show_globals", is_flag=True,
-              help="In the table output, also list every global and call each file names (safe ones too).")
+@click.option(
+    "--allow",
+    "allow",
+    multiple=True,
+    metavar="MODULE.NAME",
+    help="Trust one more global (repeatable): an exact name such as mypkg.models.Net, or mypkg.* for a "
+    "module. Adds to `allow` in [tool.ckpt] of pyproject.toml. Denied names (os, subprocess, ...) stay denied.",
+)
+@click.option(
+    "--format",
+    "output",
+    type=click.Choice(["table", "json", "sarif"]),
+    default="table",
+    show_default=True,
+    help="Output format; sarif is SARIF 2.1.0 for code-scanning dashboards.",
+)
+@click.option(
+    "--globals",
+    "show_globals",
+    is_flag=True,
+    help="In the table output, also list every global and call each file names (safe ones too).",
+)
 @json_option
 def scan(paths: tuple[str, ...], allow: tuple[str, ...], output: str, show_globals: bool, as_json: bool) -> None:
     """Statically scan model files for code that would run when they are loaded. Nothing is executed.
@@ -67,7 +82,9 @@ def _render_scan(report: Any, show_globals: bool = False) -> None:
     rows = []
     for f in report.files:
         names = list(dict.fromkeys(x.name for x in f.findings))
-        shown = ", ".join(names[:_SHOWN_NAMES]) + (f" +{len(names) - _SHOWN_NAMES} more" if len(names) > _SHOWN_NAMES else "")
+        shown = ", ".join(names[:_SHOWN_NAMES]) + (
+            f" +{len(names) - _SHOWN_NAMES} more" if len(names) > _SHOWN_NAMES else ""
+        )
         rows.append((f.path, f.format, paint(f.verdict), shown or "-"))
     echo(plain_table(rows, ["file", "format", "verdict", "offending"]))  # no tabulate import: hooks run often
     for f in report.files:
@@ -82,19 +99,33 @@ def _render_scan(report: Any, show_globals: bool = False) -> None:
         for note_text in f.notes if f.verdict == "skipped" else [n for n in f.notes if n.startswith("torch's reading")]:
             echo(f"  note: {note_text}")
         for x in f.findings:
-            where = " ".join(p for p in (x.opcode, f"in {x.stream}" if x.stream else "",
-                                         f"at byte {x.position}" if x.position is not None else "") if p)
+            where = " ".join(
+                p
+                for p in (
+                    x.opcode,
+                    f"in {x.stream}" if x.stream else "",
+                    f"at byte {x.position}" if x.position is not None else "",
+                )
+                if p
+            )
             echo(f"  {paint(f'{x.severity:<10}', x.severity)} {x.name}{f' ({where})' if where else ''}: {x.reason}")
     counts = report.counts()
-    summary = ", ".join(f"{counts[v]} {v}" for v in ("unsafe", "broken", "suspicious", "safe", "skipped") if v in counts)
+    summary = ", ".join(
+        f"{counts[v]} {v}" for v in ("unsafe", "broken", "suspicious", "safe", "skipped") if v in counts
+    )
     echo()
     echo(f"{len(report.files)} file{'s' if len(report.files) != 1 else ''} scanned: {summary or 'none'}")
 
 
 @click.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--allow", "allow", multiple=True, metavar="MODULE.NAME",
-              help="Trust one more global (repeatable), as for `ckpt scan`.")
+@click.option(
+    "--allow",
+    "allow",
+    multiple=True,
+    metavar="MODULE.NAME",
+    help="Trust one more global (repeatable), as for `ckpt scan`.",
+)
 @json_option
 def validate(paths: tuple[str, ...], allow: tuple[str, ...], as_json: bool) -> None:
     """Check model files before they are committed: scan, loadability and the project's policies.
@@ -135,8 +166,10 @@ def _render_validate(report: Any) -> None:
     failed = [f.path for f in report.files if not f.ok]
     echo()
     config = f" (policies from {report.config})" if report.config else ""
-    echo(f"{len(report.files)} file{'s' if len(report.files) != 1 else ''} validated{config}: "
-         + (paint(f"{len(failed)} failed", "fail") if failed else paint("all passed", "pass")))
+    echo(
+        f"{len(report.files)} file{'s' if len(report.files) != 1 else ''} validated{config}: "
+        + (paint(f"{len(failed)} failed", "fail") if failed else paint("all passed", "pass"))
+    )
 
 
 COMMANDS = [scan, validate]

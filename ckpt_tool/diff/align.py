@@ -51,14 +51,21 @@ class Alignment:
         return {p.source: p.target for p in self.pairs}
 
     def to_json(self) -> dict[str, Any]:
-        return {"method": self.method, "confidence": self.confidence,
-                "pairs": [{"source": p.source, "target": p.target, "shape": list(p.shape), "same_leaf": p.same_leaf}
-                          for p in self.pairs],
-                "unaligned_source": list(self.unaligned_source), "unaligned_target": list(self.unaligned_target)}
+        return {
+            "method": self.method,
+            "confidence": self.confidence,
+            "pairs": [
+                {"source": p.source, "target": p.target, "shape": list(p.shape), "same_leaf": p.same_leaf}
+                for p in self.pairs
+            ],
+            "unaligned_source": list(self.unaligned_source),
+            "unaligned_target": list(self.unaligned_target),
+        }
 
 
-def align(source: Sequence[tuple[str, tuple[int, ...]]], target: Sequence[tuple[str, tuple[int, ...]]]) -> \
-        Alignment | None:
+def align(
+    source: Sequence[tuple[str, tuple[int, ...]]], target: Sequence[tuple[str, tuple[int, ...]]]
+) -> Alignment | None:
     """Pair ``(key, shape)`` sequences (state-dict order): whole by position when the shapes agree in sequence,
     else the runs of two or more that a sequence diff over (shape, leaf name) aligns; ``None`` when fewer
     than two pairs align, or a sequence diff pairs under half of the longer side.
@@ -80,21 +87,31 @@ def align(source: Sequence[tuple[str, tuple[int, ...]]], target: Sequence[tuple[
         b = [(tuple(s), _leaf(k)) for k, s in target]
         matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
         # runs only: one equal (shape, name) between unrelated layers is a coincidence, not an alignment
-        indices = [(block.a + j, block.b + j) for block in matcher.get_matching_blocks() if block.size >= MIN_PAIRS
-                   for j in range(block.size)]
+        indices = [
+            (block.a + j, block.b + j)
+            for block in matcher.get_matching_blocks()
+            if block.size >= MIN_PAIRS
+            for j in range(block.size)
+        ]
         method = SEQUENCE_DIFF
         if len(indices) < MIN_COVERAGE * max(len(source), len(target)):
             return None
     if len(indices) < MIN_PAIRS:
         return None
-    pairs = tuple(Pair(source[i][0], target[j][0], tuple(source[i][1]), _leaf(source[i][0]) == _leaf(target[j][0]))
-                  for i, j in indices)
+    pairs = tuple(
+        Pair(source[i][0], target[j][0], tuple(source[i][1]), _leaf(source[i][0]) == _leaf(target[j][0]))
+        for i, j in indices
+    )
     paired_a, paired_b = {i for i, _ in indices}, {j for _, j in indices}
     coverage = len(pairs) / max(len(source), len(target))
     names = sum(p.same_leaf for p in pairs) / len(pairs)
-    return Alignment(pairs, tuple(k for i, (k, _) in enumerate(source) if i not in paired_a),
-                     tuple(k for j, (k, _) in enumerate(target) if j not in paired_b), method,
-                     round(coverage * (1 + names) / 2, 3))
+    return Alignment(
+        pairs,
+        tuple(k for i, (k, _) in enumerate(source) if i not in paired_a),
+        tuple(k for j, (k, _) in enumerate(target) if j not in paired_b),
+        method,
+        round(coverage * (1 + names) / 2, 3),
+    )
 
 
 def _leaf(key: str) -> str:

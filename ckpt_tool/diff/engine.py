@@ -30,12 +30,23 @@ from .valuediff import with_values
 
 
 @paused
-def diff_paths(path: str, target_path: str | None = None, *, arch: str | None = None,
-               arch_args: Iterable[str] | dict[str, Any] = (), key: str | None = None,
-               target_key: str | None = None, values: bool = False, depth: int | None = None,
-               show_all: bool = False, use_cache: bool = True, plan_out: str | None = None,
-               progress: Progress | None = None, input_shape: tuple[int, ...] | None = None,
-               map_out: str | None = None) -> DiffReport:
+def diff_paths(
+    path: str,
+    target_path: str | None = None,
+    *,
+    arch: str | None = None,
+    arch_args: Iterable[str] | dict[str, Any] = (),
+    key: str | None = None,
+    target_key: str | None = None,
+    values: bool = False,
+    depth: int | None = None,
+    show_all: bool = False,
+    use_cache: bool = True,
+    plan_out: str | None = None,
+    progress: Progress | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    map_out: str | None = None,
+) -> DiffReport:
     """Open both sides, diff them and, with ``plan_out``, save the fix plan as JSON.
 
     Args:
@@ -59,7 +70,9 @@ def diff_paths(path: str, target_path: str | None = None, *, arch: str | None = 
         (2, 'ckpt migrate tiny_cnn_10.pth --arch my_models.py:tiny_cnn --arch-arg num_classes=4 --reinit-mismatched -o ...')
     """
     if (target_path is None) == (arch is None):
-        raise UsageError("give a second checkpoint or --arch, not both" if arch else "give a second checkpoint or --arch")
+        raise UsageError(
+            "give a second checkpoint or --arch, not both" if arch else "give a second checkpoint or --arch"
+        )
     args = dict(arch_args) if isinstance(arch_args, dict) else parse_arch_args(list(arch_args))
     if args and arch is None:
         raise UsageError("--arch-arg needs --arch")
@@ -83,8 +96,16 @@ def diff_paths(path: str, target_path: str | None = None, *, arch: str | None = 
     else:
         assert target_path is not None
         target = open_checkpoint(target_path, target_key)
-    report = diff(source, target, values=values, depth=depth, show_all=show_all, progress=progress,
-                  input_shape=input_shape, map_file=map_out)
+    report = diff(
+        source,
+        target,
+        values=values,
+        depth=depth,
+        show_all=show_all,
+        progress=progress,
+        input_shape=input_shape,
+        map_file=map_out,
+    )
     if isinstance(target, Checkpoint):
         from ..optim_state import compare_optimizers
 
@@ -98,9 +119,18 @@ def diff_paths(path: str, target_path: str | None = None, *, arch: str | None = 
     return report
 
 
-def diff(source: Checkpoint, target: Target, *, values: bool = False, depth: int | None = None,
-         show_all: bool = False, progress: Progress | None = None, input_shape: tuple[int, ...] | None = None,
-         map_file: str | None = None, flow: bool = True) -> DiffReport:
+def diff(
+    source: Checkpoint,
+    target: Target,
+    *,
+    values: bool = False,
+    depth: int | None = None,
+    show_all: bool = False,
+    progress: Progress | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    map_file: str | None = None,
+    flow: bool = True,
+) -> DiffReport:
     """Compare a checkpoint's state dict with a target's, key by key, and suggest a fix plan.
 
     With an architecture as the target (and ``flow``), its forward pass runs on the meta device with
@@ -120,32 +150,73 @@ def diff(source: Checkpoint, target: Target, *, values: bool = False, depth: int
     loads = compat.loads
     rows, hidden = rows_of(keys, depth, show_all)
     if isinstance(target, TargetSignature):
-        arch, arch_args, cache, name, kind, target_key = target.spec, dict(target.arch_args), target.cache, \
-            target.spec, "arch", None
+        arch, arch_args, cache, name, kind, target_key = (
+            target.spec,
+            dict(target.arch_args),
+            target.cache,
+            target.spec,
+            "arch",
+            None,
+        )
     else:
-        arch, arch_args, cache, name, kind, target_key = None, {}, None, target.path, "checkpoint", \
-            target.state_path or None
-    plan = suggest_plan(source, signature, arch=arch, arch_args=arch_args,
-                        optional=set(compat.auto_filled) | {a for a, _ in compat.tied}, map_file=map_file)
+        arch, arch_args, cache, name, kind, target_key = (
+            None,
+            {},
+            None,
+            target.path,
+            "checkpoint",
+            target.state_path or None,
+        )
+    plan = suggest_plan(
+        source,
+        signature,
+        arch=arch,
+        arch_args=arch_args,
+        optional=set(compat.auto_filled) | {a for a, _ in compat.tied},
+        map_file=map_file,
+    )
     shape_flow = None
     if flow and isinstance(target, TargetSignature):
-        shape_flow = target_flow(target, state=_planned_shapes(source, plan.plan, target), input_shape=input_shape,
-                                 use_cache=target.cache != "off")
+        shape_flow = target_flow(
+            target,
+            state=_planned_shapes(source, plan.plan, target),
+            input_shape=input_shape,
+            use_cache=target.cache != "off",
+        )
         plan = with_shape_flow(plan, shape_flow)
     notes = []
     if compat.auto_filled:
-        notes.append(f"{len(compat.auto_filled)} num_batches_tracked buffers are not in the checkpoint under their "
-                     "target names; torch fills them in itself because the state dict records no module version "
-                     "for them")
+        notes.append(
+            f"{len(compat.auto_filled)} num_batches_tracked buffers are not in the checkpoint under their "
+            "target names; torch fills them in itself because the state dict records no module version "
+            "for them"
+        )
     if compat.tied:
-        notes.append(f"{len(compat.tied)} tied keys are absent but their partner is present (" + some(
-            [f"{a} = {p}" for a, p in compat.tied]) + "): loading the partner sets both (safetensors' load_model, "
+        notes.append(
+            f"{len(compat.tied)} tied keys are absent but their partner is present ("
+            + some([f"{a} = {p}" for a, p in compat.tied])
+            + "): loading the partner sets both (safetensors' load_model, "
             "transformers); for a plain load_state_dict(strict=True), `ckpt migrate --arch ... --fill-missing` "
-            "writes the alias from its partner")
+            "writes the alias from its partner"
+        )
     return DiffReport(
-        source=source.path, source_format=source.format, source_key=source.state_path or None,
-        target=name, target_kind=kind, target_key=target_key, arch_args=arch_args, cache=cache, counts=counts, loads_strictly=loads, keys=tuple(keys),
-        rows=tuple(rows), hidden_rows=hidden, depth=depth, values=values, plan=plan, notes=tuple(notes),
+        source=source.path,
+        source_format=source.format,
+        source_key=source.state_path or None,
+        target=name,
+        target_kind=kind,
+        target_key=target_key,
+        arch_args=arch_args,
+        cache=cache,
+        counts=counts,
+        loads_strictly=loads,
+        keys=tuple(keys),
+        rows=tuple(rows),
+        hidden_rows=hidden,
+        depth=depth,
+        values=values,
+        plan=plan,
+        notes=tuple(notes),
         shape_flow=shape_flow,
     )
 
@@ -178,8 +249,9 @@ def _key_diffs(src: dict[str, TensorRef], target: TargetSignature, compat: Compa
         if s is None:
             out.append(KeyDiff(key, status.get(key, MISSING), None, None, t.shape, t.dtype))
             continue
-        out.append(KeyDiff(key, status.get(key, DTYPE if s.dtype != t.dtype else MATCHED), s.shape, s.dtype,
-                           t.shape, t.dtype))
+        out.append(
+            KeyDiff(key, status.get(key, DTYPE if s.dtype != t.dtype else MATCHED), s.shape, s.dtype, t.shape, t.dtype)
+        )
     # an _extra_state the target requires: an object, not a tensor
     out.extend(KeyDiff(k, MISSING, None, None, (), "object") for k in compat.missing if k not in target.tensors)
     unexpected = set(compat.unexpected)
@@ -195,10 +267,17 @@ def _counts(keys: list[KeyDiff], src: dict[str, TensorRef], tgt: dict[str, Targe
     compared = [k for k in keys if k.max_abs_diff is not None]
     changed = sum(1 for k in compared if k.max_abs_diff != 0) if compared else None
     return DiffCounts(
-        source_keys=len(src), target_keys=len(tgt), matched=by[MATCHED] + by[DTYPE], missing=by[MISSING],
-        unexpected=by[UNEXPECTED], shape_mismatches=by[SHAPE], dtype_differences=by[DTYPE],
+        source_keys=len(src),
+        target_keys=len(tgt),
+        matched=by[MATCHED] + by[DTYPE],
+        missing=by[MISSING],
+        unexpected=by[UNEXPECTED],
+        shape_mismatches=by[SHAPE],
+        dtype_differences=by[DTYPE],
         target_numel=sum(numel(t.shape) for t in tgt.values()),
         filled_numel=sum(numel(k.target_shape or ()) for k in keys if k.status in (MATCHED, DTYPE, TIED)),
-        auto_filled=by[AUTO], tied=by[TIED],
-        changed=changed, unchanged=len(compared) - changed if changed is not None else None,
+        auto_filled=by[AUTO],
+        tied=by[TIED],
+        changed=changed,
+        unchanged=len(compared) - changed if changed is not None else None,
     )

@@ -68,9 +68,15 @@ class Proposal:
 Proposer = Callable[[Proposal], None]
 
 
-def suggest_plan(source: Checkpoint, target: TargetSignature, *, arch: str | None,
-                 arch_args: dict[str, Any], optional: set[str] | frozenset[str] = frozenset(),
-                 map_file: str | None = None) -> FixPlan:
+def suggest_plan(
+    source: Checkpoint,
+    target: TargetSignature,
+    *,
+    arch: str | None,
+    arch_args: dict[str, Any],
+    optional: set[str] | frozenset[str] = frozenset(),
+    map_file: str | None = None,
+) -> FixPlan:
     """The ``ckpt migrate`` operations that make ``source`` load strictly into ``target``, with reasons.
 
     Prefixes first (``module.``, ``_orig_mod.``, ``backbone.``...), then leaf renames of known
@@ -82,8 +88,14 @@ def suggest_plan(source: Checkpoint, target: TargetSignature, *, arch: str | Non
     parameters would come from the checkpoint, no command is proposed (``mostly_new``): the
     checkpoint is likely not of this architecture.
     """
-    work = Proposal(source, target, arch, frozenset(optional), {k: t.shape for k, t in source.tensors.items()},
-                    map_file or map_name(source.path))
+    work = Proposal(
+        source,
+        target,
+        arch,
+        frozenset(optional),
+        {k: t.shape for k, t in source.tensors.items()},
+        map_file or map_name(source.path),
+    )
     for propose in PROPOSERS:
         propose(work)
     return _finish(work, arch_args)
@@ -92,19 +104,37 @@ def suggest_plan(source: Checkpoint, target: TargetSignature, *, arch: str | Non
 def _finish(work: Proposal, arch_args: dict[str, Any]) -> FixPlan:
     tgt, current, partners = work.tgt, work.current, work.target.partners()
     loaded = {k for k in tgt if k in current and shapes_load(current[k], tgt[k])}
-    missing = [k for k in tgt if k not in current and k not in work.optional
-               and not any(p in loaded for p in partners.get(k, ()))]
+    missing = [
+        k
+        for k in tgt
+        if k not in current and k not in work.optional and not any(p in loaded for p in partners.get(k, ()))
+    ]
     mismatched = [k for k in tgt if k in current and not shapes_load(current[k], tgt[k])]
     # drops cover every unexpected key; what is missing or mismatched needs a model to take values from
     resolves = work.arch is not None or not (missing or mismatched)
     operations = [s.operation for s in work.steps]
-    plan = Plan(work.source.path, work.source.state_path or None, work.arch, dict(arch_args),
-                tuple(plan_operation(op["op"], **{k: v for k, v in op.items() if k != "op"}) for op in operations))
+    plan = Plan(
+        work.source.path,
+        work.source.state_path or None,
+        work.arch,
+        dict(arch_args),
+        tuple(plan_operation(op["op"], **{k: v for k, v in op.items() if k != "op"}) for op in operations),
+    )
     share = parameter_share(work.target, loaded) if work.arch is not None else 1.0
     mostly_new = share < MOSTLY_NEW_SHARE
     command = plan.command() if operations and not mostly_new else None
-    return FixPlan(tuple(work.steps), plan.to_json(), command, resolves, tuple(work.notes), plan, round(share, 6),
-                   mostly_new, work.alignment, work.map_file if work.alignment is not None else None)
+    return FixPlan(
+        tuple(work.steps),
+        plan.to_json(),
+        command,
+        resolves,
+        tuple(work.notes),
+        plan,
+        round(share, 6),
+        mostly_new,
+        work.alignment,
+        work.map_file if work.alignment is not None else None,
+    )
 
 
 def map_name(source: str) -> str:
@@ -129,8 +159,11 @@ def propose_prefixes(work: Proposal) -> None:
     strip, add = _best_prefixes(list(work.current), work.tgt)
     n = len(work.current)
     if strip:
-        work.add({"op": "strip_prefix", "prefix": strip}, f"every checkpoint key starts with {strip!r}"
-                 f"{_prefix_origin(strip)}", n)
+        work.add(
+            {"op": "strip_prefix", "prefix": strip},
+            f"every checkpoint key starts with {strip!r}{_prefix_origin(strip)}",
+            n,
+        )
     if add:
         work.add({"op": "add_prefix", "prefix": add}, f"every target key starts with {add!r}", n)
     work.current = _apply_prefixes(work.current, strip, add)
@@ -138,18 +171,36 @@ def propose_prefixes(work: Proposal) -> None:
 
 # one spelling, the other, and where both are found: proposed either way, when module path and shape agree
 LEAF_EQUIVALENCES: tuple[tuple[str, str, str], ...] = (
-    ("gamma", "weight", "gamma/beta are a norm layer's weight/bias in TF ports and BERT checkpoints from before "
-     "PyTorch names (transformers renames LayerNorm.gamma/beta on load)"),
-    ("beta", "bias", "gamma/beta are a norm layer's weight/bias in TF ports and BERT checkpoints from before "
-     "PyTorch names (transformers renames LayerNorm.gamma/beta on load)"),
-    ("moving_mean", "running_mean", "moving_mean/moving_variance are BatchNorm's running statistics in "
-     "TF/Keras ports"),
-    ("moving_variance", "running_var", "moving_mean/moving_variance are BatchNorm's running statistics in "
-     "TF/Keras ports"),
-    ("weight_g", "parametrizations.weight.original0", "torch.nn.utils.weight_norm stores weight_g/weight_v, its "
-     "parametrizations successor parametrizations.weight.original0/original1"),
-    ("weight_v", "parametrizations.weight.original1", "torch.nn.utils.weight_norm stores weight_g/weight_v, its "
-     "parametrizations successor parametrizations.weight.original0/original1"),
+    (
+        "gamma",
+        "weight",
+        "gamma/beta are a norm layer's weight/bias in TF ports and BERT checkpoints from before "
+        "PyTorch names (transformers renames LayerNorm.gamma/beta on load)",
+    ),
+    (
+        "beta",
+        "bias",
+        "gamma/beta are a norm layer's weight/bias in TF ports and BERT checkpoints from before "
+        "PyTorch names (transformers renames LayerNorm.gamma/beta on load)",
+    ),
+    ("moving_mean", "running_mean", "moving_mean/moving_variance are BatchNorm's running statistics in TF/Keras ports"),
+    (
+        "moving_variance",
+        "running_var",
+        "moving_mean/moving_variance are BatchNorm's running statistics in TF/Keras ports",
+    ),
+    (
+        "weight_g",
+        "parametrizations.weight.original0",
+        "torch.nn.utils.weight_norm stores weight_g/weight_v, its "
+        "parametrizations successor parametrizations.weight.original0/original1",
+    ),
+    (
+        "weight_v",
+        "parametrizations.weight.original1",
+        "torch.nn.utils.weight_norm stores weight_g/weight_v, its "
+        "parametrizations successor parametrizations.weight.original0/original1",
+    ),
     ("scale", "weight", "Flax calls a norm layer's weight 'scale'"),
     ("embedding", "weight", "Flax calls an embedding's table 'embedding'"),
 )
@@ -175,14 +226,18 @@ def propose_leaf_renames(work: Proposal) -> None:
     for (old, new, why), pairs in found.items():
         for pattern, replacement, members in _leaf_rules(old, new, pairs, work.current):
             shown = some(f"{o} -> {n} {list(work.current[o])}" for o, n in members)
-            work.add({"op": "rename", "pattern": pattern, "replacement": replacement},
-                     f"{len(members)} key{'s' * (len(members) != 1)} spelled {old!r} where the target has "
-                     f"{new!r}, same module path and shape ({shown}): {why}", len(members),
-                     _apply_renames(work.current, [(pattern, replacement)]))
+            work.add(
+                {"op": "rename", "pattern": pattern, "replacement": replacement},
+                f"{len(members)} key{'s' * (len(members) != 1)} spelled {old!r} where the target has "
+                f"{new!r}, same module path and shape ({shown}): {why}",
+                len(members),
+                _apply_renames(work.current, [(pattern, replacement)]),
+            )
 
 
-def _leaf_rules(old: str, new: str, pairs: list[tuple[str, str]], current: Shapes) -> list[
-        tuple[str, str, list[tuple[str, str]]]]:
+def _leaf_rules(
+    old: str, new: str, pairs: list[tuple[str, str]], current: Shapes
+) -> list[tuple[str, str, list[tuple[str, str]]]]:
     """The most general exact rule: every ``.gamma``; else every ``LayerNorm.gamma``; else key by key."""
     wanted = dict(pairs)
     everywhere = (r"(^|\.)" + re.escape(old) + "$", r"\g<1>" + new)
@@ -212,8 +267,11 @@ def propose_module_renames(work: Proposal) -> None:
         return  # a re-implementation: one map by position says the same as rule after rule
     work.notes += notes
     for pattern, replacement, pairs in renames:
-        work.add({"op": "rename", "pattern": pattern, "replacement": replacement}, _rename_reason(pairs),
-                 sum(len(_module_keys(work.current, o)) for o, _ in pairs))
+        work.add(
+            {"op": "rename", "pattern": pattern, "replacement": replacement},
+            _rename_reason(pairs),
+            sum(len(_module_keys(work.current, o)) for o, _ in pairs),
+        )
     work.current = _apply_renames(work.current, [(p, r) for p, r, _ in renames])
 
 
@@ -242,18 +300,26 @@ def propose_position_map(work: Proposal) -> None:
         return
     work.alignment = alignment
     n = len(alignment.pairs)
-    reason = (f"{n} unmatched keys pair up by {alignment.method} in state-dict order, same shapes"
-              f"{', same leaf names' if all(p.same_leaf for p in alignment.pairs) else ''} (confidence "
-              f"{alignment.confidence:.2f}): " + some(f"{p.source} -> {p.target}" for p in alignment.pairs))
+    reason = (
+        f"{n} unmatched keys pair up by {alignment.method} in state-dict order, same shapes"
+        f"{', same leaf names' if all(p.same_leaf for p in alignment.pairs) else ''} (confidence "
+        f"{alignment.confidence:.2f}): " + some(f"{p.source} -> {p.target}" for p in alignment.pairs)
+    )
     left = len(alignment.unaligned_source) + len(alignment.unaligned_target)
     if left:
         reason += f"; {left} keys do not align ({some([*alignment.unaligned_source, *alignment.unaligned_target])})"
-        work.notes.append(f"{len(alignment.unaligned_source)} checkpoint keys and {len(alignment.unaligned_target)} "
-                          f"target keys did not align by position; pair them by hand in {work.map_file} if they "
-                          "are the same tensors")
+        work.notes.append(
+            f"{len(alignment.unaligned_source)} checkpoint keys and {len(alignment.unaligned_target)} "
+            f"target keys did not align by position; pair them by hand in {work.map_file} if they "
+            "are the same tensors"
+        )
     mapping = alignment.mapping
-    work.add({"op": "map", "mapping": mapping, "file": work.map_file}, reason, n,
-             {mapping.get(k, k): s for k, s in current.items()})
+    work.add(
+        {"op": "map", "mapping": mapping, "file": work.map_file},
+        reason,
+        n,
+        {mapping.get(k, k): s for k, s in current.items()},
+    )
 
 
 def propose_drops(work: Proposal) -> None:
@@ -264,43 +330,67 @@ def propose_drops(work: Proposal) -> None:
     if len(prefixes) <= MAX_DROP_PREFIXES:
         for p in prefixes:
             n = sum(1 for k in unexpected if in_module(k, p))
-            work.add({"op": "drop", "prefix": p}, f"the target has no {p} ({n} key{'s' * (n != 1)} the checkpoint has)",
-                     n)
+            work.add(
+                {"op": "drop", "prefix": p}, f"the target has no {p} ({n} key{'s' * (n != 1)} the checkpoint has)", n
+            )
     else:
-        work.add({"op": "drop_unexpected"}, f"{len(unexpected)} checkpoint keys have no place in the target",
-                 len(unexpected))
+        work.add(
+            {"op": "drop_unexpected"}, f"{len(unexpected)} checkpoint keys have no place in the target", len(unexpected)
+        )
     work.current = {k: s for k, s in work.current.items() if k in work.target.tensors}
 
 
 def propose_fills(work: Proposal) -> None:
     tgt, current, partners = work.tgt, work.current, work.target.partners()
     loaded = {k for k in tgt if k in current and shapes_load(current[k], tgt[k])}
-    missing = [k for k in tgt if k not in current and k not in work.optional
-               and not any(p in loaded for p in partners.get(k, ()))]
+    missing = [
+        k
+        for k in tgt
+        if k not in current and k not in work.optional and not any(p in loaded for p in partners.get(k, ()))
+    ]
     mismatched = [k for k in tgt if k in current and not shapes_load(current[k], tgt[k])]
     if missing:
         if work.arch is not None:
-            work.add({"op": "fill_missing"}, f"{len(missing)} target keys the checkpoint lacks keep the "
-                     f"target's initialisation ({some(missing)})", len(missing))
+            work.add(
+                {"op": "fill_missing"},
+                f"{len(missing)} target keys the checkpoint lacks keep the target's initialisation ({some(missing)})",
+                len(missing),
+            )
         else:
-            work.notes.append(f"{len(missing)} target keys are not in the checkpoint ({some(missing)}); with a "
-                              "checkpoint as the target there is no initialisation to fill them from (use --arch)")
+            work.notes.append(
+                f"{len(missing)} target keys are not in the checkpoint ({some(missing)}); with a "
+                "checkpoint as the target there is no initialisation to fill them from (use --arch)"
+            )
     if mismatched:
         if work.arch is not None:
-            work.add({"op": "reinit_mismatched"}, "shapes differ for " + some(
-                [f"{k} {list(current[k])} -> {list(tgt[k])}" for k in mismatched]) + ": re-initialise them",
-                len(mismatched))
+            work.add(
+                {"op": "reinit_mismatched"},
+                "shapes differ for "
+                + some([f"{k} {list(current[k])} -> {list(tgt[k])}" for k in mismatched])
+                + ": re-initialise them",
+                len(mismatched),
+            )
         else:
-            work.notes.append(f"{len(mismatched)} keys differ in shape ({some(mismatched)}); only --arch can "
-                              "re-initialise them")
+            work.notes.append(
+                f"{len(mismatched)} keys differ in shape ({some(mismatched)}); only --arch can re-initialise them"
+            )
 
 
-PROPOSERS: list[Proposer] = [propose_prefixes, propose_leaf_renames, propose_module_renames, propose_adaptations,
-                             propose_position_map, propose_drops, propose_fills]
+PROPOSERS: list[Proposer] = [
+    propose_prefixes,
+    propose_leaf_renames,
+    propose_module_renames,
+    propose_adaptations,
+    propose_position_map,
+    propose_drops,
+    propose_fills,
+]
 
 
-_PREFIX_ORIGINS = {"module.": " (saved from nn.DataParallel / DistributedDataParallel)",
-                   "_orig_mod.": " (saved from a torch.compile'd model)"}
+_PREFIX_ORIGINS = {
+    "module.": " (saved from nn.DataParallel / DistributedDataParallel)",
+    "_orig_mod.": " (saved from a torch.compile'd model)",
+}
 
 
 def _prefix_origin(prefix: str) -> str:
@@ -319,14 +409,14 @@ def _best_prefixes(src: list[str], tgt: dict[str, Any]) -> tuple[str, str]:
     for strip in [""] + _dotted_prefixes(common_prefix(src)):
         for add in [""] + _dotted_prefixes(common_prefix(list(tgt))):
             if strip or add:
-                score = sum(1 for k in src if add + k[len(strip):] in tgt)
+                score = sum(1 for k in src if add + k[len(strip) :] in tgt)
                 if score > best_score:
                     best_score, best = score, (strip, add)
     return best
 
 
 def _apply_prefixes(shapes: dict[str, tuple[int, ...]], strip: str, add: str) -> dict[str, tuple[int, ...]]:
-    return {add + k[len(strip):]: s for k, s in shapes.items()}
+    return {add + k[len(strip) :]: s for k, s in shapes.items()}
 
 
 def _module_keys(keys: dict[str, tuple[int, ...]], module: str) -> list[str]:
@@ -334,13 +424,15 @@ def _module_keys(keys: dict[str, tuple[int, ...]], module: str) -> list[str]:
     return [k for k in keys if k.rpartition(".")[0] == module]
 
 
-def _renames(current: dict[str, tuple[int, ...]], tgt: dict[str, tuple[int, ...]]) -> tuple[
-        list[tuple[str, str, list[tuple[str, str]]]], list[str]]:
+def _renames(
+    current: dict[str, tuple[int, ...]], tgt: dict[str, tuple[int, ...]]
+) -> tuple[list[tuple[str, str, list[tuple[str, str]]]], list[str]]:
     """Rename rules for modules present on one side only whose (leaf name, shape) sets match one to one.
 
     Modules with the same signature pair up in order when both sides have as many; otherwise the
     pairing is ambiguous and only a note says so.
     """
+
     def unmatched_modules(keys: dict[str, tuple[int, ...]], other: dict[str, Any]) -> dict[str, tuple[Any, ...]]:
         modules: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
         complete: dict[str, bool] = {}
@@ -367,13 +459,16 @@ def _renames(current: dict[str, tuple[int, ...]], tgt: dict[str, tuple[int, ...]
         if len(olds) == len(news):
             pairs.extend(zip(olds, news))
         else:
-            notes.append(f"{', '.join(olds)} and {', '.join(news)} have the same keys and shapes but no one-to-one "
-                         "pairing: rename them by hand (--rename or --map) if they are the same layers")
+            notes.append(
+                f"{', '.join(olds)} and {', '.join(news)} have the same keys and shapes but no one-to-one "
+                "pairing: rename them by hand (--rename or --map) if they are the same layers"
+            )
     return _rename_rules(pairs, current), notes
 
 
-def _rename_rules(pairs: list[tuple[str, str]], current: dict[str, tuple[int, ...]]) -> list[
-        tuple[str, str, list[tuple[str, str]]]]:
+def _rename_rules(
+    pairs: list[tuple[str, str]], current: dict[str, tuple[int, ...]]
+) -> list[tuple[str, str, list[tuple[str, str]]]]:
     """Regex rules for module renames: one per pair, or one per numbered family (``blocks.N.x`` -> ``layers.N.y``).
 
     A rule is kept only if, applied to every key, it renames exactly the keys of its pairs.
@@ -383,8 +478,9 @@ def _rename_rules(pairs: list[tuple[str, str]], current: dict[str, tuple[int, ..
     for old, new in pairs:
         o, n = old.split("."), new.split(".")
         if [p for p in o if is_index(p)] == [p for p in n if is_index(p)] and any(is_index(p) for p in o):
-            families.setdefault((tuple("#" if is_index(p) else p for p in o),
-                                 tuple("#" if is_index(p) else p for p in n)), []).append((old, new))
+            families.setdefault(
+                (tuple("#" if is_index(p) else p for p in o), tuple("#" if is_index(p) else p for p in n)), []
+            ).append((old, new))
         else:
             singles.append((old, new))
     rules: list[tuple[str, str, list[tuple[str, str]]]] = []
@@ -409,9 +505,10 @@ def _rename_rules(pairs: list[tuple[str, str]], current: dict[str, tuple[int, ..
     return sorted(rules, key=lambda r: min(order[o] for o, _ in r[2]))
 
 
-def _rule_is_exact(pattern: str, replacement: str, members: list[tuple[str, str]],
-                   current: dict[str, tuple[int, ...]]) -> bool:
-    wanted = {k: new + k[len(old):] for old, new in members for k in _module_keys(current, old)}
+def _rule_is_exact(
+    pattern: str, replacement: str, members: list[tuple[str, str]], current: dict[str, tuple[int, ...]]
+) -> bool:
+    wanted = {k: new + k[len(old) :] for old, new in members for k in _module_keys(current, old)}
     rx = re.compile(pattern)
     for k in current:
         renamed = rx.sub(replacement, k, count=1)

@@ -27,10 +27,19 @@ def _is_quiet(row: Row) -> bool:
 
 
 def _key_row(k: KeyDiff) -> Row:
-    return Row(k.key, k.status, 1, k.source_shape, k.source_dtype, k.target_shape, k.target_dtype,
-               numel(k.source_shape) if k.source_shape is not None else 0,
-               numel(k.target_shape) if k.target_shape is not None else 0,
-               max_abs_diff=k.max_abs_diff, rel_change=k.rel_change)
+    return Row(
+        k.key,
+        k.status,
+        1,
+        k.source_shape,
+        k.source_dtype,
+        k.target_shape,
+        k.target_dtype,
+        numel(k.source_shape) if k.source_shape is not None else 0,
+        numel(k.target_shape) if k.target_shape is not None else 0,
+        max_abs_diff=k.max_abs_diff,
+        rel_change=k.rel_change,
+    )
 
 
 def _module_rows(keys: list[KeyDiff], depth: int) -> list[Row]:
@@ -44,12 +53,17 @@ def _module_rows(keys: list[KeyDiff], depth: int) -> list[Row]:
         for k in members:
             statuses[k.status] = statuses.get(k.status, 0) + 1
         changed = [k.max_abs_diff for k in members if k.max_abs_diff is not None]
-        rows.append(Row(
-            name, next(iter(statuses)) if len(statuses) == 1 else MIXED, len(members),
-            source_numel=sum(numel(k.source_shape) for k in members if k.source_shape is not None),
-            target_numel=sum(numel(k.target_shape) for k in members if k.target_shape is not None),
-            statuses=statuses, max_abs_diff=max(changed) if changed else None,
-        ))
+        rows.append(
+            Row(
+                name,
+                next(iter(statuses)) if len(statuses) == 1 else MIXED,
+                len(members),
+                source_numel=sum(numel(k.source_shape) for k in members if k.source_shape is not None),
+                target_numel=sum(numel(k.target_shape) for k in members if k.target_shape is not None),
+                statuses=statuses,
+                max_abs_diff=max(changed) if changed else None,
+            )
+        )
     return rows
 
 
@@ -76,20 +90,29 @@ def fold_rows(rows: list[Row]) -> list[Row]:
             continue
         width = len(members[0][1])
         # fold along the numeric position that leaves the fewest rows
-        position = min(range(width), key=lambda p: len({n[:p] + n[p + 1:] for _, n in members}))
+        position = min(range(width), key=lambda p: len({n[:p] + n[p + 1 :] for _, n in members}))
         runs: dict[tuple[int, ...], list[tuple[int, tuple[int, ...]]]] = {}
         for i, n in members:
-            runs.setdefault(n[:position] + n[position + 1:], []).append((i, n))
+            runs.setdefault(n[:position] + n[position + 1 :], []).append((i, n))
         for run in runs.values():
             head = rows[run[0][0]]
             if len(run) == 1:
                 out.append((run[0][0], head))
                 continue
             name = _fold_name(head.name, position, [n[position] for _, n in run])
-            out.append((run[0][0], replace(head, name=name, keys=sum(rows[i].keys for i, _ in run),
-                                           source_numel=sum(rows[i].source_numel for i, _ in run),
-                                           target_numel=sum(rows[i].target_numel for i, _ in run),
-                                           statuses=_sum_statuses(rows[i] for i, _ in run))))
+            out.append(
+                (
+                    run[0][0],
+                    replace(
+                        head,
+                        name=name,
+                        keys=sum(rows[i].keys for i, _ in run),
+                        source_numel=sum(rows[i].source_numel for i, _ in run),
+                        target_numel=sum(rows[i].target_numel for i, _ in run),
+                        statuses=_sum_statuses(rows[i] for i, _ in run),
+                    ),
+                )
+            )
     return [row for _, row in sorted(out, key=lambda item: item[0])]
 
 
@@ -109,16 +132,30 @@ def fold_leaves(rows: list[Row]) -> list[Row]:
             out.append((members[0], head))
             continue
         leaves = ",".join(rows[i].name.rpartition(".")[2] for i in members)
-        out.append((members[0], replace(
-            head, name=f"{head.name.rpartition('.')[0]}.{{{leaves}}}", keys=sum(rows[i].keys for i in members),
-            source_numel=sum(rows[i].source_numel for i in members),
-            target_numel=sum(rows[i].target_numel for i in members))))
+        out.append(
+            (
+                members[0],
+                replace(
+                    head,
+                    name=f"{head.name.rpartition('.')[0]}.{{{leaves}}}",
+                    keys=sum(rows[i].keys for i in members),
+                    source_numel=sum(rows[i].source_numel for i in members),
+                    target_numel=sum(rows[i].target_numel for i in members),
+                ),
+            )
+        )
     return [row for _, row in sorted(out, key=lambda item: item[0])]
 
 
 def _fold_signature(row: Row) -> tuple[Any, ...]:
-    return (row.status, row.source_shape, row.source_dtype, row.target_shape, row.target_dtype,
-            tuple(sorted(row.statuses.items())))
+    return (
+        row.status,
+        row.source_shape,
+        row.source_dtype,
+        row.target_shape,
+        row.target_dtype,
+        tuple(sorted(row.statuses.items())),
+    )
 
 
 def is_index(part: str) -> bool:

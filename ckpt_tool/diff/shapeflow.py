@@ -27,8 +27,9 @@ from ..errors import CkptError, UsageError
 PASSES, FAILS, NOT_CHECKED, TRUSTED = "passes", "fails", "not_checked", "trusted"
 SCHEMA = 1
 # the words of torch's size checks; any other error is taken for one the meta device cannot run
-_SHAPE_WORDS = re.compile(r"size|shape|dimension|channel|broadcast|must match|mat1|reduction dim|expected input",
-                          re.IGNORECASE)
+_SHAPE_WORDS = re.compile(
+    r"size|shape|dimension|channel|broadcast|must match|mat1|reduction dim|expected input", re.IGNORECASE
+)
 _NOT_ON_META = re.compile(r"meta|device|no data|data-dependent", re.IGNORECASE)
 DEFAULT_IMAGE = 224
 DEFAULT_TOKENS = 16
@@ -77,8 +78,13 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def shape_flow(target: TargetSignature, *, state: Mapping[str, tuple[int, ...]] | None = None,
-               input_shape: tuple[int, ...] | None = None, use_cache: bool = True) -> ShapeFlow:
+def shape_flow(
+    target: TargetSignature,
+    *,
+    state: Mapping[str, tuple[int, ...]] | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    use_cache: bool = True,
+) -> ShapeFlow:
     """Run ``target``'s forward pass on the meta device with the shapes of ``state`` (the planned state).
 
     Example:
@@ -89,15 +95,22 @@ def shape_flow(target: TargetSignature, *, state: Mapping[str, tuple[int, ...]] 
     """
     from ..torch_extra import buildable
 
-    overrides = {k: tuple(s) for k, s in (state or {}).items()
-                 if k in target.tensors and tuple(s) != target.tensors[k].shape}
+    overrides = {
+        k: tuple(s) for k, s in (state or {}).items() if k in target.tensors and tuple(s) != target.tensors[k].shape
+    }
     if target.cache == "table" and input_shape is None and not overrides:
-        return ShapeFlow(TRUSTED, f"{target.spec} is torchvision's own model at its defaults (answered from ckpt's "
-                         "table without torch: not run; --input-shape runs it)")
+        return ShapeFlow(
+            TRUSTED,
+            f"{target.spec} is torchvision's own model at its defaults (answered from ckpt's "
+            "table without torch: not run; --input-shape runs it)",
+        )
     if not buildable(target.spec):
         return ShapeFlow(NOT_CHECKED, "torch is not installed (pip install 'ckpt-tool[torch]')")
-    extra = {"schema": SCHEMA, "input_shape": list(input_shape or ()),
-             "overrides": sorted([k, list(s)] for k, s in overrides.items())}
+    extra = {
+        "schema": SCHEMA,
+        "input_shape": list(input_shape or ()),
+        "overrides": sorted([k, list(s)] for k, s in overrides.items()),
+    }
     slot = cache_slot("shapeflow", target.spec, dict(target.arch_args), extra) if use_cache else None
     if slot is not None:
         body, status = read_cached(*slot)
@@ -120,8 +133,12 @@ def _from_json(body: dict[str, Any], cache: str) -> ShapeFlow:
     return ShapeFlow(**values, cache=cache)
 
 
-def run_flow(spec: str, arch_args: dict[str, Any], overrides: Mapping[str, tuple[int, ...]] | None = None,
-             input_shape: tuple[int, ...] | None = None) -> ShapeFlow:
+def run_flow(
+    spec: str,
+    arch_args: dict[str, Any],
+    overrides: Mapping[str, tuple[int, ...]] | None = None,
+    input_shape: tuple[int, ...] | None = None,
+) -> ShapeFlow:
     """Build ``spec`` on the meta device, give it ``overrides`` (key -> shape), call it on an empty input."""
     import torch
 
@@ -135,8 +152,11 @@ def run_flow(spec: str, arch_args: dict[str, Any], overrides: Mapping[str, tuple
         _set_shape(model, key, size)
     default = default_input(model)
     if input_shape is None and default is None:
-        return ShapeFlow(NOT_CHECKED, f"no default input size is known for {spec} (its first layer is not a "
-                         "convolution, a linear layer or an embedding); give --input-shape")
+        return ShapeFlow(
+            NOT_CHECKED,
+            f"no default input size is known for {spec} (its first layer is not a "
+            "convolution, a linear layer or an embedding); give --input-shape",
+        )
     shape = input_shape if input_shape is not None else default[0] if default else None
     assert shape is not None
     ids = default is not None and default[1]
@@ -150,8 +170,7 @@ def run_flow(spec: str, arch_args: dict[str, Any], overrides: Mapping[str, tuple
         return tracer.explain(exc, tuple(shape))
     finally:
         tracer.remove()
-    return ShapeFlow(PASSES, f"{_shape_str(shape)} -> {_shape_str(_first_shape(out))}", tuple(shape),
-                     _first_shape(out))
+    return ShapeFlow(PASSES, f"{_shape_str(shape)} -> {_shape_str(_first_shape(out))}", tuple(shape), _first_shape(out))
 
 
 def default_input(model: Any) -> tuple[tuple[int, ...], bool] | None:
@@ -163,8 +182,9 @@ def default_input(model: Any) -> tuple[tuple[int, ...], bool] | None:
     """
     from torch import nn
 
-    first = next((m for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding))),
-                 None)
+    first = next(
+        (m for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding))), None
+    )
     if isinstance(first, nn.Embedding):
         limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         return (1, min(DEFAULT_TOKENS, limit) if isinstance(limit, int) and limit > 0 else DEFAULT_TOKENS), True
@@ -200,8 +220,9 @@ def _set_shape(model: Any, key: str, shape: tuple[int, ...]) -> None:
     module = model.get_submodule(module_name)
     if leaf in module._parameters and module._parameters[leaf] is not None:
         old = module._parameters[leaf]
-        module._parameters[leaf] = torch.nn.Parameter(torch.empty(shape, dtype=old.dtype, device="meta"),
-                                                      old.requires_grad)
+        module._parameters[leaf] = torch.nn.Parameter(
+            torch.empty(shape, dtype=old.dtype, device="meta"), old.requires_grad
+        )
     elif leaf in module._buffers and module._buffers[leaf] is not None:
         module._buffers[leaf] = torch.empty(shape, dtype=module._buffers[leaf].dtype, device="meta")
 
@@ -252,16 +273,37 @@ class _Tracer:
         sizes = rule(call.module, call.input_shape) if rule is not None and call.input_shape else None
         if sizes is not None and sizes[0] != sizes[1]:
             expected, actual, attr = sizes
-            message = (f"{producer or 'the model'} outputs {_size_words(produced, actual)}, but {_label(call)} "
-                       f"expects {expected} ({attr}={expected}; its input is {_shape_str(call.input_shape)})")
+            message = (
+                f"{producer or 'the model'} outputs {_size_words(produced, actual)}, but {_label(call)} "
+                f"expects {expected} ({attr}={expected}; its input is {_shape_str(call.input_shape)})"
+            )
             if producer == "the input":
                 message = message.replace("the input outputs", "the input has", 1)
-            return ShapeFlow(FAILS, message, input_shape, None, producer, produced, call.name,
-                             type(call.module).__name__, call.input_shape, expected, actual)
+            return ShapeFlow(
+                FAILS,
+                message,
+                input_shape,
+                None,
+                producer,
+                produced,
+                call.name,
+                type(call.module).__name__,
+                call.input_shape,
+                expected,
+                actual,
+            )
         if _SHAPE_WORDS.search(text):
-            return ShapeFlow(FAILS, f"{_label(call)} cannot take the output of {producer or 'the model'} "
-                             f"{_shape_str(produced)}: {text}", input_shape, None, producer, produced, call.name,
-                             type(call.module).__name__, call.input_shape)
+            return ShapeFlow(
+                FAILS,
+                f"{_label(call)} cannot take the output of {producer or 'the model'} {_shape_str(produced)}: {text}",
+                input_shape,
+                None,
+                producer,
+                produced,
+                call.name,
+                type(call.module).__name__,
+                call.input_shape,
+            )
         return ShapeFlow(NOT_CHECKED, f"the forward failed ({where}: {text})", input_shape)
 
 
@@ -282,6 +324,7 @@ def _size_words(shape: tuple[int, ...] | None, size: int) -> str:
 
 
 # the sizes are read from the tensors (the planned state's shapes), not from the attributes the layer was built with
+
 
 def _linear(m: Any, x: tuple[int, ...]) -> tuple[int, int, str]:
     return int(m.weight.shape[1]), x[-1], "in_features"
@@ -322,8 +365,14 @@ def _rules() -> list[tuple[type, Callable[[Any, tuple[int, ...]], tuple[int, int
     """The size each layer type checks: (what it expects, what it got, the attribute that says so)."""
     from torch import nn
 
-    return [(nn.Linear, _linear), (nn.modules.conv._ConvNd, _conv), (nn.modules.batchnorm._NormBase, _norm),
-            (nn.GroupNorm, _group_norm), (nn.LayerNorm, _layer_norm), (nn.MultiheadAttention, _attention)]
+    return [
+        (nn.Linear, _linear),
+        (nn.modules.conv._ConvNd, _conv),
+        (nn.modules.batchnorm._NormBase, _norm),
+        (nn.GroupNorm, _group_norm),
+        (nn.LayerNorm, _layer_norm),
+        (nn.MultiheadAttention, _attention),
+    ]
 
 
 def _first_shape(value: Any) -> tuple[int, ...] | None:

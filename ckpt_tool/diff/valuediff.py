@@ -13,8 +13,9 @@ from .report import DTYPE, MATCHED, KeyDiff
 VALUE_CHUNK_ELEMENTS = 1 << 20
 
 
-def with_values(keys: list[KeyDiff], src: dict[str, TensorRef], tgt: dict[str, TensorRef],
-                 progress: Progress | None = None) -> list[KeyDiff]:
+def with_values(
+    keys: list[KeyDiff], src: dict[str, TensorRef], tgt: dict[str, TensorRef], progress: Progress | None = None
+) -> list[KeyDiff]:
     from ..values import FileCache
 
     def comparable(k: KeyDiff) -> bool:
@@ -51,8 +52,11 @@ def compare_values(a: TensorRef, b: TensorRef, files: Any) -> tuple[float, float
     # chunks, so then both sides are read as one chunk
     elements = min(n, VALUE_CHUNK_ELEMENTS) if a.is_contiguous and b.is_contiguous else n
     max_abs, diff_sq, ref_sq = 0.0, 0.0, 0.0
-    chunks = zip(iter_raw_chunks(a, files, elements * itemsize(a.dtype)),
-                 iter_raw_chunks(b, files, elements * itemsize(b.dtype)), strict=True)
+    chunks = zip(
+        iter_raw_chunks(a, files, elements * itemsize(a.dtype)),
+        iter_raw_chunks(b, files, elements * itemsize(b.dtype)),
+        strict=True,
+    )
     for raw_a, raw_b in chunks:
         x, y = _wide(to_numpy(raw_a, a.dtype)), _wide(to_numpy(raw_b, b.dtype))
         d = np.abs(x - y)

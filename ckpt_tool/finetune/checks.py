@@ -16,7 +16,6 @@ OVERFIT_RATIO = 0.7  # the final loss over the first
 OVERFIT_DIVERGED = 10.0  # a step's loss over the first: the run diverged, wherever it ended
 
 
-
 def overfit_verdict(run: OverfitRun, classes: int) -> Check:
     """PASS when, after ``--overfit-steps`` (20) steps on one fixed batch with dropout off, the loss
     measured once more is at most 70% of the first step's and the batch accuracy at least 50%.
@@ -40,17 +39,26 @@ def overfit_verdict(run: OverfitRun, classes: int) -> Check:
     if not run.losses or run.final_loss is None or run.final_accuracy is None:
         return Check(name, SKIP, "no step ran")
     first, last = run.losses[0], run.final_loss
-    text = (f"loss {first:.4f} -> {last:.4f}, batch accuracy {run.accuracies[0]:.0%} -> {run.final_accuracy:.0%} "
-            f"in {len(run.losses)} steps")
+    text = (
+        f"loss {first:.4f} -> {last:.4f}, batch accuracy {run.accuracies[0]:.0%} -> {run.final_accuracy:.0%} "
+        f"in {len(run.losses)} steps"
+    )
     if not all(math.isfinite(v) for v in (*run.losses, last)):
         return Check(name, FAIL, text + " (not finite)")
     peak = max(run.losses)
     if peak > first * OVERFIT_DIVERGED:
-        return Check(name, FAIL, text + f" (diverged: the loss reached {peak:.4g}, over {OVERFIT_DIVERGED:g}x the "
-                                        "first; try a lower --lr)")
+        return Check(
+            name,
+            FAIL,
+            text + f" (diverged: the loss reached {peak:.4g}, over {OVERFIT_DIVERGED:g}x the first; try a lower --lr)",
+        )
     if run.final_accuracy < OVERFIT_ACCURACY or last > first * OVERFIT_RATIO:
-        return Check(name, FAIL, text + f" (needs batch accuracy >= {OVERFIT_ACCURACY:.0%} and the loss below "
-                                        f"{OVERFIT_RATIO:.0%} of the first; try another --lr or more --overfit-steps)")
+        return Check(
+            name,
+            FAIL,
+            text + f" (needs batch accuracy >= {OVERFIT_ACCURACY:.0%} and the loss below "
+            f"{OVERFIT_RATIO:.0%} of the first; try another --lr or more --overfit-steps)",
+        )
     return Check(name, PASS, text)
 
 
@@ -66,18 +74,28 @@ def param_checks(tracker: Tracker, trained: bool) -> dict[str, Check]:
     """frozen unchanged, trainable changed, gradients; each tensor counted once however many phases it was in."""
     if not trained:
         return {}
-    frozen = Check("frozen unchanged", FAIL, "changed: " + _some(list(tracker.frozen_changed))) \
-        if tracker.frozen_changed else Check("frozen unchanged", PASS,
-                                             f"{len(tracker.frozen)} frozen tensors bit-identical")
-    trainable = Check("trainable changed", FAIL, "unchanged: " + _some(list(tracker.trainable_unchanged))) \
-        if tracker.trainable_unchanged else Check("trainable changed", PASS, f"{len(tracker.trainable)} tensors changed")
+    frozen = (
+        Check("frozen unchanged", FAIL, "changed: " + _some(list(tracker.frozen_changed)))
+        if tracker.frozen_changed
+        else Check("frozen unchanged", PASS, f"{len(tracker.frozen)} frozen tensors bit-identical")
+    )
+    trainable = (
+        Check("trainable changed", FAIL, "unchanged: " + _some(list(tracker.trainable_unchanged)))
+        if tracker.trainable_unchanged
+        else Check("trainable changed", PASS, f"{len(tracker.trainable)} tensors changed")
+    )
     problems = []
     if tracker.no_grad:
         problems.append("no gradient reached " + _some(list(tracker.no_grad)))
     if tracker.frozen_grad:
         problems.append("frozen tensors got gradients: " + _some(list(tracker.frozen_grad)))
-    grads = Check("gradients", FAIL, "; ".join(problems)) if problems else Check(
-        "gradients", PASS, f"all {len(tracker.trainable)} trainable tensors, none of {len(tracker.frozen)} frozen")
+    grads = (
+        Check("gradients", FAIL, "; ".join(problems))
+        if problems
+        else Check(
+            "gradients", PASS, f"all {len(tracker.trainable)} trainable tensors, none of {len(tracker.frozen)} frozen"
+        )
+    )
     return {c.name: c for c in (frozen, trainable, grads)}
 
 
@@ -89,15 +107,26 @@ def distributed_checks(tracker: Tracker, ranks: Ranks, trained: bool) -> dict[st
         return {name: Check(name, SKIP, "no training step ran") for name in DISTRIBUTED_CHECKS}
     out = [
         Check("frozen identical on ranks", FAIL, "differ between ranks: " + _some(list(tracker.rank_differing)))
-        if tracker.rank_differing else
-        Check("frozen identical on ranks", PASS, f"{len(tracker.frozen)} frozen tensors bit-identical on all "
-                                                 f"{ranks.world} ranks"),
-        Check("gradients all-reduced", FAIL, "gradients differ between ranks after backward(): "
-              + _some(list(tracker.grads_differing))) if tracker.grads_differing else
-        Check("gradients all-reduced", PASS, f"{tracker.grads_compared} gradients identical on all {ranks.world} "
-                                             f"ranks ({ranks.backend})"),
-        Check("loss finite on all ranks", FAIL, tracker.nonfinite) if tracker.nonfinite else
-        Check("loss finite on all ranks", PASS, f"every step on all {ranks.world} ranks"),
+        if tracker.rank_differing
+        else Check(
+            "frozen identical on ranks",
+            PASS,
+            f"{len(tracker.frozen)} frozen tensors bit-identical on all {ranks.world} ranks",
+        ),
+        Check(
+            "gradients all-reduced",
+            FAIL,
+            "gradients differ between ranks after backward(): " + _some(list(tracker.grads_differing)),
+        )
+        if tracker.grads_differing
+        else Check(
+            "gradients all-reduced",
+            PASS,
+            f"{tracker.grads_compared} gradients identical on all {ranks.world} ranks ({ranks.backend})",
+        ),
+        Check("loss finite on all ranks", FAIL, tracker.nonfinite)
+        if tracker.nonfinite
+        else Check("loss finite on all ranks", PASS, f"every step on all {ranks.world} ranks"),
     ]
     return {c.name: c for c in out}
 
@@ -107,8 +136,12 @@ def bn_check(frozen_bn: list[str], updated: tuple[str, ...], freeze_bn: bool) ->
         return Check("frozen BatchNorm stats", INFO, "no frozen BatchNorm layers")
     if updated:
         hint = "" if freeze_bn else "; --freeze-bn keeps them in eval mode"
-        return Check("frozen BatchNorm stats", INFO, f"running stats of {len(updated)}/{len(frozen_bn)} frozen "
-                                                     f"BatchNorm layers were updated (training mode){hint}")
+        return Check(
+            "frozen BatchNorm stats",
+            INFO,
+            f"running stats of {len(updated)}/{len(frozen_bn)} frozen "
+            f"BatchNorm layers were updated (training mode){hint}",
+        )
     return Check("frozen BatchNorm stats", INFO, f"running stats of {len(frozen_bn)} frozen BatchNorm layers unchanged")
 
 
@@ -131,4 +164,3 @@ def peak_cuda(device: Any) -> int | None:
     import torch
 
     return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
-

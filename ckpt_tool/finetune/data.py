@@ -40,8 +40,12 @@ def training_size(model: Any, opts: FinetuneOptions, device: Any, size: int, cha
 
     from .probe import _probe_forward
 
-    if (opts.image_size is not None or not opts.data.startswith("synthetic") or device.type != "cpu"
-            or size <= CPU_SYNTHETIC_SIZE):
+    if (
+        opts.image_size is not None
+        or not opts.data.startswith("synthetic")
+        or device.type != "cpu"
+        or size <= CPU_SYNTHETIC_SIZE
+    ):
         return size
     small = CPU_SYNTHETIC_SIZE
     x = torch.randn(2, channels, small, small, generator=torch.Generator().manual_seed(opts.seed))
@@ -82,7 +86,7 @@ class SyntheticImages:
             raise IndexError(i)
         gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.split) * 1_000_003 + i)
         label = int(torch.randint(0, self.classes, (), generator=gen))
-        signal = F.interpolate(self.prototypes[label:label + 1], size=(self.size, self.size), mode="nearest")[0]
+        signal = F.interpolate(self.prototypes[label : label + 1], size=(self.size, self.size), mode="nearest")[0]
         return signal + torch.randn(signal.shape, generator=gen), label
 
 
@@ -93,8 +97,9 @@ class Datasets:
     classes: int  # 0 for synthetic data: it takes the model's number of logits
 
 
-def make_datasets(opts: FinetuneOptions, size: int, channels: int, classes: int, mean: tuple[float, ...],
-                  std: tuple[float, ...]) -> Datasets:
+def make_datasets(
+    opts: FinetuneOptions, size: int, channels: int, classes: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> Datasets:
     """The training and held-out datasets ``--data`` names (map-style, so they can be sharded)."""
     kind, _, arg = opts.data.partition(":")
     if kind == "synthetic":
@@ -105,8 +110,11 @@ def make_datasets(opts: FinetuneOptions, size: int, channels: int, classes: int,
         if images < 1:
             raise UsageError(f"--data {opts.data}: needs at least 1 image")
         heldout_images = opts.batch_size * opts.eval_batches
-        return Datasets(SyntheticImages(images, size, channels, classes, opts.seed, split=0),
-                        SyntheticImages(heldout_images, size, channels, classes, opts.seed, split=1), 0)
+        return Datasets(
+            SyntheticImages(images, size, channels, classes, opts.seed, split=0),
+            SyntheticImages(heldout_images, size, channels, classes, opts.seed, split=1),
+            0,
+        )
     if kind not in ("imagefolder", "cifar10") or not arg:
         raise UsageError(f"--data {opts.data!r}: expected synthetic, synthetic:N, imagefolder:DIR or cifar10:DIR")
     from torchvision import transforms
@@ -114,16 +122,19 @@ def make_datasets(opts: FinetuneOptions, size: int, channels: int, classes: int,
     steps = [transforms.Resize((size, size))]
     if channels == 1:
         steps.append(transforms.Grayscale())
-    steps += [transforms.ToTensor(), transforms.Normalize(mean[:channels] if channels < 3 else mean,
-                                                          std[:channels] if channels < 3 else std)]
+    steps += [
+        transforms.ToTensor(),
+        transforms.Normalize(mean[:channels] if channels < 3 else mean, std[:channels] if channels < 3 else std),
+    ]
     transform = transforms.Compose(steps)
     if kind == "imagefolder":
         return Datasets(*_imagefolder(arg, transform, opts.seed))
     return Datasets(*_cifar10(arg, transform))
 
 
-def make_loaders(data: Datasets, batch_size: int, seed: int, shuffle: bool, rank: int = 0,
-                 world: int = 1) -> tuple[Any, Any]:
+def make_loaders(
+    data: Datasets, batch_size: int, seed: int, shuffle: bool, rank: int = 0, world: int = 1
+) -> tuple[Any, Any]:
     """Training and held-out loaders; with ``world`` > 1 each rank gets its shard (``DistributedSampler``).
 
     Real images are shuffled (by ``seed``); synthetic ones are already in random order and keep it,
@@ -135,11 +146,15 @@ def make_loaders(data: Datasets, batch_size: int, seed: int, shuffle: bool, rank
     if world > 1:
         sampler: Any = DistributedSampler(data.train, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
         held_sampler: Any = DistributedSampler(data.heldout, num_replicas=world, rank=rank, shuffle=False)
-        return (DataLoader(data.train, batch_size=batch_size, sampler=sampler),
-                DataLoader(data.heldout, batch_size=batch_size, sampler=held_sampler))
+        return (
+            DataLoader(data.train, batch_size=batch_size, sampler=sampler),
+            DataLoader(data.heldout, batch_size=batch_size, sampler=held_sampler),
+        )
     gen = torch.Generator().manual_seed(seed)
-    return (DataLoader(data.train, batch_size=batch_size, shuffle=shuffle, generator=gen if shuffle else None),
-            DataLoader(data.heldout, batch_size=batch_size))
+    return (
+        DataLoader(data.train, batch_size=batch_size, shuffle=shuffle, generator=gen if shuffle else None),
+        DataLoader(data.heldout, batch_size=batch_size),
+    )
 
 
 def _imagefolder(root: str, transform: Any, seed: int) -> tuple[Any, Any, int]:
@@ -151,14 +166,14 @@ def _imagefolder(root: str, transform: Any, seed: int) -> tuple[Any, Any, int]:
     try:
         full = datasets.ImageFolder(root, transform=transform)
     except (FileNotFoundError, RuntimeError) as exc:
-        raise InputError(f"--data imagefolder:{root}: {_first_line(exc)}",
-                         hint="it needs one sub-directory of images per class") from None
+        raise InputError(
+            f"--data imagefolder:{root}: {_first_line(exc)}", hint="it needs one sub-directory of images per class"
+        ) from None
     if len(full) < 2:
         raise InputError(f"--data imagefolder:{root}: {len(full)} image(s); at least 2 are needed to hold one out")
     order = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed)).tolist()
     held = max(1, len(full) // 5)
-    return (torch.utils.data.Subset(full, order[held:]), torch.utils.data.Subset(full, order[:held]),
-            len(full.classes))
+    return (torch.utils.data.Subset(full, order[held:]), torch.utils.data.Subset(full, order[:held]), len(full.classes))
 
 
 def _cifar10(root: str, transform: Any) -> tuple[Any, Any, int]:
@@ -179,16 +194,23 @@ def _cifar10_error(root: str) -> InputError:
 
     where = f"--data cifar10:{root}"
     folder = os.path.join(root, datasets.CIFAR10.base_folder)
-    files = [*datasets.CIFAR10.train_list, *datasets.CIFAR10.test_list,
-             [datasets.CIFAR10.meta["filename"], datasets.CIFAR10.meta["md5"]]]
+    files = [
+        *datasets.CIFAR10.train_list,
+        *datasets.CIFAR10.test_list,
+        [datasets.CIFAR10.meta["filename"], datasets.CIFAR10.meta["md5"]],
+    ]
     missing = [name for name, _ in files if not os.path.isfile(os.path.join(folder, name))]
     source = "https://www.cs.toronto.edu/~kriz/cifar.html; ckpt never downloads"
     if len(missing) == len(files):
         return InputError(f"{where}: CIFAR-10 not found there", hint=f"it needs cifar-10-batches-py/ from {source}")
     if missing:
-        return InputError(f"{where}: cifar-10-batches-py/ is incomplete: no {', '.join(missing)}",
-                          hint=f"extract the whole cifar-10-python.tar.gz from {source}")
+        return InputError(
+            f"{where}: cifar-10-batches-py/ is incomplete: no {', '.join(missing)}",
+            hint=f"extract the whole cifar-10-python.tar.gz from {source}",
+        )
     bad = [name for name, md5 in files if not check_integrity(os.path.join(folder, name), md5)]
-    return InputError(f"{where}: the CIFAR-10 files are there but fail torchvision's integrity check "
-                      f"(MD5 of {', '.join(bad) or 'the files'})",
-                      hint=f"they are damaged or not the official ones: extract cifar-10-python.tar.gz again from {source}")
+    return InputError(
+        f"{where}: the CIFAR-10 files are there but fail torchvision's integrity check "
+        f"(MD5 of {', '.join(bad) or 'the files'})",
+        hint=f"they are damaged or not the official ones: extract cifar-10-python.tar.gz again from {source}",
+    )

@@ -21,8 +21,9 @@ TIMEOUT_S = 300  # a rank that fails alone leaves the others waiting in a collec
 class Ranks:
     """The processes a run trains on. ``owned`` says whether this run started the process group (and ends it)."""
 
-    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0, backend: str | None = None,
-                 owned: bool = False) -> None:
+    def __init__(
+        self, rank: int = 0, world: int = 1, local_rank: int = 0, backend: str | None = None, owned: bool = False
+    ) -> None:
         self.rank, self.world, self.local_rank, self.backend, self.owned = rank, world, local_rank, backend, owned
 
     @property
@@ -136,5 +137,13 @@ def torchrun_argv(nproc: int, argv: list[str]) -> list[str]:
     """The command ``--nproc N`` runs: torchrun (as ``python -m torch.distributed.run``) on one machine."""
     if nproc < 1:
         raise UsageError(f"--nproc must be at least 1, got {nproc}")
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "ckpt_tool", *argv]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "ckpt_tool",
+        *argv,
+    ]

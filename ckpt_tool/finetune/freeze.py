@@ -25,7 +25,7 @@ def expand_pattern(pattern: str) -> list[str]:
             lo, hi = int(m.group(2)), int(m.group(3))
             if lo > hi:
                 raise UsageError(f"{pattern!r}: range {part} runs backwards")
-            return [".".join(parts[:i] + [f"{m.group(1)}{n}"] + parts[i + 1:]) for n in range(lo, hi + 1)]
+            return [".".join(parts[:i] + [f"{m.group(1)}{n}"] + parts[i + 1 :]) for n in range(lo, hi + 1)]
     return [pattern]
 
 
@@ -40,12 +40,14 @@ def matches(name: str, pattern: str) -> bool:
         return re.search(pattern[3:], name) is not None
     if in_module(name, pattern):
         return True
-    return any(c in pattern for c in "*?[") and (fnmatch.fnmatchcase(name, pattern)
-                                                  or fnmatch.fnmatchcase(name, pattern + ".*"))
+    return any(c in pattern for c in "*?[") and (
+        fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*")
+    )
 
 
-def select_trainable(model: Any, freeze: Iterable[str] = (), trainable: Iterable[str] = (),
-                     freeze_first: int | None = None) -> frozenset[str]:
+def select_trainable(
+    model: Any, freeze: Iterable[str] = (), trainable: Iterable[str] = (), freeze_first: int | None = None
+) -> frozenset[str]:
     """The names of the parameters left trainable by the freezing options."""
     names = [n for n, _ in model.named_parameters()]
     freeze = list(freeze) + _first_layers(model, freeze_first)
@@ -99,8 +101,9 @@ def model_frozen(model: Any) -> frozenset[str]:
     return frozenset(n for n, p in model.named_parameters() if not p.requires_grad)
 
 
-def phase_plan(model: Any, opts: FinetuneOptions, heads: tuple[str, ...],
-               frozen_by_model: frozenset[str] = frozenset()) -> list[PhaseSpec]:
+def phase_plan(
+    model: Any, opts: FinetuneOptions, heads: tuple[str, ...], frozen_by_model: frozenset[str] = frozenset()
+) -> list[PhaseSpec]:
     """The phases and what trains in each. What the model froze stays frozen unless ``train_frozen``."""
     kept = frozenset() if opts.train_frozen else frozen_by_model
     chosen = select_trainable(model, opts.freeze, opts.trainable, opts.freeze_first) - kept
@@ -112,8 +115,10 @@ def phase_plan(model: Any, opts: FinetuneOptions, heads: tuple[str, ...],
             raise UsageError("--freeze-epochs: no head found to train alone", hint="name it with --head or --trainable")
         chosen = select_trainable(model, trainable=[h.rpartition(".")[0] or h for h in heads]) - kept
     unfreeze_lr = opts.unfreeze_lr if opts.unfreeze_lr is not None else opts.lr / 10
-    return [PhaseSpec("frozen", chosen, opts.freeze_epochs, opts.lr),
-            PhaseSpec("unfrozen", everything, opts.epochs - opts.freeze_epochs, unfreeze_lr)]
+    return [
+        PhaseSpec("frozen", chosen, opts.freeze_epochs, opts.lr),
+        PhaseSpec("unfrozen", everything, opts.epochs - opts.freeze_epochs, unfreeze_lr),
+    ]
 
 
 def apply_trainable(model: Any, trainable: frozenset[str]) -> None:

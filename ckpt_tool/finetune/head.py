@@ -28,8 +28,10 @@ def find_head(model: Any, name: str | None) -> str:
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise UsageError(f"--head {name}: the model has no such module (top-level: "
-                             f"{', '.join(n for n, _ in model.named_children())})") from None
+            raise UsageError(
+                f"--head {name}: the model has no such module (top-level: "
+                f"{', '.join(n for n, _ in model.named_children())})"
+            ) from None
         root = name
     else:
         children = dict(model.named_children())
@@ -55,8 +57,10 @@ def replace_head(model: Any, num_classes: int, name: str | None = None) -> HeadC
 
     path = find_head(model, name)
     if not path:
-        raise UsageError(f"--num-classes: no classification head found (looked for {', '.join(HEAD_NAMES)})",
-                         hint="name it with --head MODULE")
+        raise UsageError(
+            f"--num-classes: no classification head found (looked for {', '.join(HEAD_NAMES)})",
+            hint="name it with --head MODULE",
+        )
     old, new = _swap_layer(model, path, num_classes)
     # GoogLeNet / Inception auxiliary classifiers (aux1, aux2, AuxLogits) train beside the main head
     aux = []
@@ -75,8 +79,9 @@ def _swap_layer(model: Any, path: str, num_classes: int) -> tuple[Any, Any]:
     if isinstance(old, nn.Linear):
         new: Any = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
     else:
-        new = nn.Conv2d(old.in_channels, num_classes, old.kernel_size, old.stride, old.padding,
-                        bias=old.bias is not None)
+        new = nn.Conv2d(
+            old.in_channels, num_classes, old.kernel_size, old.stride, old.padding, bias=old.bias is not None
+        )
     parent_path, _, attr = path.rpartition(".")
     setattr(model.get_submodule(parent_path) if parent_path else model, attr, new)
     return old, new
@@ -84,4 +89,3 @@ def _swap_layer(model: Any, path: str, num_classes: int) -> tuple[Any, Any]:
 
 def _layer_text(layer: Any) -> str:
     return f"{type(layer).__name__}({layer.extra_repr()})"
-

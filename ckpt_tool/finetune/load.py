@@ -13,8 +13,9 @@ from .options import FinetuneOptions
 from .report import FAIL, PASS, Check, LoadReport, _some
 
 
-def _migrated_state(ckpt: Checkpoint, opts: FinetuneOptions, model: Any) -> tuple[dict[str, Any], tuple[str, ...],
-                                                                           tuple[str, ...]]:
+def _migrated_state(
+    ckpt: Checkpoint, opts: FinetuneOptions, model: Any
+) -> tuple[dict[str, Any], tuple[str, ...], tuple[str, ...]]:
     """What ``torch.load`` of the file migrate would write gives: the state dict after the operations.
 
     The operations (a --plan file first, then the inline ones) rename and drop ``_extra_state``
@@ -38,8 +39,9 @@ def _migrated_state(ckpt: Checkpoint, opts: FinetuneOptions, model: Any) -> tupl
     state = plan_mod.initial_state(ckpt.tensors)
     if ops:
         state = plan_mod.apply(ops, state, signature_of(model)[0], objects=tuple(ckpt.objects)).state
-    refs = {k: e.ref for k, e in state.items()
-            if e.source == plan_mod.CHECKPOINT and e.ref is not None and not e.transform}
+    refs = {
+        k: e.ref for k, e in state.items() if e.source == plan_mod.CHECKPOINT and e.ref is not None and not e.transform
+    }
     tensors = torch_state_dict(refs)
     tensors.update(_computed(state))
     for key, entry in state.items():
@@ -80,8 +82,10 @@ def _torch_value(key: str, value: Any, path: str) -> Any:
     if isinstance(value, dict):
         items = ((_torch_value(key, k, path), _torch_value(key, v, path)) for k, v in value.items())
         return OrderedDict(items) if isinstance(value, PickledOrderedDict) else dict(items)
-    raise UsageError(f"state-dict entry {key!r} holds {type(value).__name__}, which ckpt does not build; leave it "
-                     f"out with --drop {key}")
+    raise UsageError(
+        f"state-dict entry {key!r} holds {type(value).__name__}, which ckpt does not build; leave it "
+        f"out with --drop {key}"
+    )
 
 
 def _computed(state: dict[str, Any]) -> dict[str, Any]:
@@ -93,8 +97,13 @@ def _computed(state: dict[str, Any]) -> dict[str, Any]:
         return {k: computed_tensor(e, lambda ref: to_torch(ref, files)) for k, e in state.items() if e.transform}
 
 
-def _load_into(model: Any, state: dict[str, Any], heads: tuple[str, ...], operations: tuple[str, ...],
-               initialised: tuple[str, ...] = ()) -> LoadReport:
+def _load_into(
+    model: Any,
+    state: dict[str, Any],
+    heads: tuple[str, ...],
+    operations: tuple[str, ...],
+    initialised: tuple[str, ...] = (),
+) -> LoadReport:
     """``model.load_state_dict(state, strict=False)`` of all that torch accepts; the report is torch's answer.
 
     ``state`` is a state dict as ``torch.load`` returns it: tensors, ``_extra_state`` objects (they
@@ -114,11 +123,19 @@ def _load_into(model: Any, state: dict[str, Any], heads: tuple[str, ...], operat
     target = signature_from_model(model)
     objects = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     shapes: dict[str, Any] = {k: (() if k in objects else tuple(v.shape)) for k, v in state.items()}
-    shapes.update({k: tuple(model_state[k].shape) for k in initialised
-                   if k in model_state and k not in shapes and hasattr(model_state[k], "shape")})
+    shapes.update(
+        {
+            k: tuple(model_state[k].shape)
+            for k in initialised
+            if k in model_state and k not in shapes and hasattr(model_state[k], "shape")
+        }
+    )
     metadata = getattr(state, "_metadata", None)
-    versions = None if metadata is None else {m: v.get("version") if isinstance(v, dict) else None
-                                              for m, v in metadata.items()}
+    versions = (
+        None
+        if metadata is None
+        else {m: v.get("version") if isinstance(v, dict) else None for m, v in metadata.items()}
+    )
     compat = check(shapes, target, versions=versions, objects=objects)
     bad = {m.key for m in compat.mismatched}
     usable = _StateDict((k, v) for k, v in state.items() if k not in bad)
@@ -131,13 +148,23 @@ def _load_into(model: Any, state: dict[str, Any], heads: tuple[str, ...], operat
     missing = tuple(k for k in result.missing_keys if k not in bad)
     from_checkpoint = [k for k in state if k in model_state and k not in bad]
     head_keys = tuple(k for k in model_state if any(in_module(k, h) for h in heads))
-    return LoadReport(loaded=len(from_checkpoint), model_keys=len(model_state), checkpoint_keys=len(state),
-                      missing=missing, unexpected=tuple(result.unexpected_keys), mismatched=compat.mismatched,
-                      head_keys=head_keys, operations=operations, initialised=initialised,
-                      missing_shapes={k: tuple(model_state[k].shape) for k in missing
-                                      if k in model_state and hasattr(model_state[k], "shape")},
-                      unexpected_shapes={k: shapes[k] for k in result.unexpected_keys if k in shapes and k not in objects},
-                      auto_filled=compat.auto_filled, tied=compat.tied)
+    return LoadReport(
+        loaded=len(from_checkpoint),
+        model_keys=len(model_state),
+        checkpoint_keys=len(state),
+        missing=missing,
+        unexpected=tuple(result.unexpected_keys),
+        mismatched=compat.mismatched,
+        head_keys=head_keys,
+        operations=operations,
+        initialised=initialised,
+        missing_shapes={
+            k: tuple(model_state[k].shape) for k in missing if k in model_state and hasattr(model_state[k], "shape")
+        },
+        unexpected_shapes={k: shapes[k] for k in result.unexpected_keys if k in shapes and k not in objects},
+        auto_filled=compat.auto_filled,
+        tied=compat.tied,
+    )
 
 
 def _load_check(load: LoadReport, strict: bool, ckpt: Checkpoint) -> Check:
@@ -146,8 +173,10 @@ def _load_check(load: LoadReport, strict: bool, ckpt: Checkpoint) -> Check:
     mismatched = [m for m in load.mismatched if m.key not in head]
     # buffers such as num_batches_tracked are often absent from older checkpoints; they do not hold weights
     weight_missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    summary = (f"{load.loaded}/{load.model_keys} model tensors loaded; {len(load.missing)} missing, "
-               f"{len(load.unexpected)} unexpected, {len(load.mismatched)} mismatched")
+    summary = (
+        f"{load.loaded}/{load.model_keys} model tensors loaded; {len(load.missing)} missing, "
+        f"{len(load.unexpected)} unexpected, {len(load.mismatched)} mismatched"
+    )
     if head:
         layers = dict.fromkeys(k.rsplit(".", 1)[0] for k in load.head_keys)
         summary += f" (head {', '.join(layers)} replaced)"
@@ -157,8 +186,9 @@ def _load_check(load: LoadReport, strict: bool, ckpt: Checkpoint) -> Check:
     if weight_missing:
         problems.append("missing " + _some(weight_missing))
     if mismatched:
-        problems.append("mismatched " + _some([f"{m.key} {shape_str(m.shape)} vs "
-                                               f"{shape_str(m.target_shape)}" for m in mismatched]))
+        problems.append(
+            "mismatched " + _some([f"{m.key} {shape_str(m.shape)} vs {shape_str(m.target_shape)}" for m in mismatched])
+        )
     if strict and (missing or load.unexpected):
         problems.append("--strict: " + _some(missing + list(load.unexpected)))
     if load.loaded == 0 and load.model_keys:
@@ -170,4 +200,3 @@ def _load_check(load: LoadReport, strict: bool, ckpt: Checkpoint) -> Check:
     if load.unexpected:
         summary += f"; ignored {_some(list(load.unexpected))}"
     return Check("weights loaded", PASS, summary)
-

@@ -60,15 +60,22 @@ class FinetuneOptions:
     resume_optimizer: bool = False  # start from the checkpoint's optimizer state (finetune.resume)
 
 
-
 def _validate(opts: FinetuneOptions) -> None:
-    positive = {"--epochs": opts.epochs, "--batch-size": opts.batch_size, "--overfit-steps": opts.overfit_steps,
-                "--eval-batches": opts.eval_batches}
+    positive = {
+        "--epochs": opts.epochs,
+        "--batch-size": opts.batch_size,
+        "--overfit-steps": opts.overfit_steps,
+        "--eval-batches": opts.eval_batches,
+    }
     for name, value in positive.items():
         if value < 1:
             raise UsageError(f"{name} must be at least 1, got {value}")
-    for name, opt in (("--max-steps", opts.max_steps), ("--num-classes", opts.num_classes),
-                      ("--freeze-first", opts.freeze_first), ("--image-size", opts.image_size)):
+    for name, opt in (
+        ("--max-steps", opts.max_steps),
+        ("--num-classes", opts.num_classes),
+        ("--freeze-first", opts.freeze_first),
+        ("--image-size", opts.image_size),
+    ):
         if opt is not None and opt < 1:
             raise UsageError(f"{name} must be at least 1, got {opt}")
     if not (opts.lr > 0 and math.isfinite(opts.lr)):
@@ -85,8 +92,11 @@ def _validate(opts: FinetuneOptions) -> None:
     if opts.freeze_epochs < 0:
         raise UsageError(f"--freeze-epochs must be 0 or more, got {opts.freeze_epochs}")
     if opts.freeze_epochs and opts.freeze_epochs >= opts.epochs:
-        raise UsageError(f"--freeze-epochs {opts.freeze_epochs} leaves no epoch to train unfrozen "
-                         f"(--epochs {opts.epochs} counts both phases)", hint=f"pass --epochs {opts.freeze_epochs + 1}")
+        raise UsageError(
+            f"--freeze-epochs {opts.freeze_epochs} leaves no epoch to train unfrozen "
+            f"(--epochs {opts.epochs} counts both phases)",
+            hint=f"pass --epochs {opts.freeze_epochs + 1}",
+        )
     if opts.unfreeze_lr is not None and not opts.freeze_epochs:
         raise UsageError("--unfreeze-lr only applies with --freeze-epochs")
     if opts.plot and importlib.util.find_spec("matplotlib") is None:
@@ -109,4 +119,3 @@ def _pick_device(name: str, amp: bool) -> Any:
     if amp and not name.startswith("cuda"):
         raise UsageError("--amp needs a CUDA device (mixed precision is not used on the CPU)")
     return torch.device(name)
-

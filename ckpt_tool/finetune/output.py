@@ -63,8 +63,9 @@ def _plot(losses: list[float], phases: list[Phase], epochs: list[Epoch], out: st
     ax_held.set_ylabel("held-out loss")
     ax_held.set_title("held-out loss and accuracy after each epoch")
     ax_acc = ax_held.twinx()
-    ax_acc.plot(xs, [100 * (e.heldout_accuracy or 0.0) for e in rows], marker="s", color="tab:green",
-                label="held-out accuracy")
+    ax_acc.plot(
+        xs, [100 * (e.heldout_accuracy or 0.0) for e in rows], marker="s", color="tab:green", label="held-out accuracy"
+    )
     ax_acc.set_ylabel("accuracy (%)")
     ax_acc.set_ylim(0, 100)
     trained = [e for e in epochs if e.epoch]

@@ -19,6 +19,7 @@ def _probe_forward(model: Any, x: Any) -> tuple[str | None, int]:
     def pre(name: str) -> Any:
         def hook(module: Any, args: tuple[Any, ...]) -> None:
             entered.append((name, module, tuple(_shape(a) for a in args)))
+
         return hook
 
     nonfinite: list[tuple[str, Any]] = []  # the first module (in the order they finished) with NaN/Inf output
@@ -29,6 +30,7 @@ def _probe_forward(model: Any, x: Any) -> tuple[str | None, int]:
             done.append((name, _shape(output)))
             if not nonfinite and not _finite(output):
                 nonfinite.append((name, module))
+
         return hook
 
     handles = []
@@ -50,8 +52,11 @@ def _probe_forward(model: Any, x: Any) -> tuple[str | None, int]:
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         return f"the model returned {_shape(out) or type(out).__name__}, not [batch, classes] logits", 0
     if not _finite(out):
-        where = (f"first in {nonfinite[0][0]} ({type(nonfinite[0][1]).__name__})" if nonfinite
-                 else "in the model's own code, outside any submodule")
+        where = (
+            f"first in {nonfinite[0][0]} ({type(nonfinite[0][1]).__name__})"
+            if nonfinite
+            else "in the model's own code, outside any submodule"
+        )
         return f"the logits hold NaN/Inf; non-finite values appear {where}", int(out.shape[1])
     return None, int(out.shape[1])
 
@@ -70,8 +75,9 @@ def _finite(value: Any) -> bool:
     return logits is None or _finite(logits)
 
 
-def _describe_failure(entered: list[tuple[str, Any, tuple[Any, ...]]], done: list[tuple[str, Any]],
-                      exc: Exception) -> str:
+def _describe_failure(
+    entered: list[tuple[str, Any, tuple[Any, ...]]], done: list[tuple[str, Any]], exc: Exception
+) -> str:
     error = f"{type(exc).__name__}: {_first_line(exc)}"
     if not entered:
         return f"forward failed outside any submodule: {error}"
@@ -135,4 +141,3 @@ def _logits(out: Any) -> Any:
     if isinstance(out, (tuple, list)) and out:
         return out[0]
     return out
-

@@ -174,8 +174,19 @@ class FinetuneReport:
 
     @property
     def setup(self) -> Setup:
-        return Setup(self.checkpoint, self.arch, self.device, self.data, self.image_size, self.load, self.head,
-                     self.params, self.world_size, self.num_classes, self.forward_size)
+        return Setup(
+            self.checkpoint,
+            self.arch,
+            self.device,
+            self.data,
+            self.image_size,
+            self.load,
+            self.head,
+            self.params,
+            self.world_size,
+            self.num_classes,
+            self.forward_size,
+        )
 
     def to_json(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -188,8 +199,18 @@ OnSetup = Callable[[Setup], None]
 
 
 CHECK_NAMES = (
-    "weights loaded", "forward pass", "training runs", "loss finite", "overfit one batch", "frozen unchanged",
-    "trainable changed", "gradients", "frozen BatchNorm stats", "epoch loss", "held-out accuracy", "throughput",
+    "weights loaded",
+    "forward pass",
+    "training runs",
+    "loss finite",
+    "overfit one batch",
+    "frozen unchanged",
+    "trainable changed",
+    "gradients",
+    "frozen BatchNorm stats",
+    "epoch loss",
+    "held-out accuracy",
+    "throughput",
     "peak memory",
 )
 # the checks only a run on more than one process makes

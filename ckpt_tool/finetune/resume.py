@@ -37,13 +37,14 @@ def read_resume(ckpt: Checkpoint, optimizer: str) -> Resume:
     opt = map_ids(found[0], ckpt, (), initial_state(ckpt.tensors))
     names = {n for s in opt.state for n, _ in s.tensors} | {n for s in opt.state for n, _ in s.values}
     if opt.state and not _NEEDS[optimizer] <= names:
-        raise UsageError(f"{ckpt.path}: --resume-optimizer: {opt.path} holds {opt.kind} state "
-                         f"({', '.join(sorted(names))}), which --optimizer {optimizer} cannot resume from")
+        raise UsageError(
+            f"{ckpt.path}: --resume-optimizer: {opt.path} holds {opt.kind} state "
+            f"({', '.join(sorted(names))}), which --optimizer {optimizer} cannot resume from"
+        )
     name_of = opt.name_of()
     refs = {f"{s.id}/{n}": r for s in opt.state for n, r in s.tensors}
     tensors = torch_state_dict(refs)
-    state = {name_of[s.id]: {**dict(s.values), **{n: tensors[f"{s.id}/{n}"] for n, _ in s.tensors}}
-             for s in opt.state}
+    state = {name_of[s.id]: {**dict(s.values), **{n: tensors[f"{s.id}/{n}"] for n, _ in s.tensors}} for s in opt.state}
     return Resume(opt.kind, state)
 
 
@@ -58,8 +59,9 @@ def apply_resume(optimizer: Any, named: list[tuple[str, Any]], resume: Resume) -
         if saved is None or any(getattr(v, "shape", p.shape) not in ((), p.shape) for v in saved.values()):
             fresh += 1
             continue
-        optimizer.state[p] = {k: v.to(p.device, p.dtype) if getattr(v, "shape", ()) == p.shape else v
-                              for k, v in saved.items()}
+        optimizer.state[p] = {
+            k: v.to(p.device, p.dtype) if getattr(v, "shape", ()) == p.shape else v for k, v in saved.items()
+        }
         resumed += 1
     return resumed, fresh
 
@@ -70,7 +72,14 @@ def resume_check(resume: Resume, tracker: Any) -> Any:
 
     resumed, fresh = tracker.resumed or (0, 0)
     if not resumed:
-        return Check("optimizer resumed", FAIL, f"no trainable parameter has saved {resume.kind} state "
-                     f"({len(resume.state)} parameters in the checkpoint have some)")
-    return Check("optimizer resumed", PASS, f"{resume.kind} state of {resumed} parameters loaded"
-                 + (f", {fresh} start fresh" if fresh else ""))
+        return Check(
+            "optimizer resumed",
+            FAIL,
+            f"no trainable parameter has saved {resume.kind} state "
+            f"({len(resume.state)} parameters in the checkpoint have some)",
+        )
+    return Check(
+        "optimizer resumed",
+        PASS,
+        f"{resume.kind} state of {resumed} parameters loaded" + (f", {fresh} start fresh" if fresh else ""),
+    )

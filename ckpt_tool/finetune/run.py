@@ -48,8 +48,13 @@ from .resume import read_resume, resume_check
 from .train import Tracker, autocast, evaluate, overfit_one_batch, train_phase
 
 
-def finetune_check(path: str, arch: str, options: FinetuneOptions | None = None,
-                   progress: Progress | None = None, on_setup: OnSetup | None = None) -> FinetuneReport:
+def finetune_check(
+    path: str,
+    arch: str,
+    options: FinetuneOptions | None = None,
+    progress: Progress | None = None,
+    on_setup: OnSetup | None = None,
+) -> FinetuneReport:
     """Load ``path`` into ``arch``, fine-tune it briefly and check every step of the way.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) every process runs this, the model
@@ -74,8 +79,10 @@ def finetune_check(path: str, arch: str, options: FinetuneOptions | None = None,
         True
     """
     if arch.startswith(HF_PREFIX):
-        raise UsageError(f"--arch {arch}: finetune-check trains image classifiers on images; a transformers model "
-                         "is not one (use diff, migrate or validate with hf: targets)")
+        raise UsageError(
+            f"--arch {arch}: finetune-check trains image classifiers on images; a transformers model "
+            "is not one (use diff, migrate or validate with hf: targets)"
+        )
     require_torch("finetune-check", torchvision=True)
     opts = options or FinetuneOptions()
     _validate(opts)
@@ -87,8 +94,15 @@ def finetune_check(path: str, arch: str, options: FinetuneOptions | None = None,
         ranks.close()
 
 
-def _run(path: str, arch: str, opts: FinetuneOptions, device: Any, ranks: Ranks, progress: Progress | None,
-         on_setup: OnSetup | None) -> FinetuneReport:
+def _run(
+    path: str,
+    arch: str,
+    opts: FinetuneOptions,
+    device: Any,
+    ranks: Ranks,
+    progress: Progress | None,
+    on_setup: OnSetup | None,
+) -> FinetuneReport:
     import torch
 
     ckpt = open_checkpoint(path, opts.key)
@@ -110,12 +124,33 @@ def _run(path: str, arch: str, opts: FinetuneOptions, device: Any, ranks: Ranks,
     channels = _input_channels(model)
     size = training_size(model, opts, device, forward_size, channels)
     shown = dict(forward_size=forward_size if forward_size != size else None)
-    setup = Setup(path, arch, str(device), opts.data, size, load, head, params, ranks.world,
-                  opts.num_classes or head_outputs(model, head_path), **shown)
+    setup = Setup(
+        path,
+        arch,
+        str(device),
+        opts.data,
+        size,
+        load,
+        head,
+        params,
+        ranks.world,
+        opts.num_classes or head_outputs(model, head_path),
+        **shown,
+    )
     if on_setup is not None:
         on_setup(setup)
-    base = dict(checkpoint=path, arch=arch, device=str(device), data=opts.data, image_size=size, load=load, head=head,
-                params=params, world_size=ranks.world, **shown)
+    base = dict(
+        checkpoint=path,
+        arch=arch,
+        device=str(device),
+        data=opts.data,
+        image_size=size,
+        load=load,
+        head=head,
+        params=params,
+        world_size=ranks.world,
+        **shown,
+    )
 
     checks: dict[str, Check] = {}
     checks["weights loaded"] = _load_check(load, opts.strict, ckpt)
@@ -123,19 +158,28 @@ def _run(path: str, arch: str, opts: FinetuneOptions, device: Any, ranks: Ranks,
     forward_error, out_classes = _probe_forward(model, probe.to(device))
     if forward_error is not None:
         checks["forward pass"] = Check("forward pass", FAIL, forward_error)
-        return _finish(base, checks, ranks, rss=peak_rss(), cuda=peak_cuda(device),
-                       num_classes=out_classes or None)
+        return _finish(base, checks, ranks, rss=peak_rss(), cuda=peak_cuda(device), num_classes=out_classes or None)
     checks["forward pass"] = Check("forward pass", PASS, f"{shape_str(probe.shape)} -> [2, {out_classes}]")
     data = make_datasets(opts, size, channels, out_classes, mean, std)
     if data.classes > out_classes:
-        raise UsageError(f"--data {opts.data} has {data.classes} classes but the model outputs {out_classes} logits",
-                         hint=f"pass --num-classes {data.classes}")
-    train_data, heldout = make_loaders(data, opts.batch_size, opts.seed, shuffle=not opts.data.startswith("synthetic"),
-                                       rank=ranks.rank, world=ranks.world)
+        raise UsageError(
+            f"--data {opts.data} has {data.classes} classes but the model outputs {out_classes} logits",
+            hint=f"pass --num-classes {data.classes}",
+        )
+    train_data, heldout = make_loaders(
+        data,
+        opts.batch_size,
+        opts.seed,
+        shuffle=not opts.data.startswith("synthetic"),
+        rank=ranks.rank,
+        world=ranks.world,
+    )
     if not specs[0].trainable:
-        why = ("every parameter is frozen: nothing can learn"
-               + ("" if opts.train_frozen or not by_model else
-                  f" ({len(by_model)} tensors frozen by the model itself; --train-frozen trains them)"))
+        why = "every parameter is frozen: nothing can learn" + (
+            ""
+            if opts.train_frozen or not by_model
+            else f" ({len(by_model)} tensors frozen by the model itself; --train-frozen trains them)"
+        )
         checks["training runs"] = Check("training runs", FAIL, why)
         checks["overfit one batch"] = Check("overfit one batch", FAIL, why)
         return _finish(base, checks, ranks, rss=peak_rss(), cuda=peak_cuda(device), num_classes=out_classes)
@@ -144,8 +188,9 @@ def _run(path: str, arch: str, opts: FinetuneOptions, device: Any, ranks: Ranks,
     loss_before, accuracy_before = evaluate(model, heldout, opts.eval_batches, device, amp, ranks)
     epochs = [Epoch("before", 0, specs[0].lr, 0, None, loss_before, accuracy_before, None)]
     net = wrap(model, ranks, device)
-    overfit = overfit_one_batch(model, next(iter(train_data)), opts.overfit_steps, opts.optimizer, specs[0].lr,
-                                device, amp, net=net)
+    overfit = overfit_one_batch(
+        model, next(iter(train_data)), opts.overfit_steps, opts.optimizer, specs[0].lr, device, amp, net=net
+    )
 
     steps_per_epoch = min(len(train_data), opts.max_steps) if opts.max_steps else len(train_data)
     tracker = Tracker(total_steps=sum(s.epochs for s in specs) * steps_per_epoch)
@@ -158,9 +203,23 @@ def _run(path: str, arch: str, opts: FinetuneOptions, device: Any, ranks: Ranks,
         if i:
             net = wrap(model, ranks, device)  # DDP reduces what was trainable when it was built
         try:
-            phase, rows = train_phase(model, net, spec, train_data, heldout, opts, device, amp, tracker, losses,
-                                      progress, ranks, epochs[-1].epoch, total_epochs,
-                                      resume=resume if i == 0 else None)
+            phase, rows = train_phase(
+                model,
+                net,
+                spec,
+                train_data,
+                heldout,
+                opts,
+                device,
+                amp,
+                tracker,
+                losses,
+                progress,
+                ranks,
+                epochs[-1].epoch,
+                total_epochs,
+                resume=resume if i == 0 else None,
+            )
         except (RuntimeError, ValueError, IndexError) as exc:
             train_error = f"phase {spec.name}: {type(exc).__name__}: {_first_line(exc)}"
             break
@@ -173,9 +232,16 @@ def _run(path: str, arch: str, opts: FinetuneOptions, device: Any, ranks: Ranks,
     frozen_bn = list(tracker.frozen_bn)
     bn_updated = tuple(n for n in frozen_bn if n in tracker.bn_updated)
 
-    checks["training runs"] = Check("training runs", FAIL, train_error) if train_error else Check(
-        "training runs", PASS, f"{len(losses)} steps in {len(phases)} phase(s)"
-        + (f" on each of {ranks.world} ranks" if ranks.distributed else ""))
+    checks["training runs"] = (
+        Check("training runs", FAIL, train_error)
+        if train_error
+        else Check(
+            "training runs",
+            PASS,
+            f"{len(losses)} steps in {len(phases)} phase(s)"
+            + (f" on each of {ranks.world} ranks" if ranks.distributed else ""),
+        )
+    )
     if resume is not None:
         checks["optimizer resumed"] = resume_check(resume, tracker)
     checks["loss finite"] = finite_check(tracker, losses)
@@ -184,29 +250,62 @@ def _run(path: str, arch: str, opts: FinetuneOptions, device: Any, ranks: Ranks,
     checks.update(distributed_checks(tracker, ranks, bool(phases)))
     checks["frozen BatchNorm stats"] = bn_check(frozen_bn, bn_updated, opts.freeze_bn)
     epoch_means = [m for p in phases for m in p.epoch_losses]
-    checks["epoch loss"] = Check("epoch loss", INFO, (
-        f"first {epoch_means[0]:.4f} -> last {epoch_means[-1]:.4f} over {len(epoch_means)} epoch(s)"
-        if epoch_means else "no epoch completed"))
+    checks["epoch loss"] = Check(
+        "epoch loss",
+        INFO,
+        (
+            f"first {epoch_means[0]:.4f} -> last {epoch_means[-1]:.4f} over {len(epoch_means)} epoch(s)"
+            if epoch_means
+            else "no epoch completed"
+        ),
+    )
     loss_after = last.heldout_loss if accuracy_after is not None else None
-    checks["held-out accuracy"] = Check("held-out accuracy", INFO, f"{_pct(accuracy_before)} -> {_pct(accuracy_after)}"
-                                        + (f" (loss {loss_before:.4f} -> {loss_after:.4f})"
-                                           if loss_before is not None and loss_after is not None else ""))
+    checks["held-out accuracy"] = Check(
+        "held-out accuracy",
+        INFO,
+        f"{_pct(accuracy_before)} -> {_pct(accuracy_after)}"
+        + (
+            f" (loss {loss_before:.4f} -> {loss_after:.4f})"
+            if loss_before is not None and loss_after is not None
+            else ""
+        ),
+    )
     images_per_s = throughput(phases, ranks, device)
-    checks["throughput"] = Check("throughput", INFO, (f"{images_per_s:.1f} images/s" if images_per_s else "-")
-                                 + (f" over {ranks.world} ranks" if ranks.distributed and images_per_s else ""))
+    checks["throughput"] = Check(
+        "throughput",
+        INFO,
+        (f"{images_per_s:.1f} images/s" if images_per_s else "-")
+        + (f" over {ranks.world} ranks" if ranks.distributed and images_per_s else ""),
+    )
 
     lead = ranks.rank == 0
     saved = _save(model, opts.save, opts.force, path) if opts.save and train_error is None and lead else None
     plot = _plot(losses, phases, epochs, opts.plot) if opts.plot and lead else None
-    return _finish(base, checks, ranks, rss=peak_rss(), cuda=peak_cuda(device), phases=tuple(phases),
-                   losses=tuple(losses), overfit_losses=overfit.losses, accuracy_before=accuracy_before,
-                   accuracy_after=accuracy_after, images_per_s=images_per_s, frozen_bn=tuple(frozen_bn),
-                   frozen_bn_updated=bn_updated, saved=saved, plot=plot, num_classes=out_classes,
-                   epochs=tuple(epochs), overfit=overfit)
+    return _finish(
+        base,
+        checks,
+        ranks,
+        rss=peak_rss(),
+        cuda=peak_cuda(device),
+        phases=tuple(phases),
+        losses=tuple(losses),
+        overfit_losses=overfit.losses,
+        accuracy_before=accuracy_before,
+        accuracy_after=accuracy_after,
+        images_per_s=images_per_s,
+        frozen_bn=tuple(frozen_bn),
+        frozen_bn_updated=bn_updated,
+        saved=saved,
+        plot=plot,
+        num_classes=out_classes,
+        epochs=tuple(epochs),
+        overfit=overfit,
+    )
 
 
-def _finish(base: dict[str, Any], checks: dict[str, Check], ranks: Ranks, *, rss: int, cuda: int | None,
-            **rest: Any) -> FinetuneReport:
+def _finish(
+    base: dict[str, Any], checks: dict[str, Check], ranks: Ranks, *, rss: int, cuda: int | None, **rest: Any
+) -> FinetuneReport:
     names = list(CHECK_NAMES)
     if ranks.distributed:
         at = names.index("gradients") + 1
@@ -215,10 +314,25 @@ def _finish(base: dict[str, Any], checks: dict[str, Check], ranks: Ranks, *, rss
     names[at:at] = [n for n in checks if n not in names]  # asked-for checks (--resume-optimizer), before memory
     for name in names:
         checks.setdefault(name, Check(name, SKIP, "not reached"))
-    checks["peak memory"] = Check("peak memory", INFO, f"RSS {human_bytes(rss)}" + (
-        f", CUDA {human_bytes(cuda)} allocated" if cuda is not None else "") + (" (rank 0)" if ranks.distributed else ""))
-    values: dict[str, Any] = dict(phases=(), losses=(), overfit_losses=(), accuracy_before=None, accuracy_after=None,
-                                  images_per_s=None, frozen_bn=(), frozen_bn_updated=(), num_classes=None)
+    checks["peak memory"] = Check(
+        "peak memory",
+        INFO,
+        f"RSS {human_bytes(rss)}"
+        + (f", CUDA {human_bytes(cuda)} allocated" if cuda is not None else "")
+        + (" (rank 0)" if ranks.distributed else ""),
+    )
+    values: dict[str, Any] = dict(
+        phases=(),
+        losses=(),
+        overfit_losses=(),
+        accuracy_before=None,
+        accuracy_after=None,
+        images_per_s=None,
+        frozen_bn=(),
+        frozen_bn_updated=(),
+        num_classes=None,
+    )
     values.update(rest)
-    return FinetuneReport(**base, **values, checks=tuple(checks[n] for n in names), peak_rss_bytes=rss,
-                          peak_cuda_bytes=cuda)
+    return FinetuneReport(
+        **base, **values, checks=tuple(checks[n] for n in names), peak_rss_bytes=rss, peak_cuda_bytes=cuda
+    )

@@ -60,8 +60,9 @@ def _scheduler(opts: FinetuneOptions, optimizer: Any, epochs: int) -> Any:
 
     sched = torch.optim.lr_scheduler
     if opts.scheduler == "plateau":
-        return sched.ReduceLROnPlateau(optimizer, mode="min", factor=opts.plateau_factor,
-                                       patience=opts.plateau_patience)
+        return sched.ReduceLROnPlateau(
+            optimizer, mode="min", factor=opts.plateau_factor, patience=opts.plateau_patience
+        )
     if opts.scheduler == "cosine":
         return sched.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
     if opts.scheduler == "step":
@@ -69,9 +70,23 @@ def _scheduler(opts: FinetuneOptions, optimizer: Any, epochs: int) -> Any:
     return None
 
 
-def train_phase(model: Any, net: Any, spec: PhaseSpec, data: Any, heldout: Any, opts: FinetuneOptions, device: Any,
-                amp: Any, tracker: Tracker, losses: list[float], progress: Progress | None, ranks: Ranks,
-                first_epoch: int, total_epochs: int, resume: Any = None) -> tuple[Phase, list[Epoch]]:
+def train_phase(
+    model: Any,
+    net: Any,
+    spec: PhaseSpec,
+    data: Any,
+    heldout: Any,
+    opts: FinetuneOptions,
+    device: Any,
+    amp: Any,
+    tracker: Tracker,
+    losses: list[float],
+    progress: Progress | None,
+    ranks: Ranks,
+    first_epoch: int,
+    total_epochs: int,
+    resume: Any = None,
+) -> tuple[Phase, list[Epoch]]:
     """One phase: ``spec.epochs`` epochs of ``net`` (``model``, or its DDP wrapper) with a fresh optimizer
     and scheduler; held-out loss and accuracy after each epoch; the parameter snapshots for the checks."""
     import torch
@@ -148,10 +163,12 @@ def train_phase(model: Any, net: Any, spec: PhaseSpec, data: Any, heldout: Any, 
                 if not math.isfinite(value):
                     tracker.nonfinite_ranks.append(ranks.rank)
                 where = f" on rank {ranks.rank}" if ranks.distributed and not math.isfinite(value) else ""
-                tracker.nonfinite = (f"loss is {value} at step {len(losses)} (phase {spec.name}, epoch "
-                                     f"{first_epoch + epoch + 1}){where}" if not math.isfinite(value) else
-                                     f"loss is not finite on another rank at step {len(losses)} (phase {spec.name}, "
-                                     f"epoch {first_epoch + epoch + 1})")
+                tracker.nonfinite = (
+                    f"loss is {value} at step {len(losses)} (phase {spec.name}, epoch {first_epoch + epoch + 1}){where}"
+                    if not math.isfinite(value)
+                    else f"loss is not finite on another rank at step {len(losses)} (phase {spec.name}, "
+                    f"epoch {first_epoch + epoch + 1})"
+                )
                 break
             total += value
             count += 1
@@ -160,8 +177,18 @@ def train_phase(model: Any, net: Any, spec: PhaseSpec, data: Any, heldout: Any, 
                 done_s = tracker.train_seconds + seconds
                 left = tracker.total_steps - tracker.steps_done
                 eta = done_s / tracker.steps_done * left if tracker.steps_done else None
-                progress(ProgressEvent(spec.name, first_epoch + epoch + 1, step + 1, steps_per_epoch, value,
-                                       images / seconds if seconds else 0.0, total_epochs, eta))
+                progress(
+                    ProgressEvent(
+                        spec.name,
+                        first_epoch + epoch + 1,
+                        step + 1,
+                        steps_per_epoch,
+                        value,
+                        images / seconds if seconds else 0.0,
+                        total_epochs,
+                        eta,
+                    )
+                )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
@@ -170,12 +197,32 @@ def train_phase(model: Any, net: Any, spec: PhaseSpec, data: Any, heldout: Any, 
         if count:
             epoch_losses.append(total / count)
         if tracker.nonfinite:
-            rows.append(Epoch(spec.name, first_epoch + epoch + 1, lr, count, total / count if count else None,
-                              None, None, epoch_images / seconds if seconds else None))
+            rows.append(
+                Epoch(
+                    spec.name,
+                    first_epoch + epoch + 1,
+                    lr,
+                    count,
+                    total / count if count else None,
+                    None,
+                    None,
+                    epoch_images / seconds if seconds else None,
+                )
+            )
             break
         held_loss, held_acc = evaluate(model, heldout, opts.eval_batches, device, amp, ranks)
-        rows.append(Epoch(spec.name, first_epoch + epoch + 1, lr, count, total / count if count else None,
-                          held_loss, held_acc, epoch_images / seconds if seconds else None))
+        rows.append(
+            Epoch(
+                spec.name,
+                first_epoch + epoch + 1,
+                lr,
+                count,
+                total / count if count else None,
+                held_loss,
+                held_acc,
+                epoch_images / seconds if seconds else None,
+            )
+        )
         if scheduler is not None:
             if opts.scheduler == "plateau":
                 if held_loss is not None:
@@ -194,17 +241,30 @@ def train_phase(model: Any, net: Any, spec: PhaseSpec, data: Any, heldout: Any, 
     tracker.frozen.update(n for n, _ in frozen_named)
     tracker.trainable.update(n for n, _ in named if n in trainable)
     tracker.frozen_bn.update(dict.fromkeys(frozen_bn_names))
-    tracker.bn_updated.update(n for n in frozen_bn_names
-                              if not _same_stats(bn_before[n], _bn_stats(model.get_submodule(n))))
-    phase = Phase(spec.name, spec.epochs, spec.lr, sum(p.numel() for p in train_params),
-                  sum(p.numel() for _, p in frozen_named), len(losses) - first_step, tuple(epoch_losses),
-                  images / elapsed if elapsed else None, statistics.median(step_times) if step_times else None,
-                  images, elapsed, opts.scheduler, tuple(lrs))
+    tracker.bn_updated.update(
+        n for n in frozen_bn_names if not _same_stats(bn_before[n], _bn_stats(model.get_submodule(n)))
+    )
+    phase = Phase(
+        spec.name,
+        spec.epochs,
+        spec.lr,
+        sum(p.numel() for p in train_params),
+        sum(p.numel() for _, p in frozen_named),
+        len(losses) - first_step,
+        tuple(epoch_losses),
+        images / elapsed if elapsed else None,
+        statistics.median(step_times) if step_times else None,
+        images,
+        elapsed,
+        opts.scheduler,
+        tuple(lrs),
+    )
     return phase, rows
 
 
-def evaluate(model: Any, data: Any, batches: int, device: Any, amp: Any,
-             ranks: Ranks | None = None) -> tuple[float | None, float | None]:
+def evaluate(
+    model: Any, data: Any, batches: int, device: Any, amp: Any, ranks: Ranks | None = None
+) -> tuple[float | None, float | None]:
     """Held-out mean loss and accuracy over at most ``batches`` batches (each rank's shard, summed over ranks)."""
     import torch
 
@@ -237,8 +297,17 @@ def evaluate(model: Any, data: Any, batches: int, device: Any, amp: Any,
 Relabel = Callable[[int, Any], Any]  # (step, labels) -> the labels that step trains on
 
 
-def overfit_one_batch(model: Any, batch: tuple[Any, Any], steps: int, optimizer: str, lr: float, device: Any,
-                      amp: Any = None, relabel: Relabel | None = None, net: Any = None) -> OverfitRun:
+def overfit_one_batch(
+    model: Any,
+    batch: tuple[Any, Any],
+    steps: int,
+    optimizer: str,
+    lr: float,
+    device: Any,
+    amp: Any = None,
+    relabel: Relabel | None = None,
+    net: Any = None,
+) -> OverfitRun:
     """Train on one fixed batch for ``steps`` steps; the model's weights and flags are restored afterwards.
 
     Dropout is off during the run (every module keeps its mode otherwise, so BatchNorm uses the
@@ -324,4 +393,3 @@ def _same_stats(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
     import torch
 
     return all(torch.equal(x, y) for x, y in zip(a, b))
-

@@ -71,7 +71,6 @@ class DcpMetadata:
     # ("model", "0", "weight")
     paths: dict[str, tuple[str, ...]]
 
-
     def items(self) -> Iterator[tuple[str, StoredItem]]:
         """Every stored item, described (``chunk [0, 0] of 'w'``, ``bytes entry 'step'``)."""
         for key, t in self.tensors.items():
@@ -89,10 +88,14 @@ def shard_error(path: str) -> InputError:
     """The one-line refusal of a lone ``.distcp`` file: it is one shard of a directory."""
     directory = os.path.dirname(os.path.abspath(path))
     if is_dcp_dir(directory):
-        return InputError(f"{path}: is one shard of the torch.distributed.checkpoint directory {directory}; "
-                          "open the directory instead")
-    return InputError(f"{path}: is one shard of a torch.distributed.checkpoint directory, but {directory} holds "
-                      f"no {METADATA}; open the directory that holds it with its {METADATA}")
+        return InputError(
+            f"{path}: is one shard of the torch.distributed.checkpoint directory {directory}; "
+            "open the directory instead"
+        )
+    return InputError(
+        f"{path}: is one shard of a torch.distributed.checkpoint directory, but {directory} holds "
+        f"no {METADATA}; open the directory that holds it with its {METADATA}"
+    )
 
 
 def read_metadata(directory: str) -> DcpMetadata:
@@ -139,7 +142,9 @@ def read_metadata(directory: str) -> DcpMetadata:
     for key in [*tensors, *objects]:
         saved = planned.get(key)
         # without planner data (another planner wrote it), DCP's own flattening joined the path with dots
-        paths[key] = tuple(str(p) for p in saved) if isinstance(saved, (tuple, list)) and saved else tuple(key.split("."))
+        paths[key] = (
+            tuple(str(p) for p in saved) if isinstance(saved, (tuple, list)) and saved else tuple(key.split("."))
+        )
     return DcpMetadata(directory, tensors, objects, files, str(version) if version else "", trace, paths)
 
 
@@ -150,8 +155,9 @@ def _state(obj: Any, cls: str, path: str) -> dict[Any, Any]:
 
 
 def _ints(value: Any, path: str) -> tuple[int, ...]:
-    if isinstance(value, (tuple, list)) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
-                                                for v in value):
+    if isinstance(value, (tuple, list)) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    ):
         return tuple(value)
     raise FormatError(f"{path}: expected a size or offsets, found {value!r}")
 
@@ -161,8 +167,13 @@ def _item(info: Any, directory: str, path: str) -> StoredItem:
 
     s = _state(info, "_StorageInfo", path)
     rel, offset, length = s.get("relative_path"), s.get("offset"), s.get("length")
-    if not isinstance(rel, str) or not isinstance(offset, int) or not isinstance(length, int) or offset < 0 \
-            or length < 0:
+    if (
+        not isinstance(rel, str)
+        or not isinstance(offset, int)
+        or not isinstance(length, int)
+        or offset < 0
+        or length < 0
+    ):
         raise FormatError(f"{path}: a storage record without a file, offset and length")
     transforms = s.get("transform_descriptors") or ()
     return StoredItem(shard_location(directory, rel, path), offset, length, tuple(str(t) for t in transforms))
@@ -189,8 +200,9 @@ def _dtypes() -> dict[str, Any]:
     return DTYPES
 
 
-def _tensor(key: str, s: dict[Any, Any], items: dict[tuple[str, tuple[int, ...] | None], StoredItem],
-            path: str) -> DcpTensor:
+def _tensor(
+    key: str, s: dict[Any, Any], items: dict[tuple[str, tuple[int, ...] | None], StoredItem], path: str
+) -> DcpTensor:
     dtype, requires_grad = _dtype(s.get("properties"), key, path)
     shape = _ints(s.get("size"), path)
     raw = s.get("chunks")
@@ -200,10 +212,15 @@ def _tensor(key: str, s: dict[Any, Any], items: dict[tuple[str, tuple[int, ...] 
     for c in raw:
         cs = _state(c, "ChunkStorageMetadata", path)
         offsets, sizes = _ints(cs.get("offsets"), path), _ints(cs.get("sizes"), path)
-        if len(offsets) != len(shape) or len(sizes) != len(shape) or any(
-                o + n > d for o, n, d in zip(offsets, sizes, shape)):
-            raise FormatError(f"{path}: tensor {key!r}: chunk at {list(offsets)} of size {list(sizes)} lies outside "
-                              f"its shape {list(shape)}")
+        if (
+            len(offsets) != len(shape)
+            or len(sizes) != len(shape)
+            or any(o + n > d for o, n, d in zip(offsets, sizes, shape))
+        ):
+            raise FormatError(
+                f"{path}: tensor {key!r}: chunk at {list(offsets)} of size {list(sizes)} lies outside "
+                f"its shape {list(shape)}"
+            )
         item = items.get((key, offsets))
         if item is None:
             raise FormatError(f"{path}: tensor {key!r}: chunk at {list(offsets)} has no storage record")
@@ -216,7 +233,7 @@ def _tensor(key: str, s: dict[Any, Any], items: dict[tuple[str, tuple[int, ...] 
 def _overlap(chunks: list[DcpChunk]) -> bool:
     boxes = [c for c in chunks if numel(c.sizes)]
     for i, a in enumerate(boxes):
-        for b in boxes[i + 1:]:
+        for b in boxes[i + 1 :]:
             if all(ao < bo + bn and bo < ao + an for ao, an, bo, bn in zip(a.offsets, a.sizes, b.offsets, b.sizes)):
                 return True
     return False
@@ -252,11 +269,14 @@ class Window:
 
 def _check_item(item: StoredItem, size: int, what: str) -> None:
     if item.offset + item.length > size:
-        raise FormatError(f"{item.file}: {what} is recorded at bytes {item.offset}-{item.offset + item.length}, "
-                          f"past the end of the file ({size} bytes; truncated?)")
+        raise FormatError(
+            f"{item.file}: {what} is recorded at bytes {item.offset}-{item.offset + item.length}, "
+            f"past the end of the file ({size} bytes; truncated?)"
+        )
     if item.transforms:
-        raise FormatError(f"{item.file}: {what} is stored through {', '.join(item.transforms)}, which ckpt "
-                          "does not read")
+        raise FormatError(
+            f"{item.file}: {what} is stored through {', '.join(item.transforms)}, which ckpt does not read"
+        )
 
 
 def read_item(f: IO[bytes], item: StoredItem, what: str, trace: Trace | None = None) -> Any:
@@ -345,9 +365,16 @@ def open_dcp(directory: str, key: str | None = None) -> Checkpoint:
     chosen_tensors = {renamed(k): replace(tensors[k], key=renamed(k)) for k in inside if k in tensors}
     extras = summarize_extras(root, chosen.path) if chosen.path else {}
     return Checkpoint(
-        path=directory, format=FORMAT, file_size=size, tensors=chosen_tensors, state_path=chosen.path,
-        candidates=candidates, extras=extras,
-        metadata={"dcp.version": meta.version} if meta.version else {}, files=meta.files, root=root,
+        path=directory,
+        format=FORMAT,
+        file_size=size,
+        tensors=chosen_tensors,
+        state_path=chosen.path,
+        candidates=candidates,
+        extras=extras,
+        metadata={"dcp.version": meta.version} if meta.version else {},
+        files=meta.files,
+        root=root,
         objects={renamed(k): objects[k] for k in inside if k in objects},
         placeholders=tuple(sorted({e.name for e in trace.globals if not _known_global(e.name)})),
     )
@@ -365,14 +392,21 @@ def _candidates(paths: dict[str, tuple[str, ...]], tensors: dict[str, TensorRef]
     return tuple(out)
 
 
-def _choose(directory: str, key: str | None, candidates: tuple[Candidate, ...], paths: dict[str, tuple[str, ...]],
-            tensors: dict[str, TensorRef]) -> Candidate:
+def _choose(
+    directory: str,
+    key: str | None,
+    candidates: tuple[Candidate, ...],
+    paths: dict[str, tuple[str, ...]],
+    tensors: dict[str, TensorRef],
+) -> Candidate:
     from ..errors import KeyPathError
     from ..reader import PREFERRED_KEYS
 
     if key:
         parts = tuple(key.split("/" if "/" in key else "."))
-        under = [tensors[k] for k, p in paths.items() if k in tensors and p[:len(parts)] == parts and len(p) > len(parts)]
+        under = [
+            tensors[k] for k, p in paths.items() if k in tensors and p[: len(parts)] == parts and len(p) > len(parts)
+        ]
         found = Candidate("/".join(parts), len(under), sum(r.numel for r in under)) if under else None
         if found is None:
             choices = ", ".join(repr(c.path or "<top level>") for c in candidates)
@@ -390,9 +424,17 @@ def _choose(directory: str, key: str | None, candidates: tuple[Candidate, ...], 
 def _described(t: DcpTensor, directory: str) -> TensorRef:
     where = sorted({os.path.basename(c.item.file) for c in t.chunks})
     return TensorRef(
-        key=t.key, dtype=t.dtype, shape=t.shape, stride=contiguous_strides(t.shape), storage=f"{directory}#dcp:{t.key}",
-        storage_offset=0, storage_nbytes=numel(t.shape) * itemsize(t.dtype), data_offset=None,
-        file=t.chunks[0].item.file if t.chunks else directory, requires_grad=t.requires_grad, kind=DENSE,
+        key=t.key,
+        dtype=t.dtype,
+        shape=t.shape,
+        stride=contiguous_strides(t.shape),
+        storage=f"{directory}#dcp:{t.key}",
+        storage_offset=0,
+        storage_nbytes=numel(t.shape) * itemsize(t.dtype),
+        data_offset=None,
+        file=t.chunks[0].item.file if t.chunks else directory,
+        requires_grad=t.requires_grad,
+        kind=DENSE,
         attrs=((CHUNKS_ATTR, t.chunks),),
         note=f"gathered from {len(t.chunks)} DCP chunks ({', '.join(where)})" if len(t.chunks) > 1 else "",
     )
@@ -424,8 +466,10 @@ def chunk_ref(ref: TensorRef, chunk: DcpChunk, f: IO[bytes]) -> TensorRef:
     if not isinstance(value, PickledTensor) or value.storage is None:
         raise FormatError(f"{chunk.item.file}: {what} is not a tensor")
     if value.dtype != ref.dtype or value.shape != chunk.sizes:
-        raise FormatError(f"{chunk.item.file}: {what} holds a {value.dtype}{list(value.shape)} tensor, "
-                          f"{METADATA} says {ref.dtype}{list(chunk.sizes)}")
+        raise FormatError(
+            f"{chunk.item.file}: {what} holds a {value.dtype}{list(value.shape)} tensor, "
+            f"{METADATA} says {ref.dtype}{list(chunk.sizes)}"
+        )
     return tensor_ref(ref.key, value, chunk.item.file)
 
 
@@ -469,4 +513,4 @@ def iter_gathered(ref: TensorRef, files: Any, chunk_bytes: int) -> Iterator[byte
         out[tuple(slice(a, a + n) for a, n in zip(c.offsets, r.shape))] = part
     flat = out.reshape(-1).view("u1")
     for start in range(0, len(flat), step):
-        yield flat[start:start + step].tobytes()
+        yield flat[start : start + step].tobytes()

@@ -67,7 +67,7 @@ class _Source:
 
     def _fill(self, need: int) -> bool:
         """Keep the unread bytes and read on until ``need`` are buffered; False at the end of the data."""
-        rest = self.buf[self.off:]
+        rest = self.buf[self.off :]
         self.base += self.off
         self.off = 0
         end = self.base + len(rest)
@@ -92,7 +92,7 @@ class _Source:
         while True:
             i = self.buf.find(b"\n", self.off, self.off + MAX_PICKLE_TEXT + 1)
             if i >= 0:
-                line = self.buf[self.off:i]
+                line = self.buf[self.off : i]
                 self.off = i + 1
                 return line
             if len(self.buf) - self.off > MAX_PICKLE_TEXT or not self._fill(len(self.buf) - self.off + CHUNK):
@@ -162,7 +162,7 @@ class FrameReader(SequentialReader):
         if self.cbuf:
             k = self.cbuf.find(b"\n", self.cidx)
             if k >= 0:
-                line = self.cbuf[self.cidx:k]
+                line = self.cbuf[self.cidx : k]
                 self.cidx = k + 1
                 return line
             self._drop()

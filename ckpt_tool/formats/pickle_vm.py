@@ -43,13 +43,51 @@ STORAGE_DTYPES: dict[str, str] = {
 }
 
 TORCH_DTYPE_NAMES = {
-    "float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
-    "float8_e5m2fnuz", "float8_e8m0fnu", "complex128", "complex64", "complex32", "int64", "int32",
-    "int16", "int8", "uint64", "uint32", "uint16", "uint8", "bool", "qint8", "quint8", "qint32",
-    "quint4x2", "quint2x4", "double", "float", "half", "long", "int", "short", "cfloat", "cdouble",
+    "float64",
+    "float32",
+    "float16",
+    "bfloat16",
+    "float8_e4m3fn",
+    "float8_e5m2",
+    "float8_e4m3fnuz",
+    "float8_e5m2fnuz",
+    "float8_e8m0fnu",
+    "complex128",
+    "complex64",
+    "complex32",
+    "int64",
+    "int32",
+    "int16",
+    "int8",
+    "uint64",
+    "uint32",
+    "uint16",
+    "uint8",
+    "bool",
+    "qint8",
+    "quint8",
+    "qint32",
+    "quint4x2",
+    "quint2x4",
+    "double",
+    "float",
+    "half",
+    "long",
+    "int",
+    "short",
+    "cfloat",
+    "cdouble",
 }
-_DTYPE_ALIASES = {"double": "float64", "float": "float32", "half": "float16", "long": "int64",
-                  "int": "int32", "short": "int16", "cfloat": "complex64", "cdouble": "complex128"}
+_DTYPE_ALIASES = {
+    "double": "float64",
+    "float": "float32",
+    "half": "float16",
+    "long": "int64",
+    "int": "int32",
+    "short": "int16",
+    "cfloat": "complex64",
+    "cdouble": "complex128",
+}
 
 
 @dataclass(frozen=True)
@@ -186,8 +224,15 @@ def _as_param(t: Any) -> Any:
 
 
 # the qschemes a quantized tensor names (globals of torch, read as their names)
-QSCHEMES = frozenset({"per_tensor_affine", "per_channel_affine", "per_channel_affine_float_qparams",
-                      "per_tensor_symmetric", "per_channel_symmetric"})
+QSCHEMES = frozenset(
+    {
+        "per_tensor_affine",
+        "per_channel_affine",
+        "per_channel_affine_float_qparams",
+        "per_tensor_symmetric",
+        "per_channel_symmetric",
+    }
+)
 # sparse layouts: the names of the tensors ``_rebuild_sparse_tensor`` receives, in order
 SPARSE_PARTS: dict[str, tuple[str, ...]] = {
     "sparse_coo": ("indices", "values"),
@@ -197,26 +242,52 @@ SPARSE_PARTS: dict[str, tuple[str, ...]] = {
     "sparse_bsc": ("ccol_indices", "row_indices", "values"),
 }
 # what a pickled DTensor is made of: read as the data they hold, never built
-DTENSOR_GLOBALS = frozenset({
-    "torch.distributed.tensor.DTensor",
-    "torch.distributed._tensor.api.DTensor", "torch.distributed.tensor._api.DTensor",
-    "torch.distributed.tensor._dtensor_spec.DTensorSpec", "torch.distributed.tensor._dtensor_spec.TensorMeta",
-    "torch.distributed.tensor._dtensor_spec.ShardOrderEntry", "torch.distributed.device_mesh.DeviceMesh",
-    "torch.distributed._mesh_layout._MeshLayout", "torch.distributed._mesh_layout._FlatLayout",
-    "torch.distributed.tensor.placement_types.Shard", "torch.distributed.tensor.placement_types.Replicate",
-    "torch.distributed.tensor.placement_types.Partial", "torch.distributed.tensor.placement_types._StridedShard",
-})
+DTENSOR_GLOBALS = frozenset(
+    {
+        "torch.distributed.tensor.DTensor",
+        "torch.distributed._tensor.api.DTensor",
+        "torch.distributed.tensor._api.DTensor",
+        "torch.distributed.tensor._dtensor_spec.DTensorSpec",
+        "torch.distributed.tensor._dtensor_spec.TensorMeta",
+        "torch.distributed.tensor._dtensor_spec.ShardOrderEntry",
+        "torch.distributed.device_mesh.DeviceMesh",
+        "torch.distributed._mesh_layout._MeshLayout",
+        "torch.distributed._mesh_layout._FlatLayout",
+        "torch.distributed.tensor.placement_types.Shard",
+        "torch.distributed.tensor.placement_types.Replicate",
+        "torch.distributed.tensor.placement_types.Partial",
+        "torch.distributed.tensor.placement_types._StridedShard",
+    }
+)
 
 # the calls _reduce_known gives their meaning, as plain data or tensor descriptions
-REBUILT_AS_DATA = frozenset({
-    "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor_v3", "torch._utils._rebuild_tensor",
-    "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state", "collections.OrderedDict",
-    "torch._tensor._rebuild_from_type_v2", "torch._utils._rebuild_qtensor", "torch.Size", "torch.device",
-    "torch._utils._rebuild_meta_tensor_no_storage", "_codecs.encode", "builtins.set", "builtins.frozenset",
-    "__builtin__.set", "__builtin__.frozenset", "builtins.bytes", "__builtin__.bytes", "builtins.bytearray",
-    "__builtin__.bytearray", "torch._utils._rebuild_sparse_tensor", "torch.serialization._get_layout",
-    "torch._utils._rebuild_wrapper_subclass",
-})
+REBUILT_AS_DATA = frozenset(
+    {
+        "torch._utils._rebuild_tensor_v2",
+        "torch._utils._rebuild_tensor_v3",
+        "torch._utils._rebuild_tensor",
+        "torch._utils._rebuild_parameter",
+        "torch._utils._rebuild_parameter_with_state",
+        "collections.OrderedDict",
+        "torch._tensor._rebuild_from_type_v2",
+        "torch._utils._rebuild_qtensor",
+        "torch.Size",
+        "torch.device",
+        "torch._utils._rebuild_meta_tensor_no_storage",
+        "_codecs.encode",
+        "builtins.set",
+        "builtins.frozenset",
+        "__builtin__.set",
+        "__builtin__.frozenset",
+        "builtins.bytes",
+        "__builtin__.bytes",
+        "builtins.bytearray",
+        "__builtin__.bytearray",
+        "torch._utils._rebuild_sparse_tensor",
+        "torch.serialization._get_layout",
+        "torch._utils._rebuild_wrapper_subclass",
+    }
+)
 # globals that are not called but read as what they name (a qscheme) or as the data of a DTensor
 READ_AS_DATA = frozenset({*(f"torch.{q}" for q in QSCHEMES), *DTENSOR_GLOBALS})
 
@@ -306,8 +377,10 @@ def _rebuild_dtensor(inner: tuple[Any, ...], state: Any) -> Any:
         local.note = f"DTensor ({where}) read as its full local tensor"
     else:
         local.kind = "dtensor_shard"
-        local.note = (f"DTensor ({where}) holds {'a partial sum' if partial else 'one shard'} of shape "
-                      f"{list(local.shape)} of a tensor of shape {list(global_shape)}")
+        local.note = (
+            f"DTensor ({where}) holds {'a partial sum' if partial else 'one shard'} of shape "
+            f"{list(local.shape)} of a tensor of shape {list(global_shape)}"
+        )
     return local
 
 
@@ -339,9 +412,14 @@ def _reduce_known(name: str, args: Any) -> tuple[bool, Any]:
         return True, _as_param(args[0])
     if name == "torch._tensor._rebuild_from_type_v2" and len(args) >= 3:
         func, inner = args[0], args[2]
-        if (isinstance(func, GlobalRef) and func.qualname == "torch._utils._rebuild_wrapper_subclass"
-                and isinstance(inner, tuple) and inner and isinstance(inner[0], GlobalRef)
-                and inner[0].name == "DTensor"):
+        if (
+            isinstance(func, GlobalRef)
+            and func.qualname == "torch._utils._rebuild_wrapper_subclass"
+            and isinstance(inner, tuple)
+            and inner
+            and isinstance(inner[0], GlobalRef)
+            and inner[0].name == "DTensor"
+        ):
             local = _rebuild_dtensor(inner, args[3] if len(args) > 3 else None)
             if local is not None:
                 return True, local
@@ -399,8 +477,13 @@ class PickleVM:
             the position is recorded in ``trace.desync``.
     """
 
-    def __init__(self, persistent_load: Callable[[Any], Any] | None = None, trace: Trace | None = None,
-                 budget: int | None = None, frames: str = "c") -> None:
+    def __init__(
+        self,
+        persistent_load: Callable[[Any], Any] | None = None,
+        trace: Trace | None = None,
+        budget: int | None = None,
+        frames: str = "c",
+    ) -> None:
         self.persistent_load = persistent_load
         self.trace = trace if trace is not None else Trace()
         self.budget = budget
@@ -427,8 +510,18 @@ class PickleVM:
             return machine.run()
         except FormatError:
             raise
-        except (ValueError, TypeError, IndexError, KeyError, AttributeError, OverflowError, struct.error,
-                RecursionError, UnicodeError, MemoryError) as exc:
+        except (
+            ValueError,
+            TypeError,
+            IndexError,
+            KeyError,
+            AttributeError,
+            OverflowError,
+            struct.error,
+            RecursionError,
+            UnicodeError,
+            MemoryError,
+        ) as exc:
             raise FormatError(f"malformed pickle after byte {start} ({type(exc).__name__}: {exc})") from None
         finally:
             reader.release()
@@ -450,6 +543,7 @@ def _op(*codes: bytes) -> Callable[[_Handler], _Handler]:
         for code in codes:
             _OPS[code[0]] = fn
         return fn
+
     return register
 
 
@@ -474,8 +568,10 @@ class _Machine:
             op = r.read(1)[0]
             vm.ops += 1
             if vm.ops > budget:
-                raise WorkLimit(f"stopped after {budget:,} opcodes at byte {pos} (more work than "
-                                f"{OPCODES_PER_STORED_BYTE} opcodes per stored byte); the rest was not read")
+                raise WorkLimit(
+                    f"stopped after {budget:,} opcodes at byte {pos} (more work than "
+                    f"{OPCODES_PER_STORED_BYTE} opcodes per stored byte); the rest was not read"
+                )
             handler = table[op]
             if handler is None:
                 raise FormatError(f"unknown pickle opcode {bytes([op])!r} at byte {pos}")
@@ -507,8 +603,10 @@ class _Machine:
         return GlobalRef(module, name)
 
     def call(self, func: Any, args: Any, opcode: str) -> Any:
-        name = func.qualname if isinstance(func, GlobalRef) else (
-            func.name if isinstance(func, Placeholder) else f"<{type(func).__name__}>"
+        name = (
+            func.qualname
+            if isinstance(func, GlobalRef)
+            else (func.name if isinstance(func, Placeholder) else f"<{type(func).__name__}>")
         )
         self.trace.calls.append(Event(opcode, name, self.pos, isinstance(func, GlobalRef)))
         if isinstance(func, GlobalRef) and opcode == "REDUCE":
@@ -524,6 +622,7 @@ class _Machine:
 def _push(value_of: Callable[[_Machine], Any]) -> _Handler:
     def handler(m: _Machine) -> None:
         m.stack.append(value_of(m))
+
     return handler
 
 
@@ -532,6 +631,7 @@ def _unpack(fmt_: str, size: int) -> Callable[[_Machine], Any]:
 
     def value(m: _Machine) -> Any:
         return unpack(m.r.read(size))[0]
+
     return value
 
 
@@ -541,6 +641,7 @@ def _sized(size_fmt: str, size: int) -> Callable[[_Machine], bytes]:
 
     def value(m: _Machine) -> bytes:
         return m.r.read(length(m))
+
     return value
 
 
@@ -725,9 +826,11 @@ def _stack_global(m: _Machine) -> None:
 
 def _ext(size: int) -> _Handler:
     """EXT1/2/4: a global named by its number in copyreg's extension registry (unknown here)."""
+
     def handler(m: _Machine) -> None:
         ext = int.from_bytes(m.r.read(size), "little")
         m.stack.append(m.make_global("<extension>", str(ext), "EXT", resolved=False))
+
     return handler
 
 
@@ -791,6 +894,7 @@ def _build(m: _Machine) -> None:
 def _memo_put(key_of: Callable[[_Machine], int]) -> _Handler:
     def handler(m: _Machine) -> None:
         m.memo[key_of(m)] = m.top()
+
     return handler
 
 
@@ -800,6 +904,7 @@ def _memo_get(key_of: Callable[[_Machine], int]) -> _Handler:
         if idx not in m.memo:
             raise FormatError(f"pickle memo entry {idx} is read before it is written")
         m.stack.append(m.memo[idx])
+
     return handler
 
 
@@ -813,8 +918,9 @@ _OPS[b"j"[0]] = _memo_get(_unpack("<I", 4))
 
 # joblib.dump writes each numpy array's bytes raw, right after the wrapper's BUILD; joblib.load's
 # unpickler reads them there (an object array as one more pickle), so we step over them as it does
-JOBLIB_ARRAY_WRAPPERS = frozenset({"joblib.numpy_pickle.NumpyArrayWrapper",
-                                   "sklearn.externals.joblib.numpy_pickle.NumpyArrayWrapper"})
+JOBLIB_ARRAY_WRAPPERS = frozenset(
+    {"joblib.numpy_pickle.NumpyArrayWrapper", "sklearn.externals.joblib.numpy_pickle.NumpyArrayWrapper"}
+)
 
 
 def _joblib_array(m: _Machine, state: dict[Any, Any]) -> Any:
@@ -835,8 +941,10 @@ def _numpy_itemsize(dtype: Any) -> int | None:
     if not (isinstance(dtype, Placeholder) and dtype.args and isinstance(dtype.args[0], str)):
         raise FormatError("joblib array without a numpy dtype")
     code = dtype.args[0]
-    if code.startswith("O") or any(isinstance(x, Placeholder) and x.name == "numpy.dtype" and _numpy_itemsize(x) is None
-                                   for x in _flatten(dtype.state)):
+    if code.startswith("O") or any(
+        isinstance(x, Placeholder) and x.name == "numpy.dtype" and _numpy_itemsize(x) is None
+        for x in _flatten(dtype.state)
+    ):
         return None
     kind, digits = code[:1], code[1:].split("[")[0]
     if kind in ("M", "m"):

@@ -146,8 +146,9 @@ def header_defects(path: str, check_loadable: bool = True) -> tuple[SafetensorsH
         if stride is None:
             stride = strides[shape] = contiguous_strides(shape)
         spans.append((begin, end, key))
-        tensors[key] = dense_ref(key, SAFETENSORS_TO_DTYPE[code], shape, stride, storage + key, end - begin,
-                                 data_start + begin, path)
+        tensors[key] = dense_ref(
+            key, SAFETENSORS_TO_DTYPE[code], shape, stride, storage + key, end - begin, data_start + begin, path
+        )
     spans.sort()
     cursor = 0
     for begin, end, key in spans:
@@ -185,7 +186,11 @@ def _entry_defect(key: str, entry: Any, data_len: int) -> str | None:
         return f"tensor {key!r}: unknown dtype {dtype!r}"
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         return f"tensor {key!r}: shape {shape!r} is not a list of non-negative integers"
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
         return f"tensor {key!r}: data_offsets {offsets!r} is not a pair of integers"
     begin, end = offsets
     if begin < 0 or end < begin:

@@ -76,8 +76,10 @@ def sniff_bytes(head: bytes, path: str = "") -> str:
 
 NPY_MAGIC = b"\x93NUMPY"
 # every opcode of protocols 0-5 (pickletools.opcodes); a stream may begin with any of them
-PICKLE_OPCODES = frozenset(b"()012BCFGIJKLMNPQRSTUVX]abcdeghijlopqrstu}.\x80\x81\x82\x83\x84\x85\x86\x87\x88"
-                           b"\x89\x8a\x8b\x8c\x8d\x8e\x8f\x90\x91\x92\x93\x94\x95\x96\x97\x98")
+PICKLE_OPCODES = frozenset(
+    b"()012BCFGIJKLMNPQRSTUVX]abcdeghijlopqrstu}.\x80\x81\x82\x83\x84\x85\x86\x87\x88"
+    b"\x89\x8a\x8b\x8c\x8d\x8e\x8f\x90\x91\x92\x93\x94\x95\x96\x97\x98"
+)
 
 
 def is_tar_header(head: bytes) -> bool:

@@ -56,9 +56,11 @@ def read_zip(path: str, file_size: int, trace: Trace | None = None, fmt_name: st
     if found is None:
         raise FormatError(f"{path}: zip archive without data.pkl (not a torch checkpoint)")
     if len(listing.matches(prefix + "data.pkl")) > 1:
-        raise FormatError(f"{path}: the archive holds {len(listing.matches(prefix + 'data.pkl'))} entries named "
-                          "data.pkl (ignoring case); which one a loader reads is its zip reader's choice "
-                          "(run `ckpt scan` on it)")
+        raise FormatError(
+            f"{path}: the archive holds {len(listing.matches(prefix + 'data.pkl'))} entries named "
+            "data.pkl (ignoring case); which one a loader reads is its zip reader's choice "
+            "(run `ckpt scan` on it)"
+        )
     pkl_name = found.name
     with open(path, "rb") as raw:
         storages: dict[str, StorageRef] = {}
@@ -81,8 +83,9 @@ def read_zip(path: str, file_size: int, trace: Trace | None = None, fmt_name: st
         # every other pickle inside the archive is decoded too (TorchScript constants, extra entries)
         for name, info in infos.items():
             if name != pkl_name and name.lower().endswith(".pkl"):
-                result.extra_pickles[name] = _load_entry(raw, info, PickleVM(persistent_load, trace, _budget(info)),
-                                                         path)
+                result.extra_pickles[name] = _load_entry(
+                    raw, info, PickleVM(persistent_load, trace, _budget(info)), path
+                )
                 result.pickles.append(name)
         if fmt_name == fmt.TORCHSCRIPT:
             result.script_classes = script_classes(raw, infos, prefix, path)
@@ -94,8 +97,9 @@ _CLASS_LINE = re.compile(r"^class (\w+)\(")
 _MEMBERS_LINE = re.compile(r"^\s+__(parameters|buffers)__ = \[(.*)\]\s*$")
 
 
-def script_classes(raw: IO[bytes], infos: dict[str, ZipEntry], prefix: str, path: str
-                   ) -> dict[str, tuple[set[str], set[str]]]:
+def script_classes(
+    raw: IO[bytes], infos: dict[str, ZipEntry], prefix: str, path: str
+) -> dict[str, tuple[set[str], set[str]]]:
     """Each TorchScript class's declared ``__parameters__`` and ``__buffers__``, read as text from ``code/``.
 
     The rest of a module's tensor attributes are plain attributes, which ``state_dict()`` leaves out.
@@ -110,7 +114,7 @@ def script_classes(raw: IO[bytes], infos: dict[str, ZipEntry], prefix: str, path
             text = read_entry(raw, info, path, MAX_SCRIPT_CODE).decode("utf-8", "replace")
         except FormatError:
             continue  # unreadable code: its classes keep every tensor in the state dict
-        module = name[len(code):-len(".py")].replace("/", ".")
+        module = name[len(code) : -len(".py")].replace("/", ".")
         current: tuple[set[str], set[str]] | None = None
         for line in text.splitlines():
             m = _CLASS_LINE.match(line)
@@ -125,8 +129,9 @@ def script_classes(raw: IO[bytes], infos: dict[str, ZipEntry], prefix: str, path
     return out
 
 
-def storage_loader(storages: dict[str, StorageRef],
-                   resolve: Callable[[str, str, str, int], StorageRef]) -> Callable[[Any], Any]:
+def storage_loader(
+    storages: dict[str, StorageRef], resolve: Callable[[str, str, str, int], StorageRef]
+) -> Callable[[Any], Any]:
     """The one ``persistent_load`` for torch's storage ids ``("storage", type, key, location, numel[, view])``.
 
     ``resolve(key, dtype, location, numel)`` places a storage's bytes (or refuses it); each key is
@@ -208,11 +213,14 @@ def read_legacy(path: str, file_size: int, trace: Trace | None = None) -> RawFil
         start, nbytes = positions[key]
         resolved[key] = StorageRef(key, ref.dtype, ref.location, ref.numel, start, nbytes, path)
     _resolve_tree_storages(root, resolved)
-    return RawFile(path, fmt.LEGACY, file_size, root, resolved, trace, ["magic", "protocol", "sys_info", "data", "keys"])
+    return RawFile(
+        path, fmt.LEGACY, file_size, root, resolved, trace, ["magic", "protocol", "sys_info", "data", "keys"]
+    )
 
 
-def walk_legacy_storages(f: IO[bytes], keys: Any, storages: dict[str, StorageRef],
-                         file_size: int) -> dict[str, tuple[int, int]]:
+def walk_legacy_storages(
+    f: IO[bytes], keys: Any, storages: dict[str, StorageRef], file_size: int
+) -> dict[str, tuple[int, int]]:
     """The storage records after a legacy file's fifth pickle (its list of storage keys): each an
     8-byte element count, then the bytes. Returns ``key -> (start, nbytes)``; ``f`` is left after the last."""
     if not isinstance(keys, list):

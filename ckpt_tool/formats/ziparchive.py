@@ -86,15 +86,15 @@ class ZipListing:
 
 
 def _u16(b: bytes, o: int) -> int:
-    return int.from_bytes(b[o:o + 2], "little")
+    return int.from_bytes(b[o : o + 2], "little")
 
 
 def _u32(b: bytes, o: int) -> int:
-    return int.from_bytes(b[o:o + 4], "little")
+    return int.from_bytes(b[o : o + 4], "little")
 
 
 def _u64(b: bytes, o: int) -> int:
-    return int.from_bytes(b[o:o + 8], "little")
+    return int.from_bytes(b[o : o + 8], "little")
 
 
 def _decode_name(raw: bytes, flags: int) -> str:
@@ -117,7 +117,7 @@ def _zip64_extra(extra: bytes, fields: list[int]) -> list[int]:
     while i + 4 <= len(extra):
         tag, size = _u16(extra, i), _u16(extra, i + 2)
         if tag == 1:
-            data, j = extra[i + 4:i + 4 + size], 0
+            data, j = extra[i + 4 : i + 4 + size], 0
             out = list(fields)
             for k, v in enumerate(fields):
                 if v == 0xFFFFFFFF and j + 8 <= len(data):
@@ -148,7 +148,7 @@ def _end_records(f: IO[bytes], size: int) -> list[_EndRecord]:
         if i + 22 <= len(tail):
             count, cd_size, cd_offset = _u16(tail, i + 10), _u32(tail, i + 12), _u32(tail, i + 16)
             at = before = None
-            if i >= 20 and tail[i - 20:i - 16] == LOC64_SIG:
+            if i >= 20 and tail[i - 20 : i - 16] == LOC64_SIG:
                 at = _u64(tail, i - 12)
                 before = start + i - 20 - 56
                 record = _read_at(f, at, 56)
@@ -163,13 +163,14 @@ def _read_at(f: IO[bytes], offset: int, n: int) -> bytes:
     if offset < 0:
         return b""
     if isinstance(f, mmap.mmap):  # a mapped file cannot seek past its end; a slice there is empty
-        return f[offset:offset + n]
+        return f[offset : offset + n]
     f.seek(offset)
     return f.read(n)
 
 
-def _central_directory(f: IO[bytes], offset: int, size: int, shift: int, file_size: int,
-                       count: int) -> list[ZipEntry] | None:
+def _central_directory(
+    f: IO[bytes], offset: int, size: int, shift: int, file_size: int, count: int
+) -> list[ZipEntry] | None:
     """The entries of the central directory at ``offset``; None when no directory starts there."""
     if offset < 0 or size > MAX_CENTRAL_DIRECTORY or offset + size > file_size or count > MAX_ENTRIES:
         return None
@@ -184,11 +185,11 @@ def _central_directory(f: IO[bytes], offset: int, size: int, shift: int, file_si
         sig, _, needed, flags, method, _, _, crc, csize, usize, nlen, xlen, clen, _, _, _, local = unpack(data, i)
         if sig != CD_SIG:
             break
-        raw_name = data[i + 46:i + 46 + nlen]
+        raw_name = data[i + 46 : i + 46 + nlen]
         # names are nearly always ASCII, which both encodings read alike
         name = raw_name.decode("ascii") if raw_name.isascii() else _decode_name(raw_name, flags)
         if xlen:
-            extra = data[i + 46 + nlen:i + 46 + nlen + xlen]
+            extra = data[i + 46 + nlen : i + 46 + nlen + xlen]
             usize, csize, local = _zip64_extra(extra, [usize, csize, local])
         entries.append(ZipEntry(name, local + shift, method, flags, crc, csize, usize, needed, source))
         i += 46 + nlen + xlen + clen
@@ -259,23 +260,29 @@ def _list(f: IO[bytes], path: str, size: int) -> ZipListing:
     counts = collections.Counter(names)
     dupes = sorted(n for n, c in counts.items() if c > 1)
     if dupes:
-        ambiguities.append(f"duplicate entry names ({', '.join(dupes[:3])}): readers choose differently among "
-                           "them (zipfile takes the last)")
+        ambiguities.append(
+            f"duplicate entry names ({', '.join(dupes[:3])}): readers choose differently among "
+            "them (zipfile takes the last)"
+        )
     folded: dict[str, set[str]] = {}
     for n in names:
         folded.setdefault(n.lower(), set()).add(n)
     clashes = sorted(" / ".join(sorted(v)) for v in folded.values() if len(v) > 1)
     if clashes:
-        ambiguities.append(f"entry names that differ only in case ({clashes[0]}): torch finds names "
-                           "case-insensitively, zipfile exactly")
+        ambiguities.append(
+            f"entry names that differ only in case ({clashes[0]}): torch finds names "
+            "case-insensitively, zipfile exactly"
+        )
     bad = [e.name for e in torch_entries if undecodable(e.name)]
     if bad:
-        ambiguities.append(f"entry name {bad[0]!r} is flagged UTF-8 but is not: Python's zipfile refuses the "
-                           "archive, torch reads it")
+        ambiguities.append(
+            f"entry name {bad[0]!r} is flagged UTF-8 but is not: Python's zipfile refuses the archive, torch reads it"
+        )
     high = [e.name for e in torch_entries if e.version_needed > ZIPFILE_MAX_VERSION]
     if high:
-        ambiguities.append(f"'version needed to extract' above 6.3 ({high[0]}): Python's zipfile refuses the "
-                           "archive, torch reads it")
+        ambiguities.append(
+            f"'version needed to extract' above 6.3 ({high[0]}): Python's zipfile refuses the archive, torch reads it"
+        )
     seen = {(e.name, e.header_offset) for e in torch_entries}
     others: list[ZipEntry] = []
     for _, entries in views[1:]:
@@ -286,16 +293,18 @@ def _list(f: IO[bytes], path: str, size: int) -> ZipListing:
     listed = {e.header_offset for e in torch_entries}
     for e in _local_chain(f, size, torch_entries):
         if e.header_offset not in listed:
-            ambiguities.append(f"local header at {e.header_offset} ({e.name}) is in no central directory "
-                               "(a streaming reader reads it)")
+            ambiguities.append(
+                f"local header at {e.header_offset} ({e.name}) is in no central directory (a streaming reader reads it)"
+            )
             if (e.name, e.header_offset) not in seen:
                 seen.add((e.name, e.header_offset))
                 others.append(e)
     for e in torch_entries:
         local = _local_name(f, e)
         if local is not None and local != e.name:
-            ambiguities.append(f"entry {e.name!r} is named {local!r} in its local header (torch ignores it, "
-                               "zipfile refuses it)")
+            ambiguities.append(
+                f"entry {e.name!r} is named {local!r} in its local header (torch ignores it, zipfile refuses it)"
+            )
     return ZipListing(path, size, tuple(torch_entries), tuple(others), tuple(dict.fromkeys(ambiguities)))
 
 
@@ -327,8 +336,9 @@ def _local_chain(f: IO[bytes], size: int, listed: list[ZipEntry]) -> list[ZipEnt
             csize = known.compressed_size
         elif flags & 8 and csize == 0:
             return out  # size deferred to a data descriptor and no directory entry: cannot step over it
-        out.append(ZipEntry(_decode_name(rest[:nlen], flags), pos, method, flags, crc, csize, usize, needed,
-                            "local header"))
+        out.append(
+            ZipEntry(_decode_name(rest[:nlen], flags), pos, method, flags, crc, csize, usize, needed, "local header")
+        )
         nxt = pos + 30 + nlen + xlen + csize
         if flags & 8:  # a data descriptor follows: crc and sizes, 4 bytes each or zip64's 8
             base = nxt + (4 if _read_at(f, nxt, 4) == DESCRIPTOR_SIG else 0)
@@ -378,11 +388,12 @@ def read_entry(f: IO[bytes], e: ZipEntry, path: str, max_size: int) -> bytes:
             if len(raw) < 4:
                 raise lzma.LZMAError("lzma header missing")
             psize = _u16(raw, 2)
-            filt = lzma._decode_filter_properties(lzma.FILTER_LZMA1, raw[4:4 + psize])  # type: ignore[attr-defined]
-            data = lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=[filt]).decompress(raw[4 + psize:], max_size + 1)
+            filt = lzma._decode_filter_properties(lzma.FILTER_LZMA1, raw[4 : 4 + psize])  # type: ignore[attr-defined]
+            data = lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=[filt]).decompress(raw[4 + psize :], max_size + 1)
         else:
-            raise FormatError(f"{path}: zip entry {e.name!r} uses compression method {e.method}, which no "
-                              "reader ckpt knows handles")
+            raise FormatError(
+                f"{path}: zip entry {e.name!r} uses compression method {e.method}, which no reader ckpt knows handles"
+            )
     except (zlib.error, lzma.LZMAError, OSError, EOFError, ValueError) as exc:
         raise FormatError(f"{path}: zip entry {e.name!r} has corrupt compressed data ({exc})") from None
     if len(data) > max_size:

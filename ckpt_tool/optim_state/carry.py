@@ -59,8 +59,9 @@ class Carried:
     drop_paths: frozenset[str] = frozenset()  # optimizer states left out (--drop-optimizer)
 
 
-def training_state(ckpt: Checkpoint, plan: Plan, final: State, target: TargetSignature | None, fmt: str, *,
-                   sharded: bool = False) -> Carried | None:
+def training_state(
+    ckpt: Checkpoint, plan: Plan, final: State, target: TargetSignature | None, fmt: str, *, sharded: bool = False
+) -> Carried | None:
     """The training state ``plan`` carries beside ``final`` (its planned state dict), or ``None`` when
     there is none to carry (no optimizer state and no ``--also-key``) or the output has no place for
     it (then migrate drops it, listed, as any entry that is not plain data)."""
@@ -69,22 +70,39 @@ def training_state(ckpt: Checkpoint, plan: Plan, final: State, target: TargetSig
         return None
     if fmt != PTH or sharded:
         if plan.also_keys:
-            raise UsageError(f"--also-key {plan.also_keys[0]}: only a single .pth output holds a second state dict "
-                             "(write one .pth, without --max-shard-size)")
+            raise UsageError(
+                f"--also-key {plan.also_keys[0]}: only a single .pth output holds a second state dict "
+                "(write one .pth, without --max-shard-size)"
+            )
         return None
     if plan.drop_optimizer and not plan.also_keys:
         return None
     from ..arch import target_signature
 
     source = target_signature(plan.source_arch, {}) if plan.source_arch else None
-    return carry(ckpt, plan.operations, final, target=target, source=source, also_keys=plan.also_keys,
-                 optimizers=() if plan.drop_optimizer else optimizers,
-                 drop=tuple(o.path for o in optimizers) if plan.drop_optimizer else ())
+    return carry(
+        ckpt,
+        plan.operations,
+        final,
+        target=target,
+        source=source,
+        also_keys=plan.also_keys,
+        optimizers=() if plan.drop_optimizer else optimizers,
+        drop=tuple(o.path for o in optimizers) if plan.drop_optimizer else (),
+    )
 
 
-def carry(ckpt: Checkpoint, operations: Sequence[Operation], final: State, *, target: TargetSignature | None,
-          source: TargetSignature | None = None, also_keys: Sequence[str] = (),
-          optimizers: Sequence[OptimizerState] = (), drop: Sequence[str] = ()) -> Carried:
+def carry(
+    ckpt: Checkpoint,
+    operations: Sequence[Operation],
+    final: State,
+    *,
+    target: TargetSignature | None,
+    source: TargetSignature | None = None,
+    also_keys: Sequence[str] = (),
+    optimizers: Sequence[OptimizerState] = (),
+    drop: Sequence[str] = (),
+) -> Carried:
     """Every entry beside the state dict, carried: optimizer states re-keyed for ``final``, ``also_keys``
     state dicts given ``operations``, the rest (schedulers, scalers, counters, callbacks) as it is.
 
@@ -114,9 +132,15 @@ class _NotCarried(Exception):
     pass
 
 
-def _tree(value: Any, path: str, out: Carried, opts: Mapping[str, OptimizerState],
-          also: Mapping[str, tuple[State, dict[str, Any] | None]], final: State,
-          target: TargetSignature | None) -> Any:
+def _tree(
+    value: Any,
+    path: str,
+    out: Carried,
+    opts: Mapping[str, OptimizerState],
+    also: Mapping[str, tuple[State, dict[str, Any] | None]],
+    final: State,
+    target: TargetSignature | None,
+) -> Any:
     """``value`` as the writer writes it: plain data, tensors as slots; optimizer states re-keyed."""
     if path in out.drop_paths:
         raise _NotCarried("optimizer state (--drop-optimizer)")
@@ -126,8 +150,9 @@ def _tree(value: Any, path: str, out: Carried, opts: Mapping[str, OptimizerState
         entries, meta = also[path]
         for k, e in entries.items():
             out.state[_slot_key(path, k)] = replace(e, key=_slot_key(path, k))
-        return StateDictValue({k: TensorSlot(_slot_key(path, k)) for k in entries},
-                              {"_metadata": meta} if meta is not None else None)
+        return StateDictValue(
+            {k: TensorSlot(_slot_key(path, k)) for k in entries}, {"_metadata": meta} if meta is not None else None
+        )
     if isinstance(value, TensorSlot):
         return value
     if isinstance(value, PickledTensor):
@@ -162,8 +187,9 @@ def _new_order(opt: OptimizerState, final: State, target: TargetSignature | None
     return [k for k, e in final.items() if e.from_checkpoint and not e.tied_to and e.origin in params]
 
 
-def _assign(opt: OptimizerState, final: State, target: TargetSignature | None
-            ) -> tuple[list[list[str]], dict[str, int | str]]:
+def _assign(
+    opt: OptimizerState, final: State, target: TargetSignature | None
+) -> tuple[list[list[str]], dict[str, int | str]]:
     """Output parameters per group (model order within a group), and each kept one's old id.
 
     A kept parameter stays in its group, a re-initialised one takes the group of the one it replaces,
@@ -212,8 +238,11 @@ def _rekeyed(opt: OptimizerState, final: State, target: TargetSignature | None) 
         new_groups.append({**hyper, "params": ids})
     position = {i: n for n, i in enumerate(i for g in new_groups for i in g["params"])}
     ordered = dict(sorted(new_state.items(), key=lambda kv: position[kv[0]]))
-    return {**{k: v for k, v in src.items() if k not in ("state", "param_groups")},
-            "state": ordered, "param_groups": new_groups}
+    return {
+        **{k: v for k, v in src.items() if k not in ("state", "param_groups")},
+        "state": ordered,
+        "param_groups": new_groups,
+    }
 
 
 def _param_state(s: ParamState, param: Entry, raw: dict[Any, Any]) -> dict[str, Any]:
@@ -241,12 +270,14 @@ def _plan_of(opt: OptimizerState, final: State, target: TargetSignature | None) 
     dropped = tuple(name_of[i] for i in opt.ids if i not in used and i in with_state)
     fresh = tuple(k for keys in groups for k in keys if k not in kept or kept[k] not in with_state)
     cast = tuple(k for k in kept if final[k].dtype != final[k].source_dtype)
-    return OptimizerPlan(opt.path, opt.kind, opt.mapped_by, tuple(len(g) for g in groups), carried, dropped,
-                         fresh, cast)
+    return OptimizerPlan(
+        opt.path, opt.kind, opt.mapped_by, tuple(len(g) for g in groups), carried, dropped, fresh, cast
+    )
 
 
-def _also_state(ckpt: Checkpoint, key: str, operations: Sequence[Operation], target: TargetSignature | None
-                ) -> tuple[str, State, tuple[Step, ...], dict[str, Any] | None]:
+def _also_state(
+    ckpt: Checkpoint, key: str, operations: Sequence[Operation], target: TargetSignature | None
+) -> tuple[str, State, tuple[Step, ...], dict[str, Any] | None]:
     """A sibling state dict given the plan's operations: its path, planned entries, steps and ``_metadata``."""
     from ..objects import rename_metadata
 
@@ -254,16 +285,16 @@ def _also_state(ckpt: Checkpoint, key: str, operations: Sequence[Operation], tar
     if walked == ckpt.state_path:
         raise UsageError(f"--also-key {key}: is the state dict itself (--key)")
     if state_objects(obj):
-        raise UsageError(f"--also-key {key}: holds entries that are not tensors (_extra_state); ckpt carries "
-                         "those in the main state dict only")
+        raise UsageError(
+            f"--also-key {key}: holds entries that are not tensors (_extra_state); ckpt carries "
+            "those in the main state dict only"
+        )
     applied = apply(tuple(operations), initial_state(to_state_dict(obj, ckpt.path)), target)
     meta = module_metadata(obj)
     if meta is not None:
         moved = {e.origin: k for k, e in applied.state.items() if e.source == CHECKPOINT}
         meta = rename_metadata(meta, operations, moved)
     return walked, applied.state, applied.steps, meta
-
-
 
 
 # --- after the write ------------------------------------------------------------------------------
@@ -278,7 +309,7 @@ def verify_carried(written: Any, carried: Carried, *, target_chunks: Any, cast: 
     root = read_raw(written.path).root
     found: dict[str, TensorRef] = {}
     for key in carried.state:
-        obj = walk_key(root, key[len(CARRIED):])[0]
+        obj = walk_key(root, key[len(CARRIED) :])[0]
         if isinstance(obj, PickledTensor):
             found[key] = tensor_ref(key, obj, written.path)
     differ, checked = compare_values(found, carried.state, written, target_chunks=target_chunks, cast=cast)
@@ -294,9 +325,15 @@ def _same_tree(planned: Any, got: Any) -> bool:
     if isinstance(planned, StateDictValue):
         return _same_tree(planned.items, got)
     if isinstance(planned, dict):
-        return (isinstance(got, dict) and list(planned) == list(got)
-                and all(_same_tree(v, got[k]) for k, v in planned.items()))
+        return (
+            isinstance(got, dict)
+            and list(planned) == list(got)
+            and all(_same_tree(v, got[k]) for k, v in planned.items())
+        )
     if isinstance(planned, (list, tuple)):
-        return (type(got) is type(planned) and len(got) == len(planned)
-                and all(_same_tree(a, b) for a, b in zip(planned, got)))
+        return (
+            type(got) is type(planned)
+            and len(got) == len(planned)
+            and all(_same_tree(a, b) for a, b in zip(planned, got))
+        )
     return type(planned) is type(got) and (planned == got or planned != planned and got != got)

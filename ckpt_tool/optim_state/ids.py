@@ -70,8 +70,9 @@ class OptimizerState:
 
 
 def is_optimizer_state(value: Any) -> bool:
-    return (isinstance(value, dict) and isinstance(value.get("state"), dict)
-            and isinstance(value.get("param_groups"), list))
+    return (
+        isinstance(value, dict) and isinstance(value.get("state"), dict) and isinstance(value.get("param_groups"), list)
+    )
 
 
 def find_optimizers(ckpt: Checkpoint) -> tuple[OptimizerState, ...]:
@@ -98,8 +99,11 @@ def read_optimizer(raw: dict[str, Any], path: str, file: str) -> OptimizerState:
     for pid, values in raw["state"].items():
         if not isinstance(values, dict):
             continue
-        tensors = tuple((str(n), tensor_ref(f"{path}/state/{pid}/{n}", v, file)) for n, v in values.items()
-                        if isinstance(v, PickledTensor))
+        tensors = tuple(
+            (str(n), tensor_ref(f"{path}/state/{pid}/{n}", v, file))
+            for n, v in values.items()
+            if isinstance(v, PickledTensor)
+        )
         plain = tuple((str(n), v) for n, v in values.items() if not isinstance(v, PickledTensor))
         state.append(ParamState(pid, tensors, plain))
     ids = [i for g in groups for i in g.params]
@@ -133,8 +137,15 @@ def _kind(groups: Sequence[ParamGroup], state: Sequence[ParamState]) -> str:
 # --- which id is which parameter ------------------------------------------------------------------
 
 
-def map_ids(opt: OptimizerState, ckpt: Checkpoint, operations: Sequence[Operation], final: State, *,
-            source: TargetSignature | None = None, target: TargetSignature | None = None) -> OptimizerState:
+def map_ids(
+    opt: OptimizerState,
+    ckpt: Checkpoint,
+    operations: Sequence[Operation],
+    final: State,
+    *,
+    source: TargetSignature | None = None,
+    target: TargetSignature | None = None,
+) -> OptimizerState:
     """Tie every id of ``opt`` to a source parameter name, or raise :class:`MappingError`.
 
     In order: names stored with the state; ``source`` (``--source-arch``); ``target`` (``--arch``)
@@ -182,8 +193,11 @@ def _state_dict_parameters(ckpt: Checkpoint, final: State, target: TargetSignatu
     viewing the same bytes as an earlier one (a tie) once."""
     buffers: set[str] = set()
     if target is not None:
-        buffers = {e.origin for k, e in final.items() if e.from_checkpoint and k in target.tensors
-                   and target.tensors[k].kind == "buffer"}
+        buffers = {
+            e.origin
+            for k, e in final.items()
+            if e.from_checkpoint and k in target.tensors and target.tensors[k].kind == "buffer"
+        }
     seen: set[tuple[Any, ...]] = set()
     order = []
     for key, ref in ckpt.tensors.items():
@@ -200,8 +214,10 @@ def _check(opt: OptimizerState, order: list[str], ckpt: Checkpoint, by: str) -> 
     hint = "pass --source-arch SPEC (the model that was trained), or --drop-optimizer to leave it out"
     ids = opt.ids
     if len(order) != len(ids):
-        raise MappingError(f"{where}: {len(ids)} parameter ids, but {by} gives {len(order)} parameters; "
-                           f"cannot tell which id is which ({hint})")
+        raise MappingError(
+            f"{where}: {len(ids)} parameter ids, but {by} gives {len(order)} parameters; "
+            f"cannot tell which id is which ({hint})"
+        )
     problems = moment_problems(opt, dict(zip(ids, order)), ckpt)
     if problems:
         raise MappingError(f"{where}: {problems[0]} by {by}: the ids do not follow that order ({hint})")
@@ -216,6 +232,9 @@ def moment_problems(opt: OptimizerState, name_of: Mapping[int | str, str], ckpt:
         if name is None or ref is None:
             out.append(f"state of id {s.id!r} names no parameter of the checkpoint{f' ({name!r})' if name else ''}")
             continue
-        out.extend(f"id {s.id!r} is {name!r} {list(ref.shape)}, but its {n} is {list(t.shape)}"
-                   for n, t in s.tensors if t.shape and t.shape != ref.shape)
+        out.extend(
+            f"id {s.id!r} is {name!r} {list(ref.shape)}, but its {n} is {list(t.shape)}"
+            for n, t in s.tensors
+            if t.shape and t.shape != ref.shape
+        )
     return out

@@ -59,14 +59,26 @@ def summarize_optimizers(ckpt: Checkpoint) -> tuple[OptimizerSummary, ...]:
             unmapped = str(exc).partition(": ")[2].partition(" (pass")[0]
         names = opt.name_of()
         group_of = {i: g for g, group in enumerate(opt.groups) for i in group.params}
-        rows = tuple(StateRow(str(s.id), names.get(s.id, ""), group_of.get(s.id, -1),
-                              tuple((n, r.shape, r.dtype) for n, r in s.tensors),
-                              {n: summarize(v) for n, v in s.values}) for s in opt.state)
-        groups = tuple(GroupRow(i, len(g.params), {k: summarize(v) for k, v in g.hyper if k != "param_names"})
-                       for i, g in enumerate(opt.groups))
+        rows = tuple(
+            StateRow(
+                str(s.id),
+                names.get(s.id, ""),
+                group_of.get(s.id, -1),
+                tuple((n, r.shape, r.dtype) for n, r in s.tensors),
+                {n: summarize(v) for n, v in s.values},
+            )
+            for s in opt.state
+        )
+        groups = tuple(
+            GroupRow(i, len(g.params), {k: summarize(v) for k, v in g.hyper if k != "param_names"})
+            for i, g in enumerate(opt.groups)
+        )
         refs = [r for s in opt.state for _, r in s.tensors]
-        out.append(OptimizerSummary(opt.path, opt.kind, groups, rows, len(refs), sum(r.nbytes for r in refs),
-                                    opt.mapped_by, unmapped))
+        out.append(
+            OptimizerSummary(
+                opt.path, opt.kind, groups, rows, len(refs), sum(r.nbytes for r in refs), opt.mapped_by, unmapped
+            )
+        )
     return tuple(out)
 
 
@@ -105,13 +117,17 @@ def compare_optimizers(a: Checkpoint, b: Checkpoint) -> OptimizerDiff | None:
         if oa.kind != ob.kind:
             diffs.append(f"{where}: {oa.kind} against {ob.kind}")
         if [len(g.params) for g in oa.groups] != [len(g.params) for g in ob.groups]:
-            diffs.append(f"{where}: param groups of {[len(g.params) for g in oa.groups]} against "
-                         f"{[len(g.params) for g in ob.groups]} parameters")
+            diffs.append(
+                f"{where}: param groups of {[len(g.params) for g in oa.groups]} against "
+                f"{[len(g.params) for g in ob.groups]} parameters"
+            )
         for i, (ga, gb) in enumerate(zip(oa.groups, ob.groups)):
             ha, hb = dict(ga.hyper), dict(gb.hyper)
             changed = sorted(k for k in ha.keys() | hb.keys() if k != "param_names" and ha.get(k) != hb.get(k))
             if changed:
-                diffs.append(f"{where}: group {i}: " + ", ".join(f"{k} {ha.get(k)!r} -> {hb.get(k)!r}" for k in changed))
+                diffs.append(
+                    f"{where}: group {i}: " + ", ".join(f"{k} {ha.get(k)!r} -> {hb.get(k)!r}" for k in changed)
+                )
         if na is None or nb is None:
             continue
         only_a, only_b = sorted(na.keys() - nb.keys()), sorted(nb.keys() - na.keys())
@@ -122,12 +138,14 @@ def compare_optimizers(a: Checkpoint, b: Checkpoint) -> OptimizerDiff | None:
         for name in sorted(na.keys() & nb.keys()):
             if na[name] != nb[name]:
                 diffs.append(f"{where}: {name}: state {_shapes(na[name])} against {_shapes(nb[name])}")
-    return OptimizerDiff(tuple(p for _, _, ps in named_a for p in ps), tuple(p for _, _, ps in named_b for p in ps),
-                         tuple(diffs))
+    return OptimizerDiff(
+        tuple(p for _, _, ps in named_a for p in ps), tuple(p for _, _, ps in named_b for p in ps), tuple(diffs)
+    )
 
 
-def _by_name(opt: OptimizerState, ckpt: Checkpoint
-             ) -> tuple[OptimizerState, dict[str, tuple[tuple[str, tuple[int, ...]], ...]] | None, list[str]]:
+def _by_name(
+    opt: OptimizerState, ckpt: Checkpoint
+) -> tuple[OptimizerState, dict[str, tuple[tuple[str, tuple[int, ...]], ...]] | None, list[str]]:
     """(the state, parameter name -> its state tensors' shapes or None when unmapped, the side's defects)."""
     try:
         opt = map_ids(opt, ckpt, (), initial_state(ckpt.tensors))

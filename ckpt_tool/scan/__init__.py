@@ -49,15 +49,46 @@ from .walkers import (
 )
 
 __all__ = [
-    "ALLOWED", "BROKEN", "DENIED_BUILTINS", "DENIED_MODULES", "SAFE", "SEVERITY_ORDER", "SKIPPED", "SUSPICIOUS",
-    "TORCHSCRIPT_ALLOWED_PREFIXES", "UNSAFE", "FileScan", "Finding", "Policy", "ProjectConfig", "ScanReport",
-    "config_allow", "find_pyproject", "iter_model_files", "load_config", "matches", "policy_for", "sarif", "scan",
-    "scan_file", "_walk_opcodes",
+    "ALLOWED",
+    "BROKEN",
+    "DENIED_BUILTINS",
+    "DENIED_MODULES",
+    "SAFE",
+    "SEVERITY_ORDER",
+    "SKIPPED",
+    "SUSPICIOUS",
+    "TORCHSCRIPT_ALLOWED_PREFIXES",
+    "UNSAFE",
+    "FileScan",
+    "Finding",
+    "Policy",
+    "ProjectConfig",
+    "ScanReport",
+    "config_allow",
+    "find_pyproject",
+    "iter_model_files",
+    "load_config",
+    "matches",
+    "policy_for",
+    "sarif",
+    "scan",
+    "scan_file",
+    "_walk_opcodes",
 ]
 
 # files a directory walk always looks at; other files only when their content is a model format
 MODEL_EXTENSIONS = (
-    ".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".joblib", ".dill", ".safetensors", ".model", ".mar",
+    ".pt",
+    ".pth",
+    ".bin",
+    ".ckpt",
+    ".pkl",
+    ".pickle",
+    ".joblib",
+    ".dill",
+    ".safetensors",
+    ".model",
+    ".mar",
     ".pth.tar",
 )
 SKIP_DIRS = {".git", ".hg", ".svn", "__pycache__"}
@@ -80,8 +111,16 @@ def _judge(out: _Streams, policy: Policy, torchscript: bool) -> tuple[list[Findi
             calls[label] = calls.get(label, 0) + 1
             if not event.resolved and event.opcode != "BUILD" and (stream, label, UNSAFE) not in seen:
                 seen.add((stream, label, UNSAFE))
-                findings.append(Finding(UNSAFE, event.name, "calls a value the stream computed (a chain such as "
-                                        "getattr(...)(...)), not a named global", stream, event.opcode, event.position))
+                findings.append(
+                    Finding(
+                        UNSAFE,
+                        event.name,
+                        "calls a value the stream computed (a chain such as getattr(...)(...)), not a named global",
+                        stream,
+                        event.opcode,
+                        event.position,
+                    )
+                )
     return findings, sorted(names), [f"{label} x{n}" if n > 1 else label for label, n in sorted(calls.items())]
 
 
@@ -112,12 +151,21 @@ def scan_file(path: str, policy: Policy | None = None) -> FileScan:
         return FileScan(path, fmt.UNKNOWN, BROKEN, (Finding(BROKEN, "empty", "file is empty"),))
     if kind == fmt.LFS_POINTER:
         info = parse_lfs_pointer(path)
-        note = (f"git-lfs pointer (oid {info.get('oid', '?')}, {info.get('size', '?')} bytes): the real file was "
-                "not fetched, nothing to scan (run `git lfs pull`)")
+        note = (
+            f"git-lfs pointer (oid {info.get('oid', '?')}, {info.get('size', '?')} bytes): the real file was "
+            "not fetched, nothing to scan (run `git lfs pull`)"
+        )
         return FileScan(path, kind, SKIPPED, notes=(note,))
     if kind == fmt.SHARDED:
-        return FileScan(path, kind, SAFE, notes=("a sharded set's JSON index holds no code; its shards are scanned "
-                                                 "as files (scan the directory, or `ckpt validate` the index)",))
+        return FileScan(
+            path,
+            kind,
+            SAFE,
+            notes=(
+                "a sharded set's JSON index holds no code; its shards are scanned "
+                "as files (scan the directory, or `ckpt validate` the index)",
+            ),
+        )
     if kind in (fmt.ZIP, fmt.TORCHSCRIPT):
         _scan_zip(path, out)
     elif kind == fmt.DCP_SHARD:
@@ -137,8 +185,14 @@ def scan_file(path: str, policy: Policy | None = None) -> FileScan:
     order = {s: i for i, s in enumerate(SEVERITY_ORDER)}
     findings.sort(key=lambda f: (order[f.severity], f.stream, f.position if f.position is not None else -1, f.name))
     return FileScan(
-        path=path, format=out.format or kind, verdict=_verdict(findings), findings=tuple(findings), globals=tuple(names),
-        calls=tuple(calls), streams=tuple(name for name, _ in out.traces), notes=tuple(out.notes),
+        path=path,
+        format=out.format or kind,
+        verdict=_verdict(findings),
+        findings=tuple(findings),
+        globals=tuple(names),
+        calls=tuple(calls),
+        streams=tuple(name for name, _ in out.traces),
+        notes=tuple(out.notes),
     )
 
 
@@ -162,8 +216,11 @@ def iter_model_files(paths: Iterable[str], indexes: bool = False) -> Iterator[st
                 full = os.path.join(root, name)
                 if not os.path.isfile(full):
                     continue
-                if name.lower().endswith(MODEL_EXTENSIONS) or (indexes and name.endswith(".index.json")) \
-                        or _looks_like_model(full):
+                if (
+                    name.lower().endswith(MODEL_EXTENSIONS)
+                    or (indexes and name.endswith(".index.json"))
+                    or _looks_like_model(full)
+                ):
                     yield full
 
 
@@ -184,8 +241,10 @@ def _looks_like_model(path: str) -> bool:
             listing = list_archive(path)
         except (FormatError, InputError):
             return False
-        return any(e.name.lower().endswith((".pkl", ".debug_pkl", ".pickle", ".npy"))
-                   for e in (*listing.entries, *listing.others))
+        return any(
+            e.name.lower().endswith((".pkl", ".debug_pkl", ".pickle", ".npy"))
+            for e in (*listing.entries, *listing.others)
+        )
     if kind == fmt.SAFETENSORS and header_defects(path)[0] is not None:
         return True
     if kind == fmt.NPY:
@@ -198,7 +257,9 @@ def _looks_like_model(path: str) -> bool:
                 return bool({"pickle", "storages"} & set(tf.getnames()))
         except (tarfile.TarError, OSError, EOFError, ValueError):
             return False
-    if kind in (fmt.LEGACY, fmt.PICKLE, fmt.SAFETENSORS) or (kind == fmt.UNKNOWN and _first_byte(path) in fmt.PICKLE_OPCODES):
+    if kind in (fmt.LEGACY, fmt.PICKLE, fmt.SAFETENSORS) or (
+        kind == fmt.UNKNOWN and _first_byte(path) in fmt.PICKLE_OPCODES
+    ):
         # a clean parse is a pickle; so is a stream that names a real global before it breaks, as
         # pickle.load imports (and may call) it before it reaches the break. Text files that merely
         # open with a pickle opcode ("cats are nice") name nothing importable.
@@ -241,4 +302,3 @@ def policy_for(config: ProjectConfig, allow: Iterable[str] = ()) -> Policy:
         if not name or " " in name or "." not in name:
             raise UsageError(f"--allow {name!r} is not a dotted name such as mypkg.models.Net or mypkg.*")
     return Policy(extra)
-

@@ -74,4 +74,3 @@ def matches(path: str, pattern: str, root: str) -> bool:
 
     rel = os.path.relpath(os.path.abspath(path), root).replace(os.sep, "/")
     return fnmatch.fnmatch(rel, pattern) or fnmatch.fnmatch(os.path.basename(path), pattern)
-

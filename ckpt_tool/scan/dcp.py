@@ -22,8 +22,7 @@ def scan_distcp(path: str, out: _Streams) -> None:
     try:
         meta = read_metadata(directory)
     except (FormatError, InputError) as exc:
-        out.notes.append(f"no readable {METADATA} beside it ({exc}): scanned as the one torch zip its end record "
-                         "names")
+        out.notes.append(f"no readable {METADATA} beside it ({exc}): scanned as the one torch zip its end record names")
         _scan_zip(path, out)
         return
     out.format = "dcp-shard"
@@ -32,8 +31,11 @@ def scan_distcp(path: str, out: _Streams) -> None:
     with open(path, "rb") as f:
         for what, item in mine:
             if item.offset + item.length > size:
-                out.broken(f"{what}: recorded at bytes {item.offset}-{item.offset + item.length}, past the end of "
-                           f"the file ({size} bytes)", what)
+                out.broken(
+                    f"{what}: recorded at bytes {item.offset}-{item.offset + item.length}, past the end of "
+                    f"the file ({size} bytes)",
+                    what,
+                )
                 continue
             window = Window(f, item.offset, item.length)
             label = f"{path}@{item.offset}"
@@ -52,5 +54,7 @@ def scan_distcp(path: str, out: _Streams) -> None:
                     out.broken(str(exc).removeprefix(f"{label}: "), stream)
                     continue
                 _scan_bytes(out, stream, data, e.compressed_size)
-    out.notes.append(f"{len(mine)} stored items named by {METADATA}, each a torch.save archive (dcp.load unpickles "
-                     "bytes entries with weights_only=False)")
+    out.notes.append(
+        f"{len(mine)} stored items named by {METADATA}, each a torch.save archive (dcp.load unpickles "
+        "bytes entries with weights_only=False)"
+    )

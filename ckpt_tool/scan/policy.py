@@ -79,28 +79,86 @@ ALLOWED: dict[str, str] = {
     "pathlib.PureWindowsPath": "a path value; building it touches no file",
     "pathlib.Path": "a path value; building it touches no file",
     "joblib.numpy_pickle.NumpyArrayWrapper": "joblib's array header: joblib.load reads the raw array bytes that "
-                                              "follow it (an object array as one more pickle, scanned too)",
+    "follow it (an object array as one more pickle, scanned too)",
     "sklearn.externals.joblib.numpy_pickle.NumpyArrayWrapper": "joblib's array header (vendored in old scikit-learn)",
 }
-for _name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
-              "_rebuild_parameter_with_state", "_rebuild_qtensor", "_rebuild_sparse_tensor",
-              "_rebuild_meta_tensor_no_storage", "_rebuild_nested_tensor", "_rebuild_wrapper_subclass",
-              "_rebuild_device_tensor_from_numpy", "_rebuild_device_tensor_from_cpu_tensor"):
+for _name in (
+    "_rebuild_tensor",
+    "_rebuild_tensor_v2",
+    "_rebuild_tensor_v3",
+    "_rebuild_parameter",
+    "_rebuild_parameter_with_state",
+    "_rebuild_qtensor",
+    "_rebuild_sparse_tensor",
+    "_rebuild_meta_tensor_no_storage",
+    "_rebuild_nested_tensor",
+    "_rebuild_wrapper_subclass",
+    "_rebuild_device_tensor_from_numpy",
+    "_rebuild_device_tensor_from_cpu_tensor",
+):
     ALLOWED[f"torch._utils.{_name}"] = _TORCH_REBUILD
 for _prefix in ("torch", "torch.cuda"):
-    for _kind in ("Double", "Float", "Half", "BFloat16", "Long", "Int", "Short", "Char", "Byte", "Bool",
-                  "ComplexDouble", "ComplexFloat"):
+    for _kind in (
+        "Double",
+        "Float",
+        "Half",
+        "BFloat16",
+        "Long",
+        "Int",
+        "Short",
+        "Char",
+        "Byte",
+        "Bool",
+        "ComplexDouble",
+        "ComplexFloat",
+    ):
         ALLOWED[f"{_prefix}.{_kind}Storage"] = _STORAGE
         if not _kind.startswith("Complex"):
             ALLOWED[f"{_prefix}.{_kind}Tensor"] = _TORCH_VALUE + " (legacy tensor type)"
 for _kind in ("QInt8", "QUInt8", "QInt32", "QUInt4x2", "QUInt2x4"):
     ALLOWED[f"torch.{_kind}Storage"] = _STORAGE
-for _dtype in ("float64", "float32", "float16", "bfloat16", "complex128", "complex64", "complex32", "bcomplex32",
-               "bool", "int64", "int32", "int16", "int8", "uint64", "uint32", "uint16", "uint8", "qint8", "quint8",
-               "qint32", "quint4x2", "quint2x4", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
-               "float8_e8m0fnu", "float4_e2m1fn_x2", "bits1x8", "bits2x4", "bits4x2", "bits8", "bits16",
-               "per_tensor_affine", "per_tensor_symmetric", "per_channel_affine", "per_channel_symmetric",
-               "per_channel_affine_float_qparams", *(f"int{i}" for i in range(1, 8)), *(f"uint{i}" for i in range(1, 8))):
+for _dtype in (
+    "float64",
+    "float32",
+    "float16",
+    "bfloat16",
+    "complex128",
+    "complex64",
+    "complex32",
+    "bcomplex32",
+    "bool",
+    "int64",
+    "int32",
+    "int16",
+    "int8",
+    "uint64",
+    "uint32",
+    "uint16",
+    "uint8",
+    "qint8",
+    "quint8",
+    "qint32",
+    "quint4x2",
+    "quint2x4",
+    "float8_e4m3fn",
+    "float8_e5m2",
+    "float8_e4m3fnuz",
+    "float8_e5m2fnuz",
+    "float8_e8m0fnu",
+    "float4_e2m1fn_x2",
+    "bits1x8",
+    "bits2x4",
+    "bits4x2",
+    "bits8",
+    "bits16",
+    "per_tensor_affine",
+    "per_tensor_symmetric",
+    "per_channel_affine",
+    "per_channel_symmetric",
+    "per_channel_affine_float_qparams",
+    *(f"int{i}" for i in range(1, 8)),
+    *(f"uint{i}" for i in range(1, 8)),
+):
     ALLOWED[f"torch.{_dtype}"] = _DTYPE
 
 # torch.distributed.checkpoint's .metadata (what dcp.save writes, checked with torch 2.14.1): dataclasses
@@ -108,19 +166,21 @@ for _dtype in ("float64", "float32", "float16", "bfloat16", "complex128", "compl
 # TensorProperties, a __setstate__ that only decodes its fields). torch.distributed is denied as a whole
 # (rpc), so these exact names are allowed here and nothing else under it.
 _DCP_RECORD = "torch.distributed.checkpoint's metadata record: a dataclass of plain fields, built without __init__"
-ALLOWED.update({
-    "torch.distributed.checkpoint.metadata.Metadata": _DCP_RECORD + " (the .metadata root)",
-    "torch.distributed.checkpoint.metadata.TensorStorageMetadata": _DCP_RECORD + " (dtype, size, chunks)",
-    "torch.distributed.checkpoint.metadata.ChunkStorageMetadata": _DCP_RECORD + " (a chunk's offsets and sizes)",
-    "torch.distributed.checkpoint.metadata.BytesStorageMetadata": _DCP_RECORD + " (marks a bytes entry; no fields)",
-    "torch.distributed.checkpoint.metadata.TensorProperties": _DCP_RECORD + " (its __setstate__ only stores the "
-                                                              "dtype, layout and flags it is given)",
-    "torch.distributed.checkpoint.metadata.MetadataIndex": _DCP_RECORD + " (a key and chunk offset)",
-    "torch.distributed.checkpoint.metadata.StorageMeta": _DCP_RECORD + " (checkpoint and save ids)",
-    "torch.distributed.checkpoint.filesystem._StorageInfo": _DCP_RECORD + " (file name, offset and length)",
-    "torch.distributed.checkpoint.metadata._MEM_FORMAT_ENCODING": "an Enum of memory formats, called with an int: "
-                                                                  "a lookup by value",
-})
+ALLOWED.update(
+    {
+        "torch.distributed.checkpoint.metadata.Metadata": _DCP_RECORD + " (the .metadata root)",
+        "torch.distributed.checkpoint.metadata.TensorStorageMetadata": _DCP_RECORD + " (dtype, size, chunks)",
+        "torch.distributed.checkpoint.metadata.ChunkStorageMetadata": _DCP_RECORD + " (a chunk's offsets and sizes)",
+        "torch.distributed.checkpoint.metadata.BytesStorageMetadata": _DCP_RECORD + " (marks a bytes entry; no fields)",
+        "torch.distributed.checkpoint.metadata.TensorProperties": _DCP_RECORD + " (its __setstate__ only stores the "
+        "dtype, layout and flags it is given)",
+        "torch.distributed.checkpoint.metadata.MetadataIndex": _DCP_RECORD + " (a key and chunk offset)",
+        "torch.distributed.checkpoint.metadata.StorageMeta": _DCP_RECORD + " (checkpoint and save ids)",
+        "torch.distributed.checkpoint.filesystem._StorageInfo": _DCP_RECORD + " (file name, offset and length)",
+        "torch.distributed.checkpoint.metadata._MEM_FORMAT_ENCODING": "an Enum of memory formats, called with an int: "
+        "a lookup by value",
+    }
+)
 
 # TorchScript archives name their compiled classes as __torch__.*; torch.jit.load resolves them in the
 # archive's own compilation unit (TorchScript code, no Python import), so they are trusted there only.
@@ -275,14 +335,24 @@ DENIED_MODULES: dict[str, str] = {
     "_osx_support": _RUNS + " (_read_output runs a shell command)",
     "_aix_support": _RUNS,
     "imaplib": _RUNS + " (IMAP4_stream runs a command) and " + _NET,
-    "poplib": _NET, "nntplib": _NET, "socketserver": _NET, "asyncore": _NET, "asynchat": _NET, "smtpd": _NET,
+    "poplib": _NET,
+    "nntplib": _NET,
+    "socketserver": _NET,
+    "asyncore": _NET,
+    "asynchat": _NET,
+    "smtpd": _NET,
     "wsgiref": _NET,
     "test": _CODE + " and " + _RUNS + " (test.support runs scripts and subprocesses)",
     "logging.FileHandler": _FILES + " (creates the log file)",
     "logging.handlers": _FILES + " and " + _NET + " (file, socket, SMTP and HTTP handlers)",
     "logging.basicConfig": _FILES + " (filename= creates a file)",
-    "numpy.savetxt": _FILES, "numpy.save": _FILES, "numpy.savez": _FILES, "numpy.savez_compressed": _FILES,
-    "numpy.loadtxt": _FILES, "numpy.genfromtxt": _FILES, "numpy.fromregex": _FILES,
+    "numpy.savetxt": _FILES,
+    "numpy.save": _FILES,
+    "numpy.savez": _FILES,
+    "numpy.savez_compressed": _FILES,
+    "numpy.loadtxt": _FILES,
+    "numpy.genfromtxt": _FILES,
+    "numpy.fromregex": _FILES,
     "numpy.lib.format": _FILES + " (open_memmap creates files) and " + _LOADS,
     "numpy.lib._npyio_impl": _LOADS + " and " + _FILES,
     "numpy.lib._datasource": _NET + " and " + _FILES,
@@ -318,14 +388,32 @@ DENIED_MODULES: dict[str, str] = {
 # builtins: the value constructors in ALLOWED are fine; every other builtin is a tool for running or
 # reaching code (eval, exec, compile, getattr, __import__, open, ...), so builtins are denied by default.
 DENIED_BUILTINS: dict[str, str] = {
-    "eval": _CODE, "exec": _CODE, "compile": _CODE, "execfile": _CODE, "input": "reads stdin and, in Python 2, evals",
-    "__import__": _IMPORTS, "getattr": "reaches any attribute (getattr(__import__('os'), 'system'))",
-    "setattr": "changes any attribute", "delattr": "changes any attribute", "globals": "reaches module globals",
-    "locals": "reaches frame locals", "vars": "reaches __dict__", "open": _FILES, "file": _FILES + " (Python 2)",
-    "apply": "calls any callable (Python 2)", "breakpoint": "starts a debugger", "exit": "stops the interpreter",
-    "quit": "stops the interpreter", "help": "starts a pager", "map": "calls a callable over values",
-    "filter": "calls a callable over values", "iter": "iter(callable, sentinel) calls it", "next": "drives calls",
-    "type": "creates classes", "super": "reaches parent methods", "memoryview": "raw memory access",
+    "eval": _CODE,
+    "exec": _CODE,
+    "compile": _CODE,
+    "execfile": _CODE,
+    "input": "reads stdin and, in Python 2, evals",
+    "__import__": _IMPORTS,
+    "getattr": "reaches any attribute (getattr(__import__('os'), 'system'))",
+    "setattr": "changes any attribute",
+    "delattr": "changes any attribute",
+    "globals": "reaches module globals",
+    "locals": "reaches frame locals",
+    "vars": "reaches __dict__",
+    "open": _FILES,
+    "file": _FILES + " (Python 2)",
+    "apply": "calls any callable (Python 2)",
+    "breakpoint": "starts a debugger",
+    "exit": "stops the interpreter",
+    "quit": "stops the interpreter",
+    "help": "starts a pager",
+    "map": "calls a callable over values",
+    "filter": "calls a callable over values",
+    "iter": "iter(callable, sentinel) calls it",
+    "next": "drives calls",
+    "type": "creates classes",
+    "super": "reaches parent methods",
+    "memoryview": "raw memory access",
 }
 _BUILTINS_OTHER = "a builtin other than an inert value constructor: a tool for calling or reaching code"
 
@@ -345,8 +433,9 @@ class Policy:
 
     extra_allowed: tuple[str, ...] = ()
 
-    def judge(self, name: str, resolved: bool = True, torchscript: bool = False,
-              module: str | None = None) -> tuple[str, str]:
+    def judge(
+        self, name: str, resolved: bool = True, torchscript: bool = False, module: str | None = None
+    ) -> tuple[str, str]:
         """Return ``(severity, reason)`` for a global the stream names.
 
         ``module`` is the part of ``name`` that is imported (GLOBAL's first line, STACK_GLOBAL's
@@ -364,7 +453,7 @@ class Policy:
             module = qual.rpartition(".")[0]
         else:
             module = _canonical(module)
-        path = qual[len(module) + 1:]
+        path = qual[len(module) + 1 :]
         reason = _denied(qual, qual.rpartition(".")[0], qual.rpartition(".")[2]) or _denied_on_path(path)
         if reason:
             return UNSAFE, reason
@@ -385,8 +474,10 @@ class Policy:
                 # (torch.nn.modules.conv.torch.serialization.os.system reaches os through attributes)
                 return SAFE, f"allowed by the project ({pattern})"
         if "." in path:
-            return SUSPICIOUS, (f"reached through the attribute path {path} of {module}: module patterns in --allow "
-                                "do not cover attribute paths (allow the exact name to trust it)")
+            return SUSPICIOUS, (
+                f"reached through the attribute path {path} of {module}: module patterns in --allow "
+                "do not cover attribute paths (allow the exact name to trust it)"
+            )
         return SUSPICIOUS, "not on the allow list (unknown classes are not trusted; --allow NAME trusts one)"
 
 
@@ -410,15 +501,72 @@ def _denied_on_path(path: str) -> str | None:
 
 # the last part of an attribute path that names a way to run code, whatever the path went through
 _DANGEROUS_ATTRIBUTES = {
-    **{n: _RUNS for n in ("system", "popen", "Popen", "spawnl", "spawnv", "spawnve", "spawnlp", "execv", "execve",
-                          "execl", "execlp", "execvp", "check_output", "check_call", "getoutput", "getstatusoutput",
-                          "run_command", "startfile", "fork", "forkpty")},
-    **{n: _CODE for n in ("eval", "exec", "compile", "execfile", "__import__", "import_module", "run_path",
-                          "run_module", "runcode", "runsource", "execWrapper")},
+    **{
+        n: _RUNS
+        for n in (
+            "system",
+            "popen",
+            "Popen",
+            "spawnl",
+            "spawnv",
+            "spawnve",
+            "spawnlp",
+            "execv",
+            "execve",
+            "execl",
+            "execlp",
+            "execvp",
+            "check_output",
+            "check_call",
+            "getoutput",
+            "getstatusoutput",
+            "run_command",
+            "startfile",
+            "fork",
+            "forkpty",
+        )
+    },
+    **{
+        n: _CODE
+        for n in (
+            "eval",
+            "exec",
+            "compile",
+            "execfile",
+            "__import__",
+            "import_module",
+            "run_path",
+            "run_module",
+            "runcode",
+            "runsource",
+            "execWrapper",
+        )
+    },
     **{n: _LOADS for n in ("loads", "load", "_load_from_bytes", "Unpickler")},
-    **{n: _FILES for n in ("open", "from_file", "rmtree", "remove", "unlink", "rmdir", "write_text", "write_bytes",
-                           "savetxt", "open_memmap", "FileHandler", "mkdir", "makedirs", "rename", "replace", "chmod",
-                           "symlink", "copyfile", "move")},
+    **{
+        n: _FILES
+        for n in (
+            "open",
+            "from_file",
+            "rmtree",
+            "remove",
+            "unlink",
+            "rmdir",
+            "write_text",
+            "write_bytes",
+            "savetxt",
+            "open_memmap",
+            "FileHandler",
+            "mkdir",
+            "makedirs",
+            "rename",
+            "replace",
+            "chmod",
+            "symlink",
+            "copyfile",
+            "move",
+        )
+    },
     **{n: _NET for n in ("urlopen", "create_connection", "socket", "urlretrieve")},
 }
 
@@ -428,7 +576,7 @@ def _canonical(name: str) -> str:
         return _NAME_ALIASES[name]
     for module in _prefixes(name):
         if module in _MODULE_ALIASES and module != name:
-            return _MODULE_ALIASES[module] + name[len(module):]
+            return _MODULE_ALIASES[module] + name[len(module) :]
     return name
 
 
@@ -453,4 +601,3 @@ def _prefixes(qual: str) -> Iterator[str]:
     parts = qual.split(".")
     for i in range(1, len(parts) + 1):
         yield ".".join(parts[:i])
-

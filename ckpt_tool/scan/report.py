@@ -56,7 +56,6 @@ class ScanReport:
         return {"ok": self.ok, "counts": self.counts(), "allowed": list(self.allowed), "files": list(self.files)}
 
 
-
 @dataclass
 class _Streams:
     """What one file's scan collects: a trace per pickle stream, plus structural findings."""
@@ -73,4 +72,3 @@ class _Streams:
 
     def broken(self, message: str, stream: str = "") -> None:
         self.findings.append(Finding(BROKEN, "unparseable", message, stream))
-

@@ -30,21 +30,26 @@ def sarif(report: ScanReport, version: str = "") -> dict[str, Any]:
             if f.position is not None and (f.stream.startswith("pickle ") or f.stream in ("", "trailing data")):
                 # offsets of a plain or legacy file's pickles are file offsets; an archive member's are not
                 location["region"] = {"byteOffset": f.position}
-            results.append({
-                "ruleId": rid, "level": level,
-                "message": {"text": f"{file.verdict}: {f.name}{where}: {f.reason}"},
-                "locations": [{"physicalLocation": location}],
-                "properties": {"verdict": file.verdict, "global": f.name, "stream": f.stream, "opcode": f.opcode},
-            })
+            results.append(
+                {
+                    "ruleId": rid,
+                    "level": level,
+                    "message": {"text": f"{file.verdict}: {f.name}{where}: {f.reason}"},
+                    "locations": [{"physicalLocation": location}],
+                    "properties": {"verdict": file.verdict, "global": f.name, "stream": f.stream, "opcode": f.opcode},
+                }
+            )
     return {
         "$schema": "https://json.schemastore.org/sarif-2.1.0.json",
         "version": "2.1.0",
-        "runs": [{
-            "tool": {"driver": {"name": "ckpt", "version": version,
-                                "rules": rules}},
-            "results": results,
-            "artifacts": [{"location": {"uri": f.path.replace(os.sep, "/")}, "properties": {"verdict": f.verdict}}
-                          for f in report.files],
-        }],
+        "runs": [
+            {
+                "tool": {"driver": {"name": "ckpt", "version": version, "rules": rules}},
+                "results": results,
+                "artifacts": [
+                    {"location": {"uri": f.path.replace(os.sep, "/")}, "properties": {"verdict": f.verdict}}
+                    for f in report.files
+                ],
+            }
+        ],
     }
-

@@ -20,18 +20,40 @@ _CODE = "runs or imports code"
 
 # the last part of a called name -> why it is dangerous; matched on any receiver (torch.x, ops.aten.x)
 DENIED_CALLS: dict[str, str] = {
-    "from_file": _FILES, "load": _FILES + " (loads another file)", "save": _FILES, "open": _FILES,
-    "fromfile": _FILES, "tofile": _FILES, "memmap": _FILES, "_save_for_lite_interpreter": _FILES,
-    "_load_for_lite_interpreter": _FILES, "save_to_buffer": _FILES,
-    "rpc_async": _NET, "rpc_sync": _NET, "remote": _NET, "init_rpc": _NET, "init_process_group": _NET,
-    "load_library": _NATIVE, "_load_library": _NATIVE,
-    "system": _CODE, "popen": _CODE, "exec": _CODE, "eval": _CODE, "compile": _CODE, "__import__": _CODE,
+    "from_file": _FILES,
+    "load": _FILES + " (loads another file)",
+    "save": _FILES,
+    "open": _FILES,
+    "fromfile": _FILES,
+    "tofile": _FILES,
+    "memmap": _FILES,
+    "_save_for_lite_interpreter": _FILES,
+    "_load_for_lite_interpreter": _FILES,
+    "save_to_buffer": _FILES,
+    "rpc_async": _NET,
+    "rpc_sync": _NET,
+    "remote": _NET,
+    "init_rpc": _NET,
+    "init_process_group": _NET,
+    "load_library": _NATIVE,
+    "_load_library": _NATIVE,
+    "system": _CODE,
+    "popen": _CODE,
+    "exec": _CODE,
+    "eval": _CODE,
+    "compile": _CODE,
+    "__import__": _CODE,
     "import_module": _CODE,
 }
 # any call under these names is flagged whatever its last part
 DENIED_PREFIXES: dict[str, str] = {
-    "torch.distributed.": _NET, "torch.classes.": _NATIVE, "os.": _CODE, "sys.": _CODE, "subprocess.": _CODE,
-    "socket.": _NET, "builtins.": _CODE,
+    "torch.distributed.": _NET,
+    "torch.classes.": _NATIVE,
+    "os.": _CODE,
+    "sys.": _CODE,
+    "subprocess.": _CODE,
+    "socket.": _NET,
+    "builtins.": _CODE,
 }
 # the modules serialized TorchScript imports: its own classes, torch, typing helpers
 ALLOWED_IMPORTS = ("__torch__", "torch", "typing", "builtins", "math", "collections", "enum")
@@ -56,12 +78,14 @@ def dangerous_calls(source: str) -> tuple[int, list[CodeCall]]:
         seen += 1
         module = m.group(1) or m.group(2)
         if module.split(".", 1)[0] not in ALLOWED_IMPORTS:
-            found.append(CodeCall(f"import {module}", _CODE + " (imports a module TorchScript does not use)",
-                                  m.start()))
+            found.append(
+                CodeCall(f"import {module}", _CODE + " (imports a module TorchScript does not use)", m.start())
+            )
     for name, pos in _calls(source):
         seen += 1
         reason = DENIED_CALLS.get(name.rsplit(".", 1)[-1]) or next(
-            (why for prefix, why in DENIED_PREFIXES.items() if name.startswith(prefix)), None)
+            (why for prefix, why in DENIED_PREFIXES.items() if name.startswith(prefix)), None
+        )
         if reason:
             found.append(CodeCall(name, reason, pos))
     return seen, found

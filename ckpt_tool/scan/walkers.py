@@ -51,8 +51,7 @@ def _lenient_persistent_load(storages: dict[str, StorageRef] | None = None) -> A
     return load
 
 
-def _read_stream(out: _Streams, name: str, stream: IO[bytes], limit: int, budget: int,
-                 persistent: Any = None) -> Any:
+def _read_stream(out: _Streams, name: str, stream: IO[bytes], limit: int, budget: int, persistent: Any = None) -> Any:
     """One pickle as torch reads it; a desync also walks the straight reading. Raises FormatError."""
     start = stream.tell()
     trace = out.new(name)
@@ -61,9 +60,18 @@ def _read_stream(out: _Streams, name: str, stream: IO[bytes], limit: int, budget
     finally:
         if trace.desync:
             at = trace.desync[0]
-            out.findings.append(Finding(UNSAFE, "frame desync", f"an opcode at byte {at} reads past the end of its "
-                                        "FRAME: CPython's C unpickler (torch.load) and pickletools read different "
-                                        "opcodes from there on; no pickler writes this", name, "FRAME", at))
+            out.findings.append(
+                Finding(
+                    UNSAFE,
+                    "frame desync",
+                    f"an opcode at byte {at} reads past the end of its "
+                    "FRAME: CPython's C unpickler (torch.load) and pickletools read different "
+                    "opcodes from there on; no pickler writes this",
+                    name,
+                    "FRAME",
+                    at,
+                )
+            )
             end = stream.tell()
             stream.seek(start)
             straight = out.new(f"{name} (read straight on)")
@@ -92,12 +100,46 @@ def _scan_bytes(out: _Streams, name: str, data: bytes, stored: int | None = None
 # cheap way to make a scanner spin)
 _NO_ARG = b"().012NQR]abdelostu}\x81\x85\x86\x87\x88\x89\x8f\x90\x91\x92\x93\x94\x97\x98"
 _NO_ARG_RUN = re.compile(b"[" + re.escape(_NO_ARG.replace(b"\x93", b"").replace(b"\x94", b"")) + b"]+")
-_FIXED = {ord("K"): 1, ord("M"): 2, ord("J"): 4, ord("G"): 8, ord("q"): 1, ord("h"): 1, ord("r"): 4, ord("j"): 4,
-          0x80: 1, 0x95: 8, 0x82: 1, 0x83: 2, 0x84: 4}
-_SIZED = {ord("U"): 1, ord("C"): 1, 0x8C: 1, 0x8A: 1, ord("T"): 4, ord("B"): 4, ord("X"): 4, 0x8B: 4,
-          0x8D: 8, 0x8E: 8, 0x96: 8}
-_LINES = {ord("I"): 1, ord("L"): 1, ord("F"): 1, ord("S"): 1, ord("V"): 1, ord("P"): 1, ord("p"): 1, ord("g"): 1,
-          ord("c"): 2, ord("i"): 2}
+_FIXED = {
+    ord("K"): 1,
+    ord("M"): 2,
+    ord("J"): 4,
+    ord("G"): 8,
+    ord("q"): 1,
+    ord("h"): 1,
+    ord("r"): 4,
+    ord("j"): 4,
+    0x80: 1,
+    0x95: 8,
+    0x82: 1,
+    0x83: 2,
+    0x84: 4,
+}
+_SIZED = {
+    ord("U"): 1,
+    ord("C"): 1,
+    0x8C: 1,
+    0x8A: 1,
+    ord("T"): 4,
+    ord("B"): 4,
+    ord("X"): 4,
+    0x8B: 4,
+    0x8D: 8,
+    0x8E: 8,
+    0x96: 8,
+}
+_LINES = {
+    ord("I"): 1,
+    ord("L"): 1,
+    ord("F"): 1,
+    ord("S"): 1,
+    ord("V"): 1,
+    ord("P"): 1,
+    ord("p"): 1,
+    ord("g"): 1,
+    ord("c"): 2,
+    ord("i"): 2,
+}
 _TEXT = {ord("U"), ord("X"), 0x8C, 0x8D, ord("T"), ord("V"), ord("S")}
 
 
@@ -131,7 +173,7 @@ def _walk_opcodes(data: bytes, trace: Trace, base: int = 0, budget: int | None =
             continue
         if op in _FIXED:
             size = _FIXED[op]
-            arg = int.from_bytes(data[i + 1:i + 1 + size], "little")
+            arg = int.from_bytes(data[i + 1 : i + 1 + size], "little")
             if op in (ord("q"), ord("r")):
                 memo[arg] = last
             elif op in (ord("h"), ord("j")) and isinstance(memo.get(arg), str):
@@ -142,10 +184,10 @@ def _walk_opcodes(data: bytes, trace: Trace, base: int = 0, budget: int | None =
             last = None
         elif op in _SIZED:
             width = _SIZED[op]
-            length = int.from_bytes(data[i + 1:i + 1 + width], "little", signed=op in (ord("T"), 0x8B))
+            length = int.from_bytes(data[i + 1 : i + 1 + width], "little", signed=op in (ord("T"), 0x8B))
             if length < 0 or i + 1 + width + length > n:
                 return
-            payload = data[i + 1 + width:i + 1 + width + length]
+            payload = data[i + 1 + width : i + 1 + width + length]
             i += 1 + width + length
             last = payload.decode("utf-8", "replace") if op in _TEXT else None
             if last is not None:
@@ -162,8 +204,9 @@ def _walk_opcodes(data: bytes, trace: Trace, base: int = 0, budget: int | None =
             i = j
             last = None
             if op in (ord("c"), ord("i")):
-                trace.globals.append(Event("GLOBAL" if op == ord("c") else "INST", f"{args[0]}.{args[1]}", at, True,
-                                           args[0]))
+                trace.globals.append(
+                    Event("GLOBAL" if op == ord("c") else "INST", f"{args[0]}.{args[1]}", at, True, args[0])
+                )
             elif op == ord("p"):
                 memo[_int_or(args[0])] = strings[-1] if strings else None
             elif op == ord("g") and isinstance(memo.get(_int_or(args[0])), str):
@@ -202,10 +245,15 @@ def _scan_zip(path: str, out: _Streams) -> None:
     prefix = listing.prefix
     chosen = listing.find(prefix + "data.pkl")
     if listing.ambiguities and chosen is not None:
-        out.notes.append(f"torch's reading: the central directory the end record points to ({chosen.source}), "
-                         f"{chosen.name} at byte {chosen.header_offset}"
-                         + (" (or another entry of that name: torch's reader picks one by binary search)"
-                            if len(listing.matches(chosen.name)) > 1 else ""))
+        out.notes.append(
+            f"torch's reading: the central directory the end record points to ({chosen.source}), "
+            f"{chosen.name} at byte {chosen.header_offset}"
+            + (
+                " (or another entry of that name: torch's reader picks one by binary search)"
+                if len(listing.matches(chosen.name)) > 1
+                else ""
+            )
+        )
     everything = [*listing.entries, *listing.others]
     npys = [e for e in everything if e.name.lower().endswith(".npy")]
     if listing.find(prefix + "data.pkl") is None:
@@ -214,10 +262,18 @@ def _scan_zip(path: str, out: _Streams) -> None:
         else:
             out.broken("zip archive without data.pkl: not a torch checkpoint")
     # Python source outside TorchScript's code/ is what a torch.package archive imports (and runs)
-    sources = [e.name for e in listing.entries if e.name.lower().endswith(".py") and "/code/" not in f"/{e.name.lower()}"]
+    sources = [
+        e.name for e in listing.entries if e.name.lower().endswith(".py") and "/code/" not in f"/{e.name.lower()}"
+    ]
     if sources:
-        out.findings.append(Finding(SUSPICIOUS, "python source", f"{len(sources)} Python files in the archive "
-                                    f"({', '.join(sources[:3])}): a torch.package archive runs them when loaded"))
+        out.findings.append(
+            Finding(
+                SUSPICIOUS,
+                "python source",
+                f"{len(sources)} Python files in the archive "
+                f"({', '.join(sources[:3])}): a torch.package archive runs them when loaded",
+            )
+        )
     with open(path, "rb") as f:
         _scan_archive_pickles(f, path, everything, out)
         if out.format == "npz":
@@ -234,16 +290,25 @@ def _scan_archive_pickles(f: IO[bytes], path: str, everything: list[ZipEntry], o
             candidates.setdefault(e.header_offset, e)
     names = [e.name for e in candidates.values()]
     for e in candidates.values():
-        stream = e.name if names.count(e.name) == 1 and e.source.startswith("central") else \
-            f"{e.name} ({e.source}, local header at {e.header_offset})"
+        stream = (
+            e.name
+            if names.count(e.name) == 1 and e.source.startswith("central")
+            else f"{e.name} ({e.source}, local header at {e.header_offset})"
+        )
         try:
             data = read_entry(f, e, path, MAX_ENTRY)
         except FormatError as exc:
             out.broken(str(exc).removeprefix(f"{path}: "), stream)
             continue
         if not crc_ok(e, data):
-            out.findings.append(Finding(BROKEN, "archive ambiguity", f"{e.name} has a bad CRC-32: torch does not "
-                                        "check it and loads these bytes, zipfile refuses them", stream))
+            out.findings.append(
+                Finding(
+                    BROKEN,
+                    "archive ambiguity",
+                    f"{e.name} has a bad CRC-32: torch does not check it and loads these bytes, zipfile refuses them",
+                    stream,
+                )
+            )
         _scan_bytes(out, stream, data, e.compressed_size)
 
 
@@ -272,11 +337,25 @@ def _scan_torchscript_code(f: IO[bytes], path: str, listing: ZipListing, out: _S
         count, found = dangerous_calls(source)
         seen += count
         for call in found:
-            out.findings.append(Finding(UNSAFE, call.name, f"TorchScript code calls it: {call.reason}; torch.jit.load "
-                                        "compiles and runs this code", e.name, "code", call.position))
-    out.findings.append(Finding(SUSPICIOUS, "TorchScript code", f"{total} TorchScript source files ({seen} calls and "
-                                "imports) run when torch.jit.load loads the archive; ckpt checks them for file, "
-                                "process, network and import calls only, so TorchScript is never called safe"))
+            out.findings.append(
+                Finding(
+                    UNSAFE,
+                    call.name,
+                    f"TorchScript code calls it: {call.reason}; torch.jit.load compiles and runs this code",
+                    e.name,
+                    "code",
+                    call.position,
+                )
+            )
+    out.findings.append(
+        Finding(
+            SUSPICIOUS,
+            "TorchScript code",
+            f"{total} TorchScript source files ({seen} calls and "
+            "imports) run when torch.jit.load loads the archive; ckpt checks them for file, "
+            "process, network and import calls only, so TorchScript is never called safe",
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,8 +395,16 @@ def _scan_pickle_stream(f: IO[bytes], size: int, out: _Streams, kind: str, label
             elif index == 1 or legacy:
                 out.broken(f"{name}: {exc}", name)  # a stream the loader reads is broken
             else:
-                out.findings.append(Finding(SUSPICIOUS, "trailing data", f"{size - start} bytes after the "
-                                            "pickle are not one; pickle.load never reads them", "", "", start))
+                out.findings.append(
+                    Finding(
+                        SUSPICIOUS,
+                        "trailing data",
+                        f"{size - start} bytes after the pickle are not one; pickle.load never reads them",
+                        "",
+                        "",
+                        start,
+                    )
+                )
             f.seek(start)
             _walk_opcodes(f.read(min(size - start, FALLBACK_WINDOW)), trace, start, budget)
             if not trace.globals and not trace.calls:
@@ -326,8 +413,11 @@ def _scan_pickle_stream(f: IO[bytes], size: int, out: _Streams, kind: str, label
         if index == 1 and label == "pickle":
             legacy = value == fmt.LEGACY_MAGIC
             out.format = fmt.LEGACY if legacy else fmt.PICKLE
-            out.notes.append("legacy torch format: 5 pickles (magic, protocol, sys_info, data, storage keys), "
-                             "then storages" if legacy else "plain pickle")
+            out.notes.append(
+                "legacy torch format: 5 pickles (magic, protocol, sys_info, data, storage keys), then storages"
+                if legacy
+                else "plain pickle"
+            )
         if legacy and index == 5:
             try:
                 walk_legacy_storages(f, value, storages, size)
@@ -336,8 +426,16 @@ def _scan_pickle_stream(f: IO[bytes], size: int, out: _Streams, kind: str, label
                 return
             end = f.tell()
             if end < size:
-                out.findings.append(Finding(SUSPICIOUS, "trailing data", f"{size - end} bytes after the last "
-                                            "storage; torch.load never reads them", "", "", end))
+                out.findings.append(
+                    Finding(
+                        SUSPICIOUS,
+                        "trailing data",
+                        f"{size - end} bytes after the last storage; torch.load never reads them",
+                        "",
+                        "",
+                        end,
+                    )
+                )
                 _scan_trailing(f, end, size, out)
             return
         if label != "pickle":
@@ -374,8 +472,14 @@ def _scan_tar(path: str, out: _Streams) -> None:
     except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
         out.broken(f"corrupt tar archive ({exc})")
         return
-    out.findings.append(Finding(SUSPICIOUS, "torch tar format", "the pre-0.4 tar format is only partly analysed "
-                                "(the pickles between storages are not walked); re-save it with a newer torch"))
+    out.findings.append(
+        Finding(
+            SUSPICIOUS,
+            "torch tar format",
+            "the pre-0.4 tar format is only partly analysed "
+            "(the pickles between storages are not walked); re-save it with a newer torch",
+        )
+    )
 
 
 def _scan_npy(path: str, size: int, out: _Streams) -> None:
@@ -391,14 +495,18 @@ def _scan_npy_stream(f: IO[bytes], size: int, out: _Streams, where: str) -> None
         out.broken(f"{where + ': ' if where else ''}{exc}", where)
         return
     if header.itemsize is None:
-        out.notes.append(f"{where or 'npy'}: an object array, stored as a pickle (numpy.load(allow_pickle=True) "
-                         "unpickles it)")
+        out.notes.append(
+            f"{where or 'npy'}: an object array, stored as a pickle (numpy.load(allow_pickle=True) unpickles it)"
+        )
         _scan_pickle_stream(f, size, out, fmt.PICKLE, label=f"{where + ' ' if where else ''}object array")
         return
     have = size - header.data_offset
     if have < header.nbytes:
-        out.broken(f"{where + ': ' if where else ''}array {header.shape} of {header.descr!r} needs {header.nbytes} "
-                   f"bytes, the file holds {have} (truncated)", where)
+        out.broken(
+            f"{where + ': ' if where else ''}array {header.shape} of {header.descr!r} needs {header.nbytes} "
+            f"bytes, the file holds {have} (truncated)",
+            where,
+        )
     else:
         out.notes.append(f"{where or 'npy'}: array {header.shape} of {header.descr!r}, no pickle")
 
@@ -435,11 +543,23 @@ def _check_polyglot(path: str, out: _Streams) -> None:
                 break
             if index == 1 and value != fmt.LEGACY_MAGIC:
                 break
-    named = [(n, t) for n, t in trial.traces
-             if any(_IDENTIFIER.fullmatch(e.name) and e.module and _IDENTIFIER.fullmatch(e.module) for e in t.globals)]
+    named = [
+        (n, t)
+        for n, t in trial.traces
+        if any(_IDENTIFIER.fullmatch(e.name) and e.module and _IDENTIFIER.fullmatch(e.module) for e in t.globals)
+    ]
     if not named:
         return
-    out.findings.append(Finding(UNSAFE, "safetensors/pickle polyglot", "the file is valid safetensors and also a "
-                                "pickle that names globals: pickle.load, and torch.load(weights_only=False) where "
-                                "torch does not recognise safetensors, read it as a pickle and run them", named[0][0], "", 0))
+    out.findings.append(
+        Finding(
+            UNSAFE,
+            "safetensors/pickle polyglot",
+            "the file is valid safetensors and also a "
+            "pickle that names globals: pickle.load, and torch.load(weights_only=False) where "
+            "torch does not recognise safetensors, read it as a pickle and run them",
+            named[0][0],
+            "",
+            0,
+        )
+    )
     out.traces.extend(named)
