@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal, TypeVar, overload
 
 from .model import Progress
-from .text import some
+from .text import human_bytes, human_count, shape_str, some  # noqa: F401 - the commands take them from here
 
 __all__ = [
     "dumps",
@@ -221,30 +221,6 @@ def table(rows: Iterable[Sequence[Any]], headers: Sequence[str], align: Sequence
             colalign=list(align) if align else None,
         )
     )
-
-
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
-def human_count(n: int) -> str:
-    if abs(n) >= 1_000_000_000:
-        return f"{n / 1e9:.2f}B"
-    if abs(n) >= 1_000_000:
-        return f"{n / 1e6:.2f}M"
-    if abs(n) >= 10_000:
-        return f"{n / 1e3:.1f}K"
-    return str(n)
-
-
-def shape_str(shape: Sequence[int] | None) -> str:
-    return "-" if shape is None else "[" + ", ".join(str(d) for d in shape) + "]"
 
 
 def json_option(func: F) -> F:

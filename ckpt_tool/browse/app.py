@@ -21,7 +21,7 @@ from textual.widgets import DataTable, Footer, Input, Static, Tree
 from textual.widgets.tree import TreeNode
 
 from ..diff import AUTO, DTYPE, MATCHED, MISSING, SHAPE, UNEXPECTED, DiffReport
-from ..render import human_bytes, human_count, shape_str
+from ..text import human_bytes, human_count, shape_str
 from .view import SORTS, BrowseData, Entry, Module, ModuleTree
 
 STATUS_STYLE = {

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..compat import ALL_CURRENT, module_versions
 from ..model import Checkpoint, common_prefix, in_module
-from ..render import shape_str
+from ..text import shape_str
 from ..values import torch_state_dict
 from .options import FinetuneOptions
 from .report import FAIL, PASS, Check, LoadReport, _some

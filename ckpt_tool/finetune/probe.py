@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..model import in_module
-from ..render import shape_str
+from ..text import shape_str
 from .report import _first_line
 
 

@@ -7,7 +7,7 @@ from typing import Any
 from ..arch import HF_PREFIX, build_model
 from ..errors import UsageError
 from ..reader import open_checkpoint
-from ..render import human_bytes, shape_str
+from ..text import human_bytes, shape_str
 from ..torch_extra import require_torch
 from .checks import (
     bn_check,
