@@ -59,6 +59,7 @@ class Verification:
     filled: int = 0
     reinitialised: int = 0
     tied: int = 0
+    computed: int = 0  # values the plan computes from checkpoint tensors (adapted, resampled, grown blocks)
     checkpoint_share: float | None = None
     # "load_state_dict": loaded into the built target; "headers": torch is not installed, so the written
     # headers were read back and compared with the target's signature (keys and shapes, no load);
@@ -74,11 +75,14 @@ class Verification:
 
 
 def origins(state: State) -> dict[str, int]:
-    """How many planned tensors come from the checkpoint, are filled, re-initialised or tied to a partner."""
-    counts = {"from_checkpoint": 0, "filled": 0, "reinitialised": 0, "tied": 0}
+    """How many planned tensors come from the checkpoint as they are, are computed from it, filled,
+    re-initialised or tied to a partner."""
+    counts = {"from_checkpoint": 0, "computed": 0, "filled": 0, "reinitialised": 0, "tied": 0}
     for e in state.values():
         if e.tied_to:
             counts["tied"] += 1
+        elif e.from_checkpoint and e.transform:
+            counts["computed"] += 1
         elif e.from_checkpoint:
             counts["from_checkpoint"] += 1
         elif e.reason == "reinit_mismatched":

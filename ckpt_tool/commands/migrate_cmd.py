@@ -389,16 +389,20 @@ def _render_result(report: Any) -> None:
     where = f"{v.from_checkpoint} from the checkpoint" + "".join(
         f", {n} {what}"
         for n, what in (
+            (v.computed, "computed from it"),
             (v.tied, "tied to their partner"),
             (v.filled, "filled from the target"),
             (v.reinitialised, "re-initialised"),
         )
         if n
     )
-    beside = v.checked - (v.from_checkpoint + v.filled + v.reinitialised + v.tied)  # optimizer, EMA: carried
+    beside = v.checked - (
+        v.from_checkpoint + v.computed + v.filled + v.reinitialised + v.tied
+    )  # optimizer, EMA: carried
     where += f", {beside} of the training state beside it" if beside > 0 else ""
     if v.arch is None:
-        echo(paint("verified:", "pass") + f" re-read, {v.checked} tensors identical to their sources ({where})")
+        same = "as planned" if v.computed else "identical to their sources"
+        echo(paint("verified:", "pass") + f" re-read, {v.checked} tensors {same} ({where})")
     else:
         echo(
             paint("verified:", "pass")
