@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 # bytes per element of the safetensors dtype codes used here
 _ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1}
 _TORCH_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn"}
+_CODE_OF = {name: code for code, name in _TORCH_DTYPE.items()}  # torch dtype name -> safetensors code
 
 Spec = tuple[str, str, tuple[int, ...]]  # (key, safetensors dtype code, shape)
 
@@ -185,7 +186,6 @@ TINY: dict[str, int] = {
     "vocab": 100,
     "shards": 3,
 }
-_CODES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 
 
 def llama_config(
@@ -226,7 +226,7 @@ def llama_sharded(
     """A Llama-layout sharded set (``model-0000i-of-0000n.safetensors`` + index) and its ``config.json``
     in ``directory``; returns the index's path."""
     specs = [
-        (key, _CODES[dtype], shape)
+        (key, _CODE_OF[dtype], shape)
         for key, _, shape in llama_specs(layers, hidden, intermediate, hidden // heads * kv_heads, vocab)
     ]
     index = write_sharded(directory, specs, shards)
