@@ -372,6 +372,7 @@ def migrate(
             staging=Staging(),
             progress=progress,
             before_commit=verify,
+            inputs=[*ckpt.files, ckpt.path],
         )
         if not verified:  # the DCP writer renames its directory itself: verified once in place
             verify(written)

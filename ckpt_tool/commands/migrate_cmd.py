@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from typing import Any
 
 import click
@@ -359,6 +361,9 @@ def _render_result(report: Any) -> None:
     echo(f"wrote {files}: {w.tensors} tensor{'s' * (w.tensors != 1)}, {human_bytes(w.tensor_bytes)} ({w.format})")
     if w.backup:
         echo(f"backup of the input: {w.backup}")
+    if w.removed:
+        names = [os.path.basename(f) for f in w.removed]
+        echo(f"removed {len(names)} shard{'s' * (len(names) != 1)} of the set it replaced: {some(names)}")
     if report.nonfinite:
         echo(f"NaN/Inf in {len(report.nonfinite)} written tensors: {some(report.nonfinite)}")
     v = report.verification
