@@ -337,9 +337,7 @@ def test_replacing_a_set_never_removes_an_input_or_a_file_outside_it(tmp_path):
     (tmp_path / "outside.safetensors").write_bytes(b"keep me")
     index["weight_map"].update({"a": "sub/x.safetensors", "b": "../outside.safetensors", "c": ".."})
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
-    new = write_checkpoint(
-        path, plain_layout({"w0": 300, "w1": 300}), max_shard_size=1300, inputs=[old.files[0]]
-    )
+    new = write_checkpoint(path, plain_layout({"w0": 300, "w1": 300}), max_shard_size=1300, inputs=[old.files[0]])
     assert sorted(new.removed) == sorted(old.files[1:3])
     assert os.path.exists(old.files[0])  # an input of the write
     assert (tmp_path / "sub" / "x.safetensors").read_bytes() == b"not the set's"
