@@ -387,7 +387,8 @@ def _render_result(report: Any) -> None:
     if v.differ:
         echo(
             paint("verification failed:", "fail")
-            + f" {len(v.differ)} tensors are not what the plan intended: {some(v.differ)}"
+            + f" {len(v.differ)} written {'entry is' if len(v.differ) == 1 else 'entries are'} not what the plan"
+            f" intended: {some(v.differ)}"
         )
         return
     where = f"{v.from_checkpoint} from the checkpoint" + "".join(
