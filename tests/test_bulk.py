@@ -42,9 +42,9 @@ def test_the_executable_freezes_what_a_bulk_read_built():
 
 
 def test_the_console_script_and_python_m_go_through_run():
-    from ckpt_tool import __main__, cli
-
     from importlib.metadata import entry_points
+
+    from ckpt_tool import __main__, cli
 
     assert __main__.run is cli.run
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "ckpt"]
