@@ -22,6 +22,15 @@ def pytest_ignore_collect(collection_path, config):
     return None
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """The suite never writes the user's cache (signatures, shape flows, dtype probes): one of its own
+    for the session; modules that need a cache per test set theirs on top."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CKPT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def torch():
     import torch as _torch
