@@ -366,6 +366,11 @@ def test_convert_to_dcp_reads_back_bit_identical_with_dcp_load(dcp_dirs: dict[st
     again, truth = _truth(tmp_path / "two_dcp"), _truth(dcp_dirs["two"])
     assert again["epoch"] == 3
     assert all(torch.equal(again[k], v) for k, v in truth.items() if isinstance(v, torch.Tensor))
+    # module versions have no place in a DCP directory: said so in DCP's own terms
+    torch.save(torch.nn.Sequential(torch.nn.BatchNorm1d(2)).state_dict(), tmp_path / "bn.pth")
+    result = _run("convert", tmp_path / "bn.pth", tmp_path / "bn_dcp", "--format", "dcp")
+    assert result.exit_code == 0, result.output
+    assert "note: _metadata (module versions of 2 modules) is not kept: a DCP directory has no place" in result.output
 
 
 def test_dcp_output_is_never_replaced_without_force(tmp_path: Path) -> None:
