@@ -364,7 +364,14 @@ def _render_result(report: MigrateReport) -> None:
     w = report.written
     assert w is not None, "a migrate that was not a dry run wrote its output"
     files = f"{len(w.files)} files, index {w.path}" if len(w.files) > 1 else w.path
-    echo(f"wrote {files}: {w.tensors} tensor{'s' * (w.tensors != 1)}, {human_bytes(w.tensor_bytes)} ({w.format})")
+    if not w.committed:
+        echo(
+            paint("not written:", "fail")
+            + f" {files} failed its verification, so the staged output was removed and nothing under"
+            " its name changed"
+        )
+    else:
+        echo(f"wrote {files}: {w.tensors} tensor{'s' * (w.tensors != 1)}, {human_bytes(w.tensor_bytes)} ({w.format})")
     if w.backup:
         echo(f"backup of the input: {w.backup}")
     if w.removed:
