@@ -130,3 +130,20 @@ def test_value_verification_catches_an_alias_filled_from_random_init(
     )
     assert report.verification is not None and report.verification.loads  # strict=True alone says all is well
     assert not report.ok and "transformer.wte.weight" in report.verification.differ
+
+
+def test_inspect_counts_a_tied_weight_once(gpt2: tuple[Path, str, torch.Tensor], tmp_path: Path) -> None:
+    from transformers import GPT2LMHeadModel
+
+    from ckpt_tool.describe import inspect_checkpoint
+
+    root, _, _ = gpt2
+    model = GPT2LMHeadModel.from_pretrained(str(root / "hf"))
+    torch.save(model.state_dict(), tmp_path / "tied.pth")  # lm_head.weight is wte.weight's storage
+    state = model.state_dict()
+    report = inspect_checkpoint(str(tmp_path / "tied.pth"))
+    assert report.tensors == len(state)
+    unique = {t.untyped_storage().data_ptr(): t for t in state.values()}
+    assert report.parameters == sum(t.numel() for t in unique.values())  # lm_head.weight not counted twice
+    assert report.tensor_bytes == sum(t.untyped_storage().nbytes() for t in unique.values())
+    assert report.tensor_bytes < (tmp_path / "tied.pth").stat().st_size
