@@ -71,7 +71,8 @@ def _training_options(f: Any) -> Any:
     "-o",
     "--output",
     metavar="OUT",
-    type=click.Path(dir_okay=False),
+    type=click.Path(),
+    # a Trainer checkpoint directory is written to a new directory (docs/commands/migrate.md)
     help="Output file: .safetensors, or .pth/.pt/.bin (a state dict torch.load(weights_only=True) opens).",
 )
 @click.option(
@@ -326,6 +327,13 @@ def _render_training(plan: Any) -> None:
     for a in plan.also:
         changed = sum(s.affected for s in a.steps)
         echo(f"  also {a.key}: the same operations, {a.tensors} tensors ({changed} keys changed)")
+    t = plan.trainer
+    if t is not None:
+        echo(f"  Trainer checkpoint: {t.weights} migrated as above, optimizer.pt {t.optimizer}")
+        for f in t.copied:
+            echo(f"  copied bit-identical: {f.name} ({f.what})")
+        if t.replaces:
+            echo(f"  replaces the Trainer checkpoint directory {t.output} (--force)")
 
 
 def _render_notes(plan: Any) -> None:
@@ -359,6 +367,9 @@ def _render_result(report: Any) -> None:
     echo(f"wrote {files}: {w.tensors} tensor{'s' * (w.tensors != 1)}, {human_bytes(w.tensor_bytes)} ({w.format})")
     if w.backup:
         echo(f"backup of the input: {w.backup}")
+    if report.plan.trainer is not None:
+        t = report.plan.trainer
+        echo(f"wrote {t.output}: the Trainer checkpoint, {len(t.copied)} files copied bit-identical")
     if report.nonfinite:
         echo(f"NaN/Inf in {len(report.nonfinite)} written tensors: {some(report.nonfinite)}")
     v = report.verification
