@@ -252,6 +252,8 @@ def test_bert_trainer_checkpoint_gets_a_new_head_and_resumes(torch, bert, tmp_pa
     )
     assert r.exit_code == 0, r.output
     assert "(the config.json beside the weights)" in r.output and "2 start fresh (classifier.weight" in r.output
+    assert f"config.json: the target's, from {bert}/config.json, num_labels=3" in r.output
+    assert BertConfig.from_pretrained(str(out)).num_labels == 3  # from_pretrained(out) builds the new model
     cfg = BertConfig.from_pretrained(bert)
     old = BertForSequenceClassification(cfg)
     before = _by_name(torch, old, os.path.join(bert, "optimizer.pt"))

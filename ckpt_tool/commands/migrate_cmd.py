@@ -330,6 +330,8 @@ def _render_training(plan: Any) -> None:
     t = plan.trainer
     if t is not None:
         echo(f"  Trainer checkpoint: {t.weights} migrated as above, optimizer.pt {t.optimizer}")
+        if t.config:
+            echo(f"  config.json: the target's, from {t.config}")
         for f in t.copied:
             echo(f"  copied bit-identical: {f.name} ({f.what})")
         if t.replaces:

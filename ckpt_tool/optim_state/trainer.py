@@ -50,6 +50,7 @@ class TrainerPlan:
     optimizer: str  # "carried", "dropped (--drop-optimizer)" or "none in the checkpoint"
     copied: tuple[TrainerFile, ...]  # carried bit-identical (never loaded)
     replaces: bool = False  # --force: an existing Trainer directory under the output's name goes
+    config: str = ""  # config.json written from the target (--arch hf:), and from which file
 
 
 # --- which id is which parameter ------------------------------------------------------------------
@@ -208,7 +209,8 @@ def migrate_trainer(
         if carried is None
         else "carried"
     )
-    trainer = TrainerPlan(d.path, output, d.weights, state, d.copied, replaces)
+    copied, config = _config_role(d, plan)
+    trainer = TrainerPlan(d.path, output, d.weights, state, copied, replaces, config)
 
     def shown(p: MigrationPlan) -> MigrationPlan:
         files = tuple(os.path.join(output, os.path.basename(f)) for f in p.files) if output else ()
@@ -247,7 +249,9 @@ def migrate_trainer(
             _, bad, n = write_training_file(carried, os.path.join(staged, OPTIMIZER), "optimizer")
             differ += [os.path.join(OPTIMIZER, k) for k in bad]
             checked += n
-        for f in d.copied:
+        if config:
+            _write_config(plan, os.path.join(staged, CONFIG))
+        for f in copied:
             if not _copy_verified(os.path.join(d.path, f.name), os.path.join(staged, f.name)):
                 differ.append(f.name)
         _land(staged, output, replaces)
@@ -262,6 +266,48 @@ def migrate_trainer(
         moved = {p: os.path.join(output, os.path.relpath(p, staged)) for p in (written.path, *written.files)}
         written = replace(written, path=moved[written.path], files=tuple(moved[p] for p in written.files))
     return replace(report, plan=shown(report.plan), written=written, verification=v)
+
+
+def _config_role(d: TrainerDir, plan: Plan) -> tuple[tuple[TrainerFile, ...], str]:
+    """The files copied as they are, and where a new ``config.json`` comes from (``""``: copied).
+
+    With ``--arch hf:CONFIG`` the output is that architecture's, so its config (with the
+    ``--arch-arg`` fields) replaces the source's; otherwise the source's is copied, and said to be
+    the source's when the plan changes the weights."""
+    from ..arch import HF_PREFIX, hf_config_path
+
+    if not any(f.name == CONFIG for f in d.copied):
+        return d.copied, ""
+    source = os.path.join(d.path, CONFIG)
+    if plan.arch and plan.arch.startswith(HF_PREFIX):
+        target = hf_config_path(plan.arch)
+        if plan.arch_args or not os.path.samefile(target, source):
+            args = "".join(f", {k}={v!r}" for k, v in plan.arch_args.items())
+            return tuple(f for f in d.copied if f.name != CONFIG), f"{target}{args}"
+        return d.copied, ""
+    if not plan.operations:
+        return d.copied, ""
+    what = "model config, the source's: it may not describe the migrated weights (--arch hf:CONFIG writes the target's)"
+    return tuple(TrainerFile(f.name, what) if f.name == CONFIG else f for f in d.copied), ""
+
+
+def _write_config(plan: Plan, dest: str) -> None:
+    """The target's config.json, built as ``--arch hf:`` builds the model (the file, then --arch-arg)
+    and written by transformers itself, as ``save_pretrained`` writes it."""
+    import json
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from ..arch import hf_config_path
+
+    assert plan.arch is not None
+    with open(hf_config_path(plan.arch), encoding="utf-8") as f:
+        raw = json.load(f)
+    config = CONFIG_MAPPING[raw["model_type"]].from_dict({**raw, **plan.arch_args})
+    config.to_json_file(dest)
+    with open(dest, encoding="utf-8") as f:
+        if json.load(f).get("model_type") != raw["model_type"]:
+            raise OutputError(f"{dest}: the written config does not read back")
 
 
 def _check_output_dir(output: str, source: str, force: bool) -> bool:
