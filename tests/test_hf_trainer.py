@@ -374,3 +374,21 @@ def test_inspect_shows_a_trainer_checkpoint_and_its_optimizer(torch, bert):
 
 def _sha(path):
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_the_worked_example_prints_what_the_page_says(torch, tmp_path, monkeypatch):
+    """docs/commands/migrate.md: its script, its command, its output, as written there."""
+    import re
+    import runpy
+    import shlex
+
+    page = open(os.path.join(os.path.dirname(__file__), "..", "docs", "commands", "migrate.md")).read()
+    section = page[page.index("### Worked example: a new head for a Trainer checkpoint") :]
+    script = re.search(r"```python\n# make_trainer_checkpoint.py\n(.*?)```", section, re.S).group(1)
+    command = re.search(r"```bash\n(ckpt migrate .*?)\n```", section).group(1)
+    printed = re.search(r"prints \(.*?\):\n\n```text\n(.*?)\n```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "make_trainer_checkpoint.py").write_text(script)
+    runpy.run_path("make_trainer_checkpoint.py")
+    r = _run(*shlex.split(command)[1:])
+    assert r.exit_code == 0 and r.output.strip() == printed.strip(), r.output
