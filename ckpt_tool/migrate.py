@@ -226,6 +226,7 @@ def migrate(
             progress=progress,
             refused={"--in-place": in_place, "--max-shard-size": max_shard_size, "--format": to},
             allow_mostly_new=allow_mostly_new,
+            keep_extras=keep_extras,
             dequantize=dequantize,
             densify=densify,
             input_shape=input_shape,

@@ -271,6 +271,41 @@ def test_bert_trainer_checkpoint_gets_a_new_head_and_resumes(torch, bert, tmp_pa
     assert trainer.state.global_step == 6
 
 
+def test_gpt2_with_a_layer_dropped_carries_tied_and_layernorm_state(torch, tmp_path):
+    """GPT-2: the head is tied to the token embedding (one parameter, one id), its LayerNorms are
+    named ln_* (kept out of weight decay by their type alone); the last block is dropped."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer
+
+    cfg = GPT2Config(vocab_size=32, n_positions=16, n_embd=8, n_layer=2, n_head=2)
+    g = torch.Generator().manual_seed(0)
+    tokens = [torch.randint(0, 32, (8,), generator=g) for _ in range(16)]
+    data = [{"input_ids": t, "labels": t} for t in tokens]
+    torch.manual_seed(0)
+    Trainer(model=GPT2LMHeadModel(cfg), args=_args(tmp_path / "run", 4), train_dataset=data).train()
+    src = str(tmp_path / "run" / "checkpoint-4")
+    out = tmp_path / "one-layer"
+    r = _run(
+        "migrate", src, "--drop", "transformer.h.1", "--arch", f"hf:{src}", "--arch-arg", "n_layer=1", "-o", str(out)
+    )
+    assert r.exit_code == 0, r.output
+    assert (
+        "config.json: the target's" in r.output
+        and "of 6, 10;" in r.output
+        and "16 parameters carried, 12 dropped" in r.output
+    )
+    before = _by_name(torch, GPT2LMHeadModel(cfg), os.path.join(src, "optimizer.pt"))
+    cfg.n_layer = 1
+    new = GPT2LMHeadModel(cfg)
+    after = _by_name(torch, new, out / "optimizer.pt")
+    assert "transformer.wte.weight" in after and "lm_head.weight" not in after  # tied: one parameter
+    for n in after:
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(after[n][k], before[n][k]), (n, k)
+    trainer = Trainer(model=new, args=_args(tmp_path / "resume", 6), train_dataset=data)
+    trainer.train(resume_from_checkpoint=str(out))
+    assert trainer.state.global_step == 6
+
+
 def test_bert_ids_in_model_order_are_refused(torch, bert, tmp_path, monkeypatch):
     from ckpt_tool.arch import build_model
     from ckpt_tool.optim_state import trainer

@@ -190,6 +190,8 @@ def migrate_trainer(
     if plan.also_keys:
         raise UsageError(f"--also-key {plan.also_keys[0]}: a Trainer checkpoint directory has one state dict")
     d = read_trainer_dir(plan.source)
+    if output is not None:
+        output = output.rstrip("/") or output  # OUT_DIR/ names the directory OUT_DIR
     if output is None and not dry_run:
         raise UsageError("no output given: pass -o OUT_DIR (a new directory) or --dry-run")
     replaces = _check_output_dir(output, d.path, force) if output is not None else False
