@@ -365,6 +365,13 @@ def test_output_directory_rules(torch, bert, tmp_path):
         assert r.exit_code == 2 and "written as a new directory" in r.output, r.output
     r = _run("migrate", bert, "-o", str(tmp_path / "dry"), "--dry-run")
     assert r.exit_code == 0 and "dry run: nothing written" in r.output and not os.path.exists(tmp_path / "dry")
+    r = _run("migrate", bert, "-o", str(tmp_path / "slash") + "/")
+    assert r.exit_code == 0 and os.path.isfile(tmp_path / "slash" / "optimizer.pt"), r.output
+    # refused while staging (the wrong architecture: none of its parameters from the checkpoint)
+    wide = ["--arch", f"hf:{bert}", "--arch-arg", "hidden_size=16", "--reinit-mismatched"]
+    r = _run("migrate", bert, *wide, "-o", str(tmp_path / "wide"))
+    assert r.exit_code == 2 and "probably not a checkpoint of this architecture" in r.output, r.output
+    assert not os.path.exists(tmp_path / "wide") and not [n for n in os.listdir(tmp_path) if n.startswith(".")]
 
 
 def test_without_an_architecture_the_optimizer_stops_with_exit_2(torch, bert, tmp_path):
@@ -391,10 +398,13 @@ def test_training_args_bin_is_copied_never_loaded(torch, bert, tmp_path):
             return (os.mkdir, (str(marker),))
 
     (src / "training_args.bin").write_bytes(pickle.dumps(Evil()))
+    (src / "scaler.pt").write_bytes(pickle.dumps(Evil()))  # mixed precision's GradScaler state
     out = tmp_path / "out"
-    assert _run("migrate", str(src), "-o", str(out)).exit_code == 0
+    r = _run("migrate", str(src), "-o", str(out))
+    assert r.exit_code == 0 and "copied bit-identical: scaler.pt (GradScaler state)" in r.output, r.output
     assert not marker.exists()
-    assert (out / "training_args.bin").read_bytes() == (src / "training_args.bin").read_bytes()
+    for name in ("training_args.bin", "scaler.pt"):
+        assert (out / name).read_bytes() == (src / name).read_bytes()
 
 
 def test_inspect_shows_a_trainer_checkpoint_and_its_optimizer(torch, bert):
