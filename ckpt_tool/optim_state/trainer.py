@@ -177,6 +177,7 @@ def migrate_trainer(
     through the same operations, every other file is copied bit-identical. ``output`` must not exist
     (``force`` replaces a Trainer checkpoint directory, nothing else). ``options`` go to ``migrate``.
     """
+    from ..arch import target_signature
     from ..migrate import migrate
     from ..plan import apply, initial_state
     from ..reader import open_checkpoint
@@ -197,8 +198,6 @@ def migrate_trainer(
     replaces = _check_output_dir(output, d.path, force) if output is not None else False
     weights_path = os.path.join(d.path, d.weights)
     weights = open_checkpoint(weights_path)
-    from ..arch import target_signature
-
     signature = target_signature(plan.arch, plan.arch_args) if plan.arch else None
     final = apply(plan.operations, initial_state(weights.tensors), signature, objects=tuple(weights.objects)).state
     carried = None
