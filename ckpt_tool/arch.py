@@ -358,11 +358,10 @@ def target_signature(
 
 
 def default_cache_dir() -> str:
-    """``$CKPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/ckpt``, else ``~/.cache/ckpt``; signatures live in ``signatures/``."""
-    base = os.environ.get("CKPT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "ckpt"
-    )
-    return os.path.join(base, "signatures")
+    """``signatures/`` in the cache root (:func:`ckpt_tool.cache.cache_root`)."""
+    from .cache import cache_root
+
+    return os.path.join(cache_root(), "signatures")
 
 
 def _version(dist: str) -> str | None:

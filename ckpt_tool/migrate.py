@@ -379,6 +379,10 @@ def migrate(
             signature=signature,
             seed=seed,
             computed=lambda e: computed_chunks(e, built.files, VERIFY_CHUNK_BYTES),
+            objects=accounted.objects,
+            module_metadata=accounted.module_metadata,
+            # the training state beside the state dict is re-read by its own check (_with_carried)
+            extras=nesting.extras if carried is None else None,
         )
         verified.append(_with_carried(v, staged, carried, values) if carried is not None else v)
 
@@ -393,6 +397,7 @@ def migrate(
             staging=Staging(),
             progress=progress,
             before_commit=verify,
+            inputs=[*ckpt.files, ckpt.path],
         )
         if not verified:  # the DCP writer renames its directory itself: verified once in place
             verify(written)

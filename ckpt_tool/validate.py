@@ -27,6 +27,7 @@ from typing import Any
 from .bulk import paused
 from .errors import CkptError, TorchMissingError, UsageError
 from .formats import sniff as fmt
+from .formats.safetensors import headers_memoized
 from .model import Checkpoint, is_floating
 from .scan import (
     SAFE,
@@ -163,7 +164,8 @@ def validate(paths: Iterable[str], allow: Iterable[str] = (), config_dir: str | 
     """
     config = load_config(config_dir)
     rules = rules_from_config(config, allow)
-    files = tuple(validate_file(p, rules) for p in iter_model_files(list(paths), indexes=True))
+    with headers_memoized():  # a shard's header is asked for by the walk, the scan, the load and its index
+        files = tuple(validate_file(p, rules) for p in iter_model_files(list(paths), indexes=True))
     return ValidateReport(files, config.path)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import click
@@ -369,6 +370,9 @@ def _render_result(report: Any) -> None:
     echo(f"wrote {files}: {w.tensors} tensor{'s' * (w.tensors != 1)}, {human_bytes(w.tensor_bytes)} ({w.format})")
     if w.backup:
         echo(f"backup of the input: {w.backup}")
+    if w.removed:
+        names = [os.path.basename(f) for f in w.removed]
+        echo(f"removed {len(names)} shard{'s' * (len(names) != 1)} of the set it replaced: {some(names)}")
     if report.plan.trainer is not None:
         t = report.plan.trainer
         echo(f"wrote {t.output}: the Trainer checkpoint, {len(t.copied)} files copied bit-identical")
@@ -396,7 +400,8 @@ def _render_result(report: Any) -> None:
     if v.differ:
         echo(
             paint("verification failed:", "fail")
-            + f" {len(v.differ)} tensors are not what the plan intended: {some(v.differ)}"
+            + f" {len(v.differ)} written {'entry is' if len(v.differ) == 1 else 'entries are'} not what the plan"
+            f" intended: {some(v.differ)}"
         )
         return
     where = f"{v.from_checkpoint} from the checkpoint" + "".join(
