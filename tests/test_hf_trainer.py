@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 from click.testing import CliRunner
+from model_files import write_models
 
 from ckpt_tool.cli import main
 
@@ -110,17 +111,11 @@ def _train(torch, model, out, steps, resume=None):
 @pytest.fixture(scope="session")
 def branches(tmp_path_factory, torch):
     """The models file and a real Trainer checkpoint of Old after 4 steps (checkpoint-4/)."""
-    import importlib.util
-
     d = tmp_path_factory.mktemp("hf_trainer")
-    path = d / "branches.py"
-    path.write_text(MODELS)
-    spec = importlib.util.spec_from_file_location("branches", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    path, module = write_models(d, "branches", MODELS)
     torch.manual_seed(0)
     _train(torch, module.old(), d / "run", 4)
-    return str(path), module, str(d / "run" / "checkpoint-4")
+    return path, module, str(d / "run" / "checkpoint-4")
 
 
 def _migrate(branches, out, *extra):

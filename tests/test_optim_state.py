@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 from click.testing import CliRunner
+from model_files import write_models
 
 from ckpt_tool.cli import main
 from ckpt_tool.migrate import migrate
@@ -60,15 +61,7 @@ KEPT = {
 
 @pytest.fixture(scope="session")
 def models(tmp_path_factory, torch):
-    d = tmp_path_factory.mktemp("optim_models")
-    path = d / "optim_models.py"
-    path.write_text(MODELS)
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("optim_models", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return str(path), module
+    return write_models(tmp_path_factory.mktemp("optim_models"), "optim_models", MODELS)
 
 
 def _optimizer(torch, kind, params_groups):
@@ -366,15 +359,9 @@ LIGHTNING = textwrap.dedent("""
 def test_lightning_checkpoint_resumes_in_a_real_trainer(torch, tmp_path):
     """A renamed layer and a new head: Lightning restores it all, and the kept layer matches a
     control resumed from the unmigrated checkpoint bit for bit."""
-    import importlib.util
-
     import lightning as L
 
-    path = tmp_path / "lit_models.py"
-    path.write_text(LIGHTNING)
-    spec = importlib.util.spec_from_file_location("lit_models", path)
-    models = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(models)
+    path, models = write_models(tmp_path, "lit_models", LIGHTNING)
 
     def data():
         g = torch.Generator().manual_seed(0)
