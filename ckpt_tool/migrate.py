@@ -366,9 +366,9 @@ def migrate(
     )
     verified: list[Verification] = []
 
-    def verify(staged: Written) -> None:
+    def verify(staged: Written) -> bool:
         # the staged files are verified while their fsyncs and the source's sha256 run; only then
-        # are they renamed into place
+        # are they renamed into place, and only if every value is what the plan intended
         v = verify_output(
             staged,
             applied.state,
@@ -385,6 +385,7 @@ def migrate(
             extras=nesting.extras if carried is None else None,
         )
         verified.append(_with_carried(v, staged, carried, values) if carried is not None else v)
+        return not verified[-1].differ
 
     try:
         written = (write_dcp if fmt == DCP else _write)(
@@ -399,8 +400,6 @@ def migrate(
             before_commit=verify,
             inputs=[*ckpt.files, ckpt.path],
         )
-        if not verified:  # the DCP writer renames its directory itself: verified once in place
-            verify(written)
         verification = verified[0]
         if carried is not None:
             # Written counts the state dict's tensors; the training state beside it is the plan's

@@ -138,6 +138,8 @@ class Written:
     tensor_bytes: int
     backup: str | None = None
     removed: tuple[str, ...] = ()  # the replaced set's old shards that the new one does not name
+    # False when ``before_commit`` refused the staged files: nothing was renamed into place
+    committed: bool = True
 
 
 # --- output paths ---------------------------------------------------------------------------------
@@ -826,7 +828,7 @@ def write_checkpoint(
     backup: str | None = None,
     staging: Staging | None = None,
     progress: Progress | None = None,
-    before_commit: Callable[[Written], None] | None = None,
+    before_commit: Callable[[Written], bool | None] | None = None,
     inputs: Iterable[str] = (),
 ) -> Written:
     """Write ``layout`` to ``path`` in the format its extension names, atomically.
@@ -840,7 +842,8 @@ def write_checkpoint(
         progress: called with ``(bytes written now, tensor bytes in all)`` as tensors stream.
         before_commit: called with the staged files (a :class:`Written` naming them) once every byte
             is written and before anything is renamed into place: ``migrate`` verifies them there while
-            their fsyncs run. An exception from it leaves nothing under the final names.
+            their fsyncs run. An exception from it, or ``False``, leaves nothing under the final names
+            (``False`` returns a :class:`Written` with ``committed=False``).
         inputs: files never removed. A set written over an older one removes the old shards the new
             index does not name (they belonged to the set it replaces), except these.
     """
@@ -883,7 +886,7 @@ def write_checkpoint(
                 out.write(_index(layout, files, shards, metadata, final=not deferred))
         if before_commit is not None:
             # the staged files hold every byte the final ones will, bar the deferred metadata values
-            before_commit(
+            keep = before_commit(
                 replace(
                     written,
                     path=staging.staged_path(written.path),
@@ -891,6 +894,9 @@ def write_checkpoint(
                     backup=None,
                 )
             )
+            if keep is False:  # the staged output is not what was planned: the final names stay as they were
+                staging.abort()
+                return replace(written, committed=False)
         if deferred:
             final = resolve_metadata(metadata)
             if fmt == SAFETENSORS:

@@ -143,9 +143,8 @@ def test_loadable_is_asked_once_per_installed_pair_and_remembered(tmp_path, monk
     first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert first.stdout.split() == ["True", "False", "True"]  # asked for real: torch imported
     cached = json.loads((tmp_path / "cache" / "safetensors-dtypes.json").read_text())
-    (answers,) = cached.values()
-    assert answers == {"F8_E4M3": True, "C128": False}
-    assert next(iter(cached)).startswith("safetensors ")
+    assert cached["body"] == {"F8_E4M3": True, "C128": False}
+    assert cached["key"]["installed"].startswith("safetensors ")
     second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert second.stdout.split() == ["True", "False", "False"]  # the same answers, no torch
 

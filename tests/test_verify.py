@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -114,9 +115,14 @@ def test_a_byte_changed_on_the_way_fails_verification(
         return None
 
     monkeypatch.setattr(writer, "_stream", corrupting)
-    result = invoke("convert", resnet, str(tmp_path / f"o{suffix}"))
+    (tmp_path / f"o{suffix}").write_bytes(b"an older output")
+    result = invoke("convert", resnet, str(tmp_path / f"o{suffix}"), "--force")
     assert result.exit_code == 1
     assert "verification failed: 1 written entry is not what the plan intended" in result.stdout
+    # a failed verification renames nothing into place: the older output is still there, no staging left
+    assert "not written:" in result.stdout and "wrote " not in result.stdout
+    assert (tmp_path / f"o{suffix}").read_bytes() == b"an older output"
+    assert sorted(os.listdir(tmp_path)) == [f"o{suffix}"]
     monkeypatch.setattr(writer, "_stream", real)
     good = invoke("convert", resnet, str(tmp_path / f"good{suffix}"))
     assert good.exit_code == 0 and "verified: re-read, 122 tensors identical to their sources" in good.stdout
@@ -204,3 +210,4 @@ def test_plain_data_changed_on_the_way_fails_verification(
     result = invoke("migrate", with_objects, "--keep-extras", "--rename", "0.=head.", "-o", str(tmp_path / "o.pth"))
     assert result.exit_code == 1, result.output
     assert f"verification failed: 1 written entry is not what the plan intended: {named}" in result.stdout
+    assert not (tmp_path / "o.pth").exists()

@@ -54,39 +54,20 @@ def _versions() -> str | None:
 
 
 def _cached_probe(code: str) -> bool:
-    from ..cache import cache_root
+    from ..cache import cache_root, read_cached, write_cached
 
     versions = _versions()
     if versions is None:
         return True
     path = os.path.join(cache_root(), "safetensors-dtypes.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            known = json.load(f)
-    except (OSError, ValueError):
-        known = {}
-    if not isinstance(known, dict) or not isinstance(known.get(versions, {}), dict):
-        known = {}
-    answers = known.setdefault(versions, {})
+    key = {"kind": "safetensors-dtypes", "installed": versions}
+    answers, _ = read_cached(path, key)  # another pair of versions, or a damaged file: asked afresh
+    answers = dict(answers) if isinstance(answers, dict) else {}
     if isinstance(answers.get(code), bool):
         return bool(answers[code])
     answers[code] = _try_load(code)
-    _write_json(path, known)
+    write_cached(path, key, answers)
     return bool(answers[code])
-
-
-def _write_json(path: str, data: Any) -> None:
-    """Replace a small cache file atomically; a cache that cannot be written is only a slower next run."""
-    import tempfile
-
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".dtypes.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except OSError:
-        return
 
 
 def _try_load(code: str) -> bool:

@@ -316,7 +316,7 @@ def verify_carried(
 
     ``whole``: the file is that one entry alone (a Trainer's ``optimizer.pt`` is the optimizer state)."""
     from ..reader import read_raw, walk_key
-    from ..verify import compare_values
+    from ..verify import compare_values, same_tree
 
     root = read_raw(written.path).root
     if whole is not None:
@@ -328,26 +328,6 @@ def verify_carried(
             found[key] = tensor_ref(key, obj, written.path)
     differ, checked = compare_values(found, carried.state, written, target_chunks=target_chunks, cast=cast)
     for name, planned in carried.extras.items():
-        if not _same_tree(planned, walk_key(root, name)[0]):
+        if not same_tree(planned, walk_key(root, name)[0]):
             differ.append(name)
     return differ, checked
-
-
-def _same_tree(planned: Any, got: Any) -> bool:
-    if isinstance(planned, TensorSlot):
-        return isinstance(got, PickledTensor)
-    if isinstance(planned, StateDictValue):
-        return _same_tree(planned.items, got)
-    if isinstance(planned, dict):
-        return (
-            isinstance(got, dict)
-            and list(planned) == list(got)
-            and all(_same_tree(v, got[k]) for k, v in planned.items())
-        )
-    if isinstance(planned, (list, tuple)):
-        return (
-            type(got) is type(planned)
-            and len(got) == len(planned)
-            and all(_same_tree(a, b) for a, b in zip(planned, got))
-        )
-    return type(planned) is type(got) and (planned == got or planned != planned and got != got)

@@ -22,7 +22,7 @@ from ..formats.pickle_vm import PickleVM, Trace
 from ..formats.safetensors import header_defects, headers_memoized
 from ..formats.ziparchive import list_archive
 from ..reader import parse_lfs_pointer
-from .config import ProjectConfig, config_allow, find_pyproject, load_config, matches
+from .config import ProjectConfig, config_allow, find_pyproject, load_config, path_matches
 from .policy import (
     ALLOWED,
     BROKEN,
@@ -68,7 +68,7 @@ __all__ = [
     "find_pyproject",
     "iter_model_files",
     "load_config",
-    "matches",
+    "path_matches",
     "policy_for",
     "sarif",
     "scan",
