@@ -433,8 +433,9 @@ def write_training_file(carried: Carried, output: str, whole: str) -> tuple[Writ
     nesting = Nesting(None, carried.extras[whole], frozenset(carried.state), bare=True)
     found: list[tuple[list[str], int]] = []
 
-    def verify(staged: Written) -> None:
+    def verify(staged: Written) -> bool:
         found.append(verify_carried(staged, carried, target_chunks=values.chunks, cast=cast_bytes, whole=whole))
+        return not found[-1][0]  # not what was planned: never renamed into place
 
     try:
         written = _write(output, built.layout, nesting=nesting, staging=Staging(), before_commit=verify)

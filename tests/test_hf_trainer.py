@@ -432,3 +432,17 @@ def test_the_worked_example_prints_what_the_page_says(torch, tmp_path, monkeypat
     runpy.run_path("make_trainer_checkpoint.py")
     r = _run(*shlex.split(command)[1:])
     assert r.exit_code == 0 and r.output.strip() == printed.strip(), r.output
+
+
+def test_a_directory_not_as_planned_is_never_renamed_into_place(torch, bert, tmp_path, monkeypatch):
+    from ckpt_tool.optim_state import trainer
+
+    copy = trainer._copy_verified
+    monkeypatch.setattr(trainer, "_copy_verified", lambda src, dst: copy(src, dst) and "scheduler" not in src)
+    out = tmp_path / "out"
+    r = _run("migrate", bert, "-o", str(out))
+    assert r.exit_code == 1 and f"not written: the Trainer checkpoint {out} failed" in r.output, r.output
+    assert "1 written entry is not what the plan intended: scheduler.pt" in r.output
+    assert not os.path.exists(out) and not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+    data = json.loads(_run("migrate", bert, "-o", str(out), "--json").output)
+    assert data["ok"] is False and data["written"]["committed"] is False and not os.path.exists(out)

@@ -374,6 +374,8 @@ def _render_result(report: MigrateReport) -> None:
     w = report.written
     assert w is not None, "a migrate that was not a dry run wrote its output"
     files = f"{len(w.files)} files, index {w.path}" if len(w.files) > 1 else w.path
+    if report.plan.trainer is not None and not w.committed:
+        files = f"the Trainer checkpoint {report.plan.trainer.output}"  # all of it, or nothing
     if not w.committed:
         echo(
             paint("not written:", "fail")
@@ -387,7 +389,7 @@ def _render_result(report: MigrateReport) -> None:
     if w.removed:
         names = [os.path.basename(f) for f in w.removed]
         echo(f"removed {len(names)} shard{'s' * (len(names) != 1)} of the set it replaced: {some(names)}")
-    if report.plan.trainer is not None:
+    if report.plan.trainer is not None and w.committed:
         t = report.plan.trainer
         echo(f"wrote {t.output}: the Trainer checkpoint, {len(t.copied)} files copied bit-identical")
     if report.nonfinite:

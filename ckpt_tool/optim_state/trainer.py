@@ -255,17 +255,21 @@ def migrate_trainer(
         for f in copied:
             if not _copy_verified(os.path.join(d.path, f.name), os.path.join(staged, f.name)):
                 differ.append(f.name)
-        _land(staged, output, replaces)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
+        written = report.written
+        assert written is not None
+        # a directory with any file not as planned is never renamed into place, as a file is not
+        committed = written.committed and not differ
+        if committed:
+            _land(staged, output, replaces)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)  # gone once renamed; else nothing of it is left
     v = report.verification
     if v is not None:
         v = replace(v, differ=v.differ + tuple(differ), checked=v.checked + checked)
-    written = report.written
-    if written is not None:
-        moved = {p: os.path.join(output, os.path.relpath(p, staged)) for p in (written.path, *written.files)}
-        written = replace(written, path=moved[written.path], files=tuple(moved[p] for p in written.files))
+    moved = {p: os.path.join(output, os.path.relpath(p, staged)) for p in (written.path, *written.files)}
+    written = replace(
+        written, path=moved[written.path], files=tuple(moved[p] for p in written.files), committed=committed
+    )
     return replace(report, plan=shown(report.plan), written=written, verification=v)
 
 
