@@ -382,19 +382,8 @@ def test_lightning_checkpoint_resumes_in_a_real_trainer(torch, tmp_path):
     src = str(tmp_path / "lit.ckpt")
     trainer.save_checkpoint(src)
     out = str(tmp_path / "lit2.ckpt")
-    r = _run(
-        "migrate",
-        src,
-        "--rename",
-        r"^body\.=encoder.",
-        "--reinit-mismatched",
-        "--source-arch",
-        f"{path}:old",
-        "--arch",
-        f"{path}:new",
-        "-o",
-        out,
-    )
+    archs = ["--source-arch", f"{path}:old", "--arch", f"{path}:new"]
+    r = _run("migrate", src, "--rename", r"^body\.=encoder.", "--reinit-mismatched", *archs, "-o", out)
     assert r.exit_code == 0, r.output
     assert "optimizer optimizer_states/0 (Adam" in r.output and "body.weight -> encoder.weight" in r.output
     assert "2 start fresh (head.weight, head.bias)" in r.output
