@@ -12,6 +12,7 @@ from typing import Any
 from .bulk import paused
 from .errors import UsageError
 from .formats.dcp import chunk_summary
+from .formats.hf_trainer import is_trainer_dir
 from .model import (
     DENSE,
     DTENSOR_SHARD,
@@ -152,9 +153,16 @@ def inspect_checkpoint(
         by_dtype[ref.dtype] = by_dtype.get(ref.dtype, 0) + n
         parameters += ref.numel
     notes = _notes(ckpt) + (STD_NOTE,) * bool(stats)
+    optimizers = summarize_optimizers(ckpt)
+    kind = ckpt.format
+    if is_trainer_dir(path):  # checkpoint-500/: optimizer.pt and the other training files beside the weights
+        from .optim_state.trainer import describe_trainer
+
+        kind, optimizers, trainer_files = describe_trainer(path, ckpt)
+        notes += tuple(f"Trainer file {f}" for f in trainer_files)
     return InspectReport(
         path=ckpt.path,
-        format=ckpt.format,
+        format=kind,
         file_size=ckpt.file_size,
         tensors=len(ckpt.tensors),
         parameters=parameters,
@@ -176,7 +184,7 @@ def inspect_checkpoint(
         notes=notes,
         attributes=attributes,
         objects={k: summarize(v) for k, v in ckpt.objects.items()},
-        optimizers=summarize_optimizers(ckpt),
+        optimizers=optimizers,
     )
 
 
