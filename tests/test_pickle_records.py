@@ -20,8 +20,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ckpt_tool.errors import CkptError
+from ckpt_tool.errors import CkptError, FormatError
 from ckpt_tool.formats import pickle_vm
+from ckpt_tool.formats.pickle_memo import Memo
 from ckpt_tool.formats.pickle_vm import (
     GlobalRef,
     PickledOrderedDict,
@@ -86,7 +87,7 @@ def outcome(data: bytes, fast: bool, frames: str = "c", budget: int | None = Non
         fast_records=fast,
     )
     stream = io.BytesIO(data)
-    memos: list[dict[int, Any]] = []
+    memos: list[Any] = []
     run = pickle_vm._Machine.run
 
     def keep_memo(machine: Any) -> Any:
@@ -100,7 +101,7 @@ def outcome(data: bytes, fast: bool, frames: str = "c", budget: int | None = Non
         except CkptError as exc:
             value = ("error", type(exc).__name__, str(exc))
     # the memo too, in one picture with the value: which entry is which object of the result
-    pictured = canonical((value, memos, storages))
+    pictured = canonical((value, [memo.as_dict() for memo in memos], storages))
     shown = (pictured, vm.trace.globals, vm.trace.calls, vm.trace.desync, vm.ops, stream.tell())
     return shown, vm.records
 
@@ -327,3 +328,31 @@ def state_dicts(draw: st.DrawFn) -> Any:
 @given(state_dicts())
 def test_random_state_dicts_read_the_same(sd):
     assert_same(data_pkl(sd))
+
+
+def test_memo_indices_off_the_run_cost_one_entry_and_read_back_as_written():
+    memo = Memo()
+    memo.put(4_000_000_000, "far")  # a hostile LONG_BINPUT: no 4-billion-entry table
+    memo.put(-3, "negative")  # PUT's text argument may be negative
+    memo.put(2, "ahead")
+    memo.put(0, "a")
+    assert (memo.items, len(memo)) == (["a"], 4)
+    memo.put(1, "b")  # the run reaches the entry written ahead of it
+    assert memo.items == ["a", "b", "ahead"] and len(memo) == 5
+    memo.put(2, "again")
+    assert [memo.get(i) for i in (0, 1, 2, -3, 4_000_000_000)] == ["a", "b", "again", "negative", "far"]
+    assert memo.as_dict() == {0: "a", 1: "b", 2: "again", -3: "negative", 4_000_000_000: "far"}
+    with pytest.raises(FormatError, match="memo entry 3 is read before it is written"):
+        memo.get(3)
+
+
+@pytest.mark.parametrize(
+    "data, value",
+    [
+        (b"\x80\x02K\x07r\x00\x94\x35\x77j\x00\x94\x35\x77\x86.", (7, 7)),  # LONG_BINPUT far off
+        (b"(K\x01p-5\nK\x02p0\n\x94g-5\ng0\nh\x02t.", (1, 2, 1, 2, 2)),  # negative PUT, MEMOIZE after it
+    ],
+)
+def test_memo_writes_off_the_run_read_back(data, value):
+    assert PickleVM().load(io.BytesIO(data)) == value
+    assert_same(data)

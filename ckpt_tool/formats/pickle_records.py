@@ -19,11 +19,8 @@ ordinary opcode loop reads it; ``tests/test_pickle_records.py`` checks that the 
 from __future__ import annotations
 
 import re
-import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-
-from ..errors import FormatError
 
 if TYPE_CHECKING:
     from .pickle_vm import _Machine
@@ -91,21 +88,6 @@ _TAIL = re.compile(
     re.DOTALL,
 )
 _MISSING = object()
-
-
-def memo_read(memo: dict[int, Any], idx: int) -> Any:
-    """BINGET's effect (the one place its error is worded)."""
-    if idx not in memo:
-        raise FormatError(f"pickle memo entry {idx} is read before it is written")
-    return memo[idx]
-
-
-_long = struct.Struct("<xI").unpack  # LONG_BINGET/LONG_BINPUT: the opcode, then a 4-byte index
-
-
-def _index(op: bytes) -> int:
-    """The memo index of a BINGET/BINPUT (one byte) or LONG_BINGET/LONG_BINPUT (four)."""
-    return op[1] if len(op) == 2 else _long(op)[0]
 
 
 def _int(b: bytes) -> int:
@@ -209,6 +191,7 @@ def run_record(m: _Machine, buf: bytes, off: int, base: int, budget: int) -> boo
     puts = (h[1], h[3], h[5], t[0], t[2], t[4], t[7], t[9], t[12], t[14], t[15], t[17])
     total = 29 + size_ops + stride_ops - puts.count(None)  # 17 fixed opcodes and 12 memo writes
     vm, memo = m.vm, m.memo
+    put = memo.put_op
     ops0 = vm.ops
     if ops0 + total > budget:
         return False  # the opcode loop stops at the very opcode that exceeds it
@@ -218,68 +201,55 @@ def run_record(m: _Machine, buf: bytes, off: int, base: int, budget: int) -> boo
         if g[0] == 0x63:  # GLOBAL
             m.pos = base + head.start(1)
             func = m.make_global("torch._utils", "_rebuild_tensor_v2", "GLOBAL")
-        elif (func := memo.get(_index(g), _MISSING)) is _MISSING:
-            memo_read(memo, _index(g))
-        if (p := h[1]) is not None:
-            memo[p[1] if len(p) == 2 else _long(p)[0]] = func
+        else:
+            func = memo.get_op(g)
+        put(h[1], func)
         stage = "word"
         g = h[2]
         if g[0] == 0x58:
             word: Any = "storage"
-        elif (word := memo.get(_index(g), _MISSING)) is _MISSING:
-            memo_read(memo, _index(g))
-        if (p := h[3]) is not None:
-            memo[p[1] if len(p) == 2 else _long(p)[0]] = word
+        else:
+            word = memo.get_op(g)
+        put(h[3], word)
         stage = "class"
         g = h[4]
         if g[0] == 0x63:
             m.pos = base + head.start(5)
             cls = m.make_global("torch", g[7:-1].decode("ascii"), "GLOBAL")
-        elif (cls := memo.get(_index(g), _MISSING)) is _MISSING:
-            memo_read(memo, _index(g))
-        if (p := h[5]) is not None:
-            memo[p[1] if len(p) == 2 else _long(p)[0]] = cls
+        else:
+            cls = memo.get_op(g)
+        put(h[5], cls)
         stage = "key"
-        if key is _MISSING and (key := memo.get(_index(h[6]), _MISSING)) is _MISSING:
-            memo_read(memo, _index(h[6]))
-        if (p := t[0]) is not None:
-            memo[p[1] if len(p) == 2 else _long(p)[0]] = key
+        if key is _MISSING:
+            key = memo.get_op(h[6])
+        put(t[0], key)
         stage = "location"
-        if (location := memo.get(_index(t[1]), _MISSING)) is _MISSING:
-            memo_read(memo, _index(t[1]))
-        if (p := t[2]) is not None:
-            memo[p[1] if len(p) == 2 else _long(p)[0]] = location
+        location = memo.get_op(t[1])
+        put(t[2], location)
         pid = (word, cls, key, location, _int(t[3]))
-        if (p := t[4]) is not None:
-            memo[p[1] if len(p) == 2 else _long(p)[0]] = pid
+        put(t[4], pid)
         stage = "persid"
         storage = vm._persistent(pid)
-        if (p := t[7]) is not None:
-            memo[p[1] if len(p) == 2 else _long(p)[0]] = size
-        if (p := t[9]) is not None:
-            memo[p[1] if len(p) == 2 else _long(p)[0]] = stride
+        put(t[7], size)
+        put(t[9], stride)
         stage = "hooks"
         g = t[11]
         if g[0] == 0x63:
             m.pos = base + tail.start(12)
             hooks_func = m.make_global("collections", "OrderedDict", "GLOBAL")
-        elif (hooks_func := memo.get(_index(g), _MISSING)) is _MISSING:
-            memo_read(memo, _index(g))
-        if (p := t[12]) is not None:
-            memo[p[1] if len(p) == 2 else _long(p)[0]] = hooks_func
+        else:
+            hooks_func = memo.get_op(g)
+        put(t[12], hooks_func)
         stage = "hooks call"
         m.pos = base + tail.start(14)
         hooks = m.call(hooks_func, (), "REDUCE")
-        if (p := t[14]) is not None:
-            memo[p[1] if len(p) == 2 else _long(p)[0]] = hooks
+        put(t[14], hooks)
         args = (storage, _int(t[5]), size, stride, t[10] == b"\x88", hooks)
-        if (p := t[15]) is not None:
-            memo[p[1] if len(p) == 2 else _long(p)[0]] = args
+        put(t[15], args)
         stage = "call"
         m.pos = base + tail.start(17)
         value = m.call(func, args, "REDUCE")
-        if (p := t[17]) is not None:
-            memo[p[1] if len(p) == 2 else _long(p)[0]] = value
+        put(t[17], value)
     except BaseException:
         # as the loop leaves them: the failing opcode counted, the reader just past it
         vm.ops = ops0 + _count(h, t, stage)

@@ -10,7 +10,6 @@ The interpreter also records every global and every call, which is what ``scan``
 from __future__ import annotations
 
 import functools
-import gc
 import io
 import math
 import re
@@ -19,10 +18,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from ..bulk import gc_paused
 from ..errors import FormatError
+from .pickle_memo import Memo
 from .pickle_records import STARTS as RECORD_STARTS
 from .pickle_records import WINDOW as RECORD_WINDOW
-from .pickle_records import memo_read, run_record
+from .pickle_records import run_record
 from .pickle_stream import OPCODES_PER_STORED_BYTE, FrameReader, SequentialReader, WorkLimit, opcode_budget
 
 # torch storage classes as pickled in persistent ids -> dtype names
@@ -132,7 +133,8 @@ class TorchDType:
         return f"torch.{self.name}"
 
 
-@dataclass(frozen=True)
+# slots: a file of 100,000 tensors holds 100,000 of each of these (and two Events per tensor)
+@dataclass(frozen=True, slots=True)
 class StorageRef:
     """A storage named by a persistent id; the format reader says where its bytes are."""
 
@@ -145,7 +147,7 @@ class StorageRef:
     file: str = ""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class PickledTensor:
     storage: StorageRef | None
     storage_offset: int
@@ -182,7 +184,7 @@ class PickledOrderedDict(dict[Any, Any]):
     attributes: dict[Any, Any] | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Event:
     """One global import or call the stream asks for, with the opcode and byte position."""
 
@@ -526,13 +528,9 @@ class PickleVM:
             self.budget = opcode_budget(limit - start)
         reader = FrameReader(stream, limit) if self.frames == "c" else SequentialReader(stream, limit)
         machine = _Machine(self, reader)
-        # every container the load makes stays alive in the memo until it ends, so the cyclic
-        # collector would find nothing to free, yet its full passes over 100,000 tensors' objects
-        # cost a third of the load; the work (and so any garbage) is bounded by the opcode budget
-        collecting = gc.isenabled()
-        gc.disable()
         try:
-            return machine.run()
+            with gc_paused():  # the load's containers all stay alive in its memo: nothing to collect
+                return machine.run()
         except FormatError:
             raise
         except (
@@ -549,8 +547,6 @@ class PickleVM:
         ) as exc:
             raise FormatError(f"malformed pickle after byte {start} ({type(exc).__name__}: {exc})") from None
         finally:
-            if collecting:
-                gc.enable()
             reader.release()
             self.trace.desync.extend(reader.desync)
 
@@ -583,7 +579,7 @@ class _Machine:
         self.trace = vm.trace
         self.stack: list[Any] = []
         self.marks: list[int] = []
-        self.memo: dict[int, Any] = {}
+        self.memo = Memo()
         self.pos = 0
         self.result: Any = None
 
@@ -935,14 +931,14 @@ def _build(m: _Machine) -> None:
 
 def _memo_put(key_of: Callable[[_Machine], int]) -> _Handler:
     def handler(m: _Machine) -> None:
-        m.memo[key_of(m)] = m.top()
+        m.memo.put(key_of(m), m.top())
 
     return handler
 
 
 def _memo_get(key_of: Callable[[_Machine], int]) -> _Handler:
     def handler(m: _Machine) -> None:
-        m.stack.append(memo_read(m.memo, key_of(m)))
+        m.stack.append(m.memo.get(key_of(m)))
 
     return handler
 
