@@ -46,9 +46,13 @@ def canonical(value: Any) -> Any:
     """A comparable picture of a decoded tree: every field, and which objects are one and the same."""
     seen: dict[int, int] = {}
 
+    atoms = (bool, int, float, str, bytes, GlobalRef, TorchDType, TorchLayout)
+
     def walk(v: Any, depth: int) -> Any:
-        if v is None or isinstance(v, (bool, int, float, str, bytes, GlobalRef, TorchDType, TorchLayout)):
+        if v is None or isinstance(v, atoms):
             return (type(v).__name__, repr(v))
+        if type(v) is tuple and all(x is None or isinstance(x, atoms) for x in v):
+            return ("tuple", [repr(x) for x in v])  # immutable plain values: which object is not observable
         if id(v) in seen:
             return ("same as", seen[id(v)])
         seen[id(v)] = len(seen)

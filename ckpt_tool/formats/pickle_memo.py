@@ -45,8 +45,14 @@ class Memo:
 
     def put_op(self, op: bytes | None, value: Any) -> None:
         """The write of a BINPUT or LONG_BINPUT given as its bytes (opcode and index); None: none."""
-        if op is not None:
-            self.put(op[1] if len(op) == 2 else _LONG(op)[0], value)
+        if op is None:
+            return
+        idx = op[1] if len(op) == 2 else _LONG(op)[0]
+        items = self.items
+        if idx == len(items) and not self.more:  # the next of the run: nearly every write
+            items.append(value)
+        else:
+            self.put(idx, value)
 
     def get(self, idx: int) -> Any:
         if 0 <= idx < len(self.items):
@@ -57,7 +63,8 @@ class Memo:
 
     def get_op(self, op: bytes) -> Any:
         """The read of a BINGET or LONG_BINGET given as its bytes."""
-        return self.get(op[1] if len(op) == 2 else _LONG(op)[0])
+        idx = op[1] if len(op) == 2 else _LONG(op)[0]
+        return self.items[idx] if idx < len(self.items) else self.get(idx)
 
     def as_dict(self) -> dict[int, Any]:
         return {**dict(enumerate(self.items)), **self.more}

@@ -98,8 +98,21 @@ def _int(b: bytes) -> int:
     return int.from_bytes(b[1:], "little", signed=op == 0x4A)
 
 
+_TUPLES: dict[bytes, tuple[tuple[int, ...], int]] = {}  # a file has few distinct sizes and strides
+
+
 def _tuple(span: bytes) -> tuple[tuple[int, ...], int]:
-    """A size or stride and how many opcodes it took."""
+    """A size or stride and how many opcodes it took (one tuple object for equal ones: ints only)."""
+    known = _TUPLES.get(span)
+    if known is not None:
+        return known
+    if len(_TUPLES) > 4096:
+        _TUPLES.clear()
+    _TUPLES[span] = known = _decode_tuple(span)
+    return known
+
+
+def _decode_tuple(span: bytes) -> tuple[tuple[int, ...], int]:
     if span == b")":
         return (), 1
     body = span[1:-1] if span[0] == 0x28 else span[:-1]  # MARK ... TUPLE, or TUPLE1-3
