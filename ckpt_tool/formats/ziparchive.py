@@ -261,29 +261,29 @@ def _list(f: IO[bytes], path: str, size: int) -> ZipListing:
     distinct = {id(entries): entries for _, entries in views}  # one list when both readers read one directory
     if len({tuple((e.name, e.header_offset) for e in entries) for entries in distinct.values()}) > 1:
         ambiguities.append("torch and Python's zipfile read different central directories")
-    names = [e.name for e in torch_entries]
-    counts = collections.Counter(names)
-    dupes = sorted(n for n, c in counts.items() if c > 1)
-    if dupes:
-        ambiguities.append(
-            f"duplicate entry names ({', '.join(dupes[:3])}): readers choose differently among "
-            "them (zipfile takes the last)"
-        )
-    # torch's case-insensitive lookup, built here once: the first entry of each lower-cased name
-    index: dict[str, ZipEntry] = {}
+    # torch's case-insensitive lookup: the first entry of each lower-cased name (a name that is
+    # lower case already is its own key: no second copy of 100,000 names)
+    index = {(e.name if e.name.islower() else e.name.lower()): e for e in reversed(torch_entries)}
     folded: dict[str, set[str]] = {}  # lower-cased names several entries share: their spellings
-    for e in torch_entries:
-        low = e.name.lower()
-        first = index.setdefault(low, e)
-        if first is not e:
-            folded.setdefault(low, {first.name}).add(e.name)
-    clashes = sorted(" / ".join(sorted(v)) for v in folded.values() if len(v) > 1)
-    if clashes:
-        ambiguities.append(
-            f"entry names that differ only in case ({clashes[0]}): torch finds names "
-            "case-insensitively, zipfile exactly"
-        )
-    bad = [n for n in names if not n.isascii() and undecodable(n)]
+    if len(index) < len(torch_entries):  # some name repeats, at least ignoring case
+        counts = collections.Counter(e.name for e in torch_entries)
+        dupes = sorted(n for n, c in counts.items() if c > 1)
+        if dupes:
+            ambiguities.append(
+                f"duplicate entry names ({', '.join(dupes[:3])}): readers choose differently among "
+                "them (zipfile takes the last)"
+            )
+        for e in torch_entries:
+            first = index[e.name.lower()]
+            if first is not e:
+                folded.setdefault(e.name.lower(), {first.name}).add(e.name)
+        clashes = sorted(" / ".join(sorted(v)) for v in folded.values() if len(v) > 1)
+        if clashes:
+            ambiguities.append(
+                f"entry names that differ only in case ({clashes[0]}): torch finds names "
+                "case-insensitively, zipfile exactly"
+            )
+    bad = [e.name for e in torch_entries if not e.name.isascii() and undecodable(e.name)]
     if bad:
         ambiguities.append(
             f"entry name {bad[0]!r} is flagged UTF-8 but is not: Python's zipfile refuses the archive, torch reads it"
@@ -293,9 +293,9 @@ def _list(f: IO[bytes], path: str, size: int) -> ZipListing:
         ambiguities.append(
             f"'version needed to extract' above 6.3 ({high[0]}): Python's zipfile refuses the archive, torch reads it"
         )
-    unlisted, renamed, visited = _local_chain(f, size, torch_entries)
+    unlisted, renamed, visited, offsets = _local_chain(f, size, torch_entries)
     others: list[ZipEntry] = []
-    if len(views) > 1 or unlisted:
+    if unlisted or any(entries is not torch_entries for _, entries in views[1:]):
         seen = {(e.name, e.header_offset) for e in torch_entries}
         for _, entries in views[1:]:
             for e in entries:
@@ -309,7 +309,7 @@ def _list(f: IO[bytes], path: str, size: int) -> ZipListing:
             if (e.name, e.header_offset) not in seen:
                 seen.add((e.name, e.header_offset))
                 others.append(e)
-    for e in torch_entries:
+    for e in torch_entries if renamed or len(visited) < offsets else ():
         # the chain read most local headers already; one it did not reach is read here
         local = renamed.get(e.header_offset) if e.header_offset in visited else _local_name(f, e)
         if local is not None and local != e.name:
@@ -334,12 +334,15 @@ def _local_name(f: IO[bytes], e: ZipEntry) -> str | None:
     return _decode_name(_read_at(f, e.header_offset + 30, _u16(head, 26)), _u16(head, 6))
 
 
-def _local_chain(f: IO[bytes], size: int, listed: list[ZipEntry]) -> tuple[list[ZipEntry], dict[int, str], set[int]]:
+def _local_chain(
+    f: IO[bytes], size: int, listed: list[ZipEntry]
+) -> tuple[list[ZipEntry], dict[int, str], set[int], int]:
     """Local headers one after another from the start, as a streaming reader meets them. Sizes come
     from the local header, or from the central directory when the header defers them to a descriptor.
 
     Returns the headers no central directory lists, the local names (by offset) of the listed ones
-    whose local name may differ from their directory name, and the offsets of the listed headers met.
+    whose local name may differ from their directory name, the offsets of the listed headers met,
+    and how many distinct offsets the listed entries have.
     """
     by_offset: dict[int, ZipEntry] = {}
     shared: set[int] = set()  # offsets several entries point at: their local name is kept to compare with each
@@ -385,7 +388,7 @@ def _local_chain(f: IO[bytes], size: int, listed: list[ZipEntry]) -> tuple[list[
         if nxt <= pos or nxt > size:
             break
         pos = nxt
-    return unlisted, renamed, visited
+    return unlisted, renamed, visited, len(by_offset)
 
 
 def data_offset(f: IO[bytes], e: ZipEntry, path: str) -> int:
