@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .pickle_vm import _Machine
 
-# the opcodes a record can start with: BINGET, LONG_BINGET, GLOBAL
-STARTS = frozenset(b"hjc")
+# the opcodes a record can start with: BINGET, LONG_BINGET, GLOBAL, and BINUNICODE (the key before it)
+STARTS = frozenset(b"hjcX")
 # bytes a record of even a 64-dimensional tensor fits in, key string aside (read ahead for a match)
 WINDOW = 4096
 
@@ -87,6 +87,7 @@ _TAIL = re.compile(
     + _PUT,
     re.DOTALL,
 )
+_NAME_PUT = re.compile(rb"q.|r....", re.DOTALL)
 _MISSING = object()
 
 
@@ -179,7 +180,22 @@ def run_record(m: _Machine, buf: bytes, off: int, base: int, budget: int) -> boo
     the machine's own operations, so an error in one of them (a missing memo entry, a refused
     storage) leaves the trace and the opcode count as the opcode loop leaves them.
     """
-    head = _HEAD.match(buf, off)
+    name: Any = _MISSING  # the state dict key the record is the value of, when one comes first
+    name_put = None
+    start = off
+    if buf[off] == 0x58:  # BINUNICODE (and its memo write) of a key, then the record
+        start = off + 5 + int.from_bytes(buf[off + 1 : off + 5], "little")
+        if start > len(buf) - 4:
+            return False
+        try:
+            name = buf[off + 5 : start].decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError:
+            return False
+        written = _NAME_PUT.match(buf, start)
+        if written is not None:
+            name_put = written.group()
+            start = written.end()
+    head = _HEAD.match(buf, start)
     if head is None:
         return False
     h = head.groups()
@@ -203,11 +219,18 @@ def run_record(m: _Machine, buf: bytes, off: int, base: int, budget: int) -> boo
     stride, stride_ops = _tuple(t[8])
     puts = (h[1], h[3], h[5], t[0], t[2], t[4], t[7], t[9], t[12], t[14], t[15], t[17])
     total = 29 + size_ops + stride_ops - puts.count(None)  # 17 fixed opcodes and 12 memo writes
+    if name is not _MISSING:
+        total += 1 if name_put is None else 2
     vm, memo = m.vm, m.memo
     put = memo.put_op
     ops0 = vm.ops
     if ops0 + total > budget:
         return False  # the opcode loop stops at the very opcode that exceeds it
+    if name is not _MISSING:  # nothing in the key's two opcodes can fail
+        m.stack.append(name)
+        put(name_put, name)
+        ops0 += 1 if name_put is None else 2
+        total -= 1 if name_put is None else 2
     stage = "func"
     try:
         g = h[0]
