@@ -171,7 +171,13 @@ class FrameReader(SequentialReader):
                 self.cidx = j
                 return cbuf[i:j]
             self._drop()
-        return self.src.take(n)
+        src = self.src  # the read-ahead's own fast case, here: one call less per opcode argument
+        off = src.off
+        end = off + n
+        if n >= 0 and end <= len(src.buf):
+            src.off = end
+            return src.buf[off:end]
+        return src.take(n)
 
     def readline(self) -> bytes:
         if self.cbuf:

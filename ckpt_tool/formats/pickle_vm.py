@@ -476,6 +476,7 @@ def _hashable(v: Any) -> Any:
     return v
 
 
+# torch tensor records read whole by default; off, every opcode is read one by one (the tests compare the two)
 FAST_RECORDS = True
 
 
