@@ -171,6 +171,14 @@ def _count(h: tuple[Any, ...], t: tuple[Any, ...], upto: str | None) -> int:
     return n
 
 
+def _global_or_read(m: _Machine, op: bytes, pos: int, module: str, name: str) -> Any:
+    """The value of a GLOBAL (``module.name``, recorded at ``pos``) or of a memo read, as ``op`` is."""
+    if op[0] == 0x63:
+        m.pos = pos
+        return m.make_global(module, name, "GLOBAL")
+    return m.memo.get_op(op)
+
+
 def run_record(m: _Machine, buf: bytes, off: int, base: int, budget: int) -> bool:
     """Apply the tensor record at ``buf[off:]`` (``base``: the stream position of ``buf[0]``) and
     move the reader past it; False, with nothing changed, when no whole record is there.
@@ -233,12 +241,7 @@ def run_record(m: _Machine, buf: bytes, off: int, base: int, budget: int) -> boo
         total -= 1 if name_put is None else 2
     stage = "func"
     try:
-        g = h[0]
-        if g[0] == 0x63:  # GLOBAL
-            m.pos = base + head.start(1)
-            func = m.make_global("torch._utils", "_rebuild_tensor_v2", "GLOBAL")
-        else:
-            func = memo.get_op(g)
+        func = _global_or_read(m, h[0], base + head.start(1), "torch._utils", "_rebuild_tensor_v2")
         put(h[1], func)
         stage = "word"
         g = h[2]
@@ -248,12 +251,7 @@ def run_record(m: _Machine, buf: bytes, off: int, base: int, budget: int) -> boo
             word = memo.get_op(g)
         put(h[3], word)
         stage = "class"
-        g = h[4]
-        if g[0] == 0x63:
-            m.pos = base + head.start(5)
-            cls = m.make_global("torch", g[7:-1].decode("ascii"), "GLOBAL")
-        else:
-            cls = memo.get_op(g)
+        cls = _global_or_read(m, h[4], base + head.start(5), "torch", h[4][7:-1].decode("ascii"))
         put(h[5], cls)
         stage = "key"
         if key is _MISSING:
@@ -269,12 +267,7 @@ def run_record(m: _Machine, buf: bytes, off: int, base: int, budget: int) -> boo
         put(t[7], size)
         put(t[9], stride)
         stage = "hooks"
-        g = t[11]
-        if g[0] == 0x63:
-            m.pos = base + tail.start(12)
-            hooks_func = m.make_global("collections", "OrderedDict", "GLOBAL")
-        else:
-            hooks_func = memo.get_op(g)
+        hooks_func = _global_or_read(m, t[11], base + tail.start(12), "collections", "OrderedDict")
         put(t[12], hooks_func)
         stage = "hooks call"
         m.pos = base + tail.start(14)
