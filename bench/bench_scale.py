@@ -1,10 +1,14 @@
 """Per-tensor cost: ckpt on 100,000-tensor files and sets, a 70B Llama-layout set, a DeepSeek-V3-style set.
 
-Run: ``python bench/bench_scale.py [--repeat N]``. Inputs are made once in ``bench/out/scale/`` by
+Run: ``python bench/bench_scale.py [--repeat N] [--quick | --pth] [--compare TREE]``. Inputs are made once in ``bench/out/scale/`` by
 ``bench/layouts.py`` (safetensors data sections are sparse holes; ``.pth`` files are real
 ``torch.save`` outputs of tiny tensors). Every command is a whole process, best of N, in the same
 run as its baselines: ``safe_open(...).keys()`` on the same safetensors file and
 ``torch.load(weights_only=True)`` of the same ``.pth``.
+
+``--compare TREE`` also runs every ckpt command from another checkout of the package (``git archive
+main | tar -x -C TREE``), alternating with this one, and prints both with their ratio: a before and
+after in one run on a shared machine.
 
 Targets (issue 14): inspect, scan, validate and ``diff A B`` of each 100,000-tensor input under 1 s
 and 200 MB peak RSS; ``inspect`` within 2x of ``safe_open(...).keys()``.
@@ -19,7 +23,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import layouts  # noqa: E402
-from _common import CKPT, OUT, PYTHON, Run, measure  # noqa: E402
+from _common import CKPT, OUT, PYTHON, Run, bench_env, measure  # noqa: E402
 
 SCALE = os.path.join(OUT, "scale")
 
@@ -55,6 +59,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="only the 100,000-tensor safetensors rows")
+    parser.add_argument("--pth", action="store_true", help="only the .pth rows (and their baselines)")
+    parser.add_argument("--compare", metavar="TREE", help="also run each ckpt command from this checkout")
     parser.add_argument("--make-inputs", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.make_inputs:
@@ -66,7 +72,24 @@ def main() -> None:
     paths = inputs()
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
+    before: dict[str, Run] = {}
+    # -P: no current directory on sys.path, so PYTHONPATH's tree is imported, not this one
+    other = bench_env(PYTHONPATH=os.path.abspath(args.compare)) if args.compare else None
+
     def m(label: str, cmd: list[str]) -> Run:
+        if other is not None and cmd[: len(CKPT)] == CKPT:
+            then = [PYTHON, "-P", *cmd[1:]]
+            runs = [
+                measure(label, c, repeat=1, env=e) for _ in range(args.repeat) for c, e in ((then, other), (cmd, None))
+            ]
+            before[label] = min(runs[0::2], key=lambda r: r.wall_s)
+            run = min(runs[1::2], key=lambda r: r.wall_s)
+            print(
+                f"  measured {label}: {run.wall_s:.3f} s, {run.peak_rss_mb:.1f} MB (before: "
+                f"{before[label].wall_s:.3f} s, {before[label].peak_rss_mb:.1f} MB)",
+                flush=True,
+            )
+            return run
         run = measure(label, cmd, repeat=args.repeat)
         print(f"  measured {label}: {run.wall_s:.3f} s, {run.peak_rss_mb:.1f} MB", flush=True)
         return run
@@ -82,7 +105,7 @@ def main() -> None:
         ],
     )
     runs: list[Run] = [keys]
-    cases = [("flat.safetensors", st), ("sharded_st", paths["sharded_st"])]
+    cases = [] if args.pth else [("flat.safetensors", st), ("sharded_st", paths["sharded_st"])]
     if not args.quick:
         runs.append(
             m(
@@ -97,11 +120,12 @@ def main() -> None:
         runs.append(m(f"inspect {name} (folded table)", CKPT + ["inspect", path]))
         runs.append(m(f"scan {name}", CKPT + ["scan", scan_target]))
         runs.append(m(f"validate {name}", CKPT + ["validate", path]))
-    runs.append(m("diff flat.safetensors sharded_st", CKPT + ["diff", st, paths["sharded_st"]]))
+    if not args.pth:
+        runs.append(m("diff flat.safetensors sharded_st", CKPT + ["diff", st, paths["sharded_st"]]))
     if not args.quick:
         runs.append(m("diff flat.pth sharded_pth", CKPT + ["diff", paths["flat.pth"], paths["sharded_pth"]]))
         runs.append(m("diff flat.safetensors flat.pth", CKPT + ["diff", st, paths["flat.pth"]]))
-        for name in ("llama70b", "deepseek"):
+        for name in () if args.pth else ("llama70b", "deepseek"):
             runs.append(m(f"inspect {name}", CKPT + ["inspect", paths[name]]))
             runs.append(m(f"inspect --json {name}", CKPT + ["inspect", paths[name], "--json"]))
             runs.append(m(f"validate {name}", CKPT + ["validate", paths[name]]))
@@ -114,6 +138,9 @@ def main() -> None:
             target = f"<1 s, <200 MB: {'met' if met else 'NOT met'}"
             if r.label == "inspect --json flat.safetensors":
                 target += f"; <=2x keys(): {'met' if r.wall_s <= 2 * keys.wall_s else 'NOT met'}"
+        was = before.get(r.label)
+        if was is not None:
+            target += f"; before {was.wall_s:.3f} s, {was.peak_rss_mb:.1f} MB ({was.wall_s / r.wall_s:.2f}x faster)"
         print(f"{r.label:<44} {r.wall_s:>8.3f} {r.peak_rss_mb:>8.1f} {r.wall_s / keys.wall_s:>9.2f}  {target}")
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 

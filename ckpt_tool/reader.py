@@ -450,8 +450,9 @@ def _module_tensors(obj: Placeholder, prefix: str, out: dict[str, TensorRef], pa
 
 def tensor_ref(key: str, t: PickledTensor, path: str) -> TensorRef:
     """The :class:`TensorRef` of a decoded tensor, checked against its storage (composites: each part)."""
-    parts = tuple((name, tensor_ref(f"{key}#{name}", p, path)) for name, p in t.parts.items())
-    extra: dict[str, Any] = {"attrs": tuple(sorted(t.attrs.items())), "note": t.note, "parts": parts}
+    # (a plain tensor has no parts or attributes: 100,000 of them skip the work)
+    parts = tuple((name, tensor_ref(f"{key}#{name}", p, path)) for name, p in t.parts.items()) if t.parts else ()
+    extra: dict[str, Any] = {"attrs": tuple(sorted(t.attrs.items())) if t.attrs else (), "note": t.note, "parts": parts}
     if t.kind in SPARSE_KINDS:
         return TensorRef(
             key, t.dtype, t.shape, (), f"{path}#{t.kind}:{key}", 0, 0, None, path, t.requires_grad, kind=t.kind, **extra
@@ -476,7 +477,7 @@ def tensor_ref(key: str, t: PickledTensor, path: str) -> TensorRef:
         kind=kind,
         **extra,
     )
-    if any(d < 0 for d in t.shape) or any(st < 0 for st in t.stride) or t.storage_offset < 0:
+    if min(t.shape, default=0) < 0 or min(t.stride, default=0) < 0 or t.storage_offset < 0:
         raise FormatError(f"{path}: tensor {key!r} has a negative size, stride or offset")
     if t.dtype not in DTYPES:
         raise FormatError(f"{path}: tensor {key!r} has an unknown dtype {t.dtype!r}")

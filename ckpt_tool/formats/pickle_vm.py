@@ -9,6 +9,7 @@ The interpreter also records every global and every call, which is what ``scan``
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import re
@@ -17,7 +18,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from ..bulk import gc_paused
 from ..errors import FormatError
+from .pickle_memo import Memo
+from .pickle_records import STARTS as RECORD_STARTS
+from .pickle_records import WINDOW as RECORD_WINDOW
+from .pickle_records import run_record
 from .pickle_stream import OPCODES_PER_STORED_BYTE, FrameReader, SequentialReader, WorkLimit, opcode_budget
 
 # torch storage classes as pickled in persistent ids -> dtype names
@@ -97,8 +103,8 @@ class GlobalRef:
     module: str
     name: str
 
-    @property
-    def qualname(self) -> str:
+    @functools.cached_property
+    def qualname(self) -> str:  # asked for at every call of the global: worked out once
         return f"{self.module}.{self.name}"
 
     def __repr__(self) -> str:
@@ -127,7 +133,8 @@ class TorchDType:
         return f"torch.{self.name}"
 
 
-@dataclass(frozen=True)
+# slots: a file of 100,000 tensors holds 100,000 of each of these (and two Events per tensor)
+@dataclass(frozen=True, slots=True)
 class StorageRef:
     """A storage named by a persistent id; the format reader says where its bytes are."""
 
@@ -140,7 +147,7 @@ class StorageRef:
     file: str = ""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class PickledTensor:
     storage: StorageRef | None
     storage_offset: int
@@ -177,7 +184,7 @@ class PickledOrderedDict(dict[Any, Any]):
     attributes: dict[Any, Any] | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Event:
     """One global import or call the stream asks for, with the opcode and byte position."""
 
@@ -210,6 +217,12 @@ def _int(v: Any) -> int:
 
 
 def _ints(v: Any) -> tuple[int, ...]:
+    if type(v) is tuple:
+        for x in v:
+            if type(x) is not int:
+                break
+        else:
+            return v  # plain ints already (bools are refused below)
     if isinstance(v, Placeholder) and v.name == "torch.Size":
         v = v.args[0] if v.args else ()
     if not isinstance(v, (tuple, list)):
@@ -390,6 +403,13 @@ def _reduce_known(name: str, args: Any) -> tuple[bool, Any]:
         return False, None
     if name in ("torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor"):
         return True, _rebuild_tensor(args)
+    if name == "collections.OrderedDict":  # every tensor's backward hooks: asked for as often
+        out: dict[Any, Any] = PickledOrderedDict()
+        if args and isinstance(args[0], (list, tuple)):
+            for pair in args[0]:
+                if isinstance(pair, (list, tuple)) and len(pair) == 2:
+                    out[_hashable(pair[0])] = pair[1]
+        return True, out
     if name == "torch._utils._rebuild_tensor_v3" and len(args) >= 7:
         # untyped storage (numel counts bytes); the tensor's dtype comes as the seventh argument
         t = _rebuild_tensor(args)
@@ -430,13 +450,6 @@ def _reduce_known(name: str, args: Any) -> tuple[bool, Any]:
     if name == "torch._utils._rebuild_meta_tensor_no_storage" and len(args) >= 3:
         dtype = args[0].name if isinstance(args[0], TorchDType) else "float32"
         return True, PickledTensor(None, 0, _ints(args[1]), _ints(args[2]), dtype, kind="meta")
-    if name == "collections.OrderedDict":
-        out: dict[Any, Any] = PickledOrderedDict()
-        if args and isinstance(args[0], (list, tuple)):
-            for pair in args[0]:
-                if isinstance(pair, (list, tuple)) and len(pair) == 2:
-                    out[_hashable(pair[0])] = pair[1]
-        return True, out
     if name in ("builtins.set", "builtins.frozenset", "__builtin__.set", "__builtin__.frozenset"):
         items = args[0] if args and isinstance(args[0], (list, tuple)) else []
         return True, frozenset(_hashable(x) for x in items)
@@ -463,6 +476,10 @@ def _hashable(v: Any) -> Any:
     return v
 
 
+# torch tensor records read whole by default; off, every opcode is read one by one (the tests compare the two)
+FAST_RECORDS = True
+
+
 class PickleVM:
     """Interprets pickle streams into inert data, reading them as CPython's C unpickler does.
 
@@ -475,6 +492,8 @@ class PickleVM:
         frames: ``"c"`` reads FRAME blocks as the C unpickler does (``torch.load``'s reading);
             ``"sequential"`` reads straight on, as ``pickletools`` does. Where the two readings part,
             the position is recorded in ``trace.desync``.
+        fast_records: recognise torch's tensor records whole (by default ``FAST_RECORDS``); the
+            result, trace, opcode count and errors are those of the opcode-by-opcode reading.
     """
 
     def __init__(
@@ -483,12 +502,16 @@ class PickleVM:
         trace: Trace | None = None,
         budget: int | None = None,
         frames: str = "c",
+        fast_records: bool | None = None,
     ) -> None:
         self.persistent_load = persistent_load
+        # torch's tensor records applied whole (pickle_records); the same result as opcode by opcode
+        self.fast_records = FAST_RECORDS if fast_records is None else fast_records
         self.trace = trace if trace is not None else Trace()
         self.budget = budget
         self.frames = frames
         self.ops = 0
+        self.records = 0  # tensor records read whole
 
     def load(self, stream: IO[bytes], limit: int | None = None) -> Any:
         """Interpret one pickle from ``stream`` (reading no further than byte ``limit``) and return its value.
@@ -507,7 +530,8 @@ class PickleVM:
         reader = FrameReader(stream, limit) if self.frames == "c" else SequentialReader(stream, limit)
         machine = _Machine(self, reader)
         try:
-            return machine.run()
+            with gc_paused():  # the load's containers all stay alive in its memo: nothing to collect
+                return machine.run()
         except FormatError:
             raise
         except (
@@ -556,16 +580,32 @@ class _Machine:
         self.trace = vm.trace
         self.stack: list[Any] = []
         self.marks: list[int] = []
-        self.memo: dict[int, Any] = {}
+        self.memo = Memo()
         self.pos = 0
         self.result: Any = None
 
     def run(self) -> Any:
         r, vm, table = self.r, self.vm, _OPS
         budget = vm.budget if vm.budget is not None else opcode_budget(0)
+        src = r.src
+        records = vm.fast_records
         while True:
-            self.pos = pos = r.pos()
-            op = r.read(1)[0]
+            buf, off = src.buf, src.off
+            if r.cbuf or off >= len(buf):
+                # inside a FRAME, or the read-ahead is spent: the reader's own reading
+                self.pos = pos = r.pos()
+                op = r.read(1)[0]
+            else:
+                # straight reading from the read-ahead buffer: the opcode byte is taken here
+                op = buf[off]
+                if records and op in RECORD_STARTS:
+                    if len(buf) - off < RECORD_WINDOW and src.more():
+                        src.fill_ahead(RECORD_WINDOW)
+                        buf, off = src.buf, src.off
+                    if run_record(self, buf, off, src.base, budget):
+                        continue
+                self.pos = pos = src.base + off
+                src.off = off + 1
             vm.ops += 1
             if vm.ops > budget:
                 raise WorkLimit(
@@ -603,13 +643,12 @@ class _Machine:
         return GlobalRef(module, name)
 
     def call(self, func: Any, args: Any, opcode: str) -> Any:
+        is_global = isinstance(func, GlobalRef)
         name = (
-            func.qualname
-            if isinstance(func, GlobalRef)
-            else (func.name if isinstance(func, Placeholder) else f"<{type(func).__name__}>")
+            func.qualname if is_global else (func.name if isinstance(func, Placeholder) else f"<{type(func).__name__}>")
         )
-        self.trace.calls.append(Event(opcode, name, self.pos, isinstance(func, GlobalRef)))
-        if isinstance(func, GlobalRef) and opcode == "REDUCE":
+        self.trace.calls.append(Event(opcode, name, self.pos, is_global))
+        if is_global and opcode == "REDUCE":
             handled, value = _reduce_known(name, args)
             if handled:
                 return value
@@ -893,17 +932,14 @@ def _build(m: _Machine) -> None:
 
 def _memo_put(key_of: Callable[[_Machine], int]) -> _Handler:
     def handler(m: _Machine) -> None:
-        m.memo[key_of(m)] = m.top()
+        m.memo.put(key_of(m), m.top())
 
     return handler
 
 
 def _memo_get(key_of: Callable[[_Machine], int]) -> _Handler:
     def handler(m: _Machine) -> None:
-        idx = key_of(m)
-        if idx not in m.memo:
-            raise FormatError(f"pickle memo entry {idx} is read before it is written")
-        m.stack.append(m.memo[idx])
+        m.stack.append(m.memo.get(key_of(m)))
 
     return handler
 

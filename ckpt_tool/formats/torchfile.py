@@ -7,6 +7,7 @@ storages with their byte positions, and the trace of what the pickles asked for.
 from __future__ import annotations
 
 import io
+import mmap
 import re
 import struct
 from collections.abc import Callable
@@ -45,12 +46,14 @@ def read_zip(path: str, file_size: int, trace: Trace | None = None, fmt_name: st
     """
     trace = trace if trace is not None else Trace()
     listing = list_archive(path)
-    bad = [e.name for e in listing.entries if undecodable(e.name)]
+    bad = [e.name for e in listing.entries if not e.name.isascii() and undecodable(e.name)]
     if bad:
         raise FormatError(f"{path}: corrupt zip archive (entry name {bad[0]!r} is not valid UTF-8)")
+    # the entries read beside data.pkl (other pickles, TorchScript code), the first of equal names
     infos: dict[str, ZipEntry] = {}
     for entry in listing.entries:
-        infos.setdefault(entry.name, entry)
+        if entry.name.endswith(".py") or entry.name.lower().endswith(".pkl"):
+            infos.setdefault(entry.name, entry)
     prefix = listing.prefix
     found = listing.find(prefix + "data.pkl")
     if found is None:
@@ -62,7 +65,7 @@ def read_zip(path: str, file_size: int, trace: Trace | None = None, fmt_name: st
             "(run `ckpt scan` on it)"
         )
     pkl_name = found.name
-    with open(path, "rb") as raw:
+    with open(path, "rb") as raw, mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
         storages: dict[str, StorageRef] = {}
 
         def resolve(key: str, dtype: str, location: str, numel: int) -> StorageRef:
@@ -72,7 +75,8 @@ def read_zip(path: str, file_size: int, trace: Trace | None = None, fmt_name: st
             nbytes = numel * itemsize(dtype)
             if info.size < nbytes:
                 raise FormatError(f"{path}: storage data/{key} holds {info.size} bytes, its description needs {nbytes}")
-            offset = data_offset(raw, info, path) if info.method == STORED else None
+            # a local header per storage: slices of the mapped file rather than a seek and a read each
+            offset = data_offset(mapped, info, path) if info.method == STORED else None  # type: ignore[arg-type]
             if offset is not None and offset + nbytes > file_size:
                 raise FormatError(f"{path}: storage data/{key} extends past the end of the file (truncated)")
             return StorageRef(key, dtype, location, numel, offset, nbytes, path)

@@ -61,6 +61,8 @@ class ZipListing:
     others: tuple[ZipEntry, ...]
     ambiguities: tuple[str, ...]
     _index: dict[str, ZipEntry] = field(default_factory=dict, compare=False, repr=False)
+    # lower-cased names more than one entry has (the rest are found by ``_index`` alone)
+    _shared: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     @property
     def prefix(self) -> str:
@@ -79,6 +81,9 @@ class ZipListing:
     def matches(self, name: str) -> list[ZipEntry]:
         """Every entry named ``name`` ignoring case: more than one, and readers may choose differently."""
         want = name.lower()
+        if self._index and want not in self._shared:
+            found = self._index.get(want)
+            return [found] if found is not None else []
         return [e for e in self.entries if e.name.lower() == want]
 
     def names(self) -> list[str]:
@@ -188,7 +193,7 @@ def _central_directory(
         raw_name = data[i + 46 : i + 46 + nlen]
         # names are nearly always ASCII, which both encodings read alike
         name = raw_name.decode("ascii") if raw_name.isascii() else _decode_name(raw_name, flags)
-        if xlen:
+        if xlen and 0xFFFFFFFF in (usize, csize, local):  # torch pads every entry's extra field: zip64 is rare
             extra = data[i + 46 + nlen : i + 46 + nlen + xlen]
             usize, csize, local = _zip64_extra(extra, [usize, csize, local])
         entries.append(ZipEntry(name, local + shift, method, flags, crc, csize, usize, needed, source))
@@ -253,27 +258,32 @@ def _list(f: IO[bytes], path: str, size: int) -> ZipListing:
     torch_entries = views[0][1]
     if valid_ends > 1:
         ambiguities.append(f"{valid_ends} end-of-central-directory records (readers may take different ones)")
-    distinct = {tuple((e.name, e.header_offset) for e in entries) for _, entries in views}
-    if len(distinct) > 1:
+    distinct = {id(entries): entries for _, entries in views}  # one list when both readers read one directory
+    if len({tuple((e.name, e.header_offset) for e in entries) for entries in distinct.values()}) > 1:
         ambiguities.append("torch and Python's zipfile read different central directories")
-    names = [e.name for e in torch_entries]
-    counts = collections.Counter(names)
-    dupes = sorted(n for n, c in counts.items() if c > 1)
-    if dupes:
-        ambiguities.append(
-            f"duplicate entry names ({', '.join(dupes[:3])}): readers choose differently among "
-            "them (zipfile takes the last)"
-        )
-    folded: dict[str, set[str]] = {}
-    for n in names:
-        folded.setdefault(n.lower(), set()).add(n)
-    clashes = sorted(" / ".join(sorted(v)) for v in folded.values() if len(v) > 1)
-    if clashes:
-        ambiguities.append(
-            f"entry names that differ only in case ({clashes[0]}): torch finds names "
-            "case-insensitively, zipfile exactly"
-        )
-    bad = [e.name for e in torch_entries if undecodable(e.name)]
+    # torch's case-insensitive lookup: the first entry of each lower-cased name (a name that is
+    # lower case already is its own key: no second copy of 100,000 names)
+    index = {(e.name if e.name.islower() else e.name.lower()): e for e in reversed(torch_entries)}
+    folded: dict[str, set[str]] = {}  # lower-cased names several entries share: their spellings
+    if len(index) < len(torch_entries):  # some name repeats, at least ignoring case
+        counts = collections.Counter(e.name for e in torch_entries)
+        dupes = sorted(n for n, c in counts.items() if c > 1)
+        if dupes:
+            ambiguities.append(
+                f"duplicate entry names ({', '.join(dupes[:3])}): readers choose differently among "
+                "them (zipfile takes the last)"
+            )
+        for e in torch_entries:
+            first = index[e.name.lower()]
+            if first is not e:
+                folded.setdefault(e.name.lower(), {first.name}).add(e.name)
+        clashes = sorted(" / ".join(sorted(v)) for v in folded.values() if len(v) > 1)
+        if clashes:
+            ambiguities.append(
+                f"entry names that differ only in case ({clashes[0]}): torch finds names "
+                "case-insensitively, zipfile exactly"
+            )
+    bad = [e.name for e in torch_entries if not e.name.isascii() and undecodable(e.name)]
     if bad:
         ambiguities.append(
             f"entry name {bad[0]!r} is flagged UTF-8 but is not: Python's zipfile refuses the archive, torch reads it"
@@ -283,29 +293,38 @@ def _list(f: IO[bytes], path: str, size: int) -> ZipListing:
         ambiguities.append(
             f"'version needed to extract' above 6.3 ({high[0]}): Python's zipfile refuses the archive, torch reads it"
         )
-    seen = {(e.name, e.header_offset) for e in torch_entries}
+    unlisted, renamed, visited, offsets = _local_chain(f, size, torch_entries)
     others: list[ZipEntry] = []
-    for _, entries in views[1:]:
-        for e in entries:
-            if (e.name, e.header_offset) not in seen:
-                seen.add((e.name, e.header_offset))
-                others.append(e)
-    listed = {e.header_offset for e in torch_entries}
-    for e in _local_chain(f, size, torch_entries):
-        if e.header_offset not in listed:
+    if unlisted or any(entries is not torch_entries for _, entries in views[1:]):
+        seen = {(e.name, e.header_offset) for e in torch_entries}
+        for _, entries in views[1:]:
+            for e in entries:
+                if (e.name, e.header_offset) not in seen:
+                    seen.add((e.name, e.header_offset))
+                    others.append(e)
+        for e in unlisted:
             ambiguities.append(
                 f"local header at {e.header_offset} ({e.name}) is in no central directory (a streaming reader reads it)"
             )
             if (e.name, e.header_offset) not in seen:
                 seen.add((e.name, e.header_offset))
                 others.append(e)
-    for e in torch_entries:
-        local = _local_name(f, e)
+    for e in torch_entries if renamed or len(visited) < offsets else ():
+        # the chain read most local headers already; one it did not reach is read here
+        local = renamed.get(e.header_offset) if e.header_offset in visited else _local_name(f, e)
         if local is not None and local != e.name:
             ambiguities.append(
                 f"entry {e.name!r} is named {local!r} in its local header (torch ignores it, zipfile refuses it)"
             )
-    return ZipListing(path, size, tuple(torch_entries), tuple(others), tuple(dict.fromkeys(ambiguities)))
+    return ZipListing(
+        path,
+        size,
+        tuple(torch_entries),
+        tuple(others),
+        tuple(dict.fromkeys(ambiguities)),
+        index,
+        frozenset(folded),
+    )
 
 
 def _local_name(f: IO[bytes], e: ZipEntry) -> str | None:
@@ -315,30 +334,48 @@ def _local_name(f: IO[bytes], e: ZipEntry) -> str | None:
     return _decode_name(_read_at(f, e.header_offset + 30, _u16(head, 26)), _u16(head, 6))
 
 
-def _local_chain(f: IO[bytes], size: int, listed: list[ZipEntry]) -> list[ZipEntry]:
+def _local_chain(
+    f: IO[bytes], size: int, listed: list[ZipEntry]
+) -> tuple[list[ZipEntry], dict[int, str], set[int], int]:
     """Local headers one after another from the start, as a streaming reader meets them. Sizes come
-    from the local header, or from the central directory when the header defers them to a descriptor."""
-    by_offset = {e.header_offset: e for e in listed}
-    out: list[ZipEntry] = []
+    from the local header, or from the central directory when the header defers them to a descriptor.
+
+    Returns the headers no central directory lists, the local names (by offset) of the listed ones
+    whose local name may differ from their directory name, the offsets of the listed headers met,
+    and how many distinct offsets the listed entries have.
+    """
+    by_offset: dict[int, ZipEntry] = {}
+    shared: set[int] = set()  # offsets several entries point at: their local name is kept to compare with each
+    for e in listed:
+        if e.header_offset in by_offset:
+            shared.add(e.header_offset)
+        by_offset[e.header_offset] = e
+    unlisted: list[ZipEntry] = []
+    renamed: dict[int, str] = {}
+    visited: set[int] = set()
     pos = 0
-    while len(out) < MAX_ENTRIES:
+    unpack = _LOCAL_HEADER.unpack
+    while len(unlisted) + len(visited) < MAX_ENTRIES:
         head = _read_at(f, pos, 30)
         if len(head) != 30:
-            return out
-        sig, needed, flags, method, _, _, crc, csize, usize, nlen, xlen = _LOCAL_HEADER.unpack(head)
+            break
+        sig, needed, flags, method, _, _, crc, csize, usize, nlen, xlen = unpack(head)
         if sig != LOCAL_SIG:
-            return out
-        rest = _read_at(f, pos + 30, nlen + xlen)
-        if xlen:
-            usize, csize = _zip64_extra(rest[nlen:], [usize, csize])
+            break
+        raw_name = _read_at(f, pos + 30, nlen)
+        name = raw_name.decode("ascii") if raw_name.isascii() else _decode_name(raw_name, flags)
         known = by_offset.get(pos)
         if known is not None:
             csize = known.compressed_size
-        elif flags & 8 and csize == 0:
-            return out  # size deferred to a data descriptor and no directory entry: cannot step over it
-        out.append(
-            ZipEntry(_decode_name(rest[:nlen], flags), pos, method, flags, crc, csize, usize, needed, "local header")
-        )
+            visited.add(pos)
+            if name != known.name or pos in shared:
+                renamed[pos] = name
+        else:
+            if xlen and 0xFFFFFFFF in (usize, csize):
+                usize, csize = _zip64_extra(_read_at(f, pos + 30 + nlen, xlen), [usize, csize])
+            if flags & 8 and csize == 0:
+                break  # size deferred to a data descriptor and no directory entry: cannot step over it
+            unlisted.append(ZipEntry(name, pos, method, flags, crc, csize, usize, needed, "local header"))
         nxt = pos + 30 + nlen + xlen + csize
         if flags & 8:  # a data descriptor follows: crc and sizes, 4 bytes each or zip64's 8
             base = nxt + (4 if _read_at(f, nxt, 4) == DESCRIPTOR_SIG else 0)
@@ -347,11 +384,11 @@ def _local_chain(f: IO[bytes], size: int, listed: list[ZipEntry]) -> list[ZipEnt
                     nxt = base + length
                     break
             else:
-                return out
+                break
         if nxt <= pos or nxt > size:
-            return out
+            break
         pos = nxt
-    return out
+    return unlisted, renamed, visited, len(by_offset)
 
 
 def data_offset(f: IO[bytes], e: ZipEntry, path: str) -> int:

@@ -1,0 +1,291 @@
+"""torch's tensor record, recognised whole: one regular-expression match instead of 30-odd opcodes.
+
+``torch.save`` (protocol 2) writes every tensor as the same run of opcodes::
+
+    FUNC MARK MARK 'storage' CLASS KEY LOCATION NUMEL TUPLE BINPERSID   (the storage's persistent id)
+         OFFSET SIZE STRIDE NEWFALSE|NEWTRUE HOOKS EMPTY_TUPLE REDUCE   (backward hooks: OrderedDict())
+         TUPLE REDUCE
+
+where FUNC, 'storage', CLASS, KEY, LOCATION and HOOKS are each a memo read (BINGET, LONG_BINGET) or,
+the first time, the object itself (GLOBAL, BINUNICODE), and most items are followed by a memo
+write (BINPUT, LONG_BINPUT). :func:`run_record` matches that run at the reader's position and applies
+exactly the effect its opcodes would have had, in their order: the same memo reads and writes, the
+same ``persistent_load`` call, the same globals and calls recorded at the same byte positions (through
+the machine's own ``make_global`` and ``call``), the same opcode count. Whatever the pattern does not
+cover (a literal location string, a LONG1 size, a FRAME, a hostile twist) is not matched, and the
+ordinary opcode loop reads it; ``tests/test_pickle_records.py`` checks that the two agree.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .pickle_vm import _Machine
+
+# the opcodes a record can start with: BINGET, LONG_BINGET, GLOBAL, and BINUNICODE (the key before it)
+STARTS = frozenset(b"hjcX")
+# bytes a record of even a 64-dimensional tensor fits in, key string aside (read ahead for a match)
+WINDOW = 4096
+
+_GET = rb"h.|j...."
+_PUT = rb"(q.|r....)?"
+_INT = rb"K.|M..|J...."
+# a size or stride: EMPTY_TUPLE, or 1 to 3 ints and TUPLE1-3, or MARK, ints, TUPLE
+_TUPLE = (
+    rb"(\)|(?:(?:" + _INT + rb")\x85|(?:" + _INT + rb"){2}\x86|(?:" + _INT + rb"){3}\x87|\((?:" + _INT + rb"){0,64}t))"
+)
+
+
+def _item(literal: bytes) -> bytes:
+    """A memo read or ``literal`` (one group: its span), then an optional memo write (a second group)."""
+    return rb"(" + _GET + rb"|" + literal + rb")" + _PUT
+
+
+_FUNC = b"ctorch._utils\n_rebuild_tensor_v2\n"
+_WORD = b"X\x07\x00\x00\x00storage"
+_HOOKS = b"ccollections\nOrderedDict\n"
+# groups: 0 FUNC, 1 put, 2 'storage', 3 put, 4 storage class, 5 put, 6 key (its bytes follow a BINUNICODE)
+_HEAD = re.compile(
+    _item(re.escape(_FUNC))
+    + rb"\(\("
+    + _item(re.escape(_WORD))
+    + _item(rb"ctorch\n[A-Za-z0-9_]{1,64}\n")
+    + rb"("
+    + _GET
+    + rb"|X....)",
+    re.DOTALL,
+)
+# groups: 0 key put, 1 location, 2 put, 3 numel, 4 pid put, 5 offset, 6 size, 7 put, 8 stride, 9 put,
+# 10 requires_grad, 11 hooks' OrderedDict, 12 put, 13 its REDUCE, 14 put, 15 args put, 16 REDUCE, 17 put
+_TAIL = re.compile(
+    _PUT
+    + rb"("
+    + _GET
+    + rb")"
+    + _PUT
+    + rb"("
+    + _INT
+    + rb")t"
+    + _PUT
+    + rb"Q("
+    + _INT
+    + rb")"
+    + _TUPLE
+    + _PUT
+    + _TUPLE
+    + _PUT
+    + rb"([\x88\x89])"
+    + _item(re.escape(_HOOKS))
+    + rb"\)(R)"
+    + _PUT
+    + rb"t"
+    + _PUT
+    + rb"(R)"
+    + _PUT,
+    re.DOTALL,
+)
+_NAME_PUT = re.compile(rb"q.|r....", re.DOTALL)
+_MISSING = object()
+
+
+def _int(b: bytes) -> int:
+    """BININT1 (unsigned byte), BININT2 (unsigned 16 bits) or BININT (signed 32 bits)."""
+    op = b[0]
+    if op == 0x4B:
+        return b[1]
+    return int.from_bytes(b[1:], "little", signed=op == 0x4A)
+
+
+_TUPLES: dict[bytes, tuple[tuple[int, ...], int]] = {}  # a file has few distinct sizes and strides
+
+
+def _tuple(span: bytes) -> tuple[tuple[int, ...], int]:
+    """A size or stride and how many opcodes it took (one tuple object for equal ones: ints only)."""
+    known = _TUPLES.get(span)
+    if known is not None:
+        return known
+    if len(_TUPLES) > 4096:
+        _TUPLES.clear()
+    _TUPLES[span] = known = _decode_tuple(span)
+    return known
+
+
+def _decode_tuple(span: bytes) -> tuple[tuple[int, ...], int]:
+    if span == b")":
+        return (), 1
+    body = span[1:-1] if span[0] == 0x28 else span[:-1]  # MARK ... TUPLE, or TUPLE1-3
+    out = []
+    i, end = 0, len(body)
+    while i < end:
+        op = body[i]
+        if op == 0x4B:
+            out.append(body[i + 1])
+            i += 2
+        else:
+            width = 3 if op == 0x4D else 5
+            out.append(int.from_bytes(body[i + 1 : i + width], "little", signed=op == 0x4A))
+            i += width
+    return tuple(out), len(out) + (2 if span[0] == 0x28 else 1)
+
+
+# the record's opcodes in order, for the count at a failing one: a fixed opcode (None), an optional
+# memo write ("h", group) / ("t", group), or a size or stride ("size", "stride")
+_SLOTS: tuple[tuple[str, Any], ...] = (
+    ("op", "func"), ("h", 1), ("op", None), ("op", None), ("op", "word"), ("h", 3), ("op", "class"),
+    ("h", 5), ("op", "key"), ("t", 0), ("op", "location"), ("t", 2), ("op", None), ("op", None), ("t", 4),
+    ("op", "persid"), ("op", None), ("size", None), ("t", 7), ("stride", None), ("t", 9), ("op", None),
+    ("op", "hooks"), ("t", 12), ("op", None), ("op", "hooks call"), ("t", 14), ("op", None), ("t", 15),
+    ("op", "call"), ("t", 17),
+)  # fmt: skip
+
+
+# where the reader stands after the opcode that can fail at each stage (a memo read, BINPERSID, REDUCE)
+_STAGE_END: dict[str, Callable[[re.Match[bytes], re.Match[bytes]], int]] = {
+    "func": lambda h, t: h.end(1),
+    "word": lambda h, t: h.end(3),
+    "class": lambda h, t: h.end(5),
+    "key": lambda h, t: h.end(7),
+    "location": lambda h, t: t.end(2),
+    "persid": lambda h, t: t.start(6),
+    "hooks": lambda h, t: t.end(12),
+    "hooks call": lambda h, t: t.end(14),
+    "call": lambda h, t: t.end(17),
+}
+
+
+def _count(h: tuple[Any, ...], t: tuple[Any, ...], upto: str | None) -> int:
+    """Opcodes of the record up to and including the one named ``upto`` (None: all of them)."""
+    n = 0
+    for kind, what in _SLOTS:
+        if kind == "op":
+            n += 1
+            if what is not None and what == upto:
+                return n
+        elif kind in ("h", "t"):
+            n += (h if kind == "h" else t)[what] is not None
+        else:
+            n += _tuple(t[6 if kind == "size" else 8])[1]
+    return n
+
+
+def _global_or_read(m: _Machine, op: bytes, pos: int, module: str, name: str) -> Any:
+    """The value of a GLOBAL (``module.name``, recorded at ``pos``) or of a memo read, as ``op`` is."""
+    if op[0] == 0x63:
+        m.pos = pos
+        return m.make_global(module, name, "GLOBAL")
+    return m.memo.get_op(op)
+
+
+def run_record(m: _Machine, buf: bytes, off: int, base: int, budget: int) -> bool:
+    """Apply the tensor record at ``buf[off:]`` (``base``: the stream position of ``buf[0]``) and
+    move the reader past it; False, with nothing changed, when no whole record is there.
+
+    First everything that can fail without effect is settled (the match, the key string's bytes and
+    their UTF-8, the work budget); then the opcodes' effects are applied in stream order through
+    the machine's own operations, so an error in one of them (a missing memo entry, a refused
+    storage) leaves the trace and the opcode count as the opcode loop leaves them.
+    """
+    name: Any = _MISSING  # the state dict key the record is the value of, when one comes first
+    name_put = None
+    start = off
+    if buf[off] == 0x58:  # BINUNICODE (and its memo write) of a key, then the record
+        start = off + 5 + int.from_bytes(buf[off + 1 : off + 5], "little")
+        if start > len(buf) - 4:
+            return False
+        try:
+            name = buf[off + 5 : start].decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError:
+            return False
+        written = _NAME_PUT.match(buf, start)
+        if written is not None:
+            name_put = written.group()
+            start = written.end()
+    head = _HEAD.match(buf, start)
+    if head is None:
+        return False
+    h = head.groups()
+    at = head.end()
+    key: Any = _MISSING
+    g = h[6]
+    if g[0] == 0x58:  # BINUNICODE: the key's bytes follow its length
+        end = at + int.from_bytes(g[1:], "little")
+        if end > len(buf):
+            return False
+        try:
+            key = buf[at:end].decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError:
+            return False  # the opcode loop raises its own error for it
+        at = end
+    tail = _TAIL.match(buf, at)
+    if tail is None:
+        return False
+    t = tail.groups()
+    size, size_ops = _tuple(t[6])
+    stride, stride_ops = _tuple(t[8])
+    puts = (h[1], h[3], h[5], t[0], t[2], t[4], t[7], t[9], t[12], t[14], t[15], t[17])
+    total = 29 + size_ops + stride_ops - puts.count(None)  # 17 fixed opcodes and 12 memo writes
+    if name is not _MISSING:
+        total += 1 if name_put is None else 2
+    vm, memo = m.vm, m.memo
+    put = memo.put_op
+    ops0 = vm.ops
+    if ops0 + total > budget:
+        return False  # the opcode loop stops at the very opcode that exceeds it
+    if name is not _MISSING:  # nothing in the key's two opcodes can fail
+        m.stack.append(name)
+        put(name_put, name)
+        ops0 += 1 if name_put is None else 2
+        total -= 1 if name_put is None else 2
+    stage = "func"
+    try:
+        func = _global_or_read(m, h[0], base + head.start(1), "torch._utils", "_rebuild_tensor_v2")
+        put(h[1], func)
+        stage = "word"
+        g = h[2]
+        if g[0] == 0x58:
+            word: Any = "storage"
+        else:
+            word = memo.get_op(g)
+        put(h[3], word)
+        stage = "class"
+        cls = _global_or_read(m, h[4], base + head.start(5), "torch", h[4][7:-1].decode("ascii"))
+        put(h[5], cls)
+        stage = "key"
+        if key is _MISSING:
+            key = memo.get_op(h[6])
+        put(t[0], key)
+        stage = "location"
+        location = memo.get_op(t[1])
+        put(t[2], location)
+        pid = (word, cls, key, location, _int(t[3]))
+        put(t[4], pid)
+        stage = "persid"
+        storage = vm._persistent(pid)
+        put(t[7], size)
+        put(t[9], stride)
+        stage = "hooks"
+        hooks_func = _global_or_read(m, t[11], base + tail.start(12), "collections", "OrderedDict")
+        put(t[12], hooks_func)
+        stage = "hooks call"
+        m.pos = base + tail.start(14)
+        hooks = m.call(hooks_func, (), "REDUCE")
+        put(t[14], hooks)
+        args = (storage, _int(t[5]), size, stride, t[10] == b"\x88", hooks)
+        put(t[15], args)
+        stage = "call"
+        m.pos = base + tail.start(17)
+        value = m.call(func, args, "REDUCE")
+        put(t[17], value)
+    except BaseException:
+        # as the loop leaves them: the failing opcode counted, the reader just past it
+        vm.ops = ops0 + _count(h, t, stage)
+        m.r.src.off = _STAGE_END[stage](head, tail)
+        raise
+    vm.ops = ops0 + total
+    vm.records += 1
+    m.stack.append(value)
+    m.r.src.off = tail.end()
+    return True
