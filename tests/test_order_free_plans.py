@@ -276,3 +276,16 @@ def test_bert_for_classification_into_bert_and_back(env: Path) -> None:
     result = apply_suggested(back, out)
     assert result.exit_code == 0, result.output
     check_placed(BertForSequenceClassification(cfg), out, base_state, {k: "bert." + k for k in base_state})
+
+
+def test_an_identity_rename_that_matches_says_so(env: Path) -> None:
+    models = load_module(env)
+    torch.save(random_state(models.Net()), env / "same.pth")
+    result = run(
+        "migrate", env / "same.pth", "--rename", r"^fc1\.=fc1.", "--drop", "nothing_here_xyz", "-o", env / "x.pth"
+    )
+    assert result.exit_code == 2 and "matches no key" in result.output  # an unmatched rename is still refused
+    result = run("migrate", env / "same.pth", "--arch", "models.py:net", "--rename", r"^fc1\.=fc1.", "--dry-run")
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if "--rename" in line)
+    assert "(keys matched; nothing changed)" in row and "no keys matched" not in result.output
