@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -500,40 +501,52 @@ PREFIX_SHARE = 0.5
 PREFIX_DEPTH = 2  # leading components tried (``module.``, ``model.backbone.``); a common prefix may be deeper
 
 
-def _prefix_candidates(keys: list[str]) -> list[str]:
-    """``""``, the dotted prefixes every key shares, then those of up to :data:`PREFIX_DEPTH` components most keys have.
+def _frequent_prefixes(keys: list[str]) -> list[str]:
+    """The prefixes of up to :data:`PREFIX_DEPTH` leading components that over half of the keys have.
 
-    At most one prefix per depth holds over half of the keys, so the candidates stay few and the
-    work linear in the number of keys.
+    At most one prefix per depth can hold over half of the keys, and a deeper one lies under it, so
+    there are at most :data:`PREFIX_DEPTH` of them, found in linear work.
     """
-    counts: dict[str, int] = {}
-    for k in keys:
-        parts = k.split(".", PREFIX_DEPTH)
-        for depth in range(1, len(parts)):
-            p = ".".join(parts[:depth]) + "."
-            counts[p] = counts.get(p, 0) + 1
-    frequent = [p for p, n in counts.items() if n > PREFIX_SHARE * len(keys)]
-    return list(dict.fromkeys(["", *_dotted_prefixes(common_prefix(keys)), *frequent]))
+    frequent: list[str] = []
+    under = keys
+    for _ in range(PREFIX_DEPTH):
+        top = Counter([k.partition(".")[0] for k in under if "." in k]).most_common(1)
+        if not top or top[0][1] <= PREFIX_SHARE * len(keys):
+            break
+        head = top[0][0] + "."
+        frequent.append((frequent[-1] if frequent else "") + head)
+        under = [k[len(head) :] for k in under if k.startswith(head)]
+    return frequent
 
 
 def _best_prefixes(src: list[str], tgt: dict[str, Any]) -> tuple[str, str]:
     """The (strip, add) pair of prefixes most keys of one side have that matches the most keys; ``("", "")`` if none.
 
-    ``strip`` leaves the keys without it as they are (as ``--strip-prefix`` does), and then comes
-    with no ``add``; a pair that would give two keys one name is never chosen.
+    The prefixes every key of a side shares are tried first; those most keys have (a wrapped model
+    beside a head or a counter) only when they leave keys unmatched. ``strip`` leaves the keys
+    without it as they are (as ``--strip-prefix`` does), and then comes with no ``add``; a pair
+    that would give two keys one name is never chosen.
     """
     best_score, best = sum(1 for k in src if k in tgt), ("", "")
-    if best_score == len(src):
-        return best
-    adds = _prefix_candidates(list(tgt))
-    for strip in _prefix_candidates(src):
-        rest = [k[len(strip) :] if k.startswith(strip) else k for k in src] if strip else src
-        # a strip some keys escape, then an add that reaches them too, is a rename in disguise
-        partial = any(k == r for k, r in zip(src, rest)) if strip else False
-        for add in [""] if partial else adds:
-            if (strip or add) and strip != add:
+    everything = min(len(src), len(tgt))
+    tried: set[tuple[str, str]] = set()
+    strips, adds = ["", *_dotted_prefixes(common_prefix(src))], ["", *_dotted_prefixes(common_prefix(list(tgt)))]
+    for stage in (0, 1):
+        if best_score == everything:
+            break
+        if stage:
+            strips += _frequent_prefixes(src)
+            adds += _frequent_prefixes(list(tgt))
+        for strip in dict.fromkeys(strips):
+            held = sum(1 for k in src if k.startswith(strip)) if strip else len(src)
+            rest = [k[len(strip) :] if k.startswith(strip) else k for k in src] if strip else src
+            # a strip some keys escape, then an add that reaches them too, is a rename in disguise
+            for add in dict.fromkeys(adds if held == len(src) else [""]):
+                if (strip, add) in tried or not (strip or add) or strip == add:
+                    continue
+                tried.add((strip, add))
                 score = sum(1 for k in rest if add + k in tgt)
-                if score > best_score and len(set(rest)) == len(rest):
+                if score > best_score and (held == len(src) or len(set(rest)) == len(rest)):
                     best_score, best = score, (strip, add)
     return best
 
