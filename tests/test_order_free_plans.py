@@ -199,6 +199,7 @@ def test_an_averaged_model_strips_module_and_drops_only_the_counter(env: Path) -
     assert result.exit_code == 1
     assert "--strip-prefix module. --drop n_averaged -o" in result.output
     assert "--fill-missing" not in result.output and "--drop module " not in result.output
+    assert "5 of 6 checkpoint keys start with 'module.' (saved from torch's AveragedModel)" in result.output
     report = diff_paths(str(env / "swa.pth"), arch="models.py:net")
     assert [s.operation for s in report.plan.steps] == [
         {"op": "strip_prefix", "prefix": "module."},

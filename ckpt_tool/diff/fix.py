@@ -175,8 +175,10 @@ def propose_prefixes(work: Proposal) -> None:
             why = f"every checkpoint key starts with {strip!r}{_prefix_origin(strip)}"
         else:
             others = [k for k in work.current if not k.startswith(strip)]
+            # torch.optim.swa_utils.AveragedModel keeps the model as .module beside its counter
+            origin = " (saved from torch's AveragedModel)" if "n_averaged" in others else _prefix_origin(strip)
             why = (
-                f"{len(stripped)} of {n} checkpoint keys start with {strip!r}{_prefix_origin(strip)}; "
+                f"{len(stripped)} of {n} checkpoint keys start with {strip!r}{origin}; "
                 f"the other {len(others)} keep their names ({some(others)})"
             )
         work.add({"op": "strip_prefix", "prefix": strip}, why, len(stripped))
@@ -480,7 +482,7 @@ PROPOSERS: list[Proposer] = [
 
 
 _PREFIX_ORIGINS = {
-    "module.": " (saved from nn.DataParallel / DistributedDataParallel, or torch's AveragedModel)",
+    "module.": " (saved from nn.DataParallel / DistributedDataParallel)",
     "_orig_mod.": " (saved from a torch.compile'd model)",
 }
 
