@@ -26,10 +26,12 @@ from .diff.shapeflow import ShapeFlow, shape_flow
 from .errors import FormatError, UsageError
 from .formats.dcp import FORMAT as DCP
 from .formats.dcp import chunks_of
+from .formats.hf_trainer import is_trainer_dir
 from .formats.pickle_vm import GlobalRef, PickledTensor, Placeholder
 from .model import Checkpoint, Progress, TensorRef, contiguous_strides, is_floating, itemsize, numel
 from .objects import account, composite_views, is_composite
 from .optim_state import CARRIED, AlsoPlan, Carried, OptimizerPlan, training_state, verify_carried
+from .optim_state.trainer import TrainerPlan
 from .plan import CHECKPOINT, Applied, Entry, Plan, State, Step, apply, initial_state
 from .reader import open_checkpoint, sibling_entries
 from .torch_extra import require_torch
@@ -123,6 +125,7 @@ class MigrationPlan:
     shape_flow: ShapeFlow | None = None  # --dry-run with an architecture: its forward on the meta device
     optimizers: tuple[OptimizerPlan, ...] = ()  # what happens to each optimizer state (optim_state)
     also: tuple[AlsoPlan, ...] = ()  # sibling state dicts (--also-key) given the same operations
+    trainer: TrainerPlan | None = None  # a Hugging Face Trainer checkpoint directory: its other files
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,24 @@ def migrate(
     """
     if plan.source is None:
         raise UsageError("no checkpoint given (pass it, or use a --plan whose 'source' names one)")
+    if is_trainer_dir(plan.source):  # checkpoint-500/: a directory of training files, written as one
+        from .optim_state.trainer import migrate_trainer
+
+        return migrate_trainer(
+            plan,
+            output,
+            seed=seed,
+            force=force,
+            dry_run=dry_run,
+            on_plan=on_plan,
+            progress=progress,
+            refused={"--in-place": in_place, "--max-shard-size": max_shard_size, "--format": to},
+            allow_mostly_new=allow_mostly_new,
+            keep_extras=keep_extras,
+            dequantize=dequantize,
+            densify=densify,
+            input_shape=input_shape,
+        )
     if input_shape is not None and not (dry_run and plan.arch):
         raise UsageError("--input-shape sets the shape flow's input: it needs --dry-run and --arch")
     ckpt = open_checkpoint(plan.source, plan.key)
@@ -402,6 +423,25 @@ def _with_carried(
     """The re-read of the training state beside the state dict, folded into the verification."""
     differ, checked = verify_carried(written, carried, target_chunks=values.chunks, cast=cast_bytes)
     return replace(verification, differ=verification.differ + tuple(differ), checked=verification.checked + checked)
+
+
+def write_training_file(carried: Carried, output: str, whole: str) -> tuple[Written, list[str], int]:
+    """Write ``carried.extras[whole]`` as a whole ``.pth`` (a Trainer's ``optimizer.pt``), staged and
+    re-read before it is renamed into place. Returns (written, what differs, tensors compared)."""
+    values = _TargetValues(Plan(None), 0)
+    built = _layout(carried.state, PTH, values, False)
+    nesting = Nesting(None, carried.extras[whole], frozenset(carried.state), bare=True)
+    found: list[tuple[list[str], int]] = []
+
+    def verify(staged: Written) -> bool:
+        found.append(verify_carried(staged, carried, target_chunks=values.chunks, cast=cast_bytes, whole=whole))
+        return not found[-1][0]  # not what was planned: never renamed into place
+
+    try:
+        written = _write(output, built.layout, nesting=nesting, staging=Staging(), before_commit=verify)
+    finally:
+        built.files.close()
+    return written, *found[0]
 
 
 def convert(

@@ -717,6 +717,7 @@ class Nesting:
     path: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     slots: frozenset[str] = frozenset()  # keys of views that extras hold as TensorSlot
+    bare: bool = False  # the extras are the whole file (a Trainer's optimizer.pt): no state dict
 
 
 @dataclass(frozen=True)
@@ -742,7 +743,8 @@ def _pth_pickle(layout: Layout, nesting: Nesting) -> bytes:
         node = tree
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = _StateDict(state, meta)
+        if not nesting.bare:
+            node[parts[-1]] = _StateDict(state, meta)
         _merge_extras(tree, nesting.extras)
         p.value(tree)
     p.out += b"."

@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 from click.testing import CliRunner
+from model_files import write_models
 
 from ckpt_tool.cli import main
 from ckpt_tool.migrate import migrate
@@ -60,15 +61,7 @@ KEPT = {
 
 @pytest.fixture(scope="session")
 def models(tmp_path_factory, torch):
-    d = tmp_path_factory.mktemp("optim_models")
-    path = d / "optim_models.py"
-    path.write_text(MODELS)
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("optim_models", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return str(path), module
+    return write_models(tmp_path_factory.mktemp("optim_models"), "optim_models", MODELS)
 
 
 def _optimizer(torch, kind, params_groups):
@@ -327,22 +320,48 @@ def test_timm_checkpoint_saver_with_ema(torch, tmp_path):
     assert len(saved["optimizer"]["state"]) == n - 2  # the new head starts fresh
 
 
-def test_lightning_checkpoint_resumes_in_a_real_trainer(torch, tmp_path):
+LIGHTNING = textwrap.dedent("""
+    import torch
     import lightning as L
 
-    class Module(L.LightningModule):
+    class Old(L.LightningModule):
         def __init__(self, classes=3):
             super().__init__()
             self.body = torch.nn.Linear(4, 8)
-            self.head = torch.nn.Linear(8, classes)
+            self.head = torch.nn.Linear(4, classes)
 
         def training_step(self, batch, _):
-            x, y = batch
-            return torch.nn.functional.cross_entropy(self.head(self.body(x).relu()), y)
+            x, y = batch  # two branches: the body's updates never see the head
+            return self.body(x).pow(2).mean() + torch.nn.functional.cross_entropy(self.head(x), y)
 
         def configure_optimizers(self):
             opt = torch.optim.Adam(self.parameters(), lr=0.01)
-            return [opt], [torch.optim.lr_scheduler.StepLR(opt, 1)]
+            return [opt], [torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)]
+
+    class New(Old):
+        def __init__(self):
+            super().__init__(classes=5)
+            self.encoder = self.body
+            del self.body
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return self.encoder(x).pow(2).mean() + torch.nn.functional.cross_entropy(self.head(x), y)
+
+    def old():
+        return Old()
+
+    def new():
+        return New()
+""")
+
+
+def test_lightning_checkpoint_resumes_in_a_real_trainer(torch, tmp_path):
+    """A renamed layer and a new head: Lightning restores it all, and the kept layer matches a
+    control resumed from the unmigrated checkpoint bit for bit."""
+    import lightning as L
+
+    path, models = write_models(tmp_path, "lit_models", LIGHTNING)
 
     def data():
         g = torch.Generator().manual_seed(0)
@@ -354,19 +373,34 @@ def test_lightning_checkpoint_resumes_in_a_real_trainer(torch, tmp_path):
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        enable_checkpointing=False,
         default_root_dir=str(tmp_path),
     )
+    torch.manual_seed(0)
     trainer = L.Trainer(max_epochs=1, **kw)
-    trainer.fit(Module(), data())
+    trainer.fit(models.old(), data())
     src = str(tmp_path / "lit.ckpt")
     trainer.save_checkpoint(src)
     out = str(tmp_path / "lit2.ckpt")
-    r = _run("migrate", src, "--rename", r"^body\.=body.", "-o", out)
+    archs = ["--source-arch", f"{path}:old", "--arch", f"{path}:new"]
+    r = _run("migrate", src, "--rename", r"^body\.=encoder.", "--reinit-mismatched", *archs, "-o", out)
     assert r.exit_code == 0, r.output
-    assert "optimizer optimizer_states/0 (Adam" in r.output
-    saved = torch.load(out, weights_only=True)
-    assert saved["lr_schedulers"] and saved["global_step"] == 4 and saved["callbacks"]
-    L.Trainer(max_epochs=2, **kw).fit(Module(), data(), ckpt_path=out)  # Lightning restores it all
+    assert "optimizer optimizer_states/0 (Adam" in r.output and "body.weight -> encoder.weight" in r.output
+    assert "2 start fresh (head.weight, head.bias)" in r.output
+    saved, before = torch.load(out, weights_only=True), torch.load(src, weights_only=True)
+    assert saved["lr_schedulers"] == before["lr_schedulers"] and saved["global_step"] == 4
+    assert saved["callbacks"] == before["callbacks"] and saved["loops"] == before["loops"]
+    assert sorted(saved["state_dict"]) == ["encoder.bias", "encoder.weight", "head.bias", "head.weight"]
+    opt, old_opt = saved["optimizer_states"][0], before["optimizer_states"][0]
+    # New's parameters() order: head (re-initialised, no state), then the renamed body
+    assert sorted(opt["state"]) == [2, 3]
+    assert all(torch.equal(opt["state"][i + 2]["exp_avg"], old_opt["state"][i]["exp_avg"]) for i in (0, 1))
+    control, resumed = models.old(), models.new()
+    L.Trainer(max_epochs=2, **kw).fit(control, data(), ckpt_path=src)
+    L.Trainer(max_epochs=2, **kw).fit(resumed, data(), ckpt_path=out)  # Lightning restores it all
+    assert resumed.trainer.global_step == 8 and resumed.head.weight.shape == (5, 4)
+    for name in ("weight", "bias"):
+        assert torch.equal(getattr(resumed.encoder, name), getattr(control.body, name)), name
 
 
 def test_inspect_shows_groups_hyper_parameters_and_mapped_names(torch, models, tmp_path):

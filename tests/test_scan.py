@@ -453,3 +453,46 @@ def test_benign_torchscript_is_suspicious_never_safe_and_says_why(benign):
     assert result.verdict == SUSPICIOUS
     [finding] = result.findings
     assert finding.name == "TorchScript code" and "never called safe" in finding.reason
+
+
+def test_the_weights_only_set_is_what_torch_s_own_loader_accepts():
+    """Each allowed name is tried against torch's weights-only unpickler: ckpt's table says which pass."""
+    import io
+
+    import torch._weights_only_unpickler as weights_only
+
+    from ckpt_tool.scan.policy import ALLOWED, TORCH_WEIGHTS_ONLY
+
+    def accepted(name: str) -> bool:
+        module, _, attr = name.rpartition(".")
+        try:
+            weights_only.load(io.BytesIO(b"\x80\x02c" + f"{module}\n{attr}\n".encode() + b"."), encoding="utf-8")
+        except Exception as exc:  # noqa: BLE001 - only the refusal of the global matters here
+            return "Unsupported global" not in str(exc)
+        return True
+
+    wrong = [n for n in ALLOWED if accepted(n) != (n in TORCH_WEIGHTS_ONLY)]
+    assert wrong == []
+    assert "argparse.Namespace" not in TORCH_WEIGHTS_ONLY and "torch._utils._rebuild_tensor_v2" in TORCH_WEIGHTS_ONLY
+
+
+def test_a_safe_file_torch_s_weights_only_load_refuses_says_so(tmp_path):
+    import argparse
+
+    import torch
+    from click.testing import CliRunner
+
+    from ckpt_tool.cli import main
+
+    sd = torch.nn.Linear(2, 2).state_dict()
+    torch.save({"state_dict": sd, "args": argparse.Namespace(lr=0.1)}, tmp_path / "ns.pth")
+    torch.save(sd, tmp_path / "plain.pth")
+    with pytest.raises(Exception, match="argparse.Namespace"):
+        torch.load(tmp_path / "ns.pth", weights_only=True)  # what the note is about
+    result = CliRunner().invoke(main, ["scan", str(tmp_path / "ns.pth"), str(tmp_path / "plain.pth")])
+    assert result.exit_code == 0, result.output  # still safe: argparse.Namespace is inert
+    assert f"{tmp_path / 'ns.pth'}: safe\n  note: torch.load(weights_only=True) refuses this file: it names " in (
+        result.output
+    )
+    assert "argparse.Namespace" in result.output and str(tmp_path / "plain.pth") + ": safe" not in result.output
+    assert scan_file(str(tmp_path / "plain.pth")).notes == ()

@@ -76,7 +76,8 @@ def _training_options(f: Any) -> Any:
     "-o",
     "--output",
     metavar="OUT",
-    type=click.Path(dir_okay=False),
+    type=click.Path(),
+    # a Trainer checkpoint directory is written to a new directory (docs/commands/migrate.md)
     help="Output file: .safetensors, or .pth/.pt/.bin (a state dict torch.load(weights_only=True) opens).",
 )
 @click.option(
@@ -331,6 +332,15 @@ def _render_training(plan: MigrationPlan) -> None:
     for a in plan.also:
         changed = sum(s.affected for s in a.steps)
         echo(f"  also {a.key}: the same operations, {a.tensors} tensors ({changed} keys changed)")
+    t = plan.trainer
+    if t is not None:
+        echo(f"  Trainer checkpoint: {t.weights} migrated as above, optimizer.pt {t.optimizer}")
+        if t.config:
+            echo(f"  config.json: the target's, from {t.config}")
+        for f in t.copied:
+            echo(f"  copied bit-identical: {f.name} ({f.what})")
+        if t.replaces:
+            echo(f"  replaces the Trainer checkpoint directory {t.output} (--force)")
 
 
 def _render_notes(plan: MigrationPlan) -> None:
@@ -364,6 +374,8 @@ def _render_result(report: MigrateReport) -> None:
     w = report.written
     assert w is not None, "a migrate that was not a dry run wrote its output"
     files = f"{len(w.files)} files, index {w.path}" if len(w.files) > 1 else w.path
+    if report.plan.trainer is not None and not w.committed:
+        files = f"the Trainer checkpoint {report.plan.trainer.output}"  # all of it, or nothing
     if not w.committed:
         echo(
             paint("not written:", "fail")
@@ -377,6 +389,9 @@ def _render_result(report: MigrateReport) -> None:
     if w.removed:
         names = [os.path.basename(f) for f in w.removed]
         echo(f"removed {len(names)} shard{'s' * (len(names) != 1)} of the set it replaced: {some(names)}")
+    if report.plan.trainer is not None and w.committed:
+        t = report.plan.trainer
+        echo(f"wrote {t.output}: the Trainer checkpoint, {len(t.copied)} files copied bit-identical")
     if report.nonfinite:
         echo(f"NaN/Inf in {len(report.nonfinite)} written tensors: {some(report.nonfinite)}")
     v = report.verification
@@ -427,6 +442,17 @@ def _render_result(report: MigrateReport) -> None:
             paint("verified:", "pass")
             + f" loads into {v.arch} with strict=True, {v.checked} tensors as planned ({where}); "
             f"{_percent(v.checkpoint_share)} of {v.arch}'s parameters come from the checkpoint"
+        )
+    aliases = [k for group in report.plan.shared if group.how == "alias" for k in group.keys if k != group.written_as]
+    if aliases:
+        one = len(aliases) == 1
+        echo(
+            f"  {len(aliases)} {'tensor' if one else 'tensors'} ({some(aliases)}) "
+            f"{'shares' if one else 'share'} a storage with a written tensor and {'is' if one else 'are'} "
+            "recorded as an alias in ckpt.aliases, not written twice: transformers' from_pretrained ties "
+            f"{'it' if one else 'them'} again; safetensors' load_file gives no key for "
+            f"{'it' if one else 'them'}, so a plain load_state_dict(strict=True) reports "
+            f"{'it' if one else 'them'} missing"
         )
 
 

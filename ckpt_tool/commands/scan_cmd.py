@@ -82,6 +82,9 @@ def scan(paths: tuple[str, ...], allow: tuple[str, ...], output: str, show_globa
     raise click.exceptions.Exit(EXIT_CLEAN if report.ok else EXIT_FINDINGS)
 
 
+_TORCH_NOTES = ("torch's reading", "torch.load(weights_only=True)")
+
+
 def _render_scan(report: ScanReport, show_globals: bool = False) -> None:
     rows = []
     for f in report.files:
@@ -92,7 +95,9 @@ def _render_scan(report: ScanReport, show_globals: bool = False) -> None:
         rows.append((f.path, f.format, paint(f.verdict), shown or "-"))
     echo(plain_table(rows, ["file", "format", "verdict", "offending"]))  # no tabulate import: hooks run often
     for f in report.files:
-        if not f.findings and f.verdict != "skipped" and not show_globals:
+        # a safe file's notes that change what its user does: torch reads it otherwise, or refuses it
+        shown_notes = list(f.notes) if f.verdict == "skipped" else [n for n in f.notes if n.startswith(_TORCH_NOTES)]
+        if not f.findings and f.verdict != "skipped" and not show_globals and not shown_notes:
             continue
         echo()
         echo(f"{f.path}: {paint(f.verdict)}")
@@ -100,7 +105,7 @@ def _render_scan(report: ScanReport, show_globals: bool = False) -> None:
             echo(f"  streams: {', '.join(f.streams) or '-'}")
             echo(f"  globals: {', '.join(f.globals) or '-'}")
             echo(f"  calls:   {', '.join(f.calls) or '-'}")
-        for note_text in f.notes if f.verdict == "skipped" else [n for n in f.notes if n.startswith("torch's reading")]:
+        for note_text in shown_notes:
             echo(f"  note: {note_text}")
         for x in f.findings:
             where = " ".join(

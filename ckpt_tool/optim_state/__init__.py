@@ -11,6 +11,9 @@ cast with it (``step`` is not: torch never casts it either).
 Header-only and torch-free: the output tree holds :class:`~ckpt_tool.writer.TensorSlot` markers
 where tensors go; the planned values are :class:`~ckpt_tool.plan.Entry` objects under keys that
 start with :data:`CARRIED`, streamed by the writer like any other tensor.
+
+A Hugging Face ``Trainer`` checkpoint directory (``optimizer.pt`` beside the weights, ids in the
+Trainer's weight decay / no weight decay groups) goes through :mod:`.trainer`.
 """
 
 from __future__ import annotations

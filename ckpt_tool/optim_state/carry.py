@@ -199,6 +199,14 @@ def _assign(
     moments belong to other values, and often to another shape.
     """
     old_id = {name: i for i, name in opt.name_of().items()}
+    if opt.regroup:
+        # the groups are the trainer's for the output model; a kept parameter's state follows it there
+        kept_ids: dict[str, int | str] = {}
+        for key in (k for g in opt.regroup for k in g):
+            e = final[key]
+            if e.from_checkpoint and not e.tied_to and not e.transform and e.origin in old_id:
+                kept_ids[key] = old_id[e.origin]
+        return [list(g) for g in opt.regroup], kept_ids
     group_of = {i: g for g, group in enumerate(opt.groups) for i in group.params}
     groups: list[list[str]] = [[] for _ in opt.groups]
     kept: dict[str, int | str] = {}
@@ -300,13 +308,19 @@ def _also_state(
 # --- after the write ------------------------------------------------------------------------------
 
 
-def verify_carried(written: Any, carried: Carried, *, target_chunks: Any, cast: Any) -> tuple[list[str], int]:
+def verify_carried(
+    written: Any, carried: Carried, *, target_chunks: Any, cast: Any, whole: str | None = None
+) -> tuple[list[str], int]:
     """Re-read the written training state: every tensor byte for byte against its source (cast as
-    planned), every other value equal to the plan's. Returns (what differs, tensors compared)."""
+    planned), every other value equal to the plan's. Returns (what differs, tensors compared).
+
+    ``whole``: the file is that one entry alone (a Trainer's ``optimizer.pt`` is the optimizer state)."""
     from ..reader import read_raw, walk_key
     from ..verify import compare_values, same_tree
 
     root = read_raw(written.path).root
+    if whole is not None:
+        root = {whole: root}
     found: dict[str, TensorRef] = {}
     for key in carried.state:
         obj = walk_key(root, key[len(CARRIED) :])[0]

@@ -59,6 +59,9 @@ class OptimizerState:
     names: tuple[tuple[int | str, str], ...] = ()
     mapped_by: str = ""
     raw: Any = field(default=None, compare=False, repr=False)
+    # the output's param groups (output parameter names) when a trainer decides them (the HF
+    # Trainer's weight decay / no weight decay split); empty: each kept parameter keeps its group
+    regroup: tuple[tuple[str, ...], ...] = ()
 
     @property
     def ids(self) -> list[int | str]:
@@ -172,6 +175,24 @@ def map_ids(
         order = _state_dict_parameters(ckpt, final, target)
     _check(opt, order, ckpt, by)
     return replace(opt, names=tuple(zip(ids, order)), mapped_by=by)
+
+
+def map_ids_by_groups(
+    opt: OptimizerState, ckpt: Checkpoint, groups: Sequence[Sequence[str]], by: str
+) -> OptimizerState:
+    """Tie ids to names when the param groups were built from known name lists (``groups``, in
+    order): the ids number them group after group, as torch numbers ``param_groups``. Raises
+    :class:`MappingError` when the group sizes or the moments' shapes say otherwise."""
+    sizes = [len(g.params) for g in opt.groups]
+    if sizes != [len(g) for g in groups]:
+        raise MappingError(
+            f"{ckpt.path}: {opt.path}: param groups of {sizes} parameters, but {by} gives "
+            f"{[len(g) for g in groups]}; cannot tell which id is which (pass --source-arch SPEC, the "
+            "model that was trained, or --drop-optimizer to leave it out)"
+        )
+    order = [_checkpoint_key(n, ckpt) for g in groups for n in g]
+    _check(opt, order, ckpt, by)
+    return replace(opt, names=tuple(zip(opt.ids, order)), mapped_by=by)
 
 
 def _checkpoint_key(name: str, ckpt: Checkpoint) -> str:

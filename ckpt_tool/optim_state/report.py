@@ -46,15 +46,20 @@ class OptimizerSummary:
     unmapped: str = ""  # why not
 
 
-def summarize_optimizers(ckpt: Checkpoint) -> tuple[OptimizerSummary, ...]:
-    """The optimizer states beside ``ckpt``'s state dict, described header-only (no tensor bytes)."""
+def summarize_optimizers(ckpt: Checkpoint, *, unmapped: str = "") -> tuple[OptimizerSummary, ...]:
+    """The optimizer states beside ``ckpt``'s state dict, described header-only (no tensor bytes).
+
+    ``unmapped``: the ids are not tied to names from the state dict, for this reason (a Trainer's
+    ids follow param groups that only the architecture tells)."""
     from ..reader import summarize
 
     out = []
+    why = unmapped
     for opt in find_optimizers(ckpt):
-        unmapped = ""
+        unmapped = why
         try:
-            opt = map_ids(opt, ckpt, (), initial_state(ckpt.tensors))
+            if not why:
+                opt = map_ids(opt, ckpt, (), initial_state(ckpt.tensors))
         except UsageError as exc:
             unmapped = str(exc).partition(": ")[2].partition(" (pass")[0]
         names = opt.name_of()

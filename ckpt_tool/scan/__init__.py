@@ -32,6 +32,7 @@ from .policy import (
     SEVERITY_ORDER,
     SKIPPED,
     SUSPICIOUS,
+    TORCH_WEIGHTS_ONLY,
     TORCHSCRIPT_ALLOWED_PREFIXES,
     UNSAFE,
     Policy,
@@ -124,6 +125,30 @@ def _judge(out: _Streams, policy: Policy, torchscript: bool) -> tuple[list[Findi
     return findings, sorted(names), [f"{label} x{n}" if n > 1 else label for label, n in sorted(calls.items())]
 
 
+def _python3_name(name: str) -> str:
+    """A global as torch's loader resolves it: Python 2 names (``__builtin__.set``) mapped as pickle maps them."""
+    import _compat_pickle
+
+    module, _, attr = name.rpartition(".")
+    module, attr = _compat_pickle.NAME_MAPPING.get(
+        (module, attr), (_compat_pickle.IMPORT_MAPPING.get(module, module), attr)
+    )
+    return f"{module}.{attr}"
+
+
+def _weights_only_note(names: Iterable[str]) -> list[str]:
+    """What ``torch.load(weights_only=True)`` would refuse in a file ckpt may still call safe."""
+    beyond = [n for n in names if _python3_name(n) not in TORCH_WEIGHTS_ONLY and not n.startswith("__torch__.")]
+    if not beyond:
+        return []
+    return [
+        f"torch.load(weights_only=True) refuses this file: it names {', '.join(beyond[:4])}"
+        f"{f' and {len(beyond) - 4} more' if len(beyond) > 4 else ''}, which torch's weights-only loader "
+        "does not allow by default (ckpt finds them inert); pass them to torch.serialization.add_safe_globals, "
+        "or keep the state dict alone with `ckpt migrate FILE -o OUT.pth`"
+    ]
+
+
 def _verdict(findings: Iterable[Finding]) -> str:
     severities = {f.severity for f in findings}
     for severity in (UNSAFE, BROKEN, SUSPICIOUS):
@@ -182,6 +207,8 @@ def scan_file(path: str, policy: Policy | None = None) -> FileScan:
         # legacy, pickle and anything unrecognised: torch.load would unpickle it, so we read it as one
         _scan_pickle_file(path, size, out, kind)
     findings, names, calls = _judge(out, policy, torchscript=kind == fmt.TORCHSCRIPT)
+    if kind in (fmt.ZIP, fmt.LEGACY, fmt.LEGACY_TAR, fmt.PICKLE) and _verdict(findings) == SAFE:
+        out.notes.extend(_weights_only_note(names))
     order = {s: i for i, s in enumerate(SEVERITY_ORDER)}
     findings.sort(key=lambda f: (order[f.severity], f.stream, f.position if f.position is not None else -1, f.name))
     return FileScan(

@@ -19,6 +19,7 @@ SEVERITY_ORDER = (UNSAFE, BROKEN, SUSPICIOUS, SAFE, SKIPPED)
 # The allow list: torch's weights_only set (torch/_weights_only_unpickler.py, _get_allowed_globals)
 # plus inert data classes real checkpoints carry. Each entry says why building it cannot run code.
 # ---------------------------------------------------------------------------------------------
+_WEIGHTS_ONLY = "torch's weights_only loader allows it"
 _TORCH_REBUILD = "torch's weights_only loader allows it: rebuilds a tensor from a storage and sizes"
 _TORCH_VALUE = "torch's weights_only loader allows it: a plain value type"
 _STORAGE = "torch's weights_only loader allows it: a storage type named in a persistent id (no call)"
@@ -181,6 +182,12 @@ ALLOWED.update(
         "a lookup by value",
     }
 )
+
+# what torch.load(weights_only=True) accepts without torch.serialization.add_safe_globals: the names
+# whose reason says so (checked against torch's own unpickler in tests/test_scan.py). ckpt allows
+# more inert classes (argparse.Namespace, numpy scalars, defaultdict...); a file naming one is safe,
+# but torch's default load refuses it, and scan says so.
+TORCH_WEIGHTS_ONLY = frozenset(name for name, why in ALLOWED.items() if why.startswith(_WEIGHTS_ONLY))
 
 # TorchScript archives name their compiled classes as __torch__.*; torch.jit.load resolves them in the
 # archive's own compilation unit (TorchScript code, no Python import), so they are trusted there only.
