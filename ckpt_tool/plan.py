@@ -635,6 +635,8 @@ class Step:
     reinitialised: tuple[str, ...] = ()
     cast: tuple[str, ...] = ()
     adapted: tuple[str, ...] = ()
+    # the operation names keys and was checked to match some (an identity ``--rename`` changes nothing)
+    matched: bool = field(default=False, repr=False)
 
     @property
     def affected(self) -> int:
@@ -679,17 +681,21 @@ def apply(
     # writer carries them), so an operation that matches only them matches something
     others: State = {k: Entry(k, "float32", (), CHECKPOINT, k, "float32") for k in objects}
     for op in operations:
-        _refuse_if_unmatched(op, {**state, **others})
+        matched = _refuse_if_unmatched(op, {**state, **others})
         after = op.apply(state, target)
         others_after = others if op.needs_target else op.apply(others, target)
         # the step lists the entries it drops or renames too, not only the tensors
-        steps.append(_step(op.describe(), {**state, **others}, {**after, **others_after}))
+        step = _step(op.describe(), {**state, **others}, {**after, **others_after})
+        steps.append(replace(step, matched=True) if matched else step)
         state, others = after, others_after
     return Applied(state, tuple(steps))
 
 
-def _refuse_if_unmatched(op: Operation, state: State) -> None:
-    """An operation on keys that finds none is a typo or the wrong file: refuse it, naming the nearest keys."""
+def _refuse_if_unmatched(op: Operation, state: State) -> bool:
+    """An operation on keys that finds none is a typo or the wrong file: refuse it, naming the nearest keys.
+
+    Returns whether the operation names keys (and so matched some); ``False`` for the others.
+    """
     import difflib
 
     p = op.params
@@ -711,9 +717,9 @@ def _refuse_if_unmatched(op: Operation, state: State) -> None:
         what = f"{p['module']}.weight" if op.op == "adapt_input_conv" else p["key"]
         hit, candidates = what in keys, keys
     else:
-        return
+        return False
     if hit:
-        return
+        return True
     near = difflib.get_close_matches(what, candidates, n=3, cutoff=0.5)
     hint = f"closest: {', '.join(near)}" if near else f"keys look like {', '.join(keys[:3])}"
     raise UsageError(f"{op.describe()} matches no key ({hint})")

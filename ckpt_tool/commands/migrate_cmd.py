@@ -258,7 +258,7 @@ def _render_plan(plan: MigrationPlan) -> None:
                     len(s.added),
                     len(s.reinitialised),
                     len(s.cast),
-                    some(examples, 2) or "(no keys matched)",
+                    some(examples, 2) or ("(keys matched; nothing changed)" if s.matched else "(no keys matched)"),
                 )
             )
         echo(

@@ -10,12 +10,14 @@ from __future__ import annotations
 import functools
 import os
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..arch import TargetSignature
 from ..compat import MOSTLY_NEW_SHARE, parameter_share, shapes_load
+from ..formats import sniff as fmt
 from ..model import Checkpoint, common_prefix, in_module
 from ..plan import Plan
 from ..plan import operation as plan_operation
@@ -118,8 +120,9 @@ def _finish(work: Proposal, arch_args: dict[str, Any]) -> FixPlan:
         if k not in current and k not in work.optional and not any(p in loaded for p in partners.get(k, ()))
     ]
     mismatched = [k for k in tgt if k in current and not shapes_load(current[k], tgt[k])]
-    # drops cover every unexpected key; what is missing or mismatched needs a model to take values from
-    resolves = work.arch is not None or not (missing or mismatched)
+    # drops cover every unexpected key they may; what is missing or mismatched needs a model to take values from
+    left = [k for k in current if k not in tgt]
+    resolves = not left and (work.arch is not None or not (missing or mismatched))
     operations = [s.operation for s in work.steps]
     plan = Plan(
         work.source.path,
@@ -130,7 +133,7 @@ def _finish(work: Proposal, arch_args: dict[str, Any]) -> FixPlan:
     )
     share = parameter_share(work.target, loaded) if work.arch is not None else 1.0
     mostly_new = share < MOSTLY_NEW_SHARE
-    command = plan.command() if operations and not mostly_new else None
+    command = plan.command() if operations and not mostly_new and not left else None
     return FixPlan(
         tuple(work.steps),
         plan.to_json(),
@@ -167,13 +170,22 @@ def propose_prefixes(work: Proposal) -> None:
     strip, add = _best_prefixes(list(work.current), work.tgt)
     n = len(work.current)
     if strip:
-        work.add(
-            {"op": "strip_prefix", "prefix": strip},
-            f"every checkpoint key starts with {strip!r}{_prefix_origin(strip)}",
-            n,
-        )
+        stripped = [k for k in work.current if k.startswith(strip)]
+        if len(stripped) == n:
+            why = f"every checkpoint key starts with {strip!r}{_prefix_origin(strip)}"
+        else:
+            others = [k for k in work.current if not k.startswith(strip)]
+            # torch.optim.swa_utils.AveragedModel keeps the model as .module beside its counter
+            origin = " (saved from torch's AveragedModel)" if "n_averaged" in others else _prefix_origin(strip)
+            why = (
+                f"{len(stripped)} of {n} checkpoint keys start with {strip!r}{origin}; "
+                f"the other {len(others)} keep their names ({some(others)})"
+            )
+        work.add({"op": "strip_prefix", "prefix": strip}, why, len(stripped))
     if add:
-        work.add({"op": "add_prefix", "prefix": add}, f"every target key starts with {add!r}", n)
+        held = sum(1 for k in work.tgt if k.startswith(add))
+        whose = "every target key starts" if held == len(work.tgt) else f"{held} of {len(work.tgt)} target keys start"
+        work.add({"op": "add_prefix", "prefix": add}, f"{whose} with {add!r}", n)
     work.current = _apply_prefixes(work.current, strip, add)
 
 
@@ -271,7 +283,7 @@ def _renames_exactly(pattern: str, replacement: str, wanted: dict[str, str], cur
 
 def propose_module_renames(work: Proposal) -> None:
     renames, notes = _renames(work.current, work.tgt)
-    if len(renames) > MAX_RENAME_RULES and _position_map_agrees(work, renames):
+    if len(renames) > MAX_RENAME_RULES and not _order_lost(work) and _position_map_agrees(work, renames):
         return  # a re-implementation: one map by position says the same as rule after rule
     work.notes += notes
     for pattern, replacement, pairs in renames:
@@ -303,7 +315,18 @@ def propose_adaptations(work: Proposal) -> None:
 def propose_position_map(work: Proposal) -> None:
     """What is still unmatched on both sides, paired by position (``--map``), when the shapes line up."""
     current, tgt = work.current, work.tgt
-    alignment = align([(k, current[k]) for k in work.unexpected()], [(k, tgt[k]) for k in work.absent()])
+    unexpected, absent = work.unexpected(), work.absent()
+    if not unexpected or not absent:
+        return
+    lost = _order_lost(work)
+    if lost:
+        # same-shape tensors (q, k, v, o) would pair by alphabet, not by the model's order
+        work.notes.append(
+            f"{len(unexpected)} checkpoint keys and {len(absent)} target keys are unmatched; {lost}, so "
+            f"they are not paired by position: pair them by hand (--rename or --map) if they are the same tensors"
+        )
+        return
+    alignment = align([(k, current[k]) for k in unexpected], [(k, tgt[k]) for k in absent])
     if alignment is None:
         return
     work.alignment = alignment
@@ -330,14 +353,76 @@ def propose_position_map(work: Proposal) -> None:
     )
 
 
+def _order_lost(work: Proposal) -> str:
+    """Why a side's key order is not its model's (safetensors headers and shard indexes sort keys), or ``""``."""
+    if work.source.format in (fmt.SAFETENSORS, fmt.SHARDED):
+        return f"the checkpoint's key order is not the model's ({work.source.format} files sort their keys)"
+    if work.arch is None and work.target.spec.endswith((".safetensors", ".json")):
+        return "the target checkpoint's key order is not the model's (safetensors files sort their keys)"
+    return ""
+
+
+def _placeable(work: Proposal) -> dict[str, list[str]]:
+    """Unexpected key -> the absent target keys of its shape that it ends, or that end with it.
+
+    ``module.stat`` could be ``stat``: a drop must not throw it away (AveragedModel's ``module.*``).
+    Linear in the keys: only the dotted endings of each key are looked up.
+    """
+    absent = {k: work.tgt[k] for k in work.absent()}
+    by_ending: dict[str, list[str]] = {}
+    for t in absent:
+        parts = t.split(".")
+        for i in range(1, len(parts)):
+            by_ending.setdefault(".".join(parts[i:]), []).append(t)
+    out: dict[str, list[str]] = {}
+    for k in work.unexpected():
+        parts = k.split(".")
+        found = [".".join(parts[i:]) for i in range(1, len(parts))] + by_ending.get(k, [])
+        hits = [t for t in dict.fromkeys(found) if t in absent and absent[t] == work.current[k]]
+        if hits:
+            out[k] = hits
+    return out
+
+
+def propose_placements(work: Proposal) -> None:
+    """Rename a key that is, by its name's ending and its shape, the one absent target key that could be it."""
+    placeable = _placeable(work)
+    wanted: dict[str, list[str]] = {}
+    for k, hits in placeable.items():
+        for t in hits:
+            wanted.setdefault(t, []).append(k)
+    pairs = [(k, hits[0]) for k, hits in placeable.items() if len(hits) == 1 and len(wanted[hits[0]]) == 1]
+    if not pairs:
+        return
+    rules = [("^" + re.escape(k) + "$", t) for k, t in pairs]
+    for (pattern, replacement), (k, t) in zip(rules, pairs):
+        work.add(
+            {"op": "rename", "pattern": pattern, "replacement": replacement},
+            f"{k} {list(work.current[k])} is the only key that could be the target's {t}, which it lacks: "
+            "same name ending, same shape",
+            1,
+        )
+    work.current = _apply_renames(work.current, rules)
+
+
 def propose_drops(work: Proposal) -> None:
     unexpected = work.unexpected()
     if not unexpected:
         return
-    prefixes = _drop_prefixes(unexpected, work.current)
-    if len(prefixes) <= MAX_DROP_PREFIXES:
+    # what a rename could still place is never dropped: it is left unmatched, with a note
+    kept = _placeable(work)
+    for k, hits in kept.items():
+        work.notes.append(
+            f"{k} {list(work.current[k])} is not dropped: it could be {' or '.join(hits)} (same name ending "
+            "and shape); rename it (--rename or --map) to the one it is"
+        )
+    droppable = [k for k in unexpected if k not in kept]
+    if not droppable:
+        return
+    prefixes = _drop_prefixes(droppable, work.current)
+    if kept or len(prefixes) <= MAX_DROP_PREFIXES:
         for p in prefixes:
-            n = sum(1 for k in unexpected if in_module(k, p))
+            n = sum(1 for k in droppable if in_module(k, p))
             work.add(
                 {"op": "drop", "prefix": p}, f"the target has no {p} ({n} key{'s' * (n != 1)} the checkpoint has)", n
             )
@@ -345,7 +430,7 @@ def propose_drops(work: Proposal) -> None:
         work.add(
             {"op": "drop_unexpected"}, f"{len(unexpected)} checkpoint keys have no place in the target", len(unexpected)
         )
-    work.current = {k: s for k, s in work.current.items() if k in work.target.tensors}
+    work.current = {k: s for k, s in work.current.items() if k in work.target.tensors or k in kept}
 
 
 def propose_fills(work: Proposal) -> None:
@@ -390,6 +475,7 @@ PROPOSERS: list[Proposer] = [
     propose_module_renames,
     propose_adaptations,
     propose_position_map,
+    propose_placements,
     propose_drops,
     propose_fills,
 ]
@@ -411,20 +497,66 @@ def _dotted_prefixes(prefix: str) -> list[str]:
     return [".".join(parts[: i + 1]) + "." for i in range(len(parts))]
 
 
+# a prefix held by more than this share of one side's keys is tried even when a few keys lack it: a
+# classifier head beside ``bert.*``, AveragedModel's ``n_averaged`` beside ``module.*``
+PREFIX_SHARE = 0.5
+PREFIX_DEPTH = 2  # leading components tried (``module.``, ``model.backbone.``); a common prefix may be deeper
+
+
+def _frequent_prefixes(keys: list[str]) -> list[str]:
+    """The prefixes of up to :data:`PREFIX_DEPTH` leading components that over half of the keys have.
+
+    At most one prefix per depth can hold over half of the keys, and a deeper one lies under it, so
+    there are at most :data:`PREFIX_DEPTH` of them, found in linear work.
+    """
+    frequent: list[str] = []
+    under = keys
+    for _ in range(PREFIX_DEPTH):
+        top = Counter([k.partition(".")[0] for k in under if "." in k]).most_common(1)
+        if not top or top[0][1] <= PREFIX_SHARE * len(keys):
+            break
+        head = top[0][0] + "."
+        frequent.append((frequent[-1] if frequent else "") + head)
+        under = [k[len(head) :] for k in under if k.startswith(head)]
+    return frequent
+
+
 def _best_prefixes(src: list[str], tgt: dict[str, Any]) -> tuple[str, str]:
-    """The (strip, add) pair of prefixes common to one side that matches the most keys; ``("", "")`` if none helps."""
+    """The (strip, add) pair of prefixes most keys of one side have that matches the most keys; ``("", "")`` if none.
+
+    The prefixes every key of a side shares are tried first; those most keys have (a wrapped model
+    beside a head or a counter) only when they leave keys unmatched. ``strip`` leaves the keys
+    without it as they are (as ``--strip-prefix`` does), and then comes with no ``add``; a pair
+    that would give two keys one name is never chosen.
+    """
     best_score, best = sum(1 for k in src if k in tgt), ("", "")
-    for strip in [""] + _dotted_prefixes(common_prefix(src)):
-        for add in [""] + _dotted_prefixes(common_prefix(list(tgt))):
-            if strip or add:
-                score = sum(1 for k in src if add + k[len(strip) :] in tgt)
-                if score > best_score:
+    everything = min(len(src), len(tgt))
+    tried: set[tuple[str, str]] = set()
+    strips, adds = ["", *_dotted_prefixes(common_prefix(src))], ["", *_dotted_prefixes(common_prefix(list(tgt)))]
+    for stage in (0, 1):
+        if best_score == everything:
+            break
+        if stage:
+            strips += _frequent_prefixes(src)
+            adds += _frequent_prefixes(list(tgt))
+        for strip in dict.fromkeys(strips):
+            held = sum(1 for k in src if k.startswith(strip)) if strip else len(src)
+            rest = [k[len(strip) :] if k.startswith(strip) else k for k in src] if strip else src
+            # a strip some keys escape, then an add that reaches them too, is a rename in disguise
+            for add in dict.fromkeys(adds if held == len(src) else [""]):
+                if (strip, add) in tried or not (strip or add) or strip == add:
+                    continue
+                tried.add((strip, add))
+                score = sum(1 for k in rest if add + k in tgt)
+                if score > best_score and (held == len(src) or len(set(rest)) == len(rest)):
                     best_score, best = score, (strip, add)
     return best
 
 
 def _apply_prefixes(shapes: dict[str, tuple[int, ...]], strip: str, add: str) -> dict[str, tuple[int, ...]]:
-    return {add + k[len(strip) :]: s for k, s in shapes.items()}
+    if not strip and not add:
+        return shapes
+    return {add + (k[len(strip) :] if strip and k.startswith(strip) else k): s for k, s in shapes.items()}
 
 
 def _module_keys(keys: dict[str, tuple[int, ...]], module: str) -> list[str]:
@@ -437,8 +569,9 @@ def _renames(
 ) -> tuple[list[tuple[str, str, list[tuple[str, str]]]], list[str]]:
     """Rename rules for modules present on one side only whose (leaf name, shape) sets match one to one.
 
-    Modules with the same signature pair up in order when both sides have as many; otherwise the
-    pairing is ambiguous and only a note says so.
+    Modules with the same signature pair up by name (:func:`_pair_by_name`), never by their order:
+    a safetensors file lists its keys alphabetically, so order would pair ``q`` with ``k``. What
+    names cannot pair is left to the user, with a note.
     """
 
     def unmatched_modules(keys: dict[str, tuple[int, ...]], other: dict[str, Any]) -> dict[str, tuple[Any, ...]]:
@@ -464,14 +597,49 @@ def _renames(
         news = by_sig_new.get(sig, [])
         if not news:
             continue
-        if len(olds) == len(news):
-            pairs.extend(zip(olds, news))
-        else:
+        paired = _pair_by_name(olds, news)
+        pairs.extend(paired)
+        left_old = [o for o in olds if o not in {a for a, _ in paired}]
+        left_new = [n for n in news if n not in {b for _, b in paired}]
+        if left_old and left_new:
             notes.append(
-                f"{', '.join(olds)} and {', '.join(news)} have the same keys and shapes but no one-to-one "
-                "pairing: rename them by hand (--rename or --map) if they are the same layers"
+                f"{some(left_old)} and {some(left_new)} have the same keys and shapes but no one-to-one "
+                "pairing by name (the order of a file's keys says nothing about the model's): rename "
+                "them by hand (--rename or --map) if they are the same layers"
             )
     return _rename_rules(pairs, current), notes
+
+
+def _pair_by_name(olds: list[str], news: list[str]) -> list[tuple[str, str]]:
+    """Pairs of modules of one signature whose names agree: each is the other's only longest common ending.
+
+    ``backbone.k`` pairs with ``k`` (one component in common) and not with ``q``; ``blocks.1`` with
+    ``layers.1``. A module alone in its signature on both sides pairs whatever its name (a head
+    renamed ``fc`` -> ``classifier``): nothing else could be it. Two candidates tied for one
+    module pair neither.
+    """
+    if len(olds) == 1 and len(news) == 1:
+        return [(olds[0], news[0])]
+
+    def ending(a: str, b: str) -> int:
+        x, y = a.split("."), b.split(".")
+        n = 0
+        while n < min(len(x), len(y)) and x[-1 - n] == y[-1 - n]:
+            n += 1
+        return n
+
+    def best(mine: list[str], theirs: list[str]) -> dict[str, str]:
+        out = {}
+        for m in mine:
+            scores = [(ending(m, t), t) for t in theirs]
+            top = max(n for n, _ in scores)
+            winners = [t for n, t in scores if n == top]
+            if top > 0 and len(winners) == 1:
+                out[m] = winners[0]
+        return out
+
+    forward, backward = best(olds, news), best(news, olds)
+    return [(o, n) for o, n in forward.items() if backward.get(n) == o]
 
 
 def _rename_rules(
