@@ -271,6 +271,19 @@ def test_a_changed_import_makes_the_entry_stale(cache: Path, sibling: Path, chan
     assert target_signature(spec).cache == "hit"
 
 
+def test_a_namespace_package_beside_the_file_is_tracked(cache: Path, tmp_path: Path) -> None:
+    """``from models.common import ...`` with no ``__init__.py``, as in many model repositories."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "common.py").write_text("H = 4\n")
+    (tmp_path / "a.py").write_text(SIBLING_USER.replace("from b import", "from models.common import"))
+    spec = f"{tmp_path / 'a.py'}:make"
+    assert target_signature(spec).tensors["weight"].shape == (4, 8)
+    assert target_signature(spec).cache == "hit" and "models.common" not in sys.modules
+    (tmp_path / "models" / "common.py").write_text("H = 6\n")
+    sig = target_signature(spec)
+    assert sig.cache == "rebuilt" and sig.tensors["weight"].shape == (6, 8)
+
+
 def test_package_spec_tracks_the_modules_it_imports(
     cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
