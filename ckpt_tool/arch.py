@@ -58,7 +58,7 @@ def build_model(
         device: ``"meta"`` builds without allocating memory.
         fallback: the device to build on when building on ``device`` fails (user code that calls
             ``torch.from_numpy``, ``torch.Tensor(list)`` or ``.item()`` cannot run on the meta device).
-        deps: when given, receives the user source files the build imported (see :func:`_user_imports`).
+        deps: when given, receives the source files the build imported from outside the stdlib and site-packages.
 
     Whatever the factory prints goes to stderr: stdout is the report's.
     """
