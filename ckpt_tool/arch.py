@@ -16,6 +16,8 @@ import importlib.util
 import json
 import os
 import sys
+import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -41,7 +43,11 @@ def parse_arch_args(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
 
 
 def build_model(
-    spec: str, arch_args: dict[str, Any] | None = None, device: str = "cpu", fallback: str | None = None
+    spec: str,
+    arch_args: dict[str, Any] | None = None,
+    device: str = "cpu",
+    fallback: str | None = None,
+    deps: list[Dep] | None = None,
 ) -> Any:
     """Build the ``nn.Module`` a spec names, with random weights (never downloads any).
 
@@ -52,6 +58,7 @@ def build_model(
         device: ``"meta"`` builds without allocating memory.
         fallback: the device to build on when building on ``device`` fails (user code that calls
             ``torch.from_numpy``, ``torch.Tensor(list)`` or ``.item()`` cannot run on the meta device).
+        deps: when given, receives the source files the build imported from outside the stdlib and site-packages.
 
     Whatever the factory prints goes to stderr: stdout is the report's.
     """
@@ -63,7 +70,7 @@ def build_model(
     import torch
 
     args = dict(arch_args or {})
-    with contextlib.redirect_stdout(sys.stderr):
+    with contextlib.redirect_stdout(sys.stderr), _user_imports(spec, deps):
         factory = resolve_factory(spec, args)
         try:
             with torch.device(device):
@@ -73,13 +80,106 @@ def build_model(
         except Exception as exc:  # noqa: BLE001 - user code can raise anything
             # never for hf: a large language model built for real on the CPU could exhaust the memory
             if fallback is not None and fallback != device and not spec.startswith(HF_PREFIX):
-                return build_model(spec, arch_args, fallback)
+                return build_model(spec, arch_args, fallback, deps=deps)
             if isinstance(exc, TypeError):
                 raise ArchError(f"--arch {spec}: cannot build it with {args} ({exc})") from None
             raise ArchError(f"--arch {spec}: building it failed: {type(exc).__name__}: {exc}") from None
     if not isinstance(model, torch.nn.Module):
         raise ArchError(f"--arch {spec}: the factory returned {type(model).__name__}, not an nn.Module")
     return model
+
+
+@dataclass(frozen=True)
+class Dep:
+    """A user source file a build imported: its module name, absolute path and content at build time."""
+
+    module: str
+    path: str
+    size: int
+    mtime_ns: int
+    sha256: str
+
+
+def _installed_roots() -> tuple[str, ...]:
+    """The interpreter's stdlib and site-packages: what the installed versions in a key already cover
+    (with any other ``site-packages`` a ``.pth`` file put on ``sys.path``)."""
+    paths = sysconfig.get_paths()
+    dirs = [paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths]
+    dirs += [p for p in sys.path if os.path.basename(p.rstrip(os.sep)) in ("site-packages", "dist-packages")]
+    roots = {os.path.realpath(d) for d in dirs}
+    return tuple(sorted(r.rstrip(os.sep) + os.sep for r in roots))
+
+
+def _is_user_code(spec: str) -> bool:
+    return ":" in spec and not spec.startswith(("timm:", HF_PREFIX))
+
+
+def _fingerprint(module: str, path: str) -> Dep | None:
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
+    return Dep(module, path, st.st_size, st.st_mtime_ns, digest)
+
+
+@contextlib.contextmanager
+def _user_imports(spec: str, deps: list[Dep] | None) -> Iterator[None]:
+    """Import user code the way ``python FILE.py`` sees its siblings, and record what it imported.
+
+    A ``file.py:factory`` build has the file's directory first on ``sys.path`` (restored afterwards).
+    Modules the build imported from outside the stdlib and site-packages are appended to ``deps`` and
+    then dropped from ``sys.modules``, so the next build (another file's ``models`` package, or an edited
+    sibling) imports them afresh from what is on disk, and records them again.
+    """
+    if not _is_user_code(spec):
+        yield
+        return
+    source = spec.rpartition(":")[0]
+    before = set(sys.modules)
+    saved_path = list(sys.path)
+    if source.endswith(".py"):
+        sys.path.insert(0, os.path.dirname(os.path.abspath(source)))
+    try:
+        yield
+    finally:
+        sys.path[:] = saved_path
+        roots = _installed_roots()
+        for name in [n for n in sys.modules if n not in before]:
+            file = getattr(sys.modules[name], "__file__", None)
+            if not isinstance(file, str):
+                continue  # builtins, namespace packages: nothing on disk to fingerprint
+            path = os.path.abspath(file)
+            if os.path.realpath(path).startswith(roots) or name.split(".")[0] == "ckpt_tool":
+                continue  # covered by the versions in the key; ckpt's own modules stay (their classes are in use)
+            del sys.modules[name]
+            dep = _fingerprint(name, path)
+            if deps is not None and dep is not None:
+                deps.append(dep)
+
+
+def _deps_current(spec: str, deps: tuple[Dep, ...]) -> bool:
+    """Whether every recorded source file is unchanged and still what its module name resolves to.
+
+    Cheap when nothing changed (one ``stat`` per file); a file whose size or mtime moved is re-hashed, so
+    a ``touch`` alone keeps the entry. Never imports anything.
+    """
+    source = spec.rpartition(":")[0]
+    search = [os.path.dirname(os.path.abspath(source))] if source.endswith(".py") else []
+    search += sys.path
+    for dep in deps:
+        try:
+            st = os.stat(dep.path)
+        except OSError:
+            return False
+        if (st.st_size, st.st_mtime_ns) != (dep.size, dep.mtime_ns):
+            now = _fingerprint(dep.module, dep.path)
+            if now is None or now.sha256 != dep.sha256:
+                return False
+        if dep.path.endswith(".py") and _module_file(dep.module, search) != dep.path:
+            return False  # shadowed by another file, or moved into a package
+    return True
 
 
 def resolve_factory(spec: str, args: dict[str, Any]) -> Any:
@@ -252,6 +352,8 @@ class TargetSignature:
     ``transformer.wte.weight`` and ``lm_head.weight``): loading one member sets them all.
     ``extra_state`` lists the ``_extra_state`` keys of modules that define ``set_extra_state``:
     a strict load requires them, whatever they hold.
+    ``deps`` lists the user source files the build imported beyond the factory's own file (siblings,
+    local packages): a cached entry is used only while each is unchanged.
     """
 
     spec: str
@@ -261,6 +363,7 @@ class TargetSignature:
     cache: str = "off"
     ties: tuple[tuple[str, ...], ...] = ()
     extra_state: tuple[str, ...] = ()
+    deps: tuple[Dep, ...] = ()
 
     def partners(self) -> dict[str, tuple[str, ...]]:
         """Key -> the other keys of its tie group (keys without a tie are left out)."""
@@ -328,7 +431,9 @@ def target_signature(
 
     A cache hit imports neither torch nor torchvision. Entries are keyed by the spec, its
     arguments, the torch/torchvision (and timm) versions and, for user code, the source file's
-    sha256; an entry that does not match its key or its checksum is rebuilt, never trusted.
+    sha256; an entry that does not match its key or its checksum is rebuilt, never trusted. For user
+    code the entry also lists the local source files the build imported (``deps``); one that changed,
+    went missing or is no longer what its module name resolves to makes the entry stale (rebuilt).
 
     Example:
         >>> sig = target_signature("resnet18", {"num_classes": 10})
@@ -346,10 +451,13 @@ def target_signature(
     status = "off" if not use_cache else "uncacheable"
     if path is not None and key is not None:
         cached, status = _read_entry(path, key)
+        if cached is not None and not _deps_current(spec, cached.deps):
+            cached, status = None, "corrupt"  # a file it imported changed: stale, rebuilt
         if cached is not None:
             return replace(cached, spec=spec, arch_args=args, cache="hit")
-    model = build_model(spec, args, device="meta", fallback="cpu")
-    sig = signature_from_model(model, spec, args)
+    deps: list[Dep] = []
+    model = build_model(spec, args, device="meta", fallback="cpu", deps=deps)
+    sig = replace(signature_from_model(model, spec, args), deps=tuple(deps))
     if path is not None and key is not None:
         status = "rebuilt" if status == "corrupt" else "built"
         if not _write_entry(path, key, sig):
@@ -401,14 +509,15 @@ def _cache_key(spec: str, args: dict[str, Any]) -> dict[str, Any] | None:
     return key
 
 
-def _module_file(dotted: str) -> str | None:
-    """The source file of ``pkg.module`` found on ``sys.path`` without importing anything (which find_spec would)."""
+def _module_file(dotted: str, search: list[str] | None = None) -> str | None:
+    """The source file of ``pkg.module`` found on ``sys.path`` (or ``search``) without importing anything
+    (which find_spec would); a package directory wins over a module of the same name, as in Python."""
     parts = dotted.split(".")
-    for entry in sys.path:
+    for entry in sys.path if search is None else search:
         base = os.path.join(entry or os.getcwd(), *parts)
-        for candidate in (base + ".py", os.path.join(base, "__init__.py")):
+        for candidate in (os.path.join(base, "__init__.py"), base + ".py"):
             if os.path.isfile(candidate):
-                return candidate
+                return os.path.abspath(candidate)
     return None
 
 
@@ -434,6 +543,7 @@ def _read_entry(path: str, key: dict[str, Any]) -> tuple[TargetSignature | None,
             "hit",
             tuple(tuple(str(k) for k in g) for g in body["ties"]),
             tuple(str(k) for k in body["extra_state"]),
+            tuple(Dep(str(m), str(p), int(n), int(t), str(h)) for m, p, n, t, h in body.get("deps", [])),
         ), "hit"
     except (KeyError, TypeError, ValueError):
         return None, "corrupt"
@@ -445,6 +555,7 @@ def _write_entry(path: str, key: dict[str, Any], sig: TargetSignature) -> bool:
         "auto_filled": list(sig.auto_filled),
         "ties": [list(g) for g in sig.ties],
         "extra_state": list(sig.extra_state),
+        "deps": [[d.module, d.path, d.size, d.mtime_ns, d.sha256] for d in sig.deps],
     }
     return write_cached(path, key, body)
 
@@ -452,11 +563,17 @@ def _write_entry(path: str, key: dict[str, Any], sig: TargetSignature) -> bool:
 # --- the cache itself: other facts about an architecture (its shape flow) live beside its signature ----
 
 
-def cache_slot(kind: str, spec: str, args: dict[str, Any], extra: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+def cache_slot(
+    kind: str, spec: str, args: dict[str, Any], extra: dict[str, Any], deps: tuple[Dep, ...] = ()
+) -> tuple[str, dict[str, Any]] | None:
     """``(path, key)`` of a cache entry of ``kind`` about ``spec(**args)``, or ``None`` for code that cannot be
-    fingerprinted. ``extra`` is what else the entry depends on; the key holds every version a signature's does."""
+    fingerprinted. ``extra`` is what else the entry depends on; the key holds every version a signature's does,
+    and the contents of ``deps`` (a :class:`TargetSignature`'s, checked current when it was read), so the
+    entry goes stale with the signature when a file the build imported changes."""
     key = _cache_key(spec, args)
     if key is None:
         return None
     key = {**key, "kind": kind, **extra}
+    if deps:
+        key["deps"] = sorted([d.path, d.sha256] for d in deps)
     return os.path.join(os.path.dirname(default_cache_dir()), kind, _entry_name(key)), key

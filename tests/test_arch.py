@@ -151,7 +151,7 @@ def test_package_module_spec_is_fingerprinted(cache: Path, user_file: Path, monk
     assert target_signature("mypkg.nets:Net").cache == "built"
     assert target_signature("mypkg.nets:Net").cache == "hit"
     (pkg / "nets.py").write_text(USER_MODEL.replace("width=4", "width=6"))
-    monkeypatch.delitem(sys.modules, "mypkg.nets")  # a new process would import the edited file
+    assert "mypkg.nets" not in sys.modules  # each build imports the file as it is on disk
     sig = target_signature("mypkg.nets:Net")
     assert sig.cache == "built" and sig.tensors["fc.weight"].shape == (6, 3)
 
@@ -229,3 +229,125 @@ def test_warm_cache_imports_neither_torch_nor_torchvision(cache: Path, tmp_path:
     assert cold.stdout.startswith("built [") and "'torch'" in cold.stdout
     warm = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert warm.stdout.strip() == "hit []"
+
+
+SIBLING_USER = "import torch\nfrom b import H\ndef make():\n    return torch.nn.Linear(8, H)\n"
+
+
+@pytest.fixture
+def sibling(tmp_path: Path) -> Path:
+    """``a.py:make`` takes its width from the module ``b`` beside it (found as ``python a.py`` finds it)."""
+    (tmp_path / "a.py").write_text(SIBLING_USER)
+    (tmp_path / "b.py").write_text("H = 4\n")
+    return tmp_path
+
+
+def test_file_spec_imports_its_siblings_and_leaves_no_trace(cache: Path, sibling: Path) -> None:
+    path = list(sys.path)
+    sig = target_signature(f"{sibling / 'a.py'}:make")
+    assert sig.tensors["weight"].shape == (4, 8) and sig.cache == "built"
+    assert [(d.module, d.path) for d in sig.deps] == [("b", str(sibling / "b.py"))]
+    assert sys.path == path and "b" not in sys.modules
+
+
+@pytest.mark.parametrize("change", ["edit", "delete", "shadow"])
+def test_a_changed_import_makes_the_entry_stale(cache: Path, sibling: Path, change: str) -> None:
+    spec = f"{sibling / 'a.py'}:make"
+    target_signature(spec)
+    assert target_signature(spec).cache == "hit"
+    (sibling / "b.py").touch()  # the same content, newer: still a hit
+    assert target_signature(spec).cache == "hit"
+    if change == "edit":
+        (sibling / "b.py").write_text("H = 6\n")
+    elif change == "delete":  # b is now a package: another file answers `import b`
+        (sibling / "b.py").unlink()
+        (sibling / "b").mkdir()
+        (sibling / "b" / "__init__.py").write_text("H = 6\n")
+    else:  # a package of that name beside the module wins, as in Python
+        (sibling / "b").mkdir()
+        (sibling / "b" / "__init__.py").write_text("H = 6\n")
+    sig = target_signature(spec)
+    assert sig.cache == "rebuilt" and sig.tensors["weight"].shape == (6, 8)
+    assert target_signature(spec).cache == "hit"
+
+
+def test_a_namespace_package_beside_the_file_is_tracked(cache: Path, tmp_path: Path) -> None:
+    """``from models.common import ...`` with no ``__init__.py``, as in many model repositories."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "common.py").write_text("H = 4\n")
+    (tmp_path / "a.py").write_text(SIBLING_USER.replace("from b import", "from models.common import"))
+    spec = f"{tmp_path / 'a.py'}:make"
+    assert target_signature(spec).tensors["weight"].shape == (4, 8)
+    assert target_signature(spec).cache == "hit" and "models.common" not in sys.modules
+    (tmp_path / "models" / "common.py").write_text("H = 6\n")
+    sig = target_signature(spec)
+    assert sig.cache == "rebuilt" and sig.tensors["weight"].shape == (6, 8)
+
+
+def test_package_spec_tracks_the_modules_it_imports(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pkg = tmp_path / "localpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "common.py").write_text("H = 4\n")
+    (pkg / "nets.py").write_text(SIBLING_USER.replace("from b import", "from localpkg.common import"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert target_signature("localpkg.nets:make").cache == "built"
+    assert target_signature("localpkg.nets:make").cache == "hit"
+    (pkg / "common.py").write_text("H = 6\n")
+    sig = target_signature("localpkg.nets:make")
+    assert sig.cache == "rebuilt" and sig.tensors["weight"].shape == (6, 8)
+
+
+def test_shape_flow_goes_stale_with_the_signature(cache: Path, sibling: Path) -> None:
+    from ckpt_tool.diff.shapeflow import shape_flow
+
+    spec = f"{sibling / 'a.py'}:make"
+    assert shape_flow(target_signature(spec), input_shape=(1, 8)).cache == "built"
+    assert shape_flow(target_signature(spec), input_shape=(1, 8)).cache == "hit"
+    (sibling / "b.py").write_text("H = 6\n")
+    assert shape_flow(target_signature(spec), input_shape=(1, 8)).cache == "built"
+
+
+def test_stale_sibling_cli_diff_and_torch_free_warm_hit(cache: Path, sibling: Path) -> None:
+    """The reported case, in real processes: the second diff after an edit says what torch says."""
+    torch.save(torch.nn.Linear(8, 4).state_dict(), sibling / "l.pth")
+    # PYTHONPATH=. as in the report: the stale entry is not a matter of how b is found
+    env = dict(os.environ, CKPT_CACHE_DIR=str(cache.parent), PYTHONPATH=".")
+    code = textwrap.dedent("""
+        import sys
+        from ckpt_tool.arch import target_signature
+        sig = target_signature("a.py:make")
+        print(sig.cache, sig.tensors["weight"].shape, "torch" in sys.modules)
+    """)
+
+    def run() -> str:
+        return subprocess.run(
+            [sys.executable, "-c", code], cwd=sibling, env=env, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    assert run() == "built (4, 8) True"
+    assert run() == "hit (4, 8) False"
+    (sibling / "b.py").write_text("H = 6\n")
+    assert run() == "rebuilt (6, 8) True"
+
+
+def test_migrate_says_plainly_that_the_strict_load_failed(cache: Path, tmp_path: Path) -> None:
+    """The signature (built on meta) says it loads; torch, on the model built for real, refuses."""
+    from click.testing import CliRunner
+
+    from ckpt_tool.cli import main
+
+    (tmp_path / "m.py").write_text(
+        "import torch\ndef make():\n    return torch.nn.Linear(8, 4 if torch.empty(0).device.type == 'meta' else 6)\n"
+    )
+    torch.save(torch.nn.Linear(8, 4).state_dict(), tmp_path / "l.pth")
+    spec = f"{tmp_path / 'm.py'}:make"
+    result = CliRunner().invoke(
+        main, ["migrate", str(tmp_path / "l.pth"), "--arch", spec, "-o", str(tmp_path / "o.pth")]
+    )
+    assert result.exit_code == 1, result.output
+    (line,) = [ln for ln in result.output.splitlines() if ln.startswith("verification failed:")]
+    assert line.startswith(f"verification failed: load_state_dict(strict=True) into {spec} failed (")
+    assert "size mismatch for weight" in line and "loads with strict=True" not in line

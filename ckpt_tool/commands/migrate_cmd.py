@@ -406,12 +406,10 @@ def _render_result(report: MigrateReport) -> None:
         )
         return
     if not v.loads:
-        echo(
-            paint("verification failed:", "fail")
-            + f" {v.arch} "
-            + _diff_words(v.diff)
-            + (f" ({v.error})" if v.error else "")
-        )
+        # torch's refusal is the verdict: the plan's check against the signature may have said it loads
+        said = v.diff is not None and v.diff.loads
+        why = f"load_state_dict(strict=True) into {v.arch} failed" if said else f"{v.arch} " + _diff_words(v.diff)
+        echo(paint("verification failed:", "fail") + f" {why}" + (f" ({v.error})" if v.error else ""))
         return
     if v.differ:
         echo(

@@ -112,7 +112,7 @@ def shape_flow(
         "input_shape": list(input_shape or ()),
         "overrides": sorted([k, list(s)] for k, s in overrides.items()),
     }
-    slot = cache_slot("shapeflow", target.spec, dict(target.arch_args), extra) if use_cache else None
+    slot = cache_slot("shapeflow", target.spec, dict(target.arch_args), extra, target.deps) if use_cache else None
     if slot is not None:
         body, status = read_cached(*slot)
         if body is not None:
