@@ -16,10 +16,10 @@ import importlib.util
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, replace
 from typing import Any
 
+from .cache import _checksum, read_cached, write_cached  # noqa: F401 - the cache's entries, re-exported
 from .errors import ArchError, UsageError
 
 
@@ -358,11 +358,10 @@ def target_signature(
 
 
 def default_cache_dir() -> str:
-    """``$CKPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/ckpt``, else ``~/.cache/ckpt``; signatures live in ``signatures/``."""
-    base = os.environ.get("CKPT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "ckpt"
-    )
-    return os.path.join(base, "signatures")
+    """``signatures/`` in the cache root (:func:`ckpt_tool.cache.cache_root`)."""
+    from .cache import cache_root
+
+    return os.path.join(cache_root(), "signatures")
 
 
 def _version(dist: str) -> str | None:
@@ -417,10 +416,6 @@ def _entry_name(key: dict[str, Any] | None) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32] + ".json"
 
 
-def _checksum(key: dict[str, Any], body: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps([key, body], sort_keys=True).encode()).hexdigest()
-
-
 def _read_entry(path: str, key: dict[str, Any]) -> tuple[TargetSignature | None, str]:
     """``(signature, "hit")``, or ``(None, "missing" | "corrupt")``; a bad entry is reported, never used."""
     body, status = read_cached(path, key)
@@ -465,39 +460,3 @@ def cache_slot(kind: str, spec: str, args: dict[str, Any], extra: dict[str, Any]
         return None
     key = {**key, "kind": kind, **extra}
     return os.path.join(os.path.dirname(default_cache_dir()), kind, _entry_name(key)), key
-
-
-def read_cached(path: str, key: dict[str, Any]) -> tuple[Any, str]:
-    """``(body, "hit")``, or ``(None, "missing" | "corrupt")`` when the entry's key or checksum does not match."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            entry = json.load(f)
-    except FileNotFoundError:
-        return None, "missing"
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        return None, "corrupt"
-    try:
-        body = entry["body"]
-        if entry["key"] != key or entry["checksum"] != _checksum(key, body):
-            return None, "corrupt"
-    except (KeyError, TypeError, ValueError):
-        return None, "corrupt"
-    return body, "hit"
-
-
-def write_cached(path: str, key: dict[str, Any], body: Any) -> bool:
-    """Store an entry atomically (temp file + rename), so a reader never sees half of one."""
-    entry = {"key": key, "body": body, "checksum": _checksum(key, body)}
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(path))
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(entry, f)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-    except OSError:
-        return False
-    return True

@@ -10,6 +10,20 @@ from typing import Any, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+_freeze = False
+
+
+def freeze_after_bulk() -> None:
+    """For a short-lived process (the ``ckpt`` command): what a bulk block built is moved to the
+    collector's permanent generation when the block ends (``gc.freeze``), instead of being walked
+    again by the next collections. Re-enabling the collector after building 100,000 refs makes the
+    first allocation after it walk them all (about 0.1 s), and two older generations walk them again
+    later. Frozen objects are still freed by reference counting; only cycles among them would live
+    until the process ends, so a library caller (a long-lived process) keeps the plain pause.
+    """
+    global _freeze
+    _freeze = True
+
 
 @contextlib.contextmanager
 def gc_paused() -> Iterator[None]:
@@ -27,6 +41,8 @@ def gc_paused() -> Iterator[None]:
     try:
         yield
     finally:
+        if _freeze:
+            gc.freeze()
         gc.enable()
 
 

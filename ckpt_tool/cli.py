@@ -92,5 +92,14 @@ def main(no_color: bool) -> None:
     set_no_color(no_color)
 
 
+def run() -> Any:
+    """The ``ckpt`` executable: :func:`main` in a process of its own, which lets bulk reads freeze what
+    they build (``ckpt_tool.bulk.freeze_after_bulk``). Tests call :func:`main` through ``CliRunner``."""
+    from .bulk import freeze_after_bulk
+
+    freeze_after_bulk()
+    return main()
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(run())

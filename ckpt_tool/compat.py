@@ -303,4 +303,7 @@ def _state_object(ckpt: Checkpoint) -> Any:
 def _shape(value: Any) -> tuple[int, ...]:
     if isinstance(value, tuple):
         return value
-    return tuple(int(d) for d in value.shape)
+    shape = value.shape
+    if type(shape) is tuple:  # a TensorRef's: already plain ints (a torch.Size is a subclass)
+        return shape
+    return tuple(int(d) for d in shape)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 from .errors import OutputError, UsageError
@@ -39,8 +40,19 @@ def check_dcp_output(path: str, inputs: Iterable[str], *, force: bool = False) -
         raise OutputError(f"{path}: exists and is not a directory; a DCP output is a directory")
 
 
-def write_dcp(path: str, layout: Layout, *, progress: Progress | None = None, **_: Any) -> Written:
-    """Write ``layout`` (plain tensors and plain-data entries) as a DCP directory at ``path``, atomically."""
+def write_dcp(
+    path: str,
+    layout: Layout,
+    *,
+    progress: Progress | None = None,
+    before_commit: Callable[[Written], bool | None] | None = None,
+    **_: Any,
+) -> Written:
+    """Write ``layout`` (plain tensors and plain-data entries) as a DCP directory at ``path``, atomically.
+
+    ``before_commit`` sees the staged directory before it is renamed into place, as for
+    :func:`ckpt_tool.writer.write_checkpoint`: ``False`` (or an exception) leaves ``path`` as it was.
+    """
     for v in layout.views:
         if v.kind != DENSE or v.parts:
             raise UsageError(
@@ -98,6 +110,10 @@ def write_dcp(path: str, layout: Layout, *, progress: Progress | None = None, **
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
+        staged = Written(tmp, FORMAT, (tmp,), len(layout.views), sum(v.nbytes for v in layout.views))
+        if before_commit is not None and before_commit(staged) is False:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return replace(staged, path=path, files=(path,), committed=False)
         _replace(tmp, path)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)

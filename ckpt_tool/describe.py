@@ -246,10 +246,15 @@ def rollup(refs: Sequence[TensorRef | TensorRow], depth: int) -> tuple[ModuleRow
 
 
 def _group(refs: Sequence[TensorRef | TensorRow], module: Callable[[str], str]) -> tuple[ModuleRow, ...]:
+    return _group_named(refs, [module(r.key if isinstance(r, TensorRef) else r.name) for r in refs])
+
+
+def _group_named(refs: Sequence[TensorRef | TensorRow], names: Sequence[str]) -> tuple[ModuleRow, ...]:
+    """``refs`` grouped by their module names ``names`` (one per ref), in first-seen order."""
     groups: dict[str, list[Any]] = {}  # module -> [tensors, parameters, bytes, dtypes]
-    for r in refs:
-        name, numel = (r.key, r.numel) if isinstance(r, TensorRef) else (r.name, r.parameters)
-        g = groups.get(m := module(name))
+    for r, m in zip(refs, names):
+        numel = r.numel if isinstance(r, TensorRef) else r.parameters
+        g = groups.get(m)
         if g is None:
             g = groups[m] = [0, 0, 0, set()]
         g[0] += 1
@@ -259,14 +264,17 @@ def _group(refs: Sequence[TensorRef | TensorRow], module: Callable[[str], str]) 
     return tuple(ModuleRow(name, n, p, b, tuple(sorted(d))) for name, (n, p, b, d) in groups.items())
 
 
-def _fits(rows: Sequence[TensorRow], module: Callable[[str], str], limit: int) -> bool:
-    """Whether ``rows`` fall in at most ``limit`` modules (stops counting at the first one too many)."""
+def _names_within(rows: Sequence[TensorRow], module: Callable[[str], str], limit: int) -> list[str] | None:
+    """Each row's module name, if ``rows`` fall in at most ``limit`` modules (None at the first one too many)."""
     seen: set[str] = set()
+    names = []
     for r in rows:
-        seen.add(module(r.name))
+        m = module(r.name)
+        names.append(m)
+        seen.add(m)
         if len(seen) > limit:
-            return False
-    return True
+            return None
+    return names
 
 
 FOLD_ROWS = 1000  # above this many rows the table shows modules (``--all`` shows every row)
@@ -276,7 +284,12 @@ _NUMBERED = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)")
 def numbered_module(key: str) -> str:
     """A key's module with its numbered components as ``*``: ``model.layers.7.mlp.experts.12.up.weight``
     -> ``model.layers.*.mlp.experts.*.up``."""
-    module = key.rpartition(".")[0] if "." in key else key
+    return _numbered(key.rpartition(".")[0] if "." in key else key)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _numbered(module: str) -> str:
+    # the tensors of a module share it: a 100,000-tensor table has about half as many modules
     return _NUMBERED.sub("*", module)
 
 
@@ -297,8 +310,9 @@ def fold(rows: Sequence[TensorRow], limit: int = FOLD_ROWS) -> tuple[str, tuple[
         ("by module", lambda name: name.rpartition(".")[0]),
         ("numbered components as *", numbered_module),
     ):
-        if _fits(rows, module, limit):
-            return how, _group(rows, module)
+        names = _names_within(rows, module, limit)
+        if names is not None:
+            return how, _group_named(rows, names)
     best = rollup(rows, 1)
     for depth in range(2, max((r.name.count(".") for r in rows), default=0) + 1):
         modules = rollup(rows, depth)

@@ -345,9 +345,9 @@ def migrate(
     )
     verified: list[Verification] = []
 
-    def verify(staged: Written) -> None:
+    def verify(staged: Written) -> bool:
         # the staged files are verified while their fsyncs and the source's sha256 run; only then
-        # are they renamed into place
+        # are they renamed into place, and only if every value is what the plan intended
         v = verify_output(
             staged,
             applied.state,
@@ -358,8 +358,13 @@ def migrate(
             signature=signature,
             seed=seed,
             computed=lambda e: computed_chunks(e, built.files, VERIFY_CHUNK_BYTES),
+            objects=accounted.objects,
+            module_metadata=accounted.module_metadata,
+            # the training state beside the state dict is re-read by its own check (_with_carried)
+            extras=nesting.extras if carried is None else None,
         )
         verified.append(_with_carried(v, staged, carried, values) if carried is not None else v)
+        return not verified[-1].differ
 
     try:
         written = (write_dcp if fmt == DCP else _write)(
@@ -372,9 +377,8 @@ def migrate(
             staging=Staging(),
             progress=progress,
             before_commit=verify,
+            inputs=[*ckpt.files, ckpt.path],
         )
-        if not verified:  # the DCP writer renames its directory itself: verified once in place
-            verify(written)
         verification = verified[0]
         if carried is not None:
             # Written counts the state dict's tensors; the training state beside it is the plan's

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import UsageError
+from .formats.dcp import FORMAT as DCP
 from .model import (
     DENSE,
     DTENSOR_SHARD,
@@ -192,11 +193,17 @@ def _carry_entries(ckpt: Checkpoint, operations: Sequence[Operation], out: Objec
         if fmt == PTH and not sharded:
             out.module_metadata = metadata
         else:
-            out.notes.append(
-                f"_metadata (module versions of {len(ckpt.module_metadata or {})} modules) is not kept: "
-                f"{'safetensors' if fmt == SAFETENSORS else 'shards'} have no place for it (load_state_dict "
-                "then sees no module versions, as for any safetensors file)"
-            )
+            modules = f"_metadata (module versions of {len(ckpt.module_metadata or {})} modules) is not kept: "
+            if fmt == DCP:
+                out.notes.append(
+                    modules + "a DCP directory has no place for it (dcp.load fills a state dict the model "
+                    "made, with the model's own module versions)"
+                )
+            else:
+                out.notes.append(
+                    modules + f"{'safetensors' if fmt == SAFETENSORS else 'shards'} have no place for it "
+                    "(load_state_dict then sees no module versions, as for any safetensors file)"
+                )
 
 
 def carried_entries(

@@ -681,10 +681,10 @@ def apply(
     for op in operations:
         _refuse_if_unmatched(op, {**state, **others})
         after = op.apply(state, target)
-        steps.append(_step(op.describe(), state, after))
-        state = after
-        if not op.needs_target:
-            others = op.apply(others, target)
+        others_after = others if op.needs_target else op.apply(others, target)
+        # the step lists the entries it drops or renames too, not only the tensors
+        steps.append(_step(op.describe(), {**state, **others}, {**after, **others_after}))
+        state, others = after, others_after
     return Applied(state, tuple(steps))
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from .bulk import paused
@@ -584,11 +586,20 @@ def _open_sharded(index_path: str, key: str | None) -> Checkpoint:
         file_size=sum(s.file_size for s in shards.values()),
         tensors=tensors,
         state_path="",
-        candidates=(Candidate("", len(tensors), sum(t.numel for t in tensors.values())),),
+        candidates=(Candidate("", len(tensors), _elements(tensors, shards.values())),),
         metadata={str(k): str(v) for k, v in metadata.items()},
         files=files,
         placeholders=tuple(sorted({p for s in shards.values() for p in s.placeholders})),
     )
+
+
+def _elements(tensors: dict[str, TensorRef], shards: Iterable[Checkpoint]) -> int:
+    """The set's parameter count: the shards' own counts when the index takes every tensor they hold."""
+    shards = list(shards)
+    whole = all(len(s.candidates) == 1 and s.candidates[0].tensors == len(s.tensors) for s in shards)
+    if whole and sum(len(s.tensors) for s in shards) == len(tensors):
+        return sum(s.candidates[0].parameters for s in shards)
+    return sum(math.prod(t.shape) for t in tensors.values())
 
 
 def shard_location(base: str, shard: str, index_path: str) -> str:

@@ -27,6 +27,7 @@ from typing import Any
 from .bulk import paused
 from .errors import CkptError, TorchMissingError, UsageError
 from .formats import sniff as fmt
+from .formats.safetensors import headers_memoized
 from .model import Checkpoint, is_floating
 from .scan import (
     SAFE,
@@ -35,7 +36,7 @@ from .scan import (
     ProjectConfig,
     iter_model_files,
     load_config,
-    matches,
+    path_matches,
     policy_for,
     scan_file,
 )
@@ -48,7 +49,7 @@ _SHOWN = 5  # keys named in a failed check's message
 
 
 @dataclass(frozen=True)
-class Check:
+class FileCheck:
     """One check on one file: ``pass``, ``fail`` or ``note`` (a pass worth saying, like an lfs pointer)."""
 
     name: str
@@ -60,7 +61,7 @@ class Check:
 class FileValidation:
     path: str
     format: str
-    checks: tuple[Check, ...]
+    checks: tuple[FileCheck, ...]
     scan: FileScan | None = None
 
     @property
@@ -163,7 +164,8 @@ def validate(paths: Iterable[str], allow: Iterable[str] = (), config_dir: str | 
     """
     config = load_config(config_dir)
     rules = rules_from_config(config, allow)
-    files = tuple(validate_file(p, rules) for p in iter_model_files(list(paths), indexes=True))
+    with headers_memoized():  # a shard's header is asked for by the walk, the scan, the load and its index
+        files = tuple(validate_file(p, rules) for p in iter_model_files(list(paths), indexes=True))
     return ValidateReport(files, config.path)
 
 
@@ -176,7 +178,7 @@ def validate_file(path: str, rules: Rules) -> FileValidation:
     if kind == fmt.LFS_POINTER:
         result = scan_file(path, rules.policy)
         status = FAIL if rules.lfs_fails else NOTE
-        return FileValidation(path, kind, (Check("lfs", status, result.notes[0]),), result)
+        return FileValidation(path, kind, (FileCheck("lfs", status, result.notes[0]),), result)
     result = scan_file(path, rules.policy)
     checks = [_scan_check(result)]
     if kind == fmt.DCP_SHARD:  # loaded with its directory, on the row of its .metadata
@@ -185,7 +187,7 @@ def validate_file(path: str, rules: Rules) -> FileValidation:
             result.format,
             (
                 *checks,
-                Check("loads", NOTE, "one shard of a DCP directory: loaded with the directory (see its .metadata)"),
+                FileCheck("loads", NOTE, "one shard of a DCP directory: loaded with the directory (see its .metadata)"),
             ),
             result,
         )
@@ -193,15 +195,15 @@ def validate_file(path: str, rules: Rules) -> FileValidation:
     if os.path.basename(path) == ".metadata" and fmt.sniff(os.path.dirname(path) or ".") == fmt.DCP:
         loaded = os.path.dirname(path) or "."  # a DCP directory's .metadata: the directory is what loads
         result = dataclasses.replace(result, format=fmt.DCP)
-    ckpt, loads = _load_check(loaded)
+    ckpt, loads = _opens_check(loaded)
     checks.append(loads)
     checks.extend(_policy_checks(path, result.format, os.path.getsize(path), ckpt, rules))
     return FileValidation(path, result.format, tuple(checks), result)
 
 
-def _scan_check(result: FileScan) -> Check:
+def _scan_check(result: FileScan) -> FileCheck:
     if result.verdict == SAFE:
-        return Check(
+        return FileCheck(
             "scan",
             PASS,
             "safe: " + (", ".join(result.notes) if result.notes else f"{len(result.globals)} globals, all allowed"),
@@ -214,28 +216,28 @@ def _scan_check(result: FileScan) -> Check:
         ", ".join(names[:3]) + (f" +{len(names) - 3} more" if len(names) > 3 else "") + f": {reason}"
         for reason, names in by_reason.items()
     ]
-    return Check("scan", FAIL, f"{result.verdict}: " + "; ".join(parts))
+    return FileCheck("scan", FAIL, f"{result.verdict}: " + "; ".join(parts))
 
 
-def _load_check(path: str, key: str | None = None) -> tuple[Checkpoint | None, Check]:
+def _opens_check(path: str, key: str | None = None) -> tuple[Checkpoint | None, FileCheck]:
     from .reader import open_checkpoint
 
     try:
         ckpt = open_checkpoint(path, key)
     except CkptError as exc:
-        return None, Check("loads", FAIL, str(exc))
+        return None, FileCheck("loads", FAIL, str(exc))
     if not ckpt.tensors:
-        return ckpt, Check("loads", NOTE, "opens with the safe reader, but holds no tensors")
-    return ckpt, Check("loads", PASS, f"{len(ckpt.tensors)} tensors described consistently")
+        return ckpt, FileCheck("loads", NOTE, "opens with the safe reader, but holds no tensors")
+    return ckpt, FileCheck("loads", PASS, f"{len(ckpt.tensors)} tensors described consistently")
 
 
-def _policy_checks(path: str, kind: str, size: int, ckpt: Checkpoint | None, rules: Rules) -> list[Check]:
-    checks: list[Check] = []
+def _policy_checks(path: str, kind: str, size: int, ckpt: Checkpoint | None, rules: Rules) -> list[FileCheck]:
+    checks: list[FileCheck] = []
     if rules.formats:
         inner = kind.partition("(")[2].rstrip(")") if kind.startswith(fmt.SHARDED) else kind
         ok = inner in rules.formats
         checks.append(
-            Check(
+            FileCheck(
                 "format",
                 PASS if ok else FAIL,
                 f"{kind}" + ("" if ok else f", the project requires {' or '.join(rules.formats)}"),
@@ -244,7 +246,7 @@ def _policy_checks(path: str, kind: str, size: int, ckpt: Checkpoint | None, rul
     if rules.max_bytes is not None:
         ok = size <= rules.max_bytes
         checks.append(
-            Check(
+            FileCheck(
                 "size",
                 PASS if ok else FAIL,
                 f"{size / 2**20:.1f} MB {'within' if ok else 'over'} the {rules.max_bytes / 2**20:g} MB limit",
@@ -253,12 +255,12 @@ def _policy_checks(path: str, kind: str, size: int, ckpt: Checkpoint | None, rul
     if rules.no_nan_inf and ckpt is not None and ckpt.tensors:
         checks.append(_values_check(ckpt))
     for pattern, spec, args, key in rules.arch:
-        if matches(path, pattern, rules.root):
+        if path_matches(path, pattern, rules.root):
             checks.append(_arch_check(path, ckpt, spec, args, key))
     return checks
 
 
-def _values_check(ckpt: Checkpoint) -> Check:
+def _values_check(ckpt: Checkpoint) -> FileCheck:
     from .values import FileCache, has_bytes, tensor_stats
 
     bad: list[str] = []
@@ -270,16 +272,16 @@ def _values_check(ckpt: Checkpoint) -> Check:
             try:
                 stats = tensor_stats(ref, files)
             except CkptError as exc:
-                return Check("values", FAIL, str(exc))
+                return FileCheck("values", FAIL, str(exc))
             checked += 1
             if stats.nan or stats.inf:
                 bad.append(f"{ref.key} ({stats.nan} NaN, {stats.inf} Inf)")
     if bad:
-        return Check("values", FAIL, f"{len(bad)} tensors hold NaN or Inf: {some(bad, _SHOWN)}")
-    return Check("values", PASS, f"{checked} floating tensors, no NaN or Inf")
+        return FileCheck("values", FAIL, f"{len(bad)} tensors hold NaN or Inf: {some(bad, _SHOWN)}")
+    return FileCheck("values", PASS, f"{checked} floating tensors, no NaN or Inf")
 
 
-def _arch_check(path: str, ckpt: Checkpoint | None, spec: str, args: dict[str, Any], key: str | None) -> Check:
+def _arch_check(path: str, ckpt: Checkpoint | None, spec: str, args: dict[str, Any], key: str | None) -> FileCheck:
     """Would ``load_state_dict(strict=True)`` accept it? The one engine (:mod:`ckpt_tool.compat`)."""
     from .arch import target_signature
     from .compat import check_checkpoint
@@ -287,19 +289,19 @@ def _arch_check(path: str, ckpt: Checkpoint | None, spec: str, args: dict[str, A
     label = spec + (f" {args}" if args else "")
     try:
         if key is not None or ckpt is None:
-            ckpt, loads = _load_check(path, key)
+            ckpt, loads = _opens_check(path, key)
             if ckpt is None:
-                return Check("arch", FAIL, f"{label}: {loads.message}")
+                return FileCheck("arch", FAIL, f"{label}: {loads.message}")
         signature = target_signature(spec, args)
         result = check_checkpoint(ckpt, signature)
     except TorchMissingError:
         raise  # not a finding about the file: the command cannot run here (exit 2)
     except CkptError as exc:
-        return Check("arch", FAIL, f"{label}: {exc}")
+        return FileCheck("arch", FAIL, f"{label}: {exc}")
     if result.loads:
-        return Check("arch", PASS, f"{label}: all {len(signature.tensors)} keys match")
+        return FileCheck("arch", PASS, f"{label}: all {len(signature.tensors)} keys match")
     wrong = [*result.missing, *result.unexpected, *(m.key for m in result.mismatched)][:_SHOWN]
-    return Check(
+    return FileCheck(
         "arch",
         FAIL,
         f"{label}: {len(result.missing)} missing, {len(result.unexpected)} unexpected, "
@@ -327,32 +329,36 @@ def _validate_sharded(path: str, rules: Rules) -> FileValidation:
         with open(index_path, encoding="utf-8") as f:
             index = json.load(f, object_pairs_hook=pairs)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        return FileValidation(path, fmt.SHARDED, (Check("index", FAIL, f"unreadable index ({exc})"),))
+        return FileValidation(path, fmt.SHARDED, (FileCheck("index", FAIL, f"unreadable index ({exc})"),))
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        return FileValidation(index_path, fmt.SHARDED, (Check("index", FAIL, "no weight_map of key -> shard file"),))
+        return FileValidation(
+            index_path, fmt.SHARDED, (FileCheck("index", FAIL, "no weight_map of key -> shard file"),)
+        )
     base = os.path.dirname(os.path.abspath(index_path))
-    checks: list[Check] = []
+    checks: list[FileCheck] = []
     if doubled:
         checks.append(
-            Check("keys", FAIL, f"{len(doubled)} keys are listed twice in the index: " + ", ".join(doubled[:_SHOWN]))
+            FileCheck(
+                "keys", FAIL, f"{len(doubled)} keys are listed twice in the index: " + ", ".join(doubled[:_SHOWN])
+            )
         )
     shards: dict[str, Checkpoint] = {}
     for shard in dict.fromkeys(weight_map.values()):
         try:
             shard_path = shard_location(base, shard, index_path)
         except CkptError as exc:
-            checks.append(Check("shards", FAIL, str(exc)))
+            checks.append(FileCheck("shards", FAIL, str(exc)))
             continue
         if not os.path.isfile(shard_path):
-            checks.append(Check("shards", FAIL, f"shard {shard!r} named in the index does not exist"))
+            checks.append(FileCheck("shards", FAIL, f"shard {shard!r} named in the index does not exist"))
         else:
             scanned = _scan_check(scan_file(shard_path, rules.policy))
             if scanned.status == FAIL:
-                checks.append(Check("scan", FAIL, f"{shard}: {scanned.message}"))
-            ckpt, loads = _load_check(shard_path)
+                checks.append(FileCheck("scan", FAIL, f"{shard}: {scanned.message}"))
+            ckpt, loads = _opens_check(shard_path)
             if ckpt is None:
-                checks.append(Check("loads", FAIL, loads.message))
+                checks.append(FileCheck("loads", FAIL, loads.message))
             else:
                 shards[shard] = ckpt
     checks.extend(_key_checks(weight_map, shards))
@@ -361,14 +367,14 @@ def _validate_sharded(path: str, rules: Rules) -> FileValidation:
     if total is not None and len(shards) == len(set(weight_map.values())):
         ok = total == nbytes
         checks.append(
-            Check(
+            FileCheck(
                 "total_size",
                 PASS if ok else FAIL,
                 f"index says {total} bytes" + ("" if ok else f", the shards' tensors hold {nbytes}"),
             )
         )
     if not any(c.status == FAIL for c in checks):
-        checks.insert(0, Check("shards", PASS, f"{len(shards)} shards, {len(weight_map)} keys, all scanned safe"))
+        checks.insert(0, FileCheck("shards", PASS, f"{len(shards)} shards, {len(weight_map)} keys, all scanned safe"))
     first = next(iter(shards.values()), None)
     kind = f"{fmt.SHARDED} ({first.format if first else 'empty'})"
     size = sum(s.file_size for s in shards.values())
@@ -381,7 +387,7 @@ def _validate_sharded(path: str, rules: Rules) -> FileValidation:
     return FileValidation(index_path, kind, tuple(checks))
 
 
-def _key_checks(weight_map: dict[str, str], shards: dict[str, Checkpoint]) -> list[Check]:
+def _key_checks(weight_map: dict[str, str], shards: dict[str, Checkpoint]) -> list[FileCheck]:
     checks = []
     holders: dict[str, list[str]] = {}
     for shard, ckpt in shards.items():
@@ -390,7 +396,7 @@ def _key_checks(weight_map: dict[str, str], shards: dict[str, Checkpoint]) -> li
     doubled = sorted(k for k, where in holders.items() if len(where) > 1)
     if doubled:
         checks.append(
-            Check(
+            FileCheck(
                 "keys",
                 FAIL,
                 f"{len(doubled)} keys are in two shards: "
@@ -400,7 +406,7 @@ def _key_checks(weight_map: dict[str, str], shards: dict[str, Checkpoint]) -> li
     absent = sorted(k for k, shard in weight_map.items() if shard in shards and k not in shards[shard].tensors)
     if absent:
         checks.append(
-            Check(
+            FileCheck(
                 "keys",
                 FAIL,
                 f"{len(absent)} keys the index places in a shard that lacks them: "
@@ -410,7 +416,7 @@ def _key_checks(weight_map: dict[str, str], shards: dict[str, Checkpoint]) -> li
     unindexed = sorted(k for k in holders if k not in weight_map)
     if unindexed:
         checks.append(
-            Check(
+            FileCheck(
                 "keys",
                 FAIL,
                 f"{len(unindexed)} keys in the shards are missing from the index: " + ", ".join(unindexed[:_SHOWN]),

@@ -28,7 +28,7 @@ from typing import Any
 from .arch import TargetSignature
 from .compat import Compatibility, check, parameter_share
 from .errors import FormatError, InputError
-from .model import DENSE, DTYPES, SPARSE_KINDS, TensorRef
+from .model import DENSE, DTYPES, SPARSE_KINDS, Checkpoint, TensorRef
 from .plan import Entry, State
 from .torch_extra import buildable
 from .values import FileCache, iter_raw_chunks
@@ -44,7 +44,8 @@ class Verification:
     """What the checks after a write found.
 
     ``loads`` is the strict load into ``arch`` (True without one: not asked); ``differ`` lists the
-    tensors whose values are not what the plan intended (re-read or after the load); the counts say
+    entries (tensors, and the plain data carried beside them) whose values are not what the plan
+    intended (re-read or after the load); the counts say
     where the target's tensors came from, ``checkpoint_share`` the share of its parameter elements
     that came from the checkpoint.
     """
@@ -103,10 +104,20 @@ def verify_output(
     signature: TargetSignature | None = None,
     seed: int = 0,
     computed: Callable[[Entry], Iterable[bytes]] | None = None,
+    objects: Iterable[tuple[str, Any]] = (),
+    module_metadata: Mapping[str, Any] | None = None,
+    extras: Mapping[str, Any] | None = None,
 ) -> Verification:
     """Both checks of the module docstring; ``target_chunks(key)`` gives the target's initial bytes of a key,
-    ``computed(entry)`` the bytes an adapted or copied entry's values must have (before a cast)."""
-    differ, checked, written_tensors = _reread(written, state, target_chunks, cast, aliases, state_path, computed)
+    ``computed(entry)`` the bytes an adapted or copied entry's values must have (before a cast).
+
+    ``objects`` (the state dict's entries that are not tensors), ``module_metadata`` and ``extras``
+    (plain data kept beside the state dict, by path) are what the plan carries: the re-read requires
+    each of them back with the same types and values (a tuple stays a tuple, 1 stays an int).
+    """
+    differ, checked, out = _reread(written, state, target_chunks, cast, aliases, state_path, computed)
+    differ += compare_objects(out, objects, module_metadata, extras or {})
+    written_tensors = out.tensors
     counts: dict[str, Any] = dict(origins(state))
     if signature is None:
         return Verification(None, True, None, None, checked, tuple(differ), **counts)
@@ -166,14 +177,58 @@ def _reread(
     aliases: Mapping[str, str],
     state_path: str | None,
     computed: Callable[[Entry], Iterable[bytes]] | None = None,
-) -> tuple[list[str], int, Mapping[str, TensorRef]]:
+) -> tuple[list[str], int, Checkpoint]:
     from .reader import open_checkpoint
 
     out = open_checkpoint(written.path, state_path if written.format != SAFETENSORS else None)
     differ, checked = compare_values(
         out.tensors, state, written, target_chunks=target_chunks, cast=cast, aliases=aliases, computed=computed
     )
-    return differ, checked, out.tensors
+    return differ, checked, out
+
+
+def compare_objects(
+    out: Checkpoint,
+    objects: Iterable[tuple[str, Any]],
+    module_metadata: Mapping[str, Any] | None,
+    extras: Mapping[str, Any],
+) -> list[str]:
+    """The carried plain data that the written checkpoint ``out`` does not hold as planned: state-dict
+    entries by key, ``"_metadata"``, and kept extras by their path."""
+    from .reader import walk_key
+
+    differ = [key for key, value in objects if key not in out.objects or not same_tree(value, out.objects[key])]
+    if module_metadata is not None and not same_tree(dict(module_metadata), out.module_metadata):
+        differ.append("_metadata")
+    for path, value in extras.items():
+        if not same_tree(value, walk_key(out.root, path)[0]):
+            differ.append(path)
+    return differ
+
+
+def same_tree(planned: Any, got: Any) -> bool:
+    """Whether ``got`` (as read back) is ``planned``: same containers (a tuple is not a list), same keys in
+    the same order, same scalar types and values (NaN equals NaN); a planned tensor slot matches any tensor."""
+    from .formats.pickle_vm import PickledTensor
+    from .writer import StateDictValue, TensorSlot
+
+    if isinstance(planned, TensorSlot):
+        return isinstance(got, PickledTensor)
+    if isinstance(planned, StateDictValue):
+        return same_tree(planned.items, got)
+    if isinstance(planned, dict):
+        return (
+            isinstance(got, dict)
+            and list(planned) == list(got)
+            and all(same_tree(v, got[k]) for k, v in planned.items())
+        )
+    if isinstance(planned, (list, tuple)):
+        return (
+            type(got) is type(planned)
+            and len(got) == len(planned)
+            and all(same_tree(a, b) for a, b in zip(planned, got))
+        )
+    return type(planned) is type(got) and (planned == got or planned != planned and got != got)
 
 
 def compare_values(

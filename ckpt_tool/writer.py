@@ -137,6 +137,9 @@ class Written:
     tensors: int
     tensor_bytes: int
     backup: str | None = None
+    removed: tuple[str, ...] = ()  # the replaced set's old shards that the new one does not name
+    # False when ``before_commit`` refused the staged files: nothing was renamed into place
+    committed: bool = True
 
 
 # --- output paths ---------------------------------------------------------------------------------
@@ -296,28 +299,63 @@ class Staging:
                 strerror = getattr(exc, "strerror", None)
                 raise OutputError(f"cannot write the output to disk ({strerror or exc})")
 
-    def commit(self, backup: str | None = None) -> None:
-        """Rename every staged file into place once all are on disk; the last one last."""
+    def commit(self, backup: str | None = None, keep: Iterable[str] = ()) -> tuple[str, ...]:
+        """Rename every staged file into place once all are on disk; the last one last.
+
+        When a set replaces an older one, the old index goes first and the old shards it named that
+        the new set does not reuse are removed last (never a file in ``keep``: the inputs). If a
+        rename fails midway, every file already renamed is put back as it was, the old index with
+        them, and :class:`OutputError` says so. Returns the old shards removed.
+        """
         self._wait()
         if not self._staged:
-            return
+            return ()
         *first, last = self._staged
-        if first and os.path.exists(last[1]):
-            # an old index must not name the new shards while they replace the old ones one by one
-            os.unlink(last[1])
+        stale = _stale_shards(last[1], [final for _, final in self._staged], keep) if first else []
+        # hard links to the files about to be replaced: what a failed commit puts back
+        rollback: list[tuple[str, str]] = []
+        for _, final in self._staged:
+            saved = os.path.join(self._directory(final), ".old." + os.path.basename(final))
+            with contextlib.suppress(OSError):
+                os.link(final, saved)
+                rollback.append((saved, final))
+        renamed: list[str] = []
+        try:
+            if first and os.path.exists(last[1]):
+                # an old index must not name the new shards while they replace the old ones one by one
+                os.unlink(last[1])
+                renamed.append(last[1])
+                _fsync_dir(os.path.dirname(os.path.abspath(last[1])))
+            for group in (first, [last]):
+                directories = set()
+                for tmp, final in group:
+                    _set_mode(tmp, final)
+                    if backup is not None and os.path.exists(final):
+                        _keep_backup(final, backup)
+                    os.replace(tmp, final)
+                    renamed.append(final)
+                    directories.add(os.path.dirname(os.path.abspath(final)))
+                for directory in directories:
+                    _fsync_dir(directory)
+        except OSError as exc:
+            _put_back(renamed, rollback)
+            raise OutputError(
+                f"{last[1]}: cannot rename the output into place ({exc.strerror or exc}); "
+                "the files that were there are back as they were"
+            ) from None
+        for saved, _ in rollback:
+            with contextlib.suppress(OSError):
+                os.unlink(saved)
+        removed = []
+        for name in stale:
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+                removed.append(name)
+        if removed:
             _fsync_dir(os.path.dirname(os.path.abspath(last[1])))
-        for group in (first, [last]):
-            directories = set()
-            for tmp, final in group:
-                _set_mode(tmp, final)
-                if backup is not None and os.path.exists(final):
-                    _keep_backup(final, backup)
-                os.replace(tmp, final)
-                directories.add(os.path.dirname(os.path.abspath(final)))
-            for directory in directories:
-                _fsync_dir(directory)
         self._staged.clear()
         self._remove_dirs()
+        return tuple(removed)
 
     def abort(self) -> None:
         with contextlib.suppress(OutputError):
@@ -333,6 +371,51 @@ class Staging:
             with contextlib.suppress(OSError):
                 os.rmdir(staged)
         self._dirs.clear()
+
+
+MAX_OLD_INDEX_BYTES = 1 << 26  # an index being replaced is read this far to find its old shards
+
+
+def _stale_shards(index: str, finals: list[str], keep: Iterable[str]) -> list[str]:
+    """The shards an existing index at ``index`` names that the new set neither rewrites nor keeps.
+
+    Only plain file names in the index's own directory count (a name with a path in it is not one
+    of the set's shards), and never a file in ``keep`` or one the new set writes.
+    """
+    try:
+        with open(index, "rb") as f:
+            weight_map = json.loads(f.read(MAX_OLD_INDEX_BYTES)).get("weight_map", {})
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not isinstance(weight_map, dict):
+        return []
+    directory = os.path.dirname(os.path.abspath(index))
+    protected = [*finals, *keep]
+    stale = []
+    for name in sorted({v for v in weight_map.values() if isinstance(v, str)}):
+        if not name or os.path.basename(name) != name or name in (".", ".."):
+            continue
+        path = os.path.join(directory, name)
+        if os.path.isfile(path) and not os.path.islink(path) and not any(_same_file(path, p) for p in protected):
+            stale.append(path)
+    return stale
+
+
+def _put_back(renamed: list[str], rollback: list[tuple[str, str]]) -> None:
+    """Undo a commit that failed midway: the new files go, the old ones (hard-linked aside) return."""
+    saved = {final: link for link, final in rollback}
+    for final in reversed(dict.fromkeys(renamed)):
+        with contextlib.suppress(OSError):
+            if final in saved:
+                os.replace(saved.pop(final), final)
+            else:
+                os.unlink(final)
+    for link in saved.values():
+        with contextlib.suppress(OSError):
+            os.unlink(link)
+    with contextlib.suppress(OSError):
+        for final in {os.path.dirname(os.path.abspath(f)) for f in renamed}:
+            _fsync_dir(final)
 
 
 def _fsync_close(fd: int) -> None:
@@ -743,7 +826,8 @@ def write_checkpoint(
     backup: str | None = None,
     staging: Staging | None = None,
     progress: Progress | None = None,
-    before_commit: Callable[[Written], None] | None = None,
+    before_commit: Callable[[Written], bool | None] | None = None,
+    inputs: Iterable[str] = (),
 ) -> Written:
     """Write ``layout`` to ``path`` in the format its extension names, atomically.
 
@@ -756,7 +840,10 @@ def write_checkpoint(
         progress: called with ``(bytes written now, tensor bytes in all)`` as tensors stream.
         before_commit: called with the staged files (a :class:`Written` naming them) once every byte
             is written and before anything is renamed into place: ``migrate`` verifies them there while
-            their fsyncs run. An exception from it leaves nothing under the final names.
+            their fsyncs run. An exception from it, or ``False``, leaves nothing under the final names
+            (``False`` returns a :class:`Written` with ``committed=False``).
+        inputs: files never removed. A set written over an older one removes the old shards the new
+            index does not name (they belonged to the set it replaces), except these.
     """
     fmt = output_format(path)
     metadata = dict(metadata or {})
@@ -797,7 +884,7 @@ def write_checkpoint(
                 out.write(_index(layout, files, shards, metadata, final=not deferred))
         if before_commit is not None:
             # the staged files hold every byte the final ones will, bar the deferred metadata values
-            before_commit(
+            keep = before_commit(
                 replace(
                     written,
                     path=staging.staged_path(written.path),
@@ -805,6 +892,9 @@ def write_checkpoint(
                     backup=None,
                 )
             )
+            if keep is False:  # the staged output is not what was planned: the final names stay as they were
+                staging.abort()
+                return replace(written, committed=False)
         if deferred:
             final = resolve_metadata(metadata)
             if fmt == SAFETENSORS:
@@ -815,11 +905,11 @@ def write_checkpoint(
                     staging.patch(name, header)
             if len(shards) > 1:
                 staging.patch(files[-1], _index(layout, files, shards, metadata, final=True), truncate=True)
-        staging.commit(backup)
+        removed = staging.commit(backup, keep=inputs)
     except BaseException:
         staging.abort()
         raise
-    return written
+    return replace(written, removed=removed) if removed else written
 
 
 def _index(layout: Layout, files: list[str], shards: list[Layout], metadata: Metadata, final: bool) -> bytes:

@@ -22,6 +22,15 @@ def pytest_ignore_collect(collection_path, config):
     return None
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """The suite never writes the user's cache (signatures, shape flows, dtype probes): one of its own
+    for the session; modules that need a cache per test set theirs on top."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CKPT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def torch():
     import torch as _torch
@@ -99,11 +108,52 @@ def corpus(tmp_path_factory):
     return Corpus(str(tmp_path_factory.mktemp("corpus")))
 
 
+class Models:
+    """torchvision models with random weights (seed 0), built once per session: their state dicts, and
+    files of them saved with ``torch.save``. Tests read these and never write them (copy first)."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self._states: dict[tuple, dict] = {}
+        self._files: dict[tuple, str] = {}
+
+    def state_dict(self, name: str, **kwargs) -> dict:
+        key = (name, tuple(sorted(kwargs.items())))
+        if key not in self._states:
+            self._states[key] = self._build(name, kwargs)
+        return self._states[key]
+
+    def saved(self, name: str, **kwargs) -> str:
+        """A ``.pth`` of the state dict (a big model's state dict is not kept in memory for it)."""
+        key = (name, tuple(sorted(kwargs.items())))
+        if key not in self._files:
+            import torch
+
+            path = os.path.join(self.directory, "_".join([name, *(f"{k}{v}" for k, v in key[1])]) + ".pth")
+            torch.save(self._states.get(key) or self._build(name, kwargs), path)
+            self._files[key] = path
+        return self._files[key]
+
+    @staticmethod
+    def _build(name: str, kwargs: dict) -> dict:
+        import torch
+        import torchvision
+
+        torch.manual_seed(0)
+        return getattr(torchvision.models, name)(weights=None, **kwargs).state_dict()
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    """The session's torchvision models (:class:`Models`)."""
+    return Models(str(tmp_path_factory.mktemp("models")))
+
+
 # Tests that need torch carry the `torch` marker: every test not marked `torchfree` (those CI runs
 # again in a core-only environment) gets it, whether it imports torch or uses a fixture built with it.
 # Without torch installed the torch tests are skipped with that reason instead of failing on an
 # import; `pytest -m torchfree` runs the rest alone. The markers are registered in pyproject.toml.
-TORCH_FIXTURES = {"torch", "example_inputs", "corpus"}
+TORCH_FIXTURES = {"torch", "example_inputs", "corpus", "models"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -107,8 +107,6 @@ def signature_cache_fixture(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module", name="resnet")
-def resnet_fixture(tmp_path_factory):
-    """A plain resnet18 state dict saved with torch.save, once per module."""
-    path = str(tmp_path_factory.mktemp("resnet") / "resnet18.pth")
-    save_resnet(path)
-    return path
+def resnet_fixture(models):
+    """A plain resnet18 state dict saved with torch.save (the session's: read it, never write it)."""
+    return models.saved("resnet18")

@@ -14,6 +14,7 @@ import torch
 import torchvision
 
 from ckpt_tool import arch, arch_table
+from ckpt_tool import cache as ckpt_cache
 from ckpt_tool.arch import TargetTensor, build_model, default_cache_dir, parse_arch_args, target_signature
 from ckpt_tool.errors import ArchError, UsageError
 
@@ -125,7 +126,7 @@ def test_corrupt_or_stale_entry_is_rebuilt(cache: Path, damage: str) -> None:
         entry.write_text(json.dumps(data))
     else:
         data["body"]["tensors"] = [["x", None, 1, 2]]
-        data["checksum"] = arch._checksum(data["key"], data["body"])
+        data["checksum"] = ckpt_cache._checksum(data["key"], data["body"])
         entry.write_text(json.dumps(data))
     rebuilt = target_signature("squeezenet1_0")
     assert rebuilt.cache == "rebuilt" and rebuilt.tensors == good.tensors

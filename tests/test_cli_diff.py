@@ -12,25 +12,22 @@ from typing import Any
 
 import pytest
 import torch
-import torchvision
 from click.testing import CliRunner
 from safetensors.torch import save_file
-from torch import nn
 
 from ckpt_tool.cli import main
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> Any:
+def files(tmp_path_factory: pytest.TempPathFactory, models: Any) -> Any:
     root = tmp_path_factory.mktemp("cli_diff")
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None)
-    sd = model.state_dict()
+    sd = models.state_dict("resnet18")
     torch.save(sd, root / "r18.pth")
     tuned = {k: v.clone() for k, v in sd.items()}
     tuned["fc.weight"] += 1.0
     torch.save(tuned, root / "r18_tuned.pth")
-    torch.save({"model_state_dict": nn.DataParallel(model).state_dict(), "epoch": 3}, root / "r18_dp.pth")
+    dp = {f"module.{k}": v for k, v in sd.items()}  # what nn.DataParallel(model).state_dict() holds
+    torch.save({"model_state_dict": dp, "epoch": 3}, root / "r18_dp.pth")
     save_file({k: v.contiguous() for k, v in sd.items()}, str(root / "r18.safetensors"))
     (root / "empty.pth").write_bytes(b"")
     (root / "garbage.pth").write_bytes(b"\x00\x01not a checkpoint" * 10)

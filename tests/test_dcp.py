@@ -335,6 +335,7 @@ def test_verification_catches_a_chunk_that_changed_under_the_read(
     monkeypatch.setattr(dcp_format, "iter_gathered", flaky)
     result = _run("convert", dcp_dirs["two"], tmp_path / "out.pth")
     assert result.exit_code == 1 and "verification failed" in result.output
+    assert not (tmp_path / "out.pth").exists()  # not what was planned: never renamed into place
 
 
 # --- safetensors / .pth -> DCP ------------------------------------------------------------------------
@@ -366,6 +367,11 @@ def test_convert_to_dcp_reads_back_bit_identical_with_dcp_load(dcp_dirs: dict[st
     again, truth = _truth(tmp_path / "two_dcp"), _truth(dcp_dirs["two"])
     assert again["epoch"] == 3
     assert all(torch.equal(again[k], v) for k, v in truth.items() if isinstance(v, torch.Tensor))
+    # module versions have no place in a DCP directory: said so in DCP's own terms
+    torch.save(torch.nn.Sequential(torch.nn.BatchNorm1d(2)).state_dict(), tmp_path / "bn.pth")
+    result = _run("convert", tmp_path / "bn.pth", tmp_path / "bn_dcp", "--format", "dcp")
+    assert result.exit_code == 0, result.output
+    assert "note: _metadata (module versions of 2 modules) is not kept: a DCP directory has no place" in result.output
 
 
 def test_dcp_output_is_never_replaced_without_force(tmp_path: Path) -> None:
@@ -381,6 +387,28 @@ def test_dcp_output_is_never_replaced_without_force(tmp_path: Path) -> None:
         _run("convert", tmp_path / "in.safetensors", tmp_path / "o", "--format", "dcp", "--max-shard-size", "1KB")
     )
     assert "--max-shard-size" in line
+
+
+def test_a_dcp_output_that_fails_verification_replaces_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    save_file({"a": torch.ones(3), "b": torch.zeros(2)}, tmp_path / "in.safetensors")
+    out = tmp_path / "out"
+    assert _run("convert", tmp_path / "in.safetensors", out, "--format", "dcp").exit_code == 0
+    before = {p: (out / p).read_bytes() for p in os.listdir(out)}
+    import torch as torch_module
+
+    saved = torch_module.save
+
+    def corrupting(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        if isinstance(obj, torch_module.Tensor) and obj.numel() == 3:
+            obj = obj + 1  # the staged chunk of "a" holds other values than the source
+        saved(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch_module, "save", corrupting)
+    result = _run("convert", tmp_path / "in.safetensors", out, "--format", "dcp", "--force")
+    monkeypatch.setattr(torch_module, "save", saved)
+    assert result.exit_code == 1 and "verification failed" in result.output and "not written:" in result.output
+    assert {p: (out / p).read_bytes() for p in os.listdir(out)} == before
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []  # the staged directory is gone
 
 
 # --- scan -----------------------------------------------------------------------------------------------

@@ -177,8 +177,8 @@ def densenet(env: Path) -> tuple[str, dict[str, torch.Tensor]]:
 
 
 @pytest.fixture(scope="module")
-def resnet(env: Path) -> tuple[str, dict[str, torch.Tensor]]:
-    return saved(env / "resnet18.pth", torchvision.models.resnet18(weights=None).state_dict())
+def resnet(env: Path, models: Any) -> tuple[str, dict[str, torch.Tensor]]:
+    return models.saved("resnet18"), models.state_dict("resnet18")
 
 
 def check_against_torch(

@@ -31,15 +31,9 @@ def targets(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def vgg16(tmp_path_factory):
-    """One vgg16 state dict (~550 MB) for the module."""
-    import torch
-    import torchvision
-
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("vgg") / "vgg16.pth")
-    torch.save(torchvision.models.vgg16(weights=None).state_dict(), path)
-    return path
+def vgg16(models):
+    """The session's vgg16 state dict (~550 MB)."""
+    return models.saved("vgg16")
 
 
 def strict_load(model, state) -> None:

@@ -398,6 +398,24 @@ def test_extra_state_is_carried_so_torch_loads_strictly(tmp_path):
     assert excluded.exit_code == 0
 
 
+def test_the_plan_counts_the_entries_an_operation_drops_or_renames(tmp_path):
+    """An operation that only touches an ``_extra_state`` entry says so, rather than "no keys matched"."""
+    import torch
+
+    from ckpt_tool.plan import apply, initial_state, operation
+
+    torch.save(WithExtraState.build().state_dict(), tmp_path / "x.pth")
+    ckpt = open_checkpoint(str(tmp_path / "x.pth"))
+    ops = (operation("exclude", pattern="_extra_state$"), operation("add_prefix", prefix="body."))
+    steps = apply(ops, initial_state(ckpt.tensors), None, objects=tuple(ckpt.objects)).steps
+    assert steps[0].dropped == ("0._extra_state",)
+    assert ("0._extra_state", "body.0._extra_state") not in steps[1].renamed
+    renamed = apply(ops[1:], initial_state(ckpt.tensors), None, objects=tuple(ckpt.objects)).steps[0].renamed
+    assert ("0._extra_state", "body.0._extra_state") in renamed
+    result = invoke("migrate", str(tmp_path / "x.pth"), "--exclude", "_extra_state$", "--dry-run")
+    assert "(no keys matched)" not in result.stdout and "0._extra_state" in result.stdout
+
+
 # --- TorchScript, ONNX, optimizer ---------------------------------------------------------------
 
 

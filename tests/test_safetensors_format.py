@@ -127,3 +127,84 @@ def test_loadable_asks_the_installed_safetensors(tmp_path):
     st.save_file({"x": torch.zeros(1, dtype=torch.float8_e4m3fnuz)}, str(tmp_path / "x.safetensors"))
     assert st.load_file(str(tmp_path / "x.safetensors"))["x"].dtype == torch.float8_e4m3fnuz
     assert loadable("F8_E4M3FNUZ") and loadable("F32") and not loadable("C128") and not loadable("NOPE")
+
+
+def test_loadable_is_asked_once_per_installed_pair_and_remembered(tmp_path, monkeypatch):
+    """The probe imports torch; its answer is kept on disk, so the next process answers torch-free."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("CKPT_CACHE_DIR", str(tmp_path / "cache"))
+    code = (
+        "import sys\n"
+        "from ckpt_tool.formats.safetensors import loadable\n"
+        "print(loadable('F8_E4M3'), loadable('C128'), 'torch' in sys.modules)\n"
+    )
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert first.stdout.split() == ["True", "False", "True"]  # asked for real: torch imported
+    cached = json.loads((tmp_path / "cache" / "safetensors-dtypes.json").read_text())
+    assert cached["body"] == {"F8_E4M3": True, "C128": False}
+    assert cached["key"]["installed"].startswith("safetensors ")
+    second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert second.stdout.split() == ["True", "False", "False"]  # the same answers, no torch
+
+
+@pytest.mark.torchfree
+def test_without_safetensors_installed_no_dtype_is_called_unloadable(tmp_path, monkeypatch):
+    from ckpt_tool.formats import safetensors as st
+
+    monkeypatch.setattr(st, "_versions", lambda: None)
+    monkeypatch.setattr(st, "_LOADABLE", {})
+    path = write(tmp_path / "c.safetensors", {"z": {"dtype": "C128", "shape": [1], "data_offsets": [0, 16]}}, bytes(16))
+    assert header_defects(path)[1] == []
+
+
+@pytest.mark.torchfree
+def test_memoized_headers_are_parsed_once_and_read_afresh_when_the_file_changes(tmp_path, monkeypatch):
+    from ckpt_tool.formats import safetensors as st
+
+    parsed = []
+    real = st._header_defects
+    monkeypatch.setattr(st, "_header_defects", lambda p: parsed.append(p) or real(p))
+    path = write(tmp_path / "a.safetensors", {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(8))
+    with st.headers_memoized():
+        one, _ = header_defects(path)
+        two, _ = header_defects(path, check_loadable=False)  # the same parse serves both
+        assert len(parsed) == 1 and one is not None and two is not None
+        one.tensors.clear()  # a caller's change reaches nobody else
+        assert list(header_defects(path)[0].tensors) == ["a"]
+        with st.headers_memoized():  # nested: the outer memo
+            header_defects(path)
+        assert len(parsed) == 1
+        write(tmp_path / "a.safetensors", {"b": {"dtype": "F32", "shape": [3], "data_offsets": [0, 12]}}, bytes(12))
+        assert list(header_defects(path)[0].tensors) == ["b"]  # replaced: read afresh
+        assert len(parsed) == 2
+        others = [
+            write(
+                tmp_path / f"o{i}.safetensors", {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, bytes(4)
+            )
+            for i in range(st.MEMO_FILES)
+        ]
+        for other in others:
+            header_defects(other)
+        header_defects(path)  # pushed out by the last few files: parsed again
+        assert len(parsed) == 2 + st.MEMO_FILES + 1
+    header_defects(path)
+    header_defects(path)
+    assert len(parsed) == 2 + st.MEMO_FILES + 3  # outside a block nothing is kept
+
+
+def test_loadability_defects_keep_their_place_among_the_others(tmp_path):
+    path = write(
+        tmp_path / "mixed.safetensors",
+        {
+            "a": {"dtype": "C128", "shape": [1], "data_offsets": [0, 16]},
+            "b": {"dtype": "F32", "shape": [9], "data_offsets": [16, 20]},
+            "c": {"dtype": "C128", "shape": [1], "data_offsets": [20, 36]},
+        },
+        bytes(36),
+    )
+    defects = header_defects(path)[1]
+    assert [d.split(":")[0] for d in defects[:3]] == ["tensor 'a'", "tensor 'b'", "tensor 'c'"]
+    assert "cannot be loaded" in defects[0] and "cannot be loaded" in defects[2]
+    assert header_defects(path, check_loadable=False)[1] == [defects[1], *defects[3:]]

@@ -14,29 +14,27 @@ from ckpt_tool.validate import FAIL, NOTE, PASS, rules_from_config, validate
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, models):
     import torch
-    import torchvision
     from safetensors.torch import save_file
 
     out = tmp_path_factory.mktemp("validate")
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None, num_classes=10)
+    sd = models.state_dict("resnet18", num_classes=10)
     paths = {"pth": str(out / "models" / "cls_resnet.pth"), "st": str(out / "models" / "cls_resnet.safetensors")}
     os.makedirs(out / "models")
-    torch.save(model.state_dict(), paths["pth"])
-    save_file(model.state_dict(), paths["st"])
+    torch.save(sd, paths["pth"])
+    save_file(sd, paths["st"])
     nested = str(out / "models" / "det_nested.pth")
-    torch.save({"state_dict": model.state_dict(), "epoch": 1}, nested)
+    torch.save({"state_dict": sd, "epoch": 1}, nested)
     paths["nested"] = nested
-    bad = dict(model.state_dict())
+    bad = dict(sd)
     bad["fc.bias"] = torch.tensor([float("nan")] + [0.0] * 9)
     bad["fc.weight"] = bad["fc.weight"].clone()
     bad["fc.weight"][0, 0] = float("inf")
     paths["nan"] = str(out / "nan.safetensors")
     save_file(bad, paths["nan"])
-    paths["sharded"] = write_sharded(str(out / "sharded"), model.state_dict())
-    paths["state"] = model.state_dict()
+    paths["sharded"] = write_sharded(str(out / "sharded"), sd)
+    paths["state"] = sd
     return paths
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -114,9 +115,14 @@ def test_a_byte_changed_on_the_way_fails_verification(
         return None
 
     monkeypatch.setattr(writer, "_stream", corrupting)
-    result = invoke("convert", resnet, str(tmp_path / f"o{suffix}"))
+    (tmp_path / f"o{suffix}").write_bytes(b"an older output")
+    result = invoke("convert", resnet, str(tmp_path / f"o{suffix}"), "--force")
     assert result.exit_code == 1
-    assert "verification failed: 1 tensors are not what the plan intended" in result.stdout
+    assert "verification failed: 1 written entry is not what the plan intended" in result.stdout
+    # a failed verification renames nothing into place: the older output is still there, no staging left
+    assert "not written:" in result.stdout and "wrote " not in result.stdout
+    assert (tmp_path / f"o{suffix}").read_bytes() == b"an older output"
+    assert sorted(os.listdir(tmp_path)) == [f"o{suffix}"]
     monkeypatch.setattr(writer, "_stream", real)
     good = invoke("convert", resnet, str(tmp_path / f"good{suffix}"))
     assert good.exit_code == 0 and "verified: re-read, 122 tensors identical to their sources" in good.stdout
@@ -149,4 +155,59 @@ def test_operation_that_matches_nothing_exits_2(
 ) -> None:
     result = invoke("migrate", resnet, *args, "-o", str(tmp_path / "o.pth"))
     assert result.exit_code == 2 and message in result.stderr
+    assert not (tmp_path / "o.pth").exists()
+
+
+class Tagged(torch.nn.Module):
+    """Plain data beside its tensors: a tuple through get_extra_state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 2)
+
+    def get_extra_state(self) -> Any:
+        return (1, "two", [3.0])
+
+    def set_extra_state(self, state: Any) -> None:
+        self.state = state
+
+
+@pytest.fixture()
+def with_objects(tmp_path: Path) -> str:
+    path = str(tmp_path / "objects.pth")
+    torch.save({"model": torch.nn.Sequential(Tagged()).state_dict(), "epoch": 3, "config": {"sizes": (1, 2)}}, path)
+    return path
+
+
+def test_plain_data_is_re_read_as_carried(with_objects: str, tmp_path: Path) -> None:
+    result = invoke("migrate", with_objects, "--keep-extras", "--rename", "0.=head.", "-o", str(tmp_path / "o.pth"))
+    assert result.exit_code == 0, result.output
+    assert "verified: re-read" in result.stdout
+    loaded = torch.load(tmp_path / "o.pth", weights_only=True)
+    assert loaded["model"]["head._extra_state"] == (1, "two", [3.0]) and loaded["config"] == {"sizes": (1, 2)}
+
+
+@pytest.mark.parametrize(
+    ("mangle", "named"),
+    [
+        # a tuple written as a list: what a loader's set_extra_state then gets differs
+        (lambda v: list(v) if v == (1, "two", [3.0]) else v, "head._extra_state"),
+        (lambda v: list(v) if v == (1, 2) else v, "config"),
+        (lambda v: 4 if type(v) is int and v == 3 else v, "epoch"),
+        # module versions: a BatchNorm without them loads as a version-1 module
+        (lambda v: {} if isinstance(v, dict) and "version" in v else v, "_metadata"),
+    ],
+)
+def test_plain_data_changed_on_the_way_fails_verification(
+    with_objects: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mangle: Any, named: str
+) -> None:
+    real = writer._Pickler.value
+
+    def mangling(self: Any, v: Any) -> None:
+        return real(self, mangle(v))
+
+    monkeypatch.setattr(writer._Pickler, "value", mangling)
+    result = invoke("migrate", with_objects, "--keep-extras", "--rename", "0.=head.", "-o", str(tmp_path / "o.pth"))
+    assert result.exit_code == 1, result.output
+    assert f"verification failed: 1 written entry is not what the plan intended: {named}" in result.stdout
     assert not (tmp_path / "o.pth").exists()

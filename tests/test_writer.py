@@ -300,6 +300,85 @@ def test_staging_commit_keeps_a_backup(tmp_path):
     assert (tmp_path / "m.pth.bak").read_bytes() == b"old"
 
 
+def plain_layout(sizes: dict[str, int]) -> Layout:
+    """float32 tensors of the given element counts, each filled with its own byte."""
+    blobs, views = [], []
+    for i, (key, n) in enumerate(sizes.items()):
+        blobs.append(Blob("float32", 4 * n, lambda n=n, i=i: [bytes([i + 1]) * (4 * n)]))
+        views.append(View(key, i, "float32", (n,), (1,)))
+    return Layout(tuple(blobs), tuple(views))
+
+
+def snapshot(directory) -> dict[str, bytes]:
+    return {name: (directory / name).read_bytes() for name in sorted(os.listdir(directory))}
+
+
+def test_a_set_replacing_a_bigger_one_removes_the_old_shards(tmp_path):
+    path = str(tmp_path / "model.safetensors")
+    old = write_checkpoint(path, plain_layout({f"w{i}": 100 for i in range(4)}), max_shard_size=400)
+    assert len(old.files) == 5 and old.removed == ()
+    new = write_checkpoint(path, plain_layout({f"w{i}": 100 for i in range(4)}), max_shard_size=800)
+    assert [os.path.basename(f) for f in new.files] == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+    ]
+    assert sorted(new.removed) == sorted(old.files[:-1])
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(f) for f in new.files)
+    assert list(open_checkpoint(new.path).tensors) == ["w0", "w1", "w2", "w3"]
+
+
+def test_replacing_a_set_never_removes_an_input_or_a_file_outside_it(tmp_path):
+    path = str(tmp_path / "model.safetensors")
+    old = write_checkpoint(path, plain_layout({f"w{i}": 100 for i in range(3)}), max_shard_size=400)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "x.safetensors").write_bytes(b"not the set's")
+    (tmp_path / "outside.safetensors").write_bytes(b"keep me")
+    index["weight_map"].update({"a": "sub/x.safetensors", "b": "../outside.safetensors", "c": ".."})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    new = write_checkpoint(path, plain_layout({"w0": 300, "w1": 300}), max_shard_size=1300, inputs=[old.files[0]])
+    assert sorted(new.removed) == sorted(old.files[1:3])
+    assert os.path.exists(old.files[0])  # an input of the write
+    assert (tmp_path / "sub" / "x.safetensors").read_bytes() == b"not the set's"
+    assert (tmp_path / "outside.safetensors").read_bytes() == b"keep me"
+
+
+def test_a_rename_failing_midway_puts_the_old_set_back(tmp_path, monkeypatch):
+    path = str(tmp_path / "model.safetensors")
+    write_checkpoint(path, plain_layout({f"w{i}": 100 for i in range(3)}), max_shard_size=400)
+    before = snapshot(tmp_path)
+    real_replace = os.replace
+    calls = []
+
+    def flaky(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the second shard of the new set
+            raise OSError(5, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", flaky)
+    with pytest.raises(OutputError, match="cannot rename the output into place .Input/output error.*back as they were"):
+        write_checkpoint(path, plain_layout({f"w{i}": 150 for i in range(3)}), max_shard_size=700)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert snapshot(tmp_path) == before  # the old index and shards, byte for byte; no staging left
+    assert list(open_checkpoint(str(tmp_path / "model.safetensors.index.json")).tensors) == ["w0", "w1", "w2"]
+
+
+def test_a_failed_single_file_replace_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "out.safetensors"
+    path.write_bytes(b"old contents")
+
+    def failing(src, dst):
+        raise OSError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OutputError, match="Permission denied"):
+        write_checkpoint(str(path), failing_layout_ok())
+    monkeypatch.undo()
+    assert snapshot(tmp_path) == {"out.safetensors": b"old contents"}
+
+
 # --- output checks ---------------------------------------------------------------------------------
 
 

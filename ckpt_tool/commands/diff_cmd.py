@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
 from ..errors import EXIT_FINDINGS, EXIT_OK
 from ..render import dumps, echo, human_count, json_option, note, paint, progress_bar, shape_str, table
 from .options import arch_arg_option, arch_option, key_option, no_cache_option, target_key_option
+
+if TYPE_CHECKING:  # the reports a renderer reads: typed, so a renamed field fails mypy
+    from ..diff.report import DiffReport
+    from ..optim_state.report import OptimizerDiff
 
 
 @click.command()
@@ -114,7 +118,7 @@ def diff(
     raise click.exceptions.Exit(EXIT_OK if report.ok else EXIT_FINDINGS)
 
 
-def _render_optimizer(o: Any) -> None:
+def _render_optimizer(o: OptimizerDiff | None) -> None:
     """Two training checkpoints: each side's optimizer-state defects, then their differences."""
     if o is None:
         return
@@ -127,7 +131,7 @@ def _render_optimizer(o: Any) -> None:
         echo(f"optimizer state differs: {line}")
 
 
-def _render(report: Any) -> None:
+def _render(report: DiffReport) -> None:
     c = report.counts
     where = f", state dict at {report.source_key}" if report.source_key else ""
     echo(f"checkpoint: {report.source} ({report.source_format}{where}, {c.source_keys} tensors)")
@@ -135,7 +139,7 @@ def _render(report: Any) -> None:
         args = ", ".join(f"{k}={v!r}" for k, v in sorted(report.arch_args.items()))
         echo(
             f"target:     {report.target}{f'({args})' if args else ''} ({c.target_keys} tensors; "
-            f"signature {_CACHE_WORDS.get(report.cache, report.cache)})"
+            f"signature {_CACHE_WORDS.get(report.cache or '', report.cache)})"
         )
     else:
         where = f", state dict at {report.target_key}" if report.target_key else ""
@@ -216,7 +220,7 @@ _CACHE_WORDS = {
 }
 
 
-def _table(report: Any) -> str:
+def _table(report: DiffReport) -> str:
     if report.depth:
         modules = [
             (paint(r.status), r.name, _statuses(r.statuses), human_count(r.source_numel), human_count(r.target_numel))

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ..errors import EXIT_FINDINGS, EXIT_OK
 from ..render import dumps, echo, human_bytes, json_option, paint, progress_bar, shape_str, some, table
 from .options import OrderedCommand, arch_arg_option, arch_option, key_option, plan_operation_options
+
+if TYPE_CHECKING:  # the reports a renderer reads: typed, so a renamed field fails mypy
+    from ..compat import Compatibility
+    from ..migrate import MigrateReport, MigrationPlan
 
 _LIST_LIMIT = 10  # lines per list in the table view
 
@@ -226,7 +231,7 @@ def convert(
     _finish(report, as_json)
 
 
-def _finish(report: Any, as_json: bool) -> None:
+def _finish(report: MigrateReport, as_json: bool) -> None:
     if as_json:
         echo(dumps(report))
     else:
@@ -234,7 +239,7 @@ def _finish(report: Any, as_json: bool) -> None:
     raise click.exceptions.Exit(EXIT_OK if report.ok else EXIT_FINDINGS)
 
 
-def _render_plan(plan: Any) -> None:
+def _render_plan(plan: MigrationPlan) -> None:
     where = f", state dict at {plan.state_path}" if plan.state_path else ""
     out = f"{plan.output} ({plan.output_format})" if plan.output else "(no output)"
     echo(f"migrate {plan.source} ({plan.source_format}{where}) -> {out}")
@@ -283,13 +288,13 @@ def _render_plan(plan: Any) -> None:
         echo(f"  computed: {a.key} {shape_str(a.shape)}{source} ({a.how})")
     if len(plan.adapted) > _LIST_LIMIT:
         echo(f"  ... and {len(plan.adapted) - _LIST_LIMIT} more computed (--json lists them all)")
-    for s in plan.shared[:_LIST_LIMIT]:
+    for group in plan.shared[:_LIST_LIMIT]:
         words = {
             "one storage": "written once, one storage",
-            "alias": f"written once as {s.written_as}, the others recorded as aliases in the metadata",
+            "alias": f"written once as {group.written_as}, the others recorded as aliases in the metadata",
             "copies": "different views of one storage, written as copies",
         }
-        echo(f"  shared storage: {some(s.keys)}: {words[s.how]}")
+        echo(f"  shared storage: {some(group.keys)}: {words[group.how]}")
     if len(plan.shared) > _LIST_LIMIT:
         echo(f"  ... and {len(plan.shared) - _LIST_LIMIT} more groups of shared tensors (--json lists them all)")
     if plan.extras_kept:
@@ -309,7 +314,7 @@ def _render_plan(plan: Any) -> None:
     echo()
 
 
-def _render_training(plan: Any) -> None:
+def _render_training(plan: MigrationPlan) -> None:
     """What happens to the optimizer state and the --also-key state dicts."""
     for o in plan.optimizers:
         groups = ", ".join(str(n) for n in o.groups)
@@ -328,12 +333,14 @@ def _render_training(plan: Any) -> None:
         echo(f"  also {a.key}: the same operations, {a.tensors} tensors ({changed} keys changed)")
 
 
-def _render_notes(plan: Any) -> None:
+def _render_notes(plan: MigrationPlan) -> None:
     for note in plan.notes:
         echo(f"note: {note}")
 
 
-def _diff_words(diff: Any) -> str:
+def _diff_words(diff: Compatibility | None) -> str:
+    if diff is None:  # the load itself failed: the error says why
+        return "does NOT load"
     if diff.loads:
         return "loads with strict=True"
     parts = []
@@ -350,15 +357,26 @@ def _diff_words(diff: Any) -> str:
     return "does NOT load strictly: " + "; ".join(parts)
 
 
-def _render_result(report: Any) -> None:
+def _render_result(report: MigrateReport) -> None:
     if report.dry_run:
         echo("dry run: nothing written")
         return
     w = report.written
+    assert w is not None, "a migrate that was not a dry run wrote its output"
     files = f"{len(w.files)} files, index {w.path}" if len(w.files) > 1 else w.path
-    echo(f"wrote {files}: {w.tensors} tensor{'s' * (w.tensors != 1)}, {human_bytes(w.tensor_bytes)} ({w.format})")
+    if not w.committed:
+        echo(
+            paint("not written:", "fail")
+            + f" {files} failed its verification, so the staged output was removed and nothing under"
+            " its name changed"
+        )
+    else:
+        echo(f"wrote {files}: {w.tensors} tensor{'s' * (w.tensors != 1)}, {human_bytes(w.tensor_bytes)} ({w.format})")
     if w.backup:
         echo(f"backup of the input: {w.backup}")
+    if w.removed:
+        names = [os.path.basename(f) for f in w.removed]
+        echo(f"removed {len(names)} shard{'s' * (len(names) != 1)} of the set it replaced: {some(names)}")
     if report.nonfinite:
         echo(f"NaN/Inf in {len(report.nonfinite)} written tensors: {some(report.nonfinite)}")
     v = report.verification
@@ -383,7 +401,8 @@ def _render_result(report: Any) -> None:
     if v.differ:
         echo(
             paint("verification failed:", "fail")
-            + f" {len(v.differ)} tensors are not what the plan intended: {some(v.differ)}"
+            + f" {len(v.differ)} written {'entry is' if len(v.differ) == 1 else 'entries are'} not what the plan"
+            f" intended: {some(v.differ)}"
         )
         return
     where = f"{v.from_checkpoint} from the checkpoint" + "".join(

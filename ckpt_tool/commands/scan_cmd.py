@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
@@ -11,6 +11,10 @@ from .. import __version__
 from ..errors import EXIT_FINDINGS, UsageError
 from ..errors import EXIT_OK as EXIT_CLEAN
 from ..render import dumps, echo, json_option, paint, plain_table
+
+if TYPE_CHECKING:  # the reports a renderer reads: typed, so a renamed field fails mypy
+    from ..scan.report import ScanReport
+    from ..validate import ValidateReport
 
 _SHOWN_NAMES = 2
 
@@ -78,7 +82,7 @@ def scan(paths: tuple[str, ...], allow: tuple[str, ...], output: str, show_globa
     raise click.exceptions.Exit(EXIT_CLEAN if report.ok else EXIT_FINDINGS)
 
 
-def _render_scan(report: Any, show_globals: bool = False) -> None:
+def _render_scan(report: ScanReport, show_globals: bool = False) -> None:
     rows = []
     for f in report.files:
         names = list(dict.fromkeys(x.name for x in f.findings))
@@ -157,7 +161,7 @@ def validate(paths: tuple[str, ...], allow: tuple[str, ...], as_json: bool) -> N
     raise click.exceptions.Exit(EXIT_CLEAN if report.ok else EXIT_FINDINGS)
 
 
-def _render_validate(report: Any) -> None:
+def _render_validate(report: ValidateReport) -> None:
     rows = []
     for f in report.files:
         for i, c in enumerate(f.checks):

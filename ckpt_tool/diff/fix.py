@@ -7,6 +7,7 @@ fills). A new kind of fix is one more proposer in that list.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Callable
@@ -47,9 +48,14 @@ class Proposal:
     notes: list[str] = field(default_factory=list)
     alignment: Alignment | None = None
 
-    @property
+    @functools.cached_property
     def tgt(self) -> Shapes:
         return {k: t.shape for k, t in self.target.tensors.items()}
+
+    def settled(self) -> bool:
+        """Whether every key already matches its place one to one with a shape that loads: nothing to propose."""
+        tgt, current = self.tgt, self.current
+        return len(current) == len(tgt) and all(k in tgt and shapes_load(s, tgt[k]) for k, s in current.items())
 
     def unexpected(self) -> list[str]:
         """Checkpoint keys (as renamed so far) the target has no place for, in the checkpoint's order."""
@@ -97,6 +103,8 @@ def suggest_plan(
         map_file or map_name(source.path),
     )
     for propose in PROPOSERS:
+        if work.settled():  # the usual diff of two copies of one model: every proposer would find nothing
+            break
         propose(work)
     return _finish(work, arch_args)
 

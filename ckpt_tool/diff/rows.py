@@ -11,13 +11,16 @@ from .report import AUTO, MATCHED, MIXED, TIED, KeyDiff, Row
 
 
 def rows_of(keys: list[KeyDiff], depth: int | None, show_all: bool) -> tuple[list[Row], int]:
-    rows = _module_rows(keys, depth) if depth else [_key_row(k) for k in keys]
-    shown = [r for r in rows if show_all or not _is_quiet(r)]
-    folded = fold_rows(shown)
-    return (folded if depth else fold_leaves(folded)), len(rows) - len(shown)
+    if depth:
+        rows = _module_rows(keys, depth)
+        shown = [r for r in rows if show_all or not _is_quiet(r)]
+        return fold_rows(shown), len(rows) - len(shown)
+    # a row per key: the hidden ones are not built (a diff of two copies of a model hides every key)
+    shown = [_key_row(k) for k in keys if show_all or not _is_quiet(k)]
+    return fold_leaves(fold_rows(shown)), len(keys) - len(shown)
 
 
-def _is_quiet(row: Row) -> bool:
+def _is_quiet(row: Row | KeyDiff) -> bool:
     """Matched rows (with --values: matched and unchanged) are hidden unless --all."""
     if row.status in (AUTO, TIED):
         return True

@@ -21,7 +21,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from ..arch import TargetSignature, cache_slot, read_cached, write_cached
+from ..arch import TargetSignature, cache_slot
+from ..cache import read_cached, write_cached
 from ..errors import CkptError, UsageError
 
 PASSES, FAILS, NOT_CHECKED, TRUSTED = "passes", "fails", "not_checked", "trusted"

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import math
 import os
 import struct
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import FormatError
@@ -21,15 +24,50 @@ _LOADABLE: dict[str, bool] = {}
 def loadable(code: str) -> bool:
     """Whether the installed safetensors loads a tensor of dtype ``code`` into torch (``C128`` never does).
 
-    Codes outside the base set are tried for real, once each: a one-element file of that dtype is
-    written to a temporary directory and read back with ``safe_open(framework="pt")`` (which
-    imports torch), the way ``load_file`` reads.
+    Codes outside the base set are tried for real, once per installed safetensors and torch: a
+    one-element file of that dtype is written to a temporary directory and read back with
+    ``safe_open(framework="pt")`` (which imports torch), the way ``load_file`` reads. The answer is
+    kept in the cache (``safetensors-dtypes.json``, keyed by both versions), so the next run answers
+    without importing torch. Without safetensors installed nothing can be asked, and no code is
+    called unloadable.
     """
     if code in BASE_CODES:
         return True
     if code not in _LOADABLE:
-        _LOADABLE[code] = _try_load(code)
+        _LOADABLE[code] = _cached_probe(code)
     return _LOADABLE[code]
+
+
+def _versions() -> str | None:
+    """``"safetensors X, torch Y"`` for the installed pair (read from their metadata: nothing imported)."""
+    from importlib import metadata
+
+    try:
+        found = metadata.version("safetensors")
+    except metadata.PackageNotFoundError:
+        return None
+    try:
+        torch = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch = "none"
+    return f"safetensors {found}, torch {torch}"
+
+
+def _cached_probe(code: str) -> bool:
+    from ..cache import cache_root, read_cached, write_cached
+
+    versions = _versions()
+    if versions is None:
+        return True
+    path = os.path.join(cache_root(), "safetensors-dtypes.json")
+    key = {"kind": "safetensors-dtypes", "installed": versions}
+    answers, _ = read_cached(path, key)  # another pair of versions, or a damaged file: asked afresh
+    answers = dict(answers) if isinstance(answers, dict) else {}
+    if isinstance(answers.get(code), bool):
+        return bool(answers[code])
+    answers[code] = _try_load(code)
+    write_cached(path, key, answers)
+    return bool(answers[code])
 
 
 def _try_load(code: str) -> bool:
@@ -74,14 +112,72 @@ class SafetensorsHeader:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
+_Found = tuple[SafetensorsHeader | None, list[Any]]  # defects: messages, and (key, code) to ask loadable() about
+_MEMO: collections.OrderedDict[tuple[Any, ...], _Found] | None = None
+MEMO_FILES = 4  # the walk, the scan and the load of one file follow each other
+
+
+@contextlib.contextmanager
+def headers_memoized() -> Iterator[None]:
+    """Inside the block a file's header is parsed once for the checks that follow each other.
+
+    ``validate`` of a directory asks for a shard's header when it walks the directory, when it
+    scans the shard and when it loads it. The last few files are kept (not all: a 163-shard set's
+    headers would double the peak memory). A file is known by its path, size, modification time
+    and inode, so a file replaced meanwhile is read afresh. Nested blocks share the outer memo.
+    """
+    global _MEMO
+    if _MEMO is not None:
+        yield
+        return
+    _MEMO = collections.OrderedDict()
+    try:
+        yield
+    finally:
+        _MEMO = None
+
+
 def header_defects(path: str, check_loadable: bool = True) -> tuple[SafetensorsHeader | None, list[str]]:
     """Check a safetensors file's header against the file. Returns the header and every defect found.
 
     The header is returned only when it could be parsed; tensors with defects are left out of it.
     A dtype the installed safetensors cannot load (``C128``, which older ckpt wrote) is a defect
-    unless ``check_loadable`` is False (describing such a file still works).
+    unless ``check_loadable`` is False (describing such a file still works, and asks nothing).
     """
-    defects: list[str] = []
+    header, found = _memoized(path)
+    defects = []
+    for d in found:
+        if isinstance(d, str):
+            defects.append(d)
+        elif check_loadable and not loadable(d[1]):
+            defects.append(f"tensor {d[0]!r}: {unloadable_reason(d[1])}")
+    return header, defects
+
+
+def _memoized(path: str) -> _Found:
+    memo = _MEMO
+    if memo is None:
+        return _header_defects(path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return _header_defects(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key in memo:
+        memo.move_to_end(key)
+    else:
+        memo[key] = _header_defects(path)
+        while len(memo) > MEMO_FILES:
+            memo.popitem(last=False)
+    header, found = memo[key]
+    # each caller gets its own containers: nothing one of them changes reaches the next
+    if header is not None:
+        header = replace(header, tensors=dict(header.tensors), metadata=dict(header.metadata))
+    return header, found
+
+
+def _header_defects(path: str) -> _Found:
+    defects: list[Any] = []
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -139,8 +235,8 @@ def header_defects(path: str, check_loadable: bool = True) -> tuple[SafetensorsH
                 defects.append(problem)
                 continue
             code, dims, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if check_loadable and code not in BASE_CODES and not loadable(code):
-            defects.append(f"tensor {key!r}: {unloadable_reason(code)}")
+        if code not in BASE_CODES:
+            defects.append((key, code))  # judged by header_defects, when its caller asks
         shape = tuple(dims)
         stride = strides.get(shape)
         if stride is None:

@@ -304,7 +304,7 @@ def verify_carried(written: Any, carried: Carried, *, target_chunks: Any, cast: 
     """Re-read the written training state: every tensor byte for byte against its source (cast as
     planned), every other value equal to the plan's. Returns (what differs, tensors compared)."""
     from ..reader import read_raw, walk_key
-    from ..verify import compare_values
+    from ..verify import compare_values, same_tree
 
     root = read_raw(written.path).root
     found: dict[str, TensorRef] = {}
@@ -314,26 +314,6 @@ def verify_carried(written: Any, carried: Carried, *, target_chunks: Any, cast: 
             found[key] = tensor_ref(key, obj, written.path)
     differ, checked = compare_values(found, carried.state, written, target_chunks=target_chunks, cast=cast)
     for name, planned in carried.extras.items():
-        if not _same_tree(planned, walk_key(root, name)[0]):
+        if not same_tree(planned, walk_key(root, name)[0]):
             differ.append(name)
     return differ, checked
-
-
-def _same_tree(planned: Any, got: Any) -> bool:
-    if isinstance(planned, TensorSlot):
-        return isinstance(got, PickledTensor)
-    if isinstance(planned, StateDictValue):
-        return _same_tree(planned.items, got)
-    if isinstance(planned, dict):
-        return (
-            isinstance(got, dict)
-            and list(planned) == list(got)
-            and all(_same_tree(v, got[k]) for k, v in planned.items())
-        )
-    if isinstance(planned, (list, tuple)):
-        return (
-            type(got) is type(planned)
-            and len(got) == len(planned)
-            and all(_same_tree(a, b) for a, b in zip(planned, got))
-        )
-    return type(planned) is type(got) and (planned == got or planned != planned and got != got)

@@ -19,10 +19,10 @@ from ..bulk import paused
 from ..errors import FormatError, InputError, UsageError
 from ..formats import sniff as fmt
 from ..formats.pickle_vm import PickleVM, Trace
-from ..formats.safetensors import header_defects
+from ..formats.safetensors import header_defects, headers_memoized
 from ..formats.ziparchive import list_archive
 from ..reader import parse_lfs_pointer
-from .config import ProjectConfig, config_allow, find_pyproject, load_config, matches
+from .config import ProjectConfig, config_allow, find_pyproject, load_config, path_matches
 from .policy import (
     ALLOWED,
     BROKEN,
@@ -68,7 +68,7 @@ __all__ = [
     "find_pyproject",
     "iter_model_files",
     "load_config",
-    "matches",
+    "path_matches",
     "policy_for",
     "sarif",
     "scan",
@@ -291,7 +291,8 @@ def scan(paths: Iterable[str], allow: Iterable[str] = (), config_dir: str | None
         config_dir: where to look for ``pyproject.toml`` (default: the current directory and its parents).
     """
     policy = policy_for(load_config(config_dir), allow)
-    files = tuple(scan_file(p, policy) for p in iter_model_files(list(paths)))
+    with headers_memoized():  # a shard's header is asked for by the walk, its own scan and its index's
+        files = tuple(scan_file(p, policy) for p in iter_model_files(list(paths)))
     return ScanReport(files, policy.extra_allowed)
 
 

@@ -68,7 +68,7 @@ def config_allow(config: ProjectConfig) -> list[str]:
     return allow
 
 
-def matches(path: str, pattern: str, root: str) -> bool:
+def path_matches(path: str, pattern: str, root: str) -> bool:
     """Whether ``path`` (relative to ``root``) matches a config glob such as ``models/cls_*.safetensors``."""
     import fnmatch
 
