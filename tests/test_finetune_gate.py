@@ -33,15 +33,21 @@ class Tiny(nn.Module):
         return self.classifier(torch.flatten(self.features(x), 1))
 
 
-class Detached(Tiny):
-    """The head's output cut from the graph; a spare parameter keeps backward() from raising."""
+def cut_from_the_graph(model_class):
+    """``model_class`` whose output is cut from the graph; a spare parameter keeps backward() from raising."""
 
-    def __init__(self, num_classes=10):
-        super().__init__(num_classes)
-        self.spare = nn.Parameter(torch.zeros(()))
+    class Detached(model_class):
+        def __init__(self, num_classes=10):
+            super().__init__(num_classes)
+            self.spare = nn.Parameter(torch.zeros(()))
 
-    def forward(self, x):
-        return super().forward(x).detach() + 0 * self.spare
+        def forward(self, x):
+            return super().forward(x).detach() + 0 * self.spare
+
+    return Detached
+
+
+Detached = cut_from_the_graph(Tiny)
 
 
 class CutHead(Tiny):
@@ -80,13 +86,7 @@ class VggLike(nn.Module):
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
-class VggDetached(VggLike):
-    def __init__(self, num_classes=10):
-        super().__init__(num_classes)
-        self.spare = nn.Parameter(torch.zeros(()))
-
-    def forward(self, x):
-        return super().forward(x).detach() + 0 * self.spare
+VggDetached = cut_from_the_graph(VggLike)
 
 
 def tiny(**kw):
