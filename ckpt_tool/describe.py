@@ -63,6 +63,10 @@ class ModuleRow:
 
 @dataclass(frozen=True)
 class InspectReport:
+    """What ``inspect`` shows. ``parameters`` counts the elements of every tensor (buffers included) once:
+    a tied alias that views the same values as its partner is not counted again, as
+    ``model.parameters()`` does not; ``tensor_bytes`` counts a storage that several tensors view once."""
+
     path: str
     format: str
     file_size: int
@@ -136,8 +140,15 @@ def inspect_checkpoint(
     attributes = tuple(_row(r, {}, None) for r in ckpt.attributes.values())
     by_dtype: dict[str, int] = {}
     parameters = 0
+    seen: set[Any] = set()  # tensors of a shared storage: each view counted once, each storage's bytes once
     for ref in ckpt.tensors.values():
         n = ref.nbytes
+        if ref.storage in shared and ref.kind == DENSE:
+            view = (ref.storage, ref.storage_offset, ref.shape, ref.stride)
+            if view in seen:
+                continue  # a tied alias: the same values under another name (model.parameters() counts it once)
+            n = 0 if ref.storage in seen else ref.storage_nbytes
+            seen.update((view, ref.storage))
         by_dtype[ref.dtype] = by_dtype.get(ref.dtype, 0) + n
         parameters += ref.numel
     notes = _notes(ckpt) + (STD_NOTE,) * bool(stats)

@@ -60,6 +60,31 @@ def test_save_pretrained_drops_the_alias_and_diff_calls_it_tied(gpt2: tuple[Path
     assert [k["status"] for k in report["keys"] if k["key"] == "lm_head.weight"] == ["tied"]
 
 
+def test_a_tied_key_left_out_is_never_called_a_plain_strict_load(gpt2: tuple[Path, str, torch.Tensor]) -> None:
+    """What torch says of the file: load_file + load_state_dict(strict=True) misses the alias. The diff's
+    verdict and a safetensors output's summary must say so, not "strict=True would succeed"."""
+    from safetensors.torch import load_file
+    from transformers import GPT2LMHeadModel
+
+    root, spec, _ = gpt2
+    st = str(root / "hf" / "model.safetensors")
+    model = GPT2LMHeadModel.from_pretrained(str(root / "hf"))
+    with pytest.raises(RuntimeError, match="lm_head.weight"):
+        model.load_state_dict(load_file(st), strict=True)
+    text = _invoke("diff", st, "--arch", spec).stdout
+    assert "would succeed" not in text
+    assert "loads strictly once its 1 tied key is tied again" in text
+    assert "a plain load_state_dict(strict=True) of these tensors reports them missing" in text
+    torch.save(model.state_dict(), root / "tied.pth")  # lm_head.weight shares wte's storage
+    out = root / "from_pth.safetensors"
+    result = _invoke("convert", str(root / "tied.pth"), str(out), "--force")
+    assert result.exit_code == 0, result.output
+    assert "lm_head.weight" not in load_file(str(out))
+    assert "1 tensor (lm_head.weight) shares a storage with a written tensor and is recorded as an alias" in (
+        result.stdout
+    )
+
+
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_fill_missing_takes_the_alias_from_its_trained_partner(
     gpt2: tuple[Path, str, torch.Tensor], tmp_path: Path, suffix: str
@@ -105,3 +130,20 @@ def test_value_verification_catches_an_alias_filled_from_random_init(
     )
     assert report.verification is not None and report.verification.loads  # strict=True alone says all is well
     assert not report.ok and "transformer.wte.weight" in report.verification.differ
+
+
+def test_inspect_counts_a_tied_weight_once(gpt2: tuple[Path, str, torch.Tensor], tmp_path: Path) -> None:
+    from transformers import GPT2LMHeadModel
+
+    from ckpt_tool.describe import inspect_checkpoint
+
+    root, _, _ = gpt2
+    model = GPT2LMHeadModel.from_pretrained(str(root / "hf"))
+    torch.save(model.state_dict(), tmp_path / "tied.pth")  # lm_head.weight is wte.weight's storage
+    state = model.state_dict()
+    report = inspect_checkpoint(str(tmp_path / "tied.pth"))
+    assert report.tensors == len(state)
+    unique = {t.untyped_storage().data_ptr(): t for t in state.values()}
+    assert report.parameters == sum(t.numel() for t in unique.values())  # lm_head.weight not counted twice
+    assert report.tensor_bytes == sum(t.untyped_storage().nbytes() for t in unique.values())
+    assert report.tensor_bytes < (tmp_path / "tied.pth").stat().st_size

@@ -182,6 +182,14 @@ def _render(report: DiffReport) -> None:
             "change the architecture"
         )
         return
+    if report.loads_strictly and report.counts.tied:
+        n = report.counts.tied
+        echo(
+            paint(f"loads strictly once its {n} tied {'key is' if n == 1 else 'keys are'} tied again", "pass")
+            + " (as transformers' from_pretrained and safetensors' load_model do); a plain "
+            "load_state_dict(strict=True) of these tensors reports them missing"
+        )
+        return
     if report.loads_strictly:
         echo(paint("loads strictly: load_state_dict(strict=True) would succeed", "pass"))
         return

@@ -78,7 +78,7 @@ def _render(r: InspectReport, all_rows: bool = False) -> str:
         ("common prefix", r.common_prefix or "(none)"),
     ]
     if r.shared_storages:
-        summary.append(("shared storage", "; ".join(" = ".join(g) for g in r.shared_storages)))
+        summary.append(("shared storage", "; ".join(", ".join(g) for g in r.shared_storages)))
     for name, value in r.extras.items():
         summary.append((f"extra: {name}", _short(value)))
     if r.placeholders:

@@ -428,6 +428,17 @@ def _render_result(report: MigrateReport) -> None:
             + f" loads into {v.arch} with strict=True, {v.checked} tensors as planned ({where}); "
             f"{_percent(v.checkpoint_share)} of {v.arch}'s parameters come from the checkpoint"
         )
+    aliases = [k for group in report.plan.shared if group.how == "alias" for k in group.keys if k != group.written_as]
+    if aliases:
+        one = len(aliases) == 1
+        echo(
+            f"  {len(aliases)} {'tensor' if one else 'tensors'} ({some(aliases)}) "
+            f"{'shares' if one else 'share'} a storage with a written tensor and {'is' if one else 'are'} "
+            "recorded as an alias in ckpt.aliases, not written twice: transformers' from_pretrained ties "
+            f"{'it' if one else 'them'} again; safetensors' load_file gives no key for "
+            f"{'it' if one else 'them'}, so a plain load_state_dict(strict=True) reports "
+            f"{'it' if one else 'them'} missing"
+        )
 
 
 def _percent(share: float | None) -> str:

@@ -197,7 +197,8 @@ def diff(
             + some([f"{a} = {p}" for a, p in compat.tied])
             + "): loading the partner sets both (safetensors' load_model, "
             "transformers); for a plain load_state_dict(strict=True), `ckpt migrate --arch ... --fill-missing` "
-            "writes the alias from its partner"
+            "into a .pth writes the alias from its partner (a .safetensors output records it as an alias "
+            "instead: safetensors holds no shared tensors)"
         )
     return DiffReport(
         source=source.path,
