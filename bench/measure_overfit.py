@@ -2,11 +2,15 @@
 
 For each setup (healthy ones from the README's worked examples and the test models, and broken
 ones: learning rate 1e6, a head detached from the graph, labels shuffled at every step) and each
-seed, it runs ``overfit_one_batch`` for ``--steps`` steps and prints one JSON line per run with
-the losses and accuracies, then a summary per setup: the worst ratio last/first loss and the worst
-batch accuracy after 5, 10, 15, 20 steps.
+seed, it runs ``overfit_one_batch`` for ``--steps`` steps at the rates ``finetune_check`` would try
+(a setup without ``lr`` is the command without ``--lr``: the default, lowered when the loss
+diverges) and prints one JSON line per run with the losses and accuracies, then a summary per
+setup: the worst ratio last/first loss and the worst batch accuracy after 5, 10, 15, 20 steps; and
+at the end a markdown table, one row per run, as in docs/commands/finetune-check.md.
 
-Run: ``python bench/measure_overfit.py [--seeds 0-9] [--steps 20] [--only NAME,...]``.
+Run: ``python bench/measure_overfit.py [--seeds 0-9] [--steps 20] [--only NAME,...]``. The vgg16
+sweep of the docs (about 40 s a run on two quiet cores):
+``python bench/measure_overfit.py --only vgg16-ff10,vgg16-ff10-lr1e-3,vgg16-ff10-lr1e-4``.
 """
 
 from __future__ import annotations
@@ -88,6 +92,8 @@ SETUPS = {
     ),
     "vgg16-ff10-224": ("vgg16", dict(FF10, image_size=224), None),
     "vgg16-ff10": ("vgg16", FF10, None),
+    "vgg16-ff10-lr1e-3": ("vgg16", dict(FF10, lr=1e-3), None),
+    "vgg16-ff10-lr1e-4": ("vgg16", dict(FF10, lr=1e-4), None),
     "vgg16-ff10-frozen": ("vgg16", FF10, "frozen"),
     "vgg16-ff10-lr1e6": ("vgg16", dict(FF10, lr=1e6, optimizer="sgd"), None),
     "vgg16-ff10-shuffled": ("vgg16", FF10, "shuffled"),
@@ -130,7 +136,8 @@ def main() -> None:
 
     from ckpt_tool.finetune import FinetuneOptions
     from ckpt_tool.finetune.checks import overfit_verdict
-    from ckpt_tool.finetune.train import overfit_one_batch
+    from ckpt_tool.finetune.options import learning_rate
+    from ckpt_tool.finetune.train import overfit_lrs, overfit_one_batch
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", default="0-9")
@@ -154,12 +161,13 @@ def main() -> None:
         "detached": f"{tmp}/tiny_models.py:detached",
         "vgg16_detached": f"{tmp}/tiny_models.py:vgg16_detached",
     }
+    table: list[str] = []
     for name, (arch, fields, broken) in SETUPS.items():
         if args.only and name not in args.only.split(","):
             continue
         ckpt = files.get(arch) or torchvision_pth(arch.removesuffix("_detached"))
         rows = []
-        verdicts = []
+        verdicts: list[str] = []
         for seed in seeds:
             opts = FinetuneOptions(seed=seed, **fields)
             model, batch, device = prepare(arches.get(arch, arch), ckpt, opts)
@@ -170,18 +178,24 @@ def main() -> None:
                 (lambda step, y, gen=gen: y[torch.randperm(len(y), generator=gen)]) if broken == "shuffled" else None
             )
             start = time.perf_counter()
-            run = overfit_one_batch(model, batch, args.steps, opts.optimizer, opts.lr, device, relabel=relabel)
+            # the rates finetune_check tries: the default ones unless the setup gives --lr
+            lrs = overfit_lrs(learning_rate(opts), given=opts.lr is not None)
+            run = overfit_one_batch(model, batch, args.steps, opts.optimizer, lrs, device, relabel=relabel)
             rows.append(run)
             verdict = overfit_verdict(run, 10 if opts.num_classes is None else opts.num_classes)
             verdicts.append(verdict.status)
+            seconds = time.perf_counter() - start
+            table.append(table_row(name, seed, run, verdict.status, seconds))
             print(
                 json.dumps(
                     {
                         "setup": name,
                         "seed": seed,
-                        "s": round(time.perf_counter() - start, 1),
+                        "s": round(seconds, 1),
                         "px": int(batch[0].shape[-1]),
                         "verdict": verdict.status,
+                        "lr": run.lr,
+                        "diverged": [[d.lr, d.step, round(d.loss, 4)] for d in run.diverged],
                         "losses": [round(v, 4) for v in run.losses],
                         "acc": [round(a, 3) for a in run.accuracies],
                         "final": [run.final_loss, run.final_accuracy],
@@ -215,6 +229,21 @@ def main() -> None:
                 f"{max(v[1] for v in values):.2f}",
                 flush=True,
             )
+    print("\n| setup | seed | lr | first loss | last loss | highest step / first | batch accuracy | verdict | s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n".join(table))
+
+
+def table_row(name: str, seed: int, run: object, verdict: str, seconds: float) -> str:
+    """One markdown row: the rate the verdict is on (and the rates given up before it), the losses, the verdict."""
+    if run.error or not run.losses:
+        return f"| {name} | {seed} | - | - | - | - | - | {verdict} | {seconds:.0f} |"
+    lr = f"{run.lr:g}" + "".join(f" (at {d.lr:g}: {d.loss:.4g} at step {d.step})" for d in run.diverged)
+    first = run.losses[0]
+    return (
+        f"| {name} | {seed} | {lr} | {first:.4f} | {run.final_loss:.4f} | {max(run.losses) / first:.3g} | "
+        f"{run.final_accuracy:.0%} | {verdict} | {seconds:.0f} |"
+    )
 
 
 if __name__ == "__main__":

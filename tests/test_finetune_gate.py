@@ -11,6 +11,7 @@ import pytest
 
 from ckpt_tool.errors import InputError
 from ckpt_tool.finetune import FAIL, PASS, FinetuneOptions, finetune_check
+from ckpt_tool.finetune.checks import overfit_verdict
 
 TINY = FinetuneOptions(image_size=16, batch_size=16, max_steps=2, eval_batches=1, lr=0.01)
 
@@ -32,15 +33,21 @@ class Tiny(nn.Module):
         return self.classifier(torch.flatten(self.features(x), 1))
 
 
-class Detached(Tiny):
-    """The head's output cut from the graph; a spare parameter keeps backward() from raising."""
+def cut_from_the_graph(model_class):
+    """``model_class`` whose output is cut from the graph; a spare parameter keeps backward() from raising."""
 
-    def __init__(self, num_classes=10):
-        super().__init__(num_classes)
-        self.spare = nn.Parameter(torch.zeros(()))
+    class Detached(model_class):
+        def __init__(self, num_classes=10):
+            super().__init__(num_classes)
+            self.spare = nn.Parameter(torch.zeros(()))
 
-    def forward(self, x):
-        return super().forward(x).detach() + 0 * self.spare
+        def forward(self, x):
+            return super().forward(x).detach() + 0 * self.spare
+
+    return Detached
+
+
+Detached = cut_from_the_graph(Tiny)
 
 
 class CutHead(Tiny):
@@ -51,8 +58,47 @@ class CutHead(Tiny):
             return super().forward(x)
 
 
+class VggLike(nn.Module):
+    """VGG in small: convolutions and ReLUs without normalisation, then Linear layers, with torchvision's VGG init.
+
+    Adam's first step moves every weight by the rate, the same way across a layer's fan-in, so each
+    Linear layer's output grows by about rate x fan-in x its input: vgg16's 25088 and 4096 take the
+    loss from 2.3 to 259-1041 at the second step at 1e-3. This model's fan-ins are 512: the same
+    happens at 5e-2 (loss 380-1000 at the second step), and 5e-3 memorises the batch.
+    """
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.avgpool = nn.AdaptiveAvgPool2d(4)
+        self.classifier = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Dropout(), nn.Linear(512, 512),
+                                        nn.ReLU(), nn.Dropout(), nn.Linear(512, num_classes))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+VggDetached = cut_from_the_graph(VggLike)
+
+
 def tiny(**kw):
     return Tiny(**kw)
+
+
+def vgg_like(**kw):
+    return VggLike(**kw)
+
+
+def vgg_detached(**kw):
+    return VggDetached(**kw)
 
 
 def frozen_body(**kw):
@@ -180,23 +226,24 @@ def test_nan_logits_fail_the_forward_pass_naming_the_first_module(tiny):
 # ---- defect 4: the overfit verdict, deterministic and stable across seeds -------------------------------------------
 
 
-def _overfit(
+def _overfit_run(
     tiny,
     seed: int,
     factory: str = "tiny",
-    lr: float = 0.01,
+    lr: float | None = 0.01,
     optimizer: str = "adam",
     shuffled: bool = False,
     frozen: bool = False,
     **fields,
 ):
-    """The verdict on one seed: the model built, frozen as the recipe says and the batch drawn as finetune_check does."""
+    """One seed's run, as finetune_check does it: the model built and frozen as the recipe says, the batch
+    drawn, the rates tried (``lr=None``: the command without ``--lr``)."""
     import torch
 
-    from ckpt_tool.finetune.checks import overfit_verdict
     from ckpt_tool.finetune.data import make_datasets, make_loaders
     from ckpt_tool.finetune.freeze import apply_trainable, model_frozen, phase_plan
-    from ckpt_tool.finetune.train import overfit_one_batch
+    from ckpt_tool.finetune.options import learning_rate
+    from ckpt_tool.finetune.train import overfit_lrs, overfit_one_batch
 
     torch.manual_seed(seed)
     model = getattr(tiny["module"], factory)()
@@ -207,10 +254,14 @@ def _overfit(
     train, _ = make_loaders(make_datasets(opts, 16, 3, 10, (0,) * 3, (1,) * 3), 16, seed, shuffle=False)
     gen = torch.Generator().manual_seed(seed)
     relabel = (lambda step, y: y[torch.randperm(len(y), generator=gen)]) if shuffled else None
-    run = overfit_one_batch(
-        model, next(iter(train)), opts.overfit_steps, optimizer, lr, torch.device("cpu"), relabel=relabel
+    lrs = overfit_lrs(learning_rate(opts), given=lr is not None)
+    return overfit_one_batch(
+        model, next(iter(train)), opts.overfit_steps, optimizer, lrs, torch.device("cpu"), relabel=relabel
     )
-    return overfit_verdict(run, 10)
+
+
+def _overfit(tiny, seed: int, **kwargs):
+    return overfit_verdict(_overfit_run(tiny, seed, **kwargs), 10)
 
 
 # The recipes of the worked examples and recipes in docs/commands/finetune-check.md, on the tiny model:
@@ -242,6 +293,92 @@ def test_overfit_verdict_holds_for_seeds_0_to_9(tiny, recipe, broken):
         assert "does not require grad" in verdicts[0].detail
     if broken == "everything frozen":
         assert "no parameter is trainable" in verdicts[0].detail
+
+
+# vgg16's recipe (--freeze-first 10, no --lr) on the VGG-like model, whose Adam rate that diverges is 5e-2
+# where vgg16's is the default 1e-3 (its fan-ins are 512, vgg16's 25088 and 4096: see VggLike): these tests
+# run it with the command's default rate set to VGG_RATE. bench/measure_overfit.py measures vgg16 itself.
+VGG_RATE = 5e-2
+VGG = {"factory": "vgg_like", "freeze_first": 3, "lr": None}
+VGG_BROKEN = {  # lr 1e6 is a rate given, never lowered: the tiny CNN's matrix and the test above cover it
+    "everything frozen": {"frozen": True},
+    "head detached": {"factory": "vgg_detached"},
+    "labels shuffled": {"shuffled": True},
+}
+
+
+@pytest.fixture
+def vgg_default(monkeypatch):
+    """The command's default rate, as it stands to the VGG-like model what 1e-3 is to vgg16."""
+    monkeypatch.setattr("ckpt_tool.finetune.options.DEFAULT_LR", VGG_RATE)
+
+
+def test_vgg_like_model_diverges_at_a_rate_given_and_fails(tiny):
+    # the rate given is kept: the loss goes over 100x the first at the second step, as vgg16's at 1e-3
+    runs = [_overfit_run(tiny, seed, **{**VGG, "lr": VGG_RATE}) for seed in range(10)]
+    assert all(r.lr == VGG_RATE and not r.diverged and len(r.losses) == 20 for r in runs)
+    assert all(max(r.losses) > 100 * r.losses[0] for r in runs), [max(r.losses) / r.losses[0] for r in runs]
+    verdicts = [overfit_verdict(r, 10) for r in runs]
+    assert [v.status for v in verdicts] == [FAIL] * 10 and all("(diverged:" in v.detail for v in verdicts)
+
+
+def test_vgg_like_model_passes_without_lr_for_seeds_0_to_9(tiny, vgg_default):
+    runs = [_overfit_run(tiny, seed, **VGG) for seed in range(10)]
+    verdicts = [overfit_verdict(r, 10) for r in runs]
+    assert [v.status for v in verdicts] == [PASS] * 10, [v.detail for v in verdicts]
+    # the default rate diverged at the second step; the verdict is on a tenth of it, and says so
+    assert all(r.lr == pytest.approx(VGG_RATE / 10) for r in runs)
+    assert all([(d.lr, d.step) for d in r.diverged] == [(VGG_RATE, 2)] for r in runs)
+    assert all(d.loss > 100 * d.first for r in runs for d in r.diverged)
+    assert "in 20 steps at lr 0.005 (at 0.05 the loss went" in verdicts[0].detail
+    assert verdicts[0].detail.endswith("at step 2; training used 0.05: --lr 0.005 trains at this rate)")
+
+
+@pytest.mark.parametrize("broken", VGG_BROKEN)
+def test_vgg_like_broken_setups_fail_for_seeds_0_to_9(tiny, vgg_default, broken):
+    # the lower rates tried without --lr never let a broken setup through
+    verdicts = [_overfit(tiny, seed, **{**VGG, **VGG_BROKEN[broken]}) for seed in range(10)]
+    assert [v.status for v in verdicts] == [FAIL] * 10, [v.detail for v in verdicts]
+
+
+def test_vgg_like_default_run_end_to_end(tiny, vgg_default, tmp_path, torch):
+    path = str(tmp_path / "vgg_like.pth")
+    torch.manual_seed(0)
+    torch.save(tiny["module"].VggLike().state_dict(), path)
+    opts = FinetuneOptions(freeze_first=3, image_size=16, max_steps=2, eval_batches=1)
+    report = finetune_check(path, arch(tiny, "vgg_like"), opts)
+    overfit = check(report, "overfit one batch")
+    assert overfit.status == PASS and "at lr 0.005 (at 0.05 the loss went" in overfit.detail, overfit.detail
+    assert report.phases[0].lr == VGG_RATE  # training keeps the default rate: only the check tried lower ones
+    given = finetune_check(path, arch(tiny, "vgg_like"), replace(opts, lr=VGG_RATE))
+    assert check(given, "overfit one batch").status == FAIL and given.overfit.lr == VGG_RATE
+
+
+@pytest.mark.vgg16
+def test_vgg16_recipe_passes_at_the_default_rate(tmp_path, torch):
+    """The docs' vgg16 recipe, the overfit check alone at the defaults (112 px), seed 0: about 40 s and
+    3.5 GB on two quiet cores (the full seed sweep: bench/measure_overfit.py --only vgg16-ff10)."""
+    import torchvision
+
+    from ckpt_tool.finetune.checks import overfit_verdict
+    from ckpt_tool.finetune.data import IMAGENET_MEAN, IMAGENET_STD, make_datasets, make_loaders
+    from ckpt_tool.finetune.freeze import apply_trainable, phase_plan
+    from ckpt_tool.finetune.head import replace_head
+    from ckpt_tool.finetune.options import learning_rate
+    from ckpt_tool.finetune.train import overfit_lrs, overfit_one_batch
+
+    opts = FinetuneOptions(num_classes=10, freeze_first=10, seed=0)
+    torch.manual_seed(0)
+    model = torchvision.models.vgg16(weights=None)
+    replace_head(model, 10)
+    apply_trainable(model, phase_plan(model, opts, ("classifier.6",))[0].trainable)
+    data = make_datasets(opts, 112, 3, 10, IMAGENET_MEAN, IMAGENET_STD)
+    batch = next(iter(make_loaders(data, 16, 0, shuffle=False)[0]))
+    run = overfit_one_batch(model, batch, 20, "adam", overfit_lrs(learning_rate(opts), False), torch.device("cpu"))
+    verdict = overfit_verdict(run, 10)
+    assert verdict.status == PASS, verdict.detail
+    assert run.lr == pytest.approx(1e-4) and [(d.lr, d.step) for d in run.diverged] == [(1e-3, 2)]
+    assert run.diverged[0].loss > 100 * run.diverged[0].first
 
 
 def test_broken_setups_fail_end_to_end(tiny):

@@ -68,7 +68,12 @@ class _FinetuneCommand(OrderedCommand):
 @click.option("--epochs", type=int, default=1, show_default=True)
 @click.option("--max-steps", type=int, default=None, help="At most N steps per epoch.")
 @click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option(
+    "--lr",
+    type=float,
+    default=None,
+    help="Learning rate (default 1e-3; without --lr the overfit check lowers it when the loss diverges).",
+)
 @click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True)
 @click.option(
     "--scheduler",

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..model import in_module
-from .options import FinetuneOptions
+from .options import FinetuneOptions, learning_rate
 from .report import ModuleParams
 
 _RANGE = re.compile(r"^([A-Za-z_]*)(\d+)-(\d+)$")
@@ -108,15 +108,15 @@ def phase_plan(
     kept = frozenset() if opts.train_frozen else frozen_by_model
     chosen = select_trainable(model, opts.freeze, opts.trainable, opts.freeze_first) - kept
     if not opts.freeze_epochs:
-        return [PhaseSpec("train", chosen, opts.epochs, opts.lr)]
+        return [PhaseSpec("train", chosen, opts.epochs, learning_rate(opts))]
     everything = frozenset(n for n, _ in model.named_parameters()) - kept
     if not (opts.freeze or opts.trainable or opts.freeze_first):  # the schedule's first phase trains the head alone
         if not heads[0]:
             raise UsageError("--freeze-epochs: no head found to train alone", hint="name it with --head or --trainable")
         chosen = select_trainable(model, trainable=[h.rpartition(".")[0] or h for h in heads]) - kept
-    unfreeze_lr = opts.unfreeze_lr if opts.unfreeze_lr is not None else opts.lr / 10
+    unfreeze_lr = opts.unfreeze_lr if opts.unfreeze_lr is not None else learning_rate(opts) / 10
     return [
-        PhaseSpec("frozen", chosen, opts.freeze_epochs, opts.lr),
+        PhaseSpec("frozen", chosen, opts.freeze_epochs, learning_rate(opts)),
         PhaseSpec("unfrozen", everything, opts.epochs - opts.freeze_epochs, unfreeze_lr),
     ]
 

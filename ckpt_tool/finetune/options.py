@@ -12,6 +12,7 @@ from ..errors import OutputError, UsageError
 
 SCHEDULERS = ("plateau", "cosine", "step", "none")
 OVERFIT_STEPS = 20  # see checks.overfit_verdict for why 20
+DEFAULT_LR = 1e-3
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class FinetuneOptions:
     epochs: int = 1
     max_steps: int | None = None
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float | None = None  # None: DEFAULT_LR, which the overfit check may lower (train.overfit_lrs)
     optimizer: str = "adam"
     scheduler: str = "none"  # plateau, cosine, step or none; a fresh one for each phase, stepped per epoch
     plateau_patience: int = 0
@@ -58,6 +59,11 @@ class FinetuneOptions:
     save: str | None = None
     force: bool = False
     resume_optimizer: bool = False  # start from the checkpoint's optimizer state (finetune.resume)
+
+
+def learning_rate(opts: FinetuneOptions) -> float:
+    """The rate training starts at: ``--lr``, or the default."""
+    return DEFAULT_LR if opts.lr is None else opts.lr
 
 
 def _validate(opts: FinetuneOptions) -> None:
@@ -78,7 +84,7 @@ def _validate(opts: FinetuneOptions) -> None:
     ):
         if opt is not None and opt < 1:
             raise UsageError(f"{name} must be at least 1, got {opt}")
-    if not (opts.lr > 0 and math.isfinite(opts.lr)):
+    if opts.lr is not None and not (opts.lr > 0 and math.isfinite(opts.lr)):
         raise UsageError(f"--lr must be a positive number, got {opts.lr}")
     if opts.scheduler not in SCHEDULERS:
         raise UsageError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {opts.scheduler!r}")

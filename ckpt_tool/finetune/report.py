@@ -86,8 +86,22 @@ class Phase:
 
 
 @dataclass(frozen=True)
+class Diverged:
+    """An overfit attempt given up: at ``lr`` the loss went from ``first`` to ``loss`` at ``step`` (1-based)."""
+
+    lr: float
+    step: int
+    first: float
+    loss: float
+
+
+@dataclass(frozen=True)
 class OverfitRun:
-    """The overfit-one-batch run: the loss and batch accuracy at each step, then once more after the last step."""
+    """The overfit-one-batch run: the loss and batch accuracy at each step, then once more after the last step.
+
+    ``lr`` is the rate of that run; ``diverged`` the attempts at higher rates given up before it
+    (the rate is lowered only when ``--lr`` was not given; see train.overfit_one_batch).
+    """
 
     losses: tuple[float, ...]
     accuracies: tuple[float, ...]
@@ -95,6 +109,8 @@ class OverfitRun:
     final_accuracy: float | None
     trainable: int
     error: str | None = None
+    lr: float | None = None
+    diverged: tuple[Diverged, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from .report import (
     _pct,
 )
 from .resume import read_resume, resume_check
-from .train import Tracker, autocast, evaluate, overfit_one_batch, train_phase
+from .train import Tracker, autocast, evaluate, overfit_lrs, overfit_one_batch, train_phase
 
 
 def finetune_check(
@@ -189,7 +189,15 @@ def _run(
     epochs = [Epoch("before", 0, specs[0].lr, 0, None, loss_before, accuracy_before, None)]
     net = wrap(model, ranks, device)
     overfit = overfit_one_batch(
-        model, next(iter(train_data)), opts.overfit_steps, opts.optimizer, specs[0].lr, device, amp, net=net
+        model,
+        next(iter(train_data)),
+        opts.overfit_steps,
+        opts.optimizer,
+        overfit_lrs(specs[0].lr, given=opts.lr is not None),
+        device,
+        amp,
+        net=net,
+        agree=lambda flag: ranks.any(flag, device),
     )
 
     steps_per_epoch = min(len(train_data), opts.max_steps) if opts.max_steps else len(train_data)

@@ -13,7 +13,7 @@ from .distributed import Ranks
 from .freeze import PhaseSpec
 from .options import FinetuneOptions
 from .probe import _logits, _loss
-from .report import Epoch, OverfitRun, Phase, Progress, ProgressEvent, _first_line
+from .report import Diverged, Epoch, OverfitRun, Phase, Progress, ProgressEvent, _first_line
 
 
 class Tracker:
@@ -295,6 +295,16 @@ def evaluate(
 
 
 Relabel = Callable[[int, Any], Any]  # (step, labels) -> the labels that step trains on
+Agree = Callable[[bool], bool]  # a flag of this rank -> whether any rank raised it
+
+DIVERGED = 10.0  # a step's loss over the first: the run diverged (checks.overfit_verdict)
+BACKOFF = 10.0  # the rate is divided by this when a run at the default rate diverges ...
+BACKOFFS = 2  # ... at most this many times (1e-3, 1e-4, 1e-5)
+
+
+def overfit_lrs(lr: float, given: bool) -> list[float]:
+    """The rates the overfit check may try, in order: the one given alone, else the default and lower ones."""
+    return [lr] if given else [lr / BACKOFF**i for i in range(BACKOFFS + 1)]
 
 
 def overfit_one_batch(
@@ -302,11 +312,12 @@ def overfit_one_batch(
     batch: tuple[Any, Any],
     steps: int,
     optimizer: str,
-    lr: float,
+    lrs: float | list[float],
     device: Any,
     amp: Any = None,
     relabel: Relabel | None = None,
     net: Any = None,
+    agree: Agree | None = None,
 ) -> OverfitRun:
     """Train on one fixed batch for ``steps`` steps; the model's weights and flags are restored afterwards.
 
@@ -315,11 +326,19 @@ def overfit_one_batch(
     noise that made a fixed-threshold verdict flip from seed to seed. ``relabel`` lets a test
     feed the labels a broken pipeline would (shuffled at every step). ``net`` is the module to run
     (a DDP wrapper of ``model``, whose gradients are then averaged over the ranks).
+
+    ``lrs`` (see :func:`overfit_lrs`): when a step's loss rises above ``DIVERGED`` times the first
+    (or is not finite) and a lower rate is left, the attempt stops there, the weights are restored
+    and the run starts again at the next rate. A model without normalisation layers can take
+    Adam's 1e-3 badly: vgg16 with random weights goes from 2.3 to 259-549 at the second step, and
+    never recovers in 20 steps, where 1e-4 memorises the batch (docs/commands/finetune-check.md).
+    ``agree`` makes every rank take the same decision (their losses differ: each has its shard).
     """
     import torch
     from torch import nn
 
     amp = amp or contextlib.nullcontext
+    rates = [lrs] if isinstance(lrs, float | int) else list(lrs)
     x, y = batch
     x, y = x.to(device), y.to(device)
     # a snapshot rather than a deepcopy: user models may hold things that cannot be copied
@@ -333,15 +352,25 @@ def overfit_one_batch(
             m.eval()
     losses: list[float] = []
     accuracies: list[float] = []
+    given_up: list[Diverged] = []
     final_loss = final_accuracy = None
     error = None
+    lr = rates[0]
 
     def labels(step: int) -> Any:
         return relabel(step, y) if relabel is not None else y
 
     try:
-        if params:
+        for attempt, lr in enumerate(rates):
+            if attempt:
+                model.load_state_dict(saved)
+                for p in params:
+                    p.grad = None
+            losses, accuracies = [], []
+            if not params:
+                break
             opt = _optimizer(optimizer, params, lr)
+            last_try = attempt == len(rates) - 1
             for step in range(steps):
                 opt.zero_grad(set_to_none=True)
                 target = labels(step)
@@ -350,8 +379,17 @@ def overfit_one_batch(
                     loss = _loss(out, target)
                 loss.float().backward()
                 opt.step()
-                losses.append(loss.item())
+                value = loss.item()
+                losses.append(value)
                 accuracies.append(_batch_accuracy(out, target))
+                if last_try:
+                    continue
+                bad = not math.isfinite(value) or value > losses[0] * DIVERGED
+                if agree(bad) if agree is not None else bad:
+                    given_up.append(Diverged(lr, step + 1, losses[0], value))
+                    break
+            else:
+                break
         with torch.no_grad(), amp():
             target = labels(steps)
             out = model(x)
@@ -366,7 +404,9 @@ def overfit_one_batch(
             p.requires_grad_(flags[name])
         for name, m in model.named_modules():
             m.train(modes[name])
-    return OverfitRun(tuple(losses), tuple(accuracies), final_loss, final_accuracy, len(params), error)
+    return OverfitRun(
+        tuple(losses), tuple(accuracies), final_loss, final_accuracy, len(params), error, lr, tuple(given_up)
+    )
 
 
 def _batch_accuracy(out: Any, labels: Any) -> float:
