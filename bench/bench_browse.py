@@ -179,5 +179,6 @@ def main() -> None:
             f"({'met' if statistics.median(times) < 1.0 else 'NOT met'})"
         )
 
+
 if __name__ == "__main__":
     main()

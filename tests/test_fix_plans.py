@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,9 @@ from typing import Any
 import pytest
 import torch
 import torchvision
-from click.testing import CliRunner
+from plan_helpers import apply_suggested, models_env, random_state, run, tiny_bert_config
 from torch import nn
 
-from ckpt_tool.cli import main
 from ckpt_tool.diff import diff_paths
 from ckpt_tool.diff.align import POSITION, SEQUENCE_DIFF, align
 from ckpt_tool.plan import load_plan
@@ -84,42 +82,13 @@ class ResNet18Port(nn.Module):
         self.classifier = nn.Linear(512, classes)
 
 
-def run(*args: Any) -> Any:
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def random_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A state dict whose every tensor is distinct (random values, random running stats and counters)."""
-    gen = torch.Generator().manual_seed(0)
-    out = {}
-    for k, v in model.state_dict().items():
-        if v.dtype.is_floating_point:
-            out[k] = torch.randn(v.shape, generator=gen)
-        else:
-            out[k] = torch.randint(0, 1000, v.shape, generator=gen, dtype=v.dtype)
-    return out
-
-
 def bits(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
-def apply_suggested(report: Any, out: Path) -> Any:
-    """Run the command diff printed (its -o replaced), as a user would paste it."""
-    argv = shlex.split(report.plan.command)
-    assert argv[:2] == ["ckpt", "migrate"]
-    argv[argv.index("-o") + 1] = str(out)
-    return run(*argv[1:])
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    root = tmp_path_factory.mktemp("fixplans")
-    (root / "models.py").write_text(MODELS)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CKPT_CACHE_DIR", str(root / "cache"))
-        mp.chdir(root)
-        yield root
+    yield from models_env(tmp_path_factory, "fixplans", MODELS)
 
 
 # --- leaf renames ----------------------------------------------------------------------------------
@@ -134,18 +103,9 @@ def old_bert_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def test_old_bert_gamma_beta_become_renames_with_evidence_and_load_strictly(env: Path) -> None:
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
-    model = BertModel(
-        BertConfig(
-            vocab_size=64,
-            hidden_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=24,
-            max_position_embeddings=32,
-        )
-    )
+    model = BertModel(tiny_bert_config())
     source = old_bert_keys(random_state(model))
     assert sum(k.endswith("LayerNorm.gamma") for k in source) == 5
     torch.save(source, env / "bert_old.pth")

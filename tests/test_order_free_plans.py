@@ -7,18 +7,16 @@ that swaps ``q`` and ``k`` (equal shapes) fails here.
 
 from __future__ import annotations
 
-import shlex
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from click.testing import CliRunner
+from plan_helpers import apply_suggested, models_env, random_state, run, tiny_bert_config
 from safetensors.torch import save_file
 from torch import nn
 
-from ckpt_tool.cli import main
 from ckpt_tool.diff import diff_paths
 
 MODELS = textwrap.dedent("""
@@ -73,15 +71,6 @@ MODELS = textwrap.dedent("""
 """)
 
 
-def run(*args: Any) -> Any:
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def random_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    return {k: torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()}
-
-
 def load_module(env: Path) -> Any:
     import importlib.util
 
@@ -90,13 +79,6 @@ def load_module(env: Path) -> Any:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def apply_suggested(report: Any, out: Path) -> Any:
-    argv = shlex.split(report.plan.command)
-    assert argv[:2] == ["ckpt", "migrate"]
-    argv[argv.index("-o") + 1] = str(out)
-    return run(*argv[1:])
 
 
 def written(path: Path) -> dict[str, torch.Tensor]:
@@ -117,12 +99,7 @@ def check_placed(model: nn.Module, out: Path, source: dict[str, torch.Tensor], p
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    root = tmp_path_factory.mktemp("orderfree")
-    (root / "models.py").write_text(MODELS)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CKPT_CACHE_DIR", str(root / "cache"))
-        mp.chdir(root)
-        yield root
+    yield from models_env(tmp_path_factory, "orderfree", MODELS)
 
 
 def test_a_wrapped_attention_with_a_head_strips_the_prefix_and_keeps_q_k_v_o_apart(env: Path) -> None:
@@ -240,17 +217,9 @@ def test_a_drop_never_takes_a_key_a_rename_could_place(env: Path) -> None:
 
 
 def test_bert_for_classification_into_bert_and_back(env: Path) -> None:
-    from transformers import BertConfig, BertForSequenceClassification, BertModel
+    from transformers import BertForSequenceClassification, BertModel
 
-    cfg = BertConfig(
-        vocab_size=64,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=24,
-        max_position_embeddings=32,
-        num_labels=3,
-    )
+    cfg = tiny_bert_config(num_labels=3)
     torch.manual_seed(0)
     base, cls = BertModel(cfg), BertForSequenceClassification(cfg)
     base.save_pretrained(env / "bert_base")
