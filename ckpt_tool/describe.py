@@ -141,15 +141,18 @@ def inspect_checkpoint(
     attributes = tuple(_row(r, {}, None) for r in ckpt.attributes.values())
     by_dtype: dict[str, int] = {}
     parameters = 0
-    seen: set[Any] = set()  # tensors of a shared storage: each view counted once, each storage's bytes once
+    # tensors of a shared storage: each view counted once, each storage's bytes once
+    views: set[tuple[str, int, tuple[int, ...], tuple[int, ...]]] = set()
+    storages: set[str] = set()
     for ref in ckpt.tensors.values():
         n = ref.nbytes
         if ref.storage in shared and ref.kind == DENSE:
             view = (ref.storage, ref.storage_offset, ref.shape, ref.stride)
-            if view in seen:
+            if view in views:
                 continue  # a tied alias: the same values under another name (model.parameters() counts it once)
-            n = 0 if ref.storage in seen else ref.storage_nbytes
-            seen.update((view, ref.storage))
+            n = 0 if ref.storage in storages else ref.storage_nbytes
+            views.add(view)
+            storages.add(ref.storage)
         by_dtype[ref.dtype] = by_dtype.get(ref.dtype, 0) + n
         parameters += ref.numel
     notes = _notes(ckpt) + (STD_NOTE,) * bool(stats)

@@ -28,11 +28,12 @@ from typing import Any
 from .arch import TargetSignature
 from .compat import Compatibility, check, parameter_share
 from .errors import FormatError, InputError
+from .formats.pickle_vm import PickledTensor
 from .model import DENSE, DTYPES, SPARSE_KINDS, Checkpoint, TensorRef
 from .plan import Entry, State
 from .torch_extra import buildable
 from .values import FileCache, iter_raw_chunks
-from .writer import SAFETENSORS, Written
+from .writer import SAFETENSORS, StateDictValue, TensorSlot, Written
 
 # bytes compared per step on each side: what the re-read holds at a time. 1 MiB pairs stay in the
 # CPU's cache between the read and the compare; 4 MiB and more run measurably slower
@@ -209,9 +210,6 @@ def compare_objects(
 def same_tree(planned: Any, got: Any) -> bool:
     """Whether ``got`` (as read back) is ``planned``: same containers (a tuple is not a list), same keys in
     the same order, same scalar types and values (NaN equals NaN); a planned tensor slot matches any tensor."""
-    from .formats.pickle_vm import PickledTensor
-    from .writer import StateDictValue, TensorSlot
-
     if isinstance(planned, TensorSlot):
         return isinstance(got, PickledTensor)
     if isinstance(planned, StateDictValue):

@@ -82,10 +82,11 @@ def scan(paths: tuple[str, ...], allow: tuple[str, ...], output: str, show_globa
     raise click.exceptions.Exit(EXIT_CLEAN if report.ok else EXIT_FINDINGS)
 
 
-_TORCH_NOTES = ("torch's reading", "torch.load(weights_only=True)")
-
-
 def _render_scan(report: ScanReport, show_globals: bool = False) -> None:
+    from ..scan import WEIGHTS_ONLY_NOTE  # imported by the scan that made the report
+
+    # a safe file's notes that change what its user does: torch reads it otherwise (walkers), or refuses it
+    torch_notes = ("torch's reading", WEIGHTS_ONLY_NOTE)
     rows = []
     for f in report.files:
         names = list(dict.fromkeys(x.name for x in f.findings))
@@ -95,8 +96,7 @@ def _render_scan(report: ScanReport, show_globals: bool = False) -> None:
         rows.append((f.path, f.format, paint(f.verdict), shown or "-"))
     echo(plain_table(rows, ["file", "format", "verdict", "offending"]))  # no tabulate import: hooks run often
     for f in report.files:
-        # a safe file's notes that change what its user does: torch reads it otherwise, or refuses it
-        shown_notes = list(f.notes) if f.verdict == "skipped" else [n for n in f.notes if n.startswith(_TORCH_NOTES)]
+        shown_notes = list(f.notes) if f.verdict == "skipped" else [n for n in f.notes if n.startswith(torch_notes)]
         if not f.findings and f.verdict != "skipped" and not show_globals and not shown_notes:
             continue
         echo()

@@ -196,21 +196,10 @@ def train_phase(
         tracker.train_seconds += seconds
         if count:
             epoch_losses.append(total / count)
-        if tracker.nonfinite:
-            rows.append(
-                Epoch(
-                    spec.name,
-                    first_epoch + epoch + 1,
-                    lr,
-                    count,
-                    total / count if count else None,
-                    None,
-                    None,
-                    epoch_images / seconds if seconds else None,
-                )
-            )
-            break
-        held_loss, held_acc = evaluate(model, heldout, opts.eval_batches, device, amp, ranks)
+        # a non-finite loss ends training: the epoch's row has no held-out figures
+        held_loss, held_acc = (
+            (None, None) if tracker.nonfinite else evaluate(model, heldout, opts.eval_batches, device, amp, ranks)
+        )
         rows.append(
             Epoch(
                 spec.name,
@@ -223,6 +212,8 @@ def train_phase(
                 epoch_images / seconds if seconds else None,
             )
         )
+        if tracker.nonfinite:
+            break
         if scheduler is not None:
             if opts.scheduler == "plateau":
                 if held_loss is not None:

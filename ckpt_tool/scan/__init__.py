@@ -125,6 +125,10 @@ def _judge(out: _Streams, policy: Policy, torchscript: bool) -> tuple[list[Findi
     return findings, sorted(names), [f"{label} x{n}" if n > 1 else label for label, n in sorted(calls.items())]
 
 
+# how the note on a file torch's default load refuses begins (the CLI shows it for safe files too)
+WEIGHTS_ONLY_NOTE = "torch.load(weights_only=True) refuses this file"
+
+
 def _python3_name(name: str) -> str:
     """A global as torch's loader resolves it: Python 2 names (``__builtin__.set``) mapped as pickle maps them."""
     import _compat_pickle
@@ -142,7 +146,7 @@ def _weights_only_note(names: Iterable[str]) -> list[str]:
     if not beyond:
         return []
     return [
-        f"torch.load(weights_only=True) refuses this file: it names {', '.join(beyond[:4])}"
+        f"{WEIGHTS_ONLY_NOTE}: it names {', '.join(beyond[:4])}"
         f"{f' and {len(beyond) - 4} more' if len(beyond) > 4 else ''}, which torch's weights-only loader "
         "does not allow by default (ckpt finds them inert); pass them to torch.serialization.add_safe_globals, "
         "or keep the state dict alone with `ckpt migrate FILE -o OUT.pth`"
