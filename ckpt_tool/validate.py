@@ -28,6 +28,7 @@ from .bulk import paused
 from .errors import CkptError, TorchMissingError, UsageError
 from .formats import sniff as fmt
 from .formats.safetensors import headers_memoized
+from .formats.torchfile import decodes_shared
 from .model import Checkpoint, is_floating
 from .scan import (
     SAFE,
@@ -164,7 +165,9 @@ def validate(paths: Iterable[str], allow: Iterable[str] = (), config_dir: str | 
     """
     config = load_config(config_dir)
     rules = rules_from_config(config, allow)
-    with headers_memoized():  # a shard's header is asked for by the walk, the scan, the load and its index
+    # a shard's header is asked for by the walk, the scan, the load and its index; a torch file's
+    # data.pkl decoded by the scan is not decoded again by the load
+    with headers_memoized(), decodes_shared():
         files = tuple(validate_file(p, rules) for p in iter_model_files(list(paths), indexes=True))
     return ValidateReport(files, config.path)
 

@@ -197,3 +197,58 @@ def test_bad_config_is_a_usage_error(tmp_path, files):
         root = _config(tmp_path, text)
         with pytest.raises(UsageError, match=match):
             validate([files["st"]], config_dir=root)
+
+
+def _count_loads(monkeypatch) -> list[int]:
+    from ckpt_tool.formats import pickle_vm
+
+    calls: list[int] = []
+    real = pickle_vm.PickleVM.load
+
+    def load(self, stream, limit=None):
+        calls.append(1)
+        return real(self, stream, limit)
+
+    monkeypatch.setattr(pickle_vm.PickleVM, "load", load)
+    return calls
+
+
+def test_validate_decodes_a_torch_file_once_and_reads_what_a_fresh_read_reads(files, tmp_path, monkeypatch):
+    from ckpt_tool.formats.torchfile import decodes_shared
+    from ckpt_tool.reader import open_checkpoint
+    from ckpt_tool.scan import scan_file
+
+    fresh = open_checkpoint(files["nested"])
+    calls = _count_loads(monkeypatch)
+    scan_file(files["nested"])
+    scanned = len(calls)
+    report = validate([files["nested"]], config_dir=str(tmp_path))
+    assert report.ok and _checks(report)["loads"][0] == PASS
+    assert len(calls) == 2 * scanned  # the scan's decodes, and none for the load
+    with decodes_shared():
+        scan_file(files["nested"])
+        shared = open_checkpoint(files["nested"])
+        again = open_checkpoint(files["nested"])  # taken once: a second read decodes
+    assert len(calls) == 3 * scanned + 1
+    for ckpt in (shared, again):
+        assert ckpt.tensors == fresh.tensors and ckpt.extras == fresh.extras
+        assert ckpt.placeholders == fresh.placeholders and ckpt.candidates == fresh.candidates
+
+
+def test_shared_decode_reports_a_refused_storage_as_the_reader_does(files, tmp_path, monkeypatch):
+    import zipfile
+
+    from ckpt_tool.errors import FormatError
+    from ckpt_tool.reader import open_checkpoint
+
+    path = tmp_path / "missing.pth"
+    with zipfile.ZipFile(files["pth"]) as zin, zipfile.ZipFile(path, "w") as zout:
+        for info in zin.infolist():
+            if not info.filename.endswith("/data/3"):
+                zout.writestr(info, zin.read(info))
+    with pytest.raises(FormatError) as exc:
+        open_checkpoint(str(path))
+    assert "data/3 is missing" in str(exc.value)
+    report = validate([str(path)], config_dir=str(tmp_path))
+    assert _checks(report)["loads"] == (FAIL, str(exc.value))
+    assert _checks(report)["scan"][0] == PASS  # the scan reads on past the storage the reader refuses

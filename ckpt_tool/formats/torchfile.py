@@ -6,11 +6,13 @@ storages with their byte positions, and the trace of what the pickles asked for.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import mmap
+import os
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -19,7 +21,7 @@ from ..model import itemsize
 from . import sniff as fmt
 from .pickle_stream import opcode_budget
 from .pickle_vm import PickleVM, Placeholder, StorageRef, Trace, storage_dtype, walk_tensors
-from .ziparchive import STORED, ZipEntry, crc_ok, data_offset, list_archive, read_entry, undecodable
+from .ziparchive import STORED, ZipEntry, ZipListing, crc_ok, list_archive, read_entry, undecodable
 
 MAX_DATA_PKL = 256 << 20  # far above any real data.pkl; refuses zip bombs
 
@@ -66,23 +68,17 @@ def read_zip(path: str, file_size: int, trace: Trace | None = None, fmt_name: st
         )
     pkl_name = found.name
     with open(path, "rb") as raw, mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-        storages: dict[str, StorageRef] = {}
-
-        def resolve(key: str, dtype: str, location: str, numel: int) -> StorageRef:
-            info = listing.find(f"{prefix}data/{key}")
-            if info is None:
-                raise FormatError(f"{path}: storage {key} is referenced but data/{key} is missing from the archive")
-            nbytes = numel * itemsize(dtype)
-            if info.size < nbytes:
-                raise FormatError(f"{path}: storage data/{key} holds {info.size} bytes, its description needs {nbytes}")
-            # a local header per storage: slices of the mapped file rather than a seek and a read each
-            offset = data_offset(mapped, info, path) if info.method == STORED else None  # type: ignore[arg-type]
-            if offset is not None and offset + nbytes > file_size:
-                raise FormatError(f"{path}: storage data/{key} extends past the end of the file (truncated)")
-            return StorageRef(key, dtype, location, numel, offset, nbytes, path)
-
+        shared = _take_decoded(path, found)
+        storages: dict[str, StorageRef] = shared.storages if shared is not None else {}
+        resolve = zip_resolver(path, listing, mapped, file_size)  # type: ignore[arg-type]
         persistent_load = storage_loader(storages, resolve)
-        root = _load_entry(raw, found, PickleVM(persistent_load, trace, _budget(found)), path)
+        if shared is not None:  # decoded by the scan just before, with this very loader's checks
+            root = shared.root
+            trace.globals.extend(shared.trace.globals)
+            trace.calls.extend(shared.trace.calls)
+            trace.desync.extend(shared.trace.desync)
+        else:
+            root = _load_entry(raw, found, PickleVM(persistent_load, trace, _budget(found)), path)
         result = RawFile(path, fmt_name, file_size, root, storages, trace, [pkl_name])
         # every other pickle inside the archive is decoded too (TorchScript constants, extra entries)
         for name, info in infos.items():
@@ -94,6 +90,102 @@ def read_zip(path: str, file_size: int, trace: Trace | None = None, fmt_name: st
         if fmt_name == fmt.TORCHSCRIPT:
             result.script_classes = script_classes(raw, infos, prefix, path)
         return result
+
+
+def zip_resolver(
+    path: str, listing: ZipListing, mapped: IO[bytes], file_size: int
+) -> Callable[[str, str, str, int], StorageRef]:
+    """``resolve`` for :func:`storage_loader` in a torch zip: the storage's entry found as torch finds
+    it, its size checked against the description, its bytes placed (``mapped``: the open file)."""
+    prefix = listing.prefix
+
+    def resolve(key: str, dtype: str, location: str, numel: int) -> StorageRef:
+        info = listing.find(f"{prefix}data/{key}")
+        if info is None:
+            raise FormatError(f"{path}: storage {key} is referenced but data/{key} is missing from the archive")
+        nbytes = numel * itemsize(dtype)
+        if info.size < nbytes:
+            raise FormatError(f"{path}: storage data/{key} holds {info.size} bytes, its description needs {nbytes}")
+        offset = listing.data_start(mapped, info, path) if info.method == STORED else None
+        if offset is not None and offset + nbytes > file_size:
+            raise FormatError(f"{path}: storage data/{key} extends past the end of the file (truncated)")
+        return StorageRef(key, dtype, location, numel, offset, nbytes, path)
+
+    return resolve
+
+
+@dataclass
+class Decoded:
+    """A torch archive's ``data.pkl`` decoded with :func:`read_zip`'s own storage checks, all passed."""
+
+    root: Any
+    trace: Trace
+    storages: dict[str, StorageRef]
+
+
+_DECODED: dict[tuple[Any, ...], Decoded] | None = None
+
+
+@contextlib.contextmanager
+def decodes_shared() -> Iterator[None]:
+    """Inside the block, a ``data.pkl`` decoded by the scan is not decoded again by :func:`read_zip`.
+
+    ``validate`` scans a file and then opens it: two decodes of the same pickle by the same
+    interpreter, 40% of its time on a file of many tensors. The scan's walk of the archive's chosen
+    ``data.pkl`` then resolves storages as :func:`read_zip` does (see :func:`offer_decoded`) and
+    leaves its result here; the read that follows takes it (once) instead of decoding. A file is
+    known by its path, size, modification time and inode, its entry by its header, so a file
+    replaced meanwhile is decoded afresh. Nested blocks share the outer one.
+    """
+    global _DECODED
+    if _DECODED is not None:
+        yield
+        return
+    _DECODED = {}
+    try:
+        yield
+    finally:
+        _DECODED = None
+
+
+def _decoded_key(path: str, entry: ZipEntry) -> tuple[Any, ...] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (path, st.st_size, st.st_mtime_ns, st.st_ino, entry)
+
+
+def sharing_decodes() -> bool:
+    return _DECODED is not None
+
+
+def offer_decoded(path: str, entry: ZipEntry, decoded: Decoded) -> None:
+    """Keep ``decoded`` (``entry`` of ``path``) for the :func:`read_zip` that follows; only the last
+    file's is kept (the read follows its scan)."""
+    key = _decoded_key(path, entry)
+    if _DECODED is not None and key is not None:
+        _DECODED.clear()
+        _DECODED[key] = decoded
+
+
+def data_pkl_readable(entry: ZipEntry, data: bytes) -> bool:
+    """Whether :func:`read_zip` decodes these bytes of ``entry`` (its CRC checked by the caller)."""
+    return entry.size <= MAX_DATA_PKL and len(data) <= MAX_DATA_PKL
+
+
+def _take_decoded(path: str, entry: ZipEntry) -> Decoded | None:
+    if not _DECODED:
+        return None
+    key = _decoded_key(path, entry)
+    return _DECODED.pop(key, None) if key is not None else None
+
+
+def strict_loader(path: str, listing: ZipListing, f: IO[bytes]) -> tuple[Callable[[Any], Any], dict[str, StorageRef]]:
+    """:func:`read_zip`'s ``persistent_load`` for ``path`` (and the storages it fills), for a caller
+    that decodes ``data.pkl`` itself and offers the result (the scan, see :func:`decodes_shared`)."""
+    storages: dict[str, StorageRef] = {}
+    return storage_loader(storages, zip_resolver(path, listing, f, os.path.getsize(path))), storages
 
 
 MAX_SCRIPT_CODE = 16 << 20  # the text of one code/ file; far above any real module's

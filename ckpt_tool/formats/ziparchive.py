@@ -63,6 +63,9 @@ class ZipListing:
     _index: dict[str, ZipEntry] = field(default_factory=dict, compare=False, repr=False)
     # lower-cased names more than one entry has (the rest are found by ``_index`` alone)
     _shared: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+    # header offset -> where the entry's bytes start, for the local headers the chain read (all, when
+    # the archive is well formed): a storage's bytes are placed without reading its header again
+    _data_at: dict[int, int] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def prefix(self) -> str:
@@ -88,6 +91,11 @@ class ZipListing:
 
     def names(self) -> list[str]:
         return [e.name for e in self.entries]
+
+    def data_start(self, f: IO[bytes], e: ZipEntry, path: str) -> int:
+        """:func:`data_offset` of ``e``, from the local header the listing read already when it did."""
+        at = self._data_at.get(e.header_offset)
+        return at if at is not None else data_offset(f, e, path)
 
 
 def _u16(b: bytes, o: int) -> int:
@@ -324,6 +332,7 @@ def _list(f: IO[bytes], path: str, size: int) -> ZipListing:
         tuple(dict.fromkeys(ambiguities)),
         index,
         frozenset(folded),
+        visited,
     )
 
 
@@ -336,13 +345,13 @@ def _local_name(f: IO[bytes], e: ZipEntry) -> str | None:
 
 def _local_chain(
     f: IO[bytes], size: int, listed: list[ZipEntry]
-) -> tuple[list[ZipEntry], dict[int, str], set[int], int]:
+) -> tuple[list[ZipEntry], dict[int, str], dict[int, int], int]:
     """Local headers one after another from the start, as a streaming reader meets them. Sizes come
     from the local header, or from the central directory when the header defers them to a descriptor.
 
     Returns the headers no central directory lists, the local names (by offset) of the listed ones
-    whose local name may differ from their directory name, the offsets of the listed headers met,
-    and how many distinct offsets the listed entries have.
+    whose local name may differ from their directory name, the offsets of the listed headers met
+    (each with where its entry's bytes start), and how many distinct offsets the listed entries have.
     """
     by_offset: dict[int, ZipEntry] = {}
     shared: set[int] = set()  # offsets several entries point at: their local name is kept to compare with each
@@ -352,7 +361,7 @@ def _local_chain(
         by_offset[e.header_offset] = e
     unlisted: list[ZipEntry] = []
     renamed: dict[int, str] = {}
-    visited: set[int] = set()
+    visited: dict[int, int] = {}
     pos = 0
     unpack = _LOCAL_HEADER.unpack
     while len(unlisted) + len(visited) < MAX_ENTRIES:
@@ -367,7 +376,7 @@ def _local_chain(
         known = by_offset.get(pos)
         if known is not None:
             csize = known.compressed_size
-            visited.add(pos)
+            visited[pos] = pos + 30 + nlen + xlen
             if name != known.name or pos in shared:
                 renamed[pos] = name
         else:

@@ -17,7 +17,15 @@ from ..formats import sniff as fmt
 from ..formats.pickle_stream import WorkLimit, opcode_budget
 from ..formats.pickle_vm import Event, PickleVM, StorageRef, Trace, storage_dtype
 from ..formats.safetensors import header_defects
-from ..formats.torchfile import storage_loader, walk_legacy_storages
+from ..formats.torchfile import (
+    Decoded,
+    data_pkl_readable,
+    offer_decoded,
+    sharing_decodes,
+    storage_loader,
+    strict_loader,
+    walk_legacy_storages,
+)
 from ..formats.ziparchive import ZipEntry, ZipListing, crc_ok, list_archive, read_entry
 from .policy import BROKEN, SUSPICIOUS, UNSAFE
 from .report import Finding, _Streams
@@ -83,17 +91,21 @@ def _read_stream(out: _Streams, name: str, stream: IO[bytes], limit: int, budget
             stream.seek(end)
 
 
-def _scan_bytes(out: _Streams, name: str, data: bytes, stored: int | None = None) -> None:
-    """Scan one in-memory pickle stream (an archive entry); on a parse error, walk its opcodes."""
+def _scan_bytes(
+    out: _Streams, name: str, data: bytes, stored: int | None = None, persistent: Any = None
+) -> tuple[bool, Any]:
+    """Scan one in-memory pickle stream (an archive entry); on a parse error, walk its opcodes.
+    Returns whether the interpreter read it whole, and what it built."""
     budget = opcode_budget(len(data) if stored is None else stored)
     try:
-        _read_stream(out, name, io.BytesIO(data), len(data), budget)
+        return True, _read_stream(out, name, io.BytesIO(data), len(data), budget, persistent)
     except WorkLimit as exc:
         out.broken(f"{name}: {exc}: {len(data):,} bytes in all", name)
     except FormatError as exc:
         out.broken(f"{name}: {exc}", name)
         trace = next(t for n, t in reversed(out.traces) if n == name)
         _walk_opcodes(data, trace, 0, budget)
+    return False, None
 
 
 # opcodes that take no argument; runs of them are stepped over at once (a flood of them is the
@@ -274,16 +286,29 @@ def _scan_zip(path: str, out: _Streams) -> None:
                 f"({', '.join(sources[:3])}): a torch.package archive runs them when loaded",
             )
         )
+    # the entry read_zip decodes, when a validate's load follows this scan (torchfile.decodes_shared)
+    shared = chosen if sharing_decodes() and chosen is not None and len(listing.matches(chosen.name)) == 1 else None
     with open(path, "rb") as f:
-        _scan_archive_pickles(f, path, everything, out)
+        _scan_archive_pickles(f, path, everything, out, listing, shared)
         if out.format == "npz":
             for e in npys:
                 _scan_npz_member(f, path, e, out)
         _scan_torchscript_code(f, path, listing, out)
 
 
-def _scan_archive_pickles(f: IO[bytes], path: str, everything: list[ZipEntry], out: _Streams) -> None:
-    """Every pickle-bearing entry any reader could choose: each directory's, each local header's."""
+def _scan_archive_pickles(
+    f: IO[bytes],
+    path: str,
+    everything: list[ZipEntry],
+    out: _Streams,
+    listing: ZipListing | None = None,
+    shared: ZipEntry | None = None,
+) -> None:
+    """Every pickle-bearing entry any reader could choose: each directory's, each local header's.
+
+    ``shared``: the entry :func:`~ckpt_tool.formats.torchfile.read_zip` decodes next; its storages
+    are resolved as that reader resolves them, and a decode that passes its checks is left for it.
+    """
     candidates: dict[int, ZipEntry] = {}
     for e in everything:
         if _is_pickle_entry(e.name):
@@ -300,7 +325,8 @@ def _scan_archive_pickles(f: IO[bytes], path: str, everything: list[ZipEntry], o
         except FormatError as exc:
             out.broken(str(exc).removeprefix(f"{path}: "), stream)
             continue
-        if not crc_ok(e, data):
+        intact = crc_ok(e, data)
+        if not intact:
             out.findings.append(
                 Finding(
                     BROKEN,
@@ -309,7 +335,31 @@ def _scan_archive_pickles(f: IO[bytes], path: str, everything: list[ZipEntry], o
                     stream,
                 )
             )
-        _scan_bytes(out, stream, data, e.compressed_size)
+        if e is shared and listing is not None and intact and data_pkl_readable(e, data):
+            load, storages, refused = _shared_loader(path, listing, f)
+            whole, root = _scan_bytes(out, stream, data, e.compressed_size, load)
+            if whole and not refused:
+                offer_decoded(path, e, Decoded(root, out.traces[-1][1], storages))
+        else:
+            _scan_bytes(out, stream, data, e.compressed_size)
+
+
+def _shared_loader(path: str, listing: ZipListing, f: IO[bytes]) -> tuple[Any, dict[str, StorageRef], list[bool]]:
+    """read_zip's storage checks for a scan: a storage they refuse is noted (the decode is then not
+    shared, and read_zip reports it) and read leniently, so the scan walks on as it always does."""
+    strict, storages = strict_loader(path, listing, f)
+    lenient = _lenient_persistent_load()
+    refused: list[bool] = []
+
+    def load(pid: Any) -> Any:
+        if not refused:
+            try:
+                return strict(pid)
+            except FormatError:
+                refused.append(True)
+        return lenient(pid)
+
+    return load, storages, refused
 
 
 def _scan_npz_member(f: IO[bytes], path: str, e: ZipEntry, out: _Streams) -> None:
