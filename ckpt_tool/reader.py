@@ -34,6 +34,7 @@ from .model import (
     Candidate,
     Checkpoint,
     TensorRef,
+    dense_ref,
     itemsize,
     numel,
 )
@@ -463,20 +464,34 @@ def tensor_ref(key: str, t: PickledTensor, path: str) -> TensorRef:
         return TensorRef(
             key, t.dtype, t.shape, t.stride, f"{path}#meta:{key}", 0, 0, None, path, t.requires_grad, kind=kind, **extra
         )
-    ref = TensorRef(
-        key=key,
-        dtype=t.dtype,
-        shape=t.shape,
-        stride=t.stride,
-        storage=f"{path}#{s.key}",
-        storage_offset=t.storage_offset,
-        storage_nbytes=s.nbytes,
-        data_offset=s.data_offset,
-        file=s.file or path,
-        requires_grad=t.requires_grad,
-        kind=kind,
-        **extra,
-    )
+    if parts or extra["attrs"] or t.note or kind != DENSE:
+        ref = TensorRef(
+            key=key,
+            dtype=t.dtype,
+            shape=t.shape,
+            stride=t.stride,
+            storage=f"{path}#{s.key}",
+            storage_offset=t.storage_offset,
+            storage_nbytes=s.nbytes,
+            data_offset=s.data_offset,
+            file=s.file or path,
+            requires_grad=t.requires_grad,
+            kind=kind,
+            **extra,
+        )
+    else:  # a plain tensor (nearly every one): built as dense_ref builds it, without __init__'s setattrs
+        ref = dense_ref(
+            key,
+            t.dtype,
+            t.shape,
+            t.stride,
+            f"{path}#{s.key}",
+            s.nbytes,
+            s.data_offset,
+            s.file or path,
+            t.storage_offset,
+            t.requires_grad,
+        )
     if min(t.shape, default=0) < 0 or min(t.stride, default=0) < 0 or t.storage_offset < 0:
         raise FormatError(f"{path}: tensor {key!r} has a negative size, stride or offset")
     if t.dtype not in DTYPES:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import operator
 import os
 import re
 import sys
@@ -132,8 +133,11 @@ def _converter(cls: type) -> Callable[[Any], Any]:
     raw = tuple(f.name for f in fields if _raw_annotation(f.type))
     walked = tuple(f.name for f in fields if not _raw_annotation(f.type))
 
+    # the raw fields' values in one call (a report of 100,000 rows converts 100,000 of them)
+    values = operator.attrgetter(*raw) if len(raw) > 1 else None
+
     def convert(obj: Any) -> dict[str, Any]:
-        out = {name: getattr(obj, name) for name in raw}
+        out = dict(zip(raw, values(obj))) if values is not None else {name: getattr(obj, name) for name in raw}
         for name in walked:
             out[name] = _checked(to_jsonable(getattr(obj, name)))
         return out

@@ -22,6 +22,9 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+# (pickle_vm imports this module at its end, so either can be imported first)
+from .pickle_vm import Event, GlobalRef, PickledOrderedDict, _rebuild_tensor
+
 if TYPE_CHECKING:
     from .pickle_vm import _Machine
 
@@ -88,6 +91,7 @@ _TAIL = re.compile(
     re.DOTALL,
 )
 _NAME_PUT = re.compile(rb"q.|r....", re.DOTALL)
+_FUNC_NAME, _HOOKS_NAME = "torch._utils._rebuild_tensor_v2", "collections.OrderedDict"
 _MISSING = object()
 
 
@@ -231,6 +235,7 @@ def run_record(m: _Machine, buf: bytes, off: int, base: int, budget: int) -> boo
         total += 1 if name_put is None else 2
     vm, memo = m.vm, m.memo
     put = memo.put_op
+    calls = m.trace.calls
     ops0 = vm.ops
     if ops0 + total > budget:
         return False  # the opcode loop stops at the very opcode that exceeds it
@@ -271,13 +276,22 @@ def run_record(m: _Machine, buf: bytes, off: int, base: int, budget: int) -> boo
         put(t[12], hooks_func)
         stage = "hooks call"
         m.pos = base + tail.start(14)
-        hooks = m.call(hooks_func, (), "REDUCE")
+        # the two calls as _Machine.call makes them, for the globals every record names
+        if type(hooks_func) is GlobalRef and hooks_func.qualname == _HOOKS_NAME:
+            calls.append(Event("REDUCE", _HOOKS_NAME, m.pos, True))
+            hooks: Any = PickledOrderedDict()
+        else:
+            hooks = m.call(hooks_func, (), "REDUCE")
         put(t[14], hooks)
         args = (storage, _int(t[5]), size, stride, t[10] == b"\x88", hooks)
         put(t[15], args)
         stage = "call"
         m.pos = base + tail.start(17)
-        value = m.call(func, args, "REDUCE")
+        if type(func) is GlobalRef and func.qualname == _FUNC_NAME:
+            calls.append(Event("REDUCE", _FUNC_NAME, m.pos, True))
+            value = _rebuild_tensor(args)
+        else:
+            value = m.call(func, args, "REDUCE")
         put(t[17], value)
     except BaseException:
         # as the loop leaves them: the failing opcode counted, the reader just past it
