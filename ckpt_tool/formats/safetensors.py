@@ -209,8 +209,7 @@ def _header_defects(path: str) -> _Found:
             metadata = meta
         else:
             defects.append("__metadata__ must map strings to strings")
-    tensors: dict[str, TensorRef] = {}
-    spans: list[tuple[int, int, str]] = []
+    spans: list[tuple[int, int, str, TensorRef]] = []
     strides: dict[tuple[int, ...], tuple[int, ...]] = {}
     storage = path + "#"
     for key in list(header):
@@ -219,7 +218,7 @@ def _header_defects(path: str) -> _Found:
         # a fraction of a second); any doubt and _entry_defect says what is wrong
         try:
             code, dims, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            item = _ITEMSIZE[code]
+            dtype, item = _DTYPE_SIZE[code]
             ok = type(dims) is list and type(begin) is int and type(end) is int and 0 <= begin <= end <= data_len
             if ok:
                 for d in dims:
@@ -235,19 +234,18 @@ def _header_defects(path: str) -> _Found:
                 defects.append(problem)
                 continue
             code, dims, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            dtype = SAFETENSORS_TO_DTYPE[code]
         if code not in BASE_CODES:
             defects.append((key, code))  # judged by header_defects, when its caller asks
         shape = tuple(dims)
         stride = strides.get(shape)
         if stride is None:
             stride = strides[shape] = contiguous_strides(shape)
-        spans.append((begin, end, key))
-        tensors[key] = dense_ref(
-            key, SAFETENSORS_TO_DTYPE[code], shape, stride, storage + key, end - begin, data_start + begin, path
-        )
+        ref = dense_ref(key, dtype, shape, stride, storage + key, end - begin, data_start + begin, path)
+        spans.append((begin, end, key, ref))  # (keys are unique: the ref itself is never compared)
     spans.sort()
     cursor = 0
-    for begin, end, key in spans:
+    for begin, end, key, _ in spans:
         if begin < cursor:
             defects.append(f"tensor {key!r} overlaps the bytes of another tensor (offset {begin})")
         elif begin > cursor:
@@ -256,11 +254,11 @@ def _header_defects(path: str) -> _Found:
     if cursor < data_len:
         defects.append(f"{data_len - cursor} bytes after the last tensor belong to no tensor")
     # tensors follow the order of their bytes in the file, as the writer laid them out
-    ordered = {key: tensors[key] for _, _, key in spans if key in tensors}
+    ordered = {key: ref for _, _, key, ref in spans}
     return SafetensorsHeader(path, size, data_start, ordered, metadata), defects
 
 
-_ITEMSIZE = {code: DTYPES[name][0] for code, name in SAFETENSORS_TO_DTYPE.items()}
+_DTYPE_SIZE = {code: (name, DTYPES[name][0]) for code, name in SAFETENSORS_TO_DTYPE.items()}
 
 
 def _parse(raw: bytes) -> Any:
