@@ -463,3 +463,29 @@ def test_progress_counts_every_tensor_byte_once(tmp_path, torch, name):
     total = sum(b.nbytes for b in layout.blobs)
     assert ticks and {t for _, t in ticks} == {total}
     assert sum(n for n, _ in ticks) == total
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_writeback_is_started_as_the_output_grows_and_changes_no_byte(tmp_path, monkeypatch, suffix):
+    from click.testing import CliRunner
+
+    import ckpt_tool.writer as writer
+    from ckpt_tool.cli import main
+
+    started: list[tuple[int, int, int]] = []
+    real = writer._sync_file_range()
+
+    def record(fd, offset, nbytes, flags):
+        started.append((os.fstat(fd).st_size, offset, nbytes))
+        return real(fd, offset, nbytes, flags) if real is not None else 0
+
+    monkeypatch.setattr(writer, "WRITEBACK_BYTES", 256)
+    monkeypatch.setattr(writer, "_sync_file_range", lambda: record)
+    out = str(tmp_path / f"o{suffix}")
+    result = CliRunner().invoke(main, ["convert", "fixtures/tiny_cnn.pth", out])
+    assert result.exit_code == 0 and "verified" in result.output, result.output
+    assert started and all(0 <= o and 0 < n and o + n <= size for size, o, n in started)
+    if suffix == ".safetensors":  # the writeback of every tensor byte was asked for, each range once
+        ranges = sorted((o, o + n) for _, o, n in started)
+        assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))
+        assert sum(n for _, _, n in started) == sum(t.nbytes for t in open_checkpoint(out).tensors.values())
