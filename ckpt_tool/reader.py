@@ -9,6 +9,18 @@ from collections.abc import Iterable
 from typing import Any
 
 from .bulk import paused
+from .checkpoint import (
+    DENSE,
+    DTENSOR_SHARD,
+    DTYPES,
+    QUANTIZED,
+    SPARSE_KINDS,
+    Candidate,
+    Checkpoint,
+    TensorRef,
+    itemsize,
+    numel,
+)
 from .errors import FormatError, InputError, KeyPathError
 from .formats import sniff as fmt
 from .formats.pickle_vm import (
@@ -25,18 +37,6 @@ from .formats.pickle_vm import (
 )
 from .formats.safetensors import read_safetensors
 from .formats.torchfile import RawFile, read_legacy, read_pickle, read_zip
-from .model import (
-    DENSE,
-    DTENSOR_SHARD,
-    DTYPES,
-    QUANTIZED,
-    SPARSE_KINDS,
-    Candidate,
-    Checkpoint,
-    TensorRef,
-    itemsize,
-    numel,
-)
 
 # where weights usually live, most likely first
 PREFERRED_KEYS = (
