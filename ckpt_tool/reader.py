@@ -171,7 +171,7 @@ def open_checkpoint(path: str, key: str | None = None, *, optimizer: bool = Fals
             file_size=size,
             tensors=header.tensors,
             state_path="",
-            candidates=(Candidate("", len(header.tensors), sum(t.numel for t in header.tensors.values())),),
+            candidates=(Candidate("", len(header.tensors), header.elements),),
             metadata=header.metadata,
             files=(path,),
         )

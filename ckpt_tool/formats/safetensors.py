@@ -110,6 +110,7 @@ class SafetensorsHeader:
     data_start: int
     tensors: dict[str, TensorRef]
     metadata: dict[str, str] = field(default_factory=dict)
+    elements: int = 0  # the tensors' elements in all (counted as the header is checked)
 
 
 _Found = tuple[SafetensorsHeader | None, list[Any]]  # defects: messages, and (key, code) to ask loadable() about
@@ -210,6 +211,7 @@ def _header_defects(path: str) -> _Found:
         else:
             defects.append("__metadata__ must map strings to strings")
     spans: list[tuple[int, int, str, TensorRef]] = []
+    elements = 0
     strides: dict[tuple[int, ...], tuple[int, ...]] = {}
     storage = path + "#"
     for key in list(header):
@@ -225,7 +227,8 @@ def _header_defects(path: str) -> _Found:
                     if type(d) is not int or d < 0:
                         ok = False
                         break
-            ok = ok and end - begin == math.prod(dims) * item
+            numel = math.prod(dims) if ok else 0
+            ok = ok and end - begin == numel * item
         except (TypeError, KeyError, ValueError):
             ok = False
         if not ok:
@@ -235,6 +238,7 @@ def _header_defects(path: str) -> _Found:
                 continue
             code, dims, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
             dtype = SAFETENSORS_TO_DTYPE[code]
+            numel = math.prod(dims)
         if code not in BASE_CODES:
             defects.append((key, code))  # judged by header_defects, when its caller asks
         shape = tuple(dims)
@@ -243,6 +247,7 @@ def _header_defects(path: str) -> _Found:
             stride = strides[shape] = contiguous_strides(shape)
         ref = dense_ref(key, dtype, shape, stride, storage + key, end - begin, data_start + begin, path)
         spans.append((begin, end, key, ref))  # (keys are unique: the ref itself is never compared)
+        elements += numel
     spans.sort()
     cursor = 0
     for begin, end, key, _ in spans:
@@ -255,7 +260,7 @@ def _header_defects(path: str) -> _Found:
         defects.append(f"{data_len - cursor} bytes after the last tensor belong to no tensor")
     # tensors follow the order of their bytes in the file, as the writer laid them out
     ordered = {key: ref for _, _, key, ref in spans}
-    return SafetensorsHeader(path, size, data_start, ordered, metadata), defects
+    return SafetensorsHeader(path, size, data_start, ordered, metadata, elements), defects
 
 
 _DTYPE_SIZE = {code: (name, DTYPES[name][0]) for code, name in SAFETENSORS_TO_DTYPE.items()}

@@ -63,9 +63,10 @@ class ZipListing:
     _index: dict[str, ZipEntry] = field(default_factory=dict, compare=False, repr=False)
     # lower-cased names more than one entry has (the rest are found by ``_index`` alone)
     _shared: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
-    # header offset -> where the entry's bytes start, for the local headers the chain read (all, when
-    # the archive is well formed): a storage's bytes are placed without reading its header again
-    _data_at: dict[int, int] = field(default_factory=dict, compare=False, repr=False)
+    # header offset -> the local header's length, for the headers the chain read (all, when the
+    # archive is well formed): a storage's bytes are placed without reading its header again (the
+    # length, not the data's offset: a length under 257 is one of Python's shared small ints)
+    _header_len: dict[int, int] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def prefix(self) -> str:
@@ -94,8 +95,8 @@ class ZipListing:
 
     def data_start(self, f: IO[bytes], e: ZipEntry, path: str) -> int:
         """:func:`data_offset` of ``e``, from the local header the listing read already when it did."""
-        at = self._data_at.get(e.header_offset)
-        return at if at is not None else data_offset(f, e, path)
+        length = self._header_len.get(e.header_offset)
+        return e.header_offset + length if length is not None else data_offset(f, e, path)
 
 
 def _u16(b: bytes, o: int) -> int:
@@ -351,7 +352,7 @@ def _local_chain(
 
     Returns the headers no central directory lists, the local names (by offset) of the listed ones
     whose local name may differ from their directory name, the offsets of the listed headers met
-    (each with where its entry's bytes start), and how many distinct offsets the listed entries have.
+    (each with its header's length), and how many distinct offsets the listed entries have.
     """
     by_offset: dict[int, ZipEntry] = {}
     shared: set[int] = set()  # offsets several entries point at: their local name is kept to compare with each
@@ -376,7 +377,7 @@ def _local_chain(
         known = by_offset.get(pos)
         if known is not None:
             csize = known.compressed_size
-            visited[pos] = pos + 30 + nlen + xlen
+            visited[pos] = 30 + nlen + xlen
             if name != known.name or pos in shared:
                 renamed[pos] = name
         else:
