@@ -1,6 +1,8 @@
 """``ckpt migrate vgg16.pth --drop classifier.6 -o out.safetensors`` against the naive way and ``cp``.
 
-Run: ``python bench/bench_migrate.py`` (``--big`` adds the sharded set below). The naive way:
+Run: ``python bench/bench_migrate.py [--compare TREE]`` (``--big`` adds the sharded set below;
+``--compare TREE`` also runs each ckpt command from another checkout of the package, ``git archive
+REV | tar -x -C TREE``, alternating with this one: a before and after in one run). The naive way:
 ``torch.load``, delete the keys from the dict, ``safetensors.torch.save_file``. Targets: peak RSS
 under 100 MB and wall time within 1.5x of ``cp`` followed by ``sync`` of the same bytes (a durable
 copy: ckpt fsyncs before it renames). Also measured: the same migration to ``.pth`` and a
@@ -16,7 +18,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import CKPT, OUT, PYTHON, fresh, measure, report, vgg16_pth  # noqa: E402
+from _common import CKPT, OUT, PYTHON, Run, bench_env, fresh, measure, report, run_process, vgg16_pth  # noqa: E402
 
 NAIVE = """
 import sys, torch
@@ -28,11 +30,34 @@ save_file(sd, sys.argv[2])
 """
 
 
+def _compared(label: str, cmd: list[str], output: str, tree: str, baseline: list[str], repeat: int = 5) -> list[Run]:
+    """``baseline`` (its last word: the file it writes), ``cmd`` from ``tree`` and ``cmd`` from this
+    checkout, one after the other ``repeat`` times (a loaded machine slows all three alike), best of
+    each; the outputs removed (untimed) before every run."""
+    other = bench_env(PYTHONPATH=os.path.abspath(tree))
+    then = [PYTHON, "-P", *cmd[1:]]  # -P: the tree on PYTHONPATH is imported, not the current directory
+    runs: dict[str, Run] = {}
+    for _ in range(repeat):
+        for name, c, env in (
+            ("cp + sync", baseline[:-1], None),
+            (f"{label} (before)", then, other),
+            (label, cmd, None),
+        ):
+            for path in (output, baseline[-1]):
+                if os.path.exists(path):
+                    os.unlink(path)
+            _, wall, rss, _ = run_process(c, env)
+            if name not in runs or wall < runs[name].wall_s:
+                runs[name] = Run(name, wall, rss, 0)
+    return list(runs.values())
+
+
 def main() -> None:
     src = vgg16_pth()
     out = os.path.join(OUT, "migrate_out")
     os.makedirs(out, exist_ok=True)
     print(f"file: {src} ({os.path.getsize(src) / 1e6:.0f} MB)")
+    print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     # page cache warm for everyone: read the file once first
     measure("warm-up", ["cat", src], repeat=1)
     copy = os.path.join(out, "copy.pth")
@@ -40,11 +65,15 @@ def main() -> None:
     # ckpt fsyncs what it writes (durability before the rename); cp does not unless asked
     cp_sync = fresh("cp vgg16.pth + sync (fsync) of the copy", ["sh", "-c", f"cp {src} {copy} && sync {copy}"], copy)
     target = os.path.join(out, "ours.safetensors")
-    ours = fresh(
-        "ckpt migrate --drop classifier.6 -> .safetensors",
-        CKPT + ["migrate", src, "--drop", "classifier.6", "-o", target],
-        target,
-    )
+    cmd = CKPT + ["migrate", src, "--drop", "classifier.6", "-o", target]
+    if "--compare" in sys.argv:
+        tree = sys.argv[sys.argv.index("--compare") + 1]
+        baseline = ["sh", "-c", f"cp {src} {copy} && sync {copy}", copy]
+        runs = _compared("ckpt migrate --drop classifier.6 -> .safetensors", cmd, target, tree, baseline)
+        print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        report(runs, runs[0])
+        return
+    ours = fresh("ckpt migrate --drop classifier.6 -> .safetensors", cmd, target)
     target = os.path.join(out, "ours.pth")
     ours_pth = fresh(
         "ckpt migrate --drop classifier.6 -> .pth",
