@@ -60,7 +60,9 @@ MODULE_TREE = "module tree"
 
 
 def read_raw(path: str, trace: Trace | None = None) -> RawFile:
-    """Decode a single torch/pickle file into its inert object tree (no tensor bytes)."""
+    """Decode a single torch/pickle file into its inert object tree (no tensor bytes). Without a
+    ``trace`` given, the globals the file names are recorded, not its calls (see :class:`Trace`)."""
+    trace = trace if trace is not None else Trace(record_calls=False)
     kind = fmt.sniff(path)
     size = _size(path)
     if kind in (fmt.ZIP, fmt.TORCHSCRIPT):

@@ -507,3 +507,13 @@ def test_strided_views_stream_in_bounded_chunks(torch, tmp_path):
         chunks = list(iter_raw_chunks(ref, files, chunk_bytes=1024))
     assert len(chunks) == 8 and max(len(c) for c in chunks) <= 1024
     assert b"".join(chunks) == t.contiguous().numpy().tobytes()
+
+
+def test_reading_a_file_records_its_globals_and_not_its_calls():
+    from ckpt_tool.formats.pickle_vm import Trace
+    from ckpt_tool.reader import read_raw
+
+    quiet = read_raw("fixtures/tiny_cnn_dataparallel_nested.pth")
+    full = read_raw("fixtures/tiny_cnn_dataparallel_nested.pth", Trace())
+    assert full.trace.calls and not quiet.trace.calls  # two per tensor: not kept for describing
+    assert quiet.trace.globals == full.trace.globals and quiet.storages == full.storages

@@ -235,7 +235,7 @@ def run_record(m: _Machine, buf: bytes, off: int, base: int, budget: int) -> boo
         total += 1 if name_put is None else 2
     vm, memo = m.vm, m.memo
     put = memo.put_op
-    calls = m.trace.calls
+    calls = m.calls
     ops0 = vm.ops
     if ops0 + total > budget:
         return False  # the opcode loop stops at the very opcode that exceeds it
@@ -278,7 +278,8 @@ def run_record(m: _Machine, buf: bytes, off: int, base: int, budget: int) -> boo
         m.pos = base + tail.start(14)
         # the two calls as _Machine.call makes them, for the globals every record names
         if type(hooks_func) is GlobalRef and hooks_func.qualname == _HOOKS_NAME:
-            calls.append(Event("REDUCE", _HOOKS_NAME, m.pos, True))
+            if calls is not None:
+                calls.append(Event("REDUCE", _HOOKS_NAME, m.pos, True))
             hooks: Any = PickledOrderedDict()
         else:
             hooks = m.call(hooks_func, (), "REDUCE")
@@ -288,7 +289,8 @@ def run_record(m: _Machine, buf: bytes, off: int, base: int, budget: int) -> boo
         stage = "call"
         m.pos = base + tail.start(17)
         if type(func) is GlobalRef and func.qualname == _FUNC_NAME:
-            calls.append(Event("REDUCE", _FUNC_NAME, m.pos, True))
+            if calls is not None:
+                calls.append(Event("REDUCE", _FUNC_NAME, m.pos, True))
             value = _rebuild_tensor(args)
         else:
             value = m.call(func, args, "REDUCE")

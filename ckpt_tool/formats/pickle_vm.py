@@ -200,6 +200,10 @@ class Trace:
     globals: list[Event] = field(default_factory=list)
     calls: list[Event] = field(default_factory=list)
     desync: list[int] = field(default_factory=list)  # where the C and the straight reading of FRAMEs part
+    # False: ``calls`` stays empty. Describing a file needs the globals it names (its placeholders),
+    # not its calls, which number two per tensor (200,000 events, 20 MB, for 100,000 tensors); scan
+    # judges them
+    record_calls: bool = True
 
 
 def _rebuild_tensor(args: tuple[Any, ...], is_param: bool = False) -> PickledTensor:
@@ -578,6 +582,7 @@ class _Machine:
         self.vm = vm
         self.r = reader
         self.trace = vm.trace
+        self.calls: list[Event] | None = vm.trace.calls if vm.trace.record_calls else None
         self.stack: list[Any] = []
         self.marks: list[int] = []
         self.memo = Memo()
@@ -648,7 +653,8 @@ class _Machine:
         name = (
             func.qualname if is_global else (func.name if isinstance(func, Placeholder) else f"<{type(func).__name__}>")
         )
-        self.trace.calls.append(Event(opcode, name, self.pos, is_global))
+        if self.calls is not None:
+            self.calls.append(Event(opcode, name, self.pos, is_global))
         if is_global and opcode == "REDUCE":
             handled, value = _reduce_known(name, args)
             if handled:
@@ -920,7 +926,8 @@ def _build(m: _Machine) -> None:
     state = m.pop()
     obj = m.top()
     name = obj.name if isinstance(obj, Placeholder) else type(obj).__name__
-    m.trace.calls.append(Event("BUILD", name, m.pos))
+    if m.calls is not None:
+        m.calls.append(Event("BUILD", name, m.pos))
     if isinstance(obj, Placeholder):
         obj.state = state if obj.state is None else (obj.state, state)
         if name in JOBLIB_ARRAY_WRAPPERS and isinstance(state, dict):

@@ -75,7 +75,8 @@ def read_zip(path: str, file_size: int, trace: Trace | None = None, fmt_name: st
         if shared is not None:  # decoded by the scan just before, with this very loader's checks
             root = shared.root
             trace.globals.extend(shared.trace.globals)
-            trace.calls.extend(shared.trace.calls)
+            if trace.record_calls:
+                trace.calls.extend(shared.trace.calls)
             trace.desync.extend(shared.trace.desync)
         else:
             root = _load_entry(raw, found, PickleVM(persistent_load, trace, _budget(found)), path)
