@@ -246,7 +246,12 @@ def run_record(m: _Machine, buf: bytes, off: int, base: int, budget: int) -> boo
         total -= 1 if name_put is None else 2
     stage = "func"
     try:
-        func = _global_or_read(m, h[0], base + head.start(1), "torch._utils", "_rebuild_tensor_v2")
+        # (each of the three is a memo read in every record after the first: read in place)
+        g = h[0]
+        if g[0] == 0x63:
+            func = _global_or_read(m, g, base + head.start(1), "torch._utils", "_rebuild_tensor_v2")
+        else:
+            func = memo.get_op(g)
         put(h[1], func)
         stage = "word"
         g = h[2]
@@ -256,7 +261,12 @@ def run_record(m: _Machine, buf: bytes, off: int, base: int, budget: int) -> boo
             word = memo.get_op(g)
         put(h[3], word)
         stage = "class"
-        cls = _global_or_read(m, h[4], base + head.start(5), "torch", h[4][7:-1].decode("ascii"))
+        g = h[4]
+        cls = (
+            memo.get_op(g)
+            if g[0] != 0x63
+            else _global_or_read(m, g, base + head.start(5), "torch", g[7:-1].decode("ascii"))
+        )
         put(h[5], cls)
         stage = "key"
         if key is _MISSING:
@@ -272,7 +282,11 @@ def run_record(m: _Machine, buf: bytes, off: int, base: int, budget: int) -> boo
         put(t[7], size)
         put(t[9], stride)
         stage = "hooks"
-        hooks_func = _global_or_read(m, t[11], base + tail.start(12), "collections", "OrderedDict")
+        g = t[11]
+        if g[0] == 0x63:
+            hooks_func = _global_or_read(m, g, base + tail.start(12), "collections", "OrderedDict")
+        else:
+            hooks_func = memo.get_op(g)
         put(t[12], hooks_func)
         stage = "hooks call"
         m.pos = base + tail.start(14)
