@@ -15,6 +15,7 @@ from torch import nn
 
 from ckpt_tool.arch import build_model, signature_from_model, target_signature
 from ckpt_tool.compat import check, check_checkpoint, parameter_share, shapes_load
+from ckpt_tool.config import ProjectPolicies
 from ckpt_tool.diff import diff_paths
 from ckpt_tool.migrate import migrate
 from ckpt_tool.plan import Plan
@@ -174,7 +175,7 @@ def test_every_command_gives_torchs_answer(
     spec = f"{archs}:{name}"
     assert _torch_loads(archs, name, path) is expected  # the truth, from torch and safetensors
     assert diff_paths(str(path), arch=spec).loads_strictly is expected
-    checks = validate_file(str(path), Rules(Policy(), arch=(("*", spec, {}, None),))).checks
+    checks = validate_file(str(path), Rules(Policy(), ProjectPolicies(arch=(("*", spec, {}, None),)))).checks
     assert [c.status for c in checks if c.name == "arch"] == ["pass" if expected else "fail"]
 
 

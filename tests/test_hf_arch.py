@@ -149,17 +149,15 @@ def test_migrate_verifies_by_loading_into_the_hf_model(models, tmp_path):
     assert report["plan"]["shared"][0]["keys"] == ["model.embed_tokens.weight", "lm_head.weight"]
 
 
-def test_validate_arch_policy(models, tmp_path):
-    from ckpt_tool.scan import ProjectConfig
+def test_validate_arch_policy(models):
+    from ckpt_tool.config import ProjectConfig
     from ckpt_tool.validate import PASS, rules_from_config, validate_file
 
     paths, _ = models
     config = ProjectConfig(
-        str(tmp_path / "pyproject.toml"), {"arch": {"*.safetensors": {"arch": f"hf:{paths['bert']}"}}}
+        os.path.join(paths["bert"], "pyproject.toml"), {"arch": {"*.safetensors": {"arch": f"hf:{paths['bert']}"}}}
     )
-    from dataclasses import replace
-
-    rules = replace(rules_from_config(config), root=paths["bert"])
+    rules = rules_from_config(config)
     checks = {c.name: c for c in validate_file(os.path.join(paths["bert"], "model.safetensors"), rules).checks}
     assert checks["arch"].status == PASS, checks["arch"].message
 
