@@ -12,6 +12,7 @@ import sys
 
 import pytest
 from click.testing import CliRunner
+from hf_configs import tiny_bert_config, tiny_gpt2_config, tiny_llama_config
 
 from ckpt_tool.arch import build_model, target_signature
 from ckpt_tool.cli import main
@@ -36,32 +37,9 @@ def models(tmp_path_factory):
     out = tmp_path_factory.mktemp("hf")
     torch.manual_seed(0)
     configs = {
-        "gpt2": transformers.GPT2LMHeadModel(
-            transformers.GPT2Config(
-                n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0
-            )
-        ),
-        "bert": transformers.BertForMaskedLM(
-            transformers.BertConfig(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                vocab_size=100,
-                max_position_embeddings=64,
-            )
-        ),
-        "llama": transformers.LlamaForCausalLM(
-            transformers.LlamaConfig(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                vocab_size=100,
-                tie_word_embeddings=True,
-            )
-        ),
+        "gpt2": transformers.GPT2LMHeadModel(tiny_gpt2_config()),
+        "bert": transformers.BertForMaskedLM(tiny_bert_config()),
+        "llama": transformers.LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True)),
     }
     paths = {}
     for name, model in configs.items():
