@@ -280,6 +280,15 @@ def _is_script_module(obj: Placeholder) -> bool:
     return obj.name.startswith("__torch__.") and isinstance(obj.state, dict)
 
 
+def _holds_state_dict(obj: dict[Any, Any]) -> bool:
+    """String keys, and tensors for most values (``_extra_state`` entries count as tensors): a
+    callback's state with one score tensor among its paths and settings is not a state dict."""
+    if not all(isinstance(k, str) for k in obj):
+        return False
+    tensors = sum(1 for k, v in obj.items() if isinstance(v, PickledTensor) or k.endswith("_extra_state"))
+    return any(isinstance(v, PickledTensor) for v in obj.values()) and 2 * tensors > len(obj)
+
+
 def find_candidates(root: Any) -> list[tuple[str, Any]]:
     """Every place in the tree that holds a state dict: ``(key path, object)`` in tree order."""
     found: list[tuple[str, Any]] = []
@@ -292,7 +301,7 @@ def find_candidates(root: Any) -> list[tuple[str, Any]]:
         if isinstance(obj, dict):
             if _is_optimizer_state(obj):
                 return
-            if any(isinstance(v, PickledTensor) for v in obj.values()) and all(isinstance(k, str) for k in obj):
+            if _holds_state_dict(obj):
                 found.append((path, obj))
             for k, v in obj.items():
                 if isinstance(v, (dict, list, tuple, Placeholder)):
