@@ -211,21 +211,23 @@ _strides = functools.lru_cache(maxsize=4096)(contiguous_strides)  # a checkpoint
 
 
 def _row(ref: TensorRef, shared: dict[str, list[str]], stats: TensorStats | None) -> TensorRow:
-    others = tuple(k for k in shared[ref.storage] if k != ref.key) if ref.storage in shared else ()
+    others = tuple(k for k in shared[ref.storage] if k != ref.key) if shared and ref.storage in shared else ()
     # a contiguous layout is the common case and the cheap one to recognise (strides are cached by shape)
     contiguous = ref.stride == _strides(ref.shape) or ref.is_contiguous
     dense = ref.kind == DENSE
     numel = math.prod(ref.shape)
+    at = ref.data_offset
+    item = DTYPES[ref.dtype][0] if dense or at is not None else 0
     # TensorRow(...) without the frozen dataclass's __init__ (which goes through object.__setattr__)
     row = _new(TensorRow)
     _name(row, ref.key)
     _shape(row, ref.shape)
     _dtype(row, ref.dtype)
     _parameters(row, numel)
-    _nbytes(row, numel * DTYPES[ref.dtype][0] if dense else ref.nbytes)
+    _nbytes(row, numel * item if dense else ref.nbytes)
     _stride(row, ref.stride)
     _storage(row, ref.storage)
-    _offset(row, ref.offset)
+    _offset(row, None if at is None else at + ref.storage_offset * item)  # (TensorRef.offset, inlined)
     _contiguous(row, contiguous)
     _shared_with(row, others)
     _stats(row, stats)
