@@ -107,9 +107,16 @@ def diff_paths(
         map_file=map_out,
     )
     if isinstance(target, Checkpoint):
+        from ..formats.hf_trainer import is_trainer_dir
         from ..optim_state import compare_optimizers
+        from ..optim_state.trainer import trainer_optimizers
 
-        report = replace(report, optimizer=compare_optimizers(source, target))
+        # a Trainer directory's optimizer.pt is beside the weights, its ids in the Trainer's groups
+        found = [
+            trainer_optimizers(p, c) if p and is_trainer_dir(p) else None
+            for p, c in ((path, source), (target_path, target))
+        ]
+        report = replace(report, optimizer=compare_optimizers(source, target, found_a=found[0], found_b=found[1]))
     if plan_out is not None:
         report.plan.plan.save(plan_out)
         report = replace(report, plan_path=plan_out)

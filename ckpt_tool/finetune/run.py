@@ -108,6 +108,8 @@ def _run(
     ckpt = open_checkpoint(path, opts.key)
     torch.manual_seed(opts.seed)
     model = build_model(arch, opts.arch_args, device="cpu")
+    # read before the head is replaced: a Trainer's optimizer ids follow the trained model's groups
+    resume = read_resume(ckpt, opts.optimizer, path=path, model=model) if opts.resume_optimizer else None
     # --head alone only names the head (for --freeze-epochs); --num-classes replaces it
     head = replace_head(model, opts.num_classes, opts.head) if opts.num_classes else None
     head_path = head.module if head else find_head(model, opts.head)
@@ -115,7 +117,6 @@ def _run(
     state, operations, initialised = _migrated_state(ckpt, opts, model)
     load = _load_into(model, state, (head.module, *head.aux) if head else (), operations, initialised)
     del state
-    resume = read_resume(ckpt, opts.optimizer) if opts.resume_optimizer else None
     model.to(device)
     specs = phase_plan(model, opts, (head_path, *head.aux) if head else (head_path,), by_model)
     apply_trainable(model, specs[0].trainable)
