@@ -234,6 +234,11 @@ def migrate(
     if input_shape is not None and not (dry_run and plan.arch):
         raise UsageError("--input-shape sets the shape flow's input: it needs --dry-run and --arch")
     ckpt = open_checkpoint(plan.source, plan.key)
+    if isinstance(ckpt.root, PickledTensor):
+        raise UsageError(
+            f"{plan.source}: holds one bare tensor, not a state dict (torch.load returns the tensor "
+            "itself): nothing to migrate or convert"
+        )
     if not ckpt.tensors:
         raise UsageError(
             f"{plan.source}: holds no tensors to migrate (try --key; candidates: "

@@ -280,6 +280,10 @@ def _is_script_module(obj: Placeholder) -> bool:
     return obj.name.startswith("__torch__.") and isinstance(obj.state, dict)
 
 
+# the key a file that holds one bare tensor (``torch.save(tensor, f)``) describes it under
+BARE_TENSOR = "<tensor>"
+
+
 def find_candidates(root: Any) -> list[tuple[str, Any]]:
     """Every place in the tree that holds a state dict: ``(key path, object)`` in tree order."""
     found: list[tuple[str, Any]] = []
@@ -308,6 +312,8 @@ def find_candidates(root: Any) -> list[tuple[str, Any]]:
             if obj.dictitems:
                 walk(obj.dictitems, path, depth + 1)
 
+    if isinstance(root, PickledTensor):  # torch.save(tensor): one tensor, under BARE_TENSOR
+        return [("", root)]
     walk(root, "", 0)
     return found
 
@@ -417,6 +423,8 @@ def to_state_dict(obj: Any, path: str) -> dict[str, TensorRef]:
                 out[str(k)] = tensor_ref(str(k), v, path)
     elif isinstance(obj, Placeholder):
         _module_tensors(obj, "", out, path, set())
+    elif isinstance(obj, PickledTensor):
+        out[BARE_TENSOR] = tensor_ref(BARE_TENSOR, obj, path)
     return out
 
 
