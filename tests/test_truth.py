@@ -29,3 +29,25 @@ def test_a_bare_tensor_is_one_tensor_in_inspect_scan_and_validate(torch, tmp_pat
     r = _run("convert", path, tmp_path / "out.safetensors")
     assert r.exit_code == 2 and "holds one bare tensor, not a state dict" in r.output, r.output
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_aliases_ckpt_recorded_in_safetensors_come_back_tied_in_a_pth(torch, tmp_path):
+    from conftest import TiedLM
+
+    model = TiedLM.build()
+    torch.save(model.state_dict(), tmp_path / "tied.pth")
+    assert _run("convert", tmp_path / "tied.pth", tmp_path / "tied.safetensors").exit_code == 0
+    r = _run("convert", tmp_path / "tied.safetensors", tmp_path / "back.pth")
+    assert r.exit_code == 0 and "1 tied to their partner" in r.output, r.output
+    sd = torch.load(tmp_path / "back.pth", weights_only=True)
+    assert list(sd) == ["embed.weight", "proj.weight"]
+    assert sd["proj.weight"].untyped_storage().data_ptr() == sd["embed.weight"].untyped_storage().data_ptr()
+    assert torch.equal(sd["proj.weight"], model.proj.weight)
+    fresh = TiedLM.build()
+    fresh.load_state_dict(sd, strict=True)
+    assert fresh.proj.weight is fresh.embed.weight and torch.equal(fresh.embed.weight, model.embed.weight)
+    # renamed with its partner, the alias stays one storage with it
+    r = _run("migrate", tmp_path / "tied.safetensors", "--add-prefix", "lm.", "-o", tmp_path / "lm.pth")
+    assert r.exit_code == 0, r.output
+    sd = torch.load(tmp_path / "lm.pth", weights_only=True)
+    assert sd["lm.proj.weight"].untyped_storage().data_ptr() == sd["lm.embed.weight"].untyped_storage().data_ptr()
