@@ -416,22 +416,55 @@ def _sha(path):
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-def test_the_worked_example_prints_what_the_page_says(torch, tmp_path, monkeypatch):
-    """docs/commands/migrate.md: its script, its command, its output, as written there."""
+def _page_example(page, heading, command):
+    """A section's scripts (by their first-line name), its ``command`` block and the text it prints."""
     import re
+
+    text = open(os.path.join(os.path.dirname(__file__), "..", "docs", "commands", page)).read()
+    section = text[text.index(heading) :]
+    scripts = dict(re.findall(r"```python\n# (\S+\.py)\n(.*?)```", section.partition("\n## ")[0], re.S))
+    run = re.search(rf"```bash\n(ckpt {command} .*?)\n```", section).group(1)
+    printed = re.search(r"\(`tests/test_hf_trainer.py` runs .*?\):\n\n```text\n(.*?)\n```", section, re.S).group(1)
+    return scripts, run, printed
+
+
+def test_the_worked_example_prints_what_the_page_says(torch, tmp_path, monkeypatch):
+    """docs/commands/migrate.md: its script, its command, its output, as written there; then
+    docs/commands/diff.md's diff of the two directories."""
     import runpy
     import shlex
 
-    page = open(os.path.join(os.path.dirname(__file__), "..", "docs", "commands", "migrate.md")).read()
-    section = page[page.index("### Worked example: a new head for a Trainer checkpoint") :]
-    script = re.search(r"```python\n# make_trainer_checkpoint.py\n(.*?)```", section, re.S).group(1)
-    command = re.search(r"```bash\n(ckpt migrate .*?)\n```", section).group(1)
-    printed = re.search(r"prints \(.*?\):\n\n```text\n(.*?)\n```", section, re.S).group(1)
+    scripts, command, printed = _page_example(
+        "migrate.md", "### Worked example: a new head for a Trainer checkpoint", "migrate"
+    )
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "make_trainer_checkpoint.py").write_text(script)
+    (tmp_path / "make_trainer_checkpoint.py").write_text(scripts["make_trainer_checkpoint.py"])
     runpy.run_path("make_trainer_checkpoint.py")
     r = _run(*shlex.split(command)[1:])
     assert r.exit_code == 0 and r.output.strip() == printed.strip(), r.output
+    _, command, printed = _page_example("diff.md", "## Two training checkpoints: their optimizer states", "diff")
+    r = _run(*shlex.split(command)[1:])
+    assert r.exit_code == 1 and r.output.strip() == printed.strip(), r.output
+
+
+def test_the_resume_example_prints_what_the_page_says(torch, tmp_path, monkeypatch):
+    """docs/commands/finetune-check.md: its model, its Trainer run, its command and the check it shows."""
+    import runpy
+    import shlex
+    import sys
+
+    scripts, command, printed = _page_example(
+        "finetune-check.md", "### Resuming a Hugging Face Trainer checkpoint's optimizer", "finetune-check"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name, text in scripts.items():
+        (tmp_path / name).write_text(text)
+    runpy.run_path("train_images.py")
+    sys.modules.pop("models", None)
+    r = _run(*shlex.split(command)[1:])
+    assert r.exit_code == 0 and "PASS: every check passed" in r.output, r.output
+    assert printed.strip() in r.output
 
 
 def test_a_directory_not_as_planned_is_never_renamed_into_place(torch, bert, tmp_path, monkeypatch):
