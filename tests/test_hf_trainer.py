@@ -501,9 +501,7 @@ def test_diff_of_trainer_directories_compares_their_optimizer_states(torch, bert
     new_head = _optimizer_diff(bert, str(out))
     assert new_head["source"] == []
     assert new_head["target"] == ["optimizer: 2 parameters without state (classifier.weight, classifier.bias)"]
-    assert new_head["differences"] == [
-        "optimizer: state only in the checkpoint for classifier.bias, classifier.weight"
-    ]
+    assert new_head["differences"] == ["optimizer: state only in the checkpoint for classifier.bias, classifier.weight"]
     # another learning rate in the no-decay group, and one moment of the wrong shape
     bad = tmp_path / "bad"
     shutil.copytree(bert, bad)
