@@ -27,8 +27,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
+from .checkpoint import TensorRef
 from .errors import UsageError
-from .model import TensorRef
 from .plan import Entry, State, Target, _tensors
 
 ADAPT_INPUT_CONV = "adapt_input_conv"

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .arch import TargetSignature, TargetTensor
-from .model import Checkpoint, numel
+from .checkpoint import Checkpoint, numel
 
 EXTRA_STATE_SUFFIX = "_extra_state"
 # under this share of an architecture's parameters from the checkpoint, it is taken for the wrong one

@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
+from .checkpoint import DENSE, Progress, contiguous_strides
 from .errors import OutputError, UsageError
 from .formats.dcp import FORMAT, METADATA
-from .model import DENSE, Progress, contiguous_strides
 from .writer import Layout, Written, _fsync_dir  # the one directory fsync
 
 SHARD_FILE = "__0_0.distcp"

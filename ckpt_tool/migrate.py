@@ -20,6 +20,7 @@ from typing import Any
 from . import __version__
 from .adapt import computed_chunks, needs_torch
 from .arch import target_signature
+from .checkpoint import Checkpoint, Progress, TensorRef, contiguous_strides, is_floating, itemsize, numel
 from .compat import (
     ALL_CURRENT,
     MOSTLY_NEW_SHARE,
@@ -36,7 +37,6 @@ from .formats.dcp import FORMAT as DCP
 from .formats.dcp import chunks_of
 from .formats.hf_trainer import is_trainer_dir
 from .formats.pickle_vm import GlobalRef, PickledTensor, Placeholder
-from .model import Checkpoint, Progress, TensorRef, contiguous_strides, is_floating, itemsize, numel
 from .objects import account, composite_views, is_composite
 from .optim_state import CARRIED, AlsoPlan, Carried, OptimizerPlan, training_state, verify_carried
 from .optim_state.trainer import TrainerPlan

@@ -16,9 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .errors import UsageError
-from .formats.dcp import FORMAT as DCP
-from .model import (
+from .checkpoint import (
     DENSE,
     DTENSOR_SHARD,
     QUANTIZED,
@@ -28,6 +26,8 @@ from .model import (
     contiguous_strides,
     in_module,
 )
+from .errors import UsageError
+from .formats.dcp import FORMAT as DCP
 from .plan import CHECKPOINT, Entry, Operation, State
 from .text import grouped_notes
 from .writer import PTH, SAFETENSORS, View, refuse_for_safetensors

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .arch import TargetSignature, TargetTensor
+from .checkpoint import TensorRef, in_module, is_floating
 from .compat import shapes_load
 from .errors import InputError, UsageError
-from .model import TensorRef, in_module, is_floating
 
 PLAN_VERSION = 1
 CAST_DTYPES = ("float16", "bfloat16", "float32")

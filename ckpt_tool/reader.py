@@ -9,6 +9,18 @@ from collections.abc import Iterable
 from typing import Any
 
 from .bulk import paused
+from .checkpoint import (
+    DENSE,
+    DTENSOR_SHARD,
+    DTYPES,
+    QUANTIZED,
+    SPARSE_KINDS,
+    Candidate,
+    Checkpoint,
+    TensorRef,
+    itemsize,
+    numel,
+)
 from .errors import FormatError, InputError, KeyPathError
 from .formats import sniff as fmt
 from .formats.pickle_vm import (
@@ -25,18 +37,6 @@ from .formats.pickle_vm import (
 )
 from .formats.safetensors import read_safetensors
 from .formats.torchfile import RawFile, read_legacy, read_pickle, read_zip
-from .model import (
-    DENSE,
-    DTENSOR_SHARD,
-    DTYPES,
-    QUANTIZED,
-    SPARSE_KINDS,
-    Candidate,
-    Checkpoint,
-    TensorRef,
-    itemsize,
-    numel,
-)
 
 # where weights usually live, most likely first
 PREFERRED_KEYS = (
@@ -284,6 +284,15 @@ def _is_script_module(obj: Placeholder) -> bool:
 BARE_TENSOR = "<tensor>"
 
 
+def _holds_state_dict(obj: dict[Any, Any]) -> bool:
+    """String keys, and tensors for most values (``_extra_state`` entries count as tensors): a
+    callback's state with one score tensor among its paths and settings is not a state dict."""
+    if not all(isinstance(k, str) for k in obj):
+        return False
+    tensors = sum(1 for k, v in obj.items() if isinstance(v, PickledTensor) or k.endswith("_extra_state"))
+    return any(isinstance(v, PickledTensor) for v in obj.values()) and 2 * tensors > len(obj)
+
+
 def find_candidates(root: Any) -> list[tuple[str, Any]]:
     """Every place in the tree that holds a state dict: ``(key path, object)`` in tree order."""
     found: list[tuple[str, Any]] = []
@@ -296,7 +305,7 @@ def find_candidates(root: Any) -> list[tuple[str, Any]]:
         if isinstance(obj, dict):
             if _is_optimizer_state(obj):
                 return
-            if any(isinstance(v, PickledTensor) for v in obj.values()) and all(isinstance(k, str) for k in obj):
+            if _holds_state_dict(obj):
                 found.append((path, obj))
             for k, v in obj.items():
                 if isinstance(v, (dict, list, tuple, Placeholder)):

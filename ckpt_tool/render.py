@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal, TypeVar, overload
 
-from .model import Progress
+from .checkpoint import Progress
 from .text import human_bytes, human_count, shape_str, some  # noqa: F401 - the commands take them from here
 
 __all__ = [

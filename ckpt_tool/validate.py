@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .bulk import paused
+from .checkpoint import Checkpoint, is_floating
 from .errors import CkptError, TorchMissingError, UsageError
 from .formats import sniff as fmt
 from .formats.safetensors import headers_memoized
-from .model import Checkpoint, is_floating
 from .scan import (
     SAFE,
     FileScan,

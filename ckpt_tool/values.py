@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import IO, Any
 
+from .checkpoint import QUANTIZED, SPARSE_KINDS, TensorRef, itemsize
 from .errors import FormatError, InputError
-from .model import QUANTIZED, SPARSE_KINDS, TensorRef, itemsize
 
 CHUNK_BYTES = 16 * 1024 * 1024
 # how many bytes a strided view may produce beyond the bytes it reads (broadcast views repeat them)

@@ -26,10 +26,10 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from .arch import TargetSignature
+from .checkpoint import DENSE, DTYPES, SPARSE_KINDS, Checkpoint, TensorRef
 from .compat import Compatibility, check, parameter_share
 from .errors import FormatError, InputError
 from .formats.pickle_vm import PickledTensor
-from .model import DENSE, DTYPES, SPARSE_KINDS, Checkpoint, TensorRef
 from .plan import Entry, State
 from .torch_extra import buildable
 from .values import FileCache, iter_raw_chunks
@@ -147,7 +147,7 @@ def verify_output(
 
 def _target_bytes(signature: TargetSignature) -> int:
     """What the target's tensors take once built on the CPU (a 70B language model: 140 GB in float16)."""
-    from .model import itemsize, numel
+    from .checkpoint import itemsize, numel
 
     return sum(numel(t.shape) * itemsize(t.dtype) for t in signature.tensors.values() if t.dtype in DTYPES)
 

@@ -21,10 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
-from .errors import OutputError, UsageError
-from .formats.pickle_vm import STORAGE_DTYPES
-from .formats.safetensors import loadable, unloadable_reason
-from .model import (
+from .checkpoint import (
     DENSE,
     DTYPES,
     QUANTIZED,
@@ -35,6 +32,9 @@ from .model import (
     itemsize,
     numel,
 )
+from .errors import OutputError, UsageError
+from .formats.pickle_vm import STORAGE_DTYPES
+from .formats.safetensors import loadable, unloadable_reason
 
 SAFETENSORS = "safetensors"
 PTH = "pth"

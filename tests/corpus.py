@@ -486,9 +486,10 @@ def _lightning(corpus: Corpus, directory: str) -> Layout:
         devices=1,
         logger=False,
         enable_progress_bar=False,
-        enable_checkpointing=False,
         enable_model_summary=False,
         default_root_dir=directory,
+        # Lightning's default callback: its state (paths, settings and a score tensor) sits in "callbacks"
+        callbacks=[lightning.pytorch.callbacks.ModelCheckpoint(dirpath=os.path.join(directory, "saved"))],
     )
     trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=4))
     path = os.path.join(directory, "last.ckpt")

@@ -134,12 +134,12 @@ def test_lfs_pointer_message(tmp_path):
 
 @pytest.mark.torchfree
 def test_internal_errors_exit_3_without_traceback(monkeypatch):
-    import ckpt_tool.describe as describe
+    import ckpt_tool.inspect as inspect_lib
 
     def boom(*a, **k):
         raise RuntimeError("kaput")
 
-    monkeypatch.setattr(describe, "inspect_checkpoint", boom)
+    monkeypatch.setattr(inspect_lib, "inspect_checkpoint", boom)
     result = run("inspect", TINY)
     assert result.exit_code == 3 and "internal error: RuntimeError: kaput" in result.output
     assert "Traceback" not in result.output

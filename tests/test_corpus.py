@@ -535,3 +535,15 @@ def _check_onnx_refusal(result: Any, src: str, out: str) -> None:
     line = lines[0][len(f"ckpt: error: {src}") :].lower()  # the path itself says onnx
     assert "onnx" in line and "pytorch" in line and "safetensors" in line, lines[0]
     assert not os.path.exists(out)
+
+
+def test_a_lightning_callbacks_state_is_no_state_dict_candidate(corpus):
+    """ModelCheckpoint's state holds a score tensor among its paths and settings: not a second state dict."""
+    from ckpt_tool.reader import open_checkpoint
+
+    layout = corpus.get("lightning")
+    ckpt = open_checkpoint(layout.source)
+    assert any(k.startswith("ModelCheckpoint") for k in ckpt.extras["callbacks"])  # the callback state is there ...
+    assert [c.path for c in ckpt.candidates] == ["state_dict"]  # ... and only the model's state dict is offered
+    result = CliRunner().invoke(main, ["inspect", layout.source], catch_exceptions=False)
+    assert "state dicts found" not in result.output and "candidates" not in result.output

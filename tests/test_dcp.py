@@ -512,7 +512,7 @@ def test_describing_and_converting_a_dcp_directory_never_imports_torch(
 ) -> None:
     code = textwrap.dedent(f"""
         import sys
-        from ckpt_tool.describe import inspect_checkpoint
+        from ckpt_tool.inspect import inspect_checkpoint
         from ckpt_tool.migrate import migrate
         from ckpt_tool.plan import Plan, operation
         report = inspect_checkpoint({str(dcp_dirs["two"])!r})

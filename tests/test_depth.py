@@ -243,7 +243,7 @@ def _tensors(**shapes):
 
 
 def test_growth_refuses_what_it_cannot_do(tmp_path):
-    from ckpt_tool.model import TensorRef
+    from ckpt_tool.checkpoint import TensorRef
 
     state = initial_state({"s.0.w": TensorRef("s.0.w", "float32", (4, 2), (2, 1), "0", 0, 32, 0, "x.pth")})
     target = _tensors(s__0__w=(4, 2), s__1__w=(4, 4))

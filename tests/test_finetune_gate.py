@@ -184,6 +184,78 @@ def test_heldout_images_are_new_samples_of_the_training_classes(torch):
     assert not any(torch.equal(held[i][0], train[i][0]) for i in range(len(held)))  # new samples, not copies
 
 
+# ---- held-out figures measure the weights, not a short run's stale BatchNorm averages ---------------------------
+
+
+def _bn_case(tiny, torch):
+    from ckpt_tool.finetune.data import make_datasets, make_loaders
+    from ckpt_tool.finetune.train import BnSource
+
+    opts = replace(TINY, eval_batches=2)
+    data = make_datasets(opts, 16, 3, 10, (0,) * 3, (1,) * 3)
+    _, heldout = make_loaders(data, opts.batch_size, opts.seed, shuffle=False)
+    torch.manual_seed(0)
+    model = tiny["module"].Tiny()
+    return model, heldout, BnSource.from_options(data.train, opts)
+
+
+def test_heldout_figures_do_not_depend_on_stale_batchnorm_averages(tiny, torch):
+    import contextlib
+    import copy
+
+    from ckpt_tool.finetune.train import evaluate
+
+    model, heldout, bn = _bn_case(tiny, torch)
+    stale = copy.deepcopy(model)
+    norm = stale.features[1]
+    norm.running_mean.fill_(50.0)
+    norm.running_var.fill_(1e-4)
+    norm.num_batches_tracked.fill_(7)
+    trained = [b.clone() for b in (norm.running_mean, norm.running_var, norm.num_batches_tracked)]
+    cpu = torch.device("cpu")
+
+    def run(m, source):
+        return evaluate(m, heldout, 2, cpu, contextlib.nullcontext, bn=source)
+
+    assert run(stale, bn) == run(model, bn)  # re-estimated: the stale averages do not matter
+    assert run(stale, None) != run(model, None)  # as trained: they do (what a short run reported before)
+    # re-estimating moves no random state of the run (iterating the held-out loader does, either way)
+    torch.manual_seed(3)
+    run(stale, bn)
+    after_reestimate = torch.random.get_rng_state()
+    torch.manual_seed(3)
+    run(stale, None)
+    assert torch.equal(torch.random.get_rng_state(), after_reestimate)
+    # the buffers training left are back in place, bit for bit, and the layer's momentum with them
+    for live, old in zip((norm.running_mean, norm.running_var, norm.num_batches_tracked), trained):
+        assert torch.equal(live, old)
+    assert norm.momentum == 0.1 and not norm.training
+
+
+def test_freeze_bn_keeps_the_frozen_layers_statistics_for_evaluation(tiny, torch):
+    from ckpt_tool.finetune.train import reestimated_batchnorms
+
+    model, _, bn = _bn_case(tiny, torch)
+    assert reestimated_batchnorms(model, bn) == [model.features[1]]
+    assert reestimated_batchnorms(model, bn, keep=[model.features[1]]) == []
+    assert reestimated_batchnorms(model, None) == []
+
+
+def test_eval_bn_is_reported_and_running_keeps_the_trained_averages(tiny):
+    reestimated = finetune_check(tiny["tiny"], arch(tiny, "tiny"), TINY)
+    running = finetune_check(tiny["tiny"], arch(tiny, "tiny"), replace(TINY, eval_bn="running"))
+    assert (
+        "BatchNorm statistics re-estimated on 16 training images for these"
+        in check(reestimated, "held-out accuracy").detail
+    )
+    assert "BatchNorm" not in check(running, "held-out accuracy").detail
+    # training itself is the same run either way: evaluation only reads
+    assert reestimated.phases[0].epoch_losses == running.phases[0].epoch_losses
+    assert [e.heldout_loss for e in reestimated.epochs] != [e.heldout_loss for e in running.epochs]
+    with pytest.raises(Exception, match="--eval-bn must be one of reestimate, running"):
+        finetune_check(tiny["tiny"], arch(tiny, "tiny"), replace(TINY, eval_bn="batch"))
+
+
 # ---- defect 2: the model's own requires_grad=False ----------------------------------------------------------------
 
 

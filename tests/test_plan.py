@@ -8,8 +8,8 @@ import os
 import pytest
 
 from ckpt_tool.arch import TargetTensor
+from ckpt_tool.checkpoint import TensorRef, contiguous_strides
 from ckpt_tool.errors import InputError, UsageError
-from ckpt_tool.model import TensorRef, contiguous_strides
 from ckpt_tool.plan import (
     Operation,
     Plan,

@@ -340,7 +340,7 @@ def test_describing_does_not_import_torch(tmp_path):
     fixture = os.path.join(ROOT, "fixtures", "tiny_cnn_dataparallel_nested.pth")
     code = f"""
 import sys
-from ckpt_tool.describe import inspect_checkpoint
+from ckpt_tool.inspect import inspect_checkpoint
 r = inspect_checkpoint({fixture!r}, depth=1)
 assert r.tensors == 18, r.tensors
 print(sorted(m for m in ("torch", "torchvision", "numpy") if m in sys.modules))
@@ -393,7 +393,7 @@ def test_self_referencing_pickle_does_not_hang(tmp_path):
 
 
 def test_inspect_progress_reports_every_byte_read(torch, tmp_path):
-    from ckpt_tool.describe import inspect_checkpoint
+    from ckpt_tool.inspect import inspect_checkpoint
 
     path = tmp_path / "p.pth"
     torch.save(tiny_model().state_dict(), path)

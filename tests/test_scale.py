@@ -13,9 +13,9 @@ import sys
 import pytest
 from click.testing import CliRunner
 
+from ckpt_tool.checkpoint import TensorRef, dense_ref
 from ckpt_tool.cli import main
-from ckpt_tool.describe import FOLD_ROWS, fold, inspect_checkpoint, numbered_module
-from ckpt_tool.model import TensorRef, dense_ref
+from ckpt_tool.inspect import FOLD_ROWS, fold, inspect_checkpoint, numbered_module
 from ckpt_tool.reader import open_checkpoint
 from ckpt_tool.render import dumps, to_jsonable
 
@@ -104,7 +104,7 @@ def test_json_is_the_standard_encoders_text(scale):
     ],
 )
 def test_json_falls_back_where_orjson_would_differ(value):
-    from ckpt_tool.model import Candidate
+    from ckpt_tool.checkpoint import Candidate
 
     for obj in (value, [value], Candidate(str(value), 1, 2)):
         assert dumps(obj) == _stdlib(obj)

@@ -135,7 +135,7 @@ def test_value_verification_catches_an_alias_filled_from_random_init(
 def test_inspect_counts_a_tied_weight_once(gpt2: tuple[Path, str, torch.Tensor], tmp_path: Path) -> None:
     from transformers import GPT2LMHeadModel
 
-    from ckpt_tool.describe import inspect_checkpoint
+    from ckpt_tool.inspect import inspect_checkpoint
 
     root, _, _ = gpt2
     model = GPT2LMHeadModel.from_pretrained(str(root / "hf"))

@@ -10,8 +10,8 @@ import zipfile
 
 import pytest
 
+from ckpt_tool.checkpoint import contiguous_strides
 from ckpt_tool.errors import OutputError, UsageError
-from ckpt_tool.model import contiguous_strides
 from ckpt_tool.reader import open_checkpoint
 from ckpt_tool.writer import (
     Blob,

@@ -13,11 +13,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..checkpoint import Candidate, Checkpoint, TensorRef, itemsize, numel
 from ..diff import AUTO, DTYPE, MATCHED, MISSING, SHAPE, UNEXPECTED, DiffReport, diff
 from ..errors import UsageError
 from ..formats.dcp import FORMAT as DCP
 from ..formats.dcp import METADATA
-from ..model import Candidate, Checkpoint, TensorRef, itemsize, numel
 from ..reader import open_checkpoint
 
 # worst first: a module takes the status of its worst key

@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from ..errors import EXIT_FINDINGS as EXIT_FAILED
+from ..finetune.options import EVAL_BN, SCHEDULERS
 from ..render import dumps, echo, human_count, json_option, paint, shape_str, table
 from .options import OrderedCommand, arch_arg_option, arch_option, key_option, plan_operation_options
 
@@ -77,7 +78,7 @@ class _FinetuneCommand(OrderedCommand):
 @click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True)
 @click.option(
     "--scheduler",
-    type=click.Choice(["plateau", "cosine", "step", "none"]),
+    type=click.Choice(SCHEDULERS),
     default="none",
     show_default=True,
     help="Learning-rate schedule, a fresh one per phase, stepped after each epoch (plateau: on the held-out loss).",
@@ -97,6 +98,14 @@ class _FinetuneCommand(OrderedCommand):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overfit-steps", type=int, default=20, show_default=True, help="Steps of the overfit-one-batch check.")
 @click.option("--eval-batches", type=int, default=2, show_default=True, help="Held-out batches for accuracy.")
+@click.option(
+    "--eval-bn",
+    type=click.Choice(EVAL_BN),
+    default="reestimate",
+    show_default=True,
+    help="BatchNorm statistics for held-out evaluation: re-estimated on --eval-batches training "
+    "batches (a short run leaves the running averages stale), or the running averages as trained.",
+)
 @click.option(
     "--plot",
     default=None,

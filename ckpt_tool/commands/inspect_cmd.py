@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ..describe import FOLD_ROWS
+from ..inspect import FOLD_ROWS
 from ..render import echo_json, human_bytes, human_count, json_option, page, progress_bar, shape_str, table
 from .options import key_option, pager_option
 
 if TYPE_CHECKING:
-    from ..describe import InspectReport, TensorRow
+    from ..inspect import InspectReport, TensorRow
 
 
 @click.command()
@@ -51,7 +51,7 @@ def inspect(
 
     Exit codes: 0 described, 1 --stats found NaN/Inf values, 2 unreadable input or bad arguments.
     """
-    from ..describe import inspect_checkpoint
+    from ..inspect import inspect_checkpoint
 
     with progress_bar("reading values", enabled=stats) as progress:
         report = inspect_checkpoint(path, key, depth=depth, filter=filter_, stats=stats, progress=progress)
@@ -65,7 +65,7 @@ def inspect(
 
 def _render(r: InspectReport, all_rows: bool = False) -> str:
     """The summary and the table, as one text (paged as a whole on a terminal)."""
-    from ..describe import fold
+    from ..inspect import fold
 
     summary = [
         ("file", r.path if len(r.files) <= 1 else f"{r.path} ({len(r.files)} shards)"),

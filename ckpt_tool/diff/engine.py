@@ -17,9 +17,9 @@ from typing import Any
 
 from ..arch import TargetSignature, TargetTensor, parse_arch_args, target_signature
 from ..bulk import paused
+from ..checkpoint import Checkpoint, Progress, TensorRef, numel
 from ..compat import Compatibility, check_checkpoint, signature_of_state
 from ..errors import InputError, OutputError, UsageError
-from ..model import Checkpoint, Progress, TensorRef, numel
 from ..plan import Plan, apply, initial_state, save_mapping
 from ..text import some
 from .fix import suggest_plan, with_shape_flow

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..arch import TargetSignature
+from ..checkpoint import Checkpoint, common_prefix, in_module
 from ..compat import MOSTLY_NEW_SHARE, parameter_share, shapes_load
 from ..formats import sniff as fmt
-from ..model import Checkpoint, common_prefix, in_module
 from ..plan import Plan
 from ..plan import operation as plan_operation
 from ..text import some

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..arch import TargetSignature
-from ..model import Checkpoint
+from ..checkpoint import Checkpoint
 from ..optim_state import OptimizerDiff
 from ..plan import Plan
 from .align import Alignment

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
-from ..model import numel
+from ..checkpoint import numel
 from .report import AUTO, MATCHED, MIXED, TIED, KeyDiff, Row
 
 

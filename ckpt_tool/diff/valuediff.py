@@ -6,7 +6,7 @@ import math
 from dataclasses import replace
 from typing import Any
 
-from ..model import Progress, TensorRef, itemsize
+from ..checkpoint import Progress, TensorRef, itemsize
 from .report import DTYPE, MATCHED, KeyDiff
 
 # elements compared per step with --values: bounded memory whatever the tensor size

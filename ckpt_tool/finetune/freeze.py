@@ -8,8 +8,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from ..checkpoint import in_module
 from ..errors import UsageError
-from ..model import in_module
 from .options import FinetuneOptions, learning_rate
 from .report import ModuleParams
 

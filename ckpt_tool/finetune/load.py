@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
+from ..checkpoint import Checkpoint, common_prefix, in_module
 from ..compat import ALL_CURRENT, module_versions
-from ..model import Checkpoint, common_prefix, in_module
 from ..text import shape_str
 from ..values import torch_state_dict
 from .options import FinetuneOptions

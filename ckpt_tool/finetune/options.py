@@ -11,6 +11,7 @@ from typing import Any
 from ..errors import OutputError, UsageError
 
 SCHEDULERS = ("plateau", "cosine", "step", "none")
+EVAL_BN = ("reestimate", "running")  # BatchNorm statistics for held-out evaluation (train.BnSource)
 OVERFIT_STEPS = 20  # see checks.overfit_verdict for why 20
 DEFAULT_LR = 1e-3
 
@@ -55,6 +56,7 @@ class FinetuneOptions:
     seed: int = 0
     overfit_steps: int = OVERFIT_STEPS
     eval_batches: int = 2
+    eval_bn: str = "reestimate"  # reestimate or running: BatchNorm statistics for evaluation (train.BnSource)
     plot: str | None = None
     save: str | None = None
     force: bool = False
@@ -93,6 +95,8 @@ def _validate(opts: FinetuneOptions) -> None:
     for flag, ratio in (("--plateau-factor", opts.plateau_factor), ("--step-gamma", opts.step_gamma)):
         if not 0 < ratio < 1:
             raise UsageError(f"{flag} must be between 0 and 1, got {ratio}")
+    if opts.eval_bn not in EVAL_BN:
+        raise UsageError(f"--eval-bn must be one of {', '.join(EVAL_BN)}, got {opts.eval_bn!r}")
     if opts.optimizer not in ("adam", "sgd"):
         raise UsageError(f"--optimizer must be adam or sgd, got {opts.optimizer!r}")
     if opts.freeze_epochs < 0:

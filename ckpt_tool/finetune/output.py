@@ -6,8 +6,8 @@ import functools
 import os
 from typing import Any
 
+from ..checkpoint import contiguous_strides
 from ..errors import OutputError
-from ..model import contiguous_strides
 from .report import Epoch, Phase
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..model import in_module
+from ..checkpoint import in_module
 from ..text import shape_str
 from .report import _first_line
 

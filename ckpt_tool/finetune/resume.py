@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from ..checkpoint import Checkpoint
 from ..errors import UsageError
-from ..model import Checkpoint
 from ..optim_state import find_optimizers, map_ids
 from ..plan import initial_state
 

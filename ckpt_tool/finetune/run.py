@@ -45,7 +45,27 @@ from .report import (
     _pct,
 )
 from .resume import read_resume, resume_check
-from .train import Tracker, autocast, evaluate, overfit_lrs, overfit_one_batch, train_phase
+from .train import (
+    BnSource,
+    Tracker,
+    autocast,
+    evaluate,
+    kept_batchnorms,
+    overfit_lrs,
+    overfit_one_batch,
+    reestimated_batchnorms,
+    train_phase,
+)
+
+
+def _bn_note(model: Any, bn: BnSource | None, opts: FinetuneOptions) -> str:
+    """How the held-out figures treated BatchNorm statistics, when the model has any to treat."""
+    layers = reestimated_batchnorms(model, bn, kept_batchnorms(model, opts))
+    if not layers or bn is None:
+        return ""
+    return (
+        f"; BatchNorm statistics re-estimated on {bn.images} training images for these (--eval-bn running: as trained)"
+    )
 
 
 def finetune_check(
@@ -186,7 +206,10 @@ def _run(
         return _finish(base, checks, ranks, rss=peak_rss(), cuda=peak_cuda(device), num_classes=out_classes)
 
     amp = autocast(device, opts.amp)
-    loss_before, accuracy_before = evaluate(model, heldout, opts.eval_batches, device, amp, ranks)
+    bn = BnSource.from_options(data.train, opts)
+    loss_before, accuracy_before = evaluate(
+        model, heldout, opts.eval_batches, device, amp, ranks, bn, kept_batchnorms(model, opts)
+    )
     epochs = [Epoch("before", 0, specs[0].lr, 0, None, loss_before, accuracy_before, None)]
     net = wrap(model, ranks, device)
     overfit = overfit_one_batch(
@@ -228,6 +251,7 @@ def _run(
                 epochs[-1].epoch,
                 total_epochs,
                 resume=resume if i == 0 else None,
+                bn=bn,
             )
         except (RuntimeError, ValueError, IndexError) as exc:
             train_error = f"phase {spec.name}: {type(exc).__name__}: {_first_line(exc)}"
@@ -277,7 +301,8 @@ def _run(
             f" (loss {loss_before:.4f} -> {loss_after:.4f})"
             if loss_before is not None and loss_after is not None
             else ""
-        ),
+        )
+        + _bn_note(model, bn, opts),
     )
     images_per_s = throughput(phases, ranks, device)
     checks["throughput"] = Check(

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import IO, Any
 
+from ..checkpoint import DENSE, Candidate, Checkpoint, TensorRef, contiguous_strides, itemsize, numel
 from ..errors import FormatError, InputError
-from ..model import DENSE, Candidate, Checkpoint, TensorRef, contiguous_strides, itemsize, numel
 from .pickle_vm import GlobalRef, PickledTensor, PickleVM, Placeholder, StorageRef, TorchDType, TorchLayout, Trace
 from .ziparchive import STORED, data_offset, list_stream
 
@@ -195,7 +195,7 @@ def _dtype(props: Any, key: str, path: str) -> tuple[str, bool]:
 
 
 def _dtypes() -> dict[str, Any]:
-    from ..model import DTYPES
+    from ..checkpoint import DTYPES
 
     return DTYPES
 

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..checkpoint import DTYPES, SAFETENSORS_TO_DTYPE, TensorRef, contiguous_strides, dense_ref
 from ..errors import FormatError
-from ..model import DTYPES, SAFETENSORS_TO_DTYPE, TensorRef, contiguous_strides, dense_ref
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own bound
 # dtype codes every safetensors release since 0.3 loads into torch; others are asked of the installed one

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from ..checkpoint import itemsize
 from ..errors import FormatError
-from ..model import itemsize
 from . import sniff as fmt
 from .pickle_stream import opcode_budget
 from .pickle_vm import PickleVM, Placeholder, StorageRef, Trace, storage_dtype, walk_tensors

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..arch import TargetSignature
+from ..checkpoint import Checkpoint, TensorRef
 from ..errors import UsageError
 from ..formats.pickle_vm import PickledTensor, Placeholder
-from ..model import Checkpoint, TensorRef
 from ..plan import CHECKPOINT, Entry, Operation, Plan, State, Step, apply, initial_state
 from ..reader import module_metadata, resolve_key, sibling_entries, state_objects, tensor_ref, to_state_dict
 from ..writer import PTH, StateDictValue, TensorSlot

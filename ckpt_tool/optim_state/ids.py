@@ -7,9 +7,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..arch import TargetSignature
+from ..checkpoint import Checkpoint, TensorRef, is_floating
 from ..errors import UsageError
 from ..formats.pickle_vm import PickledTensor
-from ..model import Checkpoint, TensorRef, is_floating
 from ..plan import Operation, State
 from ..reader import sibling_entries, tensor_ref
 

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..checkpoint import Checkpoint
 from ..errors import UsageError
-from ..model import Checkpoint
 from ..plan import initial_state
 from .ids import MappingError, OptimizerState, find_optimizers, map_ids, moment_problems
 

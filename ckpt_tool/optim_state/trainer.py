@@ -24,9 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from ..checkpoint import Checkpoint
 from ..errors import OutputError, UsageError
 from ..formats.hf_trainer import CONFIG, OPTIMIZER, STATE, TrainerDir, TrainerFile, read_trainer_dir
-from ..model import Checkpoint
 from ..plan import Plan, State
 from ..writer import _fsync_dir
 from .carry import Carried, carry

@@ -10,10 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .bulk import paused
-from .errors import UsageError
-from .formats.dcp import chunk_summary
-from .formats.hf_trainer import is_trainer_dir
-from .model import (
+from .checkpoint import (
     DENSE,
     DTENSOR_SHARD,
     DTYPES,
@@ -26,6 +23,9 @@ from .model import (
     common_prefix,
     contiguous_strides,
 )
+from .errors import UsageError
+from .formats.dcp import chunk_summary
+from .formats.hf_trainer import is_trainer_dir
 from .optim_state import OptimizerSummary, summarize_optimizers
 from .reader import open_checkpoint, summarize
 from .text import grouped_notes
