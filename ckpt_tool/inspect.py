@@ -26,7 +26,7 @@ from .checkpoint import (
 from .errors import UsageError
 from .formats.dcp import chunk_summary
 from .formats.hf_trainer import is_trainer_dir
-from .optim_state import OptimizerSummary, summarize_optimizers
+from .optim_state import BUFFER_NAMES, OptimizerSummary, summarize_optimizers
 from .reader import open_checkpoint, summarize
 from .text import grouped_notes
 from .values import FileCache, TensorStats, has_bytes, tensor_stats
@@ -64,9 +64,12 @@ class ModuleRow:
 
 @dataclass(frozen=True)
 class InspectReport:
-    """What ``inspect`` shows. ``parameters`` counts the elements of every tensor (buffers included) once:
-    a tied alias that views the same values as its partner is not counted again, as
-    ``model.parameters()`` does not; ``tensor_bytes`` counts a storage that several tensors view once."""
+    """What ``inspect`` shows. ``parameters`` counts the values (elements) of every tensor, buffers
+    included (the name is kept for the JSON's readers; the table says "values"): a tied alias that
+    views the same values as its partner is not counted again, as ``model.parameters()`` does not.
+    ``buffers`` is the part of it in tensors that are buffers by name (BatchNorm's ``running_mean``,
+    ``running_var``, ``num_batches_tracked``). ``tensor_bytes`` counts a storage that several
+    tensors view once."""
 
     path: str
     format: str
@@ -95,6 +98,7 @@ class InspectReport:
     objects: dict[str, Any] = field(default_factory=dict)
     # optimizer states beside the state dict (ckpt_tool.optim_state), header-only
     optimizers: tuple[OptimizerSummary, ...] = ()
+    buffers: int = 0
 
 
 @paused
@@ -140,7 +144,7 @@ def inspect_checkpoint(
     rows = tuple(_row(r, shared, stats_by_key.get(r.key)) for r in refs) if depth is None else ()
     attributes = tuple(_row(r, {}, None) for r in ckpt.attributes.values())
     by_dtype: dict[str, int] = {}
-    parameters = 0
+    parameters = buffers = 0
     # tensors of a shared storage: each view counted once, each storage's bytes once
     views: set[tuple[str, int, tuple[int, ...], tuple[int, ...]]] = set()
     storages: set[str] = set()
@@ -155,6 +159,8 @@ def inspect_checkpoint(
             storages.add(ref.storage)
         by_dtype[ref.dtype] = by_dtype.get(ref.dtype, 0) + n
         parameters += ref.numel
+        if ref.key.rpartition(".")[2] in BUFFER_NAMES:
+            buffers += ref.numel
     notes = _notes(ckpt) + (STD_NOTE,) * bool(stats)
     optimizers = summarize_optimizers(ckpt)
     kind = ckpt.format
@@ -169,6 +175,7 @@ def inspect_checkpoint(
         file_size=ckpt.file_size,
         tensors=len(ckpt.tensors),
         parameters=parameters,
+        buffers=buffers,
         tensor_bytes=sum(by_dtype.values()),
         bytes_by_dtype=dict(sorted(by_dtype.items())),
         state_path=ckpt.state_path,

@@ -51,3 +51,19 @@ def test_aliases_ckpt_recorded_in_safetensors_come_back_tied_in_a_pth(torch, tmp
     assert r.exit_code == 0, r.output
     sd = torch.load(tmp_path / "lm.pth", weights_only=True)
     assert sd["lm.proj.weight"].untyped_storage().data_ptr() == sd["lm.embed.weight"].untyped_storage().data_ptr()
+
+
+def test_inspect_counts_values_and_says_which_are_buffers(torch, tmp_path):
+    from conftest import tiny_model
+
+    model = tiny_model()  # two BatchNorm layers: running_mean, running_var, num_batches_tracked
+    torch.save(model.state_dict(), tmp_path / "cnn.pth")
+    parameters = sum(p.numel() for p in model.parameters())
+    buffers = sum(b.numel() for b in model.buffers())
+    data = json.loads(_run("inspect", tmp_path / "cnn.pth", "--json").output)
+    assert (data["parameters"], data["buffers"]) == (parameters + buffers, buffers)
+    text = _run("inspect", tmp_path / "cnn.pth").output
+    summary = dict(line.split(None, 1) for line in text.splitlines()[:8] if line.startswith(("values", "parameters")))
+    assert summary == {"values": f"{parameters + buffers:,}"}, text
+    assert f"{buffers:,} (running_mean, running_var, num_batches_tracked); {parameters:,} in the others" in text
+    assert "params" not in text.splitlines()[text.splitlines().index("") + 1]  # the table's header
