@@ -26,6 +26,7 @@ from .checkpoint import (
 from .errors import UsageError
 from .formats.dcp import chunk_summary
 from .formats.hf_trainer import is_trainer_dir
+from .objects import packed_params
 from .optim_state import BUFFER_NAMES, OptimizerSummary, summarize_optimizers
 from .reader import open_checkpoint, summarize
 from .text import grouped_notes
@@ -404,6 +405,19 @@ def _object_notes(ckpt: Checkpoint) -> list[str]:
             "composite tensors: "
             + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in kinds.items())
             + " (see kind and detail)"
+        )
+    packed = packed_params(ckpt)
+    if packed:
+        notes.append(
+            f"{len(packed)} entries are packed weights of dynamically quantized layers (quantize_dynamic), "
+            "opaque to ckpt and not counted as tensors: "
+            + "; ".join(f"{k} ({what})" for k, what in list(packed.items())[:5])
+            + (" ..." if len(packed) > 5 else "")
+        )
+    if any(p.endswith("PackedParams") for p in ckpt.placeholders):
+        notes.append(
+            "a pickled dynamically quantized model: its packed weights are torch.ScriptObjects that only "
+            "torch can unpack, so they are not listed (torch.save(model.state_dict()) saves them as tensors)"
         )
     if ckpt.objects:
         notes.append(

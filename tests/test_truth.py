@@ -67,3 +67,47 @@ def test_inspect_counts_values_and_says_which_are_buffers(torch, tmp_path):
     assert summary == {"values": f"{parameters + buffers:,}"}, text
     assert f"{buffers:,} (running_mean, running_var, num_batches_tracked); {parameters:,} in the others" in text
     assert "params" not in text.splitlines()[text.splitlines().index("") + 1]  # the table's header
+
+
+def _quantized(torch):
+    import warnings
+
+    from torch import nn
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
+        return torch.ao.quantization.quantize_dynamic(
+            nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), {nn.Linear}, dtype=torch.qint8
+        )
+
+
+def test_quantize_dynamic_packed_params_are_listed_and_refused_by_name(torch, tmp_path):
+    model = _quantized(torch)
+    sd = model.state_dict()
+    path = tmp_path / "qdyn.pth"
+    torch.save(sd, path)
+    assert sd["0._packed_params._packed_params"][0].dtype == torch.qint8  # (qweight, bias), as torch packs them
+    data = json.loads(_run("inspect", path, "--json").output)
+    tensors = {k for k, v in torch.load(path, weights_only=True).items() if isinstance(v, torch.Tensor)}
+    assert data["state_path"] == "" and {r["name"] for r in data["rows"]} == tensors
+    note = next(n for n in data["notes"] if "packed weights of dynamically quantized layers" in n)
+    assert "0._packed_params._packed_params (weight qint8 [8, 4], bias float32 [8])" in note, note
+    assert "2._packed_params._packed_params (weight qint8 [2, 8], bias float32 [2])" in note, note
+    for extra in ([], ["--dequantize"]):
+        r = _run("migrate", path, *extra, "-o", tmp_path / "out.pth")
+        assert r.exit_code == 2 and not (tmp_path / "out.pth").exists(), r.output
+        assert (
+            r.output.count("\n") == 1 and "0._packed_params._packed_params, 2._packed_params._packed_params" in r.output
+        )
+    # leaving them out is explicit, and what is left loads as torch saved it
+    r = _run("migrate", path, "--exclude", "_packed_params", "-o", tmp_path / "out.pth")
+    assert r.exit_code == 0, r.output
+    out = torch.load(tmp_path / "out.pth", weights_only=True)
+    assert set(out) == tensors and all(torch.equal(out[k], sd[k]) for k in tensors)
+
+
+def test_a_pickled_quantize_dynamic_model_says_why_its_weights_are_not_listed(torch, tmp_path):
+    torch.save(_quantized(torch), tmp_path / "model.pth")
+    r = _run("inspect", tmp_path / "model.pth")
+    assert r.exit_code == 0 and "its packed weights are torch.ScriptObjects that only torch can unpack" in r.output
