@@ -8,6 +8,9 @@ relative to the model's order. :func:`trainer_groups` rebuilds both lists from a
 the meta device); the ids are tied to them group by group and checked (group sizes, moment shapes),
 and the output's groups are the Trainer's for the target model.
 
+``diff`` and ``finetune-check --resume-optimizer`` read ``optimizer.pt`` with the same groups
+(:func:`tie_trainer_ids`); ``inspect``, header-only, describes it without tying its ids.
+
 The output directory is staged beside its final name (hidden ``.OUT.*.tmp``), every file verified
 (the weights by ``migrate``'s re-read and strict load, ``optimizer.pt`` by value, the copies by
 sha256), fsynced, then renamed into place in one step.
