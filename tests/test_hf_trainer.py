@@ -591,3 +591,19 @@ def test_finetune_check_resumes_a_trainer_directorys_optimizer(torch, images):
     r = _run(*args, "--resume-optimizer", "--num-classes", "5")  # a new head: its two parameters start fresh
     detail = {c["name"]: c for c in json.loads(r.output)["checks"]}["optimizer resumed"]["detail"]
     assert detail == "AdamW state of 6 parameters loaded, 2 start fresh", detail
+
+
+def test_resume_optimizer_of_a_trainer_directory_refuses_what_it_cannot_tie(torch, images, tmp_path):
+    path, ckpt = images
+    args = ["--image-size", "8", "--max-steps", "1", "--resume-optimizer"]
+    bare = tmp_path / "no-optimizer"
+    shutil.copytree(ckpt, bare)
+    os.remove(bare / "optimizer.pt")
+    r = _run("finetune-check", str(bare), "--arch", f"{path}:net", *args)
+    assert r.exit_code == 2 and "the Trainer checkpoint holds no optimizer.pt" in r.output, r.output
+    # groups of another model: sizes that do not fit, and no config.json to fall back on
+    wrong = tmp_path / "models.py"
+    wrong.write_text(IMAGES.replace("self.ln = nn.LayerNorm(4)", "self.ln = nn.Identity()"))
+    r = _run("finetune-check", ckpt, "--arch", f"{wrong}:net", *args)
+    assert r.exit_code == 2 and "param groups of [3, 5] parameters, but" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1
