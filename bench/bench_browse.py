@@ -13,13 +13,13 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import layouts  # noqa: E402
 from _common import CKPT, HERE, OUT, PYTHON, measure  # noqa: E402
+from terminal import Tmux  # noqa: E402
 
 TENSORS = 100_000
 
@@ -41,55 +41,13 @@ def big_safetensors() -> str:
     return path
 
 
-class Terminal:
-    def __init__(self) -> None:
-        self.socket = f"ckpt-bench-{os.getpid()}"
-        env = {**os.environ, "TERM": "xterm-256color"}
-        subprocess.run(
-            [
-                "tmux",
-                "-L",
-                self.socket,
-                "-f",
-                "/dev/null",
-                "new-session",
-                "-d",
-                "-x",
-                "80",
-                "-y",
-                "24",
-                "bash --norc --noprofile",
-            ],
-            check=True,
-            env=env,
-        )
-
-    def send(self, *keys: str) -> None:
-        subprocess.run(["tmux", "-L", self.socket, "send-keys", *keys], check=True)
-
-    def pane(self) -> str:
-        return subprocess.run(
-            ["tmux", "-L", self.socket, "capture-pane", "-p"], check=True, capture_output=True, text=True
-        ).stdout
-
-    def wait_for(self, *texts: str, timeout: float = 120.0) -> float:
-        start = time.perf_counter()
-        while not all(t in self.pane() for t in texts):
-            if time.perf_counter() - start > timeout:
-                raise SystemExit(f"never saw {texts!r}:\n{self.pane()}")
-            time.sleep(0.01)
-        return time.perf_counter()
-
-    def close(self) -> None:
-        subprocess.run(["tmux", "-L", self.socket, "kill-server"], check=False, capture_output=True)
-
-
-def time_to_tree(term: Terminal, path: str, marker: str, run: int) -> float:
+def time_to_tree(term: Tmux, path: str, marker: str, run: int) -> float:
     term.send(f"clear; echo READY-{run}", "Enter")
     term.wait_for(f"READY-{run}")
     start = time.perf_counter()
     term.send(" ".join([*CKPT, "browse", path]) + f"; echo DONE-{run}", "Enter")
-    shown = term.wait_for(f"model  {TENSORS} ·", marker)
+    term.wait_for(f"model  {TENSORS} ·", marker, timeout=120.0)
+    shown = time.perf_counter()
     term.send("q")
     term.wait_for(f"DONE-{run}")
     return shown - start
@@ -149,7 +107,7 @@ def main() -> None:
         raise SystemExit("tmux is needed (apt-get install tmux)")
     path, index = big_safetensors(), big_set()
     print(f"file: {path} ({TENSORS} tensors, {os.path.getsize(path) / 1e6:.1f} MB); set: {index} (10 shards)")
-    term = Terminal()
+    term = Tmux()
     try:
         time_to_tree(term, path, "layers", 0)  # warm the page cache and the byte-code cache
         runs = [time_to_tree(term, path, "layers", i) for i in range(1, 6)]

@@ -78,6 +78,15 @@ print(json.dumps({{"images_per_s": {STEPS * BATCH} / elapsed, "median_step_s": t
 """
 
 
+# the plain loop's training, as finetune-check options
+SGD_AT_SIZE = ("--image-size", str(SIZE), "--optimizer", "sgd", "--lr", str(LR))
+
+
+def finetune_cmd(ckpt: str, *options: str) -> list[str]:
+    """``ckpt finetune-check`` of a resnet18 checkpoint with a 10-class head, the report as JSON on stdout."""
+    return CKPT + ["finetune-check", ckpt, "--arch", "resnet18", "--num-classes", "10", *options, "--json", "--quiet"]
+
+
 def run(cmd: list[str], env: dict[str, str]) -> tuple[dict, float, float]:
     """One whole process: its JSON on stdout, wall seconds, peak RSS in MB."""
     _, wall, rss, out = run_process(cmd, env, capture=True)
@@ -90,32 +99,20 @@ DDP_IMAGES, DDP_BATCH = 256, 16
 def ddp(repeat: int, device: str) -> None:
     """1 process vs 2 processes (``--nproc 2``): images/s over the same images."""
     ckpt = torchvision_pth("resnet18")
-    base = CKPT + [
-        "finetune-check",
+    base = finetune_cmd(
         ckpt,
-        "--arch",
-        "resnet18",
-        "--num-classes",
-        "10",
-        "--image-size",
-        str(SIZE),
+        *SGD_AT_SIZE,
         "--batch-size",
         str(DDP_BATCH),
         "--data",
         f"synthetic:{DDP_IMAGES}",
-        "--optimizer",
-        "sgd",
-        "--lr",
-        str(LR),
         "--device",
         device,
         "--overfit-steps",
         "1",
         "--eval-batches",
         "1",
-        "--json",
-        "--quiet",
-    ]
+    )
     runs: dict[str, list[tuple[float, float, float]]] = {}
     setups = [
         ("1 process, 1 thread", [], "1"),
@@ -150,7 +147,7 @@ def default_cost(repeat: int) -> None:
     before and after each run (the machine is shared: the figures are only as steady as it is).
     """
     ckpt = torchvision_pth("resnet18")
-    base = CKPT + ["finetune-check", ckpt, "--arch", "resnet18", "--num-classes", "10", "--json", "--quiet"]
+    base = finetune_cmd(ckpt)
     setups = [("default (112 px training, 224 px forward)", []), ("--image-size 224", ["--image-size", "224"])]
     runs: dict[str, list[tuple[float, float, float, bool]]] = {}
     loads = [os.getloadavg()[0]]
@@ -198,30 +195,18 @@ def main() -> None:
         return
     env = bench_env(OMP_NUM_THREADS=str(args.threads))
     ckpt = torchvision_pth("resnet18")
-    tool_cmd = CKPT + [
-        "finetune-check",
+    tool_cmd = finetune_cmd(
         ckpt,
-        "--arch",
-        "resnet18",
-        "--num-classes",
-        "10",
-        "--image-size",
-        str(SIZE),
+        *SGD_AT_SIZE,
         "--batch-size",
         str(BATCH),
         "--max-steps",
         str(STEPS),
         "--data",
         f"synthetic:{STEPS * BATCH}",
-        "--optimizer",
-        "sgd",
-        "--lr",
-        str(LR),
         "--device",
         "cpu",
-        "--json",
-        "--quiet",
-    ]
+    )
     plain_cmd = [PYTHON, "-c", PLAIN_LOOP, ckpt]
     tool, plain = [], []
     for _ in range(args.repeat):

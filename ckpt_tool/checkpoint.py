@@ -40,6 +40,38 @@ DTYPES: dict[str, tuple[int, str | None, bool]] = {
     "quint2x4": (1, None, False),
 }
 
+# Every dtype torch defines (2.14), by the name torch pickles it under (``str(dtype)`` less
+# ``torch.``); DTYPES above holds the ones ckpt reads and writes. tests/test_checkpoint.py checks
+# both tables against torch.
+TORCH_DTYPES = frozenset(
+    {
+        *DTYPES,
+        "bcomplex32",
+        "float4_e2m1fn_x2",
+        "bits1x8",
+        "bits2x4",
+        "bits4x2",
+        "bits8",
+        "bits16",
+        *(f"int{i}" for i in range(1, 8)),
+        *(f"uint{i}" for i in range(1, 8)),
+    }
+)
+# the second names torch gives some of them (``torch.half`` is ``torch.float16``): torch writes the
+# first name, but a pickle may name either
+TORCH_DTYPE_ALIASES = {
+    "double": "float64",
+    "float": "float32",
+    "half": "float16",
+    "long": "int64",
+    "int": "int32",
+    "short": "int16",
+    "cfloat": "complex64",
+    "cdouble": "complex128",
+    "chalf": "complex32",
+    "bit": "uint1",
+}
+
 DENSE = "dense"
 QUANTIZED = "quantized"
 DTENSOR_SHARD = "dtensor_shard"

@@ -4,14 +4,12 @@ The layout is the one torch's ``FileSystemWriter`` writes for a single process (
 :mod:`ckpt_tool.formats.dcp`): each tensor ``torch.save``'d whole into ``__0_0.distcp`` as one chunk,
 each plain-data entry ``torch.save``'d as a bytes item, and ``.metadata`` pickled from torch's own
 metadata classes, so ``torch.distributed.checkpoint.load`` reads it as it reads its own output.
-The directory is written under a temporary name beside the output, fsynced, then renamed.
+The directory is staged beside the output and renamed into place by :class:`ckpt_tool.writer.StagedDirectory`.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
@@ -19,7 +17,7 @@ from typing import Any
 from .checkpoint import DENSE, Progress, contiguous_strides
 from .errors import OutputError, UsageError
 from .formats.dcp import FORMAT, METADATA
-from .writer import Layout, Written, _fsync_dir  # the one directory fsync
+from .writer import Layout, StagedDirectory, Written
 
 SHARD_FILE = "__0_0.distcp"
 
@@ -59,81 +57,54 @@ def write_dcp(
                 f"tensor {v.key!r} is {v.kind.replace('_', ' ')}; a DCP output holds plain tensors "
                 "only: pass --dequantize or --densify"
             )
+    with StagedDirectory(path) as staging:
+        try:
+            _write_files(staging.path, layout, progress)
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot be written ({exc.strerror or exc})") from None
+        staged = Written(staging.path, FORMAT, (staging.path,), len(layout.views), sum(v.nbytes for v in layout.views))
+        if before_commit is not None and before_commit(staged) is False:
+            return replace(staged, path=path, files=(path,), committed=False)
+        staging.commit()  # fsynced, then renamed into place; an old directory is replaced only then
+    return Written(path, FORMAT, (path,), len(layout.views), sum(v.nbytes for v in layout.views))
+
+
+def _write_files(tmp: str, layout: Layout, progress: Progress | None) -> None:
+    """``__0_0.distcp`` and ``.metadata`` in the staged directory ``tmp``."""
     import torch
     from torch.distributed.checkpoint import filesystem as fs
     from torch.distributed.checkpoint import metadata as md
 
-    parent = os.path.dirname(os.path.abspath(path))
-    try:
-        tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot create a directory in {parent} ({exc.strerror or exc})") from None
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; give it the mode mkdir would
     total = sum(layout.blobs[i].nbytes for i in layout.blob_indexes())
     entries: dict[str, Any] = {}
     storage: dict[Any, Any] = {}
-    try:
-        with open(os.path.join(tmp, SHARD_FILE), "wb") as out:
-            for v in layout.views:
-                blob = layout.blobs[v.blob]
-                data = bytearray(b"".join(blob.chunks()))
-                dtype = getattr(torch, v.dtype)
-                flat = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
-                tensor = flat.view(dtype).as_strided(v.shape, v.stride or contiguous_strides(v.shape), v.offset)
-                tensor = tensor.contiguous()
-                zeros = torch.Size([0] * len(v.shape))
-                start = out.tell()
-                torch.save(tensor, out)
-                entries[v.key] = md.TensorStorageMetadata(
-                    md.TensorProperties(dtype=dtype),
-                    torch.Size(v.shape),
-                    [md.ChunkStorageMetadata(offsets=zeros, sizes=torch.Size(v.shape))],
-                )
-                storage[md.MetadataIndex(v.key, zeros, 0)] = fs._StorageInfo(SHARD_FILE, start, out.tell() - start)
-                del tensor, flat, data
-                if progress is not None:
-                    progress(blob.nbytes, total)
-            for key, value in layout.objects:
-                start = out.tell()
-                torch.save(value, out)
-                entries[key] = md.BytesStorageMetadata()
-                storage[md.MetadataIndex(key)] = fs._StorageInfo(SHARD_FILE, start, out.tell() - start)
-            out.flush()
-            os.fsync(out.fileno())
-        meta = md.Metadata(state_dict_metadata=entries, planner_data={k: (k,) for k in entries}, storage_data=storage)
-        with open(os.path.join(tmp, METADATA), "wb") as f:
-            import pickle
+    with open(os.path.join(tmp, SHARD_FILE), "wb") as out:
+        for v in layout.views:
+            blob = layout.blobs[v.blob]
+            data = bytearray(b"".join(blob.chunks()))
+            dtype = getattr(torch, v.dtype)
+            flat = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+            tensor = flat.view(dtype).as_strided(v.shape, v.stride or contiguous_strides(v.shape), v.offset)
+            tensor = tensor.contiguous()
+            zeros = torch.Size([0] * len(v.shape))
+            start = out.tell()
+            torch.save(tensor, out)
+            entries[v.key] = md.TensorStorageMetadata(
+                md.TensorProperties(dtype=dtype),
+                torch.Size(v.shape),
+                [md.ChunkStorageMetadata(offsets=zeros, sizes=torch.Size(v.shape))],
+            )
+            storage[md.MetadataIndex(v.key, zeros, 0)] = fs._StorageInfo(SHARD_FILE, start, out.tell() - start)
+            del tensor, flat, data
+            if progress is not None:
+                progress(blob.nbytes, total)
+        for key, value in layout.objects:
+            start = out.tell()
+            torch.save(value, out)
+            entries[key] = md.BytesStorageMetadata()
+            storage[md.MetadataIndex(key)] = fs._StorageInfo(SHARD_FILE, start, out.tell() - start)
+    meta = md.Metadata(state_dict_metadata=entries, planner_data={k: (k,) for k in entries}, storage_data=storage)
+    with open(os.path.join(tmp, METADATA), "wb") as f:
+        import pickle
 
-            pickle.dump(meta, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        staged = Written(tmp, FORMAT, (tmp,), len(layout.views), sum(v.nbytes for v in layout.views))
-        if before_commit is not None and before_commit(staged) is False:
-            shutil.rmtree(tmp, ignore_errors=True)
-            return replace(staged, path=path, files=(path,), committed=False)
-        _replace(tmp, path)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"{path}: cannot be written ({exc.strerror or exc})") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return Written(path, FORMAT, (path,), len(layout.views), sum(v.nbytes for v in layout.views))
-
-
-def _replace(tmp: str, path: str) -> None:
-    """Put the new directory in place; an old one is moved aside first and removed only after."""
-    old = None
-    if os.path.lexists(path):
-        old = tempfile.mkdtemp(
-            dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.", suffix=".old"
-        )
-        os.rmdir(old)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        pickle.dump(meta, f)

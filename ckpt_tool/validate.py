@@ -1,18 +1,7 @@
 """``validate``: the pre-commit gate. scan + loadability + the project's ``[tool.ckpt]`` policies.
 
-Policies (all optional) in the repository's ``pyproject.toml``::
-
-    [tool.ckpt]
-    allow = ["mypkg.models.Net"]        # extends scan's allow list
-    require-format = "safetensors"      # or a list of format names
-    max-size-mb = 200
-    no-nan-inf = true                   # streams every floating tensor's values
-    lfs-pointers = "pass"               # or "fail": an unfetched git-lfs pointer fails
-    [tool.ckpt.arch]
-    "models/cls_*.safetensors" = "resnet18"
-    "models/det_*.pth" = { arch = "resnet50", args = { num_classes = 3 }, key = "state_dict" }
-
-torch is imported only for an arch check, and only when the signature is not cached.
+The policies, all optional, and their schema are :mod:`ckpt_tool.config`'s. torch is imported only
+for an arch check, and only when the signature is not cached.
 """
 
 from __future__ import annotations
@@ -26,25 +15,14 @@ from typing import Any
 
 from .bulk import paused
 from .checkpoint import Checkpoint, is_floating
-from .errors import CkptError, TorchMissingError, UsageError
+from .config import ProjectConfig, ProjectPolicies, load_config, path_matches, project_policies
+from .errors import CkptError, TorchMissingError
 from .formats import sniff as fmt
 from .formats.safetensors import headers_memoized
-from .scan import (
-    SAFE,
-    FileScan,
-    Policy,
-    ProjectConfig,
-    iter_model_files,
-    load_config,
-    path_matches,
-    policy_for,
-    scan_file,
-)
+from .scan import SAFE, FileScan, Policy, iter_model_files, policy_for, scan_file
 from .text import some
 
 PASS, FAIL, NOTE = "pass", "fail", "note"
-FORMATS = (fmt.ZIP, fmt.TORCHSCRIPT, fmt.LEGACY, fmt.SAFETENSORS, fmt.PICKLE)
-_KNOWN_KEYS = {"allow", "require-format", "max-size-mb", "no-nan-inf", "lfs-pointers", "arch"}
 _SHOWN = 5  # keys named in a failed check's message
 
 
@@ -87,72 +65,16 @@ class ValidateReport:
 
 @dataclass(frozen=True)
 class Rules:
-    """``[tool.ckpt]`` checked and normalised."""
+    """What each file is held to: scan's policy (with ``[tool.ckpt] allow``) and the project's policies."""
 
     policy: Policy
-    formats: tuple[str, ...] = ()
-    max_bytes: int | None = None
-    no_nan_inf: bool = False
-    lfs_fails: bool = False
-    arch: tuple[tuple[str, str, dict[str, Any], str | None], ...] = ()  # (glob, spec, args, key)
-    root: str = ""
+    project: ProjectPolicies = ProjectPolicies()
 
 
 def rules_from_config(config: ProjectConfig, allow: Iterable[str] = ()) -> Rules:
     """Check ``[tool.ckpt]`` and turn it into :class:`Rules`; a bad entry is a usage error naming it."""
-    values = config.values
-    where = config.path or "[tool.ckpt]"
-    unknown = sorted(set(values) - _KNOWN_KEYS)
-    if unknown:
-        raise UsageError(
-            f"{where}: unknown [tool.ckpt] keys {', '.join(unknown)} (known: {', '.join(sorted(_KNOWN_KEYS))})"
-        )
-    formats = values.get("require-format", [])
-    formats = [formats] if isinstance(formats, str) else formats
-    if not isinstance(formats, list) or any(f not in FORMATS for f in formats):
-        raise UsageError(
-            f"{where}: require-format {values.get('require-format')!r}: use one or more of {', '.join(FORMATS)}"
-        )
-    size = values.get("max-size-mb")
-    if size is not None and (isinstance(size, bool) or not isinstance(size, (int, float)) or size <= 0):
-        raise UsageError(f"{where}: max-size-mb must be a positive number")
-    nan = values.get("no-nan-inf", False)
-    lfs = values.get("lfs-pointers", "pass")
-    if not isinstance(nan, bool):
-        raise UsageError(f"{where}: no-nan-inf must be true or false")
-    if lfs not in ("pass", "fail"):
-        raise UsageError(f'{where}: lfs-pointers must be "pass" or "fail"')
-    return Rules(
-        policy=policy_for(config, allow),
-        formats=tuple(formats),
-        max_bytes=int(size * 1024 * 1024) if size is not None else None,
-        no_nan_inf=nan,
-        lfs_fails=lfs == "fail",
-        arch=_arch_rules(values.get("arch", {}), where),
-        root=config.root,
-    )
-
-
-def _arch_rules(table: Any, where: str) -> tuple[tuple[str, str, dict[str, Any], str | None], ...]:
-    if not isinstance(table, dict):
-        raise UsageError(f"{where}: [tool.ckpt.arch] must map globs to architectures")
-    out: list[tuple[str, str, dict[str, Any], str | None]] = []
-    for pattern, entry in table.items():
-        if isinstance(entry, str):
-            out.append((pattern, entry, {}, None))
-        elif (
-            isinstance(entry, dict)
-            and isinstance(entry.get("arch"), str)
-            and isinstance(entry.get("args", {}), dict)
-            and isinstance(entry.get("key", ""), str)
-            and not set(entry) - {"arch", "args", "key"}
-        ):
-            out.append((pattern, entry["arch"], dict(entry.get("args", {})), entry.get("key")))
-        else:
-            raise UsageError(
-                f'{where}: [tool.ckpt.arch] {pattern!r} must be "ARCH" or {{ arch = ..., args = {{...}}, key = ... }}'
-            )
-    return tuple(out)
+    project = project_policies(config)
+    return Rules(policy_for(config, allow), project)
 
 
 def validate(paths: Iterable[str], allow: Iterable[str] = (), config_dir: str | None = None) -> ValidateReport:
@@ -177,7 +99,7 @@ def validate_file(path: str, rules: Rules) -> FileValidation:
     kind = fmt.sniff(path)
     if kind == fmt.LFS_POINTER:
         result = scan_file(path, rules.policy)
-        status = FAIL if rules.lfs_fails else NOTE
+        status = FAIL if rules.project.lfs_fails else NOTE
         return FileValidation(path, kind, (FileCheck("lfs", status, result.notes[0]),), result)
     result = scan_file(path, rules.policy)
     checks = [_scan_check(result)]
@@ -233,29 +155,30 @@ def _opens_check(path: str, key: str | None = None) -> tuple[Checkpoint | None, 
 
 def _policy_checks(path: str, kind: str, size: int, ckpt: Checkpoint | None, rules: Rules) -> list[FileCheck]:
     checks: list[FileCheck] = []
-    if rules.formats:
+    project = rules.project
+    if project.formats:
         inner = kind.partition("(")[2].rstrip(")") if kind.startswith(fmt.SHARDED) else kind
-        ok = inner in rules.formats
+        ok = inner in project.formats
         checks.append(
             FileCheck(
                 "format",
                 PASS if ok else FAIL,
-                f"{kind}" + ("" if ok else f", the project requires {' or '.join(rules.formats)}"),
+                f"{kind}" + ("" if ok else f", the project requires {' or '.join(project.formats)}"),
             )
         )
-    if rules.max_bytes is not None:
-        ok = size <= rules.max_bytes
+    if project.max_bytes is not None:
+        ok = size <= project.max_bytes
         checks.append(
             FileCheck(
                 "size",
                 PASS if ok else FAIL,
-                f"{size / 2**20:.1f} MB {'within' if ok else 'over'} the {rules.max_bytes / 2**20:g} MB limit",
+                f"{size / 2**20:.1f} MB {'within' if ok else 'over'} the {project.max_bytes / 2**20:g} MB limit",
             )
         )
-    if rules.no_nan_inf and ckpt is not None and ckpt.tensors:
+    if project.no_nan_inf and ckpt is not None and ckpt.tensors:
         checks.append(_values_check(ckpt))
-    for pattern, spec, args, key in rules.arch:
-        if path_matches(path, pattern, rules.root):
+    for pattern, spec, args, key in project.arch:
+        if path_matches(path, pattern, project.root):
             checks.append(_arch_check(path, ckpt, spec, args, key))
     return checks
 
@@ -379,7 +302,7 @@ def _validate_sharded(path: str, rules: Rules) -> FileValidation:
     kind = f"{fmt.SHARDED} ({first.format if first else 'empty'})"
     size = sum(s.file_size for s in shards.values())
     ckpt = None
-    if rules.no_nan_inf and shards and not any(c.status == FAIL for c in checks):
+    if rules.project.no_nan_inf and shards and not any(c.status == FAIL for c in checks):
         from .reader import open_checkpoint
 
         ckpt = open_checkpoint(index_path)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import struct
 import tempfile
 import zipfile
@@ -236,7 +237,7 @@ class Staging:
         staged = self._dirs.get(directory)
         if staged is None:
             try:
-                staged = tempfile.mkdtemp(dir=directory, prefix=f".{os.path.basename(final)}.", suffix=".tmp")
+                staged = _hidden_sibling(final, ".tmp")
             except OSError as exc:
                 raise OutputError(f"{final}: cannot create a file in {directory} ({exc.strerror or exc})") from None
             self._dirs[directory] = staged
@@ -373,6 +374,66 @@ class Staging:
         self._dirs.clear()
 
 
+class StagedDirectory:
+    """A directory output built under a hidden name beside its final one, then renamed into place whole.
+
+    The directory outputs (a DCP checkpoint, a Trainer checkpoint directory) are written into
+    ``.NAME.*.tmp`` beside ``final`` (:attr:`path`, made with the mode ``mkdir`` gives). :meth:`commit`
+    fsyncs every file in it and the directory itself, moves an old ``final`` aside, renames the new
+    one in and removes the old one last; a failed rename puts the old directory back. Leaving the
+    ``with`` block without a commit (an exception, Ctrl-C, a failed verification) removes the staged
+    directory and leaves ``final`` untouched, as :class:`Staging` does for files.
+    """
+
+    def __init__(self, final: str) -> None:
+        self.final = final
+        parent = os.path.dirname(os.path.abspath(final))
+        try:
+            self.path = _hidden_sibling(final, ".tmp")
+        except OSError as exc:
+            raise OutputError(f"{final}: cannot create a directory in {parent} ({exc.strerror or exc})") from None
+        os.chmod(self.path, 0o777 & ~_umask())  # mkdtemp makes it 0700
+        self.committed = False
+
+    def __enter__(self) -> StagedDirectory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()
+
+    def commit(self) -> None:
+        """Put the staged directory in place of ``final`` (an old one there is replaced)."""
+        final = os.path.abspath(self.final)
+        try:
+            _fsync_tree(self.path)
+        except OSError as exc:
+            raise OutputError(f"{self.final}: cannot write the output to disk ({exc.strerror or exc})") from None
+        old = None
+        try:
+            if os.path.lexists(final):
+                old = _hidden_sibling(final, ".old")
+                os.rmdir(old)  # a free name on the same file system, for the rename
+                os.rename(final, old)
+            os.rename(self.path, final)
+        except OSError as exc:
+            if old is not None and not os.path.lexists(final):
+                with contextlib.suppress(OSError):
+                    os.rename(old, final)
+            raise OutputError(
+                f"{self.final}: cannot rename the output into place ({exc.strerror or exc}); "
+                "what was there is back as it was"
+            ) from None
+        self.committed = True
+        _fsync_dir(os.path.dirname(final))
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def abort(self) -> None:
+        """Remove the staged directory, unless it was committed."""
+        if not self.committed:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
 MAX_OLD_INDEX_BYTES = 1 << 26  # an index being replaced is read this far to find its old shards
 
 
@@ -426,14 +487,24 @@ def _fsync_close(fd: int) -> None:
 
 
 def _set_mode(tmp: str, final: str) -> None:
-    # mkstemp makes 0600 files; give the output the mode a plain open() would (or the old file's)
+    # staged files are 0600; give the output the mode a plain open() would (or the old file's)
     try:
         mode = os.stat(final).st_mode & 0o7777
     except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask
+        mode = 0o666 & ~_umask()
     os.chmod(tmp, mode)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _hidden_sibling(final: str, suffix: str) -> str:
+    """A new empty directory ``.NAME.*SUFFIX`` beside ``final``: on its file system, so renames are atomic."""
+    final = os.path.abspath(final)
+    return tempfile.mkdtemp(dir=os.path.dirname(final), prefix=f".{os.path.basename(final)}.", suffix=suffix)
 
 
 def _keep_backup(final: str, backup: str) -> None:
@@ -442,9 +513,18 @@ def _keep_backup(final: str, backup: str) -> None:
     try:
         os.link(final, backup)  # the old bytes stay reachable under the backup name, no copy
     except OSError:
-        import shutil
-
         shutil.copy2(final, backup)
+
+
+def _fsync_tree(root: str) -> None:
+    """fsync every file under ``root``, then each directory, deepest first."""
+    for directory, _, names in os.walk(root, topdown=False):
+        for name in names:
+            path = os.path.join(directory, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                fd = os.open(path, os.O_RDONLY)
+                _fsync_close(fd)
+        _fsync_dir(directory)
 
 
 def _fsync_dir(directory: str) -> None:

@@ -92,7 +92,7 @@ def make(dest: str) -> None:
     with open(os.path.join(dest, "my_models.py"), "w", encoding="utf-8") as f:
         f.write(MY_MODELS)
     sys.path.insert(0, FIXTURES)
-    from make_fixtures import tiny_cnn
+    from make_fixtures import save_training_checkpoint, tiny_cnn
 
     def at(name: str) -> str:
         return os.path.join(dest, name)
@@ -113,17 +113,7 @@ def make(dest: str) -> None:
     torch.save(tuned.state_dict(), at("tiny_cnn_2.pth"))
 
     # a training checkpoint as a DataParallel run saves it
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    model(torch.randn(2, 3, 8, 8)).sum().backward()
-    opt.step()
-    torch.save(
-        {
-            "model_state_dict": OrderedDict(("module." + k, v) for k, v in model.state_dict().items()),
-            "optimizer_state_dict": opt.state_dict(),
-            "epoch": 3,
-        },
-        at("checkpoint.pth"),
-    )
+    save_training_checkpoint(model, at("checkpoint.pth"))
 
     with open(os.path.join(FIXTURES, "tiny_cnn.pth"), "rb") as f:
         head = f.read(5000)

@@ -1,5 +1,5 @@
 """What the fix-plan tests share: a directory with a models file, a state dict of distinct values, and
-the printed ``ckpt migrate`` command run as a user would paste it."""
+the printed ``ckpt migrate`` command run as a user would paste it (tiny HF configs: ``hf_configs``)."""
 
 from __future__ import annotations
 
@@ -48,18 +48,3 @@ def models_env(factory: pytest.TempPathFactory, name: str, models: str) -> Itera
         mp.setenv("CKPT_CACHE_DIR", str(root / "cache"))
         mp.chdir(root)
         yield root
-
-
-def tiny_bert_config(**overrides: Any) -> Any:
-    """A two-layer BERT small enough to build in a test, as transformers' own config."""
-    from transformers import BertConfig
-
-    fields: dict[str, Any] = {
-        "vocab_size": 64,
-        "hidden_size": 16,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "intermediate_size": 24,
-        "max_position_embeddings": 32,
-    }
-    return BertConfig(**{**fields, **overrides})

@@ -14,6 +14,7 @@ import sys
 
 import pytest
 from click.testing import CliRunner
+from hf_configs import tiny_llama_config
 
 from ckpt_tool import writer
 from ckpt_tool.cli import main
@@ -38,17 +39,7 @@ def llama(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("sharded") / "llama"
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=100,
-            tie_word_embeddings=False,
-        )
-    )
+    model = transformers.LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=False))
     model.save_pretrained(str(out), max_shard_size="20KB")
     assert os.path.exists(out / "model.safetensors.index.json")
     return str(out), {k: v.clone() for k, v in model.state_dict().items()}

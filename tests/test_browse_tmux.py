@@ -7,79 +7,24 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 import time
 
 import pytest
 from browse_helpers import write_checkpoints
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+from terminal import Tmux  # noqa: E402 - the terminal bench_browse.py measures in
+
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 pytest.importorskip("textual")
-
-
-class Tmux:
-    """One private tmux server (its own socket) running a shell in an 80x24 window."""
-
-    def __init__(self, cwd: str) -> None:
-        self.socket = f"ckpt-browse-{os.getpid()}"
-        env = {**os.environ, "TERM": "xterm-256color", "PS1": "$ "}
-        env.pop("NO_COLOR", None)
-        subprocess.run(
-            [
-                "tmux",
-                "-L",
-                self.socket,
-                "-f",
-                "/dev/null",
-                "new-session",
-                "-d",
-                "-x",
-                "80",
-                "-y",
-                "24",
-                "-c",
-                cwd,
-                "bash --norc --noprofile",
-            ],
-            check=True,
-            env=env,
-        )
-
-    def send(self, *keys: str, literal: bool = False) -> None:
-        subprocess.run(["tmux", "-L", self.socket, "send-keys", *(["-l"] if literal else []), *keys], check=True)
-
-    def pane(self) -> str:
-        return subprocess.run(
-            ["tmux", "-L", self.socket, "capture-pane", "-p"], check=True, capture_output=True, text=True
-        ).stdout
-
-    def wait_for(self, *texts: str, timeout: float = 60.0) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            screen = self.pane()
-            if all(t in screen for t in texts):
-                return screen
-            if time.monotonic() > deadline:
-                raise AssertionError(f"never saw {texts!r} on the screen:\n{screen}")
-            time.sleep(0.05)
-
-    def wait_gone(self, text: str, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while text in self.pane():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{text!r} stays on the screen:\n{self.pane()}")
-            time.sleep(0.05)
-
-    def close(self) -> None:
-        subprocess.run(["tmux", "-L", self.socket, "kill-server"], check=False, capture_output=True)
 
 
 @pytest.fixture()
 def tmux(tmp_path_factory, torch):
     cwd = str(tmp_path_factory.mktemp("browse_tmux"))
     write_checkpoints(cwd)
-    term = Tmux(cwd)
+    term = Tmux(cwd, poll=0.05)
     yield term, cwd
     term.close()
 

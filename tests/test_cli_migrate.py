@@ -128,37 +128,13 @@ def test_failed_verification_exits_1(resnet, tmp_path):
 
 def test_dry_run_writes_nothing(dp, tmp_path):
     out = str(tmp_path / "o.safetensors")
-    result = invoke(
-        "migrate",
-        dp,
-        "--key",
-        "model_state_dict",
-        "--arch",
-        "resnet18",
-        "--strip-prefix",
-        "module.",
-        "--drop",
-        "fc",
-        "--dry-run",
-        "-o",
-        out,
-    )
+    strip = ["migrate", dp, "--key", "model_state_dict", "--arch", "resnet18", "--strip-prefix", "module."]
+    result = invoke(*strip, "--drop", "fc", "--dry-run", "-o", out)
     assert result.exit_code == 1  # the planned result would not load: said, and nothing written
     assert "does NOT load strictly: 2 missing (fc.weight, fc.bias)" in result.stdout
     assert "dry run: nothing written" in result.stdout
     assert not os.path.exists(out)
-    ok = invoke(
-        "migrate",
-        dp,
-        "--key",
-        "model_state_dict",
-        "--arch",
-        "resnet18",
-        "--strip-prefix",
-        "module.",
-        "--dry-run",
-        "--json",
-    )
+    ok = invoke(*strip, "--dry-run", "--json")
     assert ok.exit_code == 0
     report = json.loads(ok.stdout)
     assert report["dry_run"] is True and report["written"] is None and report["ok"] is True

@@ -15,6 +15,7 @@ from torch import nn
 
 from ckpt_tool.arch import build_model, signature_from_model, target_signature
 from ckpt_tool.compat import check, check_checkpoint, parameter_share, shapes_load
+from ckpt_tool.config import ProjectPolicies
 from ckpt_tool.diff import diff_paths
 from ckpt_tool.migrate import migrate
 from ckpt_tool.plan import Plan
@@ -165,35 +166,32 @@ def _finetune_loads(archs: Path, name: str, path: Path) -> bool:
     return bool(_finetune_load(archs, name, path)[1].clean)
 
 
-@pytest.mark.parametrize(("name", "write", "file", "expected"), CASES, ids=[c[2] for c in CASES])
-def test_every_command_gives_torchs_answer(
-    archs: Path, tmp_path: Path, name: str, write: Callable[[nn.Module, Path], None], file: str, expected: bool
-) -> None:
+@pytest.fixture(params=CASES, ids=[c[2] for c in CASES])
+def case(request: pytest.FixtureRequest, archs: Path, tmp_path: Path) -> tuple[str, Path, bool]:
+    """One case written to a file: the architecture's name, the file, whether torch loads it strictly."""
+    name, write, file, expected = request.param
     path = tmp_path / file
     write(_model(archs, name), path)
+    return name, path, expected
+
+
+def test_every_command_gives_torchs_answer(archs: Path, case: tuple[str, Path, bool]) -> None:
+    name, path, expected = case
     spec = f"{archs}:{name}"
     assert _torch_loads(archs, name, path) is expected  # the truth, from torch and safetensors
     assert diff_paths(str(path), arch=spec).loads_strictly is expected
-    checks = validate_file(str(path), Rules(Policy(), arch=(("*", spec, {}, None),))).checks
+    checks = validate_file(str(path), Rules(Policy(), ProjectPolicies(arch=(("*", spec, {}, None),)))).checks
     assert [c.status for c in checks if c.name == "arch"] == ["pass" if expected else "fail"]
 
 
-@pytest.mark.parametrize(("name", "write", "file", "expected"), CASES, ids=[c[2] for c in CASES])
-def test_migrate_plans_torchs_answer(
-    archs: Path, tmp_path: Path, name: str, write: Callable[[nn.Module, Path], None], file: str, expected: bool
-) -> None:
-    path = tmp_path / file
-    write(_model(archs, name), path)
+def test_migrate_plans_torchs_answer(archs: Path, case: tuple[str, Path, bool]) -> None:
+    name, path, expected = case
     planned = migrate(Plan(str(path), arch=f"{archs}:{name}"), dry_run=True).plan.diff
     assert planned is not None and planned.loads is expected
 
 
-@pytest.mark.parametrize(("name", "write", "file", "expected"), CASES, ids=[c[2] for c in CASES])
-def test_finetune_load_check_gives_the_same_answer(
-    archs: Path, tmp_path: Path, name: str, write: Callable[[nn.Module, Path], None], file: str, expected: bool
-) -> None:
-    path = tmp_path / file
-    write(_model(archs, name), path)
+def test_finetune_load_check_gives_the_same_answer(archs: Path, case: tuple[str, Path, bool]) -> None:
+    name, path, expected = case
     assert _finetune_loads(archs, name, path) is expected
 
 

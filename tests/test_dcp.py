@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -409,6 +410,33 @@ def test_a_dcp_output_that_fails_verification_replaces_nothing(tmp_path: Path, m
     assert result.exit_code == 1 and "verification failed" in result.output and "not written:" in result.output
     assert {p: (out / p).read_bytes() for p in os.listdir(out)} == before
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []  # the staged directory is gone
+
+
+def test_a_dcp_output_that_cannot_be_renamed_into_place_puts_the_old_one_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    save_file({"a": torch.ones(3)}, tmp_path / "in.safetensors")
+    out = tmp_path / "out"
+    assert _run("convert", tmp_path / "in.safetensors", out, "--format", "dcp").exit_code == 0
+    before = {p: (out / p).read_bytes() for p in os.listdir(out)}
+    real = {"rename": os.rename, "replace": os.replace}
+
+    def failing(name: str) -> Callable[[Any, Any], None]:
+        def move(src: Any, dst: Any) -> None:
+            staged = os.path.basename(str(src))
+            if staged.startswith(".out.") and staged.endswith(".tmp") and str(dst) == str(out):
+                raise OSError(28, "No space left on device")  # the new directory into place
+            real[name](src, dst)
+
+        return move
+
+    monkeypatch.setattr(os, "rename", failing("rename"))
+    monkeypatch.setattr(os, "replace", failing("replace"))
+    result = _run("convert", tmp_path / "in.safetensors", out, "--format", "dcp", "--force")
+    monkeypatch.undo()
+    assert "No space left on device" in _one_line_error(result)
+    assert {p: (out / p).read_bytes() for p in os.listdir(out)} == before  # the old directory, as it was
+    assert sorted(os.listdir(tmp_path)) == ["in.safetensors", "out"]  # nothing staged or set aside is left
 
 
 # --- scan -----------------------------------------------------------------------------------------------

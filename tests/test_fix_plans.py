@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 import torch
 import torchvision
-from plan_helpers import apply_suggested, models_env, random_state, run, tiny_bert_config
+from hf_configs import tiny_bert_config
+from plan_helpers import apply_suggested, models_env, random_state, run
 from torch import nn
 
 from ckpt_tool.diff import diff_paths

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 from click.testing import CliRunner
+from hf_configs import tiny_bert_config, tiny_gpt2_config, tiny_llama_config
 
 from ckpt_tool.arch import build_model, target_signature
 from ckpt_tool.cli import main
@@ -36,32 +37,9 @@ def models(tmp_path_factory):
     out = tmp_path_factory.mktemp("hf")
     torch.manual_seed(0)
     configs = {
-        "gpt2": transformers.GPT2LMHeadModel(
-            transformers.GPT2Config(
-                n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0
-            )
-        ),
-        "bert": transformers.BertForMaskedLM(
-            transformers.BertConfig(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                vocab_size=100,
-                max_position_embeddings=64,
-            )
-        ),
-        "llama": transformers.LlamaForCausalLM(
-            transformers.LlamaConfig(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                vocab_size=100,
-                tie_word_embeddings=True,
-            )
-        ),
+        "gpt2": transformers.GPT2LMHeadModel(tiny_gpt2_config()),
+        "bert": transformers.BertForMaskedLM(tiny_bert_config()),
+        "llama": transformers.LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True)),
     }
     paths = {}
     for name, model in configs.items():
@@ -149,17 +127,15 @@ def test_migrate_verifies_by_loading_into_the_hf_model(models, tmp_path):
     assert report["plan"]["shared"][0]["keys"] == ["model.embed_tokens.weight", "lm_head.weight"]
 
 
-def test_validate_arch_policy(models, tmp_path):
-    from ckpt_tool.scan import ProjectConfig
+def test_validate_arch_policy(models):
+    from ckpt_tool.config import ProjectConfig
     from ckpt_tool.validate import PASS, rules_from_config, validate_file
 
     paths, _ = models
     config = ProjectConfig(
-        str(tmp_path / "pyproject.toml"), {"arch": {"*.safetensors": {"arch": f"hf:{paths['bert']}"}}}
+        os.path.join(paths["bert"], "pyproject.toml"), {"arch": {"*.safetensors": {"arch": f"hf:{paths['bert']}"}}}
     )
-    from dataclasses import replace
-
-    rules = replace(rules_from_config(config), root=paths["bert"])
+    rules = rules_from_config(config)
     checks = {c.name: c for c in validate_file(os.path.join(paths["bert"], "model.safetensors"), rules).checks}
     assert checks["arch"].status == PASS, checks["arch"].message
 

@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 from click.testing import CliRunner
+from hf_configs import tiny_bert_config, tiny_gpt2_config
 from model_files import write_models
 
 from ckpt_tool.cli import main
@@ -210,18 +211,10 @@ def test_trainer_groups_match_transformers_own(torch, branches):
 @pytest.fixture(scope="session")
 def bert(tmp_path_factory, torch):
     """A 2-layer BertForSequenceClassification trained 4 steps by a real Trainer: checkpoint-4/."""
-    from transformers import BertConfig, BertForSequenceClassification, Trainer
+    from transformers import BertForSequenceClassification, Trainer
 
     d = tmp_path_factory.mktemp("hf_bert")
-    cfg = BertConfig(
-        vocab_size=32,
-        hidden_size=8,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=16,
-        max_position_embeddings=16,
-        num_labels=2,
-    )
+    cfg = tiny_bert_config(num_labels=2)
     torch.manual_seed(0)
     model = BertForSequenceClassification(cfg)
     Trainer(model=model, args=_args(d / "run", 4), train_dataset=_dataset(torch, "input_ids")).train()
@@ -269,9 +262,9 @@ def test_bert_trainer_checkpoint_gets_a_new_head_and_resumes(torch, bert, tmp_pa
 def test_gpt2_with_a_layer_dropped_carries_tied_and_layernorm_state(torch, tmp_path):
     """GPT-2: the head is tied to the token embedding (one parameter, one id), its LayerNorms are
     named ln_* (kept out of weight decay by their type alone); the last block is dropped."""
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer
+    from transformers import GPT2LMHeadModel, Trainer
 
-    cfg = GPT2Config(vocab_size=32, n_positions=16, n_embd=8, n_layer=2, n_head=2)
+    cfg = tiny_gpt2_config()
     g = torch.Generator().manual_seed(0)
     tokens = [torch.randint(0, 32, (8,), generator=g) for _ in range(16)]
     data = [{"input_ids": t, "labels": t} for t in tokens]
@@ -322,7 +315,7 @@ def test_bert_sharded_and_bin_weights_keep_their_layout(torch, bert, tmp_path):
         shutil.copytree(bert, src)
         os.remove(src / "model.safetensors")
         if layout == "sharded":
-            args = [str(src / "model.safetensors"), "--max-shard-size", "4KB"]
+            args = [str(src / "model.safetensors"), "--max-shard-size", "8KB"]
         else:
             args = [str(src / "pytorch_model.bin")]
         assert _run("convert", os.path.join(bert, "model.safetensors"), *args).exit_code == 0
@@ -332,7 +325,7 @@ def test_bert_sharded_and_bin_weights_keep_their_layout(torch, bert, tmp_path):
         weights = {n for n in os.listdir(out) if n.startswith("model") or n.startswith("pytorch_model")}
         assert weights == {n for n in os.listdir(src) if n.startswith("model") or n.startswith("pytorch_model")}
         model = BertForSequenceClassification.from_pretrained(str(out))
-        assert model.bert.embeddings.word_embeddings.weight.shape == (32, 8)
+        assert model.bert.embeddings.word_embeddings.weight.shape == (64, 16)
 
 
 # --- outputs and refusals --------------------------------------------------------------------------
@@ -363,7 +356,7 @@ def test_output_directory_rules(torch, bert, tmp_path):
     r = _run("migrate", bert, "-o", str(tmp_path / "slash") + "/")
     assert r.exit_code == 0 and os.path.isfile(tmp_path / "slash" / "optimizer.pt"), r.output
     # refused while staging (the wrong architecture: none of its parameters from the checkpoint)
-    wide = ["--arch", f"hf:{bert}", "--arch-arg", "hidden_size=16", "--reinit-mismatched"]
+    wide = ["--arch", f"hf:{bert}", "--arch-arg", "hidden_size=32", "--reinit-mismatched"]
     r = _run("migrate", bert, *wide, "-o", str(tmp_path / "wide"))
     assert r.exit_code == 2 and "probably not a checkpoint of this architecture" in r.output, r.output
     assert not os.path.exists(tmp_path / "wide") and not [n for n in os.listdir(tmp_path) if n.startswith(".")]

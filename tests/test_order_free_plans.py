@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 import torch
-from plan_helpers import apply_suggested, models_env, random_state, run, tiny_bert_config
+from hf_configs import tiny_bert_config
+from plan_helpers import apply_suggested, models_env, random_state, run
 from safetensors.torch import save_file
 from torch import nn
 

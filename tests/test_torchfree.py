@@ -62,6 +62,9 @@ def write_safetensors(path: str, tensors: dict[str, tuple[int, ...]], seed: int 
     return path
 
 
+SQUEEZENET_10 = ("--arch", "squeezenet1_1", "--arch-arg", "num_classes=10")  # the layout squeezenet() writes
+
+
 def squeezenet(tmp_path, name: str = "squeeze.safetensors", extra: bool = False, drop: str | None = None) -> str:
     """squeezenet1_1 with 10 classes (0.7M parameters), its layout taken from the shipped table."""
     sig = arch_table.lookup("squeezenet1_1", {"num_classes": 10})
@@ -119,7 +122,7 @@ def test_byte_moving_migrate(no_torch, tmp_path):
 
 def test_diff_against_a_shipped_signature(no_torch, tmp_path):
     path = squeezenet(tmp_path)
-    ok = run("diff", path, "--arch", "squeezenet1_1", "--arch-arg", "num_classes=10")
+    ok = run("diff", path, *SQUEEZENET_10)
     assert ok.exit_code == 0, ok.output
     assert "loads strictly: load_state_dict(strict=True) would succeed" in ok.output
     wrong = run("diff", path, "--arch", "squeezenet1_1")  # the default 1000 classes
@@ -130,44 +133,20 @@ def test_diff_against_a_shipped_signature(no_torch, tmp_path):
 def test_migrate_drop_unexpected_checks_the_written_headers(no_torch, tmp_path):
     src = squeezenet(tmp_path, extra=True)
     out = str(tmp_path / "clean.safetensors")
-    result = run(
-        "migrate", src, "--arch", "squeezenet1_1", "--arch-arg", "num_classes=10", "--drop-unexpected", "-o", out
-    )
+    args = ["migrate", src, *SQUEEZENET_10, "--drop-unexpected", "-o", out]
+    result = run(*args)
     assert result.exit_code == 0, result.output
     assert (
         "checked: the written keys and shapes match squeezenet1_1 (torch is not installed: not loaded)" in result.output
     )
-    report = json.loads(
-        run(
-            "migrate",
-            src,
-            "--arch",
-            "squeezenet1_1",
-            "--arch-arg",
-            "num_classes=10",
-            "--drop-unexpected",
-            "-o",
-            out,
-            "--force",
-            "--json",
-        ).output
-    )
+    report = json.loads(run(*args, "--force", "--json").output)
     assert report["ok"] and report["verification"]["method"] == "headers"
     assert report["verification"]["loads"]
 
 
 def test_a_failed_header_check_exits_1(no_torch, tmp_path):
     src = squeezenet(tmp_path, extra=True)
-    result = run(
-        "migrate",
-        src,
-        "--arch",
-        "squeezenet1_1",
-        "--arch-arg",
-        "num_classes=10",
-        "-o",
-        str(tmp_path / "out.safetensors"),
-    )
+    result = run("migrate", src, *SQUEEZENET_10, "-o", str(tmp_path / "out.safetensors"))
     assert result.exit_code == 1, result.output
     assert "check failed: squeezenet1_1" in result.output
 
@@ -210,15 +189,11 @@ def test_paths_that_need_torch_stop_with_one_line(no_torch, tmp_path, monkeypatc
 def test_initial_values_from_the_target_need_torch_before_anything_is_written(no_torch, tmp_path):
     src = squeezenet(tmp_path, drop="classifier.1.bias")
     out = tmp_path / "filled.safetensors"
-    result = run(
-        "migrate", src, "--arch", "squeezenet1_1", "--arch-arg", "num_classes=10", "--fill-missing", "-o", str(out)
-    )
+    result = run("migrate", src, *SQUEEZENET_10, "--fill-missing", "-o", str(out))
     assert result.exit_code == 2 and result.output.strip().endswith(HINT), result.output
     assert "initialising 1 keys from --arch squeezenet1_1 needs torch" in result.output
     assert not out.exists()
-    planned = run(
-        "migrate", src, "--arch", "squeezenet1_1", "--arch-arg", "num_classes=10", "--fill-missing", "--dry-run"
-    )
+    planned = run("migrate", src, *SQUEEZENET_10, "--fill-missing", "--dry-run")
     assert planned.exit_code == 0, planned.output  # a plan needs no values
 
 

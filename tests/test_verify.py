@@ -64,33 +64,13 @@ def test_target_that_cannot_build_on_meta_is_verified_not_failed(tagged: tuple[s
 
 
 def test_verified_summary_counts_where_tensors_came_from(resnet: str, tmp_path: Path) -> None:
-    result = invoke(
-        "migrate",
-        resnet,
-        "--arch",
-        "resnet18",
-        "--arch-arg",
-        "num_classes=10",
-        "--reinit-mismatched",
-        "-o",
-        str(tmp_path / "o.pth"),
-        "--json",
-    )
+    new_head = ["migrate", resnet, "--arch", "resnet18", "--arch-arg", "num_classes=10", "--reinit-mismatched"]
+    result = invoke(*new_head, "-o", str(tmp_path / "o.pth"), "--json")
     assert result.exit_code == 0, result.output
     v = json.loads(result.stdout)["verification"]
     assert (v["from_checkpoint"], v["reinitialised"], v["filled"], v["tied"], v["differ"]) == (120, 2, 0, 0, [])
     assert v["checked"] == 122 and 0.99 < v["checkpoint_share"] < 1
-    text = invoke(
-        "migrate",
-        resnet,
-        "--arch",
-        "resnet18",
-        "--arch-arg",
-        "num_classes=10",
-        "--reinit-mismatched",
-        "-o",
-        str(tmp_path / "o2.pth"),
-    )
+    text = invoke(*new_head, "-o", str(tmp_path / "o2.pth"))
     assert (
         "verified: loads into resnet18 with strict=True, 122 tensors as planned (120 from the checkpoint, "
         "2 re-initialised); 99.9541% of resnet18's parameters come from the checkpoint" in text.stdout

@@ -18,6 +18,7 @@ from ckpt_tool.writer import (
     Deferred,
     Layout,
     Nesting,
+    StagedDirectory,
     Staging,
     View,
     check_output,
@@ -298,6 +299,69 @@ def test_staging_commit_keeps_a_backup(tmp_path):
     staging.commit(backup=str(path) + ".bak")
     assert path.read_bytes() == b"new"
     assert (tmp_path / "m.pth.bak").read_bytes() == b"old"
+
+
+def _stage_directory(final, files: dict[str, bytes]) -> StagedDirectory:
+    staging = StagedDirectory(str(final))
+    for name, data in files.items():
+        with open(os.path.join(staging.path, name), "wb") as f:
+            f.write(data)
+    return staging
+
+
+@pytest.mark.torchfree
+def test_a_staged_directory_appears_whole_with_mkdirs_mode(tmp_path):
+    out = tmp_path / "out"
+    with _stage_directory(out, {"a": b"1", "b": b"2"}) as staging:
+        assert not out.exists() and os.path.dirname(staging.path) == str(tmp_path)
+        assert os.path.basename(staging.path).startswith(".out.") and staging.path.endswith(".tmp")
+        staging.commit()
+    assert snapshot(out) == {"a": b"1", "b": b"2"} and os.listdir(tmp_path) == ["out"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask
+
+
+@pytest.mark.torchfree
+def test_a_staged_directory_replaces_an_old_one_only_on_commit(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old").write_bytes(b"old")
+    with _stage_directory(out, {"new": b"new"}):  # vetoed: never committed
+        pass
+    assert snapshot(out) == {"old": b"old"} and os.listdir(tmp_path) == ["out"]
+    with pytest.raises(RuntimeError), _stage_directory(out, {"new": b"new"}):
+        raise RuntimeError("interrupted while writing")
+    assert snapshot(out) == {"old": b"old"} and os.listdir(tmp_path) == ["out"]
+    with _stage_directory(out, {"new": b"new"}) as staging:
+        staging.commit()
+    assert snapshot(out) == {"new": b"new"} and os.listdir(tmp_path) == ["out"]  # the old one is gone
+
+
+@pytest.mark.torchfree
+def test_a_failed_directory_rename_puts_the_old_one_back(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old").write_bytes(b"old")
+    real_rename = os.rename
+
+    def flaky(src, dst):
+        if str(src).endswith(".tmp"):  # the new directory into place, after the old one moved aside
+            raise OSError(5, "Input/output error")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", flaky)
+    with pytest.raises(OutputError, match="cannot rename the output into place .Input/output error.*back as it was"):
+        with _stage_directory(out, {"new": b"new"}) as staging:
+            staging.commit()
+    monkeypatch.undo()
+    assert snapshot(out) == {"old": b"old"} and os.listdir(tmp_path) == ["out"]
+
+
+@pytest.mark.torchfree
+def test_a_staged_directory_needs_a_writable_parent(tmp_path):
+    with pytest.raises(OutputError, match="cannot create a directory in"):
+        StagedDirectory(str(tmp_path / "missing" / "out"))
 
 
 def plain_layout(sizes: dict[str, int]) -> Layout:

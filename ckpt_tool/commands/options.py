@@ -1,4 +1,4 @@
-"""Options several commands share, declared once: ``--key``, ``--arch``, ``--arch-arg`` and the plan operations.
+"""Options several commands share, declared once: ``--key``, ``--arch``, ``--arch-arg``, ``--allow`` and the plan operations.
 
 The operation options (``--drop``, ``--rename``, ``--fill-missing``...) apply in the order they are
 given, interleaved (``--rename a=b --drop c --rename d=e``). Click gathers each option's values
@@ -143,6 +143,18 @@ def arch_option(func: F | None = None, *, required: bool = False) -> Any:
 def arch_arg_option(func: F) -> F:
     """``--arch-arg NAME=VALUE`` (repeatable), passed as ``arch_args``."""
     return click.option("--arch-arg", "arch_args", multiple=True, metavar="NAME=VALUE", help=ARCH_ARG_HELP)(func)
+
+
+def allow_option(func: F) -> F:
+    """``--allow MODULE.NAME`` (repeatable): one more trusted global, for scan's verdict (scan, validate)."""
+    return click.option(
+        "--allow",
+        "allow",
+        multiple=True,
+        metavar="MODULE.NAME",
+        help="Trust one more global (repeatable): an exact name such as mypkg.models.Net, or mypkg.* for a "
+        "module. Adds to `allow` in [tool.ckpt] of pyproject.toml. Denied names (os, subprocess, ...) stay denied.",
+    )(func)
 
 
 def pager_option(func: F) -> F:

@@ -11,6 +11,7 @@ from .. import __version__
 from ..errors import EXIT_FINDINGS, UsageError
 from ..errors import EXIT_OK as EXIT_CLEAN
 from ..render import dumps, echo, json_option, paint, plain_table
+from .options import allow_option
 
 if TYPE_CHECKING:  # the reports a renderer reads: typed, so a renamed field fails mypy
     from ..scan.report import ScanReport
@@ -21,14 +22,7 @@ _SHOWN_NAMES = 2
 
 @click.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option(
-    "--allow",
-    "allow",
-    multiple=True,
-    metavar="MODULE.NAME",
-    help="Trust one more global (repeatable): an exact name such as mypkg.models.Net, or mypkg.* for a "
-    "module. Adds to `allow` in [tool.ckpt] of pyproject.toml. Denied names (os, subprocess, ...) stay denied.",
-)
+@allow_option
 @click.option(
     "--format",
     "output",
@@ -128,13 +122,7 @@ def _render_scan(report: ScanReport, show_globals: bool = False) -> None:
 
 @click.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option(
-    "--allow",
-    "allow",
-    multiple=True,
-    metavar="MODULE.NAME",
-    help="Trust one more global (repeatable), as for `ckpt scan`.",
-)
+@allow_option
 @json_option
 def validate(paths: tuple[str, ...], allow: tuple[str, ...], as_json: bool) -> None:
     """Check model files before they are committed: scan, loadability and the project's policies.

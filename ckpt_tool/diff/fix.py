@@ -111,7 +111,8 @@ def suggest_plan(
     return _finish(work, arch_args)
 
 
-def _finish(work: Proposal, arch_args: dict[str, Any]) -> FixPlan:
+def _placed(work: Proposal) -> tuple[set[str], list[str], list[str]]:
+    """The target keys the proposal so far loads, leaves missing (a loaded tie partner places one), mismatches."""
     tgt, current, partners = work.tgt, work.current, work.target.partners()
     loaded = {k for k in tgt if k in current and shapes_load(current[k], tgt[k])}
     missing = [
@@ -119,7 +120,12 @@ def _finish(work: Proposal, arch_args: dict[str, Any]) -> FixPlan:
         for k in tgt
         if k not in current and k not in work.optional and not any(p in loaded for p in partners.get(k, ()))
     ]
-    mismatched = [k for k in tgt if k in current and not shapes_load(current[k], tgt[k])]
+    return loaded, missing, [k for k in tgt if k in current and not shapes_load(current[k], tgt[k])]
+
+
+def _finish(work: Proposal, arch_args: dict[str, Any]) -> FixPlan:
+    tgt, current = work.tgt, work.current
+    loaded, missing, mismatched = _placed(work)
     # drops cover every unexpected key they may; what is missing or mismatched needs a model to take values from
     left = [k for k in current if k not in tgt]
     resolves = not left and (work.arch is not None or not (missing or mismatched))
@@ -434,14 +440,8 @@ def propose_drops(work: Proposal) -> None:
 
 
 def propose_fills(work: Proposal) -> None:
-    tgt, current, partners = work.tgt, work.current, work.target.partners()
-    loaded = {k for k in tgt if k in current and shapes_load(current[k], tgt[k])}
-    missing = [
-        k
-        for k in tgt
-        if k not in current and k not in work.optional and not any(p in loaded for p in partners.get(k, ()))
-    ]
-    mismatched = [k for k in tgt if k in current and not shapes_load(current[k], tgt[k])]
+    tgt, current = work.tgt, work.current
+    _, missing, mismatched = _placed(work)
     if missing:
         if work.arch is not None:
             work.add(

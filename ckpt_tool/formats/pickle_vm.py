@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from ..bulk import gc_paused
+from ..checkpoint import TORCH_DTYPE_ALIASES, TORCH_DTYPES
 from ..errors import FormatError
 from .pickle_memo import Memo
 from .pickle_records import STARTS as RECORD_STARTS
@@ -48,52 +49,9 @@ STORAGE_DTYPES: dict[str, str] = {
     "UntypedStorage": "uint8",
 }
 
-TORCH_DTYPE_NAMES = {
-    "float64",
-    "float32",
-    "float16",
-    "bfloat16",
-    "float8_e4m3fn",
-    "float8_e5m2",
-    "float8_e4m3fnuz",
-    "float8_e5m2fnuz",
-    "float8_e8m0fnu",
-    "complex128",
-    "complex64",
-    "complex32",
-    "int64",
-    "int32",
-    "int16",
-    "int8",
-    "uint64",
-    "uint32",
-    "uint16",
-    "uint8",
-    "bool",
-    "qint8",
-    "quint8",
-    "qint32",
-    "quint4x2",
-    "quint2x4",
-    "double",
-    "float",
-    "half",
-    "long",
-    "int",
-    "short",
-    "cfloat",
-    "cdouble",
-}
-_DTYPE_ALIASES = {
-    "double": "float64",
-    "float": "float32",
-    "half": "float16",
-    "long": "int64",
-    "int": "int32",
-    "short": "int16",
-    "cfloat": "complex64",
-    "cdouble": "complex128",
-}
+# every name a pickle may give a torch dtype (``torch.half`` as well as ``torch.float16``)
+TORCH_DTYPE_NAMES = TORCH_DTYPES | TORCH_DTYPE_ALIASES.keys()
+_DTYPE_ALIASES = TORCH_DTYPE_ALIASES
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@ import hashlib
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -31,7 +30,7 @@ from ..checkpoint import Checkpoint
 from ..errors import OutputError, UsageError
 from ..formats.hf_trainer import CONFIG, OPTIMIZER, STATE, TrainerDir, TrainerFile, read_trainer_dir
 from ..plan import Plan, State
-from ..writer import _fsync_dir
+from ..writer import StagedDirectory
 from .carry import Carried, carry
 from .ids import (
     _RENAMES,
@@ -306,12 +305,8 @@ def migrate_trainer(
     if dry_run or output is None:
         report = migrate(weights_plan, None, seed=seed, dry_run=True, on_plan=show, **options)
         return replace(report, plan=shown(report.plan))
-    parent = os.path.dirname(os.path.abspath(output))
-    staged = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(output))}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staged, 0o777 & ~umask)  # a directory as mkdir makes it, not mkdtemp's private one
-    try:
+    with StagedDirectory(output) as staging:  # removed on the way out unless renamed into place
+        staged = staging.path
         report = migrate(
             weights_plan, os.path.join(staged, out_name), seed=seed, max_shard_size=shard, on_plan=show, **options
         )
@@ -332,9 +327,7 @@ def migrate_trainer(
         # a directory with any file not as planned is never renamed into place, as a file is not
         committed = written.committed and not differ
         if committed:
-            _land(staged, output, replaces)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)  # gone once renamed; else nothing of it is left
+            staging.commit()  # an old directory (--force) is replaced only once the new one is there
     v = report.verification
     if v is not None:
         v = replace(v, differ=v.differ + tuple(differ), checked=v.checked + checked)
@@ -422,24 +415,3 @@ def _copy_verified(source: str, dest: str) -> bool:
 def _sha256(path: str) -> str:
     with open(path, "rb", buffering=0) as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _land(staged: str, output: str, replaces: bool) -> None:
-    """Rename the verified directory into place; an old one (``--force``) is moved aside first and
-    removed once the new one is there."""
-    _fsync_dir(staged)
-    parent = os.path.dirname(os.path.abspath(output))
-    old = None
-    if replaces:
-        old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(output))}.", suffix=".old")
-        os.rmdir(old)
-        os.rename(output, old)
-    try:
-        os.rename(staged, output)
-    except OSError as exc:
-        if old is not None:
-            os.rename(old, output)
-        raise OutputError(f"-o {output}: cannot be written ({exc.strerror or exc})") from None
-    _fsync_dir(parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

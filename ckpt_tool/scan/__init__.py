@@ -16,13 +16,13 @@ import re
 from collections.abc import Iterable, Iterator
 
 from ..bulk import paused
+from ..config import ProjectConfig, config_allow, load_config
 from ..errors import FormatError, InputError, UsageError
 from ..formats import sniff as fmt
 from ..formats.pickle_vm import PickleVM, Trace
 from ..formats.safetensors import header_defects, headers_memoized
 from ..formats.ziparchive import list_archive
 from ..reader import parse_lfs_pointer
-from .config import ProjectConfig, config_allow, find_pyproject, load_config, path_matches
 from .policy import (
     ALLOWED,
     BROKEN,
@@ -63,13 +63,8 @@ __all__ = [
     "FileScan",
     "Finding",
     "Policy",
-    "ProjectConfig",
     "ScanReport",
-    "config_allow",
-    "find_pyproject",
     "iter_model_files",
-    "load_config",
-    "path_matches",
     "policy_for",
     "sarif",
     "scan",

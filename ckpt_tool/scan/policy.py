@@ -11,6 +11,8 @@ import _compat_pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from ..checkpoint import TORCH_DTYPES
+
 SAFE, UNSAFE, SUSPICIOUS, BROKEN, SKIPPED = "safe", "unsafe", "suspicious", "broken", "skipped"
 # worst first: a file's verdict is the worst of its findings
 SEVERITY_ORDER = (UNSAFE, BROKEN, SUSPICIOUS, SAFE, SKIPPED)
@@ -119,46 +121,12 @@ for _prefix in ("torch", "torch.cuda"):
 for _kind in ("QInt8", "QUInt8", "QInt32", "QUInt4x2", "QUInt2x4"):
     ALLOWED[f"torch.{_kind}Storage"] = _STORAGE
 for _dtype in (
-    "float64",
-    "float32",
-    "float16",
-    "bfloat16",
-    "complex128",
-    "complex64",
-    "complex32",
-    "bcomplex32",
-    "bool",
-    "int64",
-    "int32",
-    "int16",
-    "int8",
-    "uint64",
-    "uint32",
-    "uint16",
-    "uint8",
-    "qint8",
-    "quint8",
-    "qint32",
-    "quint4x2",
-    "quint2x4",
-    "float8_e4m3fn",
-    "float8_e5m2",
-    "float8_e4m3fnuz",
-    "float8_e5m2fnuz",
-    "float8_e8m0fnu",
-    "float4_e2m1fn_x2",
-    "bits1x8",
-    "bits2x4",
-    "bits4x2",
-    "bits8",
-    "bits16",
+    *sorted(TORCH_DTYPES),  # the names torch writes: its weights_only loader refuses the aliases (torch.half)
     "per_tensor_affine",
     "per_tensor_symmetric",
     "per_channel_affine",
     "per_channel_symmetric",
     "per_channel_affine_float_qparams",
-    *(f"int{i}" for i in range(1, 8)),
-    *(f"uint{i}" for i in range(1, 8)),
 ):
     ALLOWED[f"torch.{_dtype}"] = _DTYPE
 
