@@ -522,6 +522,19 @@ def test_diff_says_why_a_trainer_directory_without_config_is_not_mapped(torch, b
     assert data["differences"] == ["optimizer: param groups of [4, 5] against [3, 4] parameters"], data
 
 
+def test_diff_of_trainer_directories_goes_on_when_the_config_cannot_be_built(torch, bert, monkeypatch):
+    from ckpt_tool.errors import UsageError
+    from ckpt_tool.optim_state import trainer
+
+    def no_transformers(spec, arch_args=None):
+        raise UsageError(f"--arch {spec}: needs transformers, which is not installed")
+
+    monkeypatch.setattr(trainer, "trainer_groups", no_transformers)
+    data = _optimizer_diff(bert, bert)
+    assert data["source"] == data["target"] and "needs transformers" in data["source"][0], data
+    assert data["differences"] == []
+
+
 # --- finetune-check --resume-optimizer of a Trainer directory --------------------------------------
 
 IMAGES = textwrap.dedent("""
