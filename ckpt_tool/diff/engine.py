@@ -23,7 +23,7 @@ from ..errors import InputError, OutputError, UsageError
 from ..plan import Plan, apply, initial_state, save_mapping
 from ..text import some
 from .fix import suggest_plan, with_shape_flow
-from .report import AUTO, DTYPE, MATCHED, MISSING, SHAPE, TIED, UNEXPECTED, DiffCounts, DiffReport, KeyDiff, Target
+from .report import AUTO, DTYPE, MATCHED, MISSING, SHAPE, TIED, UNEXPECTED, DiffCounts, DiffReport, DiffTarget, KeyDiff
 from .rows import rows_of
 from .shapeflow import shape_flow as target_flow
 from .valuediff import with_values
@@ -90,7 +90,7 @@ def diff_paths(
     from ..reader import open_checkpoint
 
     source = open_checkpoint(path, key)
-    target: Target
+    target: DiffTarget
     if arch is not None:
         target = target_signature(arch, args, use_cache=use_cache)
     else:
@@ -128,7 +128,7 @@ def diff_paths(
 
 def diff(
     source: Checkpoint,
-    target: Target,
+    target: DiffTarget,
     *,
     values: bool = False,
     depth: int | None = None,

@@ -39,8 +39,8 @@ from .report import (
     FinetuneReport,
     OnSetup,
     Phase,
-    Progress,
     Setup,
+    TrainingProgress,
     _first_line,
     _pct,
 )
@@ -72,7 +72,7 @@ def finetune_check(
     path: str,
     arch: str,
     options: FinetuneOptions | None = None,
-    progress: Progress | None = None,
+    progress: TrainingProgress | None = None,
     on_setup: OnSetup | None = None,
 ) -> FinetuneReport:
     """Load ``path`` into ``arch``, fine-tune it briefly and check every step of the way.
@@ -120,7 +120,7 @@ def _run(
     opts: FinetuneOptions,
     device: Any,
     ranks: Ranks,
-    progress: Progress | None,
+    progress: TrainingProgress | None,
     on_setup: OnSetup | None,
 ) -> FinetuneReport:
     import torch

@@ -78,7 +78,7 @@ class ZipListing:
                 self._index.setdefault(e.name.lower(), e)
         return self._index.get(name.lower())
 
-    def matches(self, name: str) -> list[ZipEntry]:
+    def entries_named(self, name: str) -> list[ZipEntry]:
         """Every entry named ``name`` ignoring case: more than one, and readers may choose differently."""
         want = name.lower()
         if self._index and want not in self._shared:

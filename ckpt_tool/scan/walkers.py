@@ -250,7 +250,7 @@ def _scan_zip(path: str, out: _Streams) -> None:
             f"{chosen.name} at byte {chosen.header_offset}"
             + (
                 " (or another entry of that name: torch's reader picks one by binary search)"
-                if len(listing.matches(chosen.name)) > 1
+                if len(listing.entries_named(chosen.name)) > 1
                 else ""
             )
         )
