@@ -7,7 +7,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .bulk import paused
 from .checkpoint import (
@@ -26,12 +26,11 @@ from .checkpoint import (
 from .errors import UsageError
 from .formats.dcp import chunk_summary
 from .formats.hf_trainer import is_trainer_dir
+from .objects import packed_params
+from .optim_state import BUFFER_NAMES, OptimizerSummary, summarize_optimizers
 from .reader import open_checkpoint, summarize
 from .text import grouped_notes
 from .values import FileCache, TensorStats, has_bytes, tensor_stats
-
-if TYPE_CHECKING:
-    from .optim_state import OptimizerSummary
 
 
 @dataclass(frozen=True, slots=True)  # slots: 100,000 rows take a third of the memory of dicts
@@ -66,9 +65,12 @@ class ModuleRow:
 
 @dataclass(frozen=True)
 class InspectReport:
-    """What ``inspect`` shows. ``parameters`` counts the elements of every tensor (buffers included) once:
-    a tied alias that views the same values as its partner is not counted again, as
-    ``model.parameters()`` does not; ``tensor_bytes`` counts a storage that several tensors view once."""
+    """What ``inspect`` shows. ``parameters`` counts the values (elements) of every tensor, buffers
+    included (the name is kept for the JSON's readers; the table says "values"): a tied alias that
+    views the same values as its partner is not counted again, as ``model.parameters()`` does not.
+    ``buffers`` is the part of it in tensors that are buffers by name (BatchNorm's ``running_mean``,
+    ``running_var``, ``num_batches_tracked``). ``tensor_bytes`` counts a storage that several
+    tensors view once."""
 
     path: str
     format: str
@@ -97,6 +99,7 @@ class InspectReport:
     objects: dict[str, Any] = field(default_factory=dict)
     # optimizer states beside the state dict (ckpt_tool.optim_state), header-only
     optimizers: tuple[OptimizerSummary, ...] = ()
+    buffers: int = 0
 
 
 @paused
@@ -142,7 +145,7 @@ def inspect_checkpoint(
     rows = tuple(_row(r, shared, stats_by_key.get(r.key)) for r in refs) if depth is None else ()
     attributes = tuple(_row(r, {}, None) for r in ckpt.attributes.values())
     by_dtype: dict[str, int] = {}
-    parameters = 0
+    parameters = buffers = 0
     # tensors of a shared storage: each view counted once, each storage's bytes once
     views: set[tuple[str, int, tuple[int, ...], tuple[int, ...]]] = set()
     storages: set[str] = set()
@@ -158,12 +161,10 @@ def inspect_checkpoint(
             storages.add(ref.storage)
         by_dtype[ref.dtype] = by_dtype.get(ref.dtype, 0) + n
         parameters += numel
+        if ref.key.rpartition(".")[2] in BUFFER_NAMES:
+            buffers += numel
     notes = _notes(ckpt) + (STD_NOTE,) * bool(stats)
-    optimizers: tuple[OptimizerSummary, ...] = ()
-    if ckpt.root is not None and ckpt.extras:  # optimizer state lies beside the state dict, among its extras
-        from .optim_state import summarize_optimizers  # (and imports the planner: not for a bare state dict)
-
-        optimizers = summarize_optimizers(ckpt)
+    optimizers = summarize_optimizers(ckpt)
     kind = ckpt.format
     if is_trainer_dir(path):  # checkpoint-500/: optimizer.pt and the other training files beside the weights
         from .optim_state.trainer import describe_trainer
@@ -176,6 +177,7 @@ def inspect_checkpoint(
         file_size=ckpt.file_size,
         tensors=len(ckpt.tensors),
         parameters=parameters,
+        buffers=buffers,
         tensor_bytes=sum(by_dtype.values()),
         bytes_by_dtype=dict(sorted(by_dtype.items())),
         state_path=ckpt.state_path,
@@ -416,6 +418,19 @@ def _object_notes(ckpt: Checkpoint) -> list[str]:
             "composite tensors: "
             + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in kinds.items())
             + " (see kind and detail)"
+        )
+    packed = packed_params(ckpt)
+    if packed:
+        notes.append(
+            f"{len(packed)} entries are packed weights of dynamically quantized layers (quantize_dynamic), "
+            "opaque to ckpt and not counted as tensors: "
+            + "; ".join(f"{k} ({what})" for k, what in list(packed.items())[:5])
+            + (" ..." if len(packed) > 5 else "")
+        )
+    if any(p.endswith("PackedParams") for p in ckpt.placeholders):
+        notes.append(
+            "a pickled dynamically quantized model: its packed weights are torch.ScriptObjects that only "
+            "torch can unpack, so they are not listed (torch.save(model.state_dict()) saves them as tensors)"
         )
     if ckpt.objects:
         notes.append(

@@ -21,7 +21,15 @@ from . import __version__
 from .adapt import computed_chunks, needs_torch
 from .arch import target_signature
 from .checkpoint import Checkpoint, Progress, TensorRef, contiguous_strides, is_floating, itemsize, numel
-from .compat import ALL_CURRENT, MOSTLY_NEW_SHARE, Compatibility, check, module_versions, parameter_share
+from .compat import (
+    ALL_CURRENT,
+    MOSTLY_NEW_SHARE,
+    Compatibility,
+    check,
+    checkpoint_aliases,
+    module_versions,
+    parameter_share,
+)
 from .dcp_writer import check_dcp_output, write_dcp
 from .diff.shapeflow import ShapeFlow, shape_flow
 from .errors import FormatError, UsageError
@@ -234,6 +242,11 @@ def migrate(
     if input_shape is not None and not (dry_run and plan.arch):
         raise UsageError("--input-shape sets the shape flow's input: it needs --dry-run and --arch")
     ckpt = open_checkpoint(plan.source, plan.key)
+    if isinstance(ckpt.root, PickledTensor):
+        raise UsageError(
+            f"{plan.source}: holds one bare tensor, not a state dict (torch.load returns the tensor "
+            "itself): nothing to migrate or convert"
+        )
     if not ckpt.tensors:
         raise UsageError(
             f"{plan.source}: holds no tensors to migrate (try --key; candidates: "
@@ -255,7 +268,7 @@ def migrate(
     if needy and plan.arch is None:
         raise UsageError(f"{', '.join(dict.fromkeys(needy))}: these operations need the target (--arch)")
     signature = target_signature(plan.arch, plan.arch_args) if plan.arch else None
-    applied = apply(plan.operations, initial_state(ckpt.tensors), signature, objects=tuple(ckpt.objects))
+    applied = apply(plan.operations, _source_state(ckpt), signature, objects=tuple(ckpt.objects))
     if not applied.state:
         raise UsageError(f"{plan.source}: the operations leave no tensors to write")
     # every input object: carried, converted with a note, or refused here, before anything is written
@@ -604,6 +617,24 @@ class _Hasher:
         """``{"model-00001-of-00002.safetensors": "<sha256>", ...}``, sorted, of a fixed length."""
         by_name = {os.path.basename(p): "0" * 64 if placeholder else self._result(p) for p in self.shards}
         return json.dumps(dict(sorted(by_name.items())), separators=(",", ":"))
+
+
+def _source_state(ckpt: Checkpoint) -> State:
+    """The checkpoint's tensors as the plan's first state, with the aliases ckpt recorded in a
+    safetensors file it wrote (``ckpt.aliases``) back beside their partners: names of its tensor,
+    so a .pth gets them as one storage again, tied as they were before."""
+    state = initial_state(ckpt.tensors)
+    aliases: dict[str, list[str]] = {}
+    for alias, name in checkpoint_aliases(ckpt).items():
+        if name in state and alias not in state:
+            aliases.setdefault(name, []).append(alias)
+    if not aliases:
+        return state
+    out: State = {}
+    for key, e in state.items():
+        out[key] = e
+        out.update((a, replace(e, key=a, reason="tied", tied_to=key)) for a in aliases.get(key, ()))
+    return out
 
 
 def _metadata(

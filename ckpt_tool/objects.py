@@ -165,11 +165,45 @@ def _store(out: ObjectPlan, tensors: dict[str, Any]) -> None:
 
 # --- entries that are not tensors, and _metadata -------------------------------------------------
 
+PACKED_PARAMS = "_packed_params._packed_params"
+
+
+def packed_params(ckpt: Checkpoint) -> dict[str, str]:
+    """The state dict's packed weights of dynamically quantized layers (``quantize_dynamic``:
+    ``LinearPackedParams`` saves ``(qweight, bias)``, or a ``torch.ScriptObject`` from
+    ``linear_prepack``), key -> what they hold. Opaque to ckpt: nothing of them is built or run."""
+    from .formats.pickle_vm import PickledTensor, Placeholder
+    from .reader import tensor_ref
+
+    out = {}
+    for key, value in ckpt.objects.items():
+        if not key.endswith(PACKED_PARAMS):
+            continue
+        if isinstance(value, tuple) and value and isinstance(value[0], PickledTensor):
+            parts = [tensor_ref(key, v, ckpt.path) for v in value if isinstance(v, PickledTensor)]
+            names = ("weight", "bias")
+            out[key] = ", ".join(f"{n} {r.dtype} {list(r.shape)}" for n, r in zip(names, parts))
+        else:
+            out[key] = f"an object ({value.name})" if isinstance(value, Placeholder) else type(value).__name__
+    return out
+
+
+def _refuse_packed_params(ckpt: Checkpoint, keys: dict[str, str]) -> None:
+    packed = [k for k in packed_params(ckpt) if k in keys]
+    if packed:
+        few = ", ".join(packed[:3]) + (f" and {len(packed) - 3} more" if len(packed) > 3 else "")
+        raise UsageError(
+            f"{ckpt.path}: {few}: packed weights of dynamically quantized layers (quantize_dynamic), "
+            "which ckpt neither unpacks nor writes back (--dequantize converts tensors only): migrate the "
+            "float model's checkpoint, or leave them out with --exclude '_packed_params'"
+        )
+
 
 def _carry_entries(ckpt: Checkpoint, operations: Sequence[Operation], out: ObjectPlan, fmt: str, sharded: bool) -> None:
     from .migrate import _NotPlain, _plain, _why_not_plain
 
     keys, metadata = carried_entries(ckpt, operations, out.state)
+    _refuse_packed_params(ckpt, keys)
     objects: list[tuple[str, Any]] = []
     for key, value in ckpt.objects.items():
         new = keys.get(key)

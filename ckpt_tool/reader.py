@@ -283,12 +283,22 @@ def _is_script_module(obj: Placeholder) -> bool:
     return obj.name.startswith("__torch__.") and isinstance(obj.state, dict)
 
 
+# the key a file that holds one bare tensor (``torch.save(tensor, f)``) describes it under
+BARE_TENSOR = "<tensor>"
+
+
+# state-dict entries that stand for tensors without being one: a module's get_extra_state(), and
+# the packed weights of a dynamically quantized layer (torch.ao.quantization.quantize_dynamic)
+TENSOR_LIKE_SUFFIXES = ("_extra_state", "_packed_params._packed_params", "_packed_params.dtype")
+
+
 def _holds_state_dict(obj: dict[Any, Any]) -> bool:
-    """String keys, and tensors for most values (``_extra_state`` entries count as tensors): a
-    callback's state with one score tensor among its paths and settings is not a state dict."""
+    """String keys, and tensors for most values (the entries of :data:`TENSOR_LIKE_SUFFIXES`
+    count as tensors): a callback's state with one score tensor among its paths and settings is
+    not a state dict."""
     if not all(isinstance(k, str) for k in obj):
         return False
-    tensors = sum(1 for k, v in obj.items() if isinstance(v, PickledTensor) or k.endswith("_extra_state"))
+    tensors = sum(1 for k, v in obj.items() if isinstance(v, PickledTensor) or k.endswith(TENSOR_LIKE_SUFFIXES))
     return any(isinstance(v, PickledTensor) for v in obj.values()) and 2 * tensors > len(obj)
 
 
@@ -320,6 +330,8 @@ def find_candidates(root: Any) -> list[tuple[str, Any]]:
             if obj.dictitems:
                 walk(obj.dictitems, path, depth + 1)
 
+    if isinstance(root, PickledTensor):  # torch.save(tensor): one tensor, under BARE_TENSOR
+        return [("", root)]
     walk(root, "", 0)
     return found
 
@@ -429,6 +441,8 @@ def to_state_dict(obj: Any, path: str) -> dict[str, TensorRef]:
                 out[str(k)] = tensor_ref(str(k), v, path)
     elif isinstance(obj, Placeholder):
         _module_tensors(obj, "", out, path, set())
+    elif isinstance(obj, PickledTensor):
+        out[BARE_TENSOR] = tensor_ref(BARE_TENSOR, obj, path)
     return out
 
 

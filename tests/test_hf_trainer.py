@@ -409,22 +409,55 @@ def _sha(path):
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-def test_the_worked_example_prints_what_the_page_says(torch, tmp_path, monkeypatch):
-    """docs/commands/migrate.md: its script, its command, its output, as written there."""
+def _page_example(page, heading, command):
+    """A section's scripts (by their first-line name), its ``command`` block and the text it prints."""
     import re
+
+    text = open(os.path.join(os.path.dirname(__file__), "..", "docs", "commands", page)).read()
+    section = text[text.index(heading) :]
+    scripts = dict(re.findall(r"```python\n# (\S+\.py)\n(.*?)```", section.partition("\n## ")[0], re.S))
+    run = re.search(rf"```bash\n(ckpt {command} .*?)\n```", section).group(1)
+    printed = re.search(r"\(`tests/test_hf_trainer.py` runs .*?\):\n\n```text\n(.*?)\n```", section, re.S).group(1)
+    return scripts, run, printed
+
+
+def test_the_worked_example_prints_what_the_page_says(torch, tmp_path, monkeypatch):
+    """docs/commands/migrate.md: its script, its command, its output, as written there; then
+    docs/commands/diff.md's diff of the two directories."""
     import runpy
     import shlex
 
-    page = open(os.path.join(os.path.dirname(__file__), "..", "docs", "commands", "migrate.md")).read()
-    section = page[page.index("### Worked example: a new head for a Trainer checkpoint") :]
-    script = re.search(r"```python\n# make_trainer_checkpoint.py\n(.*?)```", section, re.S).group(1)
-    command = re.search(r"```bash\n(ckpt migrate .*?)\n```", section).group(1)
-    printed = re.search(r"prints \(.*?\):\n\n```text\n(.*?)\n```", section, re.S).group(1)
+    scripts, command, printed = _page_example(
+        "migrate.md", "### Worked example: a new head for a Trainer checkpoint", "migrate"
+    )
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "make_trainer_checkpoint.py").write_text(script)
+    (tmp_path / "make_trainer_checkpoint.py").write_text(scripts["make_trainer_checkpoint.py"])
     runpy.run_path("make_trainer_checkpoint.py")
     r = _run(*shlex.split(command)[1:])
     assert r.exit_code == 0 and r.output.strip() == printed.strip(), r.output
+    _, command, printed = _page_example("diff.md", "## Two training checkpoints: their optimizer states", "diff")
+    r = _run(*shlex.split(command)[1:])
+    assert r.exit_code == 1 and r.output.strip() == printed.strip(), r.output
+
+
+def test_the_resume_example_prints_what_the_page_says(torch, tmp_path, monkeypatch):
+    """docs/commands/finetune-check.md: its model, its Trainer run, its command and the check it shows."""
+    import runpy
+    import shlex
+    import sys
+
+    scripts, command, printed = _page_example(
+        "finetune-check.md", "### Resuming a Hugging Face Trainer checkpoint's optimizer", "finetune-check"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name, text in scripts.items():
+        (tmp_path / name).write_text(text)
+    runpy.run_path("train_images.py")
+    sys.modules.pop("models", None)
+    r = _run(*shlex.split(command)[1:])
+    assert r.exit_code == 0 and "PASS: every check passed" in r.output, r.output
+    assert printed.strip() in r.output
 
 
 def test_a_directory_not_as_planned_is_never_renamed_into_place(torch, bert, tmp_path, monkeypatch):
@@ -439,3 +472,145 @@ def test_a_directory_not_as_planned_is_never_renamed_into_place(torch, bert, tmp
     assert not os.path.exists(out) and not [n for n in os.listdir(tmp_path) if n.startswith(".")]
     data = json.loads(_run("migrate", bert, "-o", str(out), "--json").output)
     assert data["ok"] is False and data["written"]["committed"] is False and not os.path.exists(out)
+
+
+# --- diff of two Trainer directories: their optimizer.pt ------------------------------------------
+
+
+def _optimizer_diff(a, b):
+    r = _run("diff", a, b, "--json")
+    assert r.exit_code in (0, 1), r.output
+    return json.loads(r.output)["optimizer"]
+
+
+def test_diff_of_trainer_directories_compares_their_optimizer_states(torch, bert, tmp_path):
+    same = _optimizer_diff(bert, bert)
+    assert same == {"source": [], "target": [], "differences": []}, same
+    out = tmp_path / "bert3"
+    r = _run(
+        "migrate", bert, "--arch", f"hf:{bert}", "--arch-arg", "num_labels=3", "--reinit-mismatched", "-o", str(out)
+    )
+    assert r.exit_code == 0, r.output
+    new_head = _optimizer_diff(bert, str(out))
+    assert new_head["source"] == []
+    assert new_head["target"] == ["optimizer: 2 parameters without state (classifier.weight, classifier.bias)"]
+    assert new_head["differences"] == ["optimizer: state only in the checkpoint for classifier.bias, classifier.weight"]
+    # another learning rate in the no-decay group, and one moment of the wrong shape
+    bad = tmp_path / "bad"
+    shutil.copytree(bert, bad)
+    saved = torch.load(bad / "optimizer.pt", weights_only=True)
+    saved["param_groups"][1]["lr"] = 0.5
+    torch.save(saved, bad / "optimizer.pt")
+    lr = _optimizer_diff(bert, str(bad))
+    assert lr["differences"] == ["optimizer: group 1: lr 0.01 -> 0.5"], lr
+    saved["state"][0]["exp_avg"] = torch.zeros(2)
+    torch.save(saved, bad / "optimizer.pt")
+    shape = _optimizer_diff(bert, str(bad))
+    line = shape["target"][0]
+    assert "id 0 is 'bert.embeddings.word_embeddings.weight' [" in line and "], but its exp_avg is [2]" in line, line
+    text = _run("diff", bert, str(out)).output
+    assert "optimizer state differs: optimizer: state only in the checkpoint for classifier.bias" in text
+
+
+def test_diff_says_why_a_trainer_directory_without_config_is_not_mapped(torch, branches, tmp_path):
+    """No config.json says what the model is: the ids are left unmapped, the groups still compared."""
+    out = tmp_path / "migrated"
+    assert _migrate(branches, out).exit_code == 0
+    data = _optimizer_diff(branches[2], str(out))
+    assert data["source"] == data["target"] != [], data
+    assert data["source"][0].endswith("which only the architecture tells (no config.json beside the weights)")
+    assert data["differences"] == ["optimizer: param groups of [4, 5] against [3, 4] parameters"], data
+
+
+def test_diff_of_trainer_directories_goes_on_when_the_config_cannot_be_built(torch, bert, monkeypatch):
+    from ckpt_tool.errors import UsageError
+    from ckpt_tool.optim_state import trainer
+
+    def no_transformers(spec, arch_args=None):
+        raise UsageError(f"--arch {spec}: needs transformers, which is not installed")
+
+    monkeypatch.setattr(trainer, "trainer_groups", no_transformers)
+    data = _optimizer_diff(bert, bert)
+    assert data["source"] == data["target"] and "needs transformers" in data["source"][0], data
+    assert data["differences"] == []
+
+
+# --- finetune-check --resume-optimizer of a Trainer directory --------------------------------------
+
+IMAGES = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    class Net(nn.Module):
+        # `ln` is kept out of weight decay by its type alone: only the model tells the Trainer's groups
+        def __init__(self, num_classes=3):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+            self.ln = nn.LayerNorm(4)
+            self.fc = nn.Linear(4, num_classes)
+
+        def forward(self, x, labels=None):
+            logits = self.fc(self.ln(self.bn(self.conv(x)).relu().mean((2, 3))))
+            if labels is None:
+                return logits
+            return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+    def net(num_classes=3):
+        return Net(num_classes)
+""")
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory, torch):
+    """An image classifier trained 4 steps by a real Trainer: (models file, checkpoint-4/)."""
+    from transformers import Trainer
+
+    d = tmp_path_factory.mktemp("hf_images")
+    path, module = write_models(d, "images", IMAGES)
+    g = torch.Generator().manual_seed(0)
+    data = [{"x": torch.randn(3, 8, 8, generator=g), "labels": i % 3} for i in range(16)]
+    torch.manual_seed(0)
+    Trainer(model=module.net(), args=_args(d / "run", 4), train_dataset=data).train()
+    return path, str(d / "run" / "checkpoint-4")
+
+
+def test_finetune_check_resumes_a_trainer_directorys_optimizer(torch, images):
+    from ckpt_tool.arch import build_model
+    from ckpt_tool.finetune.resume import read_resume
+    from ckpt_tool.reader import open_checkpoint
+
+    path, ckpt = images
+    args = ["finetune-check", ckpt, "--arch", f"{path}:net", "--image-size", "8", "--max-steps", "2", "--json"]
+    r = _run(*args, "--lr", "0.01", "--resume-optimizer")
+    assert r.exit_code == 0, r.output
+    checks = {c["name"]: c for c in json.loads(r.output)["checks"]}
+    assert checks["optimizer resumed"]["status"] == "pass", checks
+    assert checks["optimizer resumed"]["detail"] == "AdamW state of 8 parameters loaded"
+    # each parameter's state is the one transformers itself gives it from optimizer.pt
+    model = build_model(f"{path}:net")
+    resume = read_resume(open_checkpoint(ckpt), "adam", path=ckpt, model=model)
+    real = _by_name(torch, model, os.path.join(ckpt, "optimizer.pt"))
+    assert resume.state.keys() == real.keys()
+    for name, state in real.items():
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(resume.state[name][k], state[k]), (name, k)
+    r = _run(*args, "--resume-optimizer", "--num-classes", "5")  # a new head: its two parameters start fresh
+    detail = {c["name"]: c for c in json.loads(r.output)["checks"]}["optimizer resumed"]["detail"]
+    assert detail == "AdamW state of 6 parameters loaded, 2 start fresh", detail
+
+
+def test_resume_optimizer_of_a_trainer_directory_refuses_what_it_cannot_tie(torch, images, tmp_path):
+    path, ckpt = images
+    args = ["--image-size", "8", "--max-steps", "1", "--resume-optimizer"]
+    bare = tmp_path / "no-optimizer"
+    shutil.copytree(ckpt, bare)
+    os.remove(bare / "optimizer.pt")
+    r = _run("finetune-check", str(bare), "--arch", f"{path}:net", *args)
+    assert r.exit_code == 2 and "the Trainer checkpoint holds no optimizer.pt" in r.output, r.output
+    # groups of another model: sizes that do not fit, and no config.json to fall back on
+    wrong = tmp_path / "models.py"
+    wrong.write_text(IMAGES.replace("self.ln = nn.LayerNorm(4)", "self.ln = nn.Identity()"))
+    r = _run("finetune-check", ckpt, "--arch", f"{wrong}:net", *args)
+    assert r.exit_code == 2 and "param groups of [3, 5] parameters, but" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1

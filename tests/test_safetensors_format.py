@@ -208,3 +208,34 @@ def test_loadability_defects_keep_their_place_among_the_others(tmp_path):
     assert [d.split(":")[0] for d in defects[:3]] == ["tensor 'a'", "tensor 'b'", "tensor 'c'"]
     assert "cannot be loaded" in defects[0] and "cannot be loaded" in defects[2]
     assert header_defects(path, check_loadable=False)[1] == [defects[1], *defects[3:]]
+
+
+@pytest.mark.parametrize(
+    "offsets, defect",
+    [
+        ([8, 24], "tensor 'b' overlaps the bytes of another tensor (offset 8)"),
+        ([16, 4000], "tensor 'b': shape [4] of F32 needs 16 bytes but data_offsets span 3984"),
+        ([16, 20], "tensor 'b': shape [4] of F32 needs 16 bytes but data_offsets span 4"),
+        ([24, 40], "tensor 'c' overlaps the bytes of another tensor (offset 32)"),
+    ],
+)
+def test_one_broken_entry_is_one_defect_not_a_gap_too(tmp_path, offsets, defect):
+    """The bytes a misplaced entry should have held are no second defect: the user sees the cause once."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    from ckpt_tool.scan import scan_file
+
+    src = tmp_path / "ok.safetensors"
+    save_file({"a": torch.randn(4), "b": torch.randn(4), "c": torch.randn(4)}, str(src))
+    raw = src.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    assert [header[k]["data_offsets"] for k in "abc"] == [[0, 16], [16, 32], [32, 48]]
+    header["b"]["data_offsets"] = offsets
+    path = write(tmp_path / "bad.safetensors", header, raw[8 + n :])
+    assert header_defects(path)[1] == [defect]
+    assert [(f.name, f.reason) for f in scan_file(path).findings] == [("safetensors", defect)]
+    with pytest.raises(SafetensorError, match="offset"):  # safetensors itself refuses the file too
+        load_file(path)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ..inspect import FOLD_ROWS
+from ..optim_state import BUFFER_NAMES
 from ..render import echo_json, human_bytes, human_count, json_option, page, progress_bar, shape_str, table
 from .options import key_option, pager_option
 
@@ -73,7 +74,18 @@ def _render(r: InspectReport, all_rows: bool = False) -> str:
         ("size", f"{human_bytes(r.file_size)} ({r.file_size:,} bytes)"),
         ("state dict", _where(r)),
         ("tensors", str(r.tensors)),
-        ("parameters", _count(r.parameters)),
+        # values, not parameters: buffers are tensors too; the part known to be buffers is said
+        ("values", _count(r.parameters)),
+        *(
+            (
+                (
+                    "in buffers",
+                    f"{_count(r.buffers)} ({', '.join(BUFFER_NAMES)}); {_count(r.parameters - r.buffers)} in the others",
+                ),
+            )
+            if r.buffers
+            else ()
+        ),
         ("bytes by dtype", ", ".join(f"{d} {human_bytes(n)}" for d, n in r.bytes_by_dtype.items()) or "-"),
         ("common prefix", r.common_prefix or "(none)"),
     ]
@@ -107,7 +119,7 @@ def _render(r: InspectReport, all_rows: bool = False) -> str:
                     (m.name or "(top)", m.tensors, f"{m.parameters:,}", human_bytes(m.nbytes), ",".join(m.dtypes))
                     for m in modules
                 ),
-                ["module", "tensors", "params", "size", "dtypes"],
+                ["module", "tensors", "values", "size", "dtypes"],
                 ["left", "right", "right", "right", "left"],
             )
         )
@@ -154,7 +166,7 @@ def _optimizer_lines(r: InspectReport) -> list[str]:
 
 
 def _tensor_table(rows_in: tuple[TensorRow, ...]) -> str:
-    headers = ["name", "shape", "dtype", "params", "size"]
+    headers = ["name", "shape", "dtype", "values", "size"]
     align = ["left", "left", "left", "right", "right"]
     composite = any(row.kind != "dense" or row.detail for row in rows_in)
     if composite:

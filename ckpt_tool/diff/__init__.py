@@ -21,11 +21,11 @@ from .report import (
     UNEXPECTED,
     DiffCounts,
     DiffReport,
+    DiffTarget,
     FixPlan,
     KeyDiff,
     PlanStep,
     Row,
-    Target,
 )
 from .rows import fold_leaves, fold_rows, format_indices
 from .valuediff import VALUE_CHUNK_ELEMENTS, compare_values
@@ -47,7 +47,7 @@ __all__ = [
     "KeyDiff",
     "PlanStep",
     "Row",
-    "Target",
+    "DiffTarget",
     "compare_values",
     "diff",
     "diff_paths",

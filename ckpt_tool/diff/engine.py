@@ -23,7 +23,7 @@ from ..errors import InputError, OutputError, UsageError
 from ..plan import Plan, apply, initial_state, save_mapping
 from ..text import some
 from .fix import suggest_plan, with_shape_flow
-from .report import AUTO, DTYPE, MATCHED, MISSING, SHAPE, TIED, UNEXPECTED, DiffCounts, DiffReport, KeyDiff, Target
+from .report import AUTO, DTYPE, MATCHED, MISSING, SHAPE, TIED, UNEXPECTED, DiffCounts, DiffReport, DiffTarget, KeyDiff
 from .rows import rows_of
 from .shapeflow import shape_flow as target_flow
 from .valuediff import with_values
@@ -90,7 +90,7 @@ def diff_paths(
     from ..reader import open_checkpoint
 
     source = open_checkpoint(path, key)
-    target: Target
+    target: DiffTarget
     if arch is not None:
         target = target_signature(arch, args, use_cache=use_cache)
     else:
@@ -107,9 +107,16 @@ def diff_paths(
         map_file=map_out,
     )
     if isinstance(target, Checkpoint):
+        from ..formats.hf_trainer import is_trainer_dir
         from ..optim_state import compare_optimizers
+        from ..optim_state.trainer import trainer_optimizers
 
-        report = replace(report, optimizer=compare_optimizers(source, target))
+        # a Trainer directory's optimizer.pt is beside the weights, its ids in the Trainer's groups
+        found = [
+            trainer_optimizers(p, c) if p and is_trainer_dir(p) else None
+            for p, c in ((path, source), (target_path, target))
+        ]
+        report = replace(report, optimizer=compare_optimizers(source, target, found_a=found[0], found_b=found[1]))
     if plan_out is not None:
         report.plan.plan.save(plan_out)
         report = replace(report, plan_path=plan_out)
@@ -121,7 +128,7 @@ def diff_paths(
 
 def diff(
     source: Checkpoint,
-    target: Target,
+    target: DiffTarget,
     *,
     values: bool = False,
     depth: int | None = None,

@@ -142,4 +142,4 @@ class DiffReport:
         return self.loads_strictly and not (self.shape_flow is not None and self.shape_flow.fails)
 
 
-Target = TargetSignature | Checkpoint
+DiffTarget = TargetSignature | Checkpoint

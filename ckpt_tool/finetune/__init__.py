@@ -29,8 +29,8 @@ from .report import (
     LoadReport,
     ModuleParams,
     Phase,
-    Progress,
     ProgressEvent,
+    TrainingProgress,
 )
 from .run import finetune_check
 
@@ -49,7 +49,7 @@ __all__ = [
     "Mismatch",
     "ModuleParams",
     "Phase",
-    "Progress",
+    "TrainingProgress",
     "ProgressEvent",
     "expand_pattern",
     "find_head",

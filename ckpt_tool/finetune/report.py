@@ -210,7 +210,7 @@ class FinetuneReport:
         return out
 
 
-Progress = Callable[[ProgressEvent], None]
+TrainingProgress = Callable[[ProgressEvent], None]
 OnSetup = Callable[[Setup], None]
 
 

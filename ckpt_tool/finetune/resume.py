@@ -7,6 +7,7 @@ its dtype (``step`` stays as saved, as torch keeps it). Hyper-parameters are fin
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,14 +28,27 @@ class Resume:
     state: dict[str, dict[str, Any]]
 
 
-def read_resume(ckpt: Checkpoint, optimizer: str) -> Resume:
-    """The optimizer state beside ``ckpt``'s state dict, keyed by parameter name (reads its tensors)."""
+def read_resume(ckpt: Checkpoint, optimizer: str, *, path: str = "", model: Any = None) -> Resume:
+    """The optimizer state beside ``ckpt``'s state dict, keyed by parameter name (reads its tensors).
+
+    When ``path`` is a Hugging Face Trainer directory, the state is its ``optimizer.pt``, the ids
+    tied by the Trainer's param groups (of ``model``, the model trained now, first), as ``migrate``
+    reads that layout."""
+    from ..formats.hf_trainer import OPTIMIZER, is_trainer_dir
     from ..values import torch_state_dict
 
-    found = find_optimizers(ckpt)
-    if not found:
-        raise UsageError(f"{ckpt.path}: --resume-optimizer: no optimizer state beside the state dict")
-    opt = map_ids(found[0], ckpt, (), initial_state(ckpt.tensors))
+    if path and is_trainer_dir(path):
+        from ..optim_state.trainer import read_trainer_optimizer, tie_trainer_ids
+
+        if not os.path.isfile(os.path.join(path, OPTIMIZER)):
+            raise UsageError(f"{path}: --resume-optimizer: the Trainer checkpoint holds no {OPTIMIZER}")
+        found, view = read_trainer_optimizer(path, ckpt)
+        opt = tie_trainer_ids(found, view, path, model=model)
+    else:
+        candidates = find_optimizers(ckpt)
+        if not candidates:
+            raise UsageError(f"{ckpt.path}: --resume-optimizer: no optimizer state beside the state dict")
+        opt = map_ids(candidates[0], ckpt, (), initial_state(ckpt.tensors))
     names = {n for s in opt.state for n, _ in s.tensors} | {n for s in opt.state for n, _ in s.values}
     if opt.state and not _NEEDS[optimizer] <= names:
         raise UsageError(

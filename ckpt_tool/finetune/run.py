@@ -39,8 +39,8 @@ from .report import (
     FinetuneReport,
     OnSetup,
     Phase,
-    Progress,
     Setup,
+    TrainingProgress,
     _first_line,
     _pct,
 )
@@ -72,7 +72,7 @@ def finetune_check(
     path: str,
     arch: str,
     options: FinetuneOptions | None = None,
-    progress: Progress | None = None,
+    progress: TrainingProgress | None = None,
     on_setup: OnSetup | None = None,
 ) -> FinetuneReport:
     """Load ``path`` into ``arch``, fine-tune it briefly and check every step of the way.
@@ -120,7 +120,7 @@ def _run(
     opts: FinetuneOptions,
     device: Any,
     ranks: Ranks,
-    progress: Progress | None,
+    progress: TrainingProgress | None,
     on_setup: OnSetup | None,
 ) -> FinetuneReport:
     import torch
@@ -128,6 +128,8 @@ def _run(
     ckpt = open_checkpoint(path, opts.key)
     torch.manual_seed(opts.seed)
     model = build_model(arch, opts.arch_args, device="cpu")
+    # read before the head is replaced: a Trainer's optimizer ids follow the trained model's groups
+    resume = read_resume(ckpt, opts.optimizer, path=path, model=model) if opts.resume_optimizer else None
     # --head alone only names the head (for --freeze-epochs); --num-classes replaces it
     head = replace_head(model, opts.num_classes, opts.head) if opts.num_classes else None
     head_path = head.module if head else find_head(model, opts.head)
@@ -135,7 +137,6 @@ def _run(
     state, operations, initialised = _migrated_state(ckpt, opts, model)
     load = _load_into(model, state, (head.module, *head.aux) if head else (), operations, initialised)
     del state
-    resume = read_resume(ckpt, opts.optimizer) if opts.resume_optimizer else None
     model.to(device)
     specs = phase_plan(model, opts, (head_path, *head.aux) if head else (head_path,), by_model)
     apply_trainable(model, specs[0].trainable)

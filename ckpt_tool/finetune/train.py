@@ -14,7 +14,7 @@ from .distributed import Ranks
 from .freeze import PhaseSpec
 from .options import FinetuneOptions
 from .probe import _logits, _loss
-from .report import Diverged, Epoch, OverfitRun, Phase, Progress, ProgressEvent, _first_line
+from .report import Diverged, Epoch, OverfitRun, Phase, ProgressEvent, TrainingProgress, _first_line
 
 
 class Tracker:
@@ -82,7 +82,7 @@ def train_phase(
     amp: Any,
     tracker: Tracker,
     losses: list[float],
-    progress: Progress | None,
+    progress: TrainingProgress | None,
     ranks: Ranks,
     first_epoch: int,
     total_epochs: int,

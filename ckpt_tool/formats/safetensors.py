@@ -212,6 +212,7 @@ def _header_defects(path: str) -> _Found:
             defects.append("__metadata__ must map strings to strings")
     spans: list[tuple[int, int, str, TensorRef]] = []
     elements = 0
+    skipped = False  # an entry left out for a defect of its own
     strides: dict[tuple[int, ...], tuple[int, ...]] = {}
     storage = path + "#"
     for key in list(header):
@@ -235,6 +236,7 @@ def _header_defects(path: str) -> _Found:
             problem = _entry_defect(key, entry, data_len)
             if problem:
                 defects.append(problem)
+                skipped = True
                 continue
             code, dims, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
             dtype = SAFETENSORS_TO_DTYPE[code]
@@ -250,14 +252,20 @@ def _header_defects(path: str) -> _Found:
         elements += numel
     spans.sort()
     cursor = 0
+    overlaps, gaps = [], []
     for begin, end, key, _ in spans:
         if begin < cursor:
-            defects.append(f"tensor {key!r} overlaps the bytes of another tensor (offset {begin})")
+            overlaps.append(f"tensor {key!r} overlaps the bytes of another tensor (offset {begin})")
         elif begin > cursor:
-            defects.append(f"{begin - cursor} bytes before tensor {key!r} belong to no tensor (offset {cursor})")
+            gaps.append(f"{begin - cursor} bytes before tensor {key!r} belong to no tensor (offset {cursor})")
         cursor = max(cursor, end)
     if cursor < data_len:
-        defects.append(f"{data_len - cursor} bytes after the last tensor belong to no tensor")
+        gaps.append(f"{data_len - cursor} bytes after the last tensor belong to no tensor")
+    defects += overlaps
+    # bytes a broken or overlapping entry should have held are a gap because of that entry: the
+    # defect is said once, and a gap only stands on its own when every entry is in place
+    if not (skipped or overlaps):
+        defects += gaps
     # tensors follow the order of their bytes in the file, as the writer laid them out
     ordered = {key: ref for _, _, key, ref in spans}
     return SafetensorsHeader(path, size, data_start, ordered, metadata, elements), defects

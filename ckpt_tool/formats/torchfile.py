@@ -60,9 +60,9 @@ def read_zip(path: str, file_size: int, trace: Trace | None = None, fmt_name: st
     found = listing.find(prefix + "data.pkl")
     if found is None:
         raise FormatError(f"{path}: zip archive without data.pkl (not a torch checkpoint)")
-    if len(listing.matches(prefix + "data.pkl")) > 1:
+    if len(listing.entries_named(prefix + "data.pkl")) > 1:
         raise FormatError(
-            f"{path}: the archive holds {len(listing.matches(prefix + 'data.pkl'))} entries named "
+            f"{path}: the archive holds {len(listing.entries_named(prefix + 'data.pkl'))} entries named "
             "data.pkl (ignoring case); which one a loader reads is its zip reader's choice "
             "(run `ckpt scan` on it)"
         )

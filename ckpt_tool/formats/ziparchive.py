@@ -76,13 +76,13 @@ class ZipListing:
 
     def find(self, name: str) -> ZipEntry | None:
         """The entry named ``name`` ignoring case, as torch's reader matches names; the first of several
-        (torch's own choice among them follows a binary search: see :meth:`matches`)."""
+        (torch's own choice among them follows a binary search: see :meth:`entries_named`)."""
         if not self._index:
             for e in self.entries:
                 self._index.setdefault(e.name.lower(), e)
         return self._index.get(name.lower())
 
-    def matches(self, name: str) -> list[ZipEntry]:
+    def entries_named(self, name: str) -> list[ZipEntry]:
         """Every entry named ``name`` ignoring case: more than one, and readers may choose differently."""
         want = name.lower()
         if self._index and want not in self._shared:

@@ -46,20 +46,27 @@ class OptimizerSummary:
     unmapped: str = ""  # why not
 
 
-def summarize_optimizers(ckpt: Checkpoint, *, unmapped: str = "") -> tuple[OptimizerSummary, ...]:
+# an optimizer state found for a checkpoint: the state, the checkpoint whose parameters its ids
+# name, and why its ids cannot be tied ("": they are, or the state dict ties them)
+Found = tuple[OptimizerState, Checkpoint, str]
+
+
+def _found(ckpt: Checkpoint, found: Sequence[Found] | None) -> Sequence[Found]:
+    return found if found is not None else tuple((o, ckpt, "") for o in find_optimizers(ckpt))
+
+
+def summarize_optimizers(ckpt: Checkpoint, *, found: Sequence[Found] | None = None) -> tuple[OptimizerSummary, ...]:
     """The optimizer states beside ``ckpt``'s state dict, described header-only (no tensor bytes).
 
-    ``unmapped``: the ids are not tied to names from the state dict, for this reason (a Trainer's
-    ids follow param groups that only the architecture tells)."""
+    ``found``: the states to describe instead, as a layout of its own reads them (a Trainer's
+    ``optimizer.pt``, whose ids follow its param groups)."""
     from ..reader import summarize
 
     out = []
-    why = unmapped
-    for opt in find_optimizers(ckpt):
-        unmapped = why
+    for opt, of, unmapped in _found(ckpt, found):
         try:
-            if not why:
-                opt = map_ids(opt, ckpt, (), initial_state(ckpt.tensors))
+            if not unmapped:
+                opt = map_ids(opt, of, (), initial_state(of.tensors))
         except UsageError as exc:
             unmapped = str(exc).partition(": ")[2].partition(" (pass")[0]
         names = opt.name_of()
@@ -107,16 +114,21 @@ class OptimizerDiff:
         return bool(self.source or self.target or self.differences)
 
 
-def compare_optimizers(a: Checkpoint, b: Checkpoint) -> OptimizerDiff | None:
-    """``None`` when neither checkpoint holds optimizer state beside its state dict."""
-    sa, sb = find_optimizers(a), find_optimizers(b)
+def compare_optimizers(
+    a: Checkpoint, b: Checkpoint, *, found_a: Sequence[Found] | None = None, found_b: Sequence[Found] | None = None
+) -> OptimizerDiff | None:
+    """``None`` when neither checkpoint holds optimizer state beside its state dict.
+
+    ``found_a``, ``found_b``: a side's optimizer states as its layout reads them (a Trainer
+    directory's ``optimizer.pt``), instead of those beside its state dict."""
+    sa, sb = _found(a, found_a), _found(b, found_b)
     if not sa and not sb:
         return None
     diffs: list[str] = []
     if len(sa) != len(sb):
         diffs.append(f"{len(sa)} optimizer states against {len(sb)}")
-    named_a = [_by_name(o, a) for o in sa]
-    named_b = [_by_name(o, b) for o in sb]
+    named_a = [_by_name(*f) for f in sa]
+    named_b = [_by_name(*f) for f in sb]
     for (oa, na, _), (ob, nb, _) in zip(named_a, named_b):
         where = oa.path if oa.path == ob.path else f"{oa.path} / {ob.path}"
         if oa.kind != ob.kind:
@@ -149,9 +161,11 @@ def compare_optimizers(a: Checkpoint, b: Checkpoint) -> OptimizerDiff | None:
 
 
 def _by_name(
-    opt: OptimizerState, ckpt: Checkpoint
+    opt: OptimizerState, ckpt: Checkpoint, unmapped: str = ""
 ) -> tuple[OptimizerState, dict[str, tuple[tuple[str, tuple[int, ...]], ...]] | None, list[str]]:
     """(the state, parameter name -> its state tensors' shapes or None when unmapped, the side's defects)."""
+    if unmapped:
+        return opt, None, [unmapped]
     try:
         opt = map_ids(opt, ckpt, (), initial_state(ckpt.tensors))
     except MappingError as exc:

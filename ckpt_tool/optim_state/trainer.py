@@ -8,6 +8,9 @@ relative to the model's order. :func:`trainer_groups` rebuilds both lists from a
 the meta device); the ids are tied to them group by group and checked (group sizes, moment shapes),
 and the output's groups are the Trainer's for the target model.
 
+``diff`` and ``finetune-check --resume-optimizer`` read ``optimizer.pt`` with the same groups
+(:func:`tie_trainer_ids`); ``inspect``, header-only, describes it without tying its ids.
+
 The output directory is staged beside its final name (hidden ``.OUT.*.tmp``), every file verified
 (the weights by ``migrate``'s re-read and strict load, ``optimizer.pt`` by value, the copies by
 sha256), fsynced, then renamed into place in one step.
@@ -24,12 +27,20 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from ..checkpoint import Checkpoint
-from ..errors import OutputError, UsageError
+from ..errors import CkptError, OutputError, UsageError
 from ..formats.hf_trainer import CONFIG, OPTIMIZER, STATE, TrainerDir, TrainerFile, read_trainer_dir
 from ..plan import Plan, State
 from ..writer import StagedDirectory
 from .carry import Carried, carry
-from .ids import _RENAMES, MappingError, OptimizerState, is_optimizer_state, map_ids_by_groups, read_optimizer
+from .ids import (
+    _RENAMES,
+    MappingError,
+    OptimizerState,
+    is_optimizer_state,
+    map_ids_by_groups,
+    read_optimizer,
+)
+from .report import Found
 
 if TYPE_CHECKING:
     from ..arch import TargetSignature
@@ -66,10 +77,7 @@ def trainer_groups(spec: str, arch_args: dict[str, Any] | None = None) -> tuple[
     """
     from ..arch import build_model
 
-    model = build_model(spec, arch_args, device="meta", fallback="cpu")
-    decay = set(_decay_names(model))
-    names = [n for n, _ in model.named_parameters()]
-    return tuple(n for n in names if n in decay), tuple(n for n in names if n not in decay)
+    return trainer_groups_of(build_model(spec, arch_args, device="meta", fallback="cpu"))
 
 
 def _decay_names(module: Any) -> list[str]:
@@ -83,6 +91,66 @@ def _decay_names(module: Any) -> list[str]:
             out += [f"{name}.{n}" for n in inner if not _NO_DECAY.search(f"{name}.{n}".lower())]
     out += [k for k in module._parameters if not _NO_DECAY.search(k.lower())]
     return out
+
+
+def trainer_groups_of(model: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """:func:`trainer_groups` of a model already built."""
+    decay = set(_decay_names(model))
+    names = [n for n, _ in model.named_parameters()]
+    return tuple(n for n in names if n in decay), tuple(n for n in names if n not in decay)
+
+
+def read_trainer_optimizer(
+    path: str, weights: Checkpoint, name: str = "optimizer"
+) -> tuple[OptimizerState, Checkpoint]:
+    """``optimizer.pt`` of the Trainer directory ``path`` (ids not tied yet, under ``name``) and the
+    checkpoint its ids name parameters of: the weights, with the optimizer beside them."""
+    from ..reader import read_raw
+
+    opt_path = os.path.join(path, OPTIMIZER)
+    raw = read_raw(opt_path).root
+    if not is_optimizer_state(raw):
+        raise UsageError(f"{opt_path}: not an optimizer.state_dict() (no 'state' and 'param_groups'); --drop-optimizer")
+    # the optimizer's tensors live in optimizer.pt; the parameters they belong to in the weights
+    ckpt = replace(weights, path=opt_path, root={"model": {}, name: raw}, state_path="model", files=(opt_path,))
+    return read_optimizer(raw, name, opt_path), ckpt
+
+
+def tie_trainer_ids(
+    opt: OptimizerState,
+    ckpt: Checkpoint,
+    path: str,
+    *,
+    model: Any = None,
+) -> OptimizerState:
+    """Tie a Trainer optimizer's ids to the weights' parameter names, or raise :class:`MappingError`.
+
+    Only the trained architecture tells the Trainer's groups (the names alone do not: an
+    ``nn.LayerNorm`` is kept out of weight decay by its type, and a safetensors file does not keep
+    ``named_parameters()`` order). Tried in turn, the first that fits (group sizes, every moment
+    shaped like its parameter) wins: ``model``'s groups (the model the caller trains), then those
+    of the model the ``config.json`` beside the weights describes (built on the meta device).
+    """
+    tries: list[tuple[Callable[[], tuple[tuple[str, ...], ...]], str]] = []
+    if model is not None:
+        tries.append((lambda: trainer_groups_of(model), "the Trainer's param groups of --arch"))
+    config = os.path.isfile(os.path.join(path, CONFIG))
+    if config:
+        spec = f"hf:{path}"
+        by = f"the Trainer's param groups of {spec} (the config.json beside the weights)"
+        tries.append((lambda: trainer_groups(spec), by))
+    failed: MappingError | None = None
+    for groups, by in tries:
+        try:
+            return map_ids_by_groups(opt, ckpt, groups(), by)
+        except MappingError as exc:
+            failed = exc
+    if failed is not None:
+        raise failed
+    raise MappingError(
+        f"{ckpt.path}: {opt.path}: a Trainer's ids follow its param groups (weight decay, then none), which "
+        "only the architecture tells" + ("" if config else " (no config.json beside the weights)")
+    )
 
 
 def _source_groups(
@@ -119,39 +187,43 @@ def _target_groups(
 
 
 def _carry_optimizer(d: TrainerDir, weights: Checkpoint, plan: Plan, final: State, signature: Any) -> Carried:
-    from ..reader import read_raw
-
-    path = os.path.join(d.path, OPTIMIZER)
-    raw = read_raw(path).root
-    if not is_optimizer_state(raw):
-        raise UsageError(f"{path}: not an optimizer.state_dict() (no 'state' and 'param_groups'); --drop-optimizer")
-    # the optimizer's tensors live in optimizer.pt; the parameters they belong to in the weights
-    ckpt = replace(weights, path=path, root={"model": {}, "optimizer": raw}, state_path="model", files=(path,))
-    opt = read_optimizer(raw, "optimizer", path)
+    opt, ckpt = read_trainer_optimizer(d.path, weights)
     groups, by = _source_groups(d, plan, final, signature)
     opt = map_ids_by_groups(opt, ckpt, groups, by)
     opt = replace(opt, regroup=_target_groups(opt, plan, final, signature))
     return carry(ckpt, plan.operations, final, target=signature, optimizers=(opt,))
 
 
+def trainer_optimizers(path: str, weights: Checkpoint) -> tuple[Found, ...]:
+    """``optimizer.pt`` of the Trainer directory ``path`` for ``diff``: its ids tied by
+    :func:`tie_trainer_ids`, or why they are not."""
+    if read_trainer_dir(path).optimizer is None:
+        return ()
+    opt, ckpt = read_trainer_optimizer(path, weights)
+    try:
+        return ((tie_trainer_ids(opt, ckpt, path), ckpt, ""),)
+    except CkptError as exc:  # not tied, or the config's model not built (no transformers): said, not fatal
+        return ((opt, ckpt, str(exc).partition(": ")[2].partition(" (pass")[0]),)
+
+
 def describe_trainer(path: str, weights: Checkpoint) -> tuple[str, tuple[Any, ...], tuple[str, ...]]:
     """For ``inspect`` (header-only, no torch): the format line, ``optimizer.pt``'s summary and the
     directory's other files, for the Trainer directory ``path`` whose weights are ``weights``."""
-    from ..reader import read_raw
     from .report import summarize_optimizers
 
     d = read_trainer_dir(path)
     summaries: tuple[Any, ...] = ()
     if d.optimizer is not None:
-        opt_path = os.path.join(path, d.optimizer)
-        raw = read_raw(opt_path).root
-        if is_optimizer_state(raw):
-            ckpt = replace(weights, path=opt_path, root={"model": {}, "optimizer": raw}, state_path="model")
+        try:
+            opt, ckpt = read_trainer_optimizer(path, weights)
+        except UsageError:
+            pass  # not an optimizer state: no summary
+        else:
             why = (
                 "a Trainer's ids follow its param groups (weight decay, then none), which only the "
                 "architecture tells: migrate ties them (--source-arch, or the config.json beside the weights)"
             )
-            summaries = summarize_optimizers(ckpt, unmapped=why)
+            summaries = summarize_optimizers(weights, found=((opt, ckpt, why),))
     files = tuple(f"{f.name}: {f.what}" for f in d.copied)
     return f"Hugging Face Trainer checkpoint ({weights.format})", summaries, files
 

@@ -262,7 +262,7 @@ def _scan_zip(path: str, out: _Streams) -> None:
             f"{chosen.name} at byte {chosen.header_offset}"
             + (
                 " (or another entry of that name: torch's reader picks one by binary search)"
-                if len(listing.matches(chosen.name)) > 1
+                if len(listing.entries_named(chosen.name)) > 1
                 else ""
             )
         )
@@ -287,7 +287,9 @@ def _scan_zip(path: str, out: _Streams) -> None:
             )
         )
     # the entry read_zip decodes, when a validate's load follows this scan (torchfile.decodes_shared)
-    shared = chosen if sharing_decodes() and chosen is not None and len(listing.matches(chosen.name)) == 1 else None
+    shared = None
+    if sharing_decodes() and chosen is not None and len(listing.entries_named(chosen.name)) == 1:
+        shared = chosen
     with open(path, "rb") as f:
         _scan_archive_pickles(f, path, everything, out, listing, shared)
         if out.format == "npz":
