@@ -7,6 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+# the buffers torch's normalisation layers save, by name (they are not model.parameters())
+BUFFER_NAMES = ("running_mean", "running_var", "num_batches_tracked")
+
 # a progress callback: (bytes handled just now, bytes to handle in all)
 Progress = Callable[[int, int], None]
 

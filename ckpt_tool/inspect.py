@@ -7,10 +7,11 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .bulk import paused
 from .checkpoint import (
+    BUFFER_NAMES,
     DENSE,
     DTENSOR_SHARD,
     DTYPES,
@@ -26,11 +27,12 @@ from .checkpoint import (
 from .errors import UsageError
 from .formats.dcp import chunk_summary
 from .formats.hf_trainer import is_trainer_dir
-from .objects import packed_params
-from .optim_state import BUFFER_NAMES, OptimizerSummary, summarize_optimizers
-from .reader import open_checkpoint, summarize
+from .reader import open_checkpoint, packed_params, summarize
 from .text import grouped_notes
 from .values import FileCache, TensorStats, has_bytes, tensor_stats
+
+if TYPE_CHECKING:
+    from .optim_state import OptimizerSummary
 
 
 @dataclass(frozen=True, slots=True)  # slots: 100,000 rows take a third of the memory of dicts
@@ -164,7 +166,11 @@ def inspect_checkpoint(
         if ref.key.rpartition(".")[2] in BUFFER_NAMES:
             buffers += numel
     notes = _notes(ckpt) + (STD_NOTE,) * bool(stats)
-    optimizers = summarize_optimizers(ckpt)
+    optimizers: tuple[OptimizerSummary, ...] = ()
+    if ckpt.root is not None and ckpt.extras:  # optimizer state lies beside the state dict, among its extras
+        from .optim_state import summarize_optimizers  # (and imports the planner: not for a bare state dict)
+
+        optimizers = summarize_optimizers(ckpt)
     kind = ckpt.format
     if is_trainer_dir(path):  # checkpoint-500/: optimizer.pt and the other training files beside the weights
         from .optim_state.trainer import describe_trainer

@@ -29,6 +29,7 @@ from .checkpoint import (
 from .errors import UsageError
 from .formats.dcp import FORMAT as DCP
 from .plan import CHECKPOINT, Entry, Operation, State
+from .reader import packed_params
 from .text import grouped_notes
 from .writer import PTH, SAFETENSORS, View, refuse_for_safetensors
 
@@ -164,28 +165,6 @@ def _store(out: ObjectPlan, tensors: dict[str, Any]) -> None:
 
 
 # --- entries that are not tensors, and _metadata -------------------------------------------------
-
-PACKED_PARAMS = "_packed_params._packed_params"
-
-
-def packed_params(ckpt: Checkpoint) -> dict[str, str]:
-    """The state dict's packed weights of dynamically quantized layers (``quantize_dynamic``:
-    ``LinearPackedParams`` saves ``(qweight, bias)``, or a ``torch.ScriptObject`` from
-    ``linear_prepack``), key -> what they hold. Opaque to ckpt: nothing of them is built or run."""
-    from .formats.pickle_vm import PickledTensor, Placeholder
-    from .reader import tensor_ref
-
-    out = {}
-    for key, value in ckpt.objects.items():
-        if not key.endswith(PACKED_PARAMS):
-            continue
-        if isinstance(value, tuple) and value and isinstance(value[0], PickledTensor):
-            parts = [tensor_ref(key, v, ckpt.path) for v in value if isinstance(v, PickledTensor)]
-            names = ("weight", "bias")
-            out[key] = ", ".join(f"{n} {r.dtype} {list(r.shape)}" for n, r in zip(names, parts))
-        else:
-            out[key] = f"an object ({value.name})" if isinstance(value, Placeholder) else type(value).__name__
-    return out
 
 
 def _refuse_packed_params(ckpt: Checkpoint, keys: dict[str, str]) -> None:

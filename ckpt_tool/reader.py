@@ -289,7 +289,8 @@ BARE_TENSOR = "<tensor>"
 
 # state-dict entries that stand for tensors without being one: a module's get_extra_state(), and
 # the packed weights of a dynamically quantized layer (torch.ao.quantization.quantize_dynamic)
-TENSOR_LIKE_SUFFIXES = ("_extra_state", "_packed_params._packed_params", "_packed_params.dtype")
+PACKED_PARAMS = "_packed_params._packed_params"
+TENSOR_LIKE_SUFFIXES = ("_extra_state", PACKED_PARAMS, "_packed_params.dtype")
 
 
 def _holds_state_dict(obj: dict[Any, Any]) -> bool:
@@ -674,3 +675,20 @@ def _find_index(path: str) -> str:
     if len(safetensors_first) > 1:
         raise InputError(f"{path}: several indexes ({', '.join(indexes)}); pass one of them")
     return os.path.join(path, safetensors_first[0])
+
+
+def packed_params(ckpt: Checkpoint) -> dict[str, str]:
+    """The state dict's packed weights of dynamically quantized layers (``quantize_dynamic``:
+    ``LinearPackedParams`` saves ``(qweight, bias)``, or a ``torch.ScriptObject`` from
+    ``linear_prepack``), key -> what they hold. Opaque to ckpt: nothing of them is built or run."""
+    out = {}
+    for key, value in ckpt.objects.items():
+        if not key.endswith(PACKED_PARAMS):
+            continue
+        if isinstance(value, tuple) and value and isinstance(value[0], PickledTensor):
+            parts = [tensor_ref(key, v, ckpt.path) for v in value if isinstance(v, PickledTensor)]
+            names = ("weight", "bias")
+            out[key] = ", ".join(f"{n} {r.dtype} {list(r.shape)}" for n, r in zip(names, parts))
+        else:
+            out[key] = f"an object ({value.name})" if isinstance(value, Placeholder) else type(value).__name__
+    return out

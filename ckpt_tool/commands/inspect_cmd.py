@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 import click
 
+from ..checkpoint import BUFFER_NAMES
 from ..inspect import FOLD_ROWS
-from ..optim_state import BUFFER_NAMES
 from ..render import echo_json, human_bytes, human_count, json_option, page, progress_bar, shape_str, table
 from .options import key_option, pager_option
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from .carry import CARRIED, AlsoPlan, Carried, OptimizerPlan, carry, training_state, verify_carried
 from .ids import (
-    BUFFER_NAMES,
     MappingError,
     OptimizerState,
     ParamGroup,
@@ -35,7 +34,6 @@ from .ids import (
 from .report import OptimizerDiff, OptimizerSummary, compare_optimizers, summarize_optimizers
 
 __all__ = [
-    "BUFFER_NAMES",
     "CARRIED",
     "AlsoPlan",
     "Carried",

@@ -7,14 +7,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..arch import TargetSignature
-from ..checkpoint import Checkpoint, TensorRef, is_floating
+from ..checkpoint import BUFFER_NAMES, Checkpoint, TensorRef, is_floating
 from ..errors import UsageError
 from ..formats.pickle_vm import PickledTensor
 from ..plan import Operation, State
 from ..reader import sibling_entries, tensor_ref
 
 # state-dict entries that are buffers whatever the architecture (never optimizer parameters)
-BUFFER_NAMES = ("running_mean", "running_var", "num_batches_tracked")
 # operations after which the target's parameters are the source's, renamed, in the same order
 _RENAMES = ("strip_prefix", "add_prefix", "rename", "map", "cast")
 
