@@ -442,6 +442,7 @@ def test_the_worked_example_prints_what_the_page_says(torch, tmp_path, monkeypat
 
 def test_the_resume_example_prints_what_the_page_says(torch, tmp_path, monkeypatch):
     """docs/commands/finetune-check.md: its model, its Trainer run, its command and the check it shows."""
+    import importlib
     import runpy
     import shlex
     import sys
@@ -453,6 +454,9 @@ def test_the_resume_example_prints_what_the_page_says(torch, tmp_path, monkeypat
     monkeypatch.syspath_prepend(str(tmp_path))
     for name, text in scripts.items():
         (tmp_path / name).write_text(text)
+    # the page's module is named models: whatever an earlier test left under that name must not answer
+    monkeypatch.delitem(sys.modules, "models", raising=False)
+    importlib.invalidate_caches()
     runpy.run_path("train_images.py")
     sys.modules.pop("models", None)
     r = _run(*shlex.split(command)[1:])
