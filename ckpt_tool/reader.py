@@ -293,19 +293,31 @@ PACKED_PARAMS = "_packed_params._packed_params"
 TENSOR_LIKE_SUFFIXES = ("_extra_state", PACKED_PARAMS, "_packed_params.dtype")
 
 
-def _holds_state_dict(obj: dict[Any, Any]) -> bool:
-    """String keys, and tensors for most values (the entries of :data:`TENSOR_LIKE_SUFFIXES`
-    count as tensors): a callback's state with one score tensor among its paths and settings is
-    not a state dict."""
-    if not all(isinstance(k, str) for k in obj):
-        return False
-    tensors = sum(1 for k, v in obj.items() if isinstance(v, PickledTensor) or k.endswith(TENSOR_LIKE_SUFFIXES))
-    return any(isinstance(v, PickledTensor) for v in obj.values()) and 2 * tensors > len(obj)
+_SETTINGS = (str, int, float, bool, bytes, type(None))
+
+
+def _state_dict_kind(obj: dict[Any, Any]) -> int:
+    """2: a state dict; 1: a dict with tensors that looks more like settings (plain values
+    outnumber what stands for tensors: Lightning's ModelCheckpoint state, one score tensor among
+    its paths, or an EarlyStopping counter); 0: neither. Tensors, pickled objects (tensor
+    subclasses, the ScriptObjects of a quantized LSTM) and the entries of
+    :data:`TENSOR_LIKE_SUFFIXES` stand for tensors."""
+    if not all(isinstance(k, str) for k in obj) or not any(isinstance(v, PickledTensor) for v in obj.values()):
+        return 0
+    settings = 0
+    for k, v in obj.items():
+        if isinstance(v, _SETTINGS) and not k.endswith(TENSOR_LIKE_SUFFIXES):
+            settings += 1
+    return 2 if 2 * settings < len(obj) or settings == 0 else 1
 
 
 def find_candidates(root: Any) -> list[tuple[str, Any]]:
-    """Every place in the tree that holds a state dict: ``(key path, object)`` in tree order."""
+    """Every place in the tree that holds a state dict: ``(key path, object)`` in tree order.
+
+    Dicts of tensors that look like settings (``_state_dict_kind`` 1) are offered only when the
+    tree holds nothing better: ``{"weight": t, "step": 10, "lr": 0.1}`` alone is still read."""
     found: list[tuple[str, Any]] = []
+    settings: list[tuple[str, Any]] = []
     seen: set[int] = set()
 
     def walk(obj: Any, path: str, depth: int) -> None:
@@ -315,8 +327,9 @@ def find_candidates(root: Any) -> list[tuple[str, Any]]:
         if isinstance(obj, dict):
             if _is_optimizer_state(obj):
                 return
-            if _holds_state_dict(obj):
-                found.append((path, obj))
+            kind = _state_dict_kind(obj)
+            if kind:
+                (found if kind == 2 else settings).append((path, obj))
             for k, v in obj.items():
                 if isinstance(v, (dict, list, tuple, Placeholder)):
                     walk(v, _join(path, str(k)), depth + 1)
@@ -334,7 +347,7 @@ def find_candidates(root: Any) -> list[tuple[str, Any]]:
     if isinstance(root, PickledTensor):  # torch.save(tensor): one tensor, under BARE_TENSOR
         return [("", root)]
     walk(root, "", 0)
-    return found
+    return found or settings
 
 
 def _join(path: str, key: str) -> str:

@@ -111,3 +111,38 @@ def test_a_pickled_quantize_dynamic_model_says_why_its_weights_are_not_listed(to
     torch.save(_quantized(torch), tmp_path / "model.pth")
     r = _run("inspect", tmp_path / "model.pth")
     assert r.exit_code == 0 and "its packed weights are torch.ScriptObjects that only torch can unpack" in r.output
+
+
+def test_a_quantized_lstms_state_dict_is_found_though_its_weights_are_objects(torch, tmp_path):
+    """quantize_dynamic's LSTM keeps its weights as ScriptObjects (``_all_weight_values.N.param``),
+    more of them than plain tensors: the dict is still the state dict, as torch's loader reads it."""
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(4, 8, num_layers=3, bidirectional=True)
+            self.fc = nn.Linear(16, 2)
+
+    q = torch.ao.quantization.quantize_dynamic(Net(), {nn.LSTM, nn.Linear}, dtype=torch.qint8)
+    sd = q.state_dict()
+    assert sum(isinstance(v, torch.Tensor) for v in sd.values()) * 2 < len(sd)  # objects outnumber tensors
+    path = tmp_path / "qlstm.pth"
+    torch.save(sd, path)
+    data = json.loads(_run("inspect", path, "--json").output)
+    assert data["state_path"] == "" and data["tensors"] >= 1, data
+    assert "described consistently" in _run("validate", path).output  # the load check (scan judges the objects)
+
+
+def test_settings_with_a_tensor_are_no_second_state_dict_but_read_when_alone(torch, tmp_path):
+    """EarlyStopping's state (counters and one score tensor) beside a model is not offered as a
+    state dict; a file holding nothing better is still read."""
+    from ckpt_tool.reader import open_checkpoint
+
+    weights = {"fc.weight": torch.ones(2, 2), "fc.bias": torch.zeros(2)}
+    early = {"wait_count": 0, "stopped_epoch": 0, "best_score": torch.tensor(0.5), "patience": 3}
+    torch.save({"state_dict": weights, "callbacks": {"EarlyStopping": early}}, tmp_path / "run.pth")
+    assert [c.path for c in open_checkpoint(str(tmp_path / "run.pth")).candidates] == ["state_dict"]
+    torch.save({"weight": torch.ones(3), "step": 10, "lr": 0.1}, tmp_path / "alone.pth")
+    alone = open_checkpoint(str(tmp_path / "alone.pth"))
+    assert [c.path for c in alone.candidates] == [""] and set(alone.tensors) == {"weight"}
