@@ -232,6 +232,20 @@ def test_heldout_figures_do_not_depend_on_stale_batchnorm_averages(tiny, torch):
     assert norm.momentum == 0.1 and not norm.training
 
 
+def test_batchnorm_is_reestimated_on_whole_batches_only():
+    from ckpt_tool.finetune.train import BnSource
+
+    def images(n, batch, eval_batches=2):
+        source = BnSource.from_options(range(n), replace(TINY, batch_size=batch, eval_batches=eval_batches))
+        return source.images if source else None
+
+    # 17 training images at batch 8 would leave a last batch of one image, which BatchNorm refuses
+    assert images(17, 16) == 16 and images(17, 8, eval_batches=3) == 16
+    assert images(40, 16) == 32 and images(5, 16) == 5
+    assert images(1, 16) is None  # one image has no statistics: the running averages are used
+    assert BnSource.from_options(range(40), replace(TINY, eval_bn="running")) is None
+
+
 def test_freeze_bn_keeps_the_frozen_layers_statistics_for_evaluation(tiny, torch):
     from ckpt_tool.finetune.train import reestimated_batchnorms
 

@@ -266,8 +266,9 @@ class BnSource:
     statistics, not the weights: a randomly initialised resnet18 whose training loss falls from
     2.5 to 0.02 in 8 steps scores chance on held-out images with a held-out loss of 35. Evaluation
     therefore recomputes each BatchNorm's statistics as a plain average over ``images`` training
-    images, a fixed sample drawn by ``seed`` (the same on every rank, and the same for every
-    evaluation), as ``torch.optim.swa_utils.update_bn`` does after averaging weights.
+    images in whole batches, a fixed sample drawn by ``seed`` (the same images on every rank and
+    for every evaluation; a dataset's own augmentation draws afresh), as
+    ``torch.optim.swa_utils.update_bn`` does after averaging weights.
     """
 
     dataset: Any
@@ -279,7 +280,10 @@ class BnSource:
     def from_options(cls, dataset: Any, opts: FinetuneOptions) -> BnSource | None:
         if opts.eval_bn != "reestimate":
             return None
-        return cls(dataset, min(len(dataset), opts.batch_size * opts.eval_batches), opts.batch_size, opts.seed)
+        images = min(len(dataset), opts.batch_size * opts.eval_batches)
+        if images > opts.batch_size:
+            images -= images % opts.batch_size  # whole batches: a last batch of one image has no statistics
+        return cls(dataset, images, opts.batch_size, opts.seed) if images > 1 else None
 
 
 def reestimated_batchnorms(model: Any, source: BnSource | None, keep: Sequence[Any] = ()) -> list[Any]:
@@ -327,6 +331,7 @@ def _bn_reestimated(model: Any, source: BnSource | None, keep: Sequence[Any], de
         yield
     finally:
         for m, (momentum, buffers) in zip(layers, saved):
+            m.eval()  # as evaluation found them, also when a forward above raised
             m.momentum = momentum
             for live, old in zip(_bn_buffers(m), buffers):
                 live.copy_(old)
