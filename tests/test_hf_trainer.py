@@ -618,3 +618,26 @@ def test_resume_optimizer_of_a_trainer_directory_refuses_what_it_cannot_tie(torc
     r = _run("finetune-check", ckpt, "--arch", f"{wrong}:net", *args)
     assert r.exit_code == 2 and "param groups of [3, 5] parameters, but" in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1
+
+
+def test_an_arch_that_orders_same_shaped_parameters_otherwise_is_refused_not_trusted(torch, bert):
+    """query, key and value are the same shape: a --arch model that registers query last fits the
+    Trainer's group sizes and moment shapes, but config.json's model (the trained one) disagrees."""
+    from transformers import BertForSequenceClassification
+
+    from ckpt_tool.optim_state import MappingError
+    from ckpt_tool.optim_state.trainer import read_trainer_optimizer, tie_trainer_ids
+    from ckpt_tool.reader import open_checkpoint
+
+    weights = open_checkpoint(bert)
+    found, view = read_trainer_optimizer(bert, weights)
+    by_config = tie_trainer_ids(found, view, bert)
+    same = BertForSequenceClassification.from_pretrained(bert)
+    assert tie_trainer_ids(found, view, bert, model=same).names == by_config.names  # agreeing: fine
+    reordered = BertForSequenceClassification.from_pretrained(bert)
+    for layer in reordered.bert.encoder.layer:
+        attention = layer.attention.self
+        query = attention._modules.pop("query")
+        attention._modules["query"] = query  # now after key and value in named_parameters()
+    with pytest.raises(MappingError, match="order the same-shaped parameters differently"):
+        tie_trainer_ids(found, view, bert, model=reordered)

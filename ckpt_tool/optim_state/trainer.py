@@ -127,24 +127,39 @@ def tie_trainer_ids(
 
     Only the trained architecture tells the Trainer's groups (the names alone do not: an
     ``nn.LayerNorm`` is kept out of weight decay by its type, and a safetensors file does not keep
-    ``named_parameters()`` order). Tried in turn, the first that fits (group sizes, every moment
-    shaped like its parameter) wins: ``model``'s groups (the model the caller trains), then those
-    of the model the ``config.json`` beside the weights describes (built on the meta device).
+    ``named_parameters()`` order). Two sources may tell them: the model the ``config.json`` beside
+    the weights describes (built on the meta device: the model that was trained) and ``model``
+    (the one the caller trains). A source fits when its group sizes do and every moment is shaped
+    like its parameter; same-shaped parameters in another order fit as well, so when both fit they
+    must agree, or nothing is guessed. The config's model is preferred; ``model`` serves when
+    there is no config, or it cannot be built (transformers missing, a custom model type).
     """
-    tries: list[tuple[Callable[[], tuple[tuple[str, ...], ...]], str]] = []
-    if model is not None:
-        tries.append((lambda: trainer_groups_of(model), "the Trainer's param groups of --arch"))
+    tried: list[OptimizerState] = []
+    failed: CkptError | None = None
     config = os.path.isfile(os.path.join(path, CONFIG))
     if config:
         spec = f"hf:{path}"
         by = f"the Trainer's param groups of {spec} (the config.json beside the weights)"
-        tries.append((lambda: trainer_groups(spec), by))
-    failed: MappingError | None = None
-    for groups, by in tries:
         try:
-            return map_ids_by_groups(opt, ckpt, groups(), by)
-        except MappingError as exc:
+            tried.append(map_ids_by_groups(opt, ckpt, trainer_groups(spec), by))
+        except CkptError as exc:
+            if model is None:
+                raise
             failed = exc
+    if model is not None:
+        try:
+            tried.append(map_ids_by_groups(opt, ckpt, trainer_groups_of(model), "the Trainer's param groups of --arch"))
+        except MappingError as exc:
+            failed = failed or exc
+    if len(tried) == 2 and tried[0].names != tried[1].names:
+        differ = [f"{a} / {b}" for (_, a), (_, b) in zip(tried[0].names, tried[1].names) if a != b]
+        raise MappingError(
+            f"{ckpt.path}: {opt.path}: config.json's model and --arch order the same-shaped parameters "
+            f"differently ({', '.join(differ[:3])}{' and more' if len(differ) > 3 else ''}): which moments "
+            "belong to which parameter cannot be told"
+        )
+    if tried:
+        return tried[0]
     if failed is not None:
         raise failed
     raise MappingError(
