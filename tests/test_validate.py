@@ -6,7 +6,7 @@ import json
 import os
 
 import pytest
-from scan_helpers import write_malicious, write_sharded
+from scan_helpers import write_malicious, write_peer_attacks, write_sharded
 
 from ckpt_tool.config import ProjectConfig
 from ckpt_tool.errors import UsageError
@@ -250,3 +250,39 @@ def test_shared_decode_reports_a_refused_storage_as_the_reader_does(files, tmp_p
     report = validate([str(path)], config_dir=str(tmp_path))
     assert _checks(report)["loads"] == (FAIL, str(exc.value))
     assert _checks(report)["scan"][0] == PASS  # the scan reads on past the storage the reader refuses
+
+
+def test_a_desynced_data_pkl_leaves_nothing_to_share(tmp_path):
+    """Readers that disagree on its opcodes: the load reads the file itself, as a plain read does."""
+    from ckpt_tool.formats.torchfile import decodes_shared
+    from ckpt_tool.reader import open_checkpoint
+    from ckpt_tool.scan import scan_file
+
+    path = write_peer_attacks(str(tmp_path), "marker")["zip_frame_desync"]
+    fresh = open_checkpoint(path)
+    with decodes_shared():
+        scan_file(path)
+        shared = open_checkpoint(path)
+    assert fresh.placeholders and shared.placeholders == fresh.placeholders
+
+
+def test_a_file_rewritten_in_place_with_its_mtime_set_back_is_read_again(files, tmp_path):
+    import shutil
+
+    from ckpt_tool.formats.torchfile import decodes_shared
+    from ckpt_tool.formats.ziparchive import list_archive
+    from ckpt_tool.scan import scan_file
+
+    path = str(tmp_path / "x.pth")
+    shutil.copy(files["pth"], path)
+    before = os.stat(path)
+    with decodes_shared():
+        scan_file(path)
+        listed = list_archive(path)
+        with open(path, "r+b") as f:  # the same size, a byte of data.pkl changed, the mtime put back
+            data = f.read()
+            at = data.index(b"data.pkl") + 40
+            f.seek(at)
+            f.write(bytes([data[at] ^ 0xFF]))
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert list_archive(path) is not listed

@@ -154,7 +154,7 @@ def _decoded_key(path: str, entry: ZipEntry) -> tuple[Any, ...] | None:
         st = os.stat(path)
     except OSError:
         return None
-    return (path, st.st_size, st.st_mtime_ns, st.st_ino, entry)
+    return (path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, entry)  # ctime: a touched-back mtime
 
 
 def sharing_decodes() -> bool:

@@ -221,7 +221,7 @@ def list_archive(path: str) -> ZipListing:
     """Read every central directory and local header of a zip; raise FormatError when none is usable."""
     try:
         st = os.stat(path)
-        return _list_cached(path, st.st_size, st.st_mtime_ns)
+        return _list_cached(path, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     except OSError as exc:
         raise InputError(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
@@ -232,9 +232,10 @@ def list_stream(f: IO[bytes], path: str, size: int) -> ZipListing:
 
 
 @functools.lru_cache(maxsize=8)
-def _list_cached(path: str, size: int, mtime_ns: int) -> ZipListing:
-    # sniffing and reading one file list it twice; the size and time stamp tell a changed file apart
-    del mtime_ns
+def _list_cached(path: str, size: int, mtime_ns: int, ctime_ns: int) -> ZipListing:
+    # sniffing and reading one file list it twice; the size and time stamps tell a changed file apart
+    # (ctime too: an mtime set back after a rewrite in place does not hide the change)
+    del mtime_ns, ctime_ns
     with open(path, "rb") as f:
         if size == 0:
             return _list(f, path, size)

@@ -340,8 +340,11 @@ def _scan_archive_pickles(
         if e is shared and listing is not None and intact and data_pkl_readable(e, data):
             load, storages, refused = _shared_loader(path, listing, f)
             whole, root = _scan_bytes(out, stream, data, e.compressed_size, load)
-            if whole and not refused:
-                offer_decoded(path, e, Decoded(root, out.traces[-1][1], storages))
+            # the reading torch makes, named by the stream: a desync appends a second (straight) one,
+            # and readers that disagree on the opcodes leave nothing to share
+            trace = next((t for n, t in reversed(out.traces) if n == stream), None)
+            if whole and not refused and trace is not None and not trace.desync:
+                offer_decoded(path, e, Decoded(root, trace, storages))
         else:
             _scan_bytes(out, stream, data, e.compressed_size)
 
