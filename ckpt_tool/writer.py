@@ -427,7 +427,10 @@ class StagedDirectory:
             ) from None
         self.committed = True
         _fsync_dir(os.path.dirname(final))
-        if old is not None:
+        if old is not None and (os.path.islink(old) or not os.path.isdir(old)):
+            with contextlib.suppress(OSError):
+                os.unlink(old)  # a file or a link stood there: the link goes, never what it points to
+        elif old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
     def abort(self) -> None:

@@ -323,6 +323,21 @@ def test_a_staged_directory_appears_whole_with_mkdirs_mode(tmp_path):
 
 
 @pytest.mark.torchfree
+def test_a_staged_directory_over_a_file_or_a_link_leaves_nothing_behind(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "keep").write_bytes(b"kept")
+    (tmp_path / "file").write_bytes(b"old")
+    (tmp_path / "link").symlink_to(target)
+    for name in ("file", "link"):
+        with _stage_directory(tmp_path / name, {"new": b"new"}) as staging:
+            staging.commit()
+        assert snapshot(tmp_path / name) == {"new": b"new"}
+    assert sorted(os.listdir(tmp_path)) == ["elsewhere", "file", "link"]  # no hidden .old left
+    assert snapshot(target) == {"keep": b"kept"}  # a link's target is never touched
+
+
+@pytest.mark.torchfree
 def test_a_staged_directory_replaces_an_old_one_only_on_commit(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
