@@ -308,7 +308,7 @@ def _state_dict_kind(obj: dict[Any, Any]) -> int:
     for k, v in obj.items():
         if isinstance(v, _SETTINGS) and not k.endswith(TENSOR_LIKE_SUFFIXES):
             settings += 1
-    return 2 if 2 * settings < len(obj) or settings == 0 else 1
+    return 2 if 2 * settings < len(obj) else 1
 
 
 def find_candidates(root: Any) -> list[tuple[str, Any]]:
