@@ -30,7 +30,7 @@ from .errors import UsageError
 from .formats.dcp import FORMAT as DCP
 from .plan import CHECKPOINT, Entry, Operation, State
 from .reader import packed_params
-from .text import grouped_notes
+from .text import grouped_notes, some
 from .writer import PTH, SAFETENSORS, View, refuse_for_safetensors
 
 
@@ -170,9 +170,8 @@ def _store(out: ObjectPlan, tensors: dict[str, Any]) -> None:
 def _refuse_packed_params(ckpt: Checkpoint, keys: dict[str, str]) -> None:
     packed = [k for k in packed_params(ckpt) if k in keys]
     if packed:
-        few = ", ".join(packed[:3]) + (f" and {len(packed) - 3} more" if len(packed) > 3 else "")
         raise UsageError(
-            f"{ckpt.path}: {few}: packed weights of dynamically quantized layers (quantize_dynamic), "
+            f"{ckpt.path}: {some(packed)}: packed weights of dynamically quantized layers (quantize_dynamic), "
             "which ckpt neither unpacks nor writes back (--dequantize converts tensors only): migrate the "
             "float model's checkpoint, or leave them out with --exclude '_packed_params'"
         )

@@ -32,8 +32,8 @@ def read_resume(ckpt: Checkpoint, optimizer: str, *, path: str = "", model: Any 
     """The optimizer state beside ``ckpt``'s state dict, keyed by parameter name (reads its tensors).
 
     When ``path`` is a Hugging Face Trainer directory, the state is its ``optimizer.pt``, the ids
-    tied by the Trainer's param groups (of ``model``, the model trained now, first), as ``migrate``
-    reads that layout."""
+    tied by the Trainer's param groups (of the model its ``config.json`` describes, else of
+    ``model``, the model trained now; both must agree when both fit), as ``migrate`` reads that layout."""
     from ..formats.hf_trainer import OPTIMIZER, is_trainer_dir
     from ..values import torch_state_dict
 

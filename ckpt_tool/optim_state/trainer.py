@@ -30,6 +30,7 @@ from ..checkpoint import Checkpoint
 from ..errors import CkptError, OutputError, UsageError
 from ..formats.hf_trainer import CONFIG, OPTIMIZER, STATE, TrainerDir, TrainerFile, read_trainer_dir
 from ..plan import Plan, State
+from ..text import some
 from ..writer import StagedDirectory
 from .carry import Carried, carry
 from .ids import (
@@ -155,7 +156,7 @@ def tie_trainer_ids(
         differ = [f"{a} / {b}" for (_, a), (_, b) in zip(tried[0].names, tried[1].names) if a != b]
         raise MappingError(
             f"{ckpt.path}: {opt.path}: config.json's model and --arch order the same-shaped parameters "
-            f"differently ({', '.join(differ[:3])}{' and more' if len(differ) > 3 else ''}): which moments "
+            f"differently ({some(differ)}): which moments "
             "belong to which parameter cannot be told"
         )
     if tried:
