@@ -329,7 +329,7 @@ def _hf_factory(spec: str) -> Any:
 SIGNATURE_SCHEMA = 2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a checkpoint as a target holds one per tensor
 class TargetTensor:
     """One entry of a model's ``state_dict()``: what ``load_state_dict`` will expect under its key."""
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .arch import TargetSignature, TargetTensor
+from .bulk import fast_constructor
 from .checkpoint import Checkpoint, numel
 
 EXTRA_STATE_SUFFIX = "_extra_state"
@@ -101,7 +102,10 @@ def shapes_load(shape: tuple[int, ...], target_shape: tuple[int, ...]) -> bool:
         >>> shapes_load((1,), ()), shapes_load((), (1,)), shapes_load((2,), ())
         (True, False, False)
     """
-    return tuple(shape) == tuple(target_shape) or (tuple(target_shape) == () and tuple(shape) == (1,))
+    if shape == target_shape:  # two equal tuples: nearly every key of a diff
+        return True
+    shape, target_shape = tuple(shape), tuple(target_shape)
+    return shape == target_shape or (target_shape == () and shape == (1,))
 
 
 def check(
@@ -135,17 +139,20 @@ def check(
     loaded: list[str] = []
     mismatched: list[Mismatch] = []
     absent: list[str] = []
+    shape_of = shapes.get
     for key, t in tgt.items():
-        if key in extra:  # set_extra_state takes whatever is there: no shape to check
+        if extra and key in extra:  # set_extra_state takes whatever is there: no shape to check
             continue
-        if key not in present:
-            absent.append(key)
-        elif key not in shapes:  # an object where torch expects a tensor: it refuses it
-            mismatched.append(Mismatch(key, (), t.shape))
-        elif shapes_load(shapes[key], t.shape):
+        shape = shape_of(key)
+        if shape is None:
+            if key not in present:
+                absent.append(key)
+            else:  # an object where torch expects a tensor: it refuses it
+                mismatched.append(Mismatch(key, (), t.shape))
+        elif shape == t.shape or shapes_load(shape, t.shape):
             loaded.append(key)
         else:
-            mismatched.append(Mismatch(key, shapes[key], t.shape))
+            mismatched.append(Mismatch(key, shape, t.shape))
     done = set(loaded)
     tied: list[tuple[str, str]] = []
     partners = target.partners()
@@ -221,9 +228,13 @@ def parameter_share(target: TargetSignature, from_checkpoint: Collection[str]) -
 
 def signature_of_state(state: Mapping[str, Any], spec: str = "checkpoint") -> TargetSignature:
     """A checkpoint's own tensors as a target (diff of two checkpoints): no fill-ins, no ties."""
+    new = _target_tensor
     return TargetSignature(
-        spec, {}, {k: TargetTensor(_shape(v), str(getattr(v, "dtype", "")), "tensor") for k, v in state.items()}
+        spec, {}, {k: new(_shape(v), str(getattr(v, "dtype", "")), "tensor") for k, v in state.items()}
     )
+
+
+_target_tensor = fast_constructor(TargetTensor)
 
 
 # --- a checkpoint as the state: its _metadata, its aliases, its objects ---------------------------

@@ -5,11 +5,11 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .bulk import paused
+from .bulk import fast_constructor, paused
 from .checkpoint import (
     BUFFER_NAMES,
     DENSE,
@@ -35,23 +35,26 @@ if TYPE_CHECKING:
     from .optim_state import OptimizerSummary
 
 
-@dataclass(frozen=True, slots=True)  # slots: 100,000 rows take a third of the memory of dicts
+# slots: 100,000 rows take a third of the memory of dicts. The fields are declared in name order:
+# that is the order of the sorted JSON, in which orjson writes a long listing of rows by itself
+# (render.dumps), without a call back into Python per row
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TensorRow:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    parameters: int
-    nbytes: int
-    stride: tuple[int, ...] = ()
-    storage: str = ""
-    offset: int | None = None
     contiguous: bool = True
+    # what makes a composite up (kind: dense, sparse_coo/sparse_csr/..., quantized or dtensor_shard)
+    detail: str = ""
+    dtype: str
+    kind: str = "dense"
+    name: str
+    nbytes: int
+    note: str = ""  # how it was read
+    offset: int | None = None
+    parameters: int
+    shape: tuple[int, ...]
     shared_with: tuple[str, ...] = ()
     stats: TensorStats | None = None
-    # dense, sparse_coo/sparse_csr/..., quantized or dtensor_shard; what makes it up; how it was read
-    kind: str = "dense"
-    detail: str = ""
-    note: str = ""
+    storage: str = ""
+    stride: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,8 @@ class InspectReport:
     # optimizer states beside the state dict (ckpt_tool.optim_state), header-only
     optimizers: tuple[OptimizerSummary, ...] = ()
     buffers: int = 0
+    # how ``modules`` folds a long listing (see ``fold_over``); "" when ``rows`` lists every tensor
+    folded: str = ""
 
 
 @paused
@@ -113,6 +118,7 @@ def inspect_checkpoint(
     filter: str | None = None,
     stats: bool = False,
     progress: Progress | None = None,
+    fold_over: int | None = None,
 ) -> InspectReport:
     """Describe a checkpoint; with ``stats`` also stream its values (tensor by tensor).
 
@@ -123,6 +129,9 @@ def inspect_checkpoint(
         filter: keep only keys matching this regular expression.
         stats: read values and add min/max/mean/std and NaN/Inf counts.
         progress: called with ``(bytes read now, bytes to read)`` after each tensor (``stats`` only).
+        fold_over: when more tensors than this are listed (without ``depth``), ``rows`` stays empty
+            and ``modules`` holds them folded by :func:`fold`, which ``folded`` names (the table
+            of ``ckpt inspect``: 100,000 rows are never built to be folded).
 
     Example:
         >>> report = inspect_checkpoint("fixtures/tiny_cnn.pth", depth=1)
@@ -144,27 +153,18 @@ def inspect_checkpoint(
                     stats_by_key[ref.key] = tensor_stats(ref, files)
                 if progress is not None:
                     progress(ref.nbytes, total)
-    rows = tuple(_row(r, shared, stats_by_key.get(r.key)) for r in refs) if depth is None else ()
+    folded = ""
+    modules: tuple[ModuleRow, ...] = ()
+    if depth is not None:
+        modules = rollup(refs, depth)
+    elif fold_over is not None and len(refs) > fold_over:
+        folded, modules = fold(refs, fold_over)
+    rows: tuple[TensorRow, ...] = ()
+    if depth is None and not folded:
+        stats_of = stats_by_key.get
+        rows = tuple(_row(r, shared, stats_of(r.key)) for r in refs)
     attributes = tuple(_row(r, {}, None) for r in ckpt.attributes.values())
-    by_dtype: dict[str, int] = {}
-    parameters = buffers = 0
-    # tensors of a shared storage: each view counted once, each storage's bytes once
-    views: set[tuple[str, int, tuple[int, ...], tuple[int, ...]]] = set()
-    storages: set[str] = set()
-    for ref in ckpt.tensors.values():
-        numel = math.prod(ref.shape)
-        n = ref.nbytes if ref.kind in SPARSE_KINDS else numel * DTYPES[ref.dtype][0]
-        if shared and ref.storage in shared and ref.kind == DENSE:
-            view = (ref.storage, ref.storage_offset, ref.shape, ref.stride)
-            if view in views:
-                continue  # a tied alias: the same values under another name (model.parameters() counts it once)
-            n = 0 if ref.storage in storages else ref.storage_nbytes
-            views.add(view)
-            storages.add(ref.storage)
-        by_dtype[ref.dtype] = by_dtype.get(ref.dtype, 0) + n
-        parameters += numel
-        if ref.key.rpartition(".")[2] in BUFFER_NAMES:
-            buffers += numel
+    parameters, buffers, by_dtype = _counts(ckpt.tensors.values(), shared)
     notes = _notes(ckpt) + (STD_NOTE,) * bool(stats)
     optimizers: tuple[OptimizerSummary, ...] = ()
     if ckpt.root is not None and ckpt.extras:  # optimizer state lies beside the state dict, among its extras
@@ -185,7 +185,7 @@ def inspect_checkpoint(
         parameters=parameters,
         buffers=buffers,
         tensor_bytes=sum(by_dtype.values()),
-        bytes_by_dtype=dict(sorted(by_dtype.items())),
+        bytes_by_dtype=by_dtype,
         state_path=ckpt.state_path,
         candidates=ckpt.candidates,
         common_prefix=common_prefix(list(ckpt.tensors)),
@@ -195,7 +195,8 @@ def inspect_checkpoint(
         metadata=ckpt.metadata,
         files=ckpt.files,
         rows=rows,
-        modules=rollup(refs, depth) if depth is not None else (),
+        modules=modules,
+        folded=folded,
         nonfinite=sum(s.nan + s.inf for s in stats_by_key.values()),
         filter=filter,
         depth=depth,
@@ -204,6 +205,45 @@ def inspect_checkpoint(
         objects={k: summarize(v) for k, v in ckpt.objects.items()},
         optimizers=optimizers,
     )
+
+
+_BUFFER_ENDS = tuple(f".{name}" for name in BUFFER_NAMES)
+
+
+def _counts(refs: Iterable[TensorRef], shared: dict[str, list[str]]) -> tuple[int, int, dict[str, int]]:
+    """Values, the part of them in buffers (by name), and bytes per dtype: the views of a shared
+    storage each counted once, each storage's bytes once."""
+    by_dtype: dict[str, int] = {}
+    parameters = buffers = 0
+    if not shared:  # nothing shares a storage (every safetensors file): the same sums, fewer lookups
+        prod, sizes = math.prod, DTYPES
+        for ref in refs:
+            numel = prod(ref.shape)
+            dtype = ref.dtype
+            n = ref.nbytes if ref.kind in SPARSE_KINDS else numel * sizes[dtype][0]
+            by_dtype[dtype] = by_dtype.get(dtype, 0) + n
+            parameters += numel
+            key = ref.key
+            if key.endswith(_BUFFER_ENDS) or key in BUFFER_NAMES:
+                buffers += numel
+        return parameters, buffers, dict(sorted(by_dtype.items()))
+    views: set[tuple[str, int, tuple[int, ...], tuple[int, ...]]] = set()
+    storages: set[str] = set()
+    for ref in refs:
+        numel = math.prod(ref.shape)
+        n = ref.nbytes if ref.kind in SPARSE_KINDS else numel * DTYPES[ref.dtype][0]
+        if ref.storage in shared and ref.kind == DENSE:
+            view = (ref.storage, ref.storage_offset, ref.shape, ref.stride)
+            if view in views:
+                continue  # a tied alias: the same values under another name (model.parameters() counts it once)
+            n = 0 if ref.storage in storages else ref.storage_nbytes
+            views.add(view)
+            storages.add(ref.storage)
+        by_dtype[ref.dtype] = by_dtype.get(ref.dtype, 0) + n
+        parameters += numel
+        if ref.key.endswith(_BUFFER_ENDS) or ref.key in BUFFER_NAMES:
+            buffers += numel
+    return parameters, buffers, dict(sorted(by_dtype.items()))
 
 
 def _compile(filter: str | None) -> re.Pattern[str] | None:
@@ -218,50 +258,33 @@ def _compile(filter: str | None) -> re.Pattern[str] | None:
 _strides = functools.lru_cache(maxsize=4096)(contiguous_strides)  # a checkpoint repeats a few shapes
 
 
+_build_row = fast_constructor(TensorRow)
+
+
 def _row(ref: TensorRef, shared: dict[str, list[str]], stats: TensorStats | None) -> TensorRow:
-    others = tuple(k for k in shared[ref.storage] if k != ref.key) if shared and ref.storage in shared else ()
-    # a contiguous layout is the common case and the cheap one to recognise (strides are cached by shape)
-    contiguous = ref.stride == _strides(ref.shape) or ref.is_contiguous
-    dense = ref.kind == DENSE
-    numel = math.prod(ref.shape)
+    key, shape, dtype, kind = ref.key, ref.shape, ref.dtype, ref.kind
+    dense = kind == DENSE
+    numel = math.prod(shape)
     at = ref.data_offset
-    item = DTYPES[ref.dtype][0] if dense or at is not None else 0
-    # TensorRow(...) without the frozen dataclass's __init__ (which goes through object.__setattr__)
-    row = _new(TensorRow)
-    _name(row, ref.key)
-    _shape(row, ref.shape)
-    _dtype(row, ref.dtype)
-    _parameters(row, numel)
-    _nbytes(row, numel * item if dense else ref.nbytes)
-    _stride(row, ref.stride)
-    _storage(row, ref.storage)
-    _offset(row, None if at is None else at + ref.storage_offset * item)  # (TensorRef.offset, inlined)
-    _contiguous(row, contiguous)
-    _shared_with(row, others)
-    _stats(row, stats)
-    _kind(row, ref.kind)
-    _detail(row, ("" if dense else composite_detail(ref)) or (chunk_summary(ref) if ref.attrs else ""))
-    _note(row, ref.note)
-    return row
-
-
-_new = object.__new__
-(
-    _name,
-    _shape,
-    _dtype,
-    _parameters,
-    _nbytes,
-    _stride,
-    _storage,
-    _offset,
-    _contiguous,
-    _shared_with,
-    _stats,
-    _kind,
-    _detail,
-    _note,
-) = (getattr(TensorRow, name).__set__ for name in TensorRow.__slots__)
+    item = DTYPES[dtype][0] if dense or at is not None else 0
+    storage = ref.storage
+    return _build_row(
+        # contiguous: the common layout, and the cheap one to recognise (strides are cached by shape)
+        ref.stride == _strides(shape) or ref.is_contiguous,
+        ("" if dense else composite_detail(ref)) or (chunk_summary(ref) if ref.attrs else ""),  # detail
+        dtype,
+        kind,
+        key,
+        numel * item if dense else ref.nbytes,  # nbytes
+        ref.note,
+        None if at is None else at + ref.storage_offset * item,  # offset (TensorRef.offset, inlined)
+        numel,  # parameters
+        shape,
+        tuple(k for k in shared[storage] if k != key) if shared and storage in shared else (),  # shared_with
+        stats,
+        storage,
+        ref.stride,
+    )
 
 
 def composite_detail(ref: TensorRef) -> str:
@@ -295,35 +318,31 @@ def rollup(refs: Sequence[TensorRef | TensorRow], depth: int) -> tuple[ModuleRow
 
 
 def _group(refs: Sequence[TensorRef | TensorRow], module: Callable[[str], str]) -> tuple[ModuleRow, ...]:
-    return _group_named(refs, [module(r.key if isinstance(r, TensorRef) else r.name) for r in refs])
+    return _group_named(refs, [module(name) for name in _names(refs)])
+
+
+def _names(refs: Sequence[TensorRef | TensorRow]) -> list[str]:
+    return [r.key if isinstance(r, TensorRef) else r.name for r in refs]
 
 
 def _group_named(refs: Sequence[TensorRef | TensorRow], names: Sequence[str]) -> tuple[ModuleRow, ...]:
     """``refs`` grouped by their module names ``names`` (one per ref), in first-seen order."""
     groups: dict[str, list[Any]] = {}  # module -> [tensors, parameters, bytes, dtypes]
+    prod, sizes = math.prod, DTYPES
     for r, m in zip(refs, names):
-        numel = r.numel if isinstance(r, TensorRef) else r.parameters
+        if isinstance(r, TensorRef):
+            numel = prod(r.shape)
+            nbytes = numel * sizes[r.dtype][0] if r.kind == DENSE else r.nbytes
+        else:
+            numel, nbytes = r.parameters, r.nbytes
         g = groups.get(m)
         if g is None:
             g = groups[m] = [0, 0, 0, set()]
         g[0] += 1
         g[1] += numel
-        g[2] += r.nbytes
+        g[2] += nbytes
         g[3].add(r.dtype)
     return tuple(ModuleRow(name, n, p, b, tuple(sorted(d))) for name, (n, p, b, d) in groups.items())
-
-
-def _names_within(rows: Sequence[TensorRow], module: Callable[[str], str], limit: int) -> list[str] | None:
-    """Each row's module name, if ``rows`` fall in at most ``limit`` modules (None at the first one too many)."""
-    seen: set[str] = set()
-    names = []
-    for r in rows:
-        m = module(r.name)
-        names.append(m)
-        seen.add(m)
-        if len(seen) > limit:
-            return None
-    return names
 
 
 FOLD_ROWS = 1000  # above this many rows the table shows modules (``--all`` shows every row)
@@ -342,8 +361,8 @@ def _numbered(module: str) -> str:
     return _NUMBERED.sub("*", module)
 
 
-def fold(rows: Sequence[TensorRow], limit: int = FOLD_ROWS) -> tuple[str, tuple[ModuleRow, ...]]:
-    """A long table's rows grouped into at most ``limit`` modules: ``(how, groups)``.
+def fold(rows: Sequence[TensorRef | TensorRow], limit: int = FOLD_ROWS) -> tuple[str, tuple[ModuleRow, ...]]:
+    """A long table's tensors (refs or rows) grouped into at most ``limit`` modules: ``(how, groups)``.
 
     By module (the key less its last component) when that is few enough groups; else with the
     numbered components of a module as ``*`` (``model.layers.*.mlp``: every layer's ``mlp`` in one
@@ -355,15 +374,13 @@ def fold(rows: Sequence[TensorRow], limit: int = FOLD_ROWS) -> tuple[str, tuple[
         >>> how, [m.name for m in modules]
         ('numbered components as *', ['features.*', 'classifier.fc1', 'classifier.fc2'])
     """
-    for how, module in (
-        ("by module", lambda name: name.rpartition(".")[0]),
-        ("numbered components as *", numbered_module),
-    ):
-        names = _names_within(rows, module, limit)
-        if names is not None:
+    keys = _names(rows)
+    for how, module in (("by module", lambda k: k.rpartition(".")[0]), ("numbered components as *", numbered_module)):
+        names = [module(k) for k in keys]
+        if len(set(names)) <= limit:
             return how, _group_named(rows, names)
     best = rollup(rows, 1)
-    for depth in range(2, max((r.name.count(".") for r in rows), default=0) + 1):
+    for depth in range(2, max((k.count(".") for k in keys), default=0) + 1):
         modules = rollup(rows, depth)
         if len(modules) > limit:
             break

@@ -18,6 +18,7 @@ from .checkpoint import (
     Candidate,
     Checkpoint,
     TensorRef,
+    contiguous_strides,
     dense_ref,
     itemsize,
     numel,
@@ -488,8 +489,35 @@ def _module_tensors(obj: Placeholder, prefix: str, out: dict[str, TensorRef], pa
                 _module_tensors(value, f"{prefix}{name}.", out, path, seen)
 
 
+# shape -> (its contiguous strides, its elements), for shapes of non-negative sizes: a file has few
+_LAYOUTS: dict[tuple[int, ...], tuple[tuple[int, ...], int]] = {}
+
+
 def tensor_ref(key: str, t: PickledTensor, path: str) -> TensorRef:
     """The :class:`TensorRef` of a decoded tensor, checked against its storage (composites: each part)."""
+    s: StorageRef | None = t.storage
+    if s is not None and t.kind == "tensor" and not (t.parts or t.attrs or t.note):
+        # a plain contiguous tensor (nearly every one) within its storage: its layout was checked
+        # once for its shape; anything else is checked below, which says what is wrong
+        shape = t.shape
+        layout = _LAYOUTS.get(shape)
+        if layout is None and min(shape, default=0) >= 0 and len(_LAYOUTS) < 4096:
+            layout = _LAYOUTS[shape] = (contiguous_strides(shape), math.prod(shape))
+        size = DTYPES.get(t.dtype)
+        if layout is not None and t.stride == layout[0] and size is not None and t.storage_offset >= 0:
+            if not layout[1] or (t.storage_offset + layout[1]) * size[0] <= s.nbytes:
+                return dense_ref(
+                    key,
+                    t.dtype,
+                    shape,
+                    t.stride,
+                    f"{path}#{s.key}",
+                    s.nbytes,
+                    s.data_offset,
+                    s.file or path,
+                    t.storage_offset,
+                    t.requires_grad,
+                )
     # (a plain tensor has no parts or attributes: 100,000 of them skip the work)
     parts = tuple((name, tensor_ref(f"{key}#{name}", p, path)) for name, p in t.parts.items()) if t.parts else ()
     extra: dict[str, Any] = {"attrs": tuple(sorted(t.attrs.items())) if t.attrs else (), "note": t.note, "parts": parts}
@@ -498,7 +526,6 @@ def tensor_ref(key: str, t: PickledTensor, path: str) -> TensorRef:
             key, t.dtype, t.shape, (), f"{path}#{t.kind}:{key}", 0, 0, None, path, t.requires_grad, kind=t.kind, **extra
         )
     kind = t.kind if t.kind in (QUANTIZED, DTENSOR_SHARD) else DENSE
-    s: StorageRef | None = t.storage
     if s is None:
         return TensorRef(
             key, t.dtype, t.shape, t.stride, f"{path}#meta:{key}", 0, 0, None, path, t.requires_grad, kind=kind, **extra

@@ -10,7 +10,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, TypeVar
 
 from .checkpoint import Progress
 from .text import human_bytes, human_count, shape_str, some  # noqa: F401 - the commands take them from here
@@ -66,15 +66,16 @@ def echo_json(obj: Any) -> None:
 
     with gc_paused():
         try:
-            data = _fast_dumps(obj, text=False)
+            chunks = _fast_chunks(obj)
         except _Differs:
-            data = dumps(obj).encode("ascii")
+            chunks = [dumps(obj).encode("ascii")]
     sys.stdout.flush()
     out = getattr(sys.stdout, "buffer", None)
     if out is None:  # a text-only stream (a test's capture): write text
-        sys.stdout.write(data.decode("ascii") + "\n")
+        sys.stdout.write("".join(bytes(c).decode("ascii") for c in chunks) + "\n")
         return
-    out.write(data)
+    for chunk in chunks:
+        out.write(chunk)
     out.write(b"\n")
     out.flush()
 
@@ -145,6 +146,57 @@ def _converter(cls: type) -> Callable[[Any], Any]:
     return convert
 
 
+# a listing at least this long, of one dataclass that orjson can write by itself, is written so
+_NATIVE_ROWS = 256
+_native: dict[type, tuple[str, ...] | None] = {}
+
+
+def _native_fields(cls: type) -> tuple[str, ...] | None:
+    """For a dataclass orjson writes as the standard encoder writes its dict (every field shown,
+    declared in name order, each of plain ints, strings, bools and tuples of them), the fields of
+    another type, which must be None to be written so; None when ``cls`` is not such a class."""
+    if cls in _native:
+        return _native[cls]
+    found: tuple[str, ...] | None = None
+    if dataclasses.is_dataclass(cls) and not hasattr(cls, "to_json"):
+        fields = dataclasses.fields(cls)
+        names = [f.name for f in fields]
+        if all(f.repr for f in fields) and names == sorted(names):
+            found = tuple(
+                f.name for f in fields if not (isinstance(f.type, str) and set(_WORD.findall(f.type)) <= _RAW_WORDS)
+            )
+    _native[cls] = found
+    return found
+
+
+def _native_listing(value: Any) -> memoryview | None:
+    """A long listing of rows (inspect's 100,000 tensors) written by orjson itself, indented as a
+    top-level field's value; None when ``value`` is not one (:func:`_fast_chunks` writes it).
+
+    Otherwise orjson calls back into Python to convert every row to a dict. The rows are written
+    as they are declared, so their class keeps its fields in name order (what sorted keys give).
+    """
+    if type(value) not in (tuple, list) or len(value) < _NATIVE_ROWS:
+        return None
+    cls = type(value[0])
+    nullable = _native_fields(cls)
+    if nullable is None or any(type(item) is not cls for item in value):
+        return None
+    for name in nullable:
+        get = operator.attrgetter(name)
+        if any(get(item) is not None for item in value):
+            return None
+    import orjson
+
+    try:
+        text = orjson.dumps({"": value}, option=orjson.OPT_INDENT_2)  # {, then "": [...] indented, then }
+    except orjson.JSONEncodeError:
+        raise _Differs from None
+    if not text.isascii():
+        raise _Differs
+    return memoryview(text)[len(b'{\n  "": ') : -len(b"\n}")]
+
+
 def _checked(data: Any) -> Any:
     """``data`` (plain, from to_jsonable), refused where orjson would write a float differently."""
     if isinstance(data, float):
@@ -171,13 +223,16 @@ def _default(obj: Any) -> Any:
     return convert(obj)
 
 
-@overload
-def _fast_dumps(obj: Any, text: Literal[True] = ...) -> str: ...
-@overload
-def _fast_dumps(obj: Any, text: Literal[False]) -> bytes: ...
+def _fast_dumps(obj: Any) -> str:
+    return "".join(bytes(chunk).decode("ascii") for chunk in _fast_chunks(obj))
 
 
-def _fast_dumps(obj: Any, text: bool = True) -> str | bytes:
+_MARK = b"\x00"  # where a listing goes: orjson writes a NUL in a string as \u0000, never as the byte
+
+
+def _fast_chunks(obj: Any) -> list[bytes | memoryview]:
+    """orjson's text of ``obj`` in pieces, to be written one after the other: a long listing is
+    written apart (:func:`_native_listing`) and never copied into the whole."""
     import orjson
 
     if isinstance(obj, (dict, list, tuple)):
@@ -186,8 +241,17 @@ def _fast_dumps(obj: Any, text: bool = True) -> str | bytes:
         data = _default(obj)
     else:
         raise _Differs
+    listings: list[memoryview] = []
     if isinstance(data, dict):
-        data = {"schema_version": SCHEMA_VERSION, **data}
+        fields = {}
+        for name, value in data.items():
+            listing = _native_listing(value)
+            if listing is None:
+                fields[name] = value
+            else:
+                fields[name] = orjson.Fragment(_MARK)
+                listings.append(listing)
+        data = {"schema_version": SCHEMA_VERSION, **fields}
     try:
         out = orjson.dumps(
             data, default=_default, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATACLASS
@@ -198,7 +262,13 @@ def _fast_dumps(obj: Any, text: bool = True) -> str | bytes:
         raise _Differs from None
     if not out.isascii():
         raise _Differs
-    return out.decode("ascii") if text else out
+    if not listings:
+        return [out]
+    pieces = out.split(_MARK)
+    chunks: list[bytes | memoryview] = [pieces[0]]
+    for listing, piece in zip(listings, pieces[1:], strict=True):
+        chunks += [listing, piece]
+    return chunks
 
 
 def echo(text: str = "") -> None:

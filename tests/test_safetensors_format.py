@@ -35,6 +35,32 @@ def test_valid_file_has_no_defects(tmp_path):
 
 
 @pytest.mark.torchfree
+def test_tensors_come_in_the_order_of_their_bytes_whatever_the_headers(tmp_path):
+    """Abutting tensors in the header's order are taken as they come; any other layout is sorted,
+    and its gaps are found between tensors as well as after the last."""
+    entries = {
+        "a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]},
+        "b": {"dtype": "F32", "shape": [0], "data_offsets": [16, 16]},  # empty, at the end of a
+        "c": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+    }
+    header, defects = header_defects(write(tmp_path / "swapped.safetensors", entries, bytes(16)))
+    assert defects == [] and header is not None and list(header.tensors) == ["c", "a", "b"]
+    assert header.tensors["a"].offset == header.data_start + 8
+    entries["a"]["data_offsets"] = [12, 20]
+    header, defects = header_defects(
+        write(tmp_path / "gap.safetensors", {**entries, "b": {**entries["b"], "data_offsets": [20, 20]}}, bytes(20))
+    )
+    assert defects == ["4 bytes before tensor 'a' belong to no tensor (offset 8)"]
+    assert list(header.tensors) == ["c", "a", "b"]
+    abutting = {
+        "x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+        "y": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]},
+    }
+    header, defects = header_defects(write(tmp_path / "tail.safetensors", abutting, bytes(12)))
+    assert defects == ["4 bytes after the last tensor belong to no tensor"] and list(header.tensors) == ["x", "y"]
+
+
+@pytest.mark.torchfree
 @pytest.mark.parametrize(
     "header, data, expected",
     [

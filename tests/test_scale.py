@@ -6,6 +6,7 @@ tensors keep the suite fast. The layouts are checked against safetensors and tor
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -87,6 +88,11 @@ def test_dense_ref_is_the_ordinary_tensor_ref():
     fast = dense_ref(*args, 3, True)  # a view into its storage, a parameter that requires grad
     slow = TensorRef(*args[:5], 3, *args[5:], requires_grad=True)
     assert fast == slow and repr(fast) == repr(slow)
+    # a TensorRef in every way: its type, its hash, frozen, a field replaced as on any other
+    assert type(fast) is TensorRef and hash(fast) == hash(slow)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.key = "b"  # type: ignore[misc]
+    assert dataclasses.replace(fast, key="b") == dataclasses.replace(slow, key="b")
 
 
 def test_json_is_the_standard_encoders_text(scale):

@@ -55,7 +55,15 @@ def inspect(
     from ..inspect import inspect_checkpoint
 
     with progress_bar("reading values", enabled=stats) as progress:
-        report = inspect_checkpoint(path, key, depth=depth, filter=filter_, stats=stats, progress=progress)
+        report = inspect_checkpoint(
+            path,
+            key,
+            depth=depth,
+            filter=filter_,
+            stats=stats,
+            progress=progress,
+            fold_over=None if all_rows or as_json else FOLD_ROWS,
+        )
     if as_json:
         echo_json(report)
     else:
@@ -105,14 +113,17 @@ def _render(r: InspectReport, all_rows: bool = False) -> str:
     out = [f"{k:<{width}}  {v}" for k, v in summary]
     out += [f"note: {n}" for n in r.notes]
     modules = r.modules
-    if r.depth is None and len(r.rows) > FOLD_ROWS and not all_rows:
+    if r.depth is None and len(r.rows) > FOLD_ROWS and not all_rows:  # a report made without fold_over
         how, modules = fold(r.rows)
+    else:
+        how = r.folded
+    if how:
         out.append(
-            f"note: {len(r.rows):,} tensors folded into {len(modules):,} rows ({how}); --all prints every "
-            "tensor, --depth N rolls up by N components"
+            f"note: {sum(m.tensors for m in modules):,} tensors folded into {len(modules):,} rows ({how}); "
+            "--all prints every tensor, --depth N rolls up by N components"
         )
     out.append("")
-    if modules or r.depth is not None:
+    if modules or r.depth is not None or how:
         out.append(
             table(
                 (

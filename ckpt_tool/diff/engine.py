@@ -10,14 +10,16 @@ keys are absent but tied to a present partner. The rule itself is :mod:`ckpt_too
 
 from __future__ import annotations
 
+import math
 import os
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
 from ..arch import TargetSignature, TargetTensor, parse_arch_args, target_signature
-from ..bulk import paused
-from ..checkpoint import Checkpoint, Progress, TensorRef, numel
+from ..bulk import fast_constructor, paused
+from ..checkpoint import Checkpoint, Progress, TensorRef
 from ..compat import Compatibility, check_checkpoint, signature_of_state
 from ..errors import InputError, OutputError, UsageError
 from ..plan import Plan, apply, initial_state, save_mapping
@@ -244,6 +246,9 @@ def _checkpoint_signature(target: Checkpoint) -> TargetSignature:
     return signature_of_state(target.tensors, target.path)
 
 
+_key_diff = fast_constructor(KeyDiff)  # every field, positionally (100,000 keys: a third of the time)
+
+
 def _key_diffs(src: dict[str, TensorRef], target: TargetSignature, compat: Compatibility) -> list[KeyDiff]:
     status = {k: MISSING for k in compat.missing}
     status.update({m.key: SHAPE for m in compat.mismatched})
@@ -252,14 +257,24 @@ def _key_diffs(src: dict[str, TensorRef], target: TargetSignature, compat: Compa
     # an alias a safetensors file ckpt wrote records beside its partner: present, under the partner's bytes
     status.update({k: TIED for k in compat.loaded if k not in src})
     out: list[KeyDiff] = []
+    add, get, new = out.append, status.get, _key_diff
     for key, t in target.tensors.items():
         s = src.get(key)
         if s is None:
-            out.append(KeyDiff(key, status.get(key, MISSING), None, None, t.shape, t.dtype))
-            continue
-        out.append(
-            KeyDiff(key, status.get(key, DTYPE if s.dtype != t.dtype else MATCHED), s.shape, s.dtype, t.shape, t.dtype)
-        )
+            add(new(key, get(key, MISSING), None, None, t.shape, t.dtype, None, None))
+        else:
+            add(
+                new(
+                    key,
+                    get(key, DTYPE if s.dtype != t.dtype else MATCHED),
+                    s.shape,
+                    s.dtype,
+                    t.shape,
+                    t.dtype,
+                    None,
+                    None,
+                )
+            )
     # an _extra_state the target requires: an object, not a tensor
     out.extend(KeyDiff(k, MISSING, None, None, (), "object") for k in compat.missing if k not in target.tensors)
     unexpected = set(compat.unexpected)
@@ -270,8 +285,7 @@ def _key_diffs(src: dict[str, TensorRef], target: TargetSignature, compat: Compa
 
 def _counts(keys: list[KeyDiff], src: dict[str, TensorRef], tgt: dict[str, TargetTensor]) -> DiffCounts:
     by = {s: 0 for s in (MATCHED, DTYPE, SHAPE, MISSING, UNEXPECTED, AUTO, TIED)}
-    for k in keys:
-        by[k.status] += 1
+    by.update(Counter([k.status for k in keys]))
     compared = [k for k in keys if k.max_abs_diff is not None]
     changed = sum(1 for k in compared if k.max_abs_diff != 0) if compared else None
     return DiffCounts(
@@ -282,8 +296,8 @@ def _counts(keys: list[KeyDiff], src: dict[str, TensorRef], tgt: dict[str, Targe
         unexpected=by[UNEXPECTED],
         shape_mismatches=by[SHAPE],
         dtype_differences=by[DTYPE],
-        target_numel=sum(numel(t.shape) for t in tgt.values()),
-        filled_numel=sum(numel(k.target_shape or ()) for k in keys if k.status in (MATCHED, DTYPE, TIED)),
+        target_numel=sum(map(math.prod, [t.shape for t in tgt.values()])),
+        filled_numel=sum(map(math.prod, [k.target_shape or () for k in keys if k.status in (MATCHED, DTYPE, TIED)])),
         auto_filled=by[AUTO],
         tied=by[TIED],
         changed=changed,

@@ -104,15 +104,22 @@ def suggest_plan(
         {k: t.shape for k, t in source.tensors.items()},
         map_file or map_name(source.path),
     )
+    settled = False
     for propose in PROPOSERS:
-        if work.settled():  # the usual diff of two copies of one model: every proposer would find nothing
+        settled = work.settled()
+        if settled:  # the usual diff of two copies of one model: every proposer would find nothing
             break
         propose(work)
-    return _finish(work, arch_args)
+    return _finish(work, arch_args, settled)
 
 
-def _placed(work: Proposal) -> tuple[set[str], list[str], list[str]]:
-    """The target keys the proposal so far loads, leaves missing (a loaded tie partner places one), mismatches."""
+def _placed(work: Proposal, settled: bool = False) -> tuple[set[str], list[str], list[str]]:
+    """The target keys the proposal so far loads, leaves missing (a loaded tie partner places one), mismatches.
+
+    ``settled``: :meth:`Proposal.settled` was just found true, so every target key loads from its own place.
+    """
+    if settled:
+        return set(work.tgt), [], []
     tgt, current, partners = work.tgt, work.current, work.target.partners()
     loaded = {k for k in tgt if k in current and shapes_load(current[k], tgt[k])}
     missing = [
@@ -123,11 +130,11 @@ def _placed(work: Proposal) -> tuple[set[str], list[str], list[str]]:
     return loaded, missing, [k for k in tgt if k in current and not shapes_load(current[k], tgt[k])]
 
 
-def _finish(work: Proposal, arch_args: dict[str, Any]) -> FixPlan:
+def _finish(work: Proposal, arch_args: dict[str, Any], settled: bool = False) -> FixPlan:
     tgt, current = work.tgt, work.current
-    loaded, missing, mismatched = _placed(work)
+    loaded, missing, mismatched = _placed(work, settled)
     # drops cover every unexpected key they may; what is missing or mismatched needs a model to take values from
-    left = [k for k in current if k not in tgt]
+    left = [] if settled else [k for k in current if k not in tgt]
     resolves = not left and (work.arch is not None or not (missing or mismatched))
     operations = [s.operation for s in work.steps]
     plan = Plan(
