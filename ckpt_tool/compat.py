@@ -132,7 +132,10 @@ def check(
     """
     tgt = target.tensors
     extra = set(target.extra_state)
-    shapes = {k: _shape(v) for k, v in state.items() if k not in objects}
+    if not objects and all(type(v) is tuple for v in state.values()):  # shapes already (check_checkpoint's)
+        shapes: Mapping[str, tuple[int, ...]] = state
+    else:
+        shapes = {k: _shape(v) for k, v in state.items() if k not in objects}
     present = set(state)
     fills = set(auto_filled(target, present, versions))
 

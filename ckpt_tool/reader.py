@@ -37,7 +37,7 @@ from .formats.pickle_vm import (
     Trace,
     walk_tensors,
 )
-from .formats.safetensors import read_safetensors
+from .formats.safetensors import parse_json, read_safetensors
 from .formats.torchfile import RawFile, read_legacy, read_pickle, read_zip
 
 # where weights usually live, most likely first
@@ -639,8 +639,8 @@ def sibling_entries(root: Any, chosen: str | None) -> list[tuple[str, Any]]:
 
 def _open_sharded(index_path: str, key: str | None) -> Checkpoint:
     try:
-        with open(index_path, encoding="utf-8") as f:
-            index = json.load(f)
+        with open(index_path, "rb") as f:
+            index = parse_json(f.read())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise FormatError(f"{index_path}: sharded index is not valid JSON ({exc})") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None

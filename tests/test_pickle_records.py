@@ -232,6 +232,69 @@ def test_every_single_byte_mutation_of_a_small_torch_pickle_reads_the_same():
         assert_same(SMALL[:at] + SMALL[at + 1 :])  # a byte removed
 
 
+def _steady_pickle() -> bytes:
+    """Past 256 memo entries, so that its last records are steady ones (pickle_records._steady)."""
+    torch.manual_seed(0)
+    sd = collections.OrderedDict((f"blocks.{i}.w", torch.zeros(2, 3)) for i in range(36))
+    sd["blocks.last.bias"] = torch.zeros(5, dtype=torch.float16)
+    sd["blocks.last.view"] = sd["blocks.3.w"][1:]
+    sd["blocks.last.grid"] = torch.zeros(4, 1, 3)
+    return data_pkl(sd)
+
+
+STEADY = _steady_pickle()
+
+
+def _steady_reads(data: bytes) -> int:
+    from ckpt_tool.formats import pickle_records
+
+    read = 0
+    steady = pickle_records._steady
+
+    def counting(*args: Any) -> bool:
+        nonlocal read
+        done = steady(*args)
+        read += done
+        return done
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pickle_records, "_steady", counting)
+        outcome(data, True)
+    return read
+
+
+def test_every_single_byte_mutation_of_the_steady_records_reads_the_same():
+    """The steady record's shortcut takes nothing for granted that a mutation can break."""
+    assert _steady_reads(STEADY) >= 3
+    # two steady records (the last before the float16 one, and the very last), key strings included
+    spans = [(STEADY.index(b"blocks.35.w") - 5, STEADY.index(b"blocks.last.bias") - 5)]
+    spans.append((STEADY.index(b"blocks.last.grid") - 5, len(STEADY)))
+    values = (0x00, 0x05, 0xFF, *b"hjqrKXtR\x85\x88")
+    for at in (i for a, b in spans for i in range(a, b)):
+        for v in values:
+            if STEADY[at] != v:
+                assert_same(STEADY[:at] + bytes([v]) + STEADY[at + 1 :])
+        assert_same(STEADY[:at])  # truncated
+        assert_same(STEADY[:at] + STEADY[at + 1 :])  # a byte removed
+    ops = outcome(STEADY, False)[0][4]
+    for budget in range(ops - 90, ops + 2):  # every budget that ends inside the last records
+        assert_same(STEADY, budget=budget)
+
+
+def test_memo_writes_ahead_of_a_steady_record_read_the_same():
+    """A write ahead of the memo's run, or over an entry a record reads, leaves no steady shortcut
+    that could miss it."""
+    import pickletools
+    import struct
+
+    at = STEADY.index(b"blocks.35.w") - 5
+    n = sum(1 for op, _, pos in pickletools.genops(STEADY) if pos < at and op.name in ("BINPUT", "LONG_BINPUT"))
+    for index in (n + 3, n + 40, 4):  # the record's fourth write; past the memo's end; 'storage', which it reads
+        data = STEADY[:at] + b"Nr" + struct.pack("<I", index) + b"0" + STEADY[at:]  # None written there
+        assert_same(data)
+        assert _steady_reads(data) < _steady_reads(STEADY)
+
+
 def test_every_work_budget_around_the_records_stops_at_the_same_opcode():
     ops = outcome(SMALL, False)[0][4]
     assert ops > 60

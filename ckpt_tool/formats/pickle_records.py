@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 # (pickle_vm imports this module at its end, so either can be imported first)
-from .pickle_vm import Event, GlobalRef, PickledOrderedDict, _rebuild_tensor
+from .pickle_vm import Event, GlobalRef, PickledOrderedDict, PickledTensor, StorageRef, _rebuild_tensor
 
 if TYPE_CHECKING:
     from .pickle_vm import _Machine
@@ -183,6 +183,123 @@ def _global_or_read(m: _Machine, op: bytes, pos: int, module: str, name: str) ->
     return m.memo.get_op(op)
 
 
+# The steady record: every record after the first few of a file, once its globals, 'storage' and its
+# location are in the memo and the memo has passed 256 entries. From the key's memo write on, the
+# groups (numbered from 0 as in ``groups()``): 0 the key's memo write; FUNC, 'storage', CLASS as
+# memo reads (1-2, 3-4, 5-6: BINGET or LONG_BINGET); 7 the storage key's length, 8 its digits,
+# 9 write; 10-11 location; 12 numel, 13 write; 14 offset, 15 size, 16 write, 17 stride, 18 write,
+# 19 requires_grad; 20-21 OrderedDict; 22 its REDUCE, 23 write; 24 write; 25 REDUCE, 26 write
+_R = rb"r(....)"
+_G = rb"(?:h(.)|j(....))"
+_STEADY = re.compile(
+    _R
+    + _G
+    + rb"\(\("
+    + _G
+    + _G
+    + rb"X(.)\x00\x00\x00([0-9]{1,20})"
+    + _R
+    + _G
+    + rb"("
+    + _INT
+    + rb")t"
+    + _R
+    + rb"Q("
+    + _INT
+    + rb")"
+    + _TUPLE
+    + _R
+    + _TUPLE
+    + _R
+    + rb"([\x88\x89])"
+    + _G
+    + rb"\)(R)"
+    + _R
+    + rb"t"
+    + _R
+    + rb"(R)"
+    + _R,
+    re.DOTALL,
+)
+_LE = int.from_bytes
+_FIXED_OPS = 26  # the steady record's opcodes, its size and stride aside
+
+
+def _steady(m: _Machine, buf: bytes, off: int, base: int, budget: int) -> bool:
+    """:func:`run_record` for the steady record, its effects applied at once; False, with nothing
+    changed, unless everything about it is the common case (and the general reading then reads it).
+
+    The common case: the memo is the plain run of entries and this record's eight writes are its
+    next eight, every memo read is of an entry written before the record, and the entries read are
+    torch's rebuild function, 'storage', a storage class, a location and ``OrderedDict``. Then no
+    opcode of the record can fail but the storage's persistent id, which is asked first (the
+    loader is the machine's own, and asks nothing twice), and the rest follows from the match.
+    """
+    start = off + 5 + _LE(buf[off + 1 : off + 5], "little")
+    match = _STEADY.match(buf, start)
+    if match is None:
+        return False
+    g = match.groups()
+    memo = m.memo
+    items = memo.items
+    n0 = len(items)
+    if memo.more or _LE(g[0], "little") != n0:
+        return False
+    for i, k in ((9, 1), (13, 2), (16, 3), (18, 4), (23, 5), (24, 6), (26, 7)):  # the record's eight writes
+        if _LE(g[i], "little") != n0 + k:
+            return False
+    values = []
+    for short in (1, 3, 5, 10, 20):  # its five reads
+        idx = g[short][0] if g[short] is not None else _LE(g[short + 1], "little")
+        if idx >= n0:
+            return False
+        values.append(items[idx])
+    func, word, cls, location, hooks_func = values
+    if not (
+        type(func) is GlobalRef
+        and func.qualname == _FUNC_NAME
+        and word == "storage"
+        and type(cls) is GlobalRef
+        and type(location) is str
+        and type(hooks_func) is GlobalRef
+        and hooks_func.qualname == _HOOKS_NAME
+        and g[7][0] == len(g[8])
+    ):
+        return False
+    size, size_ops = _tuple(g[15])
+    stride, stride_ops = _tuple(g[17])
+    vm = m.vm
+    total = _FIXED_OPS + size_ops + stride_ops
+    if vm.ops + total > budget:
+        return False
+    try:
+        name = buf[off + 5 : start].decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        return False
+    key = g[8].decode("ascii")
+    pid = (word, cls, key, location, _int(g[12]))
+    try:
+        storage = vm._persistent(pid)
+    except Exception:  # noqa: BLE001 - the general reading asks again and fails as it fails
+        return False
+    if type(storage) is not StorageRef:
+        return False
+    hooks = PickledOrderedDict()
+    args = (storage, _int(g[14]), size, stride, g[19] == b"\x88", hooks)
+    value = PickledTensor(storage, args[1], size, stride, storage.dtype, args[4])
+    items += (name, key, pid, size, stride, hooks, args, value)
+    calls = m.calls
+    if calls is not None:
+        calls.append(Event("REDUCE", _HOOKS_NAME, base + match.start(23), True))
+        calls.append(Event("REDUCE", _FUNC_NAME, base + match.start(26), True))
+    m.pos = base + match.start(26)
+    m.stack += (name, value)
+    vm.ops += total
+    vm.records += 1
+    m.r.src.off = match.end()
+    return True
+
+
 def run_record(m: _Machine, buf: bytes, off: int, base: int, budget: int) -> bool:
     """Apply the tensor record at ``buf[off:]`` (``base``: the stream position of ``buf[0]``) and
     move the reader past it; False, with nothing changed, when no whole record is there.
@@ -192,6 +309,8 @@ def run_record(m: _Machine, buf: bytes, off: int, base: int, budget: int) -> boo
     the machine's own operations, so an error in one of them (a missing memo entry, a refused
     storage) leaves the trace and the opcode count as the opcode loop leaves them.
     """
+    if buf[off] == 0x58 and _steady(m, buf, off, base, budget):
+        return True
     name: Any = _MISSING  # the state dict key the record is the value of, when one comes first
     name_put = None
     start = off

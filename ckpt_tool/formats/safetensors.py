@@ -194,7 +194,7 @@ def _header_defects(path: str) -> _Found:
     except OSError as exc:
         return None, [f"cannot be read ({exc.strerror or exc})"]
     try:
-        header = _parse(raw)
+        header = parse_json(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         return None, [f"header is not valid JSON ({exc})"]
     except RecursionError:
@@ -285,9 +285,10 @@ def _header_defects(path: str) -> _Found:
 _DTYPE_SIZE = {code: (name, DTYPES[name][0]) for code, name in SAFETENSORS_TO_DTYPE.items()}
 
 
-def _parse(raw: bytes) -> Any:
-    """The header's JSON: orjson reads it (several times faster than json on 100,000 entries); what it
-    refuses (NaN, integers beyond 64 bits, deep nesting), json reads or explains as before."""
+def parse_json(raw: bytes) -> Any:
+    """A header's or an index's JSON: orjson reads it (several times faster than json on 100,000
+    entries); what it refuses (NaN, integers beyond 64 bits, deep nesting), json reads or explains
+    (``UnicodeDecodeError``, ``json.JSONDecodeError``, ``RecursionError``) as before."""
     import orjson
 
     try:

@@ -102,7 +102,11 @@ def _zip_kind(path: str) -> str:
         names = list_archive(path).names()
     except (FormatError, InputError):
         return ZIP  # the reader reports the defect precisely
-    for name in names:
-        if name.lower().endswith("constants.pkl") or "/code/" in name.lower():
-            return TORCHSCRIPT
+    # one search of all the names at once (a file of 100,000 storages has as many entries), then
+    # name by name where it finds something (a name may hold a newline itself)
+    text = "\n".join(names).lower() + "\n"
+    if ("/code/" in text or "constants.pkl\n" in text) and any(
+        name.lower().endswith("constants.pkl") or "/code/" in name.lower() for name in names
+    ):
+        return TORCHSCRIPT
     return ZIP

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from ..bulk import fast_constructor
 from ..checkpoint import itemsize
 from ..errors import FormatError
 from . import sniff as fmt
@@ -99,6 +100,7 @@ def zip_resolver(
     """``resolve`` for :func:`storage_loader` in a torch zip: the storage's entry found as torch finds
     it, its size checked against the description, its bytes placed (``mapped``: the open file)."""
     prefix = listing.prefix
+    new = _storage_ref
 
     def resolve(key: str, dtype: str, location: str, numel: int) -> StorageRef:
         info = listing.find(f"{prefix}data/{key}")
@@ -110,9 +112,12 @@ def zip_resolver(
         offset = listing.data_start(mapped, info, path) if info.method == STORED else None
         if offset is not None and offset + nbytes > file_size:
             raise FormatError(f"{path}: storage data/{key} extends past the end of the file (truncated)")
-        return StorageRef(key, dtype, location, numel, offset, nbytes, path)
+        return new(key, dtype, location, numel, offset, nbytes, path)
 
     return resolve
+
+
+_storage_ref = fast_constructor(StorageRef)  # one per storage of a 100,000-tensor file
 
 
 @dataclass
