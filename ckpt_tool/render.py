@@ -60,10 +60,11 @@ SCHEMA_VERSION = 1
 
 
 def echo_json(obj: Any) -> None:
-    """Print :func:`dumps` of ``obj``: orjson's bytes written as they are (a 100,000-row report is
-    45 MB of text; it is not copied into a ``str`` and again with its newline)."""
+    """Print :func:`dumps` of ``obj``: orjson's bytes written as they come, a long listing a few
+    thousand rows at a time (a 100,000-row report is 45 MB of text, never held whole)."""
     from .bulk import gc_paused
 
+    chunks: Iterable[bytes | memoryview]
     with gc_paused():
         try:
             chunks = _fast_chunks(obj)
@@ -169,32 +170,54 @@ def _native_fields(cls: type) -> tuple[str, ...] | None:
     return found
 
 
-def _native_listing(value: Any) -> memoryview | None:
-    """A long listing of rows (inspect's 100,000 tensors) written by orjson itself, indented as a
-    top-level field's value; None when ``value`` is not one (:func:`_fast_chunks` writes it).
+def _native_listing(value: Any) -> bool:
+    """Whether ``value`` is a long listing of rows (inspect's 100,000 tensors) that orjson writes by
+    itself, a few thousand rows at a time (:func:`_listing_pieces`).
 
-    Otherwise orjson calls back into Python to convert every row to a dict. The rows are written
-    as they are declared, so their class keeps its fields in name order (what sorted keys give).
+    Otherwise orjson calls back into Python to convert every row to a dict, and the whole text is
+    held at once (45 MB for 100,000 rows). The rows are written as their class declares its fields,
+    so the class keeps them in name order (what sorted keys give).
     """
     if type(value) not in (tuple, list) or len(value) < _NATIVE_ROWS:
-        return None
+        return False
     cls = type(value[0])
     nullable = _native_fields(cls)
     if nullable is None or any(type(item) is not cls for item in value):
-        return None
+        return False
     for name in nullable:
         get = operator.attrgetter(name)
         if any(get(item) is not None for item in value):
-            return None
+            return False
+    return True
+
+
+_ROWS_AT_ONCE = 4096
+_OPEN, _CLOSE = b'{\n  "": [', b"\n  ]\n}"  # around orjson's text of {"": rows}
+
+
+def _listing_pieces(rows: Sequence[Any]) -> Iterator[bytes | memoryview]:
+    """The text of a listing that stands as a top-level field's value, in pieces of a few thousand
+    rows: orjson's where it writes them as the standard encoder does, the standard encoder's for a
+    piece where it would not (non-ASCII text, integers beyond 64 bits), so that nothing already
+    written has to be taken back."""
     import orjson
 
-    try:
-        text = orjson.dumps({"": value}, option=orjson.OPT_INDENT_2)  # {, then "": [...] indented, then }
-    except orjson.JSONEncodeError:
-        raise _Differs from None
-    if not text.isascii():
-        raise _Differs
-    return memoryview(text)[len(b'{\n  "": ') : -len(b"\n}")]
+    yield b"["
+    for start in range(0, len(rows), _ROWS_AT_ONCE):
+        part = rows[start : start + _ROWS_AT_ONCE]
+        try:
+            text = orjson.dumps({"": part}, option=orjson.OPT_INDENT_2)
+        except orjson.JSONEncodeError:
+            text = b""
+        if text.isascii() and text:
+            piece: bytes | memoryview = memoryview(text)[len(_OPEN) : -len(_CLOSE)]
+        else:
+            piece = ",".join(
+                "\n    " + json.dumps(to_jsonable(row), indent=2, sort_keys=True).replace("\n", "\n    ")
+                for row in part
+            ).encode("ascii")
+        yield piece if start == 0 else b"," + bytes(piece)
+    yield b"\n  ]"
 
 
 def _checked(data: Any) -> Any:
@@ -230,9 +253,12 @@ def _fast_dumps(obj: Any) -> str:
 _MARK = b"\x00"  # where a listing goes: orjson writes a NUL in a string as \u0000, never as the byte
 
 
-def _fast_chunks(obj: Any) -> list[bytes | memoryview]:
+def _fast_chunks(obj: Any) -> Iterator[bytes | memoryview]:
     """orjson's text of ``obj`` in pieces, to be written one after the other: a long listing is
-    written apart (:func:`_native_listing`) and never copied into the whole."""
+    written apart, a few thousand rows at a time (:func:`_listing_pieces`), never whole.
+
+    Raises :class:`_Differs` before anything is returned when the standard encoder must write it.
+    """
     import orjson
 
     if isinstance(obj, (dict, list, tuple)):
@@ -241,16 +267,15 @@ def _fast_chunks(obj: Any) -> list[bytes | memoryview]:
         data = _default(obj)
     else:
         raise _Differs
-    listings: list[memoryview] = []
+    listings: list[Sequence[Any]] = []
     if isinstance(data, dict):
         fields = {}
         for name, value in data.items():
-            listing = _native_listing(value)
-            if listing is None:
-                fields[name] = value
-            else:
+            if _native_listing(value):
                 fields[name] = orjson.Fragment(_MARK)
-                listings.append(listing)
+                listings.append(value)
+            else:
+                fields[name] = value
         data = {"schema_version": SCHEMA_VERSION, **fields}
     try:
         out = orjson.dumps(
@@ -262,13 +287,14 @@ def _fast_chunks(obj: Any) -> list[bytes | memoryview]:
         raise _Differs from None
     if not out.isascii():
         raise _Differs
-    if not listings:
-        return [out]
-    pieces = out.split(_MARK)
-    chunks: list[bytes | memoryview] = [pieces[0]]
+    return _joined(out.split(_MARK), listings)
+
+
+def _joined(pieces: list[bytes], listings: list[Sequence[Any]]) -> Iterator[bytes | memoryview]:
+    yield pieces[0]
     for listing, piece in zip(listings, pieces[1:], strict=True):
-        chunks += [listing, piece]
-    return chunks
+        yield from _listing_pieces(listing)
+        yield piece
 
 
 def echo(text: str = "") -> None:

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from ckpt_tool.checkpoint import TensorRef, dense_ref
 from ckpt_tool.cli import main
-from ckpt_tool.inspect import FOLD_ROWS, fold, inspect_checkpoint, numbered_module
+from ckpt_tool.inspect import FOLD_ROWS, TensorRow, fold, inspect_checkpoint, numbered_module
 from ckpt_tool.reader import open_checkpoint
 from ckpt_tool.render import dumps, to_jsonable
 
@@ -100,6 +100,34 @@ def test_json_is_the_standard_encoders_text(scale):
     for name in ("flat.safetensors", "deepseek", "flat.pth"):
         report = inspect_checkpoint(paths[name])
         assert dumps(report) == _stdlib(report), name
+
+
+@dataclasses.dataclass(frozen=True)
+class _Listing:
+    rows: tuple[TensorRow, ...]
+    title: str = "rows"
+
+
+@pytest.mark.torchfree
+def test_a_long_listing_is_the_standard_encoders_text_piece_by_piece(monkeypatch):
+    """Rows orjson would write otherwise (non-ASCII text, an integer beyond 64 bits) are written by
+    the standard encoder in their piece, and the whole text is still the standard encoder's."""
+    from ckpt_tool import render
+
+    monkeypatch.setattr(render, "_ROWS_AT_ONCE", 100)
+    rows = [
+        TensorRow(name=f"m.{i}.weight", shape=(i, 2), dtype="float32", parameters=2 * i, nbytes=8 * i)
+        for i in range(450)
+    ]
+    plain = _Listing(tuple(rows))
+    assert render._native_listing(plain.rows) and dumps(plain) == _stdlib(plain)
+    rows[150] = dataclasses.replace(rows[150], name="caf\u00e9.weight")  # the second piece
+    rows[420] = dataclasses.replace(rows[420], nbytes=2**70)  # the last one
+    odd = _Listing(tuple(rows))
+    assert dumps(odd) == _stdlib(odd)
+    assert "caf\\u00e9.weight" in dumps(odd) and str(2**70) in dumps(odd)
+    with_stats = _Listing(tuple(rows[:300]) + (dataclasses.replace(rows[0], stats=1),))  # type: ignore[arg-type]
+    assert not render._native_listing(with_stats.rows)  # a field that is not None: converted row by row
 
 
 @pytest.mark.torchfree

@@ -240,7 +240,21 @@ def storage_loader(
     resolved once and shared. Other persistent ids become placeholders.
     """
 
+    dtypes: dict[int, tuple[Any, str]] = {}  # id(a storage class) -> (it, its dtype): a file names a few
+
     def load(pid: Any) -> Any:
+        if type(pid) is tuple and len(pid) == 5 and pid[0] == "storage" and type(pid[2]) is str:
+            # torch's own id (nearly every one): a storage met before, or a new one of a valid size
+            base = storages.get(pid[2])
+            if base is not None:
+                return base
+            numel, storage_type = pid[4], pid[1]
+            if type(numel) is int and numel >= 0:
+                known = dtypes.get(id(storage_type))
+                if known is None or known[0] is not storage_type:
+                    known = dtypes[id(storage_type)] = (storage_type, storage_dtype(storage_type))
+                base = storages[pid[2]] = resolve(pid[2], known[1], str(pid[3]), numel)
+                return base
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
             return Placeholder("<persistent id>", (pid,))
         _, storage_type, key, location, numel = pid[:5]

@@ -188,24 +188,29 @@ def _central_directory(
     """The entries of the central directory at ``offset``; None when no directory starts there."""
     if offset < 0 or size > MAX_CENTRAL_DIRECTORY or offset + size > file_size or count > MAX_ENTRIES:
         return None
-    data = _read_at(f, offset, size)
-    if not data.startswith(CD_SIG):
+    data: bytes | mmap.mmap
+    if isinstance(f, mmap.mmap):  # read in place: a directory of 100,000 entries is not copied
+        data, i, end = f, offset, offset + size
+    else:
+        data = _read_at(f, offset, size)
+        i, end = 0, len(data)
+    if size < 4 or data[i : i + 4] != CD_SIG:
         return [] if count == 0 and size == 0 else None
     entries: list[ZipEntry] = []
     source = f"central directory at {offset}"
-    unpack, end = _CD_HEADER.unpack_from, len(data)
-    i = 0
+    unpack = _CD_HEADER.unpack_from
+    new, add = tuple.__new__, entries.append  # (a named tuple's own __new__ is Python code)
     while i + 46 <= end and len(entries) < MAX_ENTRIES:
         sig, _, needed, flags, method, _, _, crc, csize, usize, nlen, xlen, clen, _, _, _, local = unpack(data, i)
         if sig != CD_SIG:
             break
-        raw_name = data[i + 46 : i + 46 + nlen]
+        raw_name = data[i + 46 : min(i + 46 + nlen, end)]
         # names are nearly always ASCII, which both encodings read alike
         name = raw_name.decode("ascii") if raw_name.isascii() else _decode_name(raw_name, flags)
         if xlen and 0xFFFFFFFF in (usize, csize, local):  # torch pads every entry's extra field: zip64 is rare
-            extra = data[i + 46 + nlen : i + 46 + nlen + xlen]
+            extra = data[min(i + 46 + nlen, end) : min(i + 46 + nlen + xlen, end)]
             usize, csize, local = _zip64_extra(extra, [usize, csize, local])
-        entries.append(ZipEntry(name, local + shift, method, flags, crc, csize, usize, needed, source))
+        add(new(ZipEntry, (name, local + shift, method, flags, crc, csize, usize, needed, source)))
         i += 46 + nlen + xlen + clen
     return entries
 
@@ -366,14 +371,16 @@ def _local_chain(
     visited: dict[int, int] = {}
     pos = 0
     unpack = _LOCAL_HEADER.unpack
+    # a mapped file is sliced in place (nearly every archive): no call per header read
+    read = f.__getitem__ if isinstance(f, mmap.mmap) else None
     while len(unlisted) + len(visited) < MAX_ENTRIES:
-        head = _read_at(f, pos, 30)
+        head = read(slice(pos, pos + 30)) if read is not None else _read_at(f, pos, 30)
         if len(head) != 30:
             break
         sig, needed, flags, method, _, _, crc, csize, usize, nlen, xlen = unpack(head)
         if sig != LOCAL_SIG:
             break
-        raw_name = _read_at(f, pos + 30, nlen)
+        raw_name = read(slice(pos + 30, pos + 30 + nlen)) if read is not None else _read_at(f, pos + 30, nlen)
         name = raw_name.decode("ascii") if raw_name.isascii() else _decode_name(raw_name, flags)
         known = by_offset.get(pos)
         if known is not None:
