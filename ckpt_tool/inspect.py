@@ -325,9 +325,14 @@ def _names(refs: Sequence[TensorRef | TensorRow]) -> list[str]:
     return [r.key if isinstance(r, TensorRef) else r.name for r in refs]
 
 
-def _group_named(refs: Sequence[TensorRef | TensorRow], names: Sequence[str]) -> tuple[ModuleRow, ...]:
+def _group_named(refs: Sequence[TensorRef | TensorRow], names: Sequence[Any]) -> tuple[ModuleRow, ...]:
     """``refs`` grouped by their module names ``names`` (one per ref), in first-seen order."""
-    groups: dict[str, list[Any]] = {}  # module -> [tensors, parameters, bytes, dtypes]
+    return _module_rows(_tally(refs, names))
+
+
+def _tally(refs: Sequence[TensorRef | TensorRow], names: Sequence[Any]) -> dict[Any, list[Any]]:
+    """Name -> [tensors, values, bytes, dtypes] of the refs under it, in first-seen order."""
+    groups: dict[Any, list[Any]] = {}
     prod, sizes = math.prod, DTYPES
     for r, m in zip(refs, names):
         if isinstance(r, TensorRef):
@@ -342,11 +347,31 @@ def _group_named(refs: Sequence[TensorRef | TensorRow], names: Sequence[str]) ->
         g[1] += numel
         g[2] += nbytes
         g[3].add(r.dtype)
+    return groups
+
+
+def _merged(groups: dict[Any, list[Any]], names: Sequence[str]) -> dict[str, list[Any]]:
+    """Tallies (in first-seen order) merged under their names ``names`` (one per tally), in first-seen order."""
+    out: dict[str, list[Any]] = {}
+    for (n, p, b, d), m in zip(groups.values(), names):
+        g = out.get(m)
+        if g is None:
+            out[m] = [n, p, b, set(d)]
+        else:
+            g[0] += n
+            g[1] += p
+            g[2] += b
+            g[3] |= d
+    return out
+
+
+def _module_rows(groups: dict[Any, list[Any]]) -> tuple[ModuleRow, ...]:
     return tuple(ModuleRow(name, n, p, b, tuple(sorted(d))) for name, (n, p, b, d) in groups.items())
 
 
 FOLD_ROWS = 1000  # above this many rows the table shows modules (``--all`` shows every row)
 _NUMBERED = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)")
+_NUMBERED_LINES = re.compile(_NUMBERED.pattern, re.MULTILINE)  # the same, of each line of a text
 
 
 def numbered_module(key: str) -> str:
@@ -359,6 +384,15 @@ def numbered_module(key: str) -> str:
 def _numbered(module: str) -> str:
     # the tensors of a module share it: a 100,000-tensor table has about half as many modules
     return _NUMBERED.sub("*", module)
+
+
+def _numbered_all(modules: list[str]) -> list[str]:
+    """:func:`_numbered` of each module, in one substitution over them all (50,000 modules of a
+    100,000-tensor table); one by one when a name holds a line break itself."""
+    text = "\n".join(modules)
+    if text.count("\n") != len(modules) - 1:
+        return [_numbered(m) for m in modules]
+    return _NUMBERED_LINES.sub("*", text).split("\n") if modules else []
 
 
 def fold(rows: Sequence[TensorRef | TensorRow], limit: int = FOLD_ROWS) -> tuple[str, tuple[ModuleRow, ...]]:
@@ -375,10 +409,16 @@ def fold(rows: Sequence[TensorRef | TensorRow], limit: int = FOLD_ROWS) -> tuple
         ('numbered components as *', ['features.*', 'classifier.fc1', 'classifier.fc2'])
     """
     keys = _names(rows)
-    for how, module in (("by module", lambda k: k.rpartition(".")[0]), ("numbered components as *", numbered_module)):
-        names = [module(k) for k in keys]
-        if len(set(names)) <= limit:
-            return how, _group_named(rows, names)
+    # each tensor tallied once under its module, the key less its last component (a key without a
+    # dot: under itself, which is "" by module); the folds then merge the modules' tallies
+    per_module = _tally(rows, [k.rpartition(".")[0] if "." in k else (k,) for k in keys])
+    sources = list(per_module)
+    by_module = [m if type(m) is str else "" for m in sources]
+    if len(set(by_module)) <= limit:
+        return "by module", _module_rows(_merged(per_module, by_module))
+    numbered = _numbered_all([m if type(m) is str else m[0] for m in sources])
+    if len(set(numbered)) <= limit:
+        return "numbered components as *", _module_rows(_merged(per_module, numbered))
     best = rollup(rows, 1)
     for depth in range(2, max((k.count(".") for k in keys), default=0) + 1):
         modules = rollup(rows, depth)

@@ -216,7 +216,9 @@ def _listing_pieces(rows: Sequence[Any]) -> Iterator[bytes | memoryview]:
                 "\n    " + json.dumps(to_jsonable(row), indent=2, sort_keys=True).replace("\n", "\n    ")
                 for row in part
             ).encode("ascii")
-        yield piece if start == 0 else b"," + bytes(piece)
+        if start:
+            yield b","
+        yield piece
     yield b"\n  ]"
 
 

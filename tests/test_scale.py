@@ -165,6 +165,11 @@ def test_long_tables_fold_by_module_and_all_prints_every_row(scale):
 def test_fold_groups_numbered_modules_then_prefixes():
     assert numbered_module("model.layers.7.mlp.experts.12.up.weight") == "model.layers.*.mlp.experts.*.up"
     assert numbered_module("0.weight") == "*" and numbered_module("bias") == "bias"
+    from ckpt_tool.inspect import _numbered, _numbered_all
+
+    modules = ["model.layers.12.mlp", "0.x", "a.0", "a.0b.1", "12", "a..3", "", "x\n3.y", "h.\u0663"]
+    assert _numbered_all(modules) == [_numbered(m) for m in modules]  # one substitution for all, or one by one
+    assert _numbered_all(modules[:5]) == ["model.layers.*.mlp", "*.x", "a.*", "a.0b.*", "*"]
     report = inspect_checkpoint("fixtures/tiny_cnn.pth")
     how, modules = fold(report.rows, limit=100)
     assert how == "by module" and len(modules) == 6

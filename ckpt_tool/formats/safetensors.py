@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..checkpoint import DTYPES, SAFETENSORS_TO_DTYPE, TensorRef, contiguous_strides, dense_ref
+from ..checkpoint import DENSE, DTYPES, SAFETENSORS_TO_DTYPE, TensorRef, build_ref, contiguous_strides
 from ..errors import FormatError
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own bound
@@ -218,6 +218,7 @@ def _header_defects(path: str) -> _Found:
     # every tensor begins where the one before it ends, none of them empty (as the writers lay
     # them out): already in the order of their bytes, no overlap and no gap between them
     cursor, abutting = 0, True
+    new = build_ref
     for key in list(header):
         entry = header.pop(key)  # each entry freed once read: the parsed header and the refs are not both held
         # the checks of _entry_defect, inlined for the well-formed entry (100,000 of them take
@@ -250,7 +251,9 @@ def _header_defects(path: str) -> _Found:
         stride = strides.get(shape)
         if stride is None:
             stride = strides[shape] = contiguous_strides(shape)
-        refs[key] = dense_ref(key, dtype, shape, stride, storage + key, end - begin, data_start + begin, path)
+        refs[key] = new(
+            key, dtype, shape, stride, storage + key, 0, end - begin, data_start + begin, path, False, DENSE, (), (), ""
+        )
         elements += numel
         if abutting:
             abutting = begin == cursor and end > begin
