@@ -233,7 +233,7 @@ def test_every_single_byte_mutation_of_a_small_torch_pickle_reads_the_same():
 
 
 def _steady_pickle() -> bytes:
-    """Past 256 memo entries, so that its last records are steady ones (pickle_records._steady)."""
+    """Past 256 memo entries, so that its last records are steady ones (pickle_records.steady)."""
     torch.manual_seed(0)
     sd = collections.OrderedDict((f"blocks.{i}.w", torch.zeros(2, 3)) for i in range(36))
     sd["blocks.last.bias"] = torch.zeros(5, dtype=torch.float16)
@@ -249,7 +249,7 @@ def _steady_reads(data: bytes) -> int:
     from ckpt_tool.formats import pickle_records
 
     read = 0
-    steady = pickle_records._steady
+    steady = pickle_records.steady
 
     def counting(*args: Any) -> bool:
         nonlocal read
@@ -258,7 +258,7 @@ def _steady_reads(data: bytes) -> int:
         return done
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pickle_records, "_steady", counting)
+        patch.setattr(pickle_records, "steady", counting)
         outcome(data, True)
     return read
 

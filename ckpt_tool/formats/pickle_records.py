@@ -225,8 +225,8 @@ _LE = int.from_bytes
 _FIXED_OPS = 26  # the steady record's opcodes, its size and stride aside
 
 
-def _steady(m: _Machine, buf: bytes, off: int, base: int, budget: int) -> bool:
-    """:func:`run_record` for the steady record, its effects applied at once; False, with nothing
+def steady(m: _Machine, buf: bytes, off: int, base: int, budget: int) -> bool:
+    """:func:`run_record` for the steady record (the machine asks this first), its effects applied at once; False, with nothing
     changed, unless everything about it is the common case (and the general reading then reads it).
 
     The common case: the memo is the plain run of entries and this record's eight writes are its
@@ -309,8 +309,6 @@ def run_record(m: _Machine, buf: bytes, off: int, base: int, budget: int) -> boo
     the machine's own operations, so an error in one of them (a missing memo entry, a refused
     storage) leaves the trace and the opcode count as the opcode loop leaves them.
     """
-    if buf[off] == 0x58 and _steady(m, buf, off, base, budget):
-        return True
     name: Any = _MISSING  # the state dict key the record is the value of, when one comes first
     name_put = None
     start = off

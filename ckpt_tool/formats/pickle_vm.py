@@ -558,6 +558,7 @@ class _Machine:
         src = r.src
         records = vm.fast_records
         record_starts, record_window, run_record = _records.STARTS, _records.WINDOW, _records.run_record
+        steady = _records.steady
         while True:
             buf, off = src.buf, src.off
             if r.cbuf or off >= len(buf):
@@ -571,7 +572,9 @@ class _Machine:
                     if len(buf) - off < record_window and src.more():
                         src.fill_ahead(record_window)
                         buf, off = src.buf, src.off
-                    if run_record(self, buf, off, src.base, budget):
+                    if (op == 0x58 and steady(self, buf, off, src.base, budget)) or run_record(
+                        self, buf, off, src.base, budget
+                    ):
                         continue
                 self.pos = pos = src.base + off
                 src.off = off + 1

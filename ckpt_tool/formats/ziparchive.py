@@ -274,7 +274,10 @@ def _list(f: IO[bytes], path: str, size: int) -> ZipListing:
     if valid_ends > 1:
         ambiguities.append(f"{valid_ends} end-of-central-directory records (readers may take different ones)")
     distinct = {id(entries): entries for _, entries in views}  # one list when both readers read one directory
-    if len({tuple((e.name, e.header_offset) for e in entries) for entries in distinct.values()}) > 1:
+    if (
+        len(distinct) > 1
+        and len({tuple((e.name, e.header_offset) for e in entries) for entries in distinct.values()}) > 1
+    ):
         ambiguities.append("torch and Python's zipfile read different central directories")
     # torch's case-insensitive lookup: the first entry of each lower-cased name (a name that is
     # lower case already is its own key: no second copy of 100,000 names)
@@ -395,10 +398,14 @@ def _local_chain(
                 break  # size deferred to a data descriptor and no directory entry: cannot step over it
             unlisted.append(ZipEntry(name, pos, method, flags, crc, csize, usize, needed, "local header"))
         nxt = pos + 30 + nlen + xlen + csize
-        if flags & 8:  # a data descriptor follows: crc and sizes, 4 bytes each or zip64's 8
-            base = nxt + (4 if _read_at(f, nxt, 4) == DESCRIPTOR_SIG else 0)
+        if flags & 8:  # a data descriptor follows (torch writes one): crc and sizes, 4 bytes each or zip64's 8
+            at = read(slice(nxt, nxt + 4)) if read is not None else _read_at(f, nxt, 4)
+            base = nxt + (4 if at == DESCRIPTOR_SIG else 0)
             for length in (12, 20):
-                if _read_at(f, base + length, 4) in (LOCAL_SIG, CD_SIG):
+                sig = (
+                    read(slice(base + length, base + length + 4)) if read is not None else _read_at(f, base + length, 4)
+                )
+                if sig in (LOCAL_SIG, CD_SIG):
                     nxt = base + length
                     break
             else:
