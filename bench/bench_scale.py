@@ -95,15 +95,13 @@ def main() -> None:
         return run
 
     st = paths["flat.safetensors"]
-    keys = m(
-        "safe_open(flat.safetensors).keys()",
-        [
-            PYTHON,
-            "-c",
-            "import sys; from safetensors import safe_open; f = safe_open(sys.argv[1], 'np'); len(f.keys())",
-            st,
-        ],
-    )
+    keys_cmd = [
+        PYTHON,
+        "-c",
+        "import sys; from safetensors import safe_open; f = safe_open(sys.argv[1], 'np'); len(f.keys())",
+        st,
+    ]
+    keys = m("safe_open(flat.safetensors).keys()", keys_cmd)
     runs: list[Run] = [keys]
     cases = [] if args.pth else [("flat.safetensors", st), ("sharded_st", paths["sharded_st"])]
     if not args.quick:
@@ -130,6 +128,23 @@ def main() -> None:
             runs.append(m(f"inspect --json {name}", CKPT + ["inspect", paths[name], "--json"]))
             runs.append(m(f"validate {name}", CKPT + ["validate", paths[name]]))
             runs.append(m(f"scan {name}", CKPT + ["scan", os.path.dirname(paths[name])]))
+    # the 2x target, measured fairly: the two commands alternate, so both see the same machine
+    # (keys() alone varies by 20% between runs here)
+    ratio_runs = [
+        measure(label, cmd, repeat=1)
+        for _ in range(max(args.repeat, 5))
+        for label, cmd in (
+            ("keys()", keys_cmd),
+            ("inspect --json", CKPT + ["inspect", st, "--json"]),
+        )
+    ]
+    pair = (min(ratio_runs[0::2], key=lambda r: r.wall_s), min(ratio_runs[1::2], key=lambda r: r.wall_s))
+    ratio = pair[1].wall_s / pair[0].wall_s
+    print(
+        f"  alternating, best of {len(ratio_runs) // 2}: keys() {pair[0].wall_s:.3f} s, inspect --json "
+        f"{pair[1].wall_s:.3f} s: {ratio:.2f}x",
+        flush=True,
+    )
     print(f"{'command (best of ' + str(args.repeat) + ')':<44} {'wall s':>8} {'peak MB':>8} {'x keys()':>9}  target")
     for r in runs:
         target = ""
@@ -137,7 +152,7 @@ def main() -> None:
             met = r.wall_s < 1.0 and r.peak_rss_mb < 200
             target = f"<1 s, <200 MB: {'met' if met else 'NOT met'}"
             if r.label == "inspect --json flat.safetensors":
-                target += f"; <=2x keys(): {'met' if r.wall_s <= 2 * keys.wall_s else 'NOT met'}"
+                target += f"; <=2x keys() (alternating): {ratio:.2f}x, {'met' if ratio <= 2 else 'NOT met'}"
         was = before.get(r.label)
         if was is not None:
             target += f"; before {was.wall_s:.3f} s, {was.peak_rss_mb:.1f} MB ({was.wall_s / r.wall_s:.2f}x faster)"

@@ -22,6 +22,7 @@ from .checkpoint import (
     dense_ref,
     itemsize,
     numel,
+    total_numel,
 )
 from .errors import FormatError, InputError, KeyPathError
 from .formats import sniff as fmt
@@ -193,7 +194,7 @@ def describe_raw(raw: RawFile, key: str | None = None, *, optimizer: bool = Fals
         chosen_path, obj = _default_candidate(raw.root, candidates)
     flat = {id(o): to_state_dict(o, raw.path) for _, o in candidates}
     tensors = (flat.get(id(obj)) or to_state_dict(obj, raw.path)) if obj is not None else {}
-    cands = tuple(Candidate(p, len(flat[id(o)]), sum(t.numel for t in flat[id(o)].values())) for p, o in candidates)
+    cands = tuple(Candidate(p, len(flat[id(o)]), total_numel(flat[id(o)].values())) for p, o in candidates)
     extras = summarize_extras(raw.root, chosen_path)
     # every object the pickle would have built comes from a global; the known torch ones became data
     placeholders = sorted({e.name for e in raw.trace.globals if not _known_global(e.name)})

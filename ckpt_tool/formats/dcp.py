@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import IO, Any
 
-from ..checkpoint import DENSE, Candidate, Checkpoint, TensorRef, contiguous_strides, itemsize, numel
+from ..checkpoint import DENSE, Candidate, Checkpoint, TensorRef, contiguous_strides, itemsize, numel, total_numel
 from ..errors import FormatError, InputError
 from .pickle_vm import GlobalRef, PickledTensor, PickleVM, Placeholder, StorageRef, TorchDType, TorchLayout, Trace
 from .ziparchive import STORED, data_offset, list_stream
@@ -386,9 +386,9 @@ def _candidates(paths: dict[str, tuple[str, ...]], tensors: dict[str, TensorRef]
     for k, ref in tensors.items():
         p = paths[k]
         groups.setdefault(p[0] if len(p) > 1 else "", []).append(ref)
-    out = [Candidate(name, len(refs), sum(r.numel for r in refs)) for name, refs in groups.items() if name]
+    out = [Candidate(name, len(refs), total_numel(refs)) for name, refs in groups.items() if name]
     if "" in groups or not out:
-        out.insert(0, Candidate("", len(tensors), sum(r.numel for r in tensors.values())))
+        out.insert(0, Candidate("", len(tensors), total_numel(tensors.values())))
     return tuple(out)
 
 
@@ -407,7 +407,7 @@ def _choose(
         under = [
             tensors[k] for k, p in paths.items() if k in tensors and p[: len(parts)] == parts and len(p) > len(parts)
         ]
-        found = Candidate("/".join(parts), len(under), sum(r.numel for r in under)) if under else None
+        found = Candidate("/".join(parts), len(under), total_numel(under)) if under else None
         if found is None:
             choices = ", ".join(repr(c.path or "<top level>") for c in candidates)
             raise KeyPathError(f"{directory}: no state dict at --key {key!r} (candidates: {choices})")
