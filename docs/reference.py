@@ -154,6 +154,15 @@ def api_reference() -> str:
     return "\n".join(parts).replace("]]]", "]] ]")
 
 
+def section(path: str, name: str) -> str:
+    """The part of a file between ``<!-- name -->`` and ``<!-- /name -->`` (the README's copy of the
+    benchmark summary, which ``bench/README.md`` owns)."""
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        text = f.read()
+    start, end = f"<!-- {name} -->\n", f"<!-- /{name} -->"
+    return text[text.index(start) + len(start) : text.index(end)].rstrip("\n")
+
+
 def include(path: str, drop_title: bool = True) -> str:
     """A file of the repository, pasted (its first ``# `` title left out: the page has its own)."""
     with open(os.path.join(ROOT, path), encoding="utf-8") as f:
