@@ -507,18 +507,7 @@ def tensor_ref(key: str, t: PickledTensor, path: str) -> TensorRef:
         size = DTYPES.get(t.dtype)
         if layout is not None and t.stride == layout[0] and size is not None and t.storage_offset >= 0:
             if not layout[1] or (t.storage_offset + layout[1]) * size[0] <= s.nbytes:
-                return dense_ref(
-                    key,
-                    t.dtype,
-                    shape,
-                    t.stride,
-                    f"{path}#{s.key}",
-                    s.nbytes,
-                    s.data_offset,
-                    s.file or path,
-                    t.storage_offset,
-                    t.requires_grad,
-                )
+                return _plain_ref(key, t, s, path)
     # (a plain tensor has no parts or attributes: 100,000 of them skip the work)
     parts = tuple((name, tensor_ref(f"{key}#{name}", p, path)) for name, p in t.parts.items()) if t.parts else ()
     extra: dict[str, Any] = {"attrs": tuple(sorted(t.attrs.items())) if t.attrs else (), "note": t.note, "parts": parts}
@@ -546,19 +535,8 @@ def tensor_ref(key: str, t: PickledTensor, path: str) -> TensorRef:
             kind=kind,
             **extra,
         )
-    else:  # a plain tensor (nearly every one): built as dense_ref builds it, without __init__'s setattrs
-        ref = dense_ref(
-            key,
-            t.dtype,
-            t.shape,
-            t.stride,
-            f"{path}#{s.key}",
-            s.nbytes,
-            s.data_offset,
-            s.file or path,
-            t.storage_offset,
-            t.requires_grad,
-        )
+    else:
+        ref = _plain_ref(key, t, s, path)
     if min(t.shape, default=0) < 0 or min(t.stride, default=0) < 0 or t.storage_offset < 0:
         raise FormatError(f"{path}: tensor {key!r} has a negative size, stride or offset")
     if t.dtype not in DTYPES:
@@ -567,6 +545,22 @@ def tensor_ref(key: str, t: PickledTensor, path: str) -> TensorRef:
     if ref.numel and end > s.nbytes:
         raise FormatError(f"{path}: tensor {key!r} reads past the end of its storage ({end} > {s.nbytes} bytes)")
     return ref
+
+
+def _plain_ref(key: str, t: PickledTensor, s: StorageRef, path: str) -> TensorRef:
+    """The ref of a plain tensor (nearly every one), built as dense_ref builds it."""
+    return dense_ref(
+        key,
+        t.dtype,
+        t.shape,
+        t.stride,
+        f"{path}#{s.key}",
+        s.nbytes,
+        s.data_offset,
+        s.file or path,
+        t.storage_offset,
+        t.requires_grad,
+    )
 
 
 def summarize(value: Any, depth: int = 0) -> Any:
