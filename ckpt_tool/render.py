@@ -209,7 +209,7 @@ def _listing_pieces(rows: Sequence[Any]) -> Iterator[bytes | memoryview]:
             text = orjson.dumps({"": part}, option=orjson.OPT_INDENT_2)
         except orjson.JSONEncodeError:
             text = b""
-        if text.isascii() and text:
+        if _as_standard(text):
             piece: bytes | memoryview = memoryview(text)[len(_OPEN) : -len(_CLOSE)]
         else:
             piece = ",".join(
@@ -220,6 +220,12 @@ def _listing_pieces(rows: Sequence[Any]) -> Iterator[bytes | memoryview]:
             yield b","
         yield piece
     yield b"\n  ]"
+
+
+def _as_standard(text: bytes) -> bool:
+    """Whether orjson's ``text`` is the standard encoder's: ASCII (the standard encoder escapes the
+    rest) and no DEL (which it escapes too, where orjson writes the byte)."""
+    return bool(text) and text.isascii() and b"\x7f" not in text
 
 
 def _checked(data: Any) -> Any:
@@ -269,13 +275,13 @@ def _fast_chunks(obj: Any) -> Iterator[bytes | memoryview]:
         data = _default(obj)
     else:
         raise _Differs
-    listings: list[Sequence[Any]] = []
+    listings: list[tuple[str, Sequence[Any]]] = []
     if isinstance(data, dict):
         fields = {}
         for name, value in data.items():
             if _native_listing(value):
                 fields[name] = orjson.Fragment(_MARK)
-                listings.append(value)
+                listings.append((name, value))
             else:
                 fields[name] = value
         data = {"schema_version": SCHEMA_VERSION, **fields}
@@ -287,9 +293,10 @@ def _fast_chunks(obj: Any) -> Iterator[bytes | memoryview]:
         # a float or text orjson writes differently, or what neither encoder can write: the
         # standard encoder writes it, or raises as it always has
         raise _Differs from None
-    if not out.isascii():
+    if not _as_standard(out):
         raise _Differs
-    return _joined(out.split(_MARK), listings)
+    # the marks stand in the text in sorted key order, not in the fields' (ASCII keys: the same sort)
+    return _joined(out.split(_MARK), [value for _, value in sorted(listings, key=lambda item: item[0])])
 
 
 def _joined(pieces: list[bytes], listings: list[Sequence[Any]]) -> Iterator[bytes | memoryview]:

@@ -123,8 +123,10 @@ def test_a_long_listing_is_the_standard_encoders_text_piece_by_piece(monkeypatch
     assert render._native_listing(plain.rows) and dumps(plain) == _stdlib(plain)
     rows[150] = dataclasses.replace(rows[150], name="caf\u00e9.weight")  # the second piece
     rows[420] = dataclasses.replace(rows[420], nbytes=2**70)  # the last one
+    rows[250] = dataclasses.replace(rows[250], note="a\x7f")  # DEL: \u007f, orjson writes the byte
     odd = _Listing(tuple(rows))
-    assert dumps(odd) == _stdlib(odd)
+    same = dumps(odd) == _stdlib(odd)  # (not compared in the assert: pytest's diff of the two is slow)
+    assert same
     assert "caf\\u00e9.weight" in dumps(odd) and str(2**70) in dumps(odd)
     with_stats = _Listing(tuple(rows[:300]) + (dataclasses.replace(rows[0], stats=1),))  # type: ignore[arg-type]
     assert not render._native_listing(with_stats.rows)  # a field that is not None: converted row by row
@@ -137,6 +139,7 @@ def test_a_long_listing_is_the_standard_encoders_text_piece_by_piece(monkeypatch
         {"loss": float("nan"), "lr": 1e-05, "inf": float("inf")},  # orjson: null, 0.00001
         {"naïve": "é"},  # the standard encoder escapes non-ASCII
         {"big": 2**70},  # beyond orjson's 64-bit integers
+        {"del": "a\x7fb"},  # the standard encoder escapes DEL, orjson writes the byte
         {3: [1, 2.5, (1, 2)], "nested": {"set": {3, 1}}},
     ],
 )
@@ -214,3 +217,20 @@ def test_scan_validate_diff_of_many_tensors(scale):
     assert same.exit_code == 0, same.output
     report = json.loads(same.output)
     assert report["loads_strictly"] is True and len(report["keys"]) == TENSORS
+
+
+@dataclasses.dataclass(frozen=True)
+class _TwoListings:
+    zrows: tuple[TensorRow, ...]  # declared first, written last (sorted keys)
+    arows: tuple[TensorRow, ...]
+
+
+@pytest.mark.torchfree
+def test_two_long_listings_are_each_written_under_their_own_key():
+    """inspect's ``rows`` and ``attributes`` of a TorchScript file: both long, in field order the
+    reverse of the sorted keys."""
+    rows = [TensorRow(name=f"r.{i}", shape=(i,), dtype="float32", parameters=i, nbytes=4 * i) for i in range(300)]
+    attrs = [TensorRow(name=f"a.{i}", shape=(), dtype="int64", parameters=1, nbytes=8) for i in range(260)]
+    for obj in (_TwoListings(tuple(rows), tuple(attrs)), _TwoListings(tuple(attrs), tuple(rows))):
+        same = dumps(obj) == _stdlib(obj)  # (not compared in the assert: pytest's diff of the two is slow)
+        assert same
