@@ -162,7 +162,8 @@ def _native_fields(cls: type) -> tuple[str, ...] | None:
     if dataclasses.is_dataclass(cls) and not hasattr(cls, "to_json"):
         fields = dataclasses.fields(cls)
         names = [f.name for f in fields]
-        if all(f.repr for f in fields) and names == sorted(names):
+        # (orjson leaves out a field whose name begins with an underscore)
+        if all(f.repr for f in fields) and names == sorted(names) and not any(n.startswith("_") for n in names):
             found = tuple(
                 f.name for f in fields if not (isinstance(f.type, str) and set(_WORD.findall(f.type)) <= _RAW_WORDS)
             )

@@ -234,3 +234,16 @@ def test_two_long_listings_are_each_written_under_their_own_key():
     for obj in (_TwoListings(tuple(rows), tuple(attrs)), _TwoListings(tuple(attrs), tuple(rows))):
         same = dumps(obj) == _stdlib(obj)  # (not compared in the assert: pytest's diff of the two is slow)
         assert same
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Underscored:
+    _first: int
+    name: str
+
+
+@pytest.mark.torchfree
+def test_a_listing_of_rows_with_an_underscored_field_shows_it():
+    obj = _Listing((_Underscored(1, "x"),) * 300)  # type: ignore[arg-type]
+    same = dumps(obj) == _stdlib(obj)  # (orjson itself leaves ``_first`` out)
+    assert same and '"_first": 1' in dumps(obj)
