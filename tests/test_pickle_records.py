@@ -423,3 +423,32 @@ def test_memo_indices_off_the_run_cost_one_entry_and_read_back_as_written():
 def test_memo_writes_off_the_run_read_back(data, value):
     assert PickleVM().load(io.BytesIO(data)) == value
     assert_same(data)
+
+
+@pytest.mark.parametrize("refuse", [True, False])
+def test_a_steady_record_asks_the_loader_once_when_it_refuses_the_storage(refuse):
+    """A ``persistent_load`` that raises for a storage of a steady record, or answers with something
+    other than a storage, is asked once for it, as the opcode reading asks it (the loader may have
+    effects of its own); the result is the same."""
+    refused = ""  # (none, for the first reading) then the storage of the very last record, a steady one
+
+    def run(fast: bool) -> tuple[list[Any], Any]:
+        asked: list[Any] = []
+
+        def load(pid: Any) -> Any:
+            asked.append(pid)
+            if pid[2] != refused:
+                return StorageRef(pid[2], "float32", pid[3], pid[4])
+            if refuse:
+                raise FormatError("storage refused")
+            return Placeholder("not a storage", (pid,))
+
+        try:
+            value: Any = canonical(PickleVM(load, Trace(), fast_records=fast).load(io.BytesIO(STEADY)))
+        except CkptError as exc:
+            value = str(exc)
+        return [canonical(p) for p in asked], value
+
+    refused = run(False)[0][-1][1][2].strip("'")  # (a pid's picture: its fields' reprs)
+    assert _steady_reads(STEADY) >= 3
+    assert run(True) == run(False)

@@ -237,8 +237,8 @@ def steady(m: _Machine, buf: bytes, off: int, base: int, budget: int) -> bool:
     The common case: the memo is the plain run of entries and this record's eight writes are its
     next eight, every memo read is of an entry written before the record, and the entries read are
     torch's rebuild function, 'storage', a storage class, a location and ``OrderedDict``. Then no
-    opcode of the record can fail but the storage's persistent id, which is asked first (the
-    loader is the machine's own, and asks nothing twice), and the rest follows from the match.
+    opcode of the record can fail but the storage's persistent id, which is asked first (an answer
+    not used here is the general reading's, which does not ask again), and the rest follows from the match.
     """
     start = off + 5 + _LE(buf[off + 1 : off + 5], "little")
     match = _STEADY.match(buf, start)
@@ -285,9 +285,11 @@ def steady(m: _Machine, buf: bytes, off: int, base: int, budget: int) -> bool:
     pid = (word, cls, key, location, _int(g[12]))
     try:
         storage = vm._persistent(pid)
-    except Exception:  # noqa: BLE001 - the general reading asks again and fails as it fails
+    except Exception as exc:  # noqa: BLE001 - the general reading fails as it fails, with this answer
+        vm.answered = (pid, True, exc)
         return False
     if type(storage) is not StorageRef:
+        vm.answered = (pid, False, storage)  # (the loader is asked once for each id it reads, as pickle asks)
         return False
     hooks = PickledOrderedDict()
     args = (storage, _int(g[14]), size, stride, g[19] == b"\x88", hooks)

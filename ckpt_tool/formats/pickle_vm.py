@@ -479,6 +479,9 @@ class PickleVM:
         self.frames = frames
         self.ops = 0
         self.records = 0  # tensor records read whole
+        # (id, raised, answer): the loader's answer that a steady record (pickle_records.steady) got
+        # and did not use, given to the reading that takes the record over instead of asking again
+        self.answered: tuple[Any, bool, Any] | None = None
 
     def load(self, stream: IO[bytes], limit: int | None = None) -> Any:
         """Interpret one pickle from ``stream`` (reading no further than byte ``limit``) and return its value.
@@ -488,6 +491,7 @@ class PickleVM:
         an exception in it means the stream contradicts the pickle format.
         """
         start = stream.tell()
+        self.answered = None
         if limit is None:
             stream.seek(0, io.SEEK_END)
             limit = stream.tell()
@@ -519,6 +523,13 @@ class PickleVM:
             self.trace.desync.extend(reader.desync)
 
     def _persistent(self, pid: Any) -> Any:
+        answered = self.answered
+        if answered is not None:
+            self.answered = None
+            if answered[0] == pid:
+                if answered[1]:
+                    raise answered[2]
+                return answered[2]
         if self.persistent_load is None:
             return Placeholder("<persistent id>", (pid,))
         return self.persistent_load(pid)
