@@ -265,3 +265,20 @@ def test_one_broken_entry_is_one_defect_not_a_gap_too(tmp_path, offsets, defect)
     assert [(f.name, f.reason) for f in scan_file(path).findings] == [("safetensors", defect)]
     with pytest.raises(SafetensorError, match="offset"):  # safetensors itself refuses the file too
         load_file(path)
+
+
+@pytest.mark.torchfree
+@pytest.mark.parametrize("big", [2**64, -(2**63) - 1, 10**30])
+def test_integers_beyond_64_bits_read_as_json_reads_them(big):
+    """orjson reads them as floats; a header's and a sharded index's JSON keep them integers."""
+    from ckpt_tool.formats.safetensors import parse_json
+
+    raw = json.dumps({"a": {"data_offsets": [0, big]}, "n": 2**64 - 1, "m": -(2**63)}).encode()
+    assert parse_json(raw) == json.loads(raw)
+    assert type(parse_json(raw)["a"]["data_offsets"][1]) is int
+
+
+@pytest.mark.torchfree
+def test_an_offset_beyond_64_bits_is_named_as_written(tmp_path):
+    path = write(tmp_path / "x.safetensors", {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 2**64]}}, b"")
+    assert any(str(2**64) in d for d in header_defects(path)[1])

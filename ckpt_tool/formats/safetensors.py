@@ -290,14 +290,21 @@ _DTYPE_SIZE = {code: (name, DTYPES[name][0]) for code, name in SAFETENSORS_TO_DT
 
 def parse_json(raw: bytes) -> Any:
     """A header's or an index's JSON: orjson reads it (several times faster than json on 100,000
-    entries); what it refuses (NaN, integers beyond 64 bits, deep nesting), json reads or explains
-    (``UnicodeDecodeError``, ``json.JSONDecodeError``, ``RecursionError``) as before."""
+    entries); what it refuses (NaN, deep nesting), json reads or explains (``UnicodeDecodeError``,
+    ``json.JSONDecodeError``, ``RecursionError``) as before. orjson reads an integer beyond 64 bits
+    as a float: a text with a run of 19 digits or more (where one may be) is json's to read."""
     import orjson
 
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return json.loads(raw.decode("utf-8"))
+    if raw.translate(_DIGITS).find(_LONG_RUN) < 0:
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(raw.decode("utf-8"))
+
+
+_DIGITS = bytes(0x30 if 0x30 <= c <= 0x39 else 0x78 for c in range(256))  # each digit 0, any other byte x
+_LONG_RUN = b"0" * 19  # a shorter integer is within orjson's 64 bits (-2**63 to 2**64 - 1)
 
 
 def _entry_defect(key: str, entry: Any, data_len: int) -> str | None:
