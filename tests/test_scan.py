@@ -118,6 +118,23 @@ def test_unknown_classes_are_suspicious_and_unresolved_names_unsafe():
     assert Policy().judge("?.?", resolved=False)[0] == UNSAFE
 
 
+def test_an_unknown_storage_class_is_suspicious_not_a_broken_pickle(tmp_path):
+    """The scan reads a storage of a class it does not know as one of bytes and judges the class; it
+    once reported the pickle unparseable, naming a 'uint8' storage type the file never named."""
+    import zipfile
+
+    torch = pytest.importorskip("torch")
+    src, out = tmp_path / "ok.pth", tmp_path / "odd.pth"
+    torch.save({"w": torch.zeros(2), "b": torch.zeros(3)}, src)
+    with zipfile.ZipFile(src) as z, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as o:
+        for name in z.namelist():
+            data = z.read(name)
+            o.writestr(name, data.replace(b"FloatStorage", b"FooooStorage") if name.endswith("data.pkl") else data)
+    result = scan_file(str(out))
+    assert result.verdict == SUSPICIOUS, [(f.severity, f.name, f.reason) for f in result.findings]
+    assert [f.name for f in result.findings] == ["torch.FooooStorage"]
+
+
 def test_attribute_chains_and_dunders_are_unsafe():
     # protocol 4 resolves dotted names attribute by attribute: an allowed class's method is a way out
     assert Policy().judge("pathlib.Path.write_text")[0] == UNSAFE

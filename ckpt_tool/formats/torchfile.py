@@ -16,12 +16,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from ..bulk import fast_constructor
 from ..checkpoint import itemsize
 from ..errors import FormatError
 from . import sniff as fmt
 from .pickle_stream import opcode_budget
-from .pickle_vm import PickleVM, Placeholder, StorageRef, Trace, storage_dtype, walk_tensors
+from .pickle_vm import PickleVM, Placeholder, StorageRef, Trace, build_storage_ref, storage_dtype, walk_tensors
 from .ziparchive import STORED, ZipEntry, ZipListing, crc_ok, list_archive, read_entry, undecodable
 
 MAX_DATA_PKL = 256 << 20  # far above any real data.pkl; refuses zip bombs
@@ -100,7 +99,7 @@ def zip_resolver(
     """``resolve`` for :func:`storage_loader` in a torch zip: the storage's entry found as torch finds
     it, its size checked against the description, its bytes placed (``mapped``: the open file)."""
     prefix = listing.prefix
-    new = _storage_ref
+    new = build_storage_ref
 
     def resolve(key: str, dtype: str, location: str, numel: int) -> StorageRef:
         info = listing.find(f"{prefix}data/{key}")
@@ -115,9 +114,6 @@ def zip_resolver(
         return new(key, dtype, location, numel, offset, nbytes, path)
 
     return resolve
-
-
-_storage_ref = fast_constructor(StorageRef)  # one per storage of a 100,000-tensor file
 
 
 @dataclass
