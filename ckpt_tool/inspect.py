@@ -215,24 +215,13 @@ def _counts(refs: Iterable[TensorRef], shared: dict[str, list[str]]) -> tuple[in
     storage each counted once, each storage's bytes once."""
     by_dtype: dict[str, int] = {}
     parameters = buffers = 0
-    if not shared:  # nothing shares a storage (every safetensors file): the same sums, fewer lookups
-        prod, sizes = math.prod, DTYPES
-        for ref in refs:
-            numel = prod(ref.shape)
-            dtype = ref.dtype
-            n = ref.nbytes if ref.kind in SPARSE_KINDS else numel * sizes[dtype][0]
-            by_dtype[dtype] = by_dtype.get(dtype, 0) + n
-            parameters += numel
-            key = ref.key
-            if key.endswith(_BUFFER_ENDS) or key in BUFFER_NAMES:
-                buffers += numel
-        return parameters, buffers, dict(sorted(by_dtype.items()))
     views: set[tuple[str, int, tuple[int, ...], tuple[int, ...]]] = set()
     storages: set[str] = set()
+    prod, sizes = math.prod, DTYPES
     for ref in refs:
-        numel = math.prod(ref.shape)
-        n = ref.nbytes if ref.kind in SPARSE_KINDS else numel * DTYPES[ref.dtype][0]
-        if ref.storage in shared and ref.kind == DENSE:
+        numel = prod(ref.shape)
+        n = ref.nbytes if ref.kind in SPARSE_KINDS else numel * sizes[ref.dtype][0]
+        if shared and ref.storage in shared and ref.kind == DENSE:
             view = (ref.storage, ref.storage_offset, ref.shape, ref.stride)
             if view in views:
                 continue  # a tied alias: the same values under another name (model.parameters() counts it once)
