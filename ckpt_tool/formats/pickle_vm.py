@@ -1084,6 +1084,24 @@ def storage_dtype(storage_type: Any) -> str:
     raise FormatError(f"unknown storage type {storage_type!r}")
 
 
+def storage_dtypes() -> Callable[[Any], str | None]:
+    """:func:`storage_dtype` for the reading of one file, worked out once per storage class object
+    (a file of 100,000 storages names a few): the dtype, or None where the class names none."""
+    known: dict[int, tuple[Any, str | None]] = {}  # id(a storage class) -> (it, its dtype)
+
+    def dtype_of(storage_type: Any) -> str | None:
+        hit = known.get(id(storage_type))
+        if hit is None or hit[0] is not storage_type:
+            try:
+                dtype: str | None = storage_dtype(storage_type)
+            except FormatError:
+                dtype = None
+            hit = known[id(storage_type)] = (storage_type, dtype)
+        return hit[1]
+
+    return dtype_of
+
+
 def walk_tensors(root: Any, parts: bool = False) -> Iterator[PickledTensor]:
     """Every tensor in a decoded tree, once each (the tree may share and even cycle); with ``parts``
     also the tensors a composite is made of (a sparse tensor's indices and values)."""

@@ -20,7 +20,16 @@ from ..checkpoint import itemsize
 from ..errors import FormatError
 from . import sniff as fmt
 from .pickle_stream import opcode_budget
-from .pickle_vm import PickleVM, Placeholder, StorageRef, Trace, build_storage_ref, storage_dtype, walk_tensors
+from .pickle_vm import (
+    PickleVM,
+    Placeholder,
+    StorageRef,
+    Trace,
+    build_storage_ref,
+    storage_dtype,
+    storage_dtypes,
+    walk_tensors,
+)
 from .ziparchive import STORED, ZipEntry, ZipListing, crc_ok, list_archive, read_entry, undecodable
 
 MAX_DATA_PKL = 256 << 20  # far above any real data.pkl; refuses zip bombs
@@ -236,7 +245,7 @@ def storage_loader(
     resolved once and shared. Other persistent ids become placeholders.
     """
 
-    dtypes: dict[int, tuple[Any, str]] = {}  # id(a storage class) -> (it, its dtype): a file names a few
+    dtype_of = storage_dtypes()
 
     def load(pid: Any) -> Any:
         if type(pid) is tuple and len(pid) == 5 and pid[0] == "storage" and type(pid[2]) is str:
@@ -245,11 +254,9 @@ def storage_loader(
             if base is not None:
                 return base
             numel, storage_type = pid[4], pid[1]
-            if type(numel) is int and numel >= 0:
-                known = dtypes.get(id(storage_type))
-                if known is None or known[0] is not storage_type:
-                    known = dtypes[id(storage_type)] = (storage_type, storage_dtype(storage_type))
-                base = storages[pid[2]] = resolve(pid[2], known[1], str(pid[3]), numel)
+            dtype = dtype_of(storage_type)
+            if type(numel) is int and numel >= 0 and dtype is not None:
+                base = storages[pid[2]] = resolve(pid[2], dtype, str(pid[3]), numel)
                 return base
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
             return Placeholder("<persistent id>", (pid,))

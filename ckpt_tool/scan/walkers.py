@@ -15,7 +15,7 @@ from ..errors import FormatError
 from ..formats import npy
 from ..formats import sniff as fmt
 from ..formats.pickle_stream import WorkLimit, opcode_budget
-from ..formats.pickle_vm import Event, PickleVM, StorageRef, TorchDType, Trace, build_storage_ref, storage_dtype
+from ..formats.pickle_vm import Event, PickleVM, StorageRef, TorchDType, Trace, build_storage_ref, storage_dtypes
 from ..formats.safetensors import header_defects
 from ..formats.torchfile import (
     Decoded,
@@ -45,19 +45,11 @@ def _lenient_persistent_load(storages: dict[str, StorageRef] | None = None) -> A
         return build_storage_ref(key, dtype, location, numel, None, 0, "")
 
     strict = storage_loader(storages if storages is not None else {}, resolve)
-    known: dict[int, tuple[Any, bool]] = {}  # id(a storage class) -> (it, whether it names a dtype)
+    dtype_of = storage_dtypes()
 
     def load(pid: Any) -> Any:
         if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage":
-            storage_type = pid[1]
-            named = known.get(id(storage_type))
-            if named is None or named[0] is not storage_type:
-                try:
-                    storage_dtype(storage_type)
-                    named = known[id(storage_type)] = (storage_type, True)
-                except FormatError:
-                    named = known[id(storage_type)] = (storage_type, False)
-            if not named[1]:
+            if dtype_of(pid[1]) is None:
                 pid = (pid[0], _BYTES, *pid[2:])  # an unknown storage type is still a storage here (of bytes)
             if not isinstance(pid[4], int) or isinstance(pid[4], bool) or pid[4] < 0:
                 pid = (*pid[:4], 0, *pid[5:])
