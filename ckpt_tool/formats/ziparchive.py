@@ -200,26 +200,33 @@ def _central_directory(
     source = f"central directory at {offset}"
     unpack = _CD_HEADER.unpack_from
     new, add = tuple.__new__, entries.append  # (a named tuple's own __new__ is Python code)
-    while i + 46 <= end and len(entries) < MAX_ENTRIES:
-        sig, _, needed, flags, method, _, _, crc, csize, usize, nlen, xlen, clen, _, _, _, local = unpack(data, i)
+    last = end - 46
+    for _ in range(MAX_ENTRIES):
+        if i > last:
+            break
+        sig, needed, flags, method, crc, csize, usize, nlen, xlen, clen, local = unpack(data, i)
         if sig != CD_SIG:
             break
-        raw_name = data[i + 46 : min(i + 46 + nlen, end)]
+        i += 46
+        stop = i + nlen
+        raw_name = data[i : stop if stop <= end else end]
         # names are nearly always ASCII, which both encodings read alike
         name = raw_name.decode("ascii") if raw_name.isascii() else _decode_name(raw_name, flags)
         if xlen and 0xFFFFFFFF in (usize, csize, local):  # torch pads every entry's extra field: zip64 is rare
-            extra = data[min(i + 46 + nlen, end) : min(i + 46 + nlen + xlen, end)]
+            extra = data[min(stop, end) : min(stop + xlen, end)]
             usize, csize, local = _zip64_extra(extra, [usize, csize, local])
         add(new(ZipEntry, (name, local + shift, method, flags, crc, csize, usize, needed, source)))
-        i += 46 + nlen + xlen + clen
+        i = stop + xlen + clen
     return entries
 
 
-# a central directory header: signature, versions made by and needed, flags, method, time, date, crc,
-# sizes, name/extra/comment lengths, disk, attributes, local header offset (46 bytes)
-_CD_HEADER = struct.Struct("<4sHHHHHHIIIHHHHHII")
-# a local header: signature, version needed, flags, method, time, date, crc, sizes, name/extra lengths
-_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
+# a central directory header (46 bytes): signature, version made by (skipped), version needed, flags,
+# method, time and date (skipped), crc, sizes, name/extra/comment lengths, disk and attributes
+# (skipped), local header offset; the fields no reader here uses are not unpacked (no int made for them)
+_CD_HEADER = struct.Struct("<4s2xHHH4xIIIHHH8xI")
+# a local header (30 bytes): signature, version needed, flags, method, time and date (skipped), crc,
+# sizes, name/extra lengths
+_LOCAL_HEADER = struct.Struct("<4sHHH4xIIIHH")
 
 
 def list_archive(path: str) -> ZipListing:
@@ -363,29 +370,33 @@ def _local_chain(
     whose local name may differ from their directory name, the offsets of the listed headers met
     (each with its header's length), and how many distinct offsets the listed entries have.
     """
-    by_offset: dict[int, ZipEntry] = {}
+    by_offset = {e.header_offset: e for e in listed}
     shared: set[int] = set()  # offsets several entries point at: their local name is kept to compare with each
-    for e in listed:
-        if e.header_offset in by_offset:
-            shared.add(e.header_offset)
-        by_offset[e.header_offset] = e
+    if len(by_offset) < len(listed):
+        seen: set[int] = set()
+        for e in listed:
+            if e.header_offset in seen:
+                shared.add(e.header_offset)
+            seen.add(e.header_offset)
     unlisted: list[ZipEntry] = []
     renamed: dict[int, str] = {}
     visited: dict[int, int] = {}
     pos = 0
     unpack = _LOCAL_HEADER.unpack
     # a mapped file is sliced in place (nearly every archive): no call per header read
-    read = f.__getitem__ if isinstance(f, mmap.mmap) else None
-    while len(unlisted) + len(visited) < MAX_ENTRIES:
-        head = read(slice(pos, pos + 30)) if read is not None else _read_at(f, pos, 30)
+    mapped = isinstance(f, mmap.mmap)
+    get = by_offset.get
+    for _ in range(MAX_ENTRIES):
+        head = f[pos : pos + 30] if mapped else _read_at(f, pos, 30)  # type: ignore[index]
         if len(head) != 30:
             break
-        sig, needed, flags, method, _, _, crc, csize, usize, nlen, xlen = unpack(head)
+        sig, needed, flags, method, crc, csize, usize, nlen, xlen = unpack(head)
         if sig != LOCAL_SIG:
             break
-        raw_name = read(slice(pos + 30, pos + 30 + nlen)) if read is not None else _read_at(f, pos + 30, nlen)
+        start = pos + 30
+        raw_name = f[start : start + nlen] if mapped else _read_at(f, start, nlen)  # type: ignore[index]
         name = raw_name.decode("ascii") if raw_name.isascii() else _decode_name(raw_name, flags)
-        known = by_offset.get(pos)
+        known = get(pos)
         if known is not None:
             csize = known.compressed_size
             visited[pos] = 30 + nlen + xlen
@@ -397,14 +408,13 @@ def _local_chain(
             if flags & 8 and csize == 0:
                 break  # size deferred to a data descriptor and no directory entry: cannot step over it
             unlisted.append(ZipEntry(name, pos, method, flags, crc, csize, usize, needed, "local header"))
-        nxt = pos + 30 + nlen + xlen + csize
+        nxt = start + nlen + xlen + csize
         if flags & 8:  # a data descriptor follows (torch writes one): crc and sizes, 4 bytes each or zip64's 8
-            at = read(slice(nxt, nxt + 4)) if read is not None else _read_at(f, nxt, 4)
+            at = f[nxt : nxt + 4] if mapped else _read_at(f, nxt, 4)  # type: ignore[index]
             base = nxt + (4 if at == DESCRIPTOR_SIG else 0)
             for length in (12, 20):
-                sig = (
-                    read(slice(base + length, base + length + 4)) if read is not None else _read_at(f, base + length, 4)
-                )
+                after = base + length
+                sig = f[after : after + 4] if mapped else _read_at(f, after, 4)  # type: ignore[index]
                 if sig in (LOCAL_SIG, CD_SIG):
                     nxt = base + length
                     break
