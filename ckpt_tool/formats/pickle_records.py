@@ -22,7 +22,9 @@ recognises it in one match and applies it at once, which halves the cost of a te
 
 from __future__ import annotations
 
+import operator
 import re
+import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -227,40 +229,26 @@ _STEADY = re.compile(
 )
 _LE = int.from_bytes
 _FIXED_OPS = 26  # the steady record's opcodes, its size and stride aside
+# its eight memo writes' indices (4 bytes each) and its five memo reads' groups (a BINGET's byte or
+# a LONG_BINGET's four: one of each pair is None)
+_WRITES = operator.itemgetter(0, 9, 13, 16, 18, 23, 24, 26)
+_READS = operator.itemgetter(1, 2, 3, 4, 5, 6, 10, 11, 20, 21)
+_EIGHT = struct.Struct("<8I")
 
 
-def steady(m: _Machine, buf: bytes, off: int, base: int, budget: int) -> bool:
-    """:func:`run_record` for the steady record (the machine asks this first), its effects applied
-    at once; False, with nothing changed, unless everything about it is the common case (and the
-    general reading then reads it).
-
-    The common case: the memo is the plain run of entries and this record's eight writes are its
-    next eight, every memo read is of an entry written before the record, and the entries read are
-    torch's rebuild function, 'storage', a storage class, a location and ``OrderedDict``. Then no
-    opcode of the record can fail but the storage's persistent id, which is asked first (an answer
-    not used here is the general reading's, which does not ask again), and the rest follows from the match.
-    """
-    start = off + 5 + _LE(buf[off + 1 : off + 5], "little")
-    match = _STEADY.match(buf, start)
-    if match is None:
-        return False
-    g = match.groups()
-    memo = m.memo
-    items = memo.items
-    n0 = len(items)
-    if memo.more or _LE(g[0], "little") != n0:
-        return False
-    for i, k in ((9, 1), (13, 2), (16, 3), (18, 4), (23, 5), (24, 6), (26, 7)):  # the record's eight writes
-        if _LE(g[i], "little") != n0 + k:
-            return False
-    values = []
-    for short in (1, 3, 5, 10, 20):  # its five reads
-        idx = g[short][0] if g[short] is not None else _LE(g[short + 1], "little")
-        if idx >= n0:
-            return False
-        values.append(items[idx])
+def _read_values(reads: tuple[bytes | None, ...], items: list[Any], n0: int) -> list[Any] | None:
+    """The five entries a steady record reads (``reads``: their groups), when each was written before
+    the record (``n0`` entries) and they are torch's rebuild function, 'storage', a storage class, a
+    location and ``OrderedDict``; None otherwise."""
+    idx = []
+    for k in (0, 2, 4, 6, 8):
+        short, long = reads[k], reads[k + 1]
+        idx.append(short[0] if short is not None else _LE(long or b"", "little"))
+    if max(idx) >= n0:
+        return None
+    values = [items[i] for i in idx]
     func, word, cls, location, hooks_func = values
-    if not (
+    if (
         type(func) is GlobalRef
         and func.qualname == _FUNC_NAME
         and word == "storage"
@@ -268,43 +256,99 @@ def steady(m: _Machine, buf: bytes, off: int, base: int, budget: int) -> bool:
         and type(location) is str
         and type(hooks_func) is GlobalRef
         and hooks_func.qualname == _HOOKS_NAME
-        and g[7][0] == len(g[8])
     ):
-        return False
-    size, size_ops = _tuple(g[15])
-    stride, stride_ops = _tuple(g[17])
+        return values
+    return None
+
+
+def steady(m: _Machine, buf: bytes, off: int, base: int, budget: int) -> int:
+    """:func:`run_record` for steady records (the machine asks this first): the record at ``off`` and
+    each steady record right after it that the read-ahead holds, their effects applied at once; how
+    many were applied: 0, with nothing changed, unless the first is the common case (and the general
+    reading then reads it).
+
+    The common case: the memo is the plain run of entries and the record's eight writes are its
+    next eight, every memo read is of an entry written before the record, and the entries read are
+    torch's rebuild function, 'storage', a storage class, a location and ``OrderedDict``. Then no
+    opcode of the record can fail but the storage's persistent id, which is asked first (an answer
+    not used here is the general reading's, which does not ask again), and the rest follows from the
+    match. Records in a row mostly read the same five entries: those are checked once for the row
+    (the memo only grows meanwhile, so what was read before the row is unchanged).
+    """
+    memo = m.memo
+    if memo.more:
+        return 0
+    items = memo.items
     vm = m.vm
-    total = _FIXED_OPS + size_ops + stride_ops
-    if vm.ops + total > budget:
-        return False
-    try:
-        name = buf[off + 5 : start].decode("utf-8", "surrogatepass")
-    except UnicodeDecodeError:
-        return False
-    key = g[8].decode("ascii")
-    pid = (word, cls, key, location, _int(g[12]))
-    try:
-        storage = vm._persistent(pid)
-    except Exception as exc:  # noqa: BLE001 - the general reading fails as it fails, with this answer
-        vm.answered = (pid, True, exc)
-        return False
-    if type(storage) is not StorageRef:
-        vm.answered = (pid, False, storage)  # (the loader is asked once for each id it reads, as pickle asks)
-        return False
-    hooks = PickledOrderedDict()
-    args = (storage, _int(g[14]), size, stride, g[19] == b"\x88", hooks)
-    value = PickledTensor(storage, args[1], size, stride, storage.dtype, args[4])
-    items += (name, key, pid, size, stride, hooks, args, value)
     calls = m.calls
-    if calls is not None:
-        calls.append(Event("REDUCE", _HOOKS_NAME, base + match.start(23), True))
-        calls.append(Event("REDUCE", _FUNC_NAME, base + match.start(26), True))
+    stack = m.stack
+    ops = vm.ops
+    persistent = vm._persistent
+    src = m.r.src
+    # past this, the next record may not be whole in the read-ahead: the machine reads ahead first
+    last = len(buf) - WINDOW if src.more() else len(buf)
+    applied = 0
+    reads: tuple[bytes | None, ...] | None = None
+    values: list[Any] = []
+    match = None
+    while True:
+        start = off + 5 + _LE(buf[off + 1 : off + 5], "little")
+        found = _STEADY.match(buf, start)
+        if found is None:
+            break
+        g = found.groups()
+        n0 = len(items)
+        if b"".join(_WRITES(g)) != _EIGHT.pack(n0, n0 + 1, n0 + 2, n0 + 3, n0 + 4, n0 + 5, n0 + 6, n0 + 7):
+            break
+        r = _READS(g)
+        if r != reads:
+            checked = _read_values(r, items, n0)
+            if checked is None:
+                break
+            reads, values = r, checked
+        if g[7][0] != len(g[8]):
+            break
+        size, size_ops = _tuple(g[15])
+        stride, stride_ops = _tuple(g[17])
+        total = _FIXED_OPS + size_ops + stride_ops
+        if ops + total > budget:
+            break
+        try:
+            name = buf[off + 5 : start].decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError:
+            break
+        key = g[8].decode("ascii")
+        word, cls, location = values[1], values[2], values[3]
+        pid = (word, cls, key, location, _int(g[12]))
+        try:
+            storage = persistent(pid)
+        except Exception as exc:  # noqa: BLE001 - the general reading fails as it fails, with this answer
+            vm.answered = (pid, True, exc)
+            break
+        if type(storage) is not StorageRef:
+            vm.answered = (pid, False, storage)  # (the loader is asked once for each id it reads, as pickle asks)
+            break
+        hooks = PickledOrderedDict()
+        offset, requires_grad = _int(g[14]), g[19] == b"\x88"
+        value = PickledTensor(storage, offset, size, stride, storage.dtype, requires_grad)
+        items += (name, key, pid, size, stride, hooks, (storage, offset, size, stride, requires_grad, hooks), value)
+        if calls is not None:
+            calls.append(Event("REDUCE", _HOOKS_NAME, base + found.start(23), True))
+            calls.append(Event("REDUCE", _FUNC_NAME, base + found.start(26), True))
+        stack += (name, value)
+        ops += total
+        applied += 1
+        match = found
+        off = found.end()
+        if off > last or off >= len(buf) or buf[off] != 0x58:
+            break
+    if match is None:
+        return 0
     m.pos = base + match.start(26)
-    m.stack += (name, value)
-    vm.ops += total
-    vm.records += 1
-    m.r.src.off = match.end()
-    return True
+    vm.ops = ops
+    vm.records += applied
+    src.off = match.end()
+    return applied
 
 
 def run_record(m: _Machine, buf: bytes, off: int, base: int, budget: int) -> bool:
