@@ -426,11 +426,13 @@ def test_memo_writes_off_the_run_read_back(data, value):
 
 
 @pytest.mark.parametrize("refuse", [True, False])
-def test_a_steady_record_asks_the_loader_once_when_it_refuses_the_storage(refuse):
+@pytest.mark.parametrize("which", [-1, 33])
+def test_a_steady_record_asks_the_loader_once_when_it_refuses_the_storage(refuse, which):
     """A ``persistent_load`` that raises for a storage of a steady record, or answers with something
     other than a storage, is asked once for it, as the opcode reading asks it (the loader may have
-    effects of its own); the result is the same."""
-    refused = ""  # (none, for the first reading) then the storage of the very last record, a steady one
+    effects of its own); the result is the same. The record refused is the very last, or one inside
+    a run of steady records (read on from the record before it)."""
+    refused = ""  # (none, for the first reading) then the storage of the record refused
 
     def run(fast: bool) -> tuple[list[Any], Any]:
         asked: list[Any] = []
@@ -449,6 +451,6 @@ def test_a_steady_record_asks_the_loader_once_when_it_refuses_the_storage(refuse
             value = str(exc)
         return [canonical(p) for p in asked], value
 
-    refused = run(False)[0][-1][1][2].strip("'")  # (a pid's picture: its fields' reprs)
+    refused = run(False)[0][which][1][2].strip("'")  # (a pid's picture: its fields' reprs)
     assert _steady_reads(STEADY) >= 3
     assert run(True) == run(False)
