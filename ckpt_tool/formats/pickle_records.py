@@ -234,6 +234,7 @@ _FIXED_OPS = 26  # the steady record's opcodes, its size and stride aside
 _WRITES = operator.itemgetter(0, 9, 13, 16, 18, 23, 24, 26)
 _READS = operator.itemgetter(1, 2, 3, 4, 5, 6, 10, 11, 20, 21)
 _EIGHT = struct.Struct("<8I")
+_LAST_RUN = 0xFFFFFFFF - 7  # past it, the record's eight writes' indices are not all 4-byte numbers
 
 
 def _read_values(reads: tuple[bytes | None, ...], items: list[Any], n0: int) -> list[Any] | None:
@@ -298,7 +299,9 @@ def steady(m: _Machine, buf: bytes, off: int, base: int, budget: int) -> int:
             break
         g = found.groups()
         n0 = len(items)
-        if b"".join(_WRITES(g)) != _EIGHT.pack(n0, n0 + 1, n0 + 2, n0 + 3, n0 + 4, n0 + 5, n0 + 6, n0 + 7):
+        if n0 > _LAST_RUN or b"".join(_WRITES(g)) != _EIGHT.pack(
+            n0, n0 + 1, n0 + 2, n0 + 3, n0 + 4, n0 + 5, n0 + 6, n0 + 7
+        ):
             break
         r = _READS(g)
         if r != reads:
