@@ -11,6 +11,7 @@ import inspect
 import os
 import pkgutil
 import textwrap
+import typing
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,6 +73,9 @@ def _signature(name: str, obj: Any) -> str:
     else:
 
         def plain(a: Any) -> Any:
+            # (a named tuple's fields come as ForwardRef('int'): the string is in the ref)
+            if isinstance(a, typing.ForwardRef):
+                a = a.__forward_arg__
             return _Annotation(a) if isinstance(a, str) else a
 
         params = [p.replace(annotation=plain(p.annotation)) for p in signature.parameters.values()]

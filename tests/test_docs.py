@@ -127,6 +127,14 @@ def test_generated_pages_are_current():
     )
 
 
+def test_api_signatures_read_as_the_source_writes_them():
+    """Annotations as written (``position: int``), also for named tuples' fields, which come as
+    ``ForwardRef('int')`` from ``inspect.signature``."""
+    text = _read(os.path.join(ROOT, "docs", "api.md"))
+    assert "class ZipEntry(name: str, header_offset: int," in text
+    assert "ForwardRef(" not in text
+
+
 def test_site_builds_strictly(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
