@@ -11,8 +11,7 @@ import inspect
 import os
 import pkgutil
 import textwrap
-import typing
-from typing import Any
+from typing import Any, ForwardRef
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,7 +73,7 @@ def _signature(name: str, obj: Any) -> str:
 
         def plain(a: Any) -> Any:
             # (a named tuple's fields come as ForwardRef('int'): the string is in the ref)
-            if isinstance(a, typing.ForwardRef):
+            if isinstance(a, ForwardRef):
                 a = a.__forward_arg__
             return _Annotation(a) if isinstance(a, str) else a
 
